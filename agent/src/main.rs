@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", sluice_agent::datapath::EBPF_OBJECT.len());
+}

@@ -1,0 +1,357 @@
+//! The kernel ABI of Sluice: every type and constant that the TC programs and
+//! user space both read. `no_std`, `#[repr(C)]`, no `bool`/`Option`/enums in
+//! map values: flags are `u32` with named constants and every struct has its
+//! padding spelled out, so the layout is the same on both sides of the
+//! syscall. With the `user` feature the types also implement `aya::Pod`.
+//!
+//! Addresses are stored as 16 bytes in network order; IPv4 addresses are
+//! IPv4-mapped (`::ffff:a.b.c.d`), so one LPM trie serves both families and
+//! an IPv4 prefix of length `n` is stored with length `96 + n`.
+#![no_std]
+
+/// Map names, as declared by the TC programs and pinned by name in bpffs.
+pub mod maps {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const POLICY: &str = "POLICY";
+    pub const CIDRS: &str = "CIDRS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGS: &str = "FRAGS";
+    pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
+    pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    pub const EVENT_RATE: &str = "EVENT_RATE";
+    pub const STATS: &str = "STATS";
+}
+
+/// Program names (the `#[classifier]` functions).
+pub mod programs {
+    /// TC ingress on the host end of a pod's veth: packets the pod sends.
+    pub const FROM_POD: &str = "from_pod";
+    /// TC egress on the host end of a pod's veth: packets sent to the pod.
+    pub const TO_POD: &str = "to_pod";
+}
+
+/// Default map sizes; the agent may override them at load time.
+pub mod sizes {
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const IPCACHE: u32 = 262_144;
+    pub const POLICY: u32 = 1_048_576;
+    pub const CIDRS: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGS: u32 = 8_192;
+    pub const DROP_COUNTERS: u32 = 65_536;
+    pub const DROP_EVENTS_BYTES: u32 = 1 << 20;
+    pub const EVENT_RATE: u32 = 65_536;
+}
+
+/// Traffic direction, from the pod's point of view (as NetworkPolicy says it).
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Reserved identities. Identities from the agent start at `IDENTITY_FIRST_USER`.
+pub const IDENTITY_ANY: u32 = 0; // wildcard peer in a policy key
+pub const IDENTITY_HOST: u32 = 1; // the node itself (kubelet probes)
+pub const IDENTITY_WORLD: u32 = 2; // an address the ipcache does not know
+pub const IDENTITY_FIRST_USER: u32 = 256;
+/// Identities of per-endpoint CIDR groups (ipBlock) carry this bit, so they
+/// can never collide with a pod identity.
+pub const IDENTITY_CIDR_FLAG: u32 = 1 << 31;
+
+/// `EndpointInfo::flags`
+pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
+pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
+/// Deny all IP traffic of this endpoint (its policy could not be programmed).
+pub const EP_FAIL_CLOSED: u32 = 1 << 2;
+pub const EP_HAS_IPV4: u32 = 1 << 3;
+pub const EP_HAS_IPV6: u32 = 1 << 4;
+
+/// Bit of `EndpointInfo::port_plens[dir]` that says any-protocol entries
+/// (a rule with no ports) exist; bits 0..=16 say that entries with that
+/// port prefix length exist.
+pub const PLEN_ANY_PROTO_BIT: u32 = 17;
+
+/// One pod interface, keyed by the ifindex of the host end of its veth
+/// (which is also its endpoint id: the program reads it from the skb).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub ep_id: u32,
+    pub flags: u32,
+    /// The pod's own identity (for events; peers are found in the ipcache).
+    pub identity: u32,
+    pub ipv4: [u8; 4],
+    pub ipv6: [u8; 16],
+    /// Per direction: which port prefix lengths have entries (see
+    /// `PLEN_ANY_PROTO_BIT`). The program only looks up those.
+    pub port_plens: [u32; 2],
+}
+
+/// Policy map key (hash). A rule allowing `port..=end_port` is written as the
+/// aligned blocks that cover the range, each with its prefix length
+/// (`plen` 16 = one port, 0 = any port of `proto`). `proto` 0 with `plen` 0 is
+/// "any protocol, any port". `port` is in host order and masked to `plen`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub ep_id: u32,
+    pub identity: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub plen: u8,
+    pub _pad: [u8; 3],
+}
+
+pub const POLICY_ALLOW: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub flags: u32,
+    /// Opaque id of the rule that produced the entry, for observability.
+    pub rule_id: u32,
+}
+
+/// LPM data of the per-endpoint CIDR map. Prefix length counts the 64 bits of
+/// `ep_id`, `dir` and padding, then the address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKey {
+    pub ep_id: u32,
+    pub dir: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+pub const CIDR_KEY_FIXED_BITS: u32 = 64;
+
+/// Value of the CIDR map: a CIDR-group identity (`IDENTITY_CIDR_FLAG` set),
+/// looked up in the policy map like a peer identity. 0 marks an `except`
+/// hole: the address matches no group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    pub group: u32,
+}
+
+/// LPM data of the ipcache (address -> identity).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheKey {
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Endpoint id when the address is a local pod, else 0.
+    pub ep_id: u32,
+}
+
+/// Conntrack key: one entry per (endpoint, connection), with the two sides
+/// sorted (`lo` < `hi` by address then port) so that both directions of a
+/// connection find the same entry with a single lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKey {
+    pub ep_id: u32,
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CtValue::flags`
+pub const CT_ORIG_IS_LO: u32 = 1 << 0; // the originator is the `lo` side
+pub const CT_ORIG_EGRESS: u32 = 1 << 1; // the pod opened the connection
+pub const CT_SEEN_REPLY: u32 = 1 << 2;
+pub const CT_TCP_FIN_ORIG: u32 = 1 << 3;
+pub const CT_TCP_FIN_REPLY: u32 = 1 << 4;
+pub const CT_TCP_RST: u32 = 1 << 5;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires_ns: u64,
+    pub flags: u32,
+    /// Rule that allowed the connection (from `PolicyValue::rule_id`).
+    pub rule_id: u32,
+}
+
+/// Conntrack lifetimes by protocol and state, in seconds.
+pub mod ct_timeout {
+    pub const TCP_OPENING: u64 = 60;
+    pub const TCP_ESTABLISHED: u64 = 21_600;
+    pub const TCP_CLOSING: u64 = 10;
+    pub const UDP: u64 = 60;
+    pub const ICMP: u64 = 30;
+    pub const OTHER: u64 = 60;
+}
+
+/// Fragment tracking: the first fragment records the ports that later
+/// fragments of the same datagram (which carry no L4 header) inherit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+    /// 1 when the first fragment was allowed, 0 when it was dropped.
+    pub allowed: u32,
+}
+
+/// Why a packet was dropped. Stable numbers: they appear in counters,
+/// events and metrics.
+pub mod reason {
+    pub const POLICY_DENIED: u8 = 1;
+    pub const SPOOFED_SOURCE: u8 = 2;
+    pub const UNKNOWN_ENDPOINT: u8 = 3;
+    pub const MALFORMED: u8 = 4;
+    pub const FRAGMENT_UNKNOWN: u8 = 5;
+    pub const FAIL_CLOSED: u8 = 6;
+    pub const UNSUPPORTED_L3: u8 = 7;
+    pub const MAX: u8 = 7;
+
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            POLICY_DENIED => "policy-denied",
+            SPOOFED_SOURCE => "spoofed-source",
+            UNKNOWN_ENDPOINT => "unknown-endpoint",
+            MALFORMED => "malformed",
+            FRAGMENT_UNKNOWN => "fragment-unknown",
+            FAIL_CLOSED => "fail-closed",
+            UNSUPPORTED_L3 => "unsupported-l3",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Per-CPU drop counter key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub ep_id: u32,
+    pub reason: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Global per-CPU statistics (array indices).
+pub mod stat {
+    pub const EVENTS_SENT: u32 = 0;
+    /// Drop events not sent because the flow (or the CPU) is over its rate.
+    pub const EVENTS_RATE_LIMITED: u32 = 1;
+    /// Drop events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 2;
+    pub const CT_CREATED: u32 = 3;
+    pub const CT_INSERT_FAILED: u32 = 4;
+    pub const FORWARDED: u32 = 5;
+    pub const COUNT: u32 = 8;
+}
+
+/// At most one drop event per flow per this many nanoseconds.
+pub const EVENT_FLOW_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// A drop event in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub ts_ns: u64,
+    pub ep_id: u32,
+    /// Identity of the peer (source for ingress, destination for egress).
+    pub peer_identity: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6; 0 when the packet was not IP.
+    pub family: u8,
+    pub proto: u8,
+    pub dir: u8,
+    pub reason: u8,
+    pub pkt_len: u32,
+    pub _pad: u32,
+}
+
+/// IP protocol numbers the data path knows.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Maps an IPv4 address (network order) into the 16-byte form.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// Prefix length of a mapped IPv4 prefix.
+pub const V4_MAPPED_PLEN_OFFSET: u32 = 96;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, with explicit padding and no
+    // pointers; any bit pattern is a valid value.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for CidrValue {}
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for DropEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn shared_structs_have_the_sizes_the_kernel_side_assumes() {
+        assert_eq!(size_of::<EndpointInfo>(), 40);
+        assert_eq!(size_of::<PolicyKey>(), 16);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<CidrKey>(), 24);
+        assert_eq!(size_of::<IpcacheKey>(), 16);
+        assert_eq!(size_of::<CtKey>(), 44);
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<CounterKey>(), 8);
+        assert_eq!(size_of::<DropEvent>(), 64);
+    }
+
+    #[test]
+    fn ipv4_addresses_map_into_the_ffff_prefix() {
+        assert_eq!(v4_mapped([10, 0, 0, 1])[10..], [0xff, 0xff, 10, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,113 @@
+//! Messages between the CNI plugin and the node agent.
+//!
+//! Wire format: the client connects to the agent's unix socket (mode 0600,
+//! root only), writes one JSON `Request` followed by `\n`, reads one JSON
+//! `Response` line, and closes. One request per connection keeps both sides
+//! trivially correct under 50 parallel ADDs.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the agent socket.
+pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
+
+/// One pod attachment as CNI names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    pub attachment: Attachment,
+    /// Path of the pod's network namespace (CNI_NETNS).
+    pub netns: String,
+    /// Host end of the veth pair.
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// From CNI_ARGS (K8S_POD_NAMESPACE / K8S_POD_NAME), when the runtime set them.
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent ready to take endpoints?
+    Status,
+    /// Register the endpoint, write its map entries and attach the programs
+    /// to `host_ifname`. Answers only once all of that is done.
+    AddEndpoint { endpoint: EndpointSpec },
+    /// Forget the endpoint: detach, delete its map entries. Unknown is `Ok`.
+    DelEndpoint { attachment: Attachment },
+    /// Verify the endpoint is registered and its programs attached.
+    CheckEndpoint { attachment: Attachment },
+    /// Forget every endpoint not in `valid`.
+    Gc { valid: Vec<Attachment> },
+}
+
+/// CNI error codes the agent may ask the plugin to report.
+pub mod code {
+    pub const CONTAINER_UNKNOWN: u32 = 3;
+    pub const IO_FAILURE: u32 = 5;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Plugin-specific: the endpoint drifted from what was registered.
+    pub const ENDPOINT_DRIFT: u32 = 101;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Endpoint { ep_id: u32 },
+    Error { code: u32, msg: String, details: String },
+}
+
+impl Request {
+    pub fn to_line(&self) -> serde_json::Result<String> {
+        let mut s = serde_json::to_string(self)?;
+        s.push('\n');
+        Ok(s)
+    }
+}
+
+impl Response {
+    pub fn to_line(&self) -> serde_json::Result<String> {
+        let mut s = serde_json::to_string(self)?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    pub fn error(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_one_json_line() {
+        let req = Request::DelEndpoint {
+            attachment: Attachment {
+                container_id: "abc".into(),
+                ifname: "eth0".into(),
+            },
+        };
+        let line = req.to_line().unwrap_or_default();
+        assert!(line.ends_with('\n'));
+        assert!(line.contains(r#""op":"del_endpoint""#));
+        let back: Request = serde_json::from_str(line.trim_end()).ok().unwrap_or(Request::Status);
+        assert_eq!(back, req);
+    }
+}

@@ -1,3 +1,82 @@
-fn main() {
-    println!("{}", sluice_agent::datapath::EBPF_OBJECT.len());
+//! `sluice-agent`: wiring only. Logs go to stderr (tracing); drop events go
+//! to stdout, one JSON object per line, so `sluice-agent | jq` follows them.
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use sluice_agent::{datapath, events, node::Node, registry::Registry, server};
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Sluice node agent")]
+struct Args {
+    /// Directory on a bpffs where maps and links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+    bpffs: PathBuf,
+    /// Unix socket the CNI plugin talks to.
+    #[arg(long, default_value = sluice_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the endpoint registry is kept.
+    #[arg(long, default_value = "/var/lib/sluice")]
+    state_dir: PathBuf,
+    /// Conntrack table size (entries). An existing pinned table keeps its size.
+    #[arg(long, default_value_t = sluice_common::sizes::CONNTRACK)]
+    conntrack_size: u32,
+    /// Policy map size (entries).
+    #[arg(long, default_value_t = sluice_common::sizes::POLICY)]
+    policy_size: u32,
+    /// Log format on stderr: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+
+    sluice_agent::ensure_bpffs(&args.bpffs)?;
+    let sizes = datapath::Sizes {
+        conntrack: args.conntrack_size,
+        policy: args.policy_size,
+        ..Default::default()
+    };
+    let mut dp = datapath::Datapath::load(&args.bpffs, &sizes).context("loading the data path")?;
+    let ring = dp.take_events().context("drop event ring buffer")?;
+    let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
+    let node = Node::start(dp, registry).context("taking over the node")?;
+    let node = Arc::new(Mutex::new(node));
+
+    let listener =
+        server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
+
+    let events = events::follow(ring, |rec| {
+        if let Ok(line) = serde_json::to_string(&rec) {
+            let mut out = std::io::stdout().lock();
+            // A closed stdout must not stop enforcement; the counters still count.
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                tracing::debug!("stdout closed; drop event not printed");
+            }
+        }
+    });
+    tokio::select! {
+        r = server::serve(listener, node) => r.context("agent socket")?,
+        r = events => r.context("drop events")?,
+        _ = tokio::signal::ctrl_c() => info!("interrupted; programs stay attached through their pins"),
+    }
+    Ok(())
 }

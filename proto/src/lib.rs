@@ -47,6 +47,14 @@ pub enum Request {
     CheckEndpoint { attachment: Attachment },
     /// Forget every endpoint not in `valid`.
     Gc { valid: Vec<Attachment> },
+    /// Replace the policy of an endpoint (the agent's `EndpointPolicy` as
+    /// JSON). Used by tests and the demo until the NetworkPolicy compiler
+    /// writes policy itself; a policy that does not parse is rejected with
+    /// code 7 and changes nothing.
+    SetPolicy {
+        attachment: Attachment,
+        policy: serde_json::Value,
+    },
 }
 
 /// CNI error codes the agent may ask the plugin to report.
@@ -64,8 +72,14 @@ pub mod code {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Endpoint { ep_id: u32 },
-    Error { code: u32, msg: String, details: String },
+    Endpoint {
+        ep_id: u32,
+    },
+    Error {
+        code: u32,
+        msg: String,
+        details: String,
+    },
 }
 
 impl Request {
@@ -107,7 +121,9 @@ mod tests {
         let line = req.to_line().unwrap_or_default();
         assert!(line.ends_with('\n'));
         assert!(line.contains(r#""op":"del_endpoint""#));
-        let back: Request = serde_json::from_str(line.trim_end()).ok().unwrap_or(Request::Status);
+        let back: Request = serde_json::from_str(line.trim_end())
+            .ok()
+            .unwrap_or(Request::Status);
         assert_eq!(back, req);
     }
 }

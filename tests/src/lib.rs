@@ -1,1 +1,558 @@
+//! Test harness: every test makes its own namespaces, bpffs mount and state
+//! directory, named uniquely, and guards remove them on drop even when the
+//! test fails. Nothing here touches the machine's own namespace beyond
+//! creating and deleting those objects; traffic only flows between test
+//! namespaces. Tests may shell out to `ip`; product code never does.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context, Result, bail};
+use sluice_proto::{Request, Response};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name: prefix, pid, counter (short enough for interface names).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Where the workspace's binaries are (SLUICE_BIN_DIR overrides).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SLUICE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(profile)
+}
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip <args>` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let out = self
+            .command("sysctl")
+            .args(["-qw", &format!("{key}={value}")])
+            .output()?;
+        if !out.status.success() {
+            bail!("sysctl {key}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<T> {
+            enter(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = sh("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    Ok(())
+}
+
+/// A private bpffs mount on a fresh directory, unmounted and removed on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("sluice-bpffs-"));
+        std::fs::create_dir_all(&dir)?;
+        sh("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Err(e) = sh("umount", &["-l", &self.dir.to_string_lossy()]) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ignored = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let d = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&d)?;
+        Ok(Self(d))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ignored = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A simulated node: its own netns, bpffs, state, and a real agent process.
+pub struct Node {
+    pub ns: NetNs,
+    pub bpffs: Bpffs,
+    pub tmp: TempDir,
+    agent: Option<Child>,
+    /// Drop events (JSON lines) the agent printed so far.
+    pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Node {
+    pub fn new() -> Result<Self> {
+        let ns = NetNs::new("sl-node")?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(Self {
+            ns,
+            bpffs: Bpffs::new()?,
+            tmp: TempDir::new("sluice-node-")?,
+            agent: None,
+            events: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.tmp.0.join("agent.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp.0.join("state")
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.tmp.0.join("ipam")
+    }
+
+    /// Starts the agent and waits until it answers STATUS.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut child = self
+            .ns
+            .command(bin_dir().join("sluice-agent"))
+            .arg("--bpffs")
+            .arg(&self.bpffs.dir)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning sluice-agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let events = self.events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Ok(v) = serde_json::from_str(&line)
+                    && let Ok(mut e) = events.lock()
+                {
+                    e.push(v);
+                }
+            }
+        });
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Response::Ok) = self.request(&Request::Status) {
+                return Ok(());
+            }
+            if let Some(c) = self.agent.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("agent exited during start-up: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the agent (SIGKILL: the harshest restart). Pinned programs and
+    /// maps stay.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut c) = self.agent.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn request(&self, req: &Request) -> Result<Response> {
+        let mut s = UnixStream::connect(self.socket())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(req.to_line()?.as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(serde_json::from_str(line.trim_end())?)
+    }
+
+    /// Runs the CNI plugin in the node's namespace as a runtime would.
+    pub fn plugin(&self, env: &[(&str, &str)], stdin: &str) -> Result<PluginOutput> {
+        let mut cmd = self.ns.command(bin_dir().join("sluice"));
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok(PluginOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    pub fn maps(&self) -> Result<sluice_agent::datapath::Maps> {
+        Ok(sluice_agent::datapath::Maps::open_pinned(&self.bpffs.dir)?)
+    }
+
+    /// Events seen so far that satisfy `pred`.
+    pub fn events_matching(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .map(|e| e.iter().filter(|v| pred(v)).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill_agent() {
+            eprintln!("cleanup: {e}");
+        }
+        // Deleting the namespace removes every veth in it (and their peers).
+    }
+}
+
+#[derive(Debug)]
+pub struct PluginOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl PluginOutput {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("plugin printed {:?} / {:?}", self.stdout, self.stderr))
+    }
+}
+
+/// A pod made by the real plugin.
+pub struct Pod {
+    pub ns: NetNs,
+    pub container_id: String,
+    pub ipv4: Option<IpAddr>,
+    pub ipv6: Option<IpAddr>,
+    pub host_ifname: String,
+    pub result: serde_json::Value,
+}
+
+/// The plugin config the tests use.
+pub fn conflist_config(node: &Node, v4: Option<&str>, v6: Option<&str>) -> String {
+    let mut ranges = Vec::new();
+    if let Some(r) = v4 {
+        ranges.push(r.to_string());
+    }
+    if let Some(r) = v6 {
+        ranges.push(r.to_string());
+    }
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "sluice-test",
+        "type": "sluice",
+        "ranges": ranges,
+        "dataDir": node.ipam_dir(),
+        "agentSocket": node.socket(),
+    })
+    .to_string()
+}
+
+pub fn cni_env<'a>(cmd: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ]
+}
+
+impl Pod {
+    /// CNI ADD through the real plugin binary.
+    pub fn add(node: &Node, config: &str) -> Result<Self> {
+        let ns = NetNs::new("sl-pod")?;
+        let container_id = format!("ctr{}", unique("").replace('-', ""));
+        let netns = ns.path().to_string_lossy().into_owned();
+        let out = node.plugin(&cni_env("ADD", &container_id, &netns), config)?;
+        if out.code != 0 {
+            bail!("ADD failed ({}): {} {}", out.code, out.stdout, out.stderr);
+        }
+        let result = out.json()?;
+        let mut pod = Self {
+            ns,
+            container_id,
+            ipv4: None,
+            ipv6: None,
+            host_ifname: String::new(),
+            result: result.clone(),
+        };
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            let addr: ipnetwork::IpNetwork = ip["address"].as_str().unwrap_or_default().parse()?;
+            match addr.ip() {
+                a @ IpAddr::V4(_) => pod.ipv4 = Some(a),
+                a @ IpAddr::V6(_) => pod.ipv6 = Some(a),
+            }
+        }
+        for i in result["interfaces"].as_array().into_iter().flatten() {
+            if i.get("sandbox")
+                .is_none_or(|s| s.as_str().unwrap_or_default().is_empty())
+            {
+                pod.host_ifname = i["name"].as_str().unwrap_or_default().to_owned();
+            }
+        }
+        Ok(pod)
+    }
+
+    pub fn attachment(&self) -> sluice_proto::Attachment {
+        sluice_proto::Attachment {
+            container_id: self.container_id.clone(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    pub fn del(&self, node: &Node, config: &str) -> Result<PluginOutput> {
+        let netns = self.ns.path().to_string_lossy().into_owned();
+        node.plugin(&cni_env("DEL", &self.container_id, &netns), config)
+    }
+}
+
+/// A TCP and UDP echo server on `port` in a namespace, stopped on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(ns: &NetNs, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for v6 in [false, true] {
+            let (tcp, udp) = ns.run(move || -> Result<(TcpListener, UdpSocket)> {
+                let any: IpAddr = if v6 {
+                    "::".parse()?
+                } else {
+                    "0.0.0.0".parse()?
+                };
+                let tcp = bind_tcp(SocketAddr::new(any, port))?;
+                let udp = UdpSocket::bind(SocketAddr::new(any, port))?;
+                Ok((tcp, udp))
+            })??;
+            tcp.set_nonblocking(true)?;
+            udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut c, _)) => {
+                            std::thread::spawn(move || {
+                                let _ignored = c.set_nonblocking(false);
+                                let _ignored = c.set_read_timeout(Some(Duration::from_secs(5)));
+                                let mut buf = [0u8; 4096];
+                                while let Ok(n) = c.read(&mut buf) {
+                                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let _ignored = udp.send_to(&buf[..n], from);
+                    }
+                }
+            }));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
+    // IPV6_V6ONLY so the v4 and v6 listeners can share the port.
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ignored = t.join();
+        }
+    }
+}
+
+/// TCP connect + one byte each way from inside `ns`.
+pub fn tcp_ok(ns: &NetNs, to: IpAddr, port: u16, timeout: Duration) -> bool {
+    ns.run(move || -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(to, port), timeout) else {
+            return false;
+        };
+        let _ignored = s.set_read_timeout(Some(timeout));
+        let mut b = [0u8; 1];
+        s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"x"
+    })
+    .unwrap_or(false)
+}
+
+/// A UDP datagram that the server answers, from inside `ns`.
+pub fn udp_ok(ns: &NetNs, to: IpAddr, port: u16, timeout: Duration) -> bool {
+    ns.run(move || -> bool {
+        let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let Ok(s) = UdpSocket::bind(any) else {
+            return false;
+        };
+        let _ignored = s.set_read_timeout(Some(timeout));
+        let mut b = [0u8; 16];
+        s.send_to(b"ping", SocketAddr::new(to, port)).is_ok()
+            && s.recv_from(&mut b).is_ok_and(|(n, _)| &b[..n] == b"ping")
+    })
+    .unwrap_or(false)
+}
+
+/// One ICMP echo from inside `ns` (uses ping(8)).
+pub fn ping_ok(ns: &NetNs, to: IpAddr) -> bool {
+    ns.command("ping")
+        .args(["-c", "1", "-W", "1", &to.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

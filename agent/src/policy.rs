@@ -1,0 +1,366 @@
+//! What the data path should hold for one endpoint, as pure data: the
+//! interface through which policy reaches the maps (used directly by tests
+//! now, and by the NetworkPolicy compiler). No I/O here.
+//!
+//! Per direction an endpoint is either not isolated (everything passes, the
+//! rules are ignored by the data path) or isolated (default deny, and the
+//! union of its rules is the allowlist). A rule names a peer identity
+//! (`IDENTITY_ANY` for any peer, a CIDR-group identity for ipBlock) and an
+//! L4 match.
+use std::collections::BTreeMap;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use sluice_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, PLEN_ANY_PROTO_BIT,
+    POLICY_ALLOW, PolicyKey, PolicyValue,
+};
+
+/// The L4 part of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum L4 {
+    /// Every protocol and port (a NetworkPolicy rule with no `ports`).
+    Any,
+    /// Every port of one protocol (a port entry without `port`).
+    Proto(u8),
+    /// `first..=last` of one protocol (`port`, optionally `endPort`).
+    Ports { proto: u8, first: u16, last: u16 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub dir: u8,
+    pub identity: u32,
+    pub l4: L4,
+    /// Carried into the map value so drops and flows can name their rule.
+    pub rule_id: u32,
+}
+
+/// One prefix of an endpoint's CIDR map: addresses whose longest match is
+/// `net` belong to `group` (0 = an `except` hole, no group).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CidrEntry {
+    pub dir: u8,
+    pub net: IpNetwork,
+    pub group: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EndpointPolicy {
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    pub rules: Vec<Rule>,
+    pub cidrs: Vec<CidrEntry>,
+}
+
+/// The map contents for one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// `EP_*_ISOLATED` bits.
+    pub isolation: u32,
+    /// `EndpointInfo::port_plens`, by direction.
+    pub port_plens: [u32; 2],
+    pub entries: BTreeMap<PolicyKey, PolicyValue>,
+    /// (dir, prefix) -> group.
+    pub cidrs: BTreeMap<(u8, IpNetwork), u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("direction {0} is neither ingress nor egress")]
+    BadDirection(u8),
+    #[error("port range {first}-{last} is empty")]
+    EmptyRange { first: u16, last: u16 },
+    #[error("protocol 0 cannot carry ports")]
+    PortsWithoutProtocol,
+}
+
+impl EndpointPolicy {
+    pub fn compile(&self, ep_id: u32) -> Result<Compiled, PolicyError> {
+        let mut out = Compiled {
+            isolation: (if self.ingress_isolated {
+                EP_INGRESS_ISOLATED
+            } else {
+                0
+            }) | (if self.egress_isolated {
+                EP_EGRESS_ISOLATED
+            } else {
+                0
+            }),
+            ..Compiled::default()
+        };
+        for rule in &self.rules {
+            check_dir(rule.dir)?;
+            for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
+                out.port_plens[usize::from(rule.dir)] |= plen_bit(&key);
+                out.entries.insert(
+                    key,
+                    PolicyValue {
+                        flags: POLICY_ALLOW,
+                        rule_id: rule.rule_id,
+                    },
+                );
+            }
+        }
+        for c in &self.cidrs {
+            check_dir(c.dir)?;
+            out.cidrs.insert((c.dir, canonical(c.net)), c.group);
+        }
+        Ok(out)
+    }
+}
+
+fn check_dir(dir: u8) -> Result<(), PolicyError> {
+    if dir == DIR_INGRESS || dir == DIR_EGRESS {
+        Ok(())
+    } else {
+        Err(PolicyError::BadDirection(dir))
+    }
+}
+
+/// The network of `net` with host bits zeroed.
+pub fn canonical(net: IpNetwork) -> IpNetwork {
+    IpNetwork::new(net.network(), net.prefix()).unwrap_or(net)
+}
+
+/// Which bit of `port_plens` a key needs.
+pub fn plen_bit(key: &PolicyKey) -> u32 {
+    if key.proto == 0 {
+        1 << PLEN_ANY_PROTO_BIT
+    } else {
+        1 << key.plen
+    }
+}
+
+/// The policy keys that allow `l4` from/to `identity`.
+pub fn policy_keys(
+    ep_id: u32,
+    dir: u8,
+    identity: u32,
+    l4: L4,
+) -> Result<Vec<PolicyKey>, PolicyError> {
+    let key = |proto, port, plen| PolicyKey {
+        ep_id,
+        identity,
+        port,
+        proto,
+        dir,
+        plen,
+        _pad: [0; 3],
+    };
+    Ok(match l4 {
+        L4::Any => vec![key(0, 0, 0)],
+        L4::Proto(0) => vec![key(0, 0, 0)],
+        L4::Proto(p) => vec![key(p, 0, 0)],
+        L4::Ports { proto: 0, .. } => return Err(PolicyError::PortsWithoutProtocol),
+        L4::Ports { proto, first, last } => {
+            if first > last {
+                return Err(PolicyError::EmptyRange { first, last });
+            }
+            port_blocks(first, last)
+                .into_iter()
+                .map(|(port, plen)| key(proto, port, plen))
+                .collect()
+        }
+    })
+}
+
+/// The fewest aligned blocks `(base, prefix length)` that cover
+/// `first..=last` exactly: a block of prefix length `p` covers the
+/// `2^(16-p)` ports that share the top `p` bits of `base`.
+pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // Largest block aligned at `lo` that stays within `hi`.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let plen = 16 - size.trailing_zeros();
+        out.push((lo as u16, plen as u8));
+        lo += size;
+    }
+    out
+}
+
+/// Mask of a port prefix length (16 = exact, 0 = any).
+pub fn port_mask(plen: u8) -> u16 {
+    if plen == 0 {
+        0
+    } else {
+        u16::MAX << (16 - u32::from(plen.min(16)))
+    }
+}
+
+/// Would the entries allow (`identity`, `proto`, `port`) in `dir`? The
+/// data path's per-identity lookup, in user space: tries each prefix length
+/// present in `port_plens` then any-protocol, as the program does.
+pub fn lookup(c: &Compiled, ep_id: u32, dir: u8, identity: u32, proto: u8, port: u16) -> bool {
+    let plens = c.port_plens[usize::from(dir) & 1];
+    let hit = |proto, port, plen| {
+        c.entries.contains_key(&PolicyKey {
+            ep_id,
+            identity,
+            port,
+            proto,
+            dir,
+            plen,
+            _pad: [0; 3],
+        })
+    };
+    (0..=16u8)
+        .rev()
+        .filter(|p| plens & (1 << p) != 0)
+        .any(|p| hit(proto, port & port_mask(p), p))
+        || (plens & (1 << PLEN_ANY_PROTO_BIT) != 0 && hit(0, 0, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_common::proto;
+
+    fn covered(blocks: &[(u16, u8)]) -> Vec<u32> {
+        let mut v: Vec<u32> = blocks
+            .iter()
+            .flat_map(|&(base, plen)| {
+                let size = 1u32 << (16 - u32::from(plen));
+                (u32::from(base)..u32::from(base) + size).collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn port_blocks_cover_a_range_exactly_and_nothing_else() {
+        for (first, last) in [
+            (80, 80),
+            (1000, 2000),
+            (0, 65535),
+            (1, 65535),
+            (32768, 32768),
+            (5, 17),
+            (65535, 65535),
+        ] {
+            let blocks = port_blocks(first, last);
+            let want: Vec<u32> = (u32::from(first)..=u32::from(last)).collect();
+            assert_eq!(covered(&blocks), want, "{first}-{last}");
+            for (base, plen) in blocks {
+                assert_eq!(base & !port_mask(plen), 0, "block {base}/{plen} is aligned");
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_port_is_one_exact_block_and_the_full_range_is_any_port() {
+        assert_eq!(port_blocks(443, 443), vec![(443, 16)]);
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        assert!(port_blocks(1000, 2000).len() <= 2 * 16);
+    }
+
+    #[test]
+    fn lookup_allows_exactly_what_the_rules_name() {
+        let p = EndpointPolicy {
+            ingress_isolated: true,
+            egress_isolated: false,
+            rules: vec![
+                Rule {
+                    dir: DIR_INGRESS,
+                    identity: 300,
+                    l4: L4::Ports {
+                        proto: proto::TCP,
+                        first: 80,
+                        last: 80,
+                    },
+                    rule_id: 1,
+                },
+                Rule {
+                    dir: DIR_INGRESS,
+                    identity: 301,
+                    l4: L4::Ports {
+                        proto: proto::UDP,
+                        first: 1000,
+                        last: 1999,
+                    },
+                    rule_id: 2,
+                },
+                Rule {
+                    dir: DIR_INGRESS,
+                    identity: 302,
+                    l4: L4::Any,
+                    rule_id: 3,
+                },
+                Rule {
+                    dir: DIR_INGRESS,
+                    identity: 303,
+                    l4: L4::Proto(proto::SCTP),
+                    rule_id: 4,
+                },
+            ],
+            cidrs: vec![],
+        };
+        let c = p.compile(7).unwrap_or_default();
+        assert_eq!(c.isolation, EP_INGRESS_ISOLATED);
+        let l = |id, pr, port| lookup(&c, 7, DIR_INGRESS, id, pr, port);
+        assert!(l(300, proto::TCP, 80));
+        assert!(!l(300, proto::TCP, 81));
+        assert!(!l(300, proto::UDP, 80));
+        assert!(l(301, proto::UDP, 1000) && l(301, proto::UDP, 1999) && l(301, proto::UDP, 1500));
+        assert!(!l(301, proto::UDP, 999) && !l(301, proto::UDP, 2000));
+        assert!(l(302, proto::ICMP, 0) && l(302, proto::TCP, 9));
+        assert!(l(303, proto::SCTP, 1) && !l(303, proto::TCP, 1));
+        assert!(!l(304, proto::TCP, 80));
+        assert!(!lookup(&c, 7, DIR_EGRESS, 300, proto::TCP, 80));
+        assert!(!lookup(&c, 8, DIR_INGRESS, 300, proto::TCP, 80));
+    }
+
+    #[test]
+    fn bad_rules_are_errors_not_entries() {
+        let bad = |l4| {
+            EndpointPolicy {
+                rules: vec![Rule {
+                    dir: DIR_INGRESS,
+                    identity: 1,
+                    l4,
+                    rule_id: 0,
+                }],
+                ..Default::default()
+            }
+            .compile(1)
+        };
+        assert_eq!(
+            bad(L4::Ports {
+                proto: 6,
+                first: 9,
+                last: 8
+            }),
+            Err(PolicyError::EmptyRange { first: 9, last: 8 })
+        );
+        assert_eq!(
+            bad(L4::Ports {
+                proto: 0,
+                first: 1,
+                last: 1
+            }),
+            Err(PolicyError::PortsWithoutProtocol)
+        );
+        let wrong_dir = EndpointPolicy {
+            rules: vec![Rule {
+                dir: 5,
+                identity: 1,
+                l4: L4::Any,
+                rule_id: 0,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(wrong_dir.compile(1), Err(PolicyError::BadDirection(5)));
+    }
+}

@@ -1,0 +1,121 @@
+//! The CNI socket: one JSON request line in, one JSON response line out.
+//! The socket is created mode 0600 and every peer's uid is checked, so only
+//! root (the container runtime running the plugin) can change endpoints.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use sluice_proto::{Request, Response, code};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use crate::node::Node;
+
+/// Longest request accepted: a policy for one endpoint fits easily.
+const MAX_REQUEST: u64 = 4 << 20;
+
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Bind under a restrictive umask so the socket is never world-writable,
+    // not even for the moment before chmod.
+    // SAFETY: umask only swaps the process mask.
+    let old = unsafe { libc::umask(0o077) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, node).await {
+                warn!(error = %e, "agent socket connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (rd, mut wr) = stream.into_split();
+    let response = if uid != 0 {
+        Response::error(
+            code::NOT_AVAILABLE,
+            "permission denied",
+            format!("peer uid {uid} is not root"),
+        )
+    } else {
+        let mut line = String::new();
+        BufReader::new(rd)
+            .take(MAX_REQUEST)
+            .read_line(&mut line)
+            .await?;
+        match serde_json::from_str::<Request>(line.trim_end()) {
+            Ok(req) => {
+                debug!(?req, "request");
+                tokio::task::spawn_blocking(move || dispatch(&node, req))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Response::error(code::IO_FAILURE, "agent task failed", e.to_string())
+                    })
+            }
+            Err(e) => Response::error(
+                code::INVALID_CONFIG,
+                "request is not valid JSON",
+                e.to_string(),
+            ),
+        }
+    };
+    let line = response.to_line().unwrap_or_else(|_| {
+        "{\"result\":\"error\",\"code\":5,\"msg\":\"encoding\",\"details\":\"\"}\n".into()
+    });
+    wr.write_all(line.as_bytes()).await?;
+    wr.shutdown().await
+}
+
+fn dispatch(node: &Mutex<Node>, req: Request) -> Response {
+    let Ok(mut node) = node.lock() else {
+        return Response::error(
+            code::TRY_AGAIN_LATER,
+            "agent state is poisoned",
+            "restart the agent",
+        );
+    };
+    let result = match req {
+        Request::Status => Ok(Response::Ok),
+        Request::AddEndpoint { endpoint } => node
+            .add_endpoint(endpoint)
+            .map(|ep_id| Response::Endpoint { ep_id }),
+        Request::DelEndpoint { attachment } => {
+            node.del_endpoint(&attachment).map(|()| Response::Ok)
+        }
+        Request::CheckEndpoint { attachment } => node
+            .check_endpoint(&attachment)
+            .map(|ep_id| Response::Endpoint { ep_id }),
+        Request::Gc { valid } => node.gc(&valid).map(|_| Response::Ok),
+        Request::SetPolicy { attachment, policy } => node
+            .set_policy_json(&attachment, policy)
+            .map(|()| Response::Ok),
+    };
+    result.unwrap_or_else(|e| {
+        warn!(error = %e, code = e.cni_code(), "request failed");
+        e.to_response()
+    })
+}

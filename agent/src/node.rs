@@ -113,6 +113,7 @@ impl Node {
             policies: HashMap::new(),
         };
         node.policies = node.read_programmed_policy()?;
+        node.program_host_addresses()?;
         let endpoints: Vec<Endpoint> = node.registry.all().cloned().collect();
         for ep in endpoints {
             let s = &ep.spec;
@@ -125,6 +126,41 @@ impl Node {
             }
         }
         Ok(node)
+    }
+
+    /// Marks the node's own addresses with `IDENTITY_HOST`, so traffic from
+    /// the node (kubelet probes) is recognised as such.
+    pub fn program_host_addresses(&mut self) -> Result<()> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| {
+            NodeError::InvalidEndpoint(format!("listing the node's addresses: {e}"))
+        })?;
+        for ifa in addrs {
+            let Some(sa) = ifa.address else { continue };
+            let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            if ip.is_loopback() || matches!(ip, IpAddr::V6(a) if a.is_unicast_link_local()) {
+                continue;
+            }
+            self.dp
+                .maps
+                .ipcache
+                .insert(
+                    &ipcache_key(host_net(ip)),
+                    &IpcacheValue {
+                        identity: sluice_common::IDENTITY_HOST,
+                        ep_id: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err("IPCACHE"))?;
+            info!(%ip, "node address");
+        }
+        Ok(())
     }
 
     /// Rebuilds `policies` from the pinned POLICY and CIDRS maps.

@@ -167,6 +167,9 @@ impl Drop for TempDir {
     }
 }
 
+pub const NODE_IPV4: &str = "10.255.255.1/32";
+pub const NODE_IPV6: &str = "fd00:255::1/128";
+
 /// A simulated node: its own netns, bpffs, state, and a real agent process.
 pub struct Node {
     pub ns: NetNs,
@@ -182,6 +185,11 @@ impl Node {
         let ns = NetNs::new("sl-node")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // The node's own address (what kubelet probes come from).
+        ns.ip(&["link", "add", "node0", "type", "dummy"])?;
+        ns.ip(&["addr", "add", NODE_IPV4, "dev", "node0"])?;
+        ns.ip(&["addr", "add", NODE_IPV6, "dev", "node0", "nodad"])?;
+        ns.ip(&["link", "set", "node0", "up"])?;
         Ok(Self {
             ns,
             bpffs: Bpffs::new()?,
@@ -343,13 +351,11 @@ pub struct Pod {
 
 /// The plugin config the tests use.
 pub fn conflist_config(node: &Node, v4: Option<&str>, v6: Option<&str>) -> String {
-    let mut ranges = Vec::new();
-    if let Some(r) = v4 {
-        ranges.push(r.to_string());
-    }
-    if let Some(r) = v6 {
-        ranges.push(r.to_string());
-    }
+    let ranges: Vec<Vec<String>> = v4
+        .into_iter()
+        .chain(v6)
+        .map(|r| vec![r.to_string()])
+        .collect();
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": "sluice-test",

@@ -18,6 +18,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+pub mod cases;
 use sluice_proto::{Request, Response};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

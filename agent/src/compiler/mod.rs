@@ -1,0 +1,1 @@
+//! The NetworkPolicy compiler (work in progress).

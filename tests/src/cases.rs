@@ -1,0 +1,1 @@
+//! Reachability-case format (work in progress).

@@ -257,7 +257,8 @@ impl Datapath {
     }
 
     /// Attaches both programs to the host end `ifname` with TCX and pins the
-    /// links. When links for `ifname` are already pinned (an earlier agent
+    /// links. Kernels without TCX (< 6.6) are refused with the kernel's
+    /// error: the clsact fallback is not implemented (docs/design.md). When links for `ifname` are already pinned (an earlier agent
     /// attached them), the current programs replace the old ones inside the
     /// same links, atomically: the interface is never without a program.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {

@@ -29,6 +29,10 @@ struct Args {
     /// Policy map size (entries).
     #[arg(long, default_value_t = sluice_common::sizes::POLICY)]
     policy_size: u32,
+    /// Most policy entries one endpoint may hold; past it that endpoint
+    /// fails closed (drops everything) and the others are unaffected.
+    #[arg(long, default_value_t = sluice_agent::node::DEFAULT_MAX_ENTRIES_PER_ENDPOINT)]
+    max_entries_per_endpoint: usize,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -57,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     let mut dp = datapath::Datapath::load(&args.bpffs, &sizes).context("loading the data path")?;
     let ring = dp.take_events().context("drop event ring buffer")?;
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
-    let node = Node::start(dp, registry).context("taking over the node")?;
+    let mut node = Node::start(dp, registry).context("taking over the node")?;
+    node.max_entries_per_endpoint = args.max_entries_per_endpoint;
     let node = Arc::new(Mutex::new(node));
 
     let listener =

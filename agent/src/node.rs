@@ -39,6 +39,12 @@ pub enum NodeError {
     PolicyDecode(#[source] serde_json::Error),
     #[error("endpoint drifted: {0}")]
     Drift(String),
+    #[error("endpoint {ep_id} needs {entries} entries, over its limit of {limit}: it fails closed")]
+    Capacity {
+        ep_id: u32,
+        entries: usize,
+        limit: usize,
+    },
 }
 
 impl NodeError {
@@ -50,6 +56,7 @@ impl NodeError {
             }
             Self::UnknownEndpoint(..) => code::CONTAINER_UNKNOWN,
             Self::Drift(_) => code::ENDPOINT_DRIFT,
+            Self::Capacity { .. } => code::TRY_AGAIN_LATER,
             Self::Datapath(_) | Self::Registry(_) | Self::Map { .. } => code::IO_FAILURE,
         }
     }
@@ -79,7 +86,13 @@ pub struct Node {
     pub registry: Registry,
     /// What is in the maps for each endpoint id.
     policies: HashMap<u32, Compiled>,
+    /// Most policy + CIDR entries one endpoint may hold; past it the
+    /// endpoint fails closed and the others are unaffected.
+    pub max_entries_per_endpoint: usize,
 }
+
+/// Default per-endpoint share of the policy map.
+pub const DEFAULT_MAX_ENTRIES_PER_ENDPOINT: usize = 65_536;
 
 fn host_net(ip: IpAddr) -> IpNetwork {
     match ip {
@@ -111,6 +124,7 @@ impl Node {
             dp,
             registry,
             policies: HashMap::new(),
+            max_entries_per_endpoint: DEFAULT_MAX_ENTRIES_PER_ENDPOINT,
         };
         node.policies = node.read_programmed_policy()?;
         node.program_host_addresses()?;
@@ -360,17 +374,54 @@ impl Node {
             })?;
         let new = policy.compile(ep.ep_id).map_err(NodeError::InvalidPolicy)?;
         let old = self.policies.get(&ep.ep_id).cloned().unwrap_or_default();
-        self.write_additions(ep.ep_id, &old, &new)?;
+        let entries = new.entries.len() + new.cidrs.len();
+        if entries > self.max_entries_per_endpoint {
+            self.fail_closed(&ep, &old, &Compiled::default())?;
+            return Err(NodeError::Capacity {
+                ep_id: ep.ep_id,
+                entries,
+                limit: self.max_entries_per_endpoint,
+            });
+        }
+        if let Err(e) = self.write_additions(ep.ep_id, &old, &new) {
+            // The map is full (or failing): what is in it now is neither
+            // policy, so this endpoint drops everything until a later
+            // policy fits.
+            self.fail_closed(&ep, &old, &new)?;
+            return Err(e);
+        }
         let widened = [
             old.port_plens[0] | new.port_plens[0],
             old.port_plens[1] | new.port_plens[1],
         ];
-        self.write_endpoint_info(&ep, new.isolation, widened)?;
+        self.write_endpoint_info(&ep, new.isolation, widened, false)?;
         self.write_diff(ep.ep_id, &old, &new)?;
-        self.write_endpoint_info(&ep, new.isolation, new.port_plens)?;
+        self.write_endpoint_info(&ep, new.isolation, new.port_plens, false)?;
         info!(container_id = %a.container_id, ep_id = ep.ep_id, entries = new.entries.len(),
             cidrs = new.cidrs.len(), isolation = new.isolation, "policy programmed");
         self.policies.insert(ep.ep_id, new);
+        Ok(())
+    }
+
+    /// Sets EP_FAIL_CLOSED first, then removes every entry of `old` and
+    /// `attempted`: the endpoint drops all IP traffic, nothing it had is left.
+    fn fail_closed(&mut self, ep: &Endpoint, old: &Compiled, attempted: &Compiled) -> Result<()> {
+        warn!(ep_id = ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
+        let isolation = sluice_common::EP_INGRESS_ISOLATED | sluice_common::EP_EGRESS_ISOLATED;
+        self.write_endpoint_info(ep, isolation, [0, 0], true)?;
+        let mut both = old.clone();
+        both.entries
+            .extend(attempted.entries.iter().map(|(k, v)| (*k, *v)));
+        both.cidrs
+            .extend(attempted.cidrs.iter().map(|(k, v)| (*k, *v)));
+        self.write_diff(ep.ep_id, &both, &Compiled::default())?;
+        self.policies.insert(
+            ep.ep_id,
+            Compiled {
+                isolation,
+                ..Compiled::default()
+            },
+        );
         Ok(())
     }
 
@@ -379,6 +430,7 @@ impl Node {
         ep: &Endpoint,
         isolation: u32,
         plens: [u32; 2],
+        fail_closed: bool,
     ) -> Result<()> {
         let ifindex = ep.spec.host_ifindex;
         let mut info = self
@@ -387,9 +439,16 @@ impl Node {
             .endpoints
             .get(&ifindex, 0)
             .map_err(map_err("ENDPOINTS"))?;
-        info.flags = (info.flags
-            & !(sluice_common::EP_INGRESS_ISOLATED | sluice_common::EP_EGRESS_ISOLATED))
-            | isolation;
+        let managed = sluice_common::EP_INGRESS_ISOLATED
+            | sluice_common::EP_EGRESS_ISOLATED
+            | sluice_common::EP_FAIL_CLOSED;
+        info.flags = (info.flags & !managed)
+            | isolation
+            | if fail_closed {
+                sluice_common::EP_FAIL_CLOSED
+            } else {
+                0
+            };
         info.port_plens = plens;
         self.dp
             .maps

@@ -180,6 +180,8 @@ pub struct Node {
     agent: Option<Child>,
     /// Drop events (JSON lines) the agent printed so far.
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Extra command-line arguments for the agent.
+    pub agent_args: Vec<String>,
 }
 
 impl Node {
@@ -198,6 +200,7 @@ impl Node {
             tmp: TempDir::new("sluice-node-")?,
             agent: None,
             events: Arc::new(Mutex::new(Vec::new())),
+            agent_args: Vec::new(),
         })
     }
 
@@ -224,6 +227,7 @@ impl Node {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .args(&self.agent_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -404,3 +404,53 @@ fn deleting_a_pod_removes_its_endpoint_entries_and_links() -> Result<()> {
     assert_eq!(again.code, 0, "{again:?}");
     Ok(())
 }
+
+#[test]
+fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffected() -> Result<()>
+{
+    let mut node = Node::new()?;
+    node.agent_args = vec!["--max-entries-per-endpoint".into(), "4".into()];
+    node.start_agent()?;
+    let config = conflist_config(&node, Some("10.199.0.0/24"), None);
+    let (a, b, c) = (
+        Pod::add(&node, &config)?,
+        Pod::add(&node, &config)?,
+        Pod::add(&node, &config)?,
+    );
+    let _sb = Server::start(&b.ns, PORT)?;
+    let _sc = Server::start(&c.ns, PORT)?;
+    let ida = identity_of(&node, a.ipv4.context("v4")?)?;
+    // Ten port rules for c: over its limit of four entries.
+    let rules: Vec<_> = (0..10).map(|i| allow_tcp_from(ida, 1000 + i)).collect();
+    let refused = node.request(&Request::SetPolicy {
+        attachment: c.attachment(),
+        policy: json!({"ingress_isolated": true, "rules": rules}),
+    })?;
+    assert!(matches!(refused, Response::Error { .. }), "{refused:?}");
+    assert!(
+        !tcp_ok(&a.ns, c.ipv4.context("v4")?, PORT, SHORT),
+        "c fails closed"
+    );
+    assert!(!ping_ok(&a.ns, c.ipv4.context("v4")?), "c drops everything");
+    assert!(
+        tcp_ok(&a.ns, b.ipv4.context("v4")?, PORT, SHORT),
+        "b is unaffected"
+    );
+    assert!(
+        eventually(LONG, || !node
+            .events_matching(|e| e["reason"] == json!("fail-closed"))
+            .is_empty()),
+        "fail-closed drops reported"
+    );
+    // A policy that fits lifts it.
+    set_policy(
+        &node,
+        &c,
+        json!({"ingress_isolated": true, "rules": [allow_tcp_from(ida, PORT)]}),
+    )?;
+    assert!(
+        tcp_ok(&a.ns, c.ipv4.context("v4")?, PORT, SHORT),
+        "c enforces the new policy"
+    );
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Connection tracking: one entry per (endpoint, connection), both
+//! directions under one key, so a packet costs a single lookup.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use sluice_common::{
+    CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST,
+    CtKey, CtValue, DIR_EGRESS, ct_timeout, proto, stat,
+};
+
+use crate::{
+    keys::ct_key,
+    maps::{CONNTRACK, count},
+    parse::{Addr, TCP_FIN, TCP_RST},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    a.words[0] == b.words[0] && a.words[1] == b.words[1]
+}
+
+/// Is side (a, ap) ordered at or before side (b, bp)? By address bytes
+/// (compared as big-endian words), then port; ties (a packet to itself)
+/// count as lo.
+#[inline(always)]
+pub fn side_le(a: &Addr, ap: u16, b: &Addr, bp: u16) -> bool {
+    let (ah, al) = (u64::from_be(a.words[0]), u64::from_be(a.words[1]));
+    let (bh, bl) = (u64::from_be(b.words[0]), u64::from_be(b.words[1]));
+    ah < bh || (ah == bh && (al < bl || (al == bl && ap <= bp)))
+}
+
+/// The conntrack key of a packet (saddr:sport -> daddr:dport) seen on
+/// endpoint `ep_id`, and whether the source is its `lo` side.
+#[inline(always)]
+pub fn flow_key(
+    ep_id: u32,
+    saddr: &Addr,
+    sport: u16,
+    daddr: &Addr,
+    dport: u16,
+    l4: u8,
+) -> (CtKey, bool) {
+    let src_is_lo = side_le(saddr, sport, daddr, dport);
+    let key = if src_is_lo {
+        ct_key(ep_id, (saddr, sport), (daddr, dport), l4, 0)
+    } else {
+        ct_key(ep_id, (daddr, dport), (saddr, sport), l4, 0)
+    };
+    (key, src_is_lo)
+}
+
+/// Lifetime of an entry in seconds, from its protocol and state flags.
+#[inline(always)]
+pub fn lifetime_secs(l4: u8, flags: u32) -> u64 {
+    match l4 {
+        proto::TCP => {
+            if flags & CT_TCP_RST != 0
+                || flags & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY)
+                    == CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY
+            {
+                ct_timeout::TCP_CLOSING
+            } else if flags & CT_SEEN_REPLY == 0 {
+                ct_timeout::TCP_OPENING
+            } else {
+                ct_timeout::TCP_ESTABLISHED
+            }
+        }
+        proto::UDP => ct_timeout::UDP,
+        proto::ICMP | proto::ICMPV6 => ct_timeout::ICMP,
+        _ => ct_timeout::OTHER,
+    }
+}
+
+/// Flags after a packet from the originator (`from_orig`) or the other
+/// side with TCP flags `tcp_flags` (0 for other protocols).
+#[inline(always)]
+pub fn track(flags: u32, from_orig: bool, tcp_flags: u8) -> u32 {
+    let mut f = flags;
+    if !from_orig {
+        f |= CT_SEEN_REPLY;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        f |= CT_TCP_RST;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        f |= if from_orig {
+            CT_TCP_FIN_ORIG
+        } else {
+            CT_TCP_FIN_REPLY
+        };
+    }
+    f
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Looks the flow up; on a live entry updates its state and lifetime and
+/// returns true. `src_is_lo` says which side sent this packet.
+#[inline(always)]
+pub fn hit_and_refresh(key: &CtKey, src_is_lo: bool, tcp_flags: u8, now: u64) -> bool {
+    let Some(v) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a pointer into a map value, valid for this program run;
+    // concurrent updates from another CPU at worst lose a flag or a refresh.
+    let v = unsafe { &mut *v };
+    if now >= v.expires_ns {
+        return false;
+    }
+    let from_orig = src_is_lo == (v.flags & CT_ORIG_IS_LO != 0);
+    let flags = track(v.flags, from_orig, tcp_flags);
+    if flags != v.flags {
+        v.flags = flags;
+    }
+    v.expires_ns = now + lifetime_secs(key.proto, flags) * NS_PER_SEC;
+    true
+}
+
+/// Is there a live entry for this key? (No refresh: used for the flows that
+/// ICMP errors quote.)
+#[inline(always)]
+pub fn exists(key: &CtKey, now: u64) -> bool {
+    match CONNTRACK.get_ptr(key) {
+        // SAFETY: as in hit_and_refresh; only a u64 is read.
+        Some(v) => now < unsafe { (*v).expires_ns },
+        None => false,
+    }
+}
+
+/// Creates the entry of an allowed new flow. A failed insert is counted;
+/// the packet passes anyway (its replies then meet the policy).
+#[inline(always)]
+pub fn create(key: &CtKey, src_is_lo: bool, dir: u8, tcp_flags: u8, rule_id: u32, now: u64) {
+    let mut flags = 0;
+    if src_is_lo {
+        flags |= CT_ORIG_IS_LO;
+    }
+    if dir == DIR_EGRESS {
+        flags |= CT_ORIG_EGRESS;
+    }
+    let flags = track(flags, true, tcp_flags);
+    let value = CtValue {
+        expires_ns: now + lifetime_secs(key.proto, flags) * NS_PER_SEC,
+        flags,
+        rule_id,
+    };
+    // BPF_ANY: an expired entry of the same key is replaced.
+    match CONNTRACK.insert(key, &value, 0) {
+        Ok(()) => count(stat::CT_CREATED),
+        Err(_) => count(stat::CT_INSERT_FAILED),
+    }
+}

@@ -1,0 +1,113 @@
+//! What happens on every drop: a per-CPU counter by (endpoint, reason,
+//! direction), and a drop event in the ring buffer, at most one per flow,
+//! direction and EVENT_FLOW_INTERVAL_NS.
+use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, stat};
+
+use crate::{
+    conntrack::{now_ns, side_le},
+    keys::ct_key,
+    maps::{DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, count},
+    parse::{FAMILY_NONE, Packet},
+    policy::identity_of,
+};
+
+/// BPF_NOEXIST
+const NOEXIST: u64 = 1;
+
+/// Counts and reports a drop of `pkt` (as far as it was parsed). Not
+/// inlined: the drop path is cold and has its own stack frame.
+#[inline(never)]
+pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
+    count_drop(ep_id, dir, reason, len);
+    let now = now_ns();
+    if !event_due(ep_id, dir, pkt, now) {
+        count(stat::EVENTS_RATE_LIMITED);
+        return;
+    }
+    let Some(mut entry) = DROP_EVENTS.reserve::<DropEvent>(0) else {
+        count(stat::EVENTS_LOST);
+        return;
+    };
+    let peer = if pkt.family == FAMILY_NONE {
+        0
+    } else if dir == sluice_common::DIR_INGRESS {
+        identity_of(&pkt.saddr)
+    } else {
+        identity_of(&pkt.daddr)
+    };
+    entry.write(DropEvent {
+        ts_ns: now,
+        ep_id,
+        peer_identity: peer,
+        saddr: pkt.saddr.bytes(),
+        daddr: pkt.daddr.bytes(),
+        sport: pkt.sport,
+        dport: pkt.dport,
+        family: pkt.family,
+        proto: pkt.proto,
+        dir,
+        reason,
+        pkt_len: len,
+        _pad: 0,
+    });
+    entry.submit(0);
+    count(stat::EVENTS_SENT);
+}
+
+#[inline(always)]
+fn count_drop(ep_id: u32, dir: u8, reason: u8, len: u32) {
+    let key = CounterKey {
+        ep_id,
+        reason,
+        dir,
+        _pad: 0,
+    };
+    if let Some(c) = DROP_COUNTERS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+        return;
+    }
+    let first = CounterValue {
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    // NOEXIST: another CPU may have created the key since the lookup; then
+    // add to the entry it made.
+    if DROP_COUNTERS.insert(&key, &first, NOEXIST).is_err() {
+        if let Some(c) = DROP_COUNTERS.get_ptr_mut(&key) {
+            // SAFETY: as above.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += u64::from(len);
+            }
+        }
+    }
+}
+
+/// Whether the flow of `pkt` may have an event now; if so, takes the slot.
+#[inline(always)]
+fn event_due(ep_id: u32, dir: u8, pkt: &Packet, now: u64) -> bool {
+    let (s, d) = ((&pkt.saddr, pkt.sport), (&pkt.daddr, pkt.dport));
+    let key = if side_le(s.0, s.1, d.0, d.1) {
+        ct_key(ep_id, s, d, pkt.proto, dir)
+    } else {
+        ct_key(ep_id, d, s, pkt.proto, dir)
+    };
+    if let Some(last) = EVENT_RATE.get_ptr_mut(&key) {
+        // SAFETY: a u64 in a map value; a race lets at most one extra event
+        // through.
+        let last = unsafe { &mut *last };
+        if now.wrapping_sub(*last) < EVENT_FLOW_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+        return true;
+    }
+    // A failed insert (map full of recent flows cannot happen with LRU)
+    // still lets this one event through.
+    let _ = EVENT_RATE.insert(&key, &now, 0);
+    true
+}

@@ -1,0 +1,60 @@
+//! Every map of the data path. The statics are named exactly as
+//! `sluice_common::maps` says (the `#[map]` macro exports the static's name),
+//! and all are pinned by name so that user space finds them in bpffs and a
+//! restarted agent reuses them.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use sluice_common::{
+    CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FragKey, FragValue,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, sizes, stat,
+};
+
+/// ifindex of the host end of a pod veth -> endpoint.
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(sizes::ENDPOINTS, 0);
+
+/// Address (v4-mapped or v6) -> identity, longest prefix.
+#[map]
+pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(sizes::IPCACHE, 0);
+
+#[map]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(sizes::POLICY, 0);
+
+/// Per endpoint and direction: address -> CIDR group (ipBlock).
+#[map]
+pub static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(sizes::CIDRS, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::CONNTRACK, 0);
+
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(sizes::FRAGS, 0);
+
+#[map]
+pub static DROP_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+    PerCpuHashMap::pinned(sizes::DROP_COUNTERS, 0);
+
+#[map]
+pub static DROP_EVENTS: RingBuf = RingBuf::pinned(sizes::DROP_EVENTS_BYTES, 0);
+
+/// Flow (a conntrack key whose `_pad[0]` holds the direction) -> time of the
+/// last drop event sent for it.
+#[map]
+pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(sizes::EVENT_RATE, 0);
+
+/// Indexed by `sluice_common::stat`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+/// Adds one to a global statistic.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot of this CPU; programs do not nest on
+        // one CPU for the same hook, and a lost increment would only skew a
+        // statistic.
+        unsafe { *p += 1 };
+    }
+}

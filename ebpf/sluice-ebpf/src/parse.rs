@@ -1,0 +1,410 @@
+//! Header parsing. Every read is a `ctx.load` (a copy through
+//! `bpf_skb_load_bytes`, bounds-checked by the kernel), so a truncated packet
+//! shows up as a failed load, which the caller reports as MALFORMED.
+use aya_ebpf::programs::TcContext;
+use sluice_common::proto;
+
+pub const ETH_HLEN: u32 = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+pub const FAMILY_NONE: u8 = 0;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// `Packet::frag`
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0 with more fragments to come: carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// Offset != 0: no L4 header.
+pub const FRAG_LATER: u8 = 2;
+
+/// IPv6 extension headers walked before giving up (MALFORMED).
+pub const MAX_EXT_HDRS: u32 = 8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// A 16-byte address (IPv4 mapped), kept as two words in memory (network)
+/// order: it compares as two u64 and is built without byte stores.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Addr {
+    pub words: [u64; 2],
+}
+
+impl Addr {
+    pub const ZERO: Self = Self { words: [0, 0] };
+
+    #[inline(always)]
+    pub fn from_bytes(b: [u8; 16]) -> Self {
+        // SAFETY: 16 bytes to two u64, every bit pattern valid.
+        Self {
+            words: unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(b) },
+        }
+    }
+
+    /// `::ffff:a.b.c.d`
+    #[inline(always)]
+    pub fn v4_mapped(a: [u8; 4]) -> Self {
+        Self {
+            words: [
+                0,
+                u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
+            ],
+        }
+    }
+
+    #[inline(always)]
+    pub fn bytes(&self) -> [u8; 16] {
+        // SAFETY: as in from_bytes.
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.words) }
+    }
+}
+
+/// What the parser found, as far as it got. Addresses are 16-byte (IPv4
+/// mapped); ports are in host order. For ICMP echo both ports hold the echo
+/// id, so that a request and its reply share a conntrack key.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub frag_id: u32,
+    /// Offset of the L4 header (for FRAG_LATER: of the payload).
+    pub l4_off: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub frag: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+}
+
+impl Packet {
+    pub const fn empty() -> Self {
+        Self {
+            saddr: Addr::ZERO,
+            daddr: Addr::ZERO,
+            frag_id: 0,
+            l4_off: 0,
+            sport: 0,
+            dport: 0,
+            family: FAMILY_NONE,
+            proto: 0,
+            frag: FRAG_NONE,
+            tcp_flags: 0,
+            icmp_type: 0,
+        }
+    }
+}
+
+pub enum L3 {
+    Arp,
+    /// Neither ARP nor IP.
+    Other,
+    Ip,
+}
+
+/// Parse failure: a truncated or inconsistent header.
+pub struct Malformed;
+
+#[repr(C)]
+struct Ipv4Hdr {
+    vihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    csum: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    vtc: u8,
+    flow: [u8; 3],
+    payload_len: [u8; 2],
+    nexthdr: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+    ctx.load::<T>(off as usize).map_err(|_| Malformed)
+}
+
+/// Parses Ethernet, IP and L4 headers into `pkt`. On `Err`, `pkt` holds
+/// what was parsed before the failure (for the drop event).
+#[inline(always)]
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<L3, Malformed> {
+    let ethertype = be16(load(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, pkt)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, pkt)?,
+        ETH_P_ARP => return Ok(L3::Arp),
+        _ => return Ok(L3::Other),
+    }
+    if pkt.frag != FRAG_LATER {
+        parse_l4(ctx, pkt)?;
+    }
+    Ok(L3::Ip)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+    let h: Ipv4Hdr = load(ctx, ETH_HLEN)?;
+    pkt.family = FAMILY_V4;
+    pkt.saddr = Addr::v4_mapped(h.saddr);
+    pkt.daddr = Addr::v4_mapped(h.daddr);
+    pkt.proto = h.proto;
+    let ihl = u32::from(h.vihl & 0x0f);
+    if h.vihl >> 4 != 4 || ihl < 5 {
+        return Err(Malformed);
+    }
+    pkt.l4_off = ETH_HLEN + ihl * 4;
+    // Options must be there even when nothing after them is read.
+    if pkt.l4_off > ctx.len() {
+        return Err(Malformed);
+    }
+    pkt.frag = ipv4_frag(be16(h.frag_off));
+    pkt.frag_id = u32::from(be16(h.id));
+    Ok(())
+}
+
+/// Fragment state of an IPv4 `frag_off` field (flags and offset).
+#[inline(always)]
+pub fn ipv4_frag(frag_off: u16) -> u8 {
+    const MF: u16 = 0x2000;
+    const OFFSET: u16 = 0x1fff;
+    if frag_off & OFFSET != 0 {
+        FRAG_LATER
+    } else if frag_off & MF != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+    let h: Ipv6Hdr = load(ctx, ETH_HLEN)?;
+    pkt.family = FAMILY_V6;
+    pkt.saddr = Addr::from_bytes(h.saddr);
+    pkt.daddr = Addr::from_bytes(h.daddr);
+    if h.vtc >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let mut nexthdr = h.nexthdr;
+    let mut off = ETH_HLEN + 40;
+    // Walk at most MAX_EXT_HDRS extension headers; a chain that is still
+    // going after that is MALFORMED (a bounded loop for the verifier, and
+    // no legitimate packet needs more).
+    for _ in 0..MAX_EXT_HDRS {
+        match nexthdr {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let e: [u8; 2] = load(ctx, off)?;
+                nexthdr = e[0];
+                off += (u32::from(e[1]) + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let e: [u8; 2] = load(ctx, off)?;
+                nexthdr = e[0];
+                off += (u32::from(e[1]) + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let f: [u8; 8] = load(ctx, off)?;
+                nexthdr = f[0];
+                off += 8;
+                let fo = be16([f[2], f[3]]);
+                pkt.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+                if fo >> 3 != 0 {
+                    // No more headers: what follows is a piece of payload.
+                    pkt.frag = FRAG_LATER;
+                    break;
+                }
+                // Offset 0 without M is an atomic fragment (RFC 6946): a
+                // whole datagram.
+                pkt.frag = if fo & 1 != 0 { FRAG_FIRST } else { FRAG_NONE };
+            }
+            _ => break,
+        }
+    }
+    if pkt.frag != FRAG_LATER && is_ext_hdr(nexthdr) {
+        return Err(Malformed);
+    }
+    pkt.proto = nexthdr;
+    pkt.l4_off = off;
+    if pkt.l4_off > ctx.len() {
+        return Err(Malformed);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn is_ext_hdr(nexthdr: u8) -> bool {
+    matches!(
+        nexthdr,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+    )
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+    match pkt.proto {
+        proto::TCP => {
+            // The whole fixed header must be there, not only the ports.
+            let t: [u8; 20] = load(ctx, pkt.l4_off)?;
+            pkt.sport = be16([t[0], t[1]]);
+            pkt.dport = be16([t[2], t[3]]);
+            pkt.tcp_flags = t[13];
+        }
+        proto::UDP => {
+            let u: [u8; 8] = load(ctx, pkt.l4_off)?;
+            pkt.sport = be16([u[0], u[1]]);
+            pkt.dport = be16([u[2], u[3]]);
+        }
+        proto::SCTP => {
+            // Common header: ports as in UDP, then tag and checksum.
+            let s: [u8; 12] = load(ctx, pkt.l4_off)?;
+            pkt.sport = be16([s[0], s[1]]);
+            pkt.dport = be16([s[2], s[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 if icmp_matches_family(pkt.proto, pkt.family) => {
+            let i: [u8; 8] = load(ctx, pkt.l4_off)?;
+            pkt.icmp_type = i[0];
+            if is_echo(pkt.proto, i[0]) {
+                let id = be16([i[4], i[5]]);
+                pkt.sport = id;
+                pkt.dport = id;
+            }
+        }
+        // Other protocols have no ports: port 0.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// ICMP belongs to IPv4 and ICMPv6 to IPv6; the other pairings are just
+/// unknown protocols (port 0).
+#[inline(always)]
+pub fn icmp_matches_family(l4: u8, family: u8) -> bool {
+    (l4 == proto::ICMP && family == FAMILY_V4) || (l4 == proto::ICMPV6 && family == FAMILY_V6)
+}
+
+/// Echo request or reply (the id then stands in for both ports).
+#[inline(always)]
+pub fn is_echo(l4: u8, icmp_type: u8) -> bool {
+    match l4 {
+        proto::ICMP => icmp_type == 0 || icmp_type == 8,
+        proto::ICMPV6 => icmp_type == 128 || icmp_type == 129,
+        _ => false,
+    }
+}
+
+/// ICMP errors that quote a packet of an existing flow: destination
+/// unreachable, time exceeded, parameter problem (and packet too big in v6).
+#[inline(always)]
+pub fn is_icmp_error(pkt: &Packet) -> bool {
+    if !icmp_matches_family(pkt.proto, pkt.family) || pkt.frag == FRAG_LATER {
+        return false;
+    }
+    match pkt.proto {
+        proto::ICMP => matches!(pkt.icmp_type, 3 | 11 | 12),
+        _ => matches!(pkt.icmp_type, 1..=4),
+    }
+}
+
+/// IPv6 neighbour discovery and MLD (router/neighbour solicitation and
+/// advertisement, redirect, MLD query/report/done, MLDv2 report). Only
+/// whole datagrams: RFC 6980 forbids fragmented ND.
+#[inline(always)]
+pub fn is_nd_or_mld(pkt: &Packet) -> bool {
+    pkt.family == FAMILY_V6
+        && pkt.proto == proto::ICMPV6
+        && pkt.frag == FRAG_NONE
+        && matches!(pkt.icmp_type, 130..=137 | 143)
+}
+
+/// The 5-tuple of the packet an ICMP error quotes (source, destination as
+/// the quoted packet had them).
+pub struct Inner {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Parses the IP header and first 8 bytes of L4 quoted by an ICMP error.
+/// IPv6 quotes with extension headers are not followed (their key has the
+/// extension header as protocol and matches no flow).
+#[inline(never)]
+pub fn parse_icmp_inner(ctx: &TcContext, pkt: &Packet) -> Option<Inner> {
+    let off = pkt.l4_off + 8;
+    let mut inner = Inner {
+        saddr: Addr::ZERO,
+        daddr: Addr::ZERO,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
+    let l4_off;
+    if pkt.family == FAMILY_V4 {
+        let h: Ipv4Hdr = ctx.load(off as usize).ok()?;
+        let ihl = u32::from(h.vihl & 0x0f);
+        if h.vihl >> 4 != 4 || ihl < 5 || be16(h.frag_off) & 0x1fff != 0 {
+            return None;
+        }
+        inner.saddr = Addr::v4_mapped(h.saddr);
+        inner.daddr = Addr::v4_mapped(h.daddr);
+        inner.proto = h.proto;
+        l4_off = off + ihl * 4;
+    } else {
+        let h: Ipv6Hdr = ctx.load(off as usize).ok()?;
+        if h.vtc >> 4 != 6 {
+            return None;
+        }
+        inner.saddr = Addr::from_bytes(h.saddr);
+        inner.daddr = Addr::from_bytes(h.daddr);
+        inner.proto = h.nexthdr;
+        l4_off = off + 40;
+    }
+    match inner.proto {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            let p: [u8; 8] = ctx.load(l4_off as usize).ok()?;
+            inner.sport = be16([p[0], p[1]]);
+            inner.dport = be16([p[2], p[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 if icmp_matches_family(inner.proto, pkt.family) => {
+            let p: [u8; 8] = ctx.load(l4_off as usize).ok()?;
+            if is_echo(inner.proto, p[0]) {
+                let id = be16([p[4], p[5]]);
+                inner.sport = id;
+                inner.dport = id;
+            }
+        }
+        // No ports; an IPv6 quote with extension headers lands here too and
+        // simply matches no flow.
+        _ => {}
+    }
+    Some(inner)
+}

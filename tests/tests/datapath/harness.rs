@@ -1,0 +1,326 @@
+//! A private network namespace and bpffs per test, and the data path loaded
+//! into them. BPF_PROG_TEST_RUN without a context runs the skb on the
+//! loopback device of the calling thread's netns, ifindex 1: the endpoint
+//! under test is ENDPOINTS[1] in a namespace that nothing else uses.
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use sluice_common::{
+    CidrKey, CidrValue, CounterKey, CtKey, CtValue, DIR_EGRESS, DropEvent, EndpointInfo,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, maps, programs,
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+/// The ifindex BPF_PROG_TEST_RUN reports: the netns's loopback.
+pub const LOOPBACK: u32 = 1;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace and a bpffs mount, both removed on drop (also when
+/// the test panicked).
+pub struct Sandbox {
+    netns: String,
+    bpffs: PathBuf,
+    mounted: bool,
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let mut sb = Self {
+            netns: String::new(),
+            bpffs: std::env::temp_dir().join(format!("sluice-dp-{pid}-{n}")),
+            mounted: false,
+        };
+        std::fs::create_dir(&sb.bpffs).unwrap_or_else(|e| panic!("{}: {e}", sb.bpffs.display()));
+        run(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&sb.bpffs));
+        sb.mounted = true;
+        let name = format!("sluice-dp-{pid}-{n}");
+        run(Command::new("ip").args(["netns", "add", &name]));
+        sb.netns = name;
+        sb
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) {
+        let f = File::open(format!("/run/netns/{}", self.netns)).expect("open netns");
+        // SAFETY: setns on a valid netns fd; it affects this thread only.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.mounted {
+            let c = CString::new(self.bpffs.as_os_str().as_bytes()).expect("path");
+            // SAFETY: umount of a path we mounted; MNT_DETACH so that a map
+            // fd still open somewhere cannot keep it busy.
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if rc != 0 {
+                eprintln!(
+                    "umount {}: {}",
+                    self.bpffs.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.bpffs) {
+            eprintln!("rmdir {}: {e}", self.bpffs.display());
+        }
+        if !self.netns.is_empty() {
+            let st = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .status();
+            if !matches!(st, Ok(s) if s.success()) {
+                eprintln!("ip netns del {}: {st:?}", self.netns);
+            }
+        }
+    }
+}
+
+/// Runs `f` on a thread inside a fresh sandbox with the data path loaded.
+/// The sandbox goes away afterwards whatever `f` did.
+pub fn with_datapath<R: Send>(f: impl FnOnce(&mut Datapath) -> R + Send) -> R {
+    with_datapath_sized(&[], f)
+}
+
+/// Like `with_datapath`, with some map sizes overridden.
+pub fn with_datapath_sized<R: Send>(
+    sizes: &[(&str, u32)],
+    f: impl FnOnce(&mut Datapath) -> R + Send,
+) -> R {
+    let sandbox = Sandbox::new();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            sandbox.enter();
+            let mut dp = Datapath::load(sandbox.bpffs(), sizes);
+            f(&mut dp)
+        })
+        .join()
+    });
+    drop(sandbox);
+    match result {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub drop_counters: PerCpuHashMap<MapData, CounterKey, sluice_common::CounterValue>,
+    pub drop_events: RingBuf<MapData>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> T
+where
+    T::Error: std::fmt::Debug,
+{
+    let map = ebpf
+        .take_map(name)
+        .unwrap_or_else(|| panic!("no map {name}"));
+    T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e:?}"))
+}
+
+impl Datapath {
+    fn load(bpffs: &Path, sizes: &[(&str, u32)]) -> Self {
+        raise_memlock();
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(bpffs);
+        for (name, size) in sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader
+            .load(sluice_agent::datapath::EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
+        for name in [programs::FROM_POD, programs::TO_POD, "noop"] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("no program {name}"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            if let Err(e) = prog.load() {
+                panic!("verifier rejected {name}: {e}");
+            }
+        }
+        Self {
+            endpoints: take(&mut ebpf, maps::ENDPOINTS),
+            ipcache: take(&mut ebpf, maps::IPCACHE),
+            policy: take(&mut ebpf, maps::POLICY),
+            cidrs: take(&mut ebpf, maps::CIDRS),
+            conntrack: take(&mut ebpf, maps::CONNTRACK),
+            drop_counters: take(&mut ebpf, maps::DROP_COUNTERS),
+            drop_events: take(&mut ebpf, maps::DROP_EVENTS),
+            stats: take(&mut ebpf, maps::STATS),
+            ebpf,
+        }
+    }
+
+    fn program(&self, name: &str) -> &SchedClassifier {
+        self.ebpf
+            .program(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+    }
+
+    /// Runs the program of direction `dir` on `frame`; its return value.
+    pub fn run(&self, dir: u8, frame: &[u8]) -> u32 {
+        self.run_repeat(dir, frame, 1)
+    }
+
+    pub fn run_repeat(&self, dir: u8, frame: &[u8], repeat: u32) -> u32 {
+        let name = if dir == DIR_EGRESS {
+            programs::FROM_POD
+        } else {
+            programs::TO_POD
+        };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        match self.program(name).test_run(opts) {
+            Ok(r) => r.return_value,
+            Err(e) => panic!("test_run {name} on {} bytes: {e:?}", frame.len()),
+        }
+    }
+
+    pub fn passes(&self, dir: u8, frame: &[u8]) -> bool {
+        match self.run(dir, frame) {
+            TC_ACT_OK => true,
+            TC_ACT_SHOT => false,
+            other => panic!("unexpected verdict {other}"),
+        }
+    }
+
+    pub fn set_endpoint(&mut self, ep: &EndpointInfo) {
+        self.endpoints
+            .insert(&LOOPBACK, ep, 0)
+            .expect("ENDPOINTS insert");
+    }
+
+    pub fn set_ipcache(&mut self, addr: [u8; 16], plen: u32, identity: u32) {
+        let key = Key::new(plen, IpcacheKey { addr });
+        let value = IpcacheValue { identity, ep_id: 0 };
+        self.ipcache
+            .insert(&key, &value, 0)
+            .expect("IPCACHE insert");
+    }
+
+    pub fn set_cidr(&mut self, ep_id: u32, dir: u8, addr: [u8; 16], plen: u32, group: u32) {
+        let key = Key::new(
+            sluice_common::CIDR_KEY_FIXED_BITS + plen,
+            CidrKey {
+                ep_id,
+                dir,
+                _pad: [0; 3],
+                addr,
+            },
+        );
+        self.cidrs
+            .insert(&key, &CidrValue { group }, 0)
+            .expect("CIDRS insert");
+    }
+
+    pub fn allow(&mut self, key: PolicyKey, rule_id: u32) {
+        let value = PolicyValue {
+            flags: sluice_common::POLICY_ALLOW,
+            rule_id,
+        };
+        self.policy.insert(&key, &value, 0).expect("POLICY insert");
+    }
+
+    /// Sum over CPUs of a drop counter: (packets, bytes).
+    pub fn drops(&self, ep_id: u32, reason: u8, dir: u8) -> (u64, u64) {
+        let key = CounterKey {
+            ep_id,
+            reason,
+            dir,
+            _pad: 0,
+        };
+        match self.drop_counters.get(&key, 0) {
+            Ok(per_cpu) => per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)),
+            Err(aya::maps::MapError::KeyNotFound) => (0, 0),
+            Err(e) => panic!("DROP_COUNTERS: {e:?}"),
+        }
+    }
+
+    pub fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).expect("STATS").iter().sum()
+    }
+
+    /// Drains the ring buffer.
+    pub fn events(&mut self) -> Vec<DropEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.drop_events.next() {
+            assert_eq!(item.len(), std::mem::size_of::<DropEvent>(), "event size");
+            // SAFETY: the buffer holds exactly one DropEvent, a Pod.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DropEvent>()) });
+        }
+        out
+    }
+
+    pub fn ct(&self, key: &CtKey) -> Option<CtValue> {
+        match self.conntrack.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("CONNTRACK: {e:?}"),
+        }
+    }
+
+    /// Empties conntrack.
+    pub fn clear_ct(&mut self) {
+        let keys: Vec<CtKey> = self.conntrack.keys().map(|k| k.expect("CT key")).collect();
+        for k in keys {
+            let _ignored_if_gone = self.conntrack.remove(&k);
+        }
+    }
+}
+
+/// setrlimit(MEMLOCK) fails with EPERM on these machines (memory is
+/// cgroup-accounted anyway); nothing to do then.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid struct.
+    let _eperm_is_fine = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}

@@ -175,6 +175,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     pub maps: Maps,
+    /// The sizes asked for at load (a reused pinned map keeps its own).
+    pub sizes: Sizes,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -237,6 +239,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             maps,
+            sizes: sizes.clone(),
             events: Some(events),
         })
     }

@@ -7,6 +7,7 @@
 pub mod compiler;
 pub mod datapath;
 pub mod events;
+pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod registry;

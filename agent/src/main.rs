@@ -33,6 +33,9 @@ struct Args {
     /// fails closed (drops everything) and the others are unaffected.
     #[arg(long, default_value_t = sluice_agent::node::DEFAULT_MAX_ENTRIES_PER_ENDPOINT)]
     max_entries_per_endpoint: usize,
+    /// Where to serve Prometheus metrics (empty: nowhere).
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    metrics_addr: String,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -78,8 +81,18 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    let metrics = sluice_agent::metrics::Shared::default();
+    let metrics_server = async {
+        if args.metrics_addr.is_empty() {
+            return std::future::pending().await;
+        }
+        let l = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
+        info!(addr = %args.metrics_addr, "serving metrics");
+        sluice_agent::metrics::serve(l, node.clone(), metrics.clone()).await
+    };
     tokio::select! {
-        r = server::serve(listener, node) => r.context("agent socket")?,
+        r = server::serve(listener, node.clone()) => r.context("agent socket")?,
+        r = metrics_server => r.context("metrics")?,
         r = events => r.context("drop events")?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; programs stay attached through their pins"),
     }

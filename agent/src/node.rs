@@ -498,6 +498,13 @@ impl Node {
         Ok(())
     }
 
+    /// Policy and CIDR entries programmed for an endpoint.
+    pub fn entries_of(&self, ep_id: u32) -> usize {
+        self.policies
+            .get(&ep_id)
+            .map_or(0, |c| c.entries.len() + c.cidrs.len())
+    }
+
     pub fn set_policy_json(&mut self, a: &Attachment, policy: serde_json::Value) -> Result<()> {
         let p: EndpointPolicy = serde_json::from_value(policy).map_err(NodeError::PolicyDecode)?;
         self.set_policy(a, &p)

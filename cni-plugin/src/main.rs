@@ -1,1 +1,43 @@
-fn main(){}
+//! `sluice`, the CNI plugin binary: environment and stdin in, a result or
+//! the spec's error object out on stdout, logs on stderr.
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use sluice_cni::cmd::{self, Output};
+use sluice_cni::version::{LATEST, Version};
+use sluice_cni::{Error, Result, env};
+
+fn main() -> ExitCode {
+    let lookup = |k: &str| std::env::var(k).ok();
+    let mut served = LATEST;
+    let outcome = run(&lookup, &mut served);
+    let mut out = std::io::stdout().lock();
+    let (text, code) = match outcome {
+        Ok(None) => return ExitCode::SUCCESS,
+        Ok(Some(text)) => (text, ExitCode::SUCCESS),
+        Err(e) => {
+            let cni = e.to_cni(served.as_str());
+            eprintln!("sluice: {}: {}", cni.msg, cni.details);
+            let text = serde_json::to_string(&cni).unwrap_or_else(|_| {
+                format!(
+                    r#"{{"cniVersion":"{served}","code":{},"msg":"error"}}"#,
+                    cni.code
+                )
+            });
+            (text, ExitCode::FAILURE)
+        }
+    };
+    if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+        return ExitCode::FAILURE;
+    }
+    code
+}
+
+fn run(lookup: &dyn Fn(&str) -> Option<String>, served: &mut Version) -> Result<Output> {
+    let command = env::command(lookup)?;
+    let mut stdin = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut stdin)
+        .map_err(Error::Stdin)?;
+    cmd::run(command, &stdin, lookup, served)
+}

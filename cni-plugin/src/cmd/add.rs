@@ -1,0 +1,200 @@
+//! ADD: veth pair, addresses, agent registration, then links up and routes.
+//!
+//! Order matters twice:
+//! - The agent registers the endpoint (and attaches its programs to the
+//!   host end) before any link is up, so the pod never sends a packet that
+//!   policy has not seen.
+//! - IPv4 routes need their device up (the kernel answers ENETDOWN
+//!   otherwise), so routes come after the links are up, which is after the
+//!   agent answered.
+use std::cell::Cell;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use sluice_proto::{EndpointSpec, Request};
+
+use super::{families, open_store, split};
+use crate::agent::Agent;
+use crate::config::NetConf;
+use crate::env::AttachmentEnv;
+use crate::error::code;
+use crate::netlink::{Netlink, addr, link, neigh, route};
+use crate::result::{self, Attached, CniResult, LinkInfo};
+use crate::topology::{self, GATEWAY_V4, GATEWAY_V6, GATEWAY_V6_PREFIX};
+use crate::undo::Undo;
+use crate::{Error, Result, ipam, names, netns, sysctl};
+
+pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
+    let att = env.attachment();
+    let netns_path = env.netns()?;
+    netns::validate(netns_path)?;
+    let host_name = names::host_ifname(&att);
+    let temp_name = names::temp_ifname(&att);
+    let agent = Agent::new(&conf.agent_socket, conf.agent_timeout);
+    let (v4, v6) = families(conf);
+    sysctl::enable_forwarding(v4, v6)?;
+    let node = Netlink::open()?;
+    let h = node.handle();
+    let registered = Cell::new(false);
+    let mut undo = Undo::new();
+
+    // IPAM.
+    let ips = ipam::allocate(&mut open_store(conf)?, &conf.ranges, &att)?;
+    undo.push("release addresses", || {
+        ipam::release_owner(&mut open_store(conf)?, &att)?;
+        Ok(())
+    });
+    let (ipv4, ipv6) = split(&ips);
+    // Registered before the veth step so that a rollback deletes the veth
+    // first: a pod must not stay connected after its programs are gone.
+    undo.push("forget the endpoint", || {
+        if !registered.get() {
+            return Ok(());
+        }
+        agent.expect_ok(&Request::DelEndpoint {
+            attachment: att.clone(),
+        })
+    });
+
+    // The veth pair, both ends down. The pod end is created under a
+    // temporary name in the node namespace and renamed once inside the pod,
+    // where CNI_IFNAME (say eth0) would clash with the node's own.
+    node.run(link::create_veth(h, &host_name, &temp_name, conf.mtu))?;
+    undo.push("delete the host veth", || {
+        node.run(link::delete(h, &host_name)).map(drop)
+    });
+    let host = node
+        .run(link::get(h, &host_name))?
+        .ok_or_else(|| Error::Internal(format!("{host_name} vanished after creation")))?;
+    if v6 {
+        node.run(addr::add(
+            h,
+            host.index,
+            IpAddr::V6(GATEWAY_V6),
+            GATEWAY_V6_PREFIX,
+        ))?;
+    }
+    let peer = node
+        .run(link::get(h, &temp_name))?
+        .ok_or_else(|| Error::Internal(format!("{temp_name} vanished after creation")))?;
+    let ns_file = netns::open(netns_path)?;
+    node.run(link::move_to_netns(h, peer.index, ns_file.as_raw_fd()))?;
+
+    let pod = netns::with_netns(netns_path, || {
+        let nl = Netlink::open()?;
+        let h = nl.handle();
+        nl.run(async {
+            if link::get(h, &env.ifname).await?.is_some() {
+                return Err(Error::Internal(format!(
+                    "interface {} already exists in {}",
+                    env.ifname,
+                    netns_path.display()
+                )));
+            }
+            let l = link::get(h, &temp_name).await?.ok_or_else(|| {
+                Error::Internal(format!("{temp_name} did not arrive in the pod namespace"))
+            })?;
+            link::rename(h, l.index, &env.ifname).await?;
+            for ip in &ips {
+                let net = topology::host_net(*ip);
+                addr::add(h, l.index, net.ip(), net.prefix()).await?;
+            }
+            Ok(link::Link {
+                name: env.ifname.clone(),
+                ..l
+            })
+        })
+    })?;
+
+    // The agent attaches its programs to the host end before anything is up.
+    registered.set(true);
+    agent
+        .expect_ok(&Request::AddEndpoint {
+            endpoint: EndpointSpec {
+                attachment: att.clone(),
+                netns: netns_path.display().to_string(),
+                host_ifname: host_name.clone(),
+                host_ifindex: host.index,
+                ipv4,
+                ipv6,
+                pod_namespace: env.args.pod_namespace.clone(),
+                pod_name: env.args.pod_name.clone(),
+            },
+        })
+        .map_err(not_ready_is_try_again)?;
+
+    node.run(link::set_up(h, host.index))?;
+    netns::with_netns(netns_path, || {
+        let nl = Netlink::open()?;
+        let h = nl.handle();
+        nl.run(async {
+            link::set_up(h, pod.index).await?;
+            // Permanent entries: the gateway resolves without ARP/NDP, and
+            // 169.254.1.1 is owned by nobody.
+            if ipv4.is_some() {
+                neigh::set_permanent(h, pod.index, IpAddr::V4(GATEWAY_V4), &host.mac).await?;
+            }
+            if ipv6.is_some() {
+                neigh::set_permanent(h, pod.index, IpAddr::V6(GATEWAY_V6), &host.mac).await?;
+            }
+            for r in topology::pod_routes(ipv4.is_some(), ipv6.is_some()) {
+                let r = route::Route {
+                    dst: r.dst,
+                    gw: r.gw,
+                    oif: Some(pod.index),
+                    link_scope: r.link_scope,
+                };
+                route::add(h, &r).await?;
+            }
+            Ok(())
+        })
+    })?;
+    for ip in &ips {
+        let r = route::Route {
+            dst: topology::host_net(*ip),
+            gw: None,
+            oif: Some(host.index),
+            link_scope: ip.is_ipv4(),
+        };
+        node.run(route::add(h, &r))?;
+    }
+
+    undo.commit();
+    let attached = Attached {
+        host: LinkInfo {
+            name: host.name.clone(),
+            mac: host.mac,
+            mtu: host.mtu,
+        },
+        pod: LinkInfo {
+            name: pod.name.clone(),
+            mac: pod.mac,
+            mtu: pod.mtu,
+        },
+        netns: netns_path.display().to_string(),
+        ipv4,
+        ipv6,
+    };
+    Ok(result::build(
+        conf.version,
+        conf.prev_result.clone(),
+        &attached,
+    ))
+}
+
+/// 50/51 are STATUS codes; for ADD an agent that is not available yet
+/// means "try again later".
+fn not_ready_is_try_again(e: Error) -> Error {
+    match e {
+        Error::Agent {
+            code: c,
+            msg,
+            details,
+        } if c == code::NOT_AVAILABLE || c == code::NOT_AVAILABLE + 1 => Error::Agent {
+            code: code::TRY_AGAIN_LATER,
+            msg,
+            details,
+        },
+        other => other,
+    }
+}

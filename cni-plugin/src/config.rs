@@ -1,0 +1,293 @@
+//! The plugin configuration (stdin), parsed and validated without I/O.
+//!
+//! ```json
+//! {
+//!   "cniVersion": "1.1.0",
+//!   "name": "sluice",
+//!   "type": "sluice",
+//!   "ranges": [["10.244.1.0/24"], ["fd00:10:244:1::/64"]],
+//!   "dataDir": "/var/lib/cni/sluice",
+//!   "agentSocket": "/run/sluice/agent.sock",
+//!   "agentTimeoutMs": 10000,
+//!   "mtu": 1500
+//! }
+//! ```
+//!
+//! Malformed JSON is error 6; JSON that parses but is not a valid
+//! configuration (wrong type, bad CIDR, no ranges, ...) is error 7.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_proto::Attachment;
+
+use crate::ipam::RangeSet;
+use crate::result::CniResult;
+use crate::version::{self, Version};
+use crate::{Error, Result};
+
+pub const PLUGIN_TYPE: &str = "sluice";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/sluice";
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetConf {
+    pub version: Version,
+    pub name: String,
+    /// One range set per address family, at most two.
+    pub ranges: Vec<RangeSet>,
+    pub data_dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub agent_timeout: Duration,
+    pub mtu: Option<u32>,
+    pub prev_result: Option<CniResult>,
+    /// `cni.dev/valid-attachments`, set by the runtime for GC only.
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    ranges: Option<Vec<Vec<String>>>,
+    data_dir: Option<String>,
+    agent_socket: Option<String>,
+    agent_timeout_ms: Option<u64>,
+    mtu: Option<u32>,
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+#[derive(Deserialize)]
+struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// Step 1: stdin must be JSON (error 6 otherwise).
+pub fn parse_json(stdin: &[u8]) -> Result<Value> {
+    serde_json::from_slice(stdin).map_err(Error::Decode)
+}
+
+/// Step 2: the version to serve, from `cniVersion`/`cniVersions`.
+pub fn negotiate(v: &Value) -> Result<Version> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::InvalidConfig("the configuration must be a JSON object".into()))?;
+    let cni_version = match obj.get("cniVersion") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => return Err(Error::InvalidConfig("cniVersion must be a string".into())),
+    };
+    let cni_versions: Vec<String> = match obj.get("cniVersions") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|_| Error::InvalidConfig("cniVersions must be a list of strings".into()))?,
+    };
+    version::negotiate(cni_version, &cni_versions)
+}
+
+/// Step 3: the typed configuration (error 7 for anything invalid).
+pub fn from_value(v: Value, version: Version) -> Result<NetConf> {
+    let raw: RawConf = serde_json::from_value(v)
+        .map_err(|e| Error::InvalidConfig(format!("bad field type: {e}")))?;
+    match raw.kind.as_deref() {
+        Some(PLUGIN_TYPE) => {}
+        Some(other) => {
+            return Err(Error::InvalidConfig(format!(
+                "type is {other:?}, this plugin is {PLUGIN_TYPE:?}"
+            )));
+        }
+        None => return Err(Error::InvalidConfig("type is missing".into())),
+    }
+    let name = raw
+        .name
+        .ok_or_else(|| Error::InvalidConfig("name is missing".into()))?;
+    validate_network_name(&name)?;
+    let ranges = RangeSet::parse_all(&raw.ranges.unwrap_or_default())?;
+    let agent_timeout = match raw.agent_timeout_ms {
+        None => DEFAULT_AGENT_TIMEOUT,
+        Some(0) => return Err(Error::InvalidConfig("agentTimeoutMs must be > 0".into())),
+        Some(ms) => Duration::from_millis(ms),
+    };
+    if let Some(mtu) = raw.mtu {
+        let min = if ranges.iter().any(RangeSet::is_v6) {
+            1280
+        } else {
+            68
+        };
+        if !(min..=65535).contains(&mtu) {
+            return Err(Error::InvalidConfig(format!(
+                "mtu {mtu} is outside {min}..=65535"
+            )));
+        }
+    }
+    let prev_result = match raw.prev_result {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value(v)
+                .map_err(|e| Error::InvalidConfig(format!("prevResult: {e}")))?,
+        ),
+    };
+    Ok(NetConf {
+        version,
+        name,
+        ranges,
+        data_dir: non_empty_path(raw.data_dir, "dataDir", DEFAULT_DATA_DIR)?,
+        agent_socket: non_empty_path(
+            raw.agent_socket,
+            "agentSocket",
+            sluice_proto::DEFAULT_SOCKET,
+        )?,
+        agent_timeout,
+        mtu: raw.mtu,
+        prev_result,
+        valid_attachments: raw.valid_attachments.map(|v| {
+            v.into_iter()
+                .map(|a| Attachment {
+                    container_id: a.container_id,
+                    ifname: a.ifname,
+                })
+                .collect()
+        }),
+    })
+}
+
+/// All three steps, for callers that do not need the version on failure.
+pub fn parse(stdin: &[u8]) -> Result<NetConf> {
+    let v = parse_json(stdin)?;
+    let version = negotiate(&v)?;
+    from_value(v, version)
+}
+
+fn non_empty_path(v: Option<String>, field: &str, default: &str) -> Result<PathBuf> {
+    match v {
+        None => Ok(PathBuf::from(default)),
+        Some(s) if s.is_empty() => Err(Error::InvalidConfig(format!("{field} is empty"))),
+        Some(s) => Ok(PathBuf::from(s)),
+    }
+}
+
+/// SPEC.md: starts with an alphanumeric, then alphanumerics, '_', '.', '-'.
+/// It names the IPAM directory, so this also keeps it a single path part.
+fn validate_network_name(name: &str) -> Result<()> {
+    crate::env::validate_container_id(name)
+        .map_err(|reason| Error::InvalidConfig(format!("name: {reason}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"cniVersion":"1.1.0","name":"net1","type":"sluice",
+        "ranges":[["10.244.1.0/24"],["fd00:10:244:1::/64"]]}"#;
+
+    fn code(s: &str) -> Option<u32> {
+        parse(s.as_bytes()).err().map(|e| e.code())
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_defaults() {
+        let c = parse(GOOD.as_bytes());
+        let c = c.as_ref().ok();
+        assert_eq!(c.map(|c| c.version), Some(Version::V1_1_0));
+        assert_eq!(c.map(|c| c.ranges.len()), Some(2));
+        assert_eq!(
+            c.map(|c| c.data_dir.clone()),
+            Some(PathBuf::from(DEFAULT_DATA_DIR))
+        );
+        assert_eq!(
+            c.map(|c| c.agent_socket.clone()),
+            Some(PathBuf::from(sluice_proto::DEFAULT_SOCKET))
+        );
+        assert_eq!(c.map(|c| c.agent_timeout), Some(DEFAULT_AGENT_TIMEOUT));
+        assert_eq!(c.and_then(|c| c.mtu), None);
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let c = parse(
+            br#"{"cniVersion":"0.4.0","name":"n","type":"sluice","ranges":[["10.0.0.0/30"]],
+            "dataDir":"/tmp/x","agentSocket":"/tmp/a.sock","agentTimeoutMs":250,"mtu":1400,
+            "cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}],
+            "runtimeConfig":{},"args":{}}"#,
+        );
+        let c = c.ok();
+        assert_eq!(
+            c.as_ref().map(|c| c.agent_timeout),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(c.as_ref().and_then(|c| c.mtu), Some(1400));
+        assert_eq!(
+            c.as_ref().map(|c| c.data_dir.clone()),
+            Some(PathBuf::from("/tmp/x"))
+        );
+        assert_eq!(
+            c.and_then(|c| c.valid_attachments).map(|v| v.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_error_6() {
+        assert_eq!(code("{"), Some(6));
+        assert_eq!(code(""), Some(6));
+        assert_eq!(code("{\"name\": }"), Some(6));
+    }
+
+    #[test]
+    fn valid_json_that_is_no_valid_config_is_error_7() {
+        let v = r#""cniVersion":"1.1.0""#;
+        for bad in [
+            "[]".to_string(),
+            format!(r#"{{{v},"name":"n","type":"bridge","ranges":[["10.0.0.0/24"]]}}"#),
+            format!(r#"{{{v},"name":"n","ranges":[["10.0.0.0/24"]]}}"#),
+            format!(r#"{{{v},"type":"sluice","ranges":[["10.0.0.0/24"]]}}"#),
+            format!(r#"{{{v},"name":"../x","type":"sluice","ranges":[["10.0.0.0/24"]]}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice"}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice","ranges":[]}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.300/24"]]}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice","ranges":"10.0.0.0/24"}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]],"mtu":"x"}}"#),
+            format!(r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]],"mtu":10}}"#),
+            format!(
+                r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]],"agentTimeoutMs":0}}"#
+            ),
+            format!(
+                r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]],"prevResult":3}}"#
+            ),
+            r#"{"cniVersion":1,"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]]}"#.into(),
+        ] {
+            assert_eq!(code(&bad), Some(7), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unsupported_version_is_error_1_before_anything_else() {
+        assert_eq!(code(r#"{"cniVersion":"0.3.1","type":"bridge"}"#), Some(1));
+    }
+
+    #[test]
+    fn cni_versions_alone_pick_the_highest_supported() {
+        let c = parse(
+            br#"{"cniVersions":["0.3.1","1.0.0"],"name":"n","type":"sluice","ranges":[["10.0.0.0/24"]]}"#,
+        );
+        assert_eq!(c.ok().map(|c| c.version), Some(Version::V1_0_0));
+    }
+
+    #[test]
+    fn prev_result_is_parsed() {
+        let c = parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"sluice","ranges":[["10.0.0.0/24"]],
+            "prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"x"}],
+            "ips":[{"address":"192.0.2.1/24","interface":0}]}}"#,
+        );
+        let prev = c.ok().and_then(|c| c.prev_result);
+        assert_eq!(prev.map(|p| p.ips.len()), Some(1));
+    }
+}

@@ -1,0 +1,116 @@
+//! Links: veth creation, lookup, move, rename, up, delete.
+use std::os::fd::RawFd;
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+
+use super::{EEXIST, ENODEV, errno, tolerate};
+use crate::{Error, Result};
+
+/// What we need to know about a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut l = Link {
+            index: m.header.index,
+            name: String::new(),
+            mac: [0; 6],
+            mtu: 0,
+            up: m.header.flags.contains(LinkFlags::Up),
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name.clone_from(n),
+                LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+                LinkAttribute::Address(mac) if mac.len() == 6 => l.mac.copy_from_slice(mac),
+                _ => {}
+            }
+        }
+        l
+    }
+}
+
+/// The link called `name`, or `None` when there is none.
+pub async fn get(h: &Handle, name: &str) -> Result<Option<Link>> {
+    let mut s = h.link().get().match_name(name).execute();
+    match s.try_next().await {
+        Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(Error::netlink(format!("get link {name}"), e)),
+    }
+}
+
+/// Creates the veth pair `host` <-> `peer` (both down). An existing `host`
+/// is an error: a runtime never ADDs an attachment twice without DEL, so it
+/// is a leftover that the DEL the runtime owes us will remove.
+pub async fn create_veth(h: &Handle, host: &str, peer: &str, mtu: Option<u32>) -> Result<()> {
+    let mut peer_msg = LinkUnspec::new_with_name(peer);
+    let mut msg = LinkVeth::new(host, peer);
+    if let Some(mtu) = mtu {
+        peer_msg = peer_msg.mtu(mtu);
+        msg = msg.mtu(mtu);
+    }
+    let msg = msg
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+        .build();
+    match h.link().add(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(EEXIST) => Err(Error::Internal(format!(
+            "interface {host} or {peer} already exists in the node namespace \
+             (left over from an ADD without DEL?)"
+        ))),
+        Err(e) => Err(Error::netlink(format!("create veth {host}/{peer}"), e)),
+    }
+}
+
+/// Deletes the link called `name`; `Ok(false)` when it does not exist.
+/// Deleting one end of a veth deletes the other, wherever it lives.
+pub async fn delete(h: &Handle, name: &str) -> Result<bool> {
+    let Some(link) = get(h, name).await? else {
+        return Ok(false);
+    };
+    // Gone between get and del (a concurrent DEL): still gone, still fine.
+    tolerate(h.link().del(link.index).execute().await, &[ENODEV], || {
+        format!("delete link {name}")
+    })
+}
+
+/// Moves link `index` into the network namespace open at `ns_fd`.
+pub async fn move_to_netns(h: &Handle, index: u32, ns_fd: RawFd) -> Result<()> {
+    let msg = LinkUnspec::new_with_index(index).setns_by_fd(ns_fd).build();
+    h.link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(|e| Error::netlink(format!("move link {index} to the pod namespace"), e))
+}
+
+/// Renames link `index` (which must be down) to `name`.
+pub async fn rename(h: &Handle, index: u32, name: &str) -> Result<()> {
+    let msg = LinkUnspec::new_with_index(index).name(name).build();
+    match h.link().set(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(EEXIST) => Err(Error::Internal(format!(
+            "interface {name} already exists in the pod namespace"
+        ))),
+        Err(e) => Err(Error::netlink(format!("rename link {index} to {name}"), e)),
+    }
+}
+
+pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
+    let msg = LinkUnspec::new_with_index(index).up().build();
+    h.link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(|e| Error::netlink(format!("set link {index} up"), e))
+}

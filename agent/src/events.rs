@@ -23,6 +23,55 @@ pub struct DropRecord {
     pub src_port: u16,
     pub dst_port: u16,
     pub length: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_pod: Option<String>,
+}
+
+impl DropRecord {
+    /// Fills in the namespace and pod of each end that `lookup` knows.
+    pub fn enrich(&mut self, lookup: impl Fn(IpAddr) -> Option<(String, String)>) {
+        if let Some((ns, pod)) = self.src.and_then(&lookup) {
+            self.src_namespace = Some(ns);
+            self.src_pod = Some(pod);
+        }
+        if let Some((ns, pod)) = self.dst.and_then(&lookup) {
+            self.dst_namespace = Some(ns);
+            self.dst_pod = Some(pod);
+        }
+    }
+
+    /// Does this record pass `f`? Every field set in `f` must match.
+    pub fn matches(&self, f: &sluice_proto::ObserveFilter) -> bool {
+        let ends = [
+            (self.src_namespace.as_deref(), self.src_pod.as_deref()),
+            (self.dst_namespace.as_deref(), self.dst_pod.as_deref()),
+        ];
+        let ns_ok = f
+            .namespace
+            .as_deref()
+            .is_none_or(|want| ends.iter().any(|(ns, _)| *ns == Some(want)));
+        let pod_ok = f.pod.as_deref().is_none_or(|want| {
+            ends.iter().any(|(ns, pod)| match want.split_once('/') {
+                Some((wns, wpod)) => *ns == Some(wns) && *pod == Some(wpod),
+                None => *pod == Some(want),
+            })
+        });
+        let verdict_ok = f
+            .verdict
+            .as_deref()
+            .is_none_or(|v| v.eq_ignore_ascii_case(self.verdict));
+        let dir_ok = f
+            .direction
+            .as_deref()
+            .is_none_or(|d| d.eq_ignore_ascii_case(self.direction));
+        ns_ok && pod_ok && verdict_ok && dir_ok
+    }
 }
 
 fn addr(family: u8, raw: [u8; 16]) -> Option<IpAddr> {
@@ -66,6 +115,10 @@ impl From<&DropEvent> for DropRecord {
             src_port: e.sport,
             dst_port: e.dport,
             length: e.pkt_len,
+            src_namespace: None,
+            src_pod: None,
+            dst_namespace: None,
+            dst_pod: None,
         }
     }
 }
@@ -140,5 +193,35 @@ mod tests {
         assert_eq!(r.direction, "egress");
         assert_eq!(r.protocol, "TCP");
         assert!(decode(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn observe_filters_match_either_end_and_every_set_field() {
+        let mut r = DropRecord::from(&DropEvent {
+            family: 4,
+            dir: DIR_EGRESS,
+            reason: reason::POLICY_DENIED,
+            ..Default::default()
+        });
+        r.src = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
+        r.dst = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)));
+        r.enrich(|ip| match ip {
+            IpAddr::V4(a) if a.octets()[3] == 2 => Some(("x".into(), "a".into())),
+            IpAddr::V4(a) if a.octets()[3] == 3 => Some(("y".into(), "b".into())),
+            _ => None,
+        });
+        let f =
+            |ns: Option<&str>, pod: Option<&str>, dir: Option<&str>| sluice_proto::ObserveFilter {
+                namespace: ns.map(Into::into),
+                pod: pod.map(Into::into),
+                verdict: None,
+                direction: dir.map(Into::into),
+            };
+        assert!(r.matches(&f(None, None, None)));
+        assert!(r.matches(&f(Some("y"), None, None)));
+        assert!(r.matches(&f(None, Some("x/a"), Some("egress"))));
+        assert!(!r.matches(&f(None, Some("y/a"), None)));
+        assert!(!r.matches(&f(Some("z"), None, None)));
+        assert!(!r.matches(&f(Some("x"), None, Some("ingress"))));
     }
 }

@@ -72,7 +72,15 @@ async fn main() -> anyhow::Result<()> {
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
 
-    let events = events::follow(ring, |rec| {
+    let (drops, _) = tokio::sync::broadcast::channel(1024);
+    let ctx = Arc::new(server::Ctx {
+        node: node.clone(),
+        drops: drops.clone(),
+    });
+    let events = events::follow(ring, |mut rec| {
+        if let Ok(n) = node.lock() {
+            rec.enrich(|ip| n.pod_of(ip));
+        }
         if let Ok(line) = serde_json::to_string(&rec) {
             let mut out = std::io::stdout().lock();
             // A closed stdout must not stop enforcement; the counters still count.
@@ -80,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
                 tracing::debug!("stdout closed; drop event not printed");
             }
         }
+        // No observer is fine.
+        let _no_receivers = drops.send(rec);
     });
     let metrics = sluice_agent::metrics::Shared::default();
     let metrics_server = async {
@@ -91,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         sluice_agent::metrics::serve(l, node.clone(), metrics.clone()).await
     };
     tokio::select! {
-        r = server::serve(listener, node.clone()) => r.context("agent socket")?,
+        r = server::serve(listener, ctx) => r.context("agent socket")?,
         r = metrics_server => r.context("metrics")?,
         r = events => r.context("drop events")?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; programs stay attached through their pins"),

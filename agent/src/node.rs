@@ -498,6 +498,14 @@ impl Node {
         Ok(())
     }
 
+    /// Namespace and name of the local pod with address `ip`, when known.
+    pub fn pod_of(&self, ip: IpAddr) -> Option<(String, String)> {
+        self.registry
+            .all()
+            .find(|e| spec_ips(&e.spec).contains(&ip))
+            .and_then(|e| Some((e.spec.pod_namespace.clone()?, e.spec.pod_name.clone()?)))
+    }
+
     /// Policy and CIDR entries programmed for an endpoint.
     pub fn entries_of(&self, ep_id: u32) -> usize {
         self.policies

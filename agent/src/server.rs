@@ -14,7 +14,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::node::Node;
+use crate::{events::DropRecord, node::Node};
 
 /// Longest request accepted: a policy for one endpoint fits easily.
 const MAX_REQUEST: u64 = 4 << 20;
@@ -40,19 +40,26 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) -> std::io::Result<()> {
+/// What request handlers share.
+pub struct Ctx {
+    pub node: Arc<Mutex<Node>>,
+    /// Every drop, enriched, for `Observe` streams.
+    pub drops: tokio::sync::broadcast::Sender<DropRecord>,
+}
+
+pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let node = node.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, node).await {
+            if let Err(e) = handle(stream, ctx).await {
                 warn!(error = %e, "agent socket connection failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.into_split();
     let response = if uid != 0 {
@@ -68,8 +75,10 @@ async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) -> std::io::Result<(
             .read_line(&mut line)
             .await?;
         match serde_json::from_str::<Request>(line.trim_end()) {
+            Ok(Request::Observe { filter }) => return observe(wr, &ctx, &filter).await,
             Ok(req) => {
                 debug!(?req, "request");
+                let node = ctx.node.clone();
                 tokio::task::spawn_blocking(move || dispatch(&node, req))
                     .await
                     .unwrap_or_else(|e| {
@@ -88,6 +97,29 @@ async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) -> std::io::Result<(
     });
     wr.write_all(line.as_bytes()).await?;
     wr.shutdown().await
+}
+
+/// Streams matching drops until the client goes away.
+async fn observe(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    filter: &sluice_proto::ObserveFilter,
+) -> std::io::Result<()> {
+    let mut rx = ctx.drops.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(rec) if rec.matches(filter) => {
+                let mut line = serde_json::to_string(&rec).unwrap_or_default();
+                line.push('\n');
+                wr.write_all(line.as_bytes()).await?;
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                warn!(missed = n, "observer too slow; drops skipped");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
 }
 
 fn dispatch(node: &Mutex<Node>, req: Request) -> Response {
@@ -113,6 +145,12 @@ fn dispatch(node: &Mutex<Node>, req: Request) -> Response {
         Request::SetPolicy { attachment, policy } => node
             .set_policy_json(&attachment, policy)
             .map(|()| Response::Ok),
+        // Handled before dispatch: it streams instead of answering once.
+        Request::Observe { .. } => Ok(Response::error(
+            code::INVALID_CONFIG,
+            "observe is a stream",
+            "",
+        )),
     };
     result.unwrap_or_else(|e| {
         warn!(error = %e, code = e.cni_code(), "request failed");

@@ -55,6 +55,25 @@ pub enum Request {
         attachment: Attachment,
         policy: serde_json::Value,
     },
+    /// Stream drop events as they happen, one JSON object per line, until
+    /// the client closes the connection.
+    Observe {
+        #[serde(default)]
+        filter: ObserveFilter,
+    },
+}
+
+/// Which flows `Observe` streams; every field that is set must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserveFilter {
+    /// Either end is in this namespace.
+    pub namespace: Option<String>,
+    /// Either end is this pod (`name` or `namespace/name`).
+    pub pod: Option<String>,
+    /// `dropped` (the only verdict reported today) or `forwarded`.
+    pub verdict: Option<String>,
+    /// `ingress` or `egress`.
+    pub direction: Option<String>,
 }
 
 /// CNI error codes the agent may ask the plugin to report.

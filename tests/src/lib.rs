@@ -189,11 +189,11 @@ impl Node {
         let ns = NetNs::new("sl-node")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        // The node's own address (what kubelet probes come from).
-        ns.ip(&["link", "add", "node0", "type", "dummy"])?;
-        ns.ip(&["addr", "add", NODE_IPV4, "dev", "node0"])?;
-        ns.ip(&["addr", "add", NODE_IPV6, "dev", "node0", "nodad"])?;
-        ns.ip(&["link", "set", "node0", "up"])?;
+        // The node's own address (what kubelet probes come from). On lo:
+        // this kernel has no dummy interfaces, and the kernel picks a lo
+        // address as source when the outgoing interface has none.
+        ns.ip(&["addr", "add", NODE_IPV4, "dev", "lo"])?;
+        ns.ip(&["addr", "add", NODE_IPV6, "dev", "lo", "nodad"])?;
         Ok(Self {
             ns,
             bpffs: Bpffs::new()?,
@@ -450,7 +450,7 @@ impl Server {
                     "0.0.0.0".parse()?
                 };
                 let tcp = bind_tcp(SocketAddr::new(any, port))?;
-                let udp = UdpSocket::bind(SocketAddr::new(any, port))?;
+                let udp = bind_udp(SocketAddr::new(any, port))?;
                 Ok((tcp, udp))
             })??;
             tcp.set_nonblocking(true)?;
@@ -503,6 +503,20 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(128)?;
+    Ok(s.into())
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
     Ok(s.into())
 }
 

@@ -31,10 +31,6 @@ impl Selector {
         Self(Vec::new())
     }
 
-    pub fn is_everything(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// `matchLabels` (each `k: v` is `k In (v)`) AND `matchExpressions`, as
     /// the API server validates them; the error says what is wrong.
     pub fn parse(s: &LabelSelector) -> Result<Self, String> {

@@ -1,0 +1,397 @@
+//! The kinds this server knows, and the discovery and OpenAPI documents
+//! describing them (pure data; no I/O).
+
+use serde_json::{Value, json};
+
+/// One REST resource (e.g. `pods`) the server serves.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resource {
+    /// API group; `""` for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The URL segment, e.g. `pods`.
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    /// Whether `.../NAME/status` exists; the main resource then ignores status
+    /// changes, like the real API server.
+    pub has_status: bool,
+    pub categories: &'static [&'static str],
+}
+
+impl Resource {
+    /// `v1` or `networking.k8s.io/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `pods` or `networkpolicies.networking.k8s.io`, as in error messages.
+    pub fn qualified_plural(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+}
+
+pub static RESOURCES: &[Resource] = &[
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        has_status: true,
+        categories: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        singular: "pod",
+        namespaced: true,
+        short_names: &["po"],
+        has_status: true,
+        categories: &["all"],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        singular: "node",
+        namespaced: false,
+        short_names: &["no"],
+        has_status: true,
+        categories: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        singular: "service",
+        namespaced: true,
+        short_names: &["svc"],
+        has_status: true,
+        categories: &["all"],
+    },
+    Resource {
+        group: "networking.k8s.io",
+        version: "v1",
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        singular: "networkpolicy",
+        namespaced: true,
+        short_names: &["netpol"],
+        has_status: false,
+        categories: &[],
+    },
+    Resource {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        singular: "endpointslice",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        categories: &[],
+    },
+];
+
+/// The resource served at `group/version/plural`.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The namespace resource (namespace deletion cascades over namespaced kinds).
+pub fn namespaces() -> &'static Resource {
+    &RESOURCES[0]
+}
+
+/// Groups other than core, in discovery order.
+fn groups() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in RESOURCES {
+        if !r.group.is_empty() && !out.contains(&r.group) {
+            out.push(r.group);
+        }
+    }
+    out
+}
+
+const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+/// The version kubectl's dispatcher sees; it picks the kubectl matching this minor.
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "32",
+        "gitVersion": "v1.32.0-sluice-test",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.23.0",
+        "compiler": "gc",
+        "platform": "linux/amd64"
+    })
+}
+
+/// `/api` (legacy, non-aggregated).
+pub fn api_versions(server_address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}]
+    })
+}
+
+fn group_json(group: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+/// `/apis` (legacy, non-aggregated).
+pub fn api_group_list() -> Value {
+    let groups: Vec<Value> = groups()
+        .into_iter()
+        .map(|g| {
+            let mut v = group_json(g);
+            if let Some(o) = v.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            v
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `/apis/<group>`.
+pub fn api_group(group: &str) -> Option<Value> {
+    groups().contains(&group).then(|| group_json(group))
+}
+
+/// `/api/v1` or `/apis/<group>/<version>`.
+pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
+    let mut resources = Vec::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        resources.push(json!({
+            "name": r.plural,
+            "singularName": r.singular,
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": VERBS,
+            "shortNames": r.short_names,
+            "categories": r.categories,
+        }));
+        if r.has_status {
+            resources.push(json!({
+                "name": format!("{}/status", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    if resources.is_empty() {
+        return None;
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": resources
+    }))
+}
+
+fn discovery_group(group: &str) -> Value {
+    let resources: Vec<Value> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group)
+        .map(|r| {
+            let kind = json!({"group": r.group, "version": r.version, "kind": r.kind});
+            let mut res = json!({
+                "resource": r.plural,
+                "responseKind": kind,
+                "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                "singularResource": r.singular,
+                "verbs": VERBS,
+                "shortNames": r.short_names,
+                "categories": r.categories,
+            });
+            if r.has_status {
+                res["subresources"] = json!([{
+                    "subresource": "status",
+                    "responseKind": kind,
+                    "verbs": ["get", "patch", "update"],
+                }]);
+            }
+            res
+        })
+        .collect();
+    json!({
+        "metadata": {"name": group, "creationTimestamp": null},
+        "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}]
+    })
+}
+
+/// The content type of aggregated discovery (`apidiscovery.k8s.io/v2`).
+pub const AGGREGATED_DISCOVERY_CONTENT_TYPE: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Aggregated discovery for `/api` (core only) or `/apis` (all named groups).
+pub fn aggregated_discovery(core: bool) -> Value {
+    let items: Vec<Value> = if core {
+        vec![discovery_group("")]
+    } else {
+        groups().into_iter().map(discovery_group).collect()
+    };
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {},
+        "items": items
+    })
+}
+
+/// `/openapi/v3`: one entry per group-version.
+pub fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    paths.insert(
+        "api/v1".into(),
+        json!({"serverRelativeURL": "/openapi/v3/api/v1?hash=sluice"}),
+    );
+    for g in groups() {
+        paths.insert(
+            format!("apis/{g}/v1"),
+            json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/v1?hash=sluice")}),
+        );
+    }
+    json!({ "paths": paths })
+}
+
+/// `/openapi/v3/<api/v1 | apis/group/version>`: a minimal document. It only
+/// tells kubectl, per kind, that PATCH accepts `fieldValidation` (so kubectl
+/// validates on the server instead of downloading the OpenAPI v2 protobuf) and
+/// which patch types exist. It carries no schemas, so `kubectl apply` computes
+/// strategic merge patches from the Go types compiled into kubectl.
+pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    let prefix = if group.is_empty() {
+        format!("/api/{version}")
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    let patch_body = json!({"content": {
+        "application/json-patch+json": {"schema": {"type": "object"}},
+        "application/merge-patch+json": {"schema": {"type": "object"}},
+        "application/strategic-merge-patch+json": {"schema": {"type": "object"}},
+    }});
+    let mut any = false;
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        any = true;
+        let path = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        paths.insert(
+            path,
+            json!({"patch": {
+                "operationId": format!("patch{}", r.kind),
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [
+                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                    {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                ],
+                "requestBody": patch_body,
+                "responses": {"200": {"description": "OK"}},
+            }}),
+        );
+    }
+    any.then(|| {
+        json!({
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes (sluice-test-apiserver)", "version": "v1.32.0"},
+            "paths": paths,
+            "components": {"schemas": {}},
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_found_by_its_group_version_and_plural() {
+        for r in RESOURCES {
+            assert_eq!(find(r.group, r.version, r.plural), Some(r));
+        }
+        assert_eq!(find("", "v1", "networkpolicies"), None);
+    }
+
+    #[test]
+    fn aggregated_discovery_lists_core_kinds_under_the_unnamed_group() {
+        let d = aggregated_discovery(true);
+        let items = d["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0]["metadata"]["name"], "");
+        let names: Vec<&str> = items[0]["versions"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["resource"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["namespaces", "pods", "nodes", "services"]);
+    }
+
+    #[test]
+    fn openapi_declares_field_validation_for_patch_of_every_kind() {
+        for r in RESOURCES {
+            let doc = openapi_v3_group_version(r.group, r.version).unwrap();
+            let found = doc["paths"].as_object().unwrap().values().any(|p| {
+                p["patch"]["x-kubernetes-group-version-kind"]["kind"] == r.kind
+                    && p["patch"]["parameters"][0]["name"] == "fieldValidation"
+            });
+            assert!(found, "{}", r.kind);
+        }
+    }
+}

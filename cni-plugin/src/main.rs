@@ -17,7 +17,11 @@ fn main() -> ExitCode {
         Ok(Some(text)) => (text, ExitCode::SUCCESS),
         Err(e) => {
             let cni = e.to_cni(served.as_str());
-            eprintln!("sluice: {}: {}", cni.msg, cni.details);
+            if cni.details.is_empty() {
+                eprintln!("sluice: {}", cni.msg);
+            } else {
+                eprintln!("sluice: {}: {}", cni.msg, cni.details);
+            }
             let text = serde_json::to_string(&cni).unwrap_or_else(|_| {
                 format!(
                     r#"{{"cniVersion":"{served}","code":{},"msg":"error"}}"#,

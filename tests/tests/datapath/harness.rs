@@ -204,6 +204,18 @@ impl Datapath {
     }
 
     pub fn run_repeat(&self, dir: u8, frame: &[u8], repeat: u32) -> u32 {
+        match self.try_run(dir, frame, repeat) {
+            Ok(v) => v,
+            Err(e) => panic!("test_run dir {dir} on {} bytes: {e:?}", frame.len()),
+        }
+    }
+
+    pub fn try_run(
+        &self,
+        dir: u8,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<u32, aya::programs::ProgramError> {
         let name = if dir == DIR_EGRESS {
             programs::FROM_POD
         } else {
@@ -214,10 +226,7 @@ impl Datapath {
             repeat,
             ..TestRunOptions::default()
         };
-        match self.program(name).test_run(opts) {
-            Ok(r) => r.return_value,
-            Err(e) => panic!("test_run {name} on {} bytes: {e:?}", frame.len()),
-        }
+        self.program(name).test_run(opts).map(|r| r.return_value)
     }
 
     pub fn passes(&self, dir: u8, frame: &[u8]) -> bool {

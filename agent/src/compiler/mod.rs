@@ -623,7 +623,23 @@ impl Compiler {
             .collect();
         for &l in &locals {
             self.touch(l);
-            if let Some(st) = self.local_mut(l) {
+            let Some(st) = self
+                .identities
+                .get_mut(&l)
+                .and_then(|i| i.local.as_deref_mut())
+            else {
+                continue;
+            };
+            // Record what every rule key was, since the contributions are
+            // cleared here without going through `bump`.
+            if let Some(t) = self.txn.touched.get_mut(&l)
+                && !t.fresh
+            {
+                for &(dir, peer, l4, rid) in st.contrib.keys() {
+                    t.keys.entry((dir, peer, l4)).or_insert(Some(rid));
+                }
+            }
+            {
                 st.selected_by.clear();
                 st.contrib.clear();
                 st.ingress = 0;

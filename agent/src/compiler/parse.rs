@@ -259,7 +259,8 @@ fn parse_ports(ports: Option<&[NetworkPolicyPort]>) -> Result<Ports, String> {
         return Ok(out);
     };
     for (k, p) in ports.iter().enumerate() {
-        let proto = parse_protocol(p.protocol.as_deref()).map_err(|e| format!("ports[{k}]: {e}"))?;
+        let proto =
+            parse_protocol(p.protocol.as_deref()).map_err(|e| format!("ports[{k}]: {e}"))?;
         match (&p.port, p.end_port) {
             (None, None) => out.fixed.push(L4::Proto(proto)),
             (None, Some(_)) => return Err(format!("ports[{k}]: endPort without port")),
@@ -268,8 +269,8 @@ fn parse_ports(ports: Option<&[NetworkPolicyPort]>) -> Result<Ports, String> {
                 let last = match end {
                     None => first,
                     Some(e) => {
-                        let last =
-                            port_number(e).ok_or(format!("ports[{k}]: endPort {e} out of range"))?;
+                        let last = port_number(e)
+                            .ok_or(format!("ports[{k}]: endPort {e} out of range"))?;
                         if last < first {
                             return Err(format!("ports[{k}]: endPort {e} is below port {n}"));
                         }

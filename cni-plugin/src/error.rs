@@ -19,6 +19,8 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = sluice_proto::code::INVALID_CONFIG;
     pub const TRY_AGAIN_LATER: u32 = sluice_proto::code::TRY_AGAIN_LATER;
     pub const NOT_AVAILABLE: u32 = sluice_proto::code::NOT_AVAILABLE;
+    /// STATUS: not available, and existing pods may be cut off.
+    pub const LIMITED_CONNECTIVITY: u32 = 51;
     pub const ENDPOINT_DRIFT: u32 = sluice_proto::code::ENDPOINT_DRIFT;
     /// libcni's `ErrInternal`: no better code applies (netlink, disk, ...).
     pub const INTERNAL: u32 = 999;
@@ -72,7 +74,7 @@ pub enum Error {
         source: rtnetlink::Error,
     },
 
-    #[error("IPAM")]
+    #[error("IPAM: {0}")]
     Ipam(#[from] IpamError),
 
     #[error("network namespace {}", path.display())]

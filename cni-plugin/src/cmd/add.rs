@@ -190,7 +190,7 @@ fn not_ready_is_try_again(e: Error) -> Error {
             code: c,
             msg,
             details,
-        } if c == code::NOT_AVAILABLE || c == code::NOT_AVAILABLE + 1 => Error::Agent {
+        } if c == code::NOT_AVAILABLE || c == code::LIMITED_CONNECTIVITY => Error::Agent {
             code: code::TRY_AGAIN_LATER,
             msg,
             details,

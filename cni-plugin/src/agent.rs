@@ -1,10 +1,13 @@
 //! Client of the node agent: one JSON line out, one JSON line back, one
 //! connection per request (see `sluice_proto`).
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 use sluice_proto::{Request, Response};
 
 use crate::{Error, Result};
@@ -44,12 +47,7 @@ impl Agent {
     /// Sends `req` and waits for the answer, all within the timeout.
     pub fn call(&self, req: &Request) -> Result<Response, AgentError> {
         let deadline = Instant::now() + self.timeout;
-        // connect(2) on a unix socket does not wait for accept(); it fails
-        // at once when nobody listens (ENOENT/ECONNREFUSED).
-        let stream = UnixStream::connect(&self.socket).map_err(|source| AgentError::Connect {
-            path: self.socket.clone(),
-            source,
-        })?;
+        let stream = self.connect(deadline)?;
         let line = req
             .to_line()
             .map_err(|e| AgentError::Io(io::Error::other(e)))?;
@@ -78,6 +76,38 @@ impl Agent {
         serde_json::from_str(answer.trim_end()).map_err(AgentError::Decode)
     }
 
+    /// connect(2) on a unix socket fails at once when nobody listens
+    /// (ENOENT, ECONNREFUSED) but blocks while the listener's backlog is
+    /// full, e.g. when the agent hangs. Non-blocking, it says EAGAIN
+    /// instead; retry until the deadline.
+    fn connect(&self, deadline: Instant) -> Result<UnixStream, AgentError> {
+        let failed = |source: io::Error| AgentError::Connect {
+            path: self.socket.clone(),
+            source,
+        };
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| failed(e.into()))?;
+        let addr = UnixAddr::new(self.socket.as_path()).map_err(|e| failed(e.into()))?;
+        loop {
+            match connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => break,
+                Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(Errno::EAGAIN) => return Err(AgentError::Timeout(self.timeout)),
+                Err(e) => return Err(failed(e.into())),
+            }
+        }
+        let stream = UnixStream::from(fd);
+        stream.set_nonblocking(false).map_err(AgentError::Io)?;
+        Ok(stream)
+    }
+
     fn io_or_timeout(&self, e: io::Error) -> AgentError {
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -94,5 +124,91 @@ impl Agent {
             Response::Ok | Response::Endpoint { .. } => Ok(()),
             Response::Error { code, msg, details } => Err(Error::Agent { code, msg, details }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use nix::sys::socket::{Backlog, bind, listen};
+
+    use super::*;
+
+    fn sock_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "sluice-agent-test-{}-{tag}.sock",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn nobody_listening_is_a_connect_error() {
+        let a = Agent::new(&sock_path("none"), Duration::from_millis(100));
+        assert!(matches!(
+            a.call(&Request::Status),
+            Err(AgentError::Connect { .. })
+        ));
+        assert_eq!(
+            a.expect_ok(&Request::Status).err().map(|e| e.code()),
+            Some(11)
+        );
+    }
+
+    #[test]
+    fn a_hung_agent_with_a_full_backlog_times_out() {
+        let path = sock_path("hung");
+        let _gone = std::fs::remove_file(&path);
+        let Ok(fd) = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        ) else {
+            panic!("socket");
+        };
+        let Ok(addr) = UnixAddr::new(path.as_path()) else {
+            panic!("addr");
+        };
+        assert!(bind(fd.as_raw_fd(), &addr).is_ok());
+        assert!(listen(&fd, Backlog::new(0).unwrap_or(Backlog::MAXCONN)).is_ok());
+        // Fill the backlog; nobody ever accepts.
+        let mut held = Vec::new();
+        while let Ok(s) = Agent::new(&path, Duration::from_millis(50))
+            .connect(Instant::now() + Duration::from_millis(50))
+        {
+            held.push(s);
+            assert!(held.len() < 64, "the backlog never filled");
+        }
+        let a = Agent::new(&path, Duration::from_millis(200));
+        let start = Instant::now();
+        assert!(matches!(
+            a.call(&Request::Status),
+            Err(AgentError::Timeout(_))
+        ));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        let _gone = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn an_agent_that_accepts_and_never_answers_times_out() {
+        let path = sock_path("silent");
+        let _gone = std::fs::remove_file(&path);
+        let Ok(listener) = UnixListener::bind(&path) else {
+            panic!("bind");
+        };
+        let hold = std::thread::spawn(move || {
+            listener.accept().map(|(c, _)| {
+                std::thread::sleep(Duration::from_millis(500));
+                drop(c);
+            })
+        });
+        let a = Agent::new(&path, Duration::from_millis(100));
+        assert!(matches!(
+            a.call(&Request::Status),
+            Err(AgentError::Timeout(_))
+        ));
+        let _joined = hold.join();
+        let _gone = std::fs::remove_file(&path);
     }
 }

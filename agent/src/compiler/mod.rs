@@ -809,10 +809,15 @@ impl Compiler {
         {
             return;
         }
-        let old = self.pods.remove(&obj);
-        for &ip in old.iter().flat_map(|o| o.ips.iter()).chain(ips.iter()) {
+        let old_ips = self
+            .pods
+            .get(&obj)
+            .map(|o| o.ips.clone())
+            .unwrap_or_default();
+        for &ip in old_ips.iter().chain(ips.iter()) {
             self.record_ip(ip);
         }
+        let old = self.pods.remove(&obj);
         let id = self.acquire_identity(key);
         if let Some(o) = &old {
             for &ip in &o.ips {
@@ -856,11 +861,17 @@ impl Compiler {
     }
 
     fn remove_pod(&mut self, obj: &ObjectRef) {
+        let ips = match self.pods.get(obj) {
+            Some(p) => p.ips.clone(),
+            None => return,
+        };
+        for &ip in &ips {
+            self.record_ip(ip);
+        }
         let Some(old) = self.pods.remove(obj) else {
             return;
         };
         for &ip in &old.ips {
-            self.record_ip(ip);
             self.drop_ip_owner(ip, obj);
         }
         if let Some(set) = self.pods_by_ns.get_mut(&obj.namespace) {

@@ -100,8 +100,17 @@ pub fn validate(r: &Resource, obj: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn default_protocols(ports: &mut Value) {
-    for p in ports.as_array_mut().into_iter().flatten() {
+/// The elements of the list at `v[key]`, if there is one (indexing with
+/// `v[key]` on a `&mut Value` would insert a null).
+fn items<'a>(v: &'a mut Value, key: &str) -> impl Iterator<Item = &'a mut Value> {
+    v.get_mut(key)
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+}
+
+fn default_protocols(v: &mut Value) {
+    for p in items(v, "ports") {
         if p.is_object() && p.get("protocol").is_none() {
             p["protocol"] = json!("TCP");
         }
@@ -130,8 +139,8 @@ pub fn apply_defaults(r: &Resource, obj: &mut Value) {
             set_default(spec, "dnsPolicy", json!("ClusterFirst"));
             set_default(spec, "terminationGracePeriodSeconds", json!(30));
             for list in ["initContainers", "containers"] {
-                for c in spec[list].as_array_mut().into_iter().flatten() {
-                    default_protocols(&mut c["ports"]);
+                for c in items(spec, list) {
+                    default_protocols(c);
                 }
             }
         }
@@ -139,7 +148,7 @@ pub fn apply_defaults(r: &Resource, obj: &mut Value) {
             let spec = &mut obj["spec"];
             set_default(spec, "type", json!("ClusterIP"));
             set_default(spec, "sessionAffinity", json!("None"));
-            for p in spec["ports"].as_array_mut().into_iter().flatten() {
+            for p in items(spec, "ports") {
                 set_default(p, "protocol", json!("TCP"));
                 if p.get("targetPort").is_none() {
                     p["targetPort"] = p["port"].clone();
@@ -157,12 +166,12 @@ pub fn apply_defaults(r: &Resource, obj: &mut Value) {
                 spec["policyTypes"] = json!(types);
             }
             for dir in ["ingress", "egress"] {
-                for rule in spec[dir].as_array_mut().into_iter().flatten() {
-                    default_protocols(&mut rule["ports"]);
+                for rule in items(spec, dir) {
+                    default_protocols(rule);
                 }
             }
         }
-        "EndpointSlice" => default_protocols(&mut obj["ports"]),
+        "EndpointSlice" => default_protocols(obj),
         _ => {}
     }
 }
@@ -399,6 +408,7 @@ mod tests {
         assert_eq!(obj["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
         assert_eq!(obj["spec"]["egress"][0]["ports"][0]["protocol"], "UDP");
         assert_eq!(obj["spec"]["egress"][0]["ports"][1]["protocol"], "TCP");
+        assert!(obj["spec"].get("ingress").is_none(), "no null lists appear");
         let mut ingress_only = json!({"metadata": {"name": "n"}, "spec": {"podSelector": {}}});
         apply_defaults(np, &mut ingress_only);
         assert_eq!(ingress_only["spec"]["policyTypes"], json!(["Ingress"]));
@@ -413,6 +423,22 @@ mod tests {
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"],
             "demo"
         );
+    }
+
+    #[test]
+    fn pod_defaults_fill_port_protocols_without_inventing_fields() {
+        let pods = find("", "v1", "pods").unwrap();
+        let mut obj = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "a", "image": "i", "ports": [{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 80}]},
+            {"name": "b", "image": "i"}
+        ]}});
+        apply_defaults(pods, &mut obj);
+        let c = &obj["spec"]["containers"];
+        assert_eq!(c[0]["ports"][0]["protocol"], "UDP");
+        assert_eq!(c[0]["ports"][1]["protocol"], "TCP");
+        assert!(c[1].get("ports").is_none());
+        assert!(obj["spec"].get("initContainers").is_none());
+        assert_eq!(obj["spec"]["restartPolicy"], "Always");
     }
 
     #[test]

@@ -82,11 +82,21 @@ impl ApiError {
             "Invalid",
             format!("{} {name:?} is invalid: {field_message}", r.kind),
         );
-        let field = field_message.split(':').next().unwrap_or_default();
-        e.details = Some(json!({
-            "name": name, "group": r.group, "kind": r.kind,
-            "causes": [{"reason": "FieldValueInvalid", "message": field_message, "field": field}]
-        }));
+        let mut details = json!({"name": name, "group": r.group, "kind": r.kind});
+        // "spec.x: Required value" names a field; kubectl prints causes as
+        // "field: message".
+        if let Some((field, message)) = field_message
+            .split_once(": ")
+            .filter(|(f, _)| !f.contains(' '))
+        {
+            let reason = if message.starts_with("Required value") {
+                "FieldValueRequired"
+            } else {
+                "FieldValueInvalid"
+            };
+            details["causes"] = json!([{"reason": reason, "message": message, "field": field}]);
+        }
+        e.details = Some(details);
         e
     }
 
@@ -215,15 +225,25 @@ type Key = (String, String);
 #[derive(Clone)]
 pub struct Store {
     rv: u64,
-    objects: BTreeMap<(&'static str, &'static str), BTreeMap<Key, Value>>,
+    objects: BTreeMap<TableKey, BTreeMap<Key, Value>>,
     events: VecDeque<Event>,
     history_limit: usize,
     /// Events up to and including this resourceVersion are forgotten.
     compacted: u64,
     next_cluster_ip: u32,
+    /// Objects removed by a namespace deletion, with when: a DELETE of one
+    /// of them soon after still answers 200, as a real server does while the
+    /// namespace terminates (so `kubectl delete -f` of a file listing the
+    /// namespace first works).
+    tombstones: BTreeMap<(TableKey, Key), (i64, Value)>,
 }
 
-fn table_key(r: &Resource) -> (&'static str, &'static str) {
+type TableKey = (&'static str, &'static str);
+
+/// How long a namespace deletion's tombstones last, in seconds.
+const TOMBSTONE_SECONDS: i64 = 60;
+
+fn table_key(r: &Resource) -> TableKey {
     (r.group, r.plural)
 }
 
@@ -241,6 +261,7 @@ impl Store {
             history_limit: history_limit.max(1),
             compacted: 0,
             next_cluster_ip: u32::from_be_bytes([10, 96, 0, 10]),
+            tombstones: BTreeMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let created = s.create(
@@ -483,6 +504,7 @@ impl Store {
         if self.bucket(r).is_some_and(|b| b.contains_key(&key)) {
             return Err(ApiError::already_exists(r, &name));
         }
+        self.tombstones.remove(&(table_key(r), key.clone()));
         self.bump(&mut obj);
         self.objects
             .entry(table_key(r))
@@ -574,7 +596,18 @@ impl Store {
         name: &str,
         preconditions: (Option<&str>, Option<&str>),
     ) -> Result<Value, ApiError> {
-        let old = self.get(r, ns, name)?;
+        let now = util::unix_now();
+        self.tombstones
+            .retain(|_, (t, _)| now - *t <= TOMBSTONE_SECONDS);
+        let old = match self.get(r, ns, name) {
+            Ok(old) => old,
+            Err(e) => {
+                let tomb = self
+                    .tombstones
+                    .remove(&(table_key(r), Self::key(r, ns, name)));
+                return tomb.map(|(_, obj)| obj).ok_or(e);
+            }
+        };
         for (field, want) in [
             ("uid", preconditions.0),
             ("resourceVersion", preconditions.1),
@@ -600,7 +633,9 @@ impl Store {
                     .cloned()
                     .collect();
                 for k in keys {
-                    self.remove(nr, &k);
+                    if let Some(gone) = self.remove(nr, &k) {
+                        self.tombstones.insert((table_key(nr), k), (now, gone));
+                    }
                 }
             }
         }
@@ -794,6 +829,30 @@ mod tests {
         );
         assert_eq!(events[1].rv, s.resource_version());
         assert_eq!(rv(&events[1].object), s.resource_version());
+    }
+
+    #[test]
+    fn deleting_an_object_just_removed_with_its_namespace_still_succeeds_once() {
+        let mut s = Store::new(100);
+        let ns = resources::namespaces();
+        s.create(ns, None, json!({"metadata": {"name": "demo"}}))
+            .unwrap();
+        s.create(pods(), Some("demo"), pod("a")).unwrap();
+        s.delete(ns, None, "demo", (None, None)).unwrap();
+        let rv_after = s.resource_version();
+        let gone = s.delete(pods(), Some("demo"), "a", (None, None)).unwrap();
+        assert_eq!(gone["metadata"]["name"], "a");
+        assert_eq!(s.resource_version(), rv_after, "no second deletion event");
+        assert_eq!(
+            s.delete(pods(), Some("demo"), "a", (None, None))
+                .unwrap_err()
+                .code,
+            404
+        );
+        assert_eq!(
+            s.delete(ns, None, "demo", (None, None)).unwrap_err().code,
+            404
+        );
     }
 
     #[test]

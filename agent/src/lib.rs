@@ -4,9 +4,11 @@
 //! Pure logic lives in `policy` (what the maps hold for an endpoint) and
 //! `events` (decoding drops); `datapath` is the thin edge over aya, `node`
 //! the operations, `server` the socket.
+pub mod cluster;
 pub mod compiler;
 pub mod datapath;
 pub mod events;
+pub mod k8s;
 pub mod metrics;
 pub mod node;
 pub mod policy;

@@ -36,9 +36,33 @@ struct Args {
     /// Where to serve Prometheus metrics (empty: nowhere).
     #[arg(long, default_value = "127.0.0.1:9962")]
     metrics_addr: String,
+    /// Watch this API server through a kubeconfig (cluster mode). Without it,
+    /// and outside a cluster, the agent runs standalone: policy only through
+    /// the socket's SetPolicy.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (its pods are the endpoints). Default: $NODE_NAME,
+    /// else the host name.
+    #[arg(long)]
+    node_name: Option<String>,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+}
+
+/// A client for cluster mode: from --kubeconfig, or in-cluster service
+/// account; `None` means standalone.
+async fn kube_client(args: &Args) -> anyhow::Result<Option<kube::Client>> {
+    let config = if let Some(path) = &args.kubeconfig {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        kube::Config::incluster()?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(kube::Client::try_from(config)?))
 }
 
 #[tokio::main]
@@ -66,7 +90,50 @@ async fn main() -> anyhow::Result<()> {
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
     let mut node = Node::start(dp, registry).context("taking over the node")?;
     node.max_entries_per_endpoint = args.max_entries_per_endpoint;
+    let metrics = sluice_agent::metrics::Shared::default();
+    let client = kube_client(&args).await?;
+    let node_name = args
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default();
+    if client.is_some() {
+        node.cluster = Some(sluice_agent::cluster::Cluster::new(
+            &node_name,
+            metrics.clone(),
+        ));
+    }
     let node = Arc::new(Mutex::new(node));
+    let watch_client = client.clone();
+    let reconcile = async {
+        let Some(client) = watch_client else {
+            return std::future::pending::<anyhow::Result<()>>().await;
+        };
+        info!(node = %node_name, "cluster mode: watching the API server");
+        let mut rx = sluice_agent::k8s::start(client, &node_name, metrics.clone());
+        while let Some(first) = rx.recv().await {
+            // Take whatever else is queued: one programming pass per batch.
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let node = node.clone();
+            let applied = tokio::task::spawn_blocking(move || match node.lock() {
+                Ok(mut n) => n.apply_changes(batch).map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("agent state poisoned")),
+            })
+            .await?;
+            if let Err(e) = applied {
+                tracing::error!(error = %e, "programming cluster changes failed");
+            }
+        }
+        Ok(())
+    };
 
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
@@ -76,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Arc::new(server::Ctx {
         node: node.clone(),
         drops: drops.clone(),
+        client,
     });
     let events = events::follow(ring, |mut rec| {
         if let Ok(n) = node.lock() {
@@ -91,7 +159,6 @@ async fn main() -> anyhow::Result<()> {
         // No observer is fine.
         let _no_receivers = drops.send(rec);
     });
-    let metrics = sluice_agent::metrics::Shared::default();
     let metrics_server = async {
         if args.metrics_addr.is_empty() {
             return std::future::pending().await;
@@ -104,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         r = server::serve(listener, ctx) => r.context("agent socket")?,
         r = metrics_server => r.context("metrics")?,
         r = events => r.context("drop events")?,
+        r = reconcile => r.context("cluster watch")?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; programs stay attached through their pins"),
     }
     Ok(())

@@ -5,9 +5,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use aya::maps::MapError;
 use ipnetwork::IpNetwork;
-use sluice_common::{
-    EP_HAS_IPV4, EP_HAS_IPV6, EndpointInfo, IDENTITY_FIRST_USER, IpcacheValue, PolicyKey,
-};
+use sluice_common::{EP_HAS_IPV4, EP_HAS_IPV6, EndpointInfo, IpcacheValue, PolicyKey};
 use sluice_proto::{Attachment, EndpointSpec, Response, code};
 use tracing::{info, warn};
 
@@ -37,6 +35,8 @@ pub enum NodeError {
     InvalidPolicy(#[source] PolicyError),
     #[error("policy is not JSON of the expected shape")]
     PolicyDecode(#[source] serde_json::Error),
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("endpoint drifted: {0}")]
     Drift(String),
     #[error("endpoint {ep_id} needs {entries} entries, over its limit of {limit}: it fails closed")]
@@ -56,7 +56,7 @@ impl NodeError {
             }
             Self::UnknownEndpoint(..) => code::CONTAINER_UNKNOWN,
             Self::Drift(_) => code::ENDPOINT_DRIFT,
-            Self::Capacity { .. } => code::TRY_AGAIN_LATER,
+            Self::Capacity { .. } | Self::NotReady(_) => code::TRY_AGAIN_LATER,
             Self::Datapath(_) | Self::Registry(_) | Self::Map { .. } => code::IO_FAILURE,
         }
     }
@@ -81,6 +81,10 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> NodeError {
     move |source| NodeError::Map { name, source }
 }
 
+/// Identities of endpoints in standalone mode (no API server): one per
+/// endpoint, in a range the compiler never hands out.
+pub const STANDALONE_IDENTITY_BASE: u32 = 0x4000_0000;
+
 pub struct Node {
     pub dp: Datapath,
     pub registry: Registry,
@@ -89,6 +93,9 @@ pub struct Node {
     /// Most policy + CIDR entries one endpoint may hold; past it the
     /// endpoint fails closed and the others are unaffected.
     pub max_entries_per_endpoint: usize,
+    /// The cluster view when the agent watches an API server; `None` in
+    /// standalone mode (policy only through `SetPolicy`).
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// Default per-endpoint share of the policy map.
@@ -125,6 +132,7 @@ impl Node {
             registry,
             policies: HashMap::new(),
             max_entries_per_endpoint: DEFAULT_MAX_ENTRIES_PER_ENDPOINT,
+            cluster: None,
         };
         node.policies = node.read_programmed_policy()?;
         node.program_host_addresses()?;
@@ -229,15 +237,35 @@ impl Node {
             }
             self.forget(&old)?;
         }
+        let pod = crate::cluster::pod_ref_of(&spec);
+        let identity = match (&self.cluster, &pod) {
+            (None, _) => None,
+            (Some(c), _) if !c.is_synced() => {
+                return Err(NodeError::NotReady(
+                    "the cluster has not been listed yet".into(),
+                ));
+            }
+            (Some(c), Some(pod)) => Some(c.compiler.identity_of(pod).ok_or_else(|| {
+                NodeError::NotReady(format!("pod {pod} is not known to the agent yet"))
+            })?),
+            (Some(_), None) => {
+                return Err(NodeError::InvalidEndpoint(
+                    "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME".into(),
+                ));
+            }
+        };
         let ep_id = self.registry.allocate_ep_id()?;
         let ep = Endpoint {
             ep_id,
-            identity: IDENTITY_FIRST_USER + ep_id,
+            identity: identity.unwrap_or(STANDALONE_IDENTITY_BASE + ep_id),
             spec,
         };
-        if let Err(e) = self.program_endpoint(&ep) {
+        if let Err(e) = self
+            .program_endpoint(&ep)
+            .and_then(|()| self.program_cluster_policy(&ep))
+        {
             // Leave nothing half-made: the CNI plugin rolls its side back too.
-            if let Err(undo) = self.unprogram_endpoint(&ep) {
+            if let Err(undo) = self.forget(&ep) {
                 warn!(error = %undo, ep_id, "rollback of a failed endpoint add");
             }
             return Err(e);
@@ -246,6 +274,54 @@ impl Node {
         info!(container_id = %ep.spec.attachment.container_id, ifname = %ep.spec.host_ifname,
             ep_id, ipv4 = ?ep.spec.ipv4, ipv6 = ?ep.spec.ipv6, "endpoint added");
         Ok(ep_id)
+    }
+
+    /// In cluster mode: the new endpoint's policy from its labels, and its
+    /// addresses into the compiler, before ADD returns.
+    fn program_cluster_policy(&mut self, ep: &Endpoint) -> Result<()> {
+        let Some(pod) = crate::cluster::pod_ref_of(&ep.spec) else {
+            return Ok(());
+        };
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        // The registry must know the endpoint for `program` to find it.
+        self.registry.insert(ep.clone())?;
+        let ips = spec_ips(&ep.spec);
+        self.learn_cni_ips(&pod, ips)?;
+        self.program_pods(&[pod])
+    }
+
+    /// Updates an endpoint's identity in the registry and the maps.
+    pub fn set_identity(&mut self, ep: &Endpoint, identity: u32) -> Result<()> {
+        if ep.identity == identity {
+            return Ok(());
+        }
+        let mut updated = ep.clone();
+        updated.identity = identity;
+        self.registry.insert(updated)?;
+        if let Ok(mut info) = self.dp.maps.endpoints.get(&ep.spec.host_ifindex, 0)
+            && info.ep_id == ep.ep_id
+        {
+            info.identity = identity;
+            self.dp
+                .maps
+                .endpoints
+                .insert(&ep.spec.host_ifindex, &info, 0)
+                .map_err(map_err("ENDPOINTS"))?;
+        }
+        for ip in spec_ips(&ep.spec) {
+            let v = IpcacheValue {
+                identity,
+                ep_id: ep.ep_id,
+            };
+            self.dp
+                .maps
+                .ipcache
+                .insert(&ipcache_key(host_net(ip)), &v, 0)
+                .map_err(map_err("IPCACHE"))?;
+        }
+        Ok(())
     }
 
     fn program_endpoint(&mut self, ep: &Endpoint) -> Result<()> {

@@ -45,6 +45,67 @@ pub struct Ctx {
     pub node: Arc<Mutex<Node>>,
     /// Every drop, enriched, for `Observe` streams.
     pub drops: tokio::sync::broadcast::Sender<DropRecord>,
+    /// The API client in cluster mode, to fetch a pod the watch has not
+    /// delivered yet when its CNI ADD arrives.
+    pub client: Option<kube::Client>,
+}
+
+/// How long ADD may wait for a pod from the API server.
+const POD_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// In cluster mode, makes sure the compiler knows the pod of an ADD.
+async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Result<(), Response> {
+    let Some(client) = &ctx.client else {
+        return Ok(());
+    };
+    let Some(pod) = crate::cluster::pod_ref_of(spec) else {
+        return Ok(());
+    };
+    let known = ctx
+        .node
+        .lock()
+        .map(|n| n.cluster.as_ref().is_some_and(|c| c.knows_pod(&pod)))
+        .unwrap_or(false);
+    if known {
+        return Ok(());
+    }
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &pod.namespace);
+    let fetched = tokio::time::timeout(POD_FETCH_TIMEOUT, api.get(&pod.name)).await;
+    let p = match fetched {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            return Err(Response::error(
+                code::TRY_AGAIN_LATER,
+                format!("fetching pod {pod}"),
+                e.to_string(),
+            ));
+        }
+        Err(_) => {
+            return Err(Response::error(
+                code::TRY_AGAIN_LATER,
+                format!("fetching pod {pod}"),
+                "timed out",
+            ));
+        }
+    };
+    let node = ctx.node.clone();
+    tokio::task::spawn_blocking(move || match node.lock() {
+        Ok(mut n) => n.learn_pod(p).map_err(|e| e.to_response()),
+        Err(_) => Err(Response::error(
+            code::TRY_AGAIN_LATER,
+            "agent state is poisoned",
+            "",
+        )),
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(Response::error(
+            code::IO_FAILURE,
+            "agent task failed",
+            e.to_string(),
+        ))
+    })
 }
 
 pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) -> std::io::Result<()> {
@@ -78,12 +139,25 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
             Ok(Request::Observe { filter }) => return observe(wr, &ctx, &filter).await,
             Ok(req) => {
                 debug!(?req, "request");
-                let node = ctx.node.clone();
-                tokio::task::spawn_blocking(move || dispatch(&node, req))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Response::error(code::IO_FAILURE, "agent task failed", e.to_string())
-                    })
+                let fetched = match &req {
+                    Request::AddEndpoint { endpoint } => ensure_pod_known(&ctx, endpoint).await,
+                    _ => Ok(()),
+                };
+                match fetched {
+                    Err(resp) => resp,
+                    Ok(()) => {
+                        let node = ctx.node.clone();
+                        tokio::task::spawn_blocking(move || dispatch(&node, req))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Response::error(
+                                    code::IO_FAILURE,
+                                    "agent task failed",
+                                    e.to_string(),
+                                )
+                            })
+                    }
+                }
             }
             Err(e) => Response::error(
                 code::INVALID_CONFIG,
@@ -151,6 +225,23 @@ fn dispatch(node: &Mutex<Node>, req: Request) -> Response {
             "observe is a stream",
             "",
         )),
+        Request::Programmed => Ok(match &node.cluster {
+            Some(c) => Response::Programmed {
+                synced: c.is_synced(),
+                objects: c.programmed.clone(),
+            },
+            None => Response::Programmed {
+                synced: false,
+                objects: Default::default(),
+            },
+        }),
+        Request::PodCidrs => Ok(Response::PodCidrs {
+            cidrs: node
+                .cluster
+                .as_ref()
+                .map(|c| c.pod_cidrs.clone())
+                .unwrap_or_default(),
+        }),
     };
     result.unwrap_or_else(|e| {
         warn!(error = %e, code = e.cni_code(), "request failed");

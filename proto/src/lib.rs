@@ -55,6 +55,11 @@ pub enum Request {
         attachment: Attachment,
         policy: serde_json::Value,
     },
+    /// Which objects' effects are in the maps (cluster mode).
+    Programmed,
+    /// This node's pod CIDRs, from its Node object (cluster mode): the IPAM
+    /// ranges when the plugin's config names none.
+    PodCidrs,
     /// Stream drop events as they happen, one JSON object per line, until
     /// the client closes the connection.
     Observe {
@@ -93,6 +98,17 @@ pub enum Response {
     Ok,
     Endpoint {
         ep_id: u32,
+    },
+    Programmed {
+        /// Pods, Namespaces and NetworkPolicies have all been listed and
+        /// programmed at least once.
+        synced: bool,
+        /// `Kind/namespace/name` (or `Kind/name`) -> resourceVersion whose
+        /// effect is in the maps.
+        objects: std::collections::BTreeMap<String, String>,
+    },
+    PodCidrs {
+        cidrs: Vec<String>,
     },
     Error {
         code: u32,

@@ -1,0 +1,329 @@
+//! From watched objects to the maps: feeds `k8s::Change`s to the compiler
+//! and writes what it reports as changed (ipcache entries, endpoint
+//! policies, identities). Nothing is written before Pods, Namespaces and
+//! NetworkPolicies have all been listed once: a half-synced view would mean
+//! wrong verdicts, so until then the pinned state stays as it was.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Instant,
+};
+
+use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus};
+use kube::ResourceExt as _;
+use sluice_common::IpcacheValue;
+use tracing::{info, warn};
+
+use crate::{
+    compiler::{Changes, Compiler, Locality, ObjectRef},
+    datapath::ipcache_key,
+    k8s::{Change, Kind, Object, object_ref},
+    metrics,
+    node::{Node, NodeError, Result},
+};
+
+/// The cluster as this node's agent knows it.
+pub struct Cluster {
+    pub compiler: Compiler,
+    synced: BTreeSet<Kind>,
+    /// Keys (`Kind/ns/name`) of the objects seen, per kind, to find what a
+    /// re-list no longer has.
+    known: BTreeMap<Kind, BTreeMap<String, Object>>,
+    /// Object key -> resourceVersion whose effect is in the maps.
+    pub programmed: BTreeMap<String, String>,
+    /// This node's pod CIDRs (from its Node object).
+    pub pod_cidrs: Vec<String>,
+    /// Addresses the CNI gave local pods, for pods whose status does not
+    /// show them yet (kubelet reports them only after ADD returns).
+    cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    pub metrics: metrics::Shared,
+}
+
+impl Cluster {
+    pub fn new(node_name: &str, metrics: metrics::Shared) -> Self {
+        Self {
+            compiler: Compiler::new(Locality::Node(node_name.to_owned())),
+            synced: BTreeSet::new(),
+            known: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            pod_cidrs: Vec::new(),
+            cni_ips: BTreeMap::new(),
+            metrics,
+        }
+    }
+
+    /// Pods, Namespaces and NetworkPolicies have each been listed.
+    pub fn is_synced(&self) -> bool {
+        [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy]
+            .iter()
+            .all(|k| self.synced.contains(k))
+    }
+
+    pub fn knows_pod(&self, pod: &ObjectRef) -> bool {
+        self.compiler.identity_of(pod).is_some()
+    }
+
+    /// A pod with the addresses the CNI gave it filled in when its status
+    /// has none yet.
+    fn with_cni_ips(&self, pod: &Pod) -> Pod {
+        let obj = ObjectRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+        let has_ips = pod.status.as_ref().is_some_and(|s| {
+            s.pod_ips.as_ref().is_some_and(|v| !v.is_empty()) || s.pod_ip.is_some()
+        });
+        match self.cni_ips.get(&obj) {
+            Some(ips) if !has_ips => {
+                let mut p = pod.clone();
+                let status = p.status.get_or_insert_with(PodStatus::default);
+                status.pod_ip = ips.first().map(ToString::to_string);
+                status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+                p
+            }
+            _ => pod.clone(),
+        }
+    }
+
+    fn feed(&mut self, o: &Object, deleted: bool) -> Changes {
+        match (o, deleted) {
+            (Object::Pod(p), false) => {
+                let p = self.with_cni_ips(p);
+                self.compiler.upsert_pod(&p)
+            }
+            (Object::Pod(p), true) => self
+                .compiler
+                .delete_pod(&p.namespace().unwrap_or_default(), &p.name_any()),
+            (Object::Namespace(n), false) => self.compiler.upsert_namespace(n),
+            (Object::Namespace(n), true) => self.compiler.delete_namespace(&n.name_any()),
+            (Object::NetworkPolicy(p), false) => self.compiler.upsert_policy(p),
+            (Object::NetworkPolicy(p), true) => self
+                .compiler
+                .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
+            (Object::Node(n), false) => {
+                self.pod_cidrs = n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| {
+                        s.pod_cidrs
+                            .clone()
+                            .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+                    })
+                    .unwrap_or_default();
+                Changes::default()
+            }
+            (Object::Node(_), true) => Changes::default(),
+        }
+    }
+
+    /// Applies one change to the compiler; returns what to program.
+    fn apply(&mut self, change: Change) -> Changes {
+        let mut out = Changes::default();
+        match change {
+            Change::Applied(o) => {
+                let (key, _) = object_ref(&o);
+                out.merge(self.feed(&o, false));
+                self.known.entry(o.kind()).or_default().insert(key, o);
+            }
+            Change::Deleted(o) => {
+                let (key, _) = object_ref(&o);
+                out.merge(self.feed(&o, true));
+                self.known.entry(o.kind()).or_default().remove(&key);
+            }
+            Change::Resync(kind, objects) => {
+                let listed: BTreeMap<String, Object> =
+                    objects.into_iter().map(|o| (object_ref(&o).0, o)).collect();
+                let gone: Vec<Object> = self
+                    .known
+                    .get(&kind)
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| !listed.contains_key(*k))
+                            .map(|(_, o)| o.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for o in &gone {
+                    out.merge(self.feed(o, true));
+                }
+                for o in listed.values() {
+                    out.merge(self.feed(o, false));
+                }
+                self.known.insert(kind, listed);
+                self.synced.insert(kind);
+            }
+        }
+        out
+    }
+}
+
+impl Node {
+    /// Applies watched changes and, once synced, programs their effect.
+    pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<()> {
+        let started = Instant::now();
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        let was_synced = cluster.is_synced();
+        let mut out = Changes::default();
+        let mut versions = Vec::new();
+        for c in changes {
+            match &c {
+                Change::Applied(o) => versions.push((object_ref(o), false)),
+                Change::Deleted(o) => versions.push((object_ref(o), true)),
+                Change::Resync(_, objs) => {
+                    versions.extend(objs.iter().map(|o| (object_ref(o), false)))
+                }
+            }
+            out.merge(cluster.apply(c));
+        }
+        let compile = started.elapsed();
+        if !cluster.is_synced() {
+            return Ok(());
+        }
+        if !was_synced {
+            info!(stats = ?cluster.compiler.stats(), "cluster listed; programming every endpoint");
+            out.merge(cluster.compiler.recompute_all());
+            out.ipcache.extend(
+                cluster
+                    .compiler
+                    .ipcache()
+                    .into_iter()
+                    .map(|(ip, id)| (ip, Some(id))),
+            );
+            let mut all: BTreeSet<ObjectRef> = cluster.compiler.endpoints().cloned().collect();
+            all.extend(self.registry.all().filter_map(pod_ref));
+            out.endpoints.extend(all);
+        }
+        for d in &out.diagnostics {
+            warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
+        }
+        self.program(&out)?;
+        if let Some(cluster) = self.cluster.as_mut() {
+            for ((key, rv), deleted) in versions {
+                if deleted {
+                    cluster.programmed.remove(&key);
+                } else {
+                    cluster.programmed.insert(key, rv);
+                }
+            }
+            if let Ok(mut m) = cluster.metrics.lock() {
+                m.compile_seconds.observe(compile);
+                m.apply_to_programmed_seconds.observe(started.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Programs the current policy of these pods' endpoints.
+    pub fn program_pods(&mut self, pods: &[ObjectRef]) -> Result<()> {
+        let out = Changes {
+            endpoints: pods.iter().cloned().collect(),
+            ..Changes::default()
+        };
+        self.program(&out)
+    }
+
+    /// Writes ipcache changes and the policies of the changed endpoints.
+    fn program(&mut self, out: &Changes) -> Result<()> {
+        for (ip, id) in &out.ipcache {
+            let local_ep = self.registry.all().find(|e| {
+                e.spec.ipv4.map(IpAddr::V4) == Some(*ip) || e.spec.ipv6.map(IpAddr::V6) == Some(*ip)
+            });
+            let key = ipcache_key((*ip).into());
+            match id {
+                Some(identity) => {
+                    let v = IpcacheValue {
+                        identity: *identity,
+                        ep_id: local_ep.map_or(0, |e| e.ep_id),
+                    };
+                    self.dp
+                        .maps
+                        .ipcache
+                        .insert(&key, &v, 0)
+                        .map_err(|source| NodeError::Map {
+                            name: "IPCACHE",
+                            source,
+                        })?;
+                }
+                None if local_ep.is_none() => {
+                    if let Err(e) = self.dp.maps.ipcache.remove(&key) {
+                        tracing::debug!(%ip, error = %e, "ipcache entry already gone");
+                    }
+                }
+                // A local endpoint keeps its entry until CNI DEL.
+                None => {}
+            }
+        }
+        for obj in &out.endpoints {
+            let Some(ep) = self
+                .registry
+                .all()
+                .find(|e| pod_ref(e).as_ref() == Some(obj))
+                .cloned()
+            else {
+                continue; // not wired on this node (yet)
+            };
+            let Some(cluster) = self.cluster.as_ref() else {
+                return Ok(());
+            };
+            let Some(policy) = cluster.compiler.endpoint_policy(obj) else {
+                continue; // the pod is gone from the API; CNI DEL will follow
+            };
+            let identity = cluster.compiler.identity_of(obj);
+            if let Some(id) = identity {
+                self.set_identity(&ep, id)?;
+            }
+            match self.set_policy(&ep.spec.attachment, &policy) {
+                Ok(()) => {}
+                Err(e @ NodeError::Capacity { .. }) => {
+                    warn!(pod = %obj, error = %e, "endpoint over capacity: fails closed");
+                    if let Some(c) = self.cluster.as_ref()
+                        && let Ok(mut m) = c.metrics.lock()
+                    {
+                        m.endpoints_failed_closed += 1;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the compiler the addresses the CNI gave a local pod, so that
+    /// its identity is in the ipcache before kubelet reports them.
+    pub fn learn_cni_ips(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) -> Result<()> {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        cluster.cni_ips.insert(pod.clone(), ips);
+        let key = format!("Pod/{}/{}", pod.namespace, pod.name);
+        let Some(o) = cluster
+            .known
+            .get(&Kind::Pod)
+            .and_then(|m| m.get(&key))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let out = cluster.apply(Change::Applied(o));
+        if cluster.is_synced() {
+            self.program(&out)?;
+        }
+        Ok(())
+    }
+
+    /// A pod fetched from the API because the watch has not delivered it yet.
+    pub fn learn_pod(&mut self, pod: Pod) -> Result<()> {
+        self.apply_changes(vec![Change::Applied(Object::Pod(Box::new(pod)))])
+    }
+}
+
+/// The pod an endpoint belongs to, when the runtime said (CNI_ARGS).
+pub fn pod_ref(e: &crate::registry::Endpoint) -> Option<ObjectRef> {
+    pod_ref_of(&e.spec)
+}
+
+pub fn pod_ref_of(s: &sluice_proto::EndpointSpec) -> Option<ObjectRef> {
+    Some(ObjectRef::new(
+        s.pod_namespace.clone()?,
+        s.pod_name.clone()?,
+    ))
+}

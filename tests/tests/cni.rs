@@ -834,7 +834,9 @@ fn results_follow_the_negotiated_cni_version() -> Result<()> {
     // No cniVersion: the highest supported entry of cniVersions.
     let pod = Pod::new()?;
     let mut conf = w.config();
-    conf.as_object_mut().map(|o| o.remove("cniVersion"));
+    if let Some(o) = conf.as_object_mut() {
+        o.remove("cniVersion");
+    }
     conf["cniVersions"] = json!(["0.3.1", "1.0.0", "0.4.0", "9.0.0"]);
     let r = w.add(&pod, &conf)?;
     ensure!(r["cniVersion"] == "1.0.0", "{r}");
@@ -888,28 +890,21 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
         c[k] = v;
         c
     };
-    let base = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "c1"),
-        ("CNI_NETNS", "/run/netns/x"),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_PATH", "/opt/cni/bin"),
-    ];
     let netns = pod.path();
-    let env_with = |k: &str, v: Option<&str>| -> Vec<(String, String)> {
-        let mut e: Vec<(String, String)> = base
-            .iter()
-            .filter(|(bk, _)| *bk != k)
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        e.retain(|(bk, _)| bk != "CNI_NETNS");
-        if k != "CNI_NETNS" {
-            e.push(("CNI_NETNS".into(), netns.clone()));
-        }
-        if let Some(v) = v {
-            e.push((k.to_string(), v.to_string()));
-        }
-        e
+    // The environment of a good ADD with `key` set to `value` (None: unset).
+    let env_with = |key: &str, value: Option<&str>| -> Vec<(String, String)> {
+        let base = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ];
+        base.iter()
+            .filter(|(k, _)| *k != key)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain(value.map(|v| (key.to_string(), v.to_string())))
+            .collect()
     };
     let run = |env: &[(String, String)], stdin: &str| -> Result<Plugin> {
         let pairs: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
@@ -924,7 +919,9 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
     )?
     .expect_error(1)?;
     let mut no_v = good.clone();
-    no_v.as_object_mut().map(|o| o.remove("cniVersion"));
+    if let Some(o) = no_v.as_object_mut() {
+        o.remove("cniVersion");
+    }
     no_v["cniVersions"] = json!(["0.2.0", "0.3.1"]);
     run(&env_with("", None), &no_v.to_string())?.expect_error(1)?;
     // STATUS and GC need 1.1.0.
@@ -973,30 +970,15 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
         ensure!(e["cniVersion"] == "1.1.0", "{e}");
     }
     // Errors are reported in the version of the request.
-    let e = run(
-        &env_with("", None),
-        &with("cniVersion", json!("0.4.0"))
-            .tap(|c| c["ranges"] = json!([]))
-            .to_string(),
-    )?
-    .expect_error(7)?;
+    let mut old = with("cniVersion", json!("0.4.0"));
+    old["ranges"] = json!([]);
+    let e = run(&env_with("", None), &old.to_string())?.expect_error(7)?;
     ensure!(e["cniVersion"] == "0.4.0", "{e}");
 
     // None of it left anything behind.
     w.assert_clean()?;
     ensure!(veths(&pod.ns)?.is_empty());
     Ok(())
-}
-
-trait Tap: Sized {
-    fn tap(self, f: impl FnOnce(&mut Self)) -> Self;
-}
-
-impl Tap for Value {
-    fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
-        f(&mut self);
-        self
-    }
 }
 
 #[test]

@@ -8,7 +8,6 @@ use crate::{Error, Result};
 pub fn status(conf: &NetConf) -> Result<()> {
     let agent = Agent::new(&conf.agent_socket, conf.agent_timeout);
     match agent.call(&Request::Status) {
-        Ok(Response::Ok | Response::Endpoint { .. }) => Ok(()),
         Ok(Response::Error { msg, details, .. }) => {
             Err(Error::NotAvailable(if details.is_empty() {
                 msg
@@ -16,6 +15,9 @@ pub fn status(conf: &NetConf) -> Result<()> {
                 format!("{msg}: {details}")
             }))
         }
+        // Any other answer means "I am here and ready"; written without
+        // listing variants so that protocol additions do not break us.
+        Ok(_) => Ok(()),
         Err(e) => Err(Error::NotAvailable(chain(&e))),
     }
 }

@@ -45,8 +45,9 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
         Ok(())
     });
     let (ipv4, ipv6) = split(&ips);
-    // Registered before the veth step so that a rollback deletes the veth
-    // first: a pod must not stay connected after its programs are gone.
+    // Pushed before the veth step: rollback runs newest first, so the veth is
+    // deleted before the endpoint is forgotten, and a pod never stays
+    // connected without its programs.
     undo.push("forget the endpoint", || {
         if !registered.get() {
             return Ok(());

@@ -306,6 +306,34 @@ impl Node {
         })
     }
 
+    /// Waits until the agent reports `key` (`Kind/ns/name`) programmed at
+    /// `rv` or later (`None`: until it is gone). No sleeping-and-hoping.
+    pub fn wait_programmed(&self, key: &str, rv: Option<&str>, timeout: Duration) -> Result<()> {
+        let want: Option<u64> = rv.map(|r| r.parse()).transpose()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Response::Programmed {
+                synced: true,
+                objects,
+            } = self.request(&Request::Programmed)?
+            {
+                let have = objects.get(key).and_then(|v| v.parse::<u64>().ok());
+                let done = match (want, have) {
+                    (Some(w), Some(h)) => h >= w,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if done {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{key} not programmed at {rv:?} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn maps(&self) -> Result<sluice_agent::datapath::Maps> {
         Ok(sluice_agent::datapath::Maps::open_pinned(&self.bpffs.dir)?)
     }
@@ -386,10 +414,22 @@ pub fn cni_env<'a>(cmd: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &
 impl Pod {
     /// CNI ADD through the real plugin binary.
     pub fn add(node: &Node, config: &str) -> Result<Self> {
+        Self::add_as(node, config, None)
+    }
+
+    /// CNI ADD for the Kubernetes pod `namespace/name` (CNI_ARGS as kubelet
+    /// passes them).
+    pub fn add_as(node: &Node, config: &str, pod: Option<(&str, &str)>) -> Result<Self> {
         let ns = NetNs::new("sl-pod")?;
         let container_id = format!("ctr{}", unique("").replace('-', ""));
         let netns = ns.path().to_string_lossy().into_owned();
-        let out = node.plugin(&cni_env("ADD", &container_id, &netns), config)?;
+        let mut env = cni_env("ADD", &container_id, &netns);
+        let args =
+            pod.map(|(n, p)| format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={n};K8S_POD_NAME={p}"));
+        if let Some(a) = &args {
+            env.push(("CNI_ARGS", a));
+        }
+        let out = node.plugin(&env, config)?;
         if out.code != 0 {
             bail!("ADD failed ({}): {} {}", out.code, out.stdout, out.stderr);
         }

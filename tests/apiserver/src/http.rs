@@ -649,10 +649,10 @@ impl Watcher {
                 Ok(events) => {
                     for ev in &events {
                         self.cursor = ev.rv;
-                        if ev.resource == self.r {
-                            if let Some((kind, obj)) = self.filter.translate(ev) {
-                                self.push(kind.as_str(), obj);
-                            }
+                        if ev.resource == self.r
+                            && let Some((kind, obj)) = self.filter.translate(ev)
+                        {
+                            self.push(kind.as_str(), obj);
                         }
                     }
                 }

@@ -90,10 +90,10 @@ pub fn validate(r: &Resource, obj: &Value) -> Result<(), String> {
                 }
             }
         }
-        "EndpointSlice" => {
-            if !matches!(obj["addressType"].as_str(), Some("IPv4" | "IPv6" | "FQDN")) {
-                return Err("addressType: Required value".into());
-            }
+        "EndpointSlice"
+            if !matches!(obj["addressType"].as_str(), Some("IPv4" | "IPv6" | "FQDN")) =>
+        {
+            return Err("addressType: Required value".into());
         }
         _ => {}
     }

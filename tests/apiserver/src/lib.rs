@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 pub use store::{ApiError, Store};
 
 /// How to run the server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Config {
     /// Must be a loopback address; port 0 picks a free port.
     pub listen: SocketAddr,

@@ -170,7 +170,7 @@ pub fn api_versions(server_address: &str) -> Value {
 
 fn group_json(group: &str) -> Value {
     let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv.clone()], "preferredVersion": gv})
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "preferredVersion": gv, "versions": [gv]})
 }
 
 /// `/apis` (legacy, non-aggregated).
@@ -358,6 +358,7 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]

@@ -165,29 +165,29 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(labels: Value) -> Value {
+    fn pod(labels: &Value) -> Value {
         json!({"metadata": {"name": "a", "namespace": "ns1", "labels": labels}, "spec": {"nodeName": "n1"}})
     }
 
     #[test]
     fn equality_and_inequality_terms_must_all_hold() {
         let s = LabelSelector::parse("app=web,tier!=db").unwrap();
-        assert!(s.matches(&pod(json!({"app": "web", "tier": "fe"}))));
-        assert!(s.matches(&pod(json!({"app": "web"}))));
-        assert!(!s.matches(&pod(json!({"app": "web", "tier": "db"}))));
-        assert!(!s.matches(&pod(json!({"app": "api"}))));
+        assert!(s.matches(&pod(&json!({"app": "web", "tier": "fe"}))));
+        assert!(s.matches(&pod(&json!({"app": "web"}))));
+        assert!(!s.matches(&pod(&json!({"app": "web", "tier": "db"}))));
+        assert!(!s.matches(&pod(&json!({"app": "api"}))));
     }
 
     #[test]
     fn set_terms_and_existence_terms_follow_kubernetes_semantics() {
         let s = LabelSelector::parse("env in (prod, staging),!legacy,team").unwrap();
-        assert!(s.matches(&pod(json!({"env": "prod", "team": "x"}))));
-        assert!(!s.matches(&pod(json!({"env": "dev", "team": "x"}))));
-        assert!(!s.matches(&pod(json!({"env": "prod", "team": "x", "legacy": "1"}))));
-        assert!(!s.matches(&pod(json!({"env": "prod"}))));
+        assert!(s.matches(&pod(&json!({"env": "prod", "team": "x"}))));
+        assert!(!s.matches(&pod(&json!({"env": "dev", "team": "x"}))));
+        assert!(!s.matches(&pod(&json!({"env": "prod", "team": "x", "legacy": "1"}))));
+        assert!(!s.matches(&pod(&json!({"env": "prod"}))));
         let s = LabelSelector::parse("env notin (prod)").unwrap();
-        assert!(s.matches(&pod(json!({}))));
-        assert!(!s.matches(&pod(json!({"env": "prod"}))));
+        assert!(s.matches(&pod(&json!({}))));
+        assert!(!s.matches(&pod(&json!({"env": "prod"}))));
     }
 
     #[test]
@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn field_selectors_compare_dotted_paths_as_strings() {
-        let o = pod(json!({}));
+        let o = pod(&json!({}));
         let f = FieldSelector::parse("metadata.name=a,metadata.namespace==ns1").unwrap();
         assert!(f.matches(&o));
         assert_eq!(f.pinned("metadata.name"), Some("a"));

@@ -938,12 +938,12 @@ mod tests {
             ..Filter::default()
         };
         let start = s.resource_version();
-        let mut db = p.clone();
+        let mut db = p;
         db["metadata"]["labels"]["app"] = json!("db");
         let db = s
             .update(pods(), Some("default"), "a", db, Part::Main)
             .unwrap();
-        let mut web = db.clone();
+        let mut web = db;
         web["metadata"]["labels"]["app"] = json!("web");
         s.update(pods(), Some("default"), "a", web, Part::Main)
             .unwrap();

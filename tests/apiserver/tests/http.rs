@@ -34,8 +34,8 @@ fn a_watch_from_a_resource_version_replays_exactly_the_later_events_then_follows
 {
     let s = server()?;
     let a = s.addr();
-    let start = create_pod(a, "p1", json!({}))?;
-    create_pod(a, "p2", json!({}))?;
+    let start = create_pod(a, "p1", &json!({}))?;
+    create_pod(a, "p2", &json!({}))?;
     let r = request(
         a,
         "PATCH",
@@ -88,7 +88,7 @@ fn a_watch_from_a_resource_version_replays_exactly_the_later_events_then_follows
     assert!(rvs[0] > start);
     w.expect_quiet(Duration::from_millis(300))?;
 
-    let live = create_pod(a, "p3", json!({}))?;
+    let live = create_pod(a, "p3", &json!({}))?;
     let ev = w.next()?;
     assert_eq!(summary(&ev), ("ADDED".into(), "p3".into()));
     assert_eq!(rv_of(&ev["object"]), live);
@@ -99,9 +99,9 @@ fn a_watch_from_a_resource_version_replays_exactly_the_later_events_then_follows
 fn a_watch_from_a_compacted_resource_version_gets_410_gone_as_an_error_event() -> Result<()> {
     let s = server_with(|c| c.history_limit = 3)?;
     let a = s.addr();
-    let first = create_pod(a, "p0", json!({}))?;
+    let first = create_pod(a, "p0", &json!({}))?;
     for i in 1..6 {
-        create_pod(a, &format!("p{i}"), json!({}))?;
+        create_pod(a, &format!("p{i}"), &json!({}))?;
     }
     let mut w = Watch::open(
         a,
@@ -174,7 +174,7 @@ fn watches_that_allow_bookmarks_get_periodic_bookmarks_carrying_the_latest_resou
         .code
             == 201
     );
-    let created = create_pod(a, "p", json!({}))?;
+    let created = create_pod(a, "p", &json!({}))?;
     let mut got_pod = false;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -220,8 +220,8 @@ fn a_watch_ends_when_its_timeout_seconds_pass() -> Result<()> {
 fn a_watch_without_a_resource_version_starts_with_the_current_objects() -> Result<()> {
     let s = server()?;
     let a = s.addr();
-    create_pod(a, "a", json!({}))?;
-    create_pod(a, "b", json!({}))?;
+    create_pod(a, "a", &json!({}))?;
+    create_pod(a, "b", &json!({}))?;
     let mut w = Watch::open(a, "/api/v1/namespaces/default/pods?watch=1")?;
     assert_eq!(summary(&w.next()?), ("ADDED".into(), "a".into()));
     assert_eq!(summary(&w.next()?), ("ADDED".into(), "b".into()));
@@ -246,7 +246,7 @@ fn a_watch_without_a_resource_version_starts_with_the_current_objects() -> Resul
 fn a_watch_with_a_label_selector_sees_objects_enter_as_added_and_leave_as_deleted() -> Result<()> {
     let s = server()?;
     let a = s.addr();
-    let now = create_pod(a, "p", json!({"app": "web"}))?;
+    let now = create_pod(a, "p", &json!({"app": "web"}))?;
     let mut w = Watch::open(
         a,
         &format!("/api/v1/pods?watch=1&labelSelector=app%3Ddb&resourceVersion={now}"),
@@ -278,8 +278,8 @@ fn a_watch_with_a_name_field_selector_sees_only_that_object() -> Result<()> {
         a,
         &format!("/api/v1/pods?watch=1&fieldSelector=metadata.name%3Db&resourceVersion={now}"),
     )?;
-    create_pod(a, "a", json!({}))?;
-    create_pod(a, "b", json!({}))?;
+    create_pod(a, "a", &json!({}))?;
+    create_pod(a, "b", &json!({}))?;
     assert_eq!(summary(&w.next()?), ("ADDED".into(), "b".into()));
     w.expect_quiet(Duration::from_millis(200))?;
     Ok(())
@@ -303,14 +303,14 @@ fn errors_are_status_objects_with_the_right_codes_and_reasons() -> Result<()> {
         404,
         "NotFound",
     )?;
-    create_pod(a, "p", json!({}))?;
+    create_pod(a, "p", &json!({}))?;
     check(
-        post(a, "/api/v1/namespaces/default/pods", &pod("p", json!({})))?,
+        post(a, "/api/v1/namespaces/default/pods", &pod("p", &json!({})))?,
         409,
         "AlreadyExists",
     )?;
     check(
-        post(a, "/api/v1/namespaces/missing/pods", &pod("q", json!({})))?,
+        post(a, "/api/v1/namespaces/missing/pods", &pod("q", &json!({})))?,
         404,
         "NotFound",
     )?;
@@ -318,7 +318,7 @@ fn errors_are_status_objects_with_the_right_codes_and_reasons() -> Result<()> {
         post(
             a,
             "/api/v1/namespaces/default/pods",
-            &pod("Not_A_Name", json!({})),
+            &pod("Not_A_Name", &json!({})),
         )?,
         422,
         "Invalid",
@@ -340,7 +340,7 @@ fn errors_are_status_objects_with_the_right_codes_and_reasons() -> Result<()> {
         400,
         "BadRequest",
     )?;
-    let mut wrong_ns = pod("w", json!({}));
+    let mut wrong_ns = pod("w", &json!({}));
     wrong_ns["metadata"]["namespace"] = json!("kube-system");
     check(
         post(a, "/api/v1/namespaces/default/pods", &wrong_ns)?,
@@ -418,7 +418,7 @@ fn errors_are_status_objects_with_the_right_codes_and_reasons() -> Result<()> {
 fn pod_ips_are_set_only_through_the_status_subresource() -> Result<()> {
     let s = server()?;
     let a = s.addr();
-    create_pod(a, "p", json!({}))?;
+    create_pod(a, "p", &json!({}))?;
     let mut with_ip = get(a, "/api/v1/namespaces/default/pods/p")?.json()?;
     with_ip["status"] =
         json!({"phase": "Running", "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}]});
@@ -465,7 +465,7 @@ fn pod_ips_are_set_only_through_the_status_subresource() -> Result<()> {
 fn merge_json_and_strategic_patches_all_apply() -> Result<()> {
     let s = server()?;
     let a = s.addr();
-    create_pod(a, "p", json!({"app": "web"}))?;
+    create_pod(a, "p", &json!({"app": "web"}))?;
     let path = "/api/v1/namespaces/default/pods/p";
     let r = request(
         a,
@@ -516,8 +516,8 @@ fn merge_json_and_strategic_patches_all_apply() -> Result<()> {
 fn lists_carry_the_latest_resource_version_and_honour_selectors() -> Result<()> {
     let s = server()?;
     let a = s.addr();
-    create_pod(a, "a", json!({"app": "web"}))?;
-    create_pod(a, "b", json!({"app": "db"}))?;
+    create_pod(a, "a", &json!({"app": "web"}))?;
+    create_pod(a, "b", &json!({"app": "db"}))?;
     ensure!(
         post(
             a,
@@ -561,7 +561,7 @@ fn deleting_a_namespace_deletes_its_objects_and_watchers_see_them_go() -> Result
         .code
             == 201
     );
-    ensure!(post(a, "/api/v1/namespaces/demo/pods", &pod("p", json!({})))?.code == 201);
+    ensure!(post(a, "/api/v1/namespaces/demo/pods", &pod("p", &json!({})))?.code == 201);
     let np = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "deny"}, "spec": {"podSelector": {}}});
     ensure!(
         post(
@@ -667,7 +667,7 @@ fn endpoint_slices_and_nodes_round_trip() -> Result<()> {
     )?;
     ensure!(r.code == 201, "{}", r.body);
     assert_eq!(r.json()?["ports"][0]["protocol"], "TCP");
-    let mut bad = slice.clone();
+    let mut bad = slice;
     bad["metadata"]["name"] = json!("other");
     bad.as_object_mut().context("object")?.remove("addressType");
     assert_eq!(
@@ -689,7 +689,7 @@ fn generate_name_and_dry_run_behave_like_the_real_server() -> Result<()> {
     let r = post(
         a,
         "/api/v1/namespaces/default/pods",
-        &json!({"metadata": {"generateName": "web-"}, "spec": pod("x", json!({}))["spec"]}),
+        &json!({"metadata": {"generateName": "web-"}, "spec": pod("x", &json!({}))["spec"]}),
     )?;
     ensure!(r.code == 201, "{}", r.body);
     let name = r.json()?["metadata"]["name"]
@@ -701,7 +701,7 @@ fn generate_name_and_dry_run_behave_like_the_real_server() -> Result<()> {
     let r = post(
         a,
         "/api/v1/namespaces/default/pods?dryRun=All",
-        &pod("dry", json!({})),
+        &pod("dry", &json!({})),
     )?;
     assert_eq!(r.code, 201);
     assert!(s.get("pods", "default", "dry").is_none());

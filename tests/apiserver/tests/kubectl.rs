@@ -493,7 +493,7 @@ fn kubectl_get_watch_prints_changes_made_after_it_started() -> Result<()> {
     let result = (|| -> Result<()> {
         wait_for(&|l| l.starts_with("NAME") && l.contains("STATUS"))?;
         wait_for(&|l| l.starts_with("web ") && l.contains("Pending"))?;
-        let late = common::pod("late", json!({}));
+        let late = common::pod("late", &json!({}));
         let r = common::post(c.server.addr(), "/api/v1/namespaces/demo/pods", &late)?;
         ensure!(r.code == 201, "{}", r.body);
         wait_for(&|l| l.starts_with("late ") && l.contains("Pending"))?;

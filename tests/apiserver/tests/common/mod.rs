@@ -144,7 +144,7 @@ pub fn post(addr: SocketAddr, path: &str, body: &Value) -> Result<Resp> {
 }
 
 /// A pod with one container.
-pub fn pod(name: &str, labels: Value) -> Value {
+pub fn pod(name: &str, labels: &Value) -> Value {
     serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
@@ -153,7 +153,7 @@ pub fn pod(name: &str, labels: Value) -> Value {
 }
 
 /// Creates a pod in `default` and returns its resourceVersion.
-pub fn create_pod(addr: SocketAddr, name: &str, labels: Value) -> Result<u64> {
+pub fn create_pod(addr: SocketAddr, name: &str, labels: &Value) -> Result<u64> {
     let r = post(addr, "/api/v1/namespaces/default/pods", &pod(name, labels))?;
     if r.code != 201 {
         bail!("creating {name}: {} {}", r.code, r.body);

@@ -318,7 +318,9 @@ fn resource_request(
         }
     };
     match (&req.method, t.name.as_deref()) {
-        (&Method::GET, None) if t.watch || req.flag("watch") => start_watch(state, req, r, ns),
+        (&Method::GET, None) if t.watch || req.flag("watch") => {
+            watch_response(state, req, r, filter_from(req, ns)?)
+        }
         (&Method::GET, Some(name)) if t.watch || req.flag("watch") => {
             let mut filter = filter_from(req, ns)?;
             let by_name = format!("metadata.name={name}");
@@ -489,16 +491,6 @@ fn table(
         json!([])
     };
     t
-}
-
-fn start_watch(
-    state: &Arc<State>,
-    req: &Req,
-    r: &'static Resource,
-    ns: Option<&str>,
-) -> Result<Response<Body>, ApiError> {
-    let filter = filter_from(req, ns)?;
-    watch_response(state, req, r, filter)
 }
 
 /// One watch: replays the event log after a resourceVersion, then follows it.

@@ -13,15 +13,20 @@
 //! }
 //! ```
 //!
+//! Without `ranges` (key absent or null) ADD takes them from the Node's
+//! podCIDRs, which the agent knows ([`node_ranges`]); `"ranges": []` is an
+//! error.
+//!
 //! Malformed JSON is error 6; JSON that parses but is not a valid
-//! configuration (wrong type, bad CIDR, no ranges, ...) is error 7.
+//! configuration (wrong type, bad CIDR, empty ranges, ...) is error 7.
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_proto::Attachment;
+use sluice_proto::{Attachment, Response};
 
+use crate::agent::AgentError;
 use crate::ipam::RangeSet;
 use crate::result::CniResult;
 use crate::version::{self, Version};
@@ -35,8 +40,9 @@ pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NetConf {
     pub version: Version,
     pub name: String,
-    /// One range set per address family, at most two.
-    pub ranges: Vec<RangeSet>,
+    /// One range set per address family, at most two. `None`: not
+    /// configured, ADD asks the agent for the Node's podCIDRs.
+    pub ranges: Option<Vec<RangeSet>>,
     pub data_dir: PathBuf,
     pub agent_socket: PathBuf,
     pub agent_timeout: Duration,
@@ -109,24 +115,14 @@ pub fn from_value(v: Value, version: Version) -> Result<NetConf> {
         .name
         .ok_or_else(|| Error::InvalidConfig("name is missing".into()))?;
     validate_network_name(&name)?;
-    let ranges = RangeSet::parse_all(&raw.ranges.unwrap_or_default())?;
+    let ranges = raw.ranges.as_deref().map(RangeSet::parse_all).transpose()?;
     let agent_timeout = match raw.agent_timeout_ms {
         None => DEFAULT_AGENT_TIMEOUT,
         Some(0) => return Err(Error::InvalidConfig("agentTimeoutMs must be > 0".into())),
         Some(ms) => Duration::from_millis(ms),
     };
-    if let Some(mtu) = raw.mtu {
-        let min = if ranges.iter().any(RangeSet::is_v6) {
-            1280
-        } else {
-            68
-        };
-        if !(min..=65535).contains(&mtu) {
-            return Err(Error::InvalidConfig(format!(
-                "mtu {mtu} is outside {min}..=65535"
-            )));
-        }
-    }
+    // Checked again by ADD once ranges from the Node are known.
+    validate_mtu(raw.mtu, ranges.as_deref().unwrap_or_default())?;
     let prev_result = match raw.prev_result {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -165,6 +161,56 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
     from_value(v, version)
 }
 
+/// The MTU fits the families served (IPv6 needs 1280).
+pub fn validate_mtu(mtu: Option<u32>, ranges: &[RangeSet]) -> Result<()> {
+    let Some(mtu) = mtu else { return Ok(()) };
+    let min = if ranges.iter().any(RangeSet::is_v6) {
+        1280
+    } else {
+        68
+    };
+    if !(min..=65535).contains(&mtu) {
+        return Err(Error::InvalidConfig(format!(
+            "mtu {mtu} is outside {min}..=65535"
+        )));
+    }
+    Ok(())
+}
+
+/// The ranges of a configuration without `ranges`, from the agent's answer
+/// to `PodCidrs`: each CIDR one range set, validated like configured ranges
+/// (so at most one IPv4 and one IPv6). An unreachable agent is 11; an
+/// agent error, an empty list or any other answer is 7.
+pub fn node_ranges(answer: Result<Response, AgentError>) -> Result<Vec<RangeSet>> {
+    const NONE: &str = "no ranges configured and the agent knows no podCIDRs";
+    let cidrs = match answer.map_err(Error::AgentUnavailable)? {
+        Response::PodCidrs { cidrs } if !cidrs.is_empty() => cidrs,
+        Response::PodCidrs { .. } => return Err(Error::InvalidConfig(NONE.into())),
+        Response::Error { code, msg, details } => {
+            let details = if details.is_empty() {
+                String::new()
+            } else {
+                format!(": {details}")
+            };
+            return Err(Error::InvalidConfig(format!(
+                "{NONE} (agent error {code}: {msg}{details})"
+            )));
+        }
+        other => {
+            return Err(Error::InvalidConfig(format!(
+                "{NONE} (unexpected answer {other:?})"
+            )));
+        }
+    };
+    let sets: Vec<Vec<String>> = cidrs.iter().map(|c| vec![c.clone()]).collect();
+    RangeSet::parse_all(&sets).map_err(|e| match e {
+        Error::InvalidConfig(m) => {
+            Error::InvalidConfig(format!("the Node's podCIDRs {cidrs:?}: {m}"))
+        }
+        other => other,
+    })
+}
+
 fn non_empty_path(v: Option<String>, field: &str, default: &str) -> Result<PathBuf> {
     match v {
         None => Ok(PathBuf::from(default)),
@@ -196,7 +242,7 @@ mod tests {
         let c = parse(GOOD.as_bytes());
         let c = c.as_ref().ok();
         assert_eq!(c.map(|c| c.version), Some(Version::V1_1_0));
-        assert_eq!(c.map(|c| c.ranges.len()), Some(2));
+        assert_eq!(c.and_then(|c| c.ranges.as_ref()).map(Vec::len), Some(2));
         assert_eq!(
             c.map(|c| c.data_dir.clone()),
             Some(PathBuf::from(DEFAULT_DATA_DIR))
@@ -249,7 +295,6 @@ mod tests {
             format!(r#"{{{v},"name":"n","ranges":[["10.0.0.0/24"]]}}"#),
             format!(r#"{{{v},"type":"sluice","ranges":[["10.0.0.0/24"]]}}"#),
             format!(r#"{{{v},"name":"../x","type":"sluice","ranges":[["10.0.0.0/24"]]}}"#),
-            format!(r#"{{{v},"name":"n","type":"sluice"}}"#),
             format!(r#"{{{v},"name":"n","type":"sluice","ranges":[]}}"#),
             format!(r#"{{{v},"name":"n","type":"sluice","ranges":[["10.0.0.300/24"]]}}"#),
             format!(r#"{{{v},"name":"n","type":"sluice","ranges":"10.0.0.0/24"}}"#),
@@ -289,5 +334,84 @@ mod tests {
         );
         let prev = c.ok().and_then(|c| c.prev_result);
         assert_eq!(prev.map(|p| p.ips.len()), Some(1));
+    }
+
+    #[test]
+    fn absent_or_null_ranges_are_left_to_the_node_but_empty_ones_are_error_7() {
+        for ranges in ["", r#","ranges":null"#] {
+            let c = parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"sluice"{ranges}}}"#)
+                    .as_bytes(),
+            );
+            assert!(c.is_ok_and(|c| c.ranges.is_none()), "{ranges}");
+        }
+        assert_eq!(
+            code(r#"{"cniVersion":"1.1.0","name":"n","type":"sluice","ranges":[]}"#),
+            Some(7)
+        );
+        // Without ranges the MTU is checked against IPv4's minimum now and
+        // against the Node's families by ADD.
+        assert_eq!(
+            code(r#"{"cniVersion":"1.1.0","name":"n","type":"sluice","mtu":10}"#),
+            Some(7)
+        );
+        assert!(parse(br#"{"cniVersion":"1.1.0","name":"n","type":"sluice","mtu":1000}"#).is_ok());
+    }
+
+    fn node(cidrs: &[&str]) -> Result<Vec<RangeSet>> {
+        node_ranges(Ok(Response::PodCidrs {
+            cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        }))
+    }
+
+    #[test]
+    fn each_pod_cidr_of_the_node_is_one_range_set() {
+        let sets = node(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
+        assert_eq!(
+            sets.as_ref()
+                .ok()
+                .map(|s| s.iter().map(RangeSet::is_v6).collect::<Vec<_>>()),
+            Some(vec![false, true])
+        );
+        assert_eq!(node(&["fd00::/64"]).ok().map(|s| s.len()), Some(1));
+        let Ok(sets) = sets else { return };
+        assert_eq!(
+            validate_mtu(Some(1000), &sets).err().map(|e| e.code()),
+            Some(7)
+        );
+        assert!(validate_mtu(Some(1280), &sets).is_ok());
+        assert!(validate_mtu(Some(1000), &sets[..1]).is_ok());
+    }
+
+    #[test]
+    fn no_usable_pod_cidrs_is_error_7_and_no_agent_is_11() {
+        for bad in [
+            &[][..],
+            &["10.244.1.0/24", "10.244.2.0/24"],
+            &["10.244.1.7/24"],
+            &["10.244.1.0/31"],
+            &["nonsense"],
+        ] {
+            assert_eq!(node(bad).err().map(|e| e.code()), Some(7), "{bad:?}");
+        }
+        let e = node(&[]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("no ranges configured and the agent knows no podCIDRs"),
+            "{e}"
+        );
+        let e = node_ranges(Ok(Response::error(50, "not in cluster mode", "no Node")));
+        let e = e.err();
+        assert_eq!(e.as_ref().map(Error::code), Some(7));
+        let msg = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("knows no podCIDRs") && msg.contains("not in cluster mode"),
+            "{msg}"
+        );
+        assert_eq!(
+            node_ranges(Ok(Response::Ok)).err().map(|e| e.code()),
+            Some(7)
+        );
+        let gone = AgentError::Eof;
+        assert_eq!(node_ranges(Err(gone)).err().map(|e| e.code()), Some(11));
     }
 }

@@ -54,6 +54,8 @@ struct AgentState {
     mode: Option<Mode>,
     requests: Vec<Request>,
     endpoints: HashMap<Attachment, EndpointSpec>,
+    /// The answer to `PodCidrs`; `None` answers with an agent error.
+    pod_cidrs: Option<Vec<String>>,
 }
 
 /// A thread serving the agent socket; stopped and removed on drop.
@@ -71,6 +73,7 @@ impl FakeAgent {
         listener.set_nonblocking(true)?;
         let state = Arc::new(Mutex::new(AgentState {
             mode: Some(Mode::Ready),
+            pod_cidrs: Some(Vec::new()),
             ..AgentState::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -101,6 +104,12 @@ impl FakeAgent {
     fn set_mode(&self, mode: Mode) {
         if let Ok(mut s) = self.state.lock() {
             s.mode = Some(mode);
+        }
+    }
+
+    fn set_pod_cidrs(&self, cidrs: Option<&[&str]>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.pod_cidrs = cidrs.map(|c| c.iter().map(|c| c.to_string()).collect());
         }
     }
 
@@ -170,6 +179,12 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
                 s.endpoints.retain(|a, _| valid.contains(a));
                 Some(Response::Ok)
             }
+            (_, Request::PodCidrs) => Some(match &s.pod_cidrs {
+                Some(cidrs) => Response::PodCidrs {
+                    cidrs: cidrs.clone(),
+                },
+                None => Response::error(50, "not in cluster mode", "the agent watches no Node"),
+            }),
             (_, _) => Some(Response::Ok),
         }
     };
@@ -238,6 +253,7 @@ struct World {
     node: NetNs,
     agent: FakeAgent,
     data: TempDir,
+    /// Empty: the configuration has no `ranges` (the Node's podCIDRs).
     ranges: Vec<Vec<String>>,
 }
 
@@ -267,15 +283,18 @@ impl World {
     }
 
     fn config(&self) -> Value {
-        json!({
+        let mut c = json!({
             "cniVersion": "1.1.0",
             "name": NETWORK,
             "type": "sluice",
-            "ranges": self.ranges,
             "dataDir": self.data.0,
             "agentSocket": self.agent.socket(),
             "agentTimeoutMs": 2000,
-        })
+        });
+        if !self.ranges.is_empty() {
+            c["ranges"] = json!(self.ranges);
+        }
+        c
     }
 
     /// Runs the plugin inside the node namespace, with exactly `env` (plus
@@ -1272,6 +1291,159 @@ fn fifty_parallel_adds_get_fifty_distinct_addresses_and_fifty_working_pods() -> 
     for h in handles {
         h.join()
             .map_err(|_| anyhow::anyhow!("DEL thread panicked"))??;
+    }
+    w.assert_clean()
+}
+
+#[test]
+fn without_ranges_add_takes_the_nodes_pod_cidrs_from_the_agent() -> Result<()> {
+    let w = World::new(&[])?;
+    ensure!(w.config().get("ranges").is_none());
+    w.agent.set_pod_cidrs(Some(&[V4_RANGE, V6_RANGE]));
+    let pod = Pod::new()?;
+    let r = w.add(&pod, &w.config())?;
+    ensure!(
+        r["ips"][0]["address"] == "10.244.1.1/32"
+            && r["ips"][1]["address"] == "fd00:10:244:1::1/128",
+        "{r}"
+    );
+    ensure!(
+        addrs(&pod.ns, "eth0")? == ["10.244.1.1/32", "fd00:10:244:1::1/128"],
+        "{:?}",
+        addrs(&pod.ns, "eth0")?
+    );
+    ensure!(ping(&w.node, "10.244.1.1".parse()?));
+    ensure!(ping(&w.node, "fd00:10:244:1::1".parse()?));
+    // Asked first, once.
+    let reqs = w.agent.requests();
+    ensure!(reqs.first() == Some(&Request::PodCidrs), "{reqs:?}");
+    ensure!(
+        reqs.iter().filter(|q| **q == Request::PodCidrs).count() == 1,
+        "{reqs:?}"
+    );
+
+    // CHECK and DEL do not need the ranges: they work while the agent has
+    // forgotten the podCIDRs.
+    w.agent.set_pod_cidrs(None);
+    let mut checked = w.config();
+    checked["prevResult"] = r.clone();
+    w.verb("CHECK", &pod.id, &pod.path(), &checked)?
+        .expect_silent_success()?;
+    w.del_twice(&pod, Some(&r))?;
+    w.assert_clean()?;
+
+    // An IPv4-only Node: an IPv4-only pod.
+    w.agent.set_pod_cidrs(Some(&["10.244.7.0/24"]));
+    let pod = Pod::new()?;
+    let r = w.add(&pod, &w.config())?;
+    ensure!(
+        r["ips"] == json!([{"address": "10.244.7.1/32", "gateway": "169.254.1.1", "interface": 1}]),
+        "{r}"
+    );
+    ensure!(addrs(&pod.ns, "eth0")? == ["10.244.7.1/32"]);
+    w.del_twice(&pod, Some(&r))?;
+    w.assert_clean()
+}
+
+#[test]
+fn without_ranges_and_without_usable_pod_cidrs_add_fails_7_or_11_and_leaves_nothing() -> Result<()>
+{
+    struct Case<'a> {
+        what: &'a str,
+        cidrs: Option<&'a [&'a str]>,
+        mode: Mode,
+        reachable: bool,
+        extra: Value,
+        code: u64,
+        msg: &'a str,
+    }
+    let w = World::new(&[])?;
+    const NONE: &str = "no ranges configured and the agent knows no podCIDRs";
+    let case = |what, cidrs, code, msg| Case {
+        what,
+        cidrs,
+        mode: Mode::Ready,
+        reachable: true,
+        extra: json!({}),
+        code,
+        msg,
+    };
+    let cases = [
+        case("empty answer", Some(&[]), 7, NONE),
+        case("agent error", None, 7, "not in cluster mode"),
+        Case {
+            mode: Mode::NotReady,
+            ..case("not ready", Some(&[V4_RANGE]), 7, NONE)
+        },
+        case(
+            "two IPv4 CIDRs",
+            Some(&[V4_RANGE, "10.244.2.0/24"]),
+            7,
+            "podCIDRs",
+        ),
+        case("host bits", Some(&["10.244.1.9/24"]), 7, "host bits"),
+        Case {
+            extra: json!({"mtu": 1000}),
+            ..case("mtu too small for IPv6", Some(&[V6_RANGE]), 7, "mtu")
+        },
+        Case {
+            reachable: false,
+            ..case("unreachable", Some(&[V4_RANGE]), 11, "not available")
+        },
+        Case {
+            mode: Mode::Silent,
+            ..case("silent", Some(&[V4_RANGE]), 11, "not available")
+        },
+        Case {
+            extra: json!({"ranges": []}),
+            ..case("explicitly empty", Some(&[V4_RANGE]), 7, "ranges is empty")
+        },
+    ];
+    for c in cases {
+        let what = c.what;
+        w.agent.set_pod_cidrs(c.cidrs);
+        w.agent.set_mode(c.mode);
+        let pod = Pod::new()?;
+        let mut conf = w.config();
+        if !c.reachable {
+            conf["agentSocket"] = json!(w.data.0.join("nobody-listens.sock"));
+        }
+        conf["agentTimeoutMs"] = json!(300);
+        for (k, v) in c.extra.as_object().into_iter().flatten() {
+            conf[k] = v.clone();
+        }
+        let before = w.agent.requests().len();
+        let e = w
+            .verb("ADD", &pod.id, &pod.path(), &conf)?
+            .expect_error(c.code)
+            .with_context(|| what.to_string())?;
+        ensure!(
+            e["msg"].as_str().unwrap_or("").contains(c.msg),
+            "{what}: {e}"
+        );
+        let asked = w.agent.requests().split_off(before);
+        // Configured ranges are not asked for; the unreachable agent is
+        // another socket.
+        let want: &[Request] = match what {
+            "explicitly empty" | "unreachable" => &[],
+            _ => &[Request::PodCidrs],
+        };
+        ensure!(asked == want, "{what}: asked {asked:?}");
+        w.agent.set_mode(Mode::Ready);
+        ensure!(
+            w.host_veths()?.is_empty(),
+            "{what}: veths {:?}",
+            w.host_veths()?
+        );
+        ensure!(veths(&pod.ns)?.is_empty(), "{what}: pod veths");
+        ensure!(
+            w.ip_files()?.is_empty(),
+            "{what}: files {:?}",
+            w.ip_files()?
+        );
+        w.verb("DEL", &pod.id, &pod.path(), &w.config())?
+            .expect_silent_success()
+            .with_context(|| what.to_string())?;
     }
     w.assert_clean()
 }

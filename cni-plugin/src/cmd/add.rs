@@ -15,7 +15,7 @@ use sluice_proto::{EndpointSpec, Request};
 
 use super::{families, open_store, split};
 use crate::agent::Agent;
-use crate::config::NetConf;
+use crate::config::{self, NetConf};
 use crate::env::AttachmentEnv;
 use crate::error::code;
 use crate::netlink::{Netlink, addr, link, neigh, route};
@@ -31,7 +31,18 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
     let host_name = names::host_ifname(&att);
     let temp_name = names::temp_ifname(&att);
     let agent = Agent::new(&conf.agent_socket, conf.agent_timeout);
-    let (v4, v6) = families(conf);
+    // Configured, or the Node's podCIDRs (before anything is built, so a
+    // failure here leaves nothing to roll back).
+    let node_ranges;
+    let ranges = match &conf.ranges {
+        Some(r) => r.as_slice(),
+        None => {
+            node_ranges = config::node_ranges(agent.call(&Request::PodCidrs))?;
+            config::validate_mtu(conf.mtu, &node_ranges)?;
+            node_ranges.as_slice()
+        }
+    };
+    let (v4, v6) = families(ranges);
     sysctl::enable_forwarding(v4, v6)?;
     let node = Netlink::open()?;
     let h = node.handle();
@@ -39,7 +50,7 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
     let mut undo = Undo::new();
 
     // IPAM.
-    let ips = ipam::allocate(&mut open_store(conf)?, &conf.ranges, &att)?;
+    let ips = ipam::allocate(&mut open_store(conf)?, ranges, &att)?;
     undo.push("release addresses", || {
         ipam::release_owner(&mut open_store(conf)?, &att)?;
         Ok(())

@@ -86,10 +86,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(format!("encoding the result: {e}")))
 }
 
-/// Whether the configuration serves IPv4 and IPv6.
-fn families(conf: &NetConf) -> (bool, bool) {
-    let v6 = conf.ranges.iter().any(ipam::RangeSet::is_v6);
-    let v4 = conf.ranges.iter().any(|r| !r.is_v6());
+/// Whether the ranges serve IPv4 and IPv6.
+fn families(ranges: &[ipam::RangeSet]) -> (bool, bool) {
+    let v6 = ranges.iter().any(ipam::RangeSet::is_v6);
+    let v4 = ranges.iter().any(|r| !r.is_v6());
     (v4, v6)
 }
 

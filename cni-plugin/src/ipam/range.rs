@@ -19,7 +19,7 @@ impl RangeSet {
     /// or two range sets, each of one family, at most one per family.
     pub fn parse_all(raw: &[Vec<String>]) -> Result<Vec<RangeSet>> {
         if raw.is_empty() {
-            return Err(Error::InvalidConfig("ranges is missing or empty".into()));
+            return Err(Error::InvalidConfig("ranges is empty".into()));
         }
         let sets = raw
             .iter()

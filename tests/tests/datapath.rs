@@ -905,8 +905,10 @@ fn an_expired_conntrack_entry_counts_as_missing() {
             flags: CT_ORIG_IS_LO | CT_ORIG_EGRESS | CT_SEEN_REPLY,
             rule_id: 0,
         };
+        // Expired 50 ms ago: conntrack's clock is exact to a jiffy (see
+        // now_ns in conntrack.rs).
         dp.conntrack
-            .insert(&key, &entry(mono_ns() - 1_000), 0)
+            .insert(&key, &entry(mono_ns() - 50_000_000), 0)
             .unwrap();
         assert!(!pass(dp, DIR_INGRESS, &reply));
         dp.conntrack

@@ -4,7 +4,7 @@
 use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, stat};
 
 use crate::{
-    conntrack::{now_ns, side_le},
+    conntrack::{precise_now_ns, side_le},
     keys::ct_key,
     maps::{DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, count},
     parse::{FAMILY_NONE, Packet},
@@ -19,7 +19,7 @@ const NOEXIST: u64 = 1;
 #[inline(never)]
 pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
     count_drop(ep_id, dir, reason, len);
-    let now = now_ns();
+    let now = precise_now_ns();
     if !event_due(ep_id, dir, pkt, now) {
         count(stat::EVENTS_RATE_LIMITED);
         return;

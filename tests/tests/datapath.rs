@@ -364,6 +364,28 @@ fn ipv6_extension_header_chains_are_walked_to_the_l4_header() {
 }
 
 #[test]
+fn headers_beyond_the_first_kilobyte_are_read_through_the_helper() {
+    with_datapath(|dp| {
+        let mut ep = endpoint(ISOLATED);
+        allow(dp, &mut ep, DIR_INGRESS, IDENTITY_ANY, proto::TCP, 80, 16);
+        // One 1032-byte hop-by-hop header puts TCP at offset 1086, past the
+        // range read from the packet pointer (see parse::load).
+        let big = |dport| {
+            Packet::tcp(v6(PEER6), 1, v6(POD6), dport, TCP_SYN)
+                .with_ext(&[EXT_HOP])
+                .with_ext_units(128)
+        };
+        assert_eq!(big(80).ip_header_len(), 40 + 1032);
+        assert!(pass(dp, DIR_INGRESS, &big(80)));
+        assert!(!pass(dp, DIR_INGRESS, &big(81)));
+        let frame = big(80).frame();
+        assert_eq!(dp.run(DIR_INGRESS, &frame[..frame.len() - 1]), TC_ACT_SHOT);
+        assert_eq!(dp.drops(EP_ID, reason::MALFORMED, DIR_INGRESS).0, 1);
+        assert_eq!(dp.drops(EP_ID, reason::POLICY_DENIED, DIR_INGRESS).0, 1);
+    });
+}
+
+#[test]
 fn an_ipv6_chain_of_more_than_eight_extension_headers_is_malformed() {
     with_datapath(|dp| {
         dp.set_endpoint(&endpoint(0));
@@ -1060,5 +1082,54 @@ fn established_flows_pass_many_times_in_one_run() {
 
 #[test]
 fn randomized_packets_never_pass_unless_the_policy_model_allows_them() {
-    with_datapath(|dp| model::run_random(dp, 0x5eed_0001, 100_000));
+    let seed = std::env::var("SLUICE_DP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0001);
+    with_datapath(|dp| model::run_random(dp, seed, 100_000));
+}
+
+#[test]
+fn keys_and_counters_use_the_endpoint_id_from_its_entry_not_the_ifindex() {
+    with_datapath(|dp| {
+        // Endpoint ids are never reused, so they differ from ifindexes.
+        let mut ep = endpoint(ISOLATED);
+        ep.ep_id = 4242;
+        allow(dp, &mut ep, DIR_INGRESS, IDENTITY_ANY, proto::TCP, 80, 16);
+        let (pod, peer) = (v4(POD4), v4(PEER4));
+        assert!(pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 1, pod, 80, TCP_SYN)
+        ));
+        let mut key = ct_key(peer, 1, pod, 80, proto::TCP);
+        assert!(dp.ct(&key).is_none());
+        key.ep_id = 4242;
+        assert!(dp.ct(&key).is_some());
+        assert!(!pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 1, pod, 81, TCP_SYN)
+        ));
+        assert_eq!(dp.drops(4242, reason::POLICY_DENIED, DIR_INGRESS).0, 1);
+        assert_eq!(dp.drops(EP_ID, reason::POLICY_DENIED, DIR_INGRESS).0, 0);
+        assert_eq!(dp.events()[0].ep_id, 4242);
+        // An entry for the ifindex as endpoint id is not this endpoint's.
+        let mut other = endpoint(ISOLATED);
+        allow(
+            dp,
+            &mut other,
+            DIR_INGRESS,
+            IDENTITY_ANY,
+            proto::TCP,
+            82,
+            16,
+        );
+        dp.set_endpoint(&ep);
+        assert!(!pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 1, pod, 82, TCP_SYN)
+        ));
+    });
 }

@@ -50,6 +50,9 @@ pub struct Packet {
     pub frag: Option<Frag>,
     /// Overrides the IPv4 IHL field (to build bad headers).
     pub ihl: Option<u8>,
+    /// Length field of hop-by-hop, routing and destination options headers
+    /// (size (n + 1) * 8 bytes).
+    pub ext_units: u8,
 }
 
 fn be(v: u16) -> [u8; 2] {
@@ -68,6 +71,7 @@ impl Packet {
             v6_ext: Vec::new(),
             frag: None,
             ihl: None,
+            ext_units: 0,
         }
     }
 
@@ -145,6 +149,13 @@ impl Packet {
         self
     }
 
+    /// Makes every hop-by-hop, routing and destination options header
+    /// `(units + 1) * 8` bytes long.
+    pub fn with_ext_units(mut self, units: u8) -> Self {
+        self.ext_units = units;
+        self
+    }
+
     pub fn with_ihl(mut self, ihl: u8) -> Self {
         self.ihl = Some(ihl);
         self
@@ -155,7 +166,11 @@ impl Packet {
         match self.src {
             IpAddr::V4(_) => 20 + self.v4_options.len(),
             IpAddr::V6(_) => {
-                40 + self.v6_ext.iter().map(|&t| ext_len(t)).sum::<usize>()
+                40 + self
+                    .v6_ext
+                    .iter()
+                    .map(|&t| ext_len(t, self.ext_units))
+                    .sum::<usize>()
                     + if self.frag.is_some() { 8 } else { 0 }
             }
         }
@@ -223,8 +238,13 @@ impl Packet {
                 h.resize(24, 0);
                 h
             }
-            // Hop-by-hop, routing, destination options: 8 bytes (PadN).
-            _ => vec![next, 0, 1, 4, 0, 0, 0, 0],
+            // Hop-by-hop, routing, destination options: PadN.
+            _ => {
+                let len = ext_len(t, self.ext_units);
+                let mut h = vec![next, self.ext_units, 1, (len - 4) as u8];
+                h.resize(len, 0);
+                h
+            }
         }
     }
 
@@ -238,8 +258,12 @@ impl Packet {
     }
 }
 
-fn ext_len(t: u8) -> usize {
-    if t == EXT_AUTH { 24 } else { 8 }
+fn ext_len(t: u8, units: u8) -> usize {
+    if t == EXT_AUTH {
+        24
+    } else {
+        (usize::from(units) + 1) * 8
+    }
 }
 
 /// An Ethernet frame around `payload`.

@@ -51,7 +51,7 @@ mod selector;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     mem::take,
     net::IpAddr,
@@ -119,10 +119,8 @@ impl fmt::Display for Diagnostic {
 /// What one event changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Local endpoints whose [`EndpointPolicy`] (or identity) changed, that
-    /// appeared, or that are gone ([`Compiler::endpoint_policy`] is then
-    /// `None`).
-    pub endpoints: BTreeSet<ObjectRef>,
+    /// Local endpoints whose [`EndpointPolicy`] changed, and how.
+    pub endpoints: BTreeMap<ObjectRef, EndpointChange>,
     /// Pod addresses whose identity changed; `None`: no pod has it any more.
     pub ipcache: BTreeMap<IpAddr, Option<u32>>,
     /// Problems found in the objects of this event.
@@ -134,12 +132,47 @@ impl Changes {
         self.endpoints.is_empty() && self.ipcache.is_empty() && self.diagnostics.is_empty()
     }
 
-    /// Folds a later event's changes into these.
+    /// Folds a later event's changes into these. Two updates of one
+    /// endpoint become a replacement (deltas are not composed).
     pub fn merge(&mut self, later: Changes) {
-        self.endpoints.extend(later.endpoints);
+        for (ep, change) in later.endpoints {
+            match self.endpoints.get_mut(&ep) {
+                Some(c) => *c = EndpointChange::Replace,
+                None => {
+                    self.endpoints.insert(ep, change);
+                }
+            }
+        }
         self.ipcache.extend(later.ipcache);
         self.diagnostics.extend(later.diagnostics);
     }
+}
+
+/// How an endpoint's policy changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointChange {
+    /// A new endpoint, a new identity, a (re)load, or a removed endpoint:
+    /// write [`Compiler::endpoint_policy`] whole (`None`: the endpoint is
+    /// gone).
+    Replace,
+    /// Same endpoint and identity: apply this to what was written before.
+    /// Shared by the endpoints of one identity.
+    Update(Arc<PolicyDelta>),
+}
+
+/// The difference between an endpoint's policy before and after an event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDelta {
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    /// Rules that are new, or whose `rule_id` changed.
+    pub upsert: Vec<Rule>,
+    /// Rules that are gone, with the `rule_id` they had.
+    pub remove: Vec<Rule>,
+    /// CIDR prefixes that are new or whose group changed.
+    pub upsert_cidrs: Vec<CidrEntry>,
+    /// CIDR prefixes that are gone.
+    pub remove_cidrs: Vec<CidrEntry>,
 }
 
 /// Which pods are endpoints of this node.
@@ -186,18 +219,62 @@ pub struct EntryCount {
 }
 
 pub fn entry_count(p: &EndpointPolicy) -> EntryCount {
-    let mut keys = HashSet::new();
+    let mut keys = Vec::with_capacity(p.rules.len());
     for r in &p.rules {
         // A rule that does not compile takes no entry (`compile` refuses it).
         for k in policy_keys(0, r.dir, r.identity, r.l4).unwrap_or_default() {
-            keys.insert((k.dir, k.identity, k.proto, k.port, k.plen));
+            keys.push((k.dir, k.identity, k.proto, k.port, k.plen));
         }
     }
+    keys.sort_unstable();
+    keys.dedup();
     EntryCount {
         policy: keys.len(),
         cidr: p.cidrs.len(),
     }
 }
+
+/// FxHash (rustc's): fast for the integer and small-tuple keys of the maps
+/// below, which the compiler allocates itself. Maps keyed by strings from
+/// the API keep std's DoS-resistant hasher.
+#[derive(Clone, Copy, Default)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7cc1_b727_220a_95);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// (name, protocol, port) of a pod's named container ports, sorted.
 type NamedPorts = Vec<(String, u8, u16)>;
@@ -351,10 +428,11 @@ impl Allocator {
 /// What an event touched, to report only what really changed.
 #[derive(Default)]
 struct Txn {
-    touched: HashMap<u32, Touched>,
+    touched: IdMap<u32, Touched>,
     /// Address -> its identity before the event.
     ips: HashMap<IpAddr, Option<u32>>,
-    endpoints: BTreeSet<ObjectRef>,
+    /// Endpoints to be written whole (new, moved, gone).
+    replaced: BTreeSet<ObjectRef>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -363,10 +441,8 @@ struct Touched {
     fresh: bool,
     cidr_dirty: bool,
     /// Rule key -> its rule id before the event.
-    keys: HashMap<RuleKey, Option<u32>>,
+    keys: IdMap<RuleKey, Option<u32>>,
     isolation: (bool, bool),
-    cidrs: Vec<CidrEntry>,
-    cidr_rules: Vec<Rule>,
 }
 
 impl Touched {
@@ -374,10 +450,8 @@ impl Touched {
         Self {
             fresh,
             cidr_dirty: false,
-            keys: HashMap::new(),
+            keys: IdMap::default(),
             isolation: st.isolation(),
-            cidrs: if fresh { vec![] } else { st.cidrs.clone() },
-            cidr_rules: if fresh { vec![] } else { st.cidr_rules.clone() },
         }
     }
 }
@@ -390,12 +464,13 @@ pub struct Compiler {
     pods: HashMap<ObjectRef, PodState>,
     pods_by_ns: HashMap<String, BTreeSet<String>>,
 
-    identities: HashMap<u32, Identity>,
+    identities: IdMap<u32, Identity>,
     identity_by_key: HashMap<Arc<IdentityKey>, u32>,
+    identities_by_ns: HashMap<String, BTreeSet<u32>>,
     local_by_ns: HashMap<String, BTreeSet<u32>>,
     identity_numbers: Allocator,
 
-    selectors: HashMap<SelId, SelectorEntry>,
+    selectors: IdMap<SelId, SelectorEntry>,
     selector_by_value: HashMap<PeerSelector, SelId>,
     /// Selectors without a namespace selector, by the namespace they cover.
     selectors_own: HashMap<String, BTreeSet<SelId>>,
@@ -404,21 +479,25 @@ pub struct Compiler {
     selectors_by_ns_sel: HashMap<Selector, BTreeSet<SelId>>,
     next_selector: SelId,
 
-    policies: HashMap<PolicyId, PolicyState>,
+    policies: IdMap<PolicyId, PolicyState>,
     policy_by_ref: HashMap<ObjectRef, PolicyId>,
     policies_by_ns: HashMap<String, BTreeSet<PolicyId>>,
     next_policy: PolicyId,
-    rule_origins: HashMap<u32, (PolicyId, u8, usize)>,
+    rule_origins: IdMap<u32, (PolicyId, u8, usize)>,
     next_rule: u32,
 
     groups: HashMap<Vec<(u32, L4)>, (u32, u32)>,
-    group_sets: HashMap<u32, Vec<(u32, L4)>>,
+    group_sets: IdMap<u32, Vec<(u32, L4)>>,
     group_numbers: Allocator,
 
     /// Address -> the pods that claim it; the last one wins (an address can
     /// be reused by a new pod before the old one is gone).
     ipcache: HashMap<IpAddr, Vec<ObjectRef>>,
     txn: Txn,
+    /// Loading: every touched identity is reported whole, no key tracking.
+    quiet: bool,
+    /// Reused buffer of `apply_part`.
+    scratch: Vec<(RuleKey, u32)>,
 }
 
 impl Compiler {
@@ -426,45 +505,78 @@ impl Compiler {
         Self {
             locality,
             empty_labels: Arc::new(Labels::new()),
-            namespaces: HashMap::new(),
-            pods: HashMap::new(),
-            pods_by_ns: HashMap::new(),
-            identities: HashMap::new(),
-            identity_by_key: HashMap::new(),
-            local_by_ns: HashMap::new(),
+            namespaces: Default::default(),
+            pods: Default::default(),
+            pods_by_ns: Default::default(),
+            identities: Default::default(),
+            identity_by_key: Default::default(),
+            identities_by_ns: Default::default(),
+            local_by_ns: Default::default(),
             identity_numbers: Allocator::new(IDENTITY_FIRST_USER, IDENTITY_CIDR_FLAG),
-            selectors: HashMap::new(),
-            selector_by_value: HashMap::new(),
-            selectors_own: HashMap::new(),
-            selectors_by_ns_sel: HashMap::new(),
+            selectors: Default::default(),
+            selector_by_value: Default::default(),
+            selectors_own: Default::default(),
+            selectors_by_ns_sel: Default::default(),
             next_selector: 0,
-            policies: HashMap::new(),
-            policy_by_ref: HashMap::new(),
-            policies_by_ns: HashMap::new(),
+            policies: Default::default(),
+            policy_by_ref: Default::default(),
+            policies_by_ns: Default::default(),
             next_policy: 0,
-            rule_origins: HashMap::new(),
+            rule_origins: Default::default(),
             next_rule: 1,
-            groups: HashMap::new(),
-            group_sets: HashMap::new(),
+            groups: Default::default(),
+            group_sets: Default::default(),
             group_numbers: Allocator::new(1, IDENTITY_CIDR_FLAG),
-            ipcache: HashMap::new(),
+            ipcache: Default::default(),
             txn: Txn::default(),
+            quiet: false,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Applies many objects as one event: the initial sync, or a resync
+    /// (objects not listed are not deleted). Cheaper than one event per
+    /// object; every endpoint it touches is reported as
+    /// [`EndpointChange::Replace`].
+    pub fn load(
+        &mut self,
+        namespaces: &[Namespace],
+        pods: &[Pod],
+        policies: &[NetworkPolicy],
+    ) -> Changes {
+        self.quiet = true;
+        for ns in namespaces {
+            self.namespace_event(ns);
+        }
+        // Pods before policies: identities then exist when selectors are
+        // interned, and each policy adds its contributions in one pass.
+        for pod in pods {
+            self.pod_event(pod);
+        }
+        for np in policies {
+            self.policy_event(np);
+        }
+        self.quiet = false;
+        self.commit()
     }
 
     // ----- events -----
 
     pub fn upsert_namespace(&mut self, ns: &Namespace) -> Changes {
+        self.namespace_event(ns);
+        self.commit()
+    }
+
+    fn namespace_event(&mut self, ns: &Namespace) {
         let Some(name) = ns.metadata.name.clone() else {
             self.diagnose(Kind::Namespace, ObjectRef::new("", ""), "no metadata.name");
-            return self.commit();
+            return;
         };
         let labels = Arc::new(ns.metadata.labels.clone().unwrap_or_default());
         if self.namespaces.get(&name) != Some(&labels) {
             self.namespaces.insert(name.clone(), labels);
             self.refresh_namespace(&name);
         }
-        self.commit()
     }
 
     pub fn delete_namespace(&mut self, name: &str) -> Changes {
@@ -479,13 +591,18 @@ impl Compiler {
     /// addresses may already belong to another pod; host-network pods are
     /// not endpoints and their addresses are the node's.
     pub fn upsert_pod(&mut self, pod: &Pod) -> Changes {
+        self.pod_event(pod);
+        self.commit()
+    }
+
+    fn pod_event(&mut self, pod: &Pod) {
         let (Some(ns), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
             self.diagnose(
                 Kind::Pod,
                 ObjectRef::new("", ""),
                 "no metadata.namespace or metadata.name",
             );
-            return self.commit();
+            return;
         };
         let obj = ObjectRef::new(ns.clone(), name.clone());
         let finished = pod
@@ -500,7 +617,7 @@ impl Compiler {
             .unwrap_or(false);
         if finished || host_network {
             self.remove_pod(&obj);
-            return self.commit();
+            return;
         }
         let (ips, mut problems) = pod_ips(pod);
         let (ports, port_problems) = named_ports(pod);
@@ -511,7 +628,6 @@ impl Compiler {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let local = self.locality.is_local(pod, &obj);
         self.set_pod(obj, labels, ports, ips, local);
-        self.commit()
     }
 
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Changes {
@@ -520,13 +636,18 @@ impl Compiler {
     }
 
     pub fn upsert_policy(&mut self, np: &NetworkPolicy) -> Changes {
+        self.policy_event(np);
+        self.commit()
+    }
+
+    fn policy_event(&mut self, np: &NetworkPolicy) {
         let (Some(ns), Some(name)) = (&np.metadata.namespace, &np.metadata.name) else {
             self.diagnose(
                 Kind::NetworkPolicy,
                 ObjectRef::new("", ""),
                 "no metadata.namespace or metadata.name",
             );
-            return self.commit();
+            return;
         };
         let obj = ObjectRef::new(ns.clone(), name.clone());
         let (parsed, problems) = parse_policy(np);
@@ -592,7 +713,6 @@ impl Compiler {
                 problems,
             },
         );
-        self.commit()
     }
 
     pub fn delete_policy(&mut self, namespace: &str, name: &str) -> Changes {
@@ -852,11 +972,11 @@ impl Compiler {
                 self.remove_local_pod(o.identity, &obj);
             }
             if (o.local || local) && !same_local {
-                self.txn.endpoints.insert(obj.clone());
+                self.txn.replaced.insert(obj.clone());
             }
             self.release_identity(o.identity);
         } else if local {
-            self.txn.endpoints.insert(obj);
+            self.txn.replaced.insert(obj);
         }
     }
 
@@ -882,7 +1002,7 @@ impl Compiler {
         }
         if old.local {
             self.remove_local_pod(old.identity, obj);
-            self.txn.endpoints.insert(obj.clone());
+            self.txn.replaced.insert(obj.clone());
         }
         self.release_identity(old.identity);
     }
@@ -914,6 +1034,10 @@ impl Compiler {
         let key = Arc::new(key);
         let hits = self.selectors_matching(&key);
         self.identity_by_key.insert(key.clone(), id);
+        self.identities_by_ns
+            .entry(key.namespace.clone())
+            .or_default()
+            .insert(id);
         self.identities.insert(
             id,
             Identity {
@@ -949,6 +1073,12 @@ impl Compiler {
         }
         if let Some(ident) = self.identities.remove(&id) {
             self.identity_by_key.remove(&ident.key);
+            if let Some(set) = self.identities_by_ns.get_mut(&ident.key.namespace) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.identities_by_ns.remove(&ident.key.namespace);
+                }
+            }
         }
         self.identity_numbers.release(id);
     }
@@ -1034,14 +1164,47 @@ impl Compiler {
         let Some(e) = self.selectors.get(&s) else {
             return BTreeSet::new();
         };
-        self.identities
-            .iter()
-            .filter(|(_, i)| {
-                e.sel
-                    .matches(&i.key.namespace, &i.key.ns_labels, &i.key.labels)
-            })
-            .map(|(&id, _)| id)
-            .collect()
+        let mut out = BTreeSet::new();
+        let mut check = |ids: &BTreeSet<u32>| {
+            // The identities of a namespace share its labels (one Arc),
+            // except briefly while it is relabelled: cache by pointer.
+            let mut last: Option<(*const Labels, bool)> = None;
+            for &id in ids {
+                let Some(i) = self.identities.get(&id) else {
+                    continue;
+                };
+                let ns_ok = match &e.sel.ns {
+                    NsMatch::Own(ns) => *ns == i.key.namespace,
+                    NsMatch::Labels(sel) => {
+                        let ptr = Arc::as_ptr(&i.key.ns_labels);
+                        match last {
+                            Some((p, ok)) if p == ptr => ok,
+                            _ => {
+                                let ok = sel.matches(&i.key.ns_labels);
+                                last = Some((ptr, ok));
+                                ok
+                            }
+                        }
+                    }
+                };
+                if ns_ok && e.sel.pod.matches(&i.key.labels) {
+                    out.insert(id);
+                }
+            }
+        };
+        match &e.sel.ns {
+            NsMatch::Own(ns) => {
+                if let Some(ids) = self.identities_by_ns.get(ns) {
+                    check(ids);
+                }
+            }
+            NsMatch::Labels(_) => {
+                for ids in self.identities_by_ns.values() {
+                    check(ids);
+                }
+            }
+        }
+        out
     }
 
     fn intern_selector(&mut self, sel: PeerSelector) -> SelId {
@@ -1263,10 +1426,13 @@ impl Compiler {
         only: Option<u32>,
         sign: i32,
     ) {
-        let contribs = self.part_contribs(pid, ri, pi, l, only);
-        for (key, rid) in contribs {
+        let mut contribs = take(&mut self.scratch);
+        self.part_contribs(pid, ri, pi, l, only, &mut contribs);
+        for &(key, rid) in &contribs {
             self.bump(l, key, rid, sign);
         }
+        contribs.clear();
+        self.scratch = contribs;
     }
 
     fn part_contribs(
@@ -1276,16 +1442,16 @@ impl Compiler {
         pi: usize,
         l: u32,
         only: Option<u32>,
-    ) -> Vec<(RuleKey, u32)> {
-        let mut out = Vec::new();
+        out: &mut Vec<(RuleKey, u32)>,
+    ) {
         let Some(rule) = self.policies.get(&pid).and_then(|p| p.rules.get(ri)) else {
-            return out;
+            return;
         };
         let Some(part) = rule.parts.get(pi) else {
-            return out;
+            return;
         };
         let Some(own) = self.identities.get(&l) else {
-            return out;
+            return;
         };
         let (dir, rid) = (rule.dir, rule.id);
         match &part.peer {
@@ -1325,7 +1491,6 @@ impl Compiler {
             // CIDR entries are recomputed per identity at commit.
             Peer::Blocks(_) => {}
         }
-        out
     }
 
     fn local_mut(&mut self, l: u32) -> Option<&mut LocalState> {
@@ -1343,7 +1508,9 @@ impl Compiler {
             return;
         }
         if let Some(st) = self.identities.get(&l).and_then(|i| i.local.as_deref()) {
-            self.txn.touched.insert(l, Touched::snapshot(st, false));
+            self.txn
+                .touched
+                .insert(l, Touched::snapshot(st, self.quiet));
         }
     }
 
@@ -1362,13 +1529,14 @@ impl Compiler {
         else {
             return;
         };
+        let quiet = self.quiet;
         let t = self
             .txn
             .touched
             .entry(l)
-            .or_insert_with(|| Touched::snapshot(st, false));
-        if !t.fresh && !t.keys.contains_key(&key) {
-            t.keys.insert(key, st.value(key));
+            .or_insert_with(|| Touched::snapshot(st, quiet));
+        if !t.fresh {
+            t.keys.entry(key).or_insert_with(|| st.value(key));
         }
         let k = (key.0, key.1, key.2, rid);
         if sign > 0 {
@@ -1386,14 +1554,14 @@ impl Compiler {
 
     // ----- CIDR groups -----
 
-    /// Recomputes the CIDR part of `l`; returns the groups it held before
-    /// (still referenced, for the caller to release).
-    fn recompute_cidrs(&mut self, l: u32) -> Vec<u32> {
+    /// Recomputes the CIDR part of `l`; returns what it had before, the
+    /// groups it held still referenced (for the caller to release).
+    fn recompute_cidrs(&mut self, l: u32) -> OldCidrs {
         let Some(ident) = self.identities.get(&l) else {
-            return vec![];
+            return OldCidrs::default();
         };
         let Some(st) = ident.local.as_deref() else {
-            return vec![];
+            return OldCidrs::default();
         };
         let mut grouped = Vec::new();
         for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -1451,12 +1619,15 @@ impl Compiler {
         }
         rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
         match self.local_mut(l) {
-            Some(st) => {
-                st.cidrs = cidrs;
-                st.cidr_rules = rules;
-                std::mem::replace(&mut st.groups, held)
-            }
-            None => held,
+            Some(st) => OldCidrs {
+                cidrs: std::mem::replace(&mut st.cidrs, cidrs),
+                rules: std::mem::replace(&mut st.cidr_rules, rules),
+                groups: std::mem::replace(&mut st.groups, held),
+            },
+            None => OldCidrs {
+                groups: held,
+                ..OldCidrs::default()
+            },
         }
     }
 
@@ -1499,23 +1670,32 @@ impl Compiler {
     fn commit(&mut self) -> Changes {
         // CIDR parts first: new groups are interned before old ones are
         // released, so a set that survives keeps its group id.
-        let dirty: Vec<u32> = self
+        let dirty: Vec<(u32, bool)> = self
             .txn
             .touched
             .iter()
             .filter(|(_, t)| t.cidr_dirty)
-            .map(|(&l, _)| l)
+            .map(|(&l, t)| (l, t.fresh))
             .collect();
+        let mut old_cidrs: IdMap<u32, OldCidrs> = IdMap::default();
         let mut old_groups = Vec::new();
-        for l in dirty {
-            old_groups.extend(self.recompute_cidrs(l));
+        for (l, fresh) in dirty {
+            let mut old = self.recompute_cidrs(l);
+            old_groups.extend(take(&mut old.groups));
+            if !fresh {
+                old_cidrs.insert(l, old);
+            }
         }
         for g in old_groups {
             self.release_group(g);
         }
         let txn = take(&mut self.txn);
         let mut changes = Changes {
-            endpoints: txn.endpoints,
+            endpoints: txn
+                .replaced
+                .into_iter()
+                .map(|ep| (ep, EndpointChange::Replace))
+                .collect(),
             ipcache: BTreeMap::new(),
             diagnostics: txn.diagnostics,
         };
@@ -1526,14 +1706,19 @@ impl Compiler {
             let Some(st) = ident.local.as_deref_mut() else {
                 continue;
             };
-            let changed = t.fresh
-                || t.isolation != st.isolation()
-                || t.cidrs != st.cidrs
-                || t.cidr_rules != st.cidr_rules
-                || t.keys.iter().any(|(&k, &before)| st.value(k) != before);
-            if changed {
-                st.cached = OnceLock::new();
-                changes.endpoints.extend(ident.local_pods.iter().cloned());
+            let change = if t.fresh {
+                EndpointChange::Replace
+            } else {
+                match delta(&t, st, old_cidrs.remove(&l)) {
+                    Some(d) => EndpointChange::Update(Arc::new(d)),
+                    None => continue,
+                }
+            };
+            st.cached = OnceLock::new();
+            for ep in &ident.local_pods {
+                if !changes.endpoints.contains_key(ep) {
+                    changes.endpoints.insert(ep.clone(), change.clone());
+                }
             }
         }
         for (ip, before) in txn.ips {
@@ -1544,6 +1729,87 @@ impl Compiler {
         }
         changes
     }
+}
+
+/// What a local identity had in the CIDR map before a recompute.
+#[derive(Default)]
+struct OldCidrs {
+    cidrs: Vec<CidrEntry>,
+    rules: Vec<Rule>,
+    groups: Vec<u32>,
+}
+
+/// What changed for a tracked identity, or `None` if nothing did.
+fn delta(t: &Touched, st: &LocalState, old: Option<OldCidrs>) -> Option<PolicyDelta> {
+    let (ingress_isolated, egress_isolated) = st.isolation();
+    let mut d = PolicyDelta {
+        ingress_isolated,
+        egress_isolated,
+        ..PolicyDelta::default()
+    };
+    for (&(dir, identity, l4), &before) in &t.keys {
+        let now = st.value((dir, identity, l4));
+        if now == before {
+            continue;
+        }
+        let rule = |rule_id| Rule {
+            dir,
+            identity,
+            l4,
+            rule_id,
+        };
+        match (before, now) {
+            (_, Some(rid)) => d.upsert.push(rule(rid)),
+            (Some(rid), None) => d.remove.push(rule(rid)),
+            (None, None) => {}
+        }
+    }
+    if let Some(old) = old {
+        let key = |r: &Rule| (r.dir, r.identity, r.l4);
+        let new_rules: BTreeMap<RuleKey, &Rule> =
+            st.cidr_rules.iter().map(|r| (key(r), r)).collect();
+        let old_rules: BTreeMap<RuleKey, &Rule> = old.rules.iter().map(|r| (key(r), r)).collect();
+        d.remove.extend(
+            old.rules
+                .iter()
+                .filter(|r| !new_rules.contains_key(&key(r)))
+                .cloned(),
+        );
+        d.upsert.extend(
+            st.cidr_rules
+                .iter()
+                .filter(|r| old_rules.get(&key(r)) != Some(r))
+                .cloned(),
+        );
+        let new_cidrs: BTreeMap<_, _> = st.cidrs.iter().map(|c| ((c.dir, c.net), c)).collect();
+        let old_cidrs: BTreeMap<_, _> = old.cidrs.iter().map(|c| ((c.dir, c.net), c)).collect();
+        d.remove_cidrs.extend(
+            old.cidrs
+                .iter()
+                .filter(|c| !new_cidrs.contains_key(&(c.dir, c.net)))
+                .cloned(),
+        );
+        d.upsert_cidrs.extend(
+            st.cidrs
+                .iter()
+                .filter(|c| old_cidrs.get(&(c.dir, c.net)) != Some(c))
+                .cloned(),
+        );
+    }
+    let unchanged = t.isolation == (ingress_isolated, egress_isolated)
+        && d.upsert.is_empty()
+        && d.remove.is_empty()
+        && d.upsert_cidrs.is_empty()
+        && d.remove_cidrs.is_empty();
+    if unchanged {
+        return None;
+    }
+    let order = |r: &Rule| (r.dir, r.identity, r.l4);
+    d.upsert.sort_by_key(order);
+    d.remove.sort_by_key(order);
+    d.upsert_cidrs.sort_by_key(|c| (c.dir, c.net));
+    d.remove_cidrs.sort_by_key(|c| (c.dir, c.net));
+    Some(d)
 }
 
 /// Sizes of the compiler's state.

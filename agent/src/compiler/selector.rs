@@ -120,14 +120,6 @@ impl PeerSelector {
             pod: Selector::everything(),
         }
     }
-
-    pub fn matches(&self, ns: &str, ns_labels: &Labels, pod_labels: &Labels) -> bool {
-        let ns_ok = match &self.ns {
-            NsMatch::Own(own) => own == ns,
-            NsMatch::Labels(sel) => sel.matches(ns_labels),
-        };
-        ns_ok && self.pod.matches(pod_labels)
-    }
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at

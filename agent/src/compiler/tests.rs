@@ -661,7 +661,7 @@ fn cidr_group_ids_survive_an_update_that_keeps_the_same_rules() {
     w.apply("x", "p", spec("b"));
     let before = w.ep("x/a").cidrs.clone();
     let changes = w.apply("x", "p", spec("nobody"));
-    assert!(changes.endpoints.contains(&obj("x/a")));
+    assert!(changes.endpoints.contains_key(&obj("x/a")));
     assert_eq!(w.ep("x/a").cidrs, before);
 }
 
@@ -927,7 +927,7 @@ fn the_ipcache_maps_pod_addresses_and_reports_each_change() {
     assert_eq!(ch.ipcache, BTreeMap::from([(ip, Some(new_id))]));
     let ch = w.c.delete_pod("x", "a");
     assert_eq!(ch.ipcache, BTreeMap::from([(ip, None)]));
-    assert!(ch.endpoints.contains(&obj("x/a")));
+    assert!(ch.endpoints.contains_key(&obj("x/a")));
     assert!(w.c.endpoint_policy(&obj("x/a")).is_none());
 }
 
@@ -959,7 +959,10 @@ fn a_relabel_reports_exactly_the_endpoints_whose_policy_changed() {
         json!({"app": "b", "canary": "yes"}),
         "10.0.2.2",
     ));
-    assert_eq!(ch.endpoints, BTreeSet::from([obj("x/a"), obj("y/b")]));
+    assert_eq!(
+        ch.endpoints.keys().cloned().collect::<Vec<_>>(),
+        vec![obj("x/a"), obj("y/b")]
+    );
     assert!(w.allows("y/b", "x/a", TCP, 80));
     // Same labels again: nothing to do.
     let ch = w.c.upsert_pod(&pod(
@@ -985,7 +988,7 @@ fn a_namespace_relabel_moves_its_pods_to_new_identities_and_updates_selectors() 
     let ch =
         w.c.upsert_namespace(&namespace("y", &[("team", "b"), ("colour", "green")]));
     assert_ne!(w.c.identity_of(&obj("y/a")), old);
-    assert!(ch.endpoints.contains(&obj("x/a")) && ch.endpoints.contains(&obj("y/a")));
+    assert!(ch.endpoints.contains_key(&obj("x/a")) && ch.endpoints.contains_key(&obj("y/a")));
     assert_eq!(ch.ipcache.len(), 2);
     assert!(w.allows("y/a", "x/a", TCP, 80) && w.allows("y/b", "x/a", TCP, 80));
     w.c.delete_namespace("y");
@@ -1029,7 +1032,7 @@ fn host_network_and_finished_pods_are_not_endpoints_nor_peers() {
         s.phase = Some("Succeeded".into());
     }
     let ch = w.c.upsert_pod(&done);
-    assert!(ch.endpoints.contains(&obj("x/a")));
+    assert!(ch.endpoints.contains_key(&obj("x/a")));
     assert!(w.c.endpoint_policy(&obj("x/a")).is_none());
     assert_eq!(w.c.ip_identity("10.0.1.1".parse().unwrap()), None);
 }
@@ -1283,6 +1286,71 @@ fn normalize(c: &Compiler, p: &EndpointPolicy) -> String {
     )
 }
 
+/// What a map writer holds for one endpoint, built only from `Changes`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Written {
+    isolation: (bool, bool),
+    rules: BTreeMap<(u8, u32, L4), u32>,
+    cidrs: BTreeMap<(u8, ipnetwork::IpNetwork), u32>,
+}
+
+impl Written {
+    fn of(p: &EndpointPolicy) -> Self {
+        Self {
+            isolation: (p.ingress_isolated, p.egress_isolated),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| ((r.dir, r.identity, r.l4), r.rule_id))
+                .collect(),
+            cidrs: p.cidrs.iter().map(|c| ((c.dir, c.net), c.group)).collect(),
+        }
+    }
+
+    fn apply(&mut self, d: &PolicyDelta) {
+        self.isolation = (d.ingress_isolated, d.egress_isolated);
+        for r in &d.remove {
+            assert_eq!(
+                self.rules.remove(&(r.dir, r.identity, r.l4)),
+                Some(r.rule_id),
+                "removing {r:?}"
+            );
+        }
+        for r in &d.upsert {
+            self.rules.insert((r.dir, r.identity, r.l4), r.rule_id);
+        }
+        for c in &d.remove_cidrs {
+            assert!(
+                self.cidrs.remove(&(c.dir, c.net)).is_some(),
+                "removing {c:?}"
+            );
+        }
+        for c in &d.upsert_cidrs {
+            self.cidrs.insert((c.dir, c.net), c.group);
+        }
+    }
+}
+
+/// Applies changes the way the agent's writer would.
+fn write(c: &Compiler, written: &mut BTreeMap<ObjectRef, Written>, ch: &Changes) {
+    for (ep, change) in &ch.endpoints {
+        match change {
+            EndpointChange::Replace => match c.endpoint_policy(ep) {
+                Some(p) => {
+                    written.insert(ep.clone(), Written::of(&p));
+                }
+                None => {
+                    written.remove(ep);
+                }
+            },
+            EndpointChange::Update(d) => written
+                .get_mut(ep)
+                .unwrap_or_else(|| panic!("an update for {ep}, never written"))
+                .apply(d),
+        }
+    }
+}
+
 fn snapshot(c: &Compiler) -> BTreeMap<ObjectRef, Arc<EndpointPolicy>> {
     c.endpoints()
         .filter_map(|o| c.endpoint_policy(o).map(|p| (o.clone(), p)))
@@ -1297,6 +1365,8 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
     let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
     let mut policies: BTreeMap<String, NetworkPolicy> = BTreeMap::new();
     let mut checked_changes = 0;
+    let mut written: BTreeMap<ObjectRef, Written> = BTreeMap::new();
+    let mut updates = 0;
     for step in 0..600 {
         let before = snapshot(&c);
         let ips_before = c.ipcache();
@@ -1352,7 +1422,7 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         for (o, p) in &after {
             if before.get(o) != Some(p) {
                 assert!(
-                    ch.endpoints.contains(o),
+                    ch.endpoints.contains_key(o),
                     "step {step}: {o} changed unreported"
                 );
                 checked_changes += 1;
@@ -1361,7 +1431,7 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         for o in before.keys() {
             if !after.contains_key(o) {
                 assert!(
-                    ch.endpoints.contains(o),
+                    ch.endpoints.contains_key(o),
                     "step {step}: {o} vanished unreported"
                 );
             }
@@ -1376,6 +1446,20 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         }
         assert_eq!(ch.ipcache, diff, "step {step}");
 
+        // A writer that applies only the reported changes holds exactly
+        // the compiled policies.
+        write(&c, &mut written, &ch);
+        updates += ch
+            .endpoints
+            .values()
+            .filter(|e| matches!(e, EndpointChange::Update(_)))
+            .count();
+        let expected: BTreeMap<ObjectRef, Written> = after
+            .iter()
+            .map(|(o, p)| (o.clone(), Written::of(p)))
+            .collect();
+        assert_eq!(written, expected, "step {step}");
+
         // A recompute on the same state finds nothing to change.
         let re = c.recompute_all();
         assert!(
@@ -1387,14 +1471,29 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         // A compiler fed only the final objects agrees.
         if step % 10 == 9 {
             let mut fresh = Compiler::new(Locality::Node("n1".into()));
-            for p in policies.values() {
-                fresh.upsert_policy(p);
-            }
-            for p in pods.values() {
-                fresh.upsert_pod(p);
-            }
-            for n in namespaces.values() {
-                fresh.upsert_namespace(n);
+            if step % 20 == 9 {
+                // One event per object, policies first, namespaces last.
+                for p in policies.values() {
+                    fresh.upsert_policy(p);
+                }
+                for p in pods.values() {
+                    fresh.upsert_pod(p);
+                }
+                for n in namespaces.values() {
+                    fresh.upsert_namespace(n);
+                }
+            } else {
+                let ns: Vec<Namespace> = namespaces.values().cloned().collect();
+                let ps: Vec<Pod> = pods.values().cloned().collect();
+                let nps: Vec<NetworkPolicy> = policies.values().cloned().collect();
+                let ch = fresh.load(&ns, &ps, &nps);
+                let all: BTreeSet<&ObjectRef> = fresh.endpoints().collect();
+                assert_eq!(
+                    ch.endpoints.keys().collect::<BTreeSet<_>>(),
+                    all,
+                    "step {step}"
+                );
+                assert!(ch.endpoints.values().all(|e| *e == EndpointChange::Replace));
             }
             let mine: BTreeMap<_, _> = after
                 .iter()
@@ -1415,5 +1514,9 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
     assert!(
         checked_changes > 100,
         "the sequence exercised {checked_changes} changes"
+    );
+    assert!(
+        updates > 100,
+        "the sequence exercised {updates} delta updates"
     );
 }

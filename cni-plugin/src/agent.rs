@@ -47,24 +47,9 @@ impl Agent {
     /// Sends `req` and waits for the answer, all within the timeout.
     pub fn call(&self, req: &Request) -> Result<Response, AgentError> {
         let deadline = Instant::now() + self.timeout;
-        let stream = self.connect(deadline)?;
-        let line = req
-            .to_line()
-            .map_err(|e| AgentError::Io(io::Error::other(e)))?;
-        let remaining = || {
-            deadline
-                .checked_duration_since(Instant::now())
-                .filter(|d| !d.is_zero())
-                .ok_or(AgentError::Timeout(self.timeout))
-        };
+        let stream = self.send(req, deadline)?;
         stream
-            .set_write_timeout(Some(remaining()?))
-            .map_err(AgentError::Io)?;
-        (&stream)
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io_or_timeout(e))?;
-        stream
-            .set_read_timeout(Some(remaining()?))
+            .set_read_timeout(Some(self.remaining(deadline)?))
             .map_err(AgentError::Io)?;
         let mut answer = String::new();
         let n = BufReader::new(&stream)
@@ -74,6 +59,37 @@ impl Agent {
             return Err(AgentError::Eof);
         }
         serde_json::from_str(answer.trim_end()).map_err(AgentError::Decode)
+    }
+
+    /// Sends `req` (`Observe`) within the timeout and hands back the
+    /// connection to read the agent's lines from, without a read timeout:
+    /// a stream may stay quiet for as long as nothing happens.
+    pub fn stream(&self, req: &Request) -> Result<BufReader<UnixStream>, AgentError> {
+        let stream = self.send(req, Instant::now() + self.timeout)?;
+        stream.set_read_timeout(None).map_err(AgentError::Io)?;
+        Ok(BufReader::new(stream))
+    }
+
+    /// Connects and writes the request line, both before `deadline`.
+    fn send(&self, req: &Request, deadline: Instant) -> Result<UnixStream, AgentError> {
+        let stream = self.connect(deadline)?;
+        let line = req
+            .to_line()
+            .map_err(|e| AgentError::Io(io::Error::other(e)))?;
+        stream
+            .set_write_timeout(Some(self.remaining(deadline)?))
+            .map_err(AgentError::Io)?;
+        (&stream)
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_or_timeout(e))?;
+        Ok(stream)
+    }
+
+    fn remaining(&self, deadline: Instant) -> Result<Duration, AgentError> {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(AgentError::Timeout(self.timeout))
     }
 
     /// connect(2) on a unix socket fails at once when nobody listens
@@ -211,6 +227,39 @@ mod tests {
             Err(AgentError::Timeout(_))
         ));
         let _joined = hold.join();
+        let _gone = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_stream_reads_every_line_until_the_agent_closes() {
+        let path = sock_path("stream");
+        let _gone = std::fs::remove_file(&path);
+        let Ok(listener) = UnixListener::bind(&path) else {
+            panic!("bind");
+        };
+        let agent = std::thread::spawn(move || -> io::Result<String> {
+            let (c, _) = listener.accept()?;
+            let mut req = String::new();
+            BufReader::new(&c).read_line(&mut req)?;
+            // Quiet for longer than the timeout: a stream has no read timeout.
+            std::thread::sleep(Duration::from_millis(300));
+            (&c).write_all(b"{\"n\":1}\n{\"n\":2}\n")?;
+            Ok(req)
+        });
+        let a = Agent::new(&path, Duration::from_millis(100));
+        let lines: Vec<String> = match a.stream(&Request::Observe {
+            filter: sluice_proto::ObserveFilter::default(),
+        }) {
+            Ok(r) => r.lines().map_while(io::Result::ok).collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(lines, [r#"{"n":1}"#, r#"{"n":2}"#]);
+        let req = agent
+            .join()
+            .ok()
+            .and_then(io::Result::ok)
+            .unwrap_or_default();
+        assert!(req.contains(r#""op":"observe""#), "{req}");
         let _gone = std::fs::remove_file(&path);
     }
 }

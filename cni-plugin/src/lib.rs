@@ -6,7 +6,11 @@
 //! `result`, `names`, `ipam::alloc`); the I/O edges (`netlink`, `netns`,
 //! `agent`, `sysctl`, `ipam::disk`) are thin, and the verbs in `cmd` read top
 //! to bottom: parse, IPAM, namespace work, agent, print.
+//!
+//! Without CNI_COMMAND the binary is a small client of the agent instead
+//! (`sluice status|wait|observe`, module `cli`).
 pub mod agent;
+pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod env;

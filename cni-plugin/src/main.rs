@@ -1,5 +1,6 @@
 //! `sluice`, the CNI plugin binary: environment and stdin in, a result or
-//! the spec's error object out on stdout, logs on stderr.
+//! the spec's error object out on stdout, logs on stderr. Without
+//! CNI_COMMAND (a user at a shell), the `status`/`wait`/`observe` CLI.
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
@@ -8,6 +9,10 @@ use sluice_cni::version::{LATEST, Version};
 use sluice_cni::{Error, Result, env};
 
 fn main() -> ExitCode {
+    // Set but empty or unknown stays a CNI error (4), as runtimes expect.
+    if std::env::var_os("CNI_COMMAND").is_none() {
+        return sluice_cni::cli::main(std::env::args_os().skip(1));
+    }
     let lookup = |k: &str| std::env::var(k).ok();
     let mut served = LATEST;
     let outcome = run(&lookup, &mut served);

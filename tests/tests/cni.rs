@@ -948,8 +948,8 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
     run(&env_with("CNI_COMMAND", Some("STATUS")), &v100)?.expect_error(1)?;
     // 4: missing or bad environment variables, named in the message.
     for (k, v) in [
-        ("CNI_COMMAND", None),
         ("CNI_COMMAND", Some("FROB")),
+        ("CNI_COMMAND", Some("")),
         ("CNI_CONTAINERID", None),
         ("CNI_CONTAINERID", Some("-bad")),
         ("CNI_IFNAME", None),
@@ -962,6 +962,15 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
         let e = run(&env_with(k, v), &good_s)?.expect_error(4)?;
         ensure!(e["msg"].as_str().unwrap_or("").contains(k), "{k}: {e}");
     }
+    // No CNI_COMMAND at all is a user at a shell: usage, exit 2.
+    let out = run(&env_with("CNI_COMMAND", None), &good_s)?;
+    ensure!(
+        out.code == 2 && out.stdout.is_empty() && out.stderr.contains("usage"),
+        "{} / {} / {}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
     // CNI_NETNS naming the node's own namespace would give the node away.
     let own = w.node.path().display().to_string();
     run(&env_with("CNI_NETNS", Some(&own)), &good_s)?.expect_error(4)?;

@@ -1,0 +1,212 @@
+//! `sluice status|wait|observe`: the same binary as a small command-line
+//! client of the node agent, when CNI_COMMAND is not set.
+//!
+//! Parsing (`args`) and rendering (`show`) are pure; this module only talks
+//! to the agent and prints. Exit status: 0 success, 1 not ready / timed out
+//! / the agent failed, 2 usage.
+pub mod args;
+pub mod show;
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::time::{ClockId, clock_gettime};
+use serde_json::Value;
+use sluice_proto::{ObserveFilter, Request, Response};
+
+use crate::agent::{Agent, AgentError};
+use args::{Cli, Format, Target, USAGE};
+use show::{Answer, Clock};
+
+/// Per request of `status` and for `observe` to connect.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `wait` asks.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+
+const OK: u8 = 0;
+const FAILED: u8 = 1;
+const USAGE_ERROR: u8 = 2;
+
+/// Runs the command line `args` (without the program name).
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args: Result<Vec<String>, OsString> = args.into_iter().map(OsString::into_string).collect();
+    let parsed = match args {
+        Ok(a) => args::parse(&a),
+        Err(bad) => Err(args::UsageError(format!("argument {bad:?} is not UTF-8"))),
+    };
+    ExitCode::from(match parsed {
+        Err(e) => {
+            eprintln!("sluice: {e}\n\n{USAGE}");
+            USAGE_ERROR
+        }
+        Ok(Cli::Help) => {
+            println!("{USAGE}");
+            OK
+        }
+        Ok(Cli::Status { socket, format }) => status(&socket, format),
+        Ok(Cli::Wait {
+            socket,
+            targets,
+            gone,
+            timeout,
+        }) => wait(&socket, &targets, gone, timeout),
+        Ok(Cli::Observe {
+            socket,
+            filter,
+            format,
+        }) => observe(&socket, filter, format),
+    })
+}
+
+/// An agent error with its sources, on one line.
+fn explain(e: &AgentError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn ask(agent: &Agent, req: &Request) -> Answer {
+    agent.call(req).map_err(|e| explain(&e))
+}
+
+/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+fn status(socket: &Path, format: Format) -> u8 {
+    let agent = Agent::new(socket, REQUEST_TIMEOUT);
+    let st = ask(&agent, &Request::Status);
+    let programmed = ask(&agent, &Request::Programmed);
+    let text = match format {
+        Format::Text => show::status_text(&st, &programmed),
+        Format::Json => format!("{}\n", show::status_json(&st, &programmed)),
+    };
+    // A closed stdout changes nothing about readiness.
+    let _printed = print(&text).is_ok();
+    if show::is_ready(&st) { OK } else { FAILED }
+}
+
+fn wait(socket: &Path, targets: &[Target], gone: bool, timeout: Duration) -> u8 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // A hung agent must not hold us much past the deadline, but even
+        // `--timeout 0` deserves one real question.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let agent = Agent::new(socket, left.max(Duration::from_millis(200)));
+        let unmet = match agent.call(&Request::Programmed) {
+            Ok(Response::Programmed { synced, objects }) => {
+                let unmet = show::unmet(targets, gone, synced, &objects);
+                if unmet.is_empty() {
+                    let mut text = show::met(targets, gone, &objects).join("\n");
+                    text.push('\n');
+                    let _printed = print(&text).is_ok();
+                    return OK;
+                }
+                unmet
+            }
+            // The agent is there and says no: asking again will not help.
+            Ok(Response::Error { code, msg, details }) => {
+                eprintln!("sluice: the agent refused Programmed: {code}: {msg}: {details}");
+                return FAILED;
+            }
+            Ok(other) => {
+                eprintln!("sluice: unexpected answer to Programmed: {other:?}");
+                return FAILED;
+            }
+            // Not (yet) reachable, e.g. restarting: keep asking.
+            Err(e) => show::unanswered(targets, &explain(&e)),
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            eprintln!(
+                "sluice: timed out after {} waiting for:",
+                show_duration(timeout)
+            );
+            for u in unmet {
+                eprintln!("  {u}");
+            }
+            return FAILED;
+        }
+        std::thread::sleep(POLL_EVERY.min(deadline - now));
+    }
+}
+
+fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn clock_now() -> Clock {
+    let mono_ns = clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .ok()
+        .and_then(|t| {
+            let s = u64::try_from(t.tv_sec()).ok()?;
+            let ns = u64::try_from(t.tv_nsec()).ok()?;
+            s.checked_mul(1_000_000_000)?.checked_add(ns)
+        })
+        .unwrap_or(0);
+    let unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Clock { mono_ns, unix_ns }
+}
+
+fn observe(socket: &Path, filter: ObserveFilter, format: Format) -> u8 {
+    let agent = Agent::new(socket, REQUEST_TIMEOUT);
+    let reader = match agent.stream(&Request::Observe { filter }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: {}", explain(&e));
+            return FAILED;
+        }
+    };
+    for line in reader.lines() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("sluice: reading from the agent: {e}");
+                return FAILED;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Option<Value> = serde_json::from_str(&line).ok();
+        if let Some(e) = value.as_ref().and_then(show::stream_error) {
+            eprintln!("sluice: {e}");
+            return FAILED;
+        }
+        let text = match format {
+            Format::Json => Some(line.clone()),
+            Format::Text => value
+                .as_ref()
+                .and_then(|v| show::observe_line(v, clock_now())),
+        };
+        match text {
+            Some(mut t) => {
+                t.push('\n');
+                if print(&t).is_err() {
+                    // Nobody reads any more (`| head`): done.
+                    return OK;
+                }
+            }
+            None => eprintln!("sluice: not a record: {line}"),
+        }
+    }
+    OK
+}

@@ -55,7 +55,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// Does nothing: the baseline of `cargo xtask bench-datapath` (what
+/// Does nothing: the baseline of `cargo xtask bench datapath` (what
 /// BPF_PROG_TEST_RUN itself costs). The agent never attaches it.
 #[classifier]
 pub fn noop(_ctx: TcContext) -> i32 {
@@ -98,21 +98,21 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     // SAFETY: a map value, read-only here and valid for this run.
     let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
-        return drop(ctx, 0, dir, UNKNOWN_ENDPOINT, pkt);
+        return drop_packet(ctx, 0, dir, UNKNOWN_ENDPOINT, pkt);
     };
     match decide(ctx, ep, dir, parsed, &mut pkt) {
         Ok(()) => {
             count(stat::FORWARDED);
             Ok(TC_ACT_OK)
         }
-        Err(why) => drop(ctx, ep.ep_id, dir, why, pkt),
+        Err(why) => drop_packet(ctx, ep.ep_id, dir, why, pkt),
     }
 }
 
 /// 11. Every drop is counted and (rate-limited) reported. `pkt` by value:
 /// the packet stays in registers on the pass path.
 #[inline(always)]
-fn drop(ctx: &TcContext, ep_id: u32, dir: u8, why: Reason, pkt: Packet) -> Result<i32, i32> {
+fn drop_packet(ctx: &TcContext, ep_id: u32, dir: u8, why: Reason, pkt: Packet) -> Result<i32, i32> {
     events::record_drop(ep_id, dir, why.0.get(), &pkt, ctx.len());
     Err(TC_ACT_SHOT as i32)
 }

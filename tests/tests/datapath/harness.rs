@@ -313,14 +313,6 @@ impl Datapath {
             Err(e) => panic!("CONNTRACK: {e:?}"),
         }
     }
-
-    /// Empties conntrack.
-    pub fn clear_ct(&mut self) {
-        let keys: Vec<CtKey> = self.conntrack.keys().map(|k| k.expect("CT key")).collect();
-        for k in keys {
-            let _ignored_if_gone = self.conntrack.remove(&k);
-        }
-    }
 }
 
 /// setrlimit(MEMLOCK) fails with EPERM on these machines (memory is

@@ -252,6 +252,9 @@ impl CtEntry {
     }
 }
 
+/// (source, source port, destination, destination port, protocol)
+type Tuple = ([u8; 16], u16, [u8; 16], u16, u8);
+
 /// What the generator knows about a packet, i.e. what the program should
 /// find when it parses it.
 #[derive(Clone, Debug)]
@@ -269,7 +272,7 @@ struct Info {
     frag: Frag3,
     malformed: bool,
     /// For an ICMP error: the quoted tuple when the program can parse it.
-    icmp_error: Option<Option<([u8; 16], u16, [u8; 16], u16, u8)>>,
+    icmp_error: Option<Option<Tuple>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -378,13 +381,13 @@ impl Model {
         }
         let mut port = i.dport;
         if let Some(inner) = i.icmp_error {
-            if let Some((s, sp, d, dp, l4)) = inner {
-                if s == i.dst {
-                    match self.ct_state(&ct_key(s, sp, d, dp, l4).0) {
-                        Some(Ok(())) => return Expect::Pass,
-                        Some(Err(())) => return Expect::Either,
-                        None => {}
-                    }
+            if let Some((s, sp, d, dp, l4)) = inner
+                && s == i.dst
+            {
+                match self.ct_state(&ct_key(s, sp, d, dp, l4).0) {
+                    Some(Ok(())) => return Expect::Pass,
+                    Some(Err(())) => return Expect::Either,
+                    None => {}
                 }
             }
             port = 0;

@@ -15,7 +15,7 @@ use sluice_common::IpcacheValue;
 use tracing::{info, warn};
 
 use crate::{
-    compiler::{Changes, Compiler, Locality, ObjectRef},
+    compiler::{Changes, Compiler, EndpointChange, Locality, ObjectRef},
     datapath::ipcache_key,
     k8s::{Change, Kind, Object, object_ref},
     metrics,
@@ -180,6 +180,13 @@ impl Node {
         }
         if !was_synced {
             info!(stats = ?cluster.compiler.stats(), "cluster listed; programming every endpoint");
+            // Everything listed so far takes effect in this pass, including
+            // kinds listed in earlier batches.
+            versions = cluster
+                .known
+                .values()
+                .flat_map(|m| m.values().map(|o| (object_ref(o), false)))
+                .collect();
             out.merge(cluster.compiler.recompute_all());
             out.ipcache.extend(
                 cluster
@@ -190,7 +197,8 @@ impl Node {
             );
             let mut all: BTreeSet<ObjectRef> = cluster.compiler.endpoints().cloned().collect();
             all.extend(self.registry.all().filter_map(pod_ref));
-            out.endpoints.extend(all);
+            out.endpoints
+                .extend(all.into_iter().map(|o| (o, EndpointChange::Replace)));
         }
         for d in &out.diagnostics {
             warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
@@ -204,6 +212,11 @@ impl Node {
                     cluster.programmed.insert(key, rv);
                 }
             }
+            // Objects a re-list no longer has are gone from the maps too.
+            let known = &cluster.known;
+            cluster
+                .programmed
+                .retain(|key, _| known.values().any(|m| m.contains_key(key)));
             if let Ok(mut m) = cluster.metrics.lock() {
                 m.compile_seconds.observe(compile);
                 m.apply_to_programmed_seconds.observe(started.elapsed());
@@ -215,7 +228,10 @@ impl Node {
     /// Programs the current policy of these pods' endpoints.
     pub fn program_pods(&mut self, pods: &[ObjectRef]) -> Result<()> {
         let out = Changes {
-            endpoints: pods.iter().cloned().collect(),
+            endpoints: pods
+                .iter()
+                .map(|p| (p.clone(), EndpointChange::Replace))
+                .collect(),
             ..Changes::default()
         };
         self.program(&out)
@@ -252,7 +268,10 @@ impl Node {
                 None => {}
             }
         }
-        for obj in &out.endpoints {
+        // Every change is written as a replacement: `set_policy` diffs the
+        // new entries against what is in the maps, so only what differs is
+        // written either way.
+        for obj in out.endpoints.keys() {
             let Some(ep) = self
                 .registry
                 .all()

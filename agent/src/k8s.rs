@@ -99,7 +99,12 @@ async fn watch_kind<K>(
         }
     };
     set_up(0);
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let start = || {
+        watcher(api.clone(), config.clone())
+            .default_backoff()
+            .boxed()
+    };
+    let mut stream = start();
     let mut listing: Vec<Object> = Vec::new();
     loop {
         let change = match stream.try_next().await {
@@ -123,6 +128,14 @@ async fn watch_kind<K>(
                 // The backoff retries; until the re-list completes the maps
                 // keep what they have (never opened).
                 warn!(kind = kind.name(), error = %e, "watch failed; retrying");
+                if matches!(&e, watcher::Error::WatchError(s) if s.code == 410) {
+                    // Gone: our resourceVersion is older than the server's
+                    // history. Start over with a fresh list right away (the
+                    // watcher, seen here, otherwise kept re-watching from
+                    // the stale version for a minute).
+                    listing.clear();
+                    stream = start();
+                }
                 set_up(0);
                 if let Ok(mut m) = metrics.lock() {
                     *m.watch_errors.entry(kind.name()).or_default() += 1;

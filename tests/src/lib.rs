@@ -228,7 +228,10 @@ impl Node {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(&self.agent_args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -328,7 +331,10 @@ impl Node {
                 }
             }
             if Instant::now() > deadline {
-                bail!("{key} not programmed at {rv:?} within {timeout:?}");
+                let now = self.request(&Request::Programmed)?;
+                bail!(
+                    "{key} not programmed at {rv:?} within {timeout:?}; the agent reports {now:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
-use sluice_test_apiserver::{Server as ApiServer, ServerHandle, resources};
+use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources};
 use sluice_tests::{Node, Pod, Server, conflist_config, eventually, tcp_ok};
 
 const NODE: &str = "node-1";
@@ -184,5 +184,73 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
         !tcp_ok(&client.ns, server.ipv4.context("v4")?, 80, SHORT),
         "deny-all holds from the first packet"
     );
+    Ok(())
+}
+
+#[test]
+fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_up() -> Result<()> {
+    let Cluster {
+        mut node,
+        api,
+        config,
+    } = cluster()?;
+    let addr = api.addr();
+    create(
+        &api,
+        "namespaces",
+        None,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "z", "labels": {"kubernetes.io/metadata.name": "z"}}}),
+    )?;
+    create(&api, "pods", Some("z"), pod("z", "client", "client"))?;
+    create(&api, "pods", Some("z"), pod("z", "server", "server"))?;
+    let rv = create(
+        &api,
+        "networkpolicies",
+        Some("z"),
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-all", "namespace": "z"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }),
+    )?;
+    node.start_agent()?;
+    let client = Pod::add_as(&node, &config, Some(("z", "client")))?;
+    let server = Pod::add_as(&node, &config, Some(("z", "server")))?;
+    let _srv = Server::start(&server.ns, 80)?;
+    let ip = server.ipv4.context("v4")?;
+    node.wait_programmed("NetworkPolicy/z/deny-all", Some(&rv), WAIT)?;
+    assert!(!tcp_ok(&client.ns, ip, 80, SHORT), "deny-all in force");
+
+    // Outage: the API server goes away. Nothing opens.
+    let mut store = api.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !tcp_ok(&client.ns, ip, 80, SHORT),
+        "deny-all still in force during the outage"
+    );
+
+    // Meanwhile the policy is deleted and the history compacted, so the
+    // agent's watches come back to a 410 Gone and must re-list.
+    let np = res("networkpolicies")?;
+    store
+        .delete(np, Some("z"), "deny-all", (None, None))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    store.compact();
+    let api = node.ns.run(move || {
+        ApiServer::start_with_store(
+            Config {
+                listen: addr,
+                ..Config::default()
+            },
+            store,
+        )
+    })??;
+    node.wait_programmed("NetworkPolicy/z/deny-all", None, Duration::from_secs(60))?;
+    assert!(
+        tcp_ok(&client.ns, ip, 80, SHORT),
+        "policy gone after the re-list"
+    );
+    drop(api);
     Ok(())
 }

@@ -71,6 +71,14 @@ impl Server {
     /// Starts a server on its own thread and Tokio runtime, so it works
     /// from synchronous and asynchronous tests alike.
     pub fn start_with(config: Config) -> Result<ServerHandle> {
+        let store = Store::new(config.history_limit);
+        Self::start_with_store(config, store)
+    }
+
+    /// Starts a server that serves `store` (e.g. one taken from a stopped
+    /// server by [`ServerHandle::stop`]): an API server outage, with the
+    /// state and its resourceVersions kept across it, as etcd keeps them.
+    pub fn start_with_store(config: Config, store: Store) -> Result<ServerHandle> {
         if !config.listen.ip().is_loopback() {
             bail!(
                 "the test API server listens on loopback only, not {}",
@@ -82,7 +90,7 @@ impl Server {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(http::State::new(
-            Store::new(config.history_limit),
+            store,
             config.bookmark_interval,
             addr.to_string(),
             config.log_requests,
@@ -203,14 +211,26 @@ impl ServerHandle {
     }
 }
 
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
+impl ServerHandle {
+    /// Stops serving (every connection is closed) and hands back the store.
+    pub fn stop(mut self) -> Store {
+        self.shutdown();
+        self.state.mutate(|s| std::mem::replace(s, Store::new(1)))
+    }
+
+    fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ignored = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             let _ignored = thread.join();
         }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -51,7 +51,7 @@ mod selector;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map},
     fmt,
     mem::take,
     net::IpAddr,
@@ -309,8 +309,8 @@ struct LocalState {
     /// Number of selecting policies with type Ingress / Egress.
     ingress: u32,
     egress: u32,
-    /// (dir, peer, L4, rule id) -> how many (part, member) pairs produce it.
-    contrib: BTreeMap<(u8, u32, L4, u32), u32>,
+    /// Rule key -> how many (part, member) pairs of each rule produce it.
+    contrib: BTreeMap<RuleKey, Counts>,
     cidrs: Vec<CidrEntry>,
     cidr_rules: Vec<Rule>,
     /// CIDR groups this identity holds a reference on.
@@ -318,13 +318,72 @@ struct LocalState {
     cached: OnceLock<Arc<EndpointPolicy>>,
 }
 
+/// Contribution counts of one rule key by rule id; most keys have one
+/// contributing rule, kept inline.
+#[derive(Clone, Debug)]
+enum Counts {
+    One {
+        rule: u32,
+        n: u32,
+    },
+    /// Sorted by rule id, every count > 0, at least two entries.
+    Many(Vec<(u32, u32)>),
+}
+
+impl Counts {
+    /// The rule id written for the key: the lowest contributing rule.
+    fn rule_id(&self) -> u32 {
+        match self {
+            Self::One { rule, .. } => *rule,
+            Self::Many(v) => v.first().map_or(0, |&(r, _)| r),
+        }
+    }
+
+    fn add(&mut self, rid: u32) {
+        match self {
+            Self::One { rule, n } if *rule == rid => *n += 1,
+            Self::One { rule, n } => {
+                let mut v = vec![(*rule, *n), (rid, 1)];
+                v.sort_unstable();
+                *self = Self::Many(v);
+            }
+            Self::Many(v) => match v.binary_search_by_key(&rid, |&(r, _)| r) {
+                Ok(i) => v[i].1 += 1,
+                Err(i) => v.insert(i, (rid, 1)),
+            },
+        }
+    }
+
+    /// Removes one contribution of `rid`; true when none is left.
+    fn remove(&mut self, rid: u32) -> bool {
+        match self {
+            Self::One { rule, n } => {
+                debug_assert_eq!(*rule, rid, "removing a contribution that was never added");
+                *n -= 1;
+                *n == 0
+            }
+            Self::Many(v) => {
+                if let Ok(i) = v.binary_search_by_key(&rid, |&(r, _)| r) {
+                    v[i].1 -= 1;
+                    if v[i].1 == 0 {
+                        v.remove(i);
+                    }
+                } else {
+                    debug_assert!(false, "removing a contribution that was never added");
+                }
+                if let [(rule, n)] = v[..] {
+                    *self = Self::One { rule, n };
+                }
+                false
+            }
+        }
+    }
+}
+
 impl LocalState {
-    /// The rule id written for a rule key: the lowest contributing rule.
+    /// The rule id written for a rule key, if any.
     fn value(&self, k: RuleKey) -> Option<u32> {
-        self.contrib
-            .range((k.0, k.1, k.2, 0)..=(k.0, k.1, k.2, u32::MAX))
-            .next()
-            .map(|(&(.., rid), _)| rid)
+        self.contrib.get(&k).map(Counts::rule_id)
     }
 
     fn isolation(&self) -> (bool, bool) {
@@ -333,17 +392,13 @@ impl LocalState {
 
     fn materialize(&self) -> EndpointPolicy {
         let mut rules: Vec<Rule> = Vec::with_capacity(self.contrib.len() + self.cidr_rules.len());
-        let mut last = None;
-        for &(dir, identity, l4, rule_id) in self.contrib.keys() {
-            if last != Some((dir, identity, l4)) {
-                rules.push(Rule {
-                    dir,
-                    identity,
-                    l4,
-                    rule_id,
-                });
-                last = Some((dir, identity, l4));
-            }
+        for (&(dir, identity, l4), counts) in &self.contrib {
+            rules.push(Rule {
+                dir,
+                identity,
+                l4,
+                rule_id: counts.rule_id(),
+            });
         }
         rules.extend(self.cidr_rules.iter().cloned());
         rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
@@ -755,8 +810,8 @@ impl Compiler {
             if let Some(t) = self.txn.touched.get_mut(&l)
                 && !t.fresh
             {
-                for &(dir, peer, l4, rid) in st.contrib.keys() {
-                    t.keys.entry((dir, peer, l4)).or_insert(Some(rid));
+                for (&key, counts) in &st.contrib {
+                    t.keys.entry(key).or_insert(Some(counts.rule_id()));
                 }
             }
             {
@@ -1535,19 +1590,25 @@ impl Compiler {
             .touched
             .entry(l)
             .or_insert_with(|| Touched::snapshot(st, quiet));
-        if !t.fresh {
-            t.keys.entry(key).or_insert_with(|| st.value(key));
-        }
-        let k = (key.0, key.1, key.2, rid);
-        if sign > 0 {
-            *st.contrib.entry(k).or_insert(0) += 1;
-        } else {
-            match st.contrib.get_mut(&k) {
-                Some(c) if *c > 1 => *c -= 1,
-                Some(_) => {
-                    st.contrib.remove(&k);
+        match st.contrib.entry(key) {
+            btree_map::Entry::Vacant(v) => {
+                if !t.fresh {
+                    t.keys.entry(key).or_insert(None);
                 }
-                None => debug_assert!(false, "removing a contribution that was never added"),
+                debug_assert!(sign > 0, "removing a contribution that was never added");
+                if sign > 0 {
+                    v.insert(Counts::One { rule: rid, n: 1 });
+                }
+            }
+            btree_map::Entry::Occupied(mut o) => {
+                if !t.fresh {
+                    t.keys.entry(key).or_insert(Some(o.get().rule_id()));
+                }
+                if sign > 0 {
+                    o.get_mut().add(rid);
+                } else if o.get_mut().remove(rid) {
+                    o.remove();
+                }
             }
         }
     }
@@ -1690,15 +1751,13 @@ impl Compiler {
             self.release_group(g);
         }
         let txn = take(&mut self.txn);
-        let mut changes = Changes {
-            endpoints: txn
-                .replaced
-                .into_iter()
-                .map(|ep| (ep, EndpointChange::Replace))
-                .collect(),
-            ipcache: BTreeMap::new(),
-            diagnostics: txn.diagnostics,
-        };
+        // Collected in a vector and sorted once: inserting thousands of
+        // string keys one by one into the map costs more than the event.
+        let mut endpoints: Vec<(ObjectRef, EndpointChange)> = txn
+            .replaced
+            .into_iter()
+            .map(|ep| (ep, EndpointChange::Replace))
+            .collect();
         for (l, t) in txn.touched {
             let Some(ident) = self.identities.get_mut(&l) else {
                 continue;
@@ -1715,19 +1774,34 @@ impl Compiler {
                 }
             };
             st.cached = OnceLock::new();
-            for ep in &ident.local_pods {
-                if !changes.endpoints.contains_key(ep) {
-                    changes.endpoints.insert(ep.clone(), change.clone());
-                }
-            }
+            endpoints.extend(
+                ident
+                    .local_pods
+                    .iter()
+                    .map(|ep| (ep.clone(), change.clone())),
+            );
         }
-        for (ip, before) in txn.ips {
-            let now = self.ip_identity(ip);
-            if now != before {
-                changes.ipcache.insert(ip, now);
-            }
+        // A replacement wins over an update of the same endpoint.
+        endpoints.sort_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                let rank = |c: &EndpointChange| matches!(c, EndpointChange::Update(_));
+                rank(&a.1).cmp(&rank(&b.1))
+            })
+        });
+        endpoints.dedup_by(|later, first| later.0 == first.0);
+        let ipcache = txn
+            .ips
+            .into_iter()
+            .filter_map(|(ip, before)| {
+                let now = self.ip_identity(ip);
+                (now != before).then_some((ip, now))
+            })
+            .collect();
+        Changes {
+            endpoints: endpoints.into_iter().collect(),
+            ipcache,
+            diagnostics: txn.diagnostics,
         }
-        changes
     }
 }
 

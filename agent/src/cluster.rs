@@ -33,6 +33,9 @@ pub struct Cluster {
     pub programmed: BTreeMap<String, String>,
     /// This node's pod CIDRs (from its Node object).
     pub pod_cidrs: Vec<String>,
+    node_name: String,
+    /// Other nodes: name -> (pod CIDRs, InternalIP addresses).
+    pub peers: BTreeMap<String, (Vec<String>, Vec<IpAddr>)>,
     /// Addresses the CNI gave local pods, for pods whose status does not
     /// show them yet (kubelet reports them only after ADD returns).
     cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
@@ -47,6 +50,8 @@ impl Cluster {
             known: BTreeMap::new(),
             programmed: BTreeMap::new(),
             pod_cidrs: Vec::new(),
+            node_name: node_name.to_owned(),
+            peers: BTreeMap::new(),
             cni_ips: BTreeMap::new(),
             metrics,
         }
@@ -57,6 +62,23 @@ impl Cluster {
         [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy]
             .iter()
             .all(|k| self.synced.contains(k))
+    }
+
+    /// Routes to other nodes' pod CIDRs: (CIDR, gateway) where the gateway is
+    /// that node's InternalIP of the same family.
+    pub fn peer_routes(&self) -> BTreeSet<(ipnetwork::IpNetwork, IpAddr)> {
+        let mut out = BTreeSet::new();
+        for (cidrs, ips) in self.peers.values() {
+            for c in cidrs {
+                let Ok(net) = c.parse::<ipnetwork::IpNetwork>() else {
+                    continue;
+                };
+                if let Some(gw) = ips.iter().find(|ip| ip.is_ipv4() == net.is_ipv4()) {
+                    out.insert((net, *gw));
+                }
+            }
+        }
+        out
     }
 
     pub fn knows_pod(&self, pod: &ObjectRef) -> bool {
@@ -98,7 +120,7 @@ impl Cluster {
                 .compiler
                 .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
             (Object::Node(n), false) => {
-                self.pod_cidrs = n
+                let cidrs = n
                     .spec
                     .as_ref()
                     .and_then(|s| {
@@ -107,9 +129,26 @@ impl Cluster {
                             .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
                     })
                     .unwrap_or_default();
+                if n.name_any() == self.node_name {
+                    self.pod_cidrs = cidrs;
+                } else {
+                    let ips = n
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.addresses.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a.type_ == "InternalIP")
+                        .filter_map(|a| a.address.parse().ok())
+                        .collect();
+                    self.peers.insert(n.name_any(), (cidrs, ips));
+                }
                 Changes::default()
             }
-            (Object::Node(_), true) => Changes::default(),
+            (Object::Node(n), true) => {
+                self.peers.remove(&n.name_any());
+                Changes::default()
+            }
         }
     }
 

@@ -1,5 +1,5 @@
 //! Watching the cluster: kube-rs watchers on Pods, Namespaces,
-//! NetworkPolicies and this node's Node, turned into one ordered stream of
+//! NetworkPolicies and Nodes, turned into one ordered stream of
 //! `Change`s for the reconciler. Re-lists, watch restarts, 410 Gone and
 //! bookmarks are kube's watcher's job; a (re)list arrives here as one
 //! `Resync` holding every object of that kind, so the consumer can drop what
@@ -177,9 +177,12 @@ pub fn start(client: Client, node_name: &str, metrics: metrics::Shared) -> mpsc:
         tx.clone(),
         metrics.clone(),
     ));
+    // Every Node: ours gives the IPAM ranges, the others the routes to
+    // their pod CIDRs.
+    let _ = node_name;
     tokio::spawn(watch_kind(
         Api::<Node>::all(client),
-        cfg().fields(&format!("metadata.name={node_name}")),
+        cfg(),
         Kind::Node,
         |o| Object::Node(Box::new(o)),
         tx,

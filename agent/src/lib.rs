@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod registry;
+pub mod routes;
 pub mod server;
 
 use std::path::Path;

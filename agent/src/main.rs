@@ -116,14 +116,15 @@ async fn main() -> anyhow::Result<()> {
         };
         info!(node = %node_name, "cluster mode: watching the API server");
         let mut rx = sluice_agent::k8s::start(client, &node_name, metrics.clone());
+        let mut routes = sluice_agent::routes::Routes::new().context("netlink connection")?;
         while let Some(first) = rx.recv().await {
             // Take whatever else is queued: one programming pass per batch.
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let node = node.clone();
-            let applied = tokio::task::spawn_blocking(move || match node.lock() {
+            let shared = node.clone();
+            let applied = tokio::task::spawn_blocking(move || match shared.lock() {
                 Ok(mut n) => n.apply_changes(batch).map_err(anyhow::Error::from),
                 Err(_) => Err(anyhow::anyhow!("agent state poisoned")),
             })
@@ -131,6 +132,12 @@ async fn main() -> anyhow::Result<()> {
             if let Err(e) = applied {
                 tracing::error!(error = %e, "programming cluster changes failed");
             }
+            let desired = node
+                .lock()
+                .ok()
+                .and_then(|n| n.cluster.as_ref().map(|c| c.peer_routes()))
+                .unwrap_or_default();
+            routes.sync(&desired).await;
         }
         Ok(())
     };

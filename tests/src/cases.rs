@@ -7,7 +7,6 @@
 //! skipped.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -228,9 +227,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, Case)>> {
 /// An object of an `apply` step.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Pod),
-    NetworkPolicy(NetworkPolicy),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Object {
@@ -319,12 +318,14 @@ pub fn parse_objects(text: &str) -> Result<Vec<Object>> {
             let ctx = || format!("document {i} ({:?} {})", key.kind, key.name);
             Ok(match key.kind {
                 Kind::Namespace => {
-                    Object::Namespace(serde_yaml_ng::from_value(doc).with_context(ctx)?)
+                    Object::Namespace(Box::new(serde_yaml_ng::from_value(doc).with_context(ctx)?))
                 }
-                Kind::Pod => Object::Pod(serde_yaml_ng::from_value(doc).with_context(ctx)?),
-                Kind::NetworkPolicy => {
-                    Object::NetworkPolicy(serde_yaml_ng::from_value(doc).with_context(ctx)?)
+                Kind::Pod => {
+                    Object::Pod(Box::new(serde_yaml_ng::from_value(doc).with_context(ctx)?))
                 }
+                Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(
+                    serde_yaml_ng::from_value(doc).with_context(ctx)?,
+                )),
             })
         })
         .collect()
@@ -495,7 +496,7 @@ impl Matrix {
         let width = self.pods.iter().map(String::len).max().unwrap_or(1).max(1) + 1;
         let mut s = format!("{:<width$}", "-");
         for p in &self.pods {
-            let _ = write!(s, "{p:<width$}");
+            s.push_str(&format!("{p:<width$}"));
         }
         s = s.trim_end().to_string();
         s.push('\n');
@@ -507,7 +508,7 @@ impl Matrix {
                     if self.cells[i][j] { "." } else { "X" },
                     if mark(i, j) { "*" } else { "" }
                 );
-                let _ = write!(line, "{cell:<width$}");
+                line.push_str(&format!("{cell:<width$}"));
             }
             s.push_str(line.trim_end());
             s.push('\n');
@@ -546,14 +547,13 @@ pub fn diff(expected: &Matrix, actual: &Matrix) -> Option<String> {
         actual.render_marked(differs)
     );
     for (i, j) in cells {
-        let _ = writeln!(
-            s,
-            "  {} -> {}: expected {}, got {}",
+        s.push_str(&format!(
+            "  {} -> {}: expected {}, got {}\n",
             expected.pods[i],
             expected.pods[j],
             if expected.cells[i][j] { "." } else { "X" },
             if actual.cells[i][j] { "." } else { "X" },
-        );
+        ));
     }
     Some(s)
 }

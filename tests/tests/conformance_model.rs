@@ -108,7 +108,7 @@ impl Model {
                     }
                     None => {
                         let ip = self.allocate();
-                        let mut pod = new;
+                        let mut pod = *new;
                         pod.status = Some(PodStatus {
                             pod_ip: Some(ip.to_string()),
                             pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),

@@ -77,7 +77,7 @@ fn namespace(i: usize, extra: Option<(&str, &str)>) -> Result<Namespace> {
     let mut labels = json!({
         "kubernetes.io/metadata.name": name,
         "team": format!("t{}", i % TEAMS),
-        "env": if i % 3 == 0 { "prod" } else { "dev" },
+        "env": if i.is_multiple_of(3) { "prod" } else { "dev" },
     });
     if let Some((k, v)) = extra {
         labels[k] = json!(v);
@@ -136,7 +136,7 @@ fn pod_specs(params: &Params) -> Vec<PodSpec> {
                 app,
                 labels,
                 ip: format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
-                node: if i % params.local_every == 0 {
+                node: if i.is_multiple_of(params.local_every) {
                     "bench"
                 } else {
                     "other"
@@ -372,7 +372,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut samples = Vec::new();
     let monitoring: Vec<&PodSpec> = specs
         .iter()
-        .filter(|s| s.app == 4 && s.ns % 3 == 0)
+        .filter(|s| s.app == 4 && s.ns.is_multiple_of(3))
         .collect();
     for r in 0..params.rounds {
         let s = monitoring
@@ -397,7 +397,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut samples = Vec::new();
     for r in 0..params.rounds.min(5) {
         let i = (r * 37) % params.namespaces;
-        let flipped = namespace(i, Some(("env", if i % 3 == 0 { "dev" } else { "prod" })))?;
+        let flipped = namespace(
+            i,
+            Some(("env", if i.is_multiple_of(3) { "dev" } else { "prod" })),
+        )?;
         samples.push(timed(&mut c, |c| c.upsert_namespace(&flipped)));
         let back = namespace(i, None)?;
         samples.push(timed(&mut c, |c| c.upsert_namespace(&back)));

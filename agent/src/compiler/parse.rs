@@ -182,7 +182,7 @@ fn parse_rule(
                         peer: Peer::Pods(PeerSelector::all_pods()),
                         ports: Ports {
                             fixed: vec![],
-                            named: ports.named.clone(),
+                            named: ports.named,
                         },
                     });
                 }
@@ -234,7 +234,7 @@ fn parse_rule(
                 }
             }
             if !blocks.is_empty() {
-                let mut block_ports = ports.clone();
+                let mut block_ports = ports;
                 if dir == DIR_EGRESS && !block_ports.named.is_empty() {
                     notes.push(
                         "a named port cannot be resolved on an ipBlock destination; it allows nothing there"

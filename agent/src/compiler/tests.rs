@@ -44,12 +44,13 @@ fn pod_with(ns: &str, name: &str, labels: Value, ip: &str, ports: &[(&str, &str,
         .iter()
         .map(|(n, p, port)| json!({"name": n, "protocol": p, "containerPort": port}))
         .collect();
-    serde_json::from_value(json!({
-        "metadata": {"namespace": ns, "name": name, "labels": labels},
+    let mut v = json!({
+        "metadata": {"namespace": ns, "name": name},
         "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": ports}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
-    }))
-    .unwrap()
+    });
+    v["metadata"]["labels"] = labels;
+    serde_json::from_value(v).unwrap()
 }
 
 fn pod(ns: &str, name: &str, labels: Value, ip: &str) -> Pod {
@@ -63,8 +64,9 @@ fn pod(ns: &str, name: &str, labels: Value, ip: &str) -> Pod {
 }
 
 fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
-    serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
-        .unwrap()
+    let mut v = json!({"metadata": {"namespace": ns, "name": name}});
+    v["spec"] = spec;
+    serde_json::from_value(v).unwrap()
 }
 
 fn obj(s: &str) -> ObjectRef {

@@ -41,8 +41,29 @@
 //! and adds or removes its contributions to the local identities whose
 //! policies use those selectors; a policy change detaches the old version and
 //! attaches the new one to the identities it selects. Only the endpoints whose
-//! output really differs are reported. [`Compiler::recompute_all`] rebuilds
-//! everything from the objects as a fallback (and as a check in tests).
+//! output really differs are reported, each with a [`PolicyDelta`] (shared
+//! by the endpoints of an identity) or as a whole replacement.
+//! [`Compiler::load`] applies a whole list of objects as one event (the
+//! initial sync). [`Compiler::recompute_all`] rebuilds everything from the
+//! objects as a fallback (and as a check in tests).
+//!
+//! # Use
+//!
+//! ```text
+//! let mut c = Compiler::new(Locality::Node(node_name));
+//! let changes = c.load(&namespaces, &pods, &policies);   // after the reflectors are synced
+//! // then, per watch event: c.upsert_pod(&pod), c.delete_policy(ns, name), ...
+//! for (pod, change) in &changes.endpoints {
+//!     match change {
+//!         EndpointChange::Replace => write_whole(pod, c.endpoint_policy(pod)), // None: gone
+//!         EndpointChange::Update(delta) => apply(pod, delta),
+//!     }
+//! }
+//! for (ip, identity) in &changes.ipcache { /* Some: upsert, None: delete */ }
+//! ```
+//!
+//! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
+//! the data path's verdict from these outputs alone.
 mod cidr;
 mod model;
 mod parse;
@@ -1885,6 +1906,12 @@ fn delta(t: &Touched, st: &LocalState, old: Option<OldCidrs>) -> Option<PolicyDe
     d.remove_cidrs.sort_by_key(|c| (c.dir, c.net));
     Some(d)
 }
+
+// The agent shares the compiler between tasks behind a lock.
+const _: fn() = || {
+    fn check<T: Send + Sync>() {}
+    check::<Compiler>();
+};
 
 /// Sizes of the compiler's state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

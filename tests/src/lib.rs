@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod cases;
+pub mod conformance;
 use sluice_proto::{Request, Response};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -30,6 +30,30 @@ enum Cmd {
     },
     /// Two pods wired by the plugin, a policy written to the maps, drops shown.
     Demo,
+    /// The reachability cases against a cluster on this machine.
+    Conformance {
+        /// A directory of cases (repeatable); default: the repo's upstream cases.
+        #[arg(long = "cases")]
+        cases: Vec<std::path::PathBuf>,
+        /// ipv4, ipv6 or all.
+        #[arg(long, default_value = "all")]
+        family: String,
+        /// service, pod or all.
+        #[arg(long, default_value = "all")]
+        target: String,
+        /// 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Only cases whose name or file contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Write the outcomes as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Retry a mismatching matrix for up to 10 s, as upstream does.
+        #[arg(long)]
+        eventual: bool,
+    },
     /// Benchmarks: `bench datapath`.
     Bench {
         what: String,
@@ -56,6 +80,49 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+fn conformance(
+    cases: Vec<std::path::PathBuf>,
+    family: &str,
+    target: &str,
+    nodes: usize,
+    filter: Option<String>,
+    json: Option<std::path::PathBuf>,
+    eventual: bool,
+) -> Result<()> {
+    use sluice_tests::{cases::Family, conformance as c};
+    let mut opts = c::Options {
+        nodes,
+        filter,
+        json: json.clone(),
+        eventual,
+        ..c::Options::default()
+    };
+    if !cases.is_empty() {
+        opts.case_dirs = cases;
+    }
+    opts.families = match family {
+        "ipv4" => vec![Family::Ipv4],
+        "ipv6" => vec![Family::Ipv6],
+        "all" => vec![Family::Ipv4, Family::Ipv6],
+        other => bail!("--family {other}: ipv4, ipv6 or all"),
+    };
+    opts.targets = match target {
+        "pod" => vec![c::ProbeTarget::Pod],
+        "service" => vec![c::ProbeTarget::Service],
+        "all" => vec![c::ProbeTarget::Pod, c::ProbeTarget::Service],
+        other => bail!("--target {other}: service, pod or all"),
+    };
+    let outcomes = c::run(&opts)?;
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&outcomes)?)?;
+    }
+    println!("{}", c::summary(&outcomes));
+    if outcomes.iter().any(|o| o.result == "FAIL") {
+        bail!("conformance failures");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => cargo(&["build", "--bins"]),
@@ -73,6 +140,19 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             cargo(&["build", "--bins"])?;
             demo::run()
+        }
+        Cmd::Conformance {
+            cases,
+            family,
+            target,
+            nodes,
+            filter,
+            json,
+            eventual,
+        } => {
+            require_root("the conformance suite")?;
+            cargo(&["build", "--bins"])?;
+            conformance(cases, &family, &target, nodes, filter, json, eventual)
         }
         Cmd::Bench { what, args } => {
             require_root("benchmarks")?;

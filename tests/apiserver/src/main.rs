@@ -37,6 +37,7 @@ fn main() -> Result<()> {
         history_limit: args.history,
         bookmark_interval: Duration::from_secs_f64(args.bookmark_interval.max(0.01)),
         log_requests: args.verbose,
+        ..Config::default()
     })?;
     if let Some(path) = &args.kubeconfig_out {
         server.write_kubeconfig(path)?;

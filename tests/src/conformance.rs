@@ -1,0 +1,738 @@
+//! The conformance runner: reachability cases (shared/conformance/FORMAT.md)
+//! against a real cluster on this machine — the test API server, one or two
+//! nodes (network namespaces) each running the real agent in cluster mode,
+//! the nine model pods wired by the real plugin and serving TCP and UDP on
+//! 80 and 81, and per-pod ClusterIP Services DNATed by kube-proxy-shaped
+//! nftables rules. Everything goes through the API server, as the upstream
+//! e2e suite does; before probing, the runner waits until every agent
+//! reports the objects it changed programmed (no sleeps).
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources, store::Part};
+
+use crate::{
+    NetNs, Node, Pod, Server,
+    cases::{self, Case, Family, Matrix, Protocol, Step, Target},
+    conflist_config, tcp_ok, udp_ok,
+};
+
+/// Which probes a variant makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProbeTarget {
+    Pod,
+    Service,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub case_dirs: Vec<PathBuf>,
+    pub families: Vec<Family>,
+    pub targets: Vec<ProbeTarget>,
+    pub nodes: usize,
+    pub filter: Option<String>,
+    pub json: Option<PathBuf>,
+    /// Retry a mismatching matrix for a while, as upstream does.
+    pub eventual: bool,
+    /// How long a blocked probe waits.
+    pub probe_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            case_dirs: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conformance/upstream")],
+            families: vec![Family::Ipv4, Family::Ipv6],
+            targets: vec![ProbeTarget::Pod, ProbeTarget::Service],
+            nodes: 1,
+            filter: None,
+            json: None,
+            eventual: false,
+            probe_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+const PORTS: [u16; 2] = [80, 81];
+const WAIT: Duration = Duration::from_secs(20);
+
+fn res(plural: &str) -> Result<&'static resources::Resource> {
+    let (group, version) = match plural {
+        "networkpolicies" => ("networking.k8s.io", "v1"),
+        _ => ("", "v1"),
+    };
+    resources::find(group, version, plural).with_context(|| format!("resource {plural}"))
+}
+
+fn plural(kind: cases::Kind) -> &'static str {
+    match kind {
+        cases::Kind::Namespace => "namespaces",
+        cases::Kind::Pod => "pods",
+        cases::Kind::NetworkPolicy => "networkpolicies",
+    }
+}
+
+fn kind_name(kind: cases::Kind) -> &'static str {
+    match kind {
+        cases::Kind::Namespace => "Namespace",
+        cases::Kind::Pod => "Pod",
+        cases::Kind::NetworkPolicy => "NetworkPolicy",
+    }
+}
+
+/// The key the agents report in `Programmed`.
+fn programmed_key(k: &cases::ObjectKey) -> String {
+    if k.namespace.is_empty() {
+        format!("{}/{}", kind_name(k.kind), k.name)
+    } else {
+        format!("{}/{}/{}", kind_name(k.kind), k.namespace, k.name)
+    }
+}
+
+fn rv_of(v: &Value) -> String {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One model pod as wired on a node.
+struct ModelPod {
+    pod: Pod,
+    _servers: Vec<Server>,
+}
+
+/// The running cluster.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    /// Joins the nodes (two-node clusters).
+    _link: Option<NetNs>,
+    api: ServerHandle,
+    pods: BTreeMap<String, ModelPod>,
+    /// ns/pod -> ClusterIPs of its Service.
+    services: BTreeMap<String, Vec<IpAddr>>,
+    /// The model's objects as applied at the start of every case.
+    model: Vec<cases::Object>,
+    pub sctp: bool,
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
+fn node_ranges(i: usize) -> (String, String) {
+    (
+        format!("10.244.{}.0/24", i + 1),
+        format!("fd00:244:{}::/64", i + 1),
+    )
+}
+
+/// The model pods' Service ClusterIPs are chosen here (the API server honours
+/// a requested clusterIP), one IPv4 and one IPv6 per pod.
+fn service_ips(index: usize) -> [IpAddr; 2] {
+    [
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 1, 10 + index as u8)),
+        IpAddr::V6(
+            format!("fd00:96::1:{:x}", 10 + index)
+                .parse()
+                .unwrap_or(std::net::Ipv6Addr::LOCALHOST),
+        ),
+    ]
+}
+
+impl Cluster {
+    pub fn start(nodes: usize, model_yaml: &str) -> Result<Self> {
+        if !(1..=2).contains(&nodes) {
+            bail!("--nodes must be 1 or 2");
+        }
+        let mut ns: Vec<Node> = (0..nodes).map(|_| Node::new()).collect::<Result<_>>()?;
+        // Two nodes: a link between their namespaces, 10.255.0.0/24 and
+        // fd00:255:0::/64; the agents route pod CIDRs over it from the Node
+        // objects.
+        let link_ips = |i: usize| {
+            (
+                format!("10.255.0.{}", i + 1),
+                format!("fd00:255:0::{}", i + 1),
+            )
+        };
+        if nodes == 2 {
+            let (a, b) = (crate::unique("slk"), crate::unique("slk"));
+            crate::sh(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &a,
+                    "netns",
+                    &ns[0].ns.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &b,
+                    "netns",
+                    &ns[1].ns.name,
+                ],
+            )?;
+            for (i, dev) in [(0, &a), (1, &b)] {
+                let (v4, v6) = link_ips(i);
+                ns[i]
+                    .ns
+                    .ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+                ns[i]
+                    .ns
+                    .ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+                ns[i].ns.ip(&["link", "set", dev, "up"])?;
+            }
+        }
+        let listen: std::net::SocketAddr = if nodes == 2 {
+            format!("{}:0", link_ips(0).0).parse()?
+        } else {
+            "127.0.0.1:0".parse()?
+        };
+        let api = ns[0].ns.run(move || {
+            ApiServer::start_with(Config {
+                listen,
+                allow_non_loopback: true,
+                ..Config::default()
+            })
+        })??;
+
+        let cluster_objects = cases::parse_objects(model_yaml).context("model")?;
+        let create = |plural: &str, namespace: Option<&str>, obj: Value| -> Result<Value> {
+            let r = res(plural)?;
+            api.with_store(|s| s.create(r, namespace, obj))
+                .map_err(|e| anyhow::anyhow!("create {plural}: {e:?}"))
+        };
+        for i in 0..nodes {
+            let (v4, v6) = node_ranges(i);
+            create(
+                "nodes",
+                None,
+                json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node_name(i)},
+                "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": link_ips(i).0},
+                    {"type": "InternalIP", "address": link_ips(i).1}]}}),
+            )?;
+        }
+        let mut index = 0usize;
+        let mut pod_nodes = BTreeMap::new();
+        for o in &cluster_objects {
+            let mut v = serde_json::to_value(object_value(o))?;
+            match o {
+                cases::Object::Namespace(_) => {
+                    create("namespaces", None, v)?;
+                }
+                cases::Object::Pod(p) => {
+                    let nsname = p.metadata.namespace.clone().unwrap_or_default();
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let node = index % nodes;
+                    v["spec"]["nodeName"] = json!(node_name(node));
+                    create("pods", Some(&nsname), v)?;
+                    let [ip4, ip6] = service_ips(index);
+                    let mut ports = Vec::new();
+                    for port in PORTS {
+                        for proto in ["TCP", "UDP", "SCTP"] {
+                            ports.push(
+                                json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                                "protocol": proto, "port": port, "targetPort": port}),
+                            );
+                        }
+                    }
+                    create(
+                        "services",
+                        Some(&nsname),
+                        json!({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": format!("s-{nsname}-{name}"), "namespace": nsname},
+                        "spec": {"selector": {"pod": name}, "clusterIP": ip4.to_string(),
+                            "clusterIPs": [ip4.to_string(), ip6.to_string()],
+                            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                            "ports": ports}}),
+                    )?;
+                    pod_nodes.insert(format!("{nsname}/{name}"), (node, index));
+                    index += 1;
+                }
+                cases::Object::NetworkPolicy(_) => bail!("the model has no policies"),
+            }
+        }
+
+        let mut configs = Vec::new();
+        for (i, node) in ns.iter_mut().enumerate() {
+            let kubeconfig = node.tmp.0.join("kubeconfig");
+            api.write_kubeconfig(&kubeconfig)?;
+            node.agent_args = vec![
+                "--kubeconfig".into(),
+                kubeconfig.to_string_lossy().into_owned(),
+                "--node-name".into(),
+                node_name(i),
+            ];
+            node.start_agent()?;
+            let (v4, v6) = node_ranges(i);
+            configs.push(conflist_config(node, Some(&v4), Some(&v6)));
+        }
+        let mut pods = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        for (key, (node, index)) in pod_nodes {
+            let (nsname, name) = key.split_once('/').context("pod key")?;
+            let pod = Pod::add_as(&ns[node], &configs[node], Some((nsname, name)))?;
+            // What kubelet does once the sandbox is up: report the addresses.
+            let mut status = api.get("pods", nsname, name).context("pod")?;
+            let ips: Vec<Value> = pod
+                .ipv4
+                .iter()
+                .chain(pod.ipv6.iter())
+                .map(|ip| json!({"ip": ip.to_string()}))
+                .collect();
+            status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
+            status["status"]["podIPs"] = json!(ips);
+            status["status"]["phase"] = json!("Running");
+            let r = res("pods")?;
+            api.with_store(|s| s.update(r, Some(nsname), name, status, Part::Status))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let mut servers = Vec::new();
+            for port in PORTS {
+                servers.push(Server::start(&pod.ns, port)?);
+            }
+            services.insert(key.clone(), service_ips(index).to_vec());
+            pods.insert(
+                key,
+                ModelPod {
+                    pod,
+                    _servers: servers,
+                },
+            );
+        }
+        let cluster = Self {
+            nodes: ns,
+            _link: None,
+            api,
+            pods,
+            services,
+            model: cluster_objects,
+            sctp: sctp_available(),
+        };
+        cluster.program_services()?;
+        cluster.wait_all_programmed()?;
+        Ok(cluster)
+    }
+
+    /// kube-proxy's part: DNAT every Service ClusterIP to its pod, in every
+    /// node.
+    fn program_services(&self) -> Result<()> {
+        let mut rules = Vec::new();
+        for (key, ips) in &self.services {
+            let pod = &self.pods[key].pod;
+            for cluster_ip in ips {
+                let backend = if cluster_ip.is_ipv4() {
+                    pod.ipv4
+                } else {
+                    pod.ipv6
+                };
+                let Some(backend) = backend else { continue };
+                for port in PORTS {
+                    for proto in [Protocol::Tcp, Protocol::Udp] {
+                        rules.push((*cluster_ip, proto.number(), port, backend));
+                    }
+                }
+            }
+        }
+        let _ = rules; // TEMP until kubeproxy lands
+        Ok(())
+    }
+
+    fn wait_all_programmed(&self) -> Result<()> {
+        let mut keys = Vec::new();
+        self.api.with_store(|s| {
+            for plural in ["namespaces", "pods", "networkpolicies"] {
+                if let Ok(r) = res(plural) {
+                    for v in s.list(r, &Default::default()) {
+                        let ns = v["metadata"]["namespace"].as_str().unwrap_or_default();
+                        let name = v["metadata"]["name"].as_str().unwrap_or_default();
+                        let kind = v["kind"].as_str().unwrap_or_default();
+                        let key = if ns.is_empty() {
+                            format!("{kind}/{name}")
+                        } else {
+                            format!("{kind}/{ns}/{name}")
+                        };
+                        keys.push((key, Some(rv_of(&v))));
+                    }
+                }
+            }
+        });
+        self.wait(&keys)
+    }
+
+    fn wait(&self, keys: &[(String, Option<String>)]) -> Result<()> {
+        for node in &self.nodes {
+            for (key, rv) in keys {
+                node.wait_programmed(key, rv.as_deref(), WAIT)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ip_of(&self, pod: &str, family: Family) -> Option<IpAddr> {
+        let p = &self.pods.get(pod)?.pod;
+        match family {
+            Family::Ipv4 => p.ipv4,
+            Family::Ipv6 => p.ipv6,
+        }
+    }
+
+    /// Brings the cluster back to the model: no policies, model labels.
+    fn reset(&mut self) -> Result<()> {
+        let mut keys = Vec::new();
+        let np = res("networkpolicies")?;
+        let policies: Vec<Value> = self.api.with_store(|s| s.list(np, &Default::default()));
+        for p in policies {
+            let ns = p["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let name = p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            self.api
+                .with_store(|s| s.delete(np, Some(&ns), &name, (None, None)))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            keys.push((format!("NetworkPolicy/{ns}/{name}"), None));
+        }
+        let model = self.model.clone();
+        for o in &model {
+            if let Some(k) = self.apply_object(o)? {
+                keys.push(k);
+            }
+        }
+        self.wait(&keys)
+    }
+
+    /// Creates or updates one object as an `apply` step says; returns the
+    /// key and version to wait for when something changed.
+    fn apply_object(&mut self, o: &cases::Object) -> Result<Option<(String, Option<String>)>> {
+        let key = o.key();
+        let r = res(plural(key.kind))?;
+        let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
+        let existing = self.api.with_store(|s| s.get(r, ns, &key.name).ok());
+        let mut v = serde_json::to_value(object_value(o))?;
+        let updated = match (key.kind, existing) {
+            (cases::Kind::Pod | cases::Kind::Namespace, Some(mut old)) => {
+                // An existing pod or namespace: only its labels change.
+                let labels = v["metadata"]["labels"].clone();
+                if old["metadata"]["labels"] == labels {
+                    return Ok(None);
+                }
+                old["metadata"]["labels"] = labels;
+                self.api
+                    .with_store(|s| s.update(r, ns, &key.name, old, Part::Main))
+            }
+            (cases::Kind::NetworkPolicy, Some(old)) => {
+                v["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+                self.api
+                    .with_store(|s| s.update(r, ns, &key.name, v, Part::Main))
+            }
+            (cases::Kind::Pod, None) => bail!(
+                "creating pod {} is not supported by the runner yet",
+                key.name
+            ),
+            (_, None) => self.api.with_store(|s| s.create(r, ns, v)),
+        }
+        .map_err(|e| anyhow::anyhow!("apply {:?} {}: {e:?}", key.kind, key.name))?;
+        Ok(Some((programmed_key(&key), Some(rv_of(&updated)))))
+    }
+
+    fn delete_object(&mut self, key: &cases::ObjectKey) -> Result<(String, Option<String>)> {
+        if key.kind != cases::Kind::NetworkPolicy {
+            bail!(
+                "deleting a {:?} is not supported by the runner yet",
+                key.kind
+            );
+        }
+        let r = res(plural(key.kind))?;
+        self.api
+            .with_store(|s| s.delete(r, Some(&key.namespace), &key.name, (None, None)))
+            .map_err(|e| anyhow::anyhow!("delete {}: {e:?}", key.name))?;
+        Ok((programmed_key(key), None))
+    }
+
+    /// Probes every ordered pair once, all at the same time.
+    fn probe(
+        &self,
+        family: Family,
+        target: ProbeTarget,
+        protocol: Protocol,
+        port: u16,
+        timeout: Duration,
+    ) -> Matrix {
+        let names: Vec<String> = self.pods.keys().cloned().collect();
+        let mut jobs = Vec::new();
+        for from in &names {
+            for to in &names {
+                if from == to {
+                    continue;
+                }
+                let dst = match target {
+                    ProbeTarget::Pod => self.ip_of(to, family),
+                    ProbeTarget::Service => self
+                        .services
+                        .get(to)
+                        .and_then(|ips| ips.iter().find(|ip| Family::of(**ip) == family).copied()),
+                };
+                let ns_name = self.pods[from].pod.ns.name.clone();
+                let (from, to) = (from.clone(), to.clone());
+                jobs.push(std::thread::spawn(move || {
+                    let ns = NetNs { name: ns_name };
+                    let ok = dst.is_some_and(|ip| match protocol {
+                        Protocol::Tcp => tcp_ok(&ns, ip, port, timeout),
+                        Protocol::Udp => udp_ok(&ns, ip, port, timeout),
+                        Protocol::Sctp => false,
+                    });
+                    // Borrowed name: this NetNs must not delete the namespace.
+                    std::mem::forget(ns);
+                    ((from, to), ok)
+                }));
+            }
+        }
+        let results: BTreeMap<(String, String), bool> =
+            jobs.into_iter().filter_map(|j| j.join().ok()).collect();
+        Matrix::from_fn(&names, |f, t| {
+            f == t
+                || results
+                    .get(&(f.to_owned(), t.to_owned()))
+                    .copied()
+                    .unwrap_or(false)
+        })
+    }
+}
+
+fn object_value(o: &cases::Object) -> Value {
+    match o {
+        cases::Object::Namespace(n) => serde_json::to_value(n).unwrap_or_default(),
+        cases::Object::Pod(p) => serde_json::to_value(p).unwrap_or_default(),
+        cases::Object::NetworkPolicy(p) => serde_json::to_value(p).unwrap_or_default(),
+    }
+}
+
+fn sctp_available() -> bool {
+    // SAFETY: socket(2) with constant arguments; the fd is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd >= 0 {
+        // SAFETY: closing the fd we just opened.
+        unsafe { libc::close(fd) };
+        true
+    } else {
+        false
+    }
+}
+
+/// One case in one variant.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Outcome {
+    pub case: String,
+    pub file: String,
+    pub family: String,
+    pub target: String,
+    pub nodes: usize,
+    /// PASS, FAIL or SKIP.
+    pub result: &'static str,
+    pub detail: String,
+    pub seconds: f64,
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    }
+}
+
+/// Runs one case in one variant against the cluster.
+fn run_case(
+    c: &mut Cluster,
+    case: &Case,
+    family: Family,
+    target: ProbeTarget,
+    opts: &Options,
+) -> Result<(&'static str, String)> {
+    let needs_sctp = case
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Expect(e) if e.protocol == Protocol::Sctp));
+    if needs_sctp && !c.sctp {
+        return Ok(("SKIP", "this kernel has no SCTP".into()));
+    }
+    c.reset()?;
+    for (i, step) in case.steps.iter().enumerate() {
+        match step {
+            Step::Apply(text) => {
+                let text = cases::substitute(text, family, |pod, f| c.ip_of(pod, f))?;
+                let mut keys = Vec::new();
+                for o in cases::parse_objects(&text)? {
+                    keys.extend(c.apply_object(&o)?);
+                }
+                c.wait(&keys)?;
+            }
+            Step::Delete(text) => {
+                let mut keys = Vec::new();
+                for k in cases::parse_refs(text)? {
+                    keys.push(c.delete_object(&k)?);
+                }
+                c.wait(&keys)?;
+            }
+            Step::Expect(e) => {
+                let deadline = Instant::now()
+                    + if opts.eventual {
+                        Duration::from_secs(10)
+                    } else {
+                        Duration::ZERO
+                    };
+                loop {
+                    let actual = c.probe(family, target, e.protocol, e.port, opts.probe_timeout);
+                    match cases::diff(&e.matrix, &actual) {
+                        None => break,
+                        Some(_) if Instant::now() < deadline => continue,
+                        Some(d) => {
+                            return Ok((
+                                "FAIL",
+                                format!("step {} ({} {}):\n{d}", i + 1, e.protocol.name(), e.port),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(("PASS", String::new()))
+}
+
+/// Runs every selected case and variant; prints a line per case and
+/// variant and, last, `N passed, N failed, N skipped`. Returns the outcomes.
+pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
+    let mut all = Vec::new();
+    for dir in &opts.case_dirs {
+        all.extend(
+            cases::load_dir(dir)
+                .with_context(|| format!("loading cases from {}", dir.display()))?,
+        );
+    }
+    if let Some(f) = &opts.filter {
+        all.retain(|(path, case)| {
+            case.name.contains(f.as_str()) || path.to_string_lossy().contains(f.as_str())
+        });
+    }
+    let model = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conformance/model-default.yaml"),
+    )?;
+    let started = Instant::now();
+    let mut cluster = Cluster::start(opts.nodes, &model)?;
+    eprintln!(
+        "cluster of {} node(s) up in {:.1}s",
+        opts.nodes,
+        started.elapsed().as_secs_f64()
+    );
+    let mut outcomes = Vec::new();
+    let out = std::io::stdout();
+    for (path, case) in &all {
+        for &family in &opts.families {
+            if !case.family.families().contains(&family) {
+                continue;
+            }
+            for &target in &opts.targets {
+                let wanted = match case.target {
+                    Target::Any => true,
+                    Target::Pod => target == ProbeTarget::Pod,
+                    Target::Service => target == ProbeTarget::Service,
+                };
+                if !wanted {
+                    continue;
+                }
+                let t0 = Instant::now();
+                let (result, detail) = match run_case(&mut cluster, case, family, target, opts) {
+                    Ok(r) => r,
+                    Err(e) => ("FAIL", format!("error: {e:#}")),
+                };
+                let tname = if target == ProbeTarget::Pod {
+                    "pod"
+                } else {
+                    "service"
+                };
+                let file = path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mut line = format!(
+                    "{result} {file} [{} {tname} {}node] {}",
+                    family_name(family),
+                    opts.nodes,
+                    case.name
+                );
+                if !detail.is_empty() {
+                    line.push('\n');
+                    line.push_str(&detail);
+                }
+                let _ = writeln!(out.lock(), "{line}");
+                outcomes.push(Outcome {
+                    case: case.name.clone(),
+                    file,
+                    family: family_name(family).into(),
+                    target: tname.into(),
+                    nodes: opts.nodes,
+                    result,
+                    detail,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+        }
+    }
+    drop(cluster);
+    Ok(outcomes)
+}
+
+/// The closing line.
+pub fn summary(outcomes: &[Outcome]) -> String {
+    let n = |r: &str| outcomes.iter().filter(|o| o.result == r).count();
+    format!(
+        "{} passed, {} failed, {} skipped",
+        n("PASS"),
+        n("FAIL"),
+        n("SKIP")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn programmed_keys_match_what_the_agent_reports() {
+        let k = cases::ObjectKey {
+            kind: cases::Kind::NetworkPolicy,
+            namespace: "x".into(),
+            name: "p".into(),
+        };
+        assert_eq!(programmed_key(&k), "NetworkPolicy/x/p");
+        let n = cases::ObjectKey {
+            kind: cases::Kind::Namespace,
+            namespace: String::new(),
+            name: "x".into(),
+        };
+        assert_eq!(programmed_key(&n), "Namespace/x");
+    }
+
+    #[test]
+    fn every_model_pod_gets_two_distinct_service_addresses() {
+        let all: BTreeSet<IpAddr> = (0..9).flat_map(service_ips).collect();
+        assert_eq!(all.len(), 18);
+    }
+}

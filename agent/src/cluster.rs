@@ -1,15 +1,16 @@
 //! From watched objects to the maps: feeds `k8s::Change`s to the compiler
 //! and writes what it reports as changed (ipcache entries, endpoint
-//! policies, identities). Nothing is written before Pods, Namespaces and
-//! NetworkPolicies have all been listed once: a half-synced view would mean
-//! wrong verdicts, so until then the pinned state stays as it was.
+//! policies, identities), and keeps the Service addresses (SERVICES).
+//! Nothing is written before Pods, Namespaces, NetworkPolicies and Services
+//! have all been listed once: a half-synced view would mean wrong verdicts,
+//! so until then the pinned state stays as it was.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::Instant,
 };
 
-use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus, Service};
 use kube::ResourceExt as _;
 use sluice_common::IpcacheValue;
 use tracing::{info, warn};
@@ -39,7 +40,30 @@ pub struct Cluster {
     /// Addresses the CNI gave local pods, for pods whose status does not
     /// show them yet (kubelet reports them only after ADD returns).
     cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    /// Service key (`Service/ns/name`) -> its ClusterIPs.
+    services: BTreeMap<String, Vec<IpAddr>>,
     pub metrics: metrics::Shared,
+}
+
+/// The ClusterIPs of a Service: `spec.clusterIPs` (else `spec.clusterIP`),
+/// without "None" (headless) and anything that is not an address.
+pub fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed = spec
+        .cluster_ips
+        .clone()
+        .filter(|v| !v.is_empty())
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default();
+    let mut out: Vec<IpAddr> = listed
+        .iter()
+        .filter_map(|ip| ip.trim().parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl Cluster {
@@ -53,15 +77,26 @@ impl Cluster {
             node_name: node_name.to_owned(),
             peers: BTreeMap::new(),
             cni_ips: BTreeMap::new(),
+            services: BTreeMap::new(),
             metrics,
         }
     }
 
-    /// Pods, Namespaces and NetworkPolicies have each been listed.
+    /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
     pub fn is_synced(&self) -> bool {
-        [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy]
-            .iter()
-            .all(|k| self.synced.contains(k))
+        [
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::Service,
+        ]
+        .iter()
+        .all(|k| self.synced.contains(k))
+    }
+
+    /// Every ClusterIP of every Service known.
+    pub fn service_ips(&self) -> BTreeSet<IpAddr> {
+        self.services.values().flatten().copied().collect()
     }
 
     /// Routes to other nodes' pod CIDRs: (CIDR, gateway) where the gateway is
@@ -149,6 +184,14 @@ impl Cluster {
                 self.peers.remove(&n.name_any());
                 Changes::default()
             }
+            (Object::Service(svc), false) => {
+                self.services.insert(object_ref(o).0, cluster_ips(svc));
+                Changes::default()
+            }
+            (Object::Service(_), true) => {
+                self.services.remove(&object_ref(o).0);
+                Changes::default()
+            }
         }
     }
 
@@ -208,7 +251,7 @@ impl Node {
                 Change::Applied(o) => versions.push((object_ref(o), false)),
                 Change::Deleted(o) => versions.push((object_ref(o), true)),
                 Change::Resync(_, objs) => {
-                    versions.extend(objs.iter().map(|o| (object_ref(o), false)))
+                    versions.extend(objs.iter().map(|o| (object_ref(o), false)));
                 }
             }
             out.merge(cluster.apply(c));
@@ -243,6 +286,9 @@ impl Node {
             warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
         }
         self.program(&out)?;
+        if let Some(ips) = self.cluster.as_ref().map(Cluster::service_ips) {
+            self.set_service_ips(&ips)?;
+        }
         if let Some(cluster) = self.cluster.as_mut() {
             for ((key, rv), deleted) in versions {
                 if deleted {

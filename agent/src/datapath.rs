@@ -27,7 +27,7 @@ use aya::{
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey,
-    IpcacheValue, PolicyKey, PolicyValue, maps, programs,
+    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, maps, programs,
 };
 
 /// The TC programs, built by build.rs.
@@ -101,6 +101,11 @@ impl Default for Sizes {
 /// Typed handles on every map of the data path.
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// Endpoint id -> host ifindex (its ENDPOINTS key), kept in step with
+    /// ENDPOINTS.
+    pub ep_by_id: HashMap<MapData, u32, u32>,
+    /// Service addresses (ClusterIPs) -> `SERVICE_*` flags.
+    pub services: HashMap<MapData, ServiceKey, u32>,
     pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
@@ -117,6 +122,8 @@ impl Maps {
     fn from_source(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
             endpoints: typed(maps::ENDPOINTS, get(maps::ENDPOINTS)?)?,
+            ep_by_id: typed(maps::EP_BY_ID, get(maps::EP_BY_ID)?)?,
+            services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
             ipcache: typed(maps::IPCACHE, get(maps::IPCACHE)?)?,
             policy: typed(maps::POLICY, get(maps::POLICY)?)?,
             cidrs: typed(maps::CIDRS, get(maps::CIDRS)?)?,
@@ -217,6 +224,7 @@ impl Datapath {
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::POLICY, sizes.policy)
             .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(maps::EP_BY_ID, sizes.endpoints)
             .map_max_entries(maps::IPCACHE, sizes.ipcache)
             .map_max_entries(maps::CIDRS, sizes.cidrs)
             .load(EBPF_OBJECT)
@@ -383,6 +391,12 @@ fn raise_memlock() {
     if rc != 0 {
         tracing::debug!("setrlimit(MEMLOCK) failed; memory is cgroup-accounted here");
     }
+}
+
+/// Key of a Service address in SERVICES.
+pub fn service_key(ip: std::net::IpAddr) -> ServiceKey {
+    let (addr, _) = mapped(ip.into());
+    ServiceKey { addr }
 }
 
 /// LPM key of an address in the ipcache.

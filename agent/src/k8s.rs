@@ -1,5 +1,5 @@
 //! Watching the cluster: kube-rs watchers on Pods, Namespaces,
-//! NetworkPolicies and Nodes, turned into one ordered stream of
+//! NetworkPolicies, Nodes and Services, turned into one ordered stream of
 //! `Change`s for the reconciler. Re-lists, watch restarts, 410 Gone and
 //! bookmarks are kube's watcher's job; a (re)list arrives here as one
 //! `Resync` holding every object of that kind, so the consumer can drop what
@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod},
+        core::v1::{Namespace, Node, Pod, Service},
         networking::v1::NetworkPolicy,
     },
     serde::de::DeserializeOwned,
@@ -31,10 +31,17 @@ pub enum Kind {
     Namespace,
     NetworkPolicy,
     Node,
+    Service,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::Node,
+        Kind::Service,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -42,6 +49,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
+            Kind::Service => "Service",
         }
     }
 }
@@ -53,6 +61,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     NetworkPolicy(Box<NetworkPolicy>),
     Node(Box<Node>),
+    Service(Box<Service>),
 }
 
 impl Object {
@@ -62,6 +71,7 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Node(_) => Kind::Node,
+            Object::Service(_) => Kind::Service,
         }
     }
 }
@@ -181,10 +191,20 @@ pub fn start(client: Client, node_name: &str, metrics: metrics::Shared) -> mpsc:
     // their pod CIDRs.
     let _ = node_name;
     tokio::spawn(watch_kind(
-        Api::<Node>::all(client),
+        Api::<Node>::all(client.clone()),
         cfg(),
         Kind::Node,
         |o| Object::Node(Box::new(o)),
+        tx.clone(),
+        metrics.clone(),
+    ));
+    // Services: their ClusterIPs, whose new flows have their egress judged
+    // after kube-proxy's DNAT.
+    tokio::spawn(watch_kind(
+        Api::<Service>::all(client),
+        cfg(),
+        Kind::Service,
+        |o| Object::Service(Box::new(o)),
         tx,
         metrics,
     ));
@@ -198,6 +218,7 @@ pub fn object_ref(o: &Object) -> (String, String) {
         Object::Namespace(n) => (None, n.name_any(), n.resource_version()),
         Object::NetworkPolicy(p) => (p.namespace(), p.name_any(), p.resource_version()),
         Object::Node(n) => (None, n.name_any(), n.resource_version()),
+        Object::Service(s) => (s.namespace(), s.name_any(), s.resource_version()),
     };
     let key = match ns {
         Some(ns) => format!("{}/{ns}/{name}", o.kind().name()),

@@ -1,7 +1,10 @@
 //! The agent's state on one node: the data path, the endpoint registry and
 //! the policy programmed for each endpoint, and the operations the CNI
 //! plugin (and tests) ask for. Callers hold the lock and pass `&mut Node`.
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use aya::maps::MapError;
 use ipnetwork::IpNetwork;
@@ -10,7 +13,7 @@ use sluice_proto::{Attachment, EndpointSpec, Response, code};
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DatapathError, cidr_key, ipcache_key},
+    datapath::{Datapath, DatapathError, cidr_key, ipcache_key, service_key},
     policy::{Compiled, EndpointPolicy, PolicyError},
     registry::{Endpoint, Registry, RegistryError},
 };
@@ -96,6 +99,8 @@ pub struct Node {
     /// The cluster view when the agent watches an API server; `None` in
     /// standalone mode (policy only through `SetPolicy`).
     pub cluster: Option<crate::cluster::Cluster>,
+    /// What the SERVICES map holds (read back from the pinned map at start).
+    service_ips: BTreeSet<IpAddr>,
 }
 
 /// Default per-endpoint share of the policy map.
@@ -133,13 +138,21 @@ impl Node {
             policies: HashMap::new(),
             max_entries_per_endpoint: DEFAULT_MAX_ENTRIES_PER_ENDPOINT,
             cluster: None,
+            service_ips: BTreeSet::new(),
         };
         node.policies = node.read_programmed_policy()?;
+        node.service_ips = node.read_service_ips()?;
         node.program_host_addresses()?;
         let endpoints: Vec<Endpoint> = node.registry.all().cloned().collect();
         for ep in endpoints {
             let s = &ep.spec;
             if interface_is(&s.host_ifname, s.host_ifindex) {
+                // EP_BY_ID may be new (pinned by an agent that predates it).
+                node.dp
+                    .maps
+                    .ep_by_id
+                    .insert(&ep.ep_id, &s.host_ifindex, 0)
+                    .map_err(map_err("EP_BY_ID"))?;
                 node.dp.attach(&s.host_ifname)?;
                 info!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, ep_id = ep.ep_id, "endpoint re-attached");
             } else {
@@ -183,6 +196,45 @@ impl Node {
             info!(%ip, "node address");
         }
         Ok(())
+    }
+
+    /// The Service addresses in the pinned SERVICES map.
+    fn read_service_ips(&self) -> Result<BTreeSet<IpAddr>> {
+        let mut out = BTreeSet::new();
+        for item in self.dp.maps.services.keys() {
+            let k = item.map_err(map_err("SERVICES"))?;
+            out.insert(unmapped(k.addr, 128).ip());
+        }
+        Ok(out)
+    }
+
+    /// Makes SERVICES hold exactly `ips` (the cluster's ClusterIPs): new
+    /// addresses are added before gone ones are removed. New flows of pods
+    /// to these addresses have their egress judged after kube-proxy's DNAT
+    /// (docs/design.md, "Services").
+    pub fn set_service_ips(&mut self, ips: &BTreeSet<IpAddr>) -> Result<()> {
+        for ip in ips.difference(&self.service_ips) {
+            self.dp
+                .maps
+                .services
+                .insert(&service_key(*ip), &sluice_common::SERVICE_CLUSTER_IP, 0)
+                .map_err(map_err("SERVICES"))?;
+        }
+        let gone: Vec<IpAddr> = self.service_ips.difference(ips).copied().collect();
+        for ip in gone {
+            ignore_missing(self.dp.maps.services.remove(&service_key(ip)))
+                .map_err(map_err("SERVICES"))?;
+        }
+        if self.service_ips != *ips {
+            info!(count = ips.len(), "service addresses programmed");
+        }
+        self.service_ips = ips.clone();
+        Ok(())
+    }
+
+    /// The Service addresses programmed.
+    pub fn service_ips(&self) -> &BTreeSet<IpAddr> {
+        &self.service_ips
     }
 
     /// Rebuilds `policies` from the pinned POLICY and CIDRS maps.
@@ -351,6 +403,13 @@ impl Node {
                 )
                 .map_err(map_err("IPCACHE"))?;
         }
+        // EP_BY_ID before ENDPOINTS: the endpoint can send nothing until
+        // its ENDPOINTS entry exists, and its deferred flows need both.
+        self.dp
+            .maps
+            .ep_by_id
+            .insert(&ep.ep_id, &s.host_ifindex, 0)
+            .map_err(map_err("EP_BY_ID"))?;
         self.dp
             .maps
             .endpoints
@@ -370,6 +429,8 @@ impl Node {
             ignore_missing(self.dp.maps.endpoints.remove(&s.host_ifindex))
                 .map_err(map_err("ENDPOINTS"))?;
         }
+        // Endpoint ids are never reused: this entry is only ever ep's.
+        ignore_missing(self.dp.maps.ep_by_id.remove(&ep.ep_id)).map_err(map_err("EP_BY_ID"))?;
         for ip in spec_ips(s) {
             let key = ipcache_key(host_net(ip));
             if let Ok(v) = self.dp.maps.ipcache.get(&key, 0)

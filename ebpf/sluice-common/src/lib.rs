@@ -21,6 +21,8 @@ pub mod maps {
     pub const DROP_EVENTS: &str = "DROP_EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
     pub const STATS: &str = "STATS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const EP_BY_ID: &str = "EP_BY_ID";
 }
 
 /// Program names (the `#[classifier]` functions).
@@ -42,6 +44,9 @@ pub mod sizes {
     pub const DROP_COUNTERS: u32 = 65_536;
     pub const DROP_EVENTS_BYTES: u32 = 1 << 20;
     pub const EVENT_RATE: u32 = 65_536;
+    pub const SERVICES: u32 = 65_536;
+    /// `EP_BY_ID` holds one entry per endpoint, like `ENDPOINTS`.
+    pub const EP_BY_ID: u32 = ENDPOINTS;
 }
 
 /// Traffic direction, from the pod's point of view (as NetworkPolicy says it).
@@ -170,6 +175,26 @@ pub const CT_SEEN_REPLY: u32 = 1 << 2;
 pub const CT_TCP_FIN_ORIG: u32 = 1 << 3;
 pub const CT_TCP_FIN_REPLY: u32 = 1 << 4;
 pub const CT_TCP_RST: u32 = 1 << 5;
+/// A new flow of the pod to a Service address, let through by `from_pod`
+/// unjudged: its egress is judged after kube-proxy's DNAT, by the `to_pod`
+/// of the backend (docs/design.md, "Services"). Every packet `from_pod`
+/// matches to such an entry carries `EGRESS_DEFERRED_MARK`.
+pub const CT_EGRESS_DEFERRED: u32 = 1 << 6;
+
+/// Bit of `skb->mark` that `from_pod` sets (ORed in: other bits are kept)
+/// on packets whose egress is judged after NAT, and that `to_pod` clears.
+/// Outside kube-proxy's bits (0x4000 masquerade, 0x8000 drop).
+pub const EGRESS_DEFERRED_MARK: u32 = 0x0020_0000;
+
+/// Key of the `SERVICES` map: a Service address (ClusterIP), 16-byte form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+}
+
+/// `SERVICES` values: what kind of Service address this is.
+pub const SERVICE_CLUSTER_IP: u32 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,9 +233,15 @@ pub struct FragKey {
 pub struct FragValue {
     pub sport: u16,
     pub dport: u16,
-    /// 1 when the first fragment was allowed, 0 when it was dropped.
+    /// `FRAG_ALLOWED` when the first fragment was allowed (0 when it was
+    /// dropped), plus `FRAG_EGRESS_DEFERRED` when its egress was deferred.
     pub allowed: u32,
 }
+
+/// `FragValue::allowed`
+pub const FRAG_ALLOWED: u32 = 1 << 0;
+/// The first fragment carried `EGRESS_DEFERRED_MARK`; later ones get it too.
+pub const FRAG_EGRESS_DEFERRED: u32 = 1 << 1;
 
 /// Why a packet was dropped. Stable numbers: they appear in counters,
 /// events and metrics.
@@ -331,6 +362,7 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for ServiceKey {}
 }
 
 #[cfg(test)]
@@ -350,6 +382,7 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CounterKey>(), 8);
         assert_eq!(size_of::<DropEvent>(), 64);
+        assert_eq!(size_of::<ServiceKey>(), 16);
     }
 
     #[test]

@@ -130,26 +130,31 @@ pub fn now_ns() -> u64 {
     }
 }
 
-/// Looks the flow up; on a live entry updates its state and lifetime and
-/// returns true. `src_is_lo` says which side sent this packet.
+/// Looks the flow up; on a live entry updates its state (with `implied`
+/// flags ORed in) and lifetime and returns its flags. `src_is_lo` says
+/// which side sent this packet.
 #[inline(always)]
-pub fn hit_and_refresh(key: &CtKey, src_is_lo: bool, tcp_flags: u8, now: u64) -> bool {
-    let Some(v) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
-    };
+pub fn hit_and_refresh(
+    key: &CtKey,
+    src_is_lo: bool,
+    tcp_flags: u8,
+    implied: u32,
+    now: u64,
+) -> Option<u32> {
+    let v = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a pointer into a map value, valid for this program run;
     // concurrent updates from another CPU at worst lose a flag or a refresh.
     let v = unsafe { &mut *v };
     if now >= v.expires_ns {
-        return false;
+        return None;
     }
     let from_orig = src_is_lo == (v.flags & CT_ORIG_IS_LO != 0);
-    let flags = track(v.flags, from_orig, tcp_flags);
+    let flags = track(v.flags, from_orig, tcp_flags) | implied;
     if flags != v.flags {
         v.flags = flags;
     }
     v.expires_ns = now + lifetime_secs(key.proto, flags) * NS_PER_SEC;
-    true
+    Some(flags)
 }
 
 /// Is there a live entry for this key? (No refresh: used for the flows that
@@ -163,11 +168,20 @@ pub fn exists(key: &CtKey, now: u64) -> bool {
     }
 }
 
-/// Creates the entry of an allowed new flow. A failed insert is counted;
-/// the packet passes anyway (its replies then meet the policy).
+/// Creates the entry of an allowed new flow, with `extra` flags. A failed
+/// insert is counted; the packet passes anyway (its replies then meet the
+/// policy).
 #[inline(always)]
-pub fn create(key: &CtKey, src_is_lo: bool, dir: u8, tcp_flags: u8, rule_id: u32, now: u64) {
-    let mut flags = 0;
+pub fn create(
+    key: &CtKey,
+    src_is_lo: bool,
+    dir: u8,
+    tcp_flags: u8,
+    rule_id: u32,
+    extra: u32,
+    now: u64,
+) {
+    let mut flags = extra;
     if src_is_lo {
         flags |= CT_ORIG_IS_LO;
     }

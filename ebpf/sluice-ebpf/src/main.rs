@@ -1,7 +1,9 @@
 //! Sluice's TC programs: NetworkPolicy enforcement on the host end of each
 //! pod veth. `from_pod` sees what the pod sends (EGRESS), `to_pod` what it
 //! receives (INGRESS); both run `try_classify`, which follows the numbered
-//! steps below. Modules: `parse` (headers), `conntrack`, `policy` (new
+//! steps below. New flows to a Service address are the exception: their
+//! egress is judged after kube-proxy's DNAT, by the backend's `to_pod`
+//! (steps 0 and 7a; docs/design.md, "Services"). Modules: `parse` (headers), `conntrack`, `policy` (new
 //! flows), `events` (drop counters and events), `maps`, `keys`.
 //!
 //! Layout for the verifier and the benchmark: the established-flow path
@@ -20,6 +22,7 @@ mod policy;
 
 use core::num::NonZeroU8;
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
@@ -27,17 +30,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6,
-    EP_INGRESS_ISOLATED, EndpointInfo, FragValue, IDENTITY_HOST, proto, reason, stat,
+    CT_EGRESS_DEFERRED, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EGRESS_DEFERRED_MARK,
+    EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
+    EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey,
+    ServiceKey, proto, reason, stat,
 };
 
 use crate::{
     conntrack::{addr_eq, create, exists, flow_key, hit_and_refresh, now_ns},
     keys::frag_key,
-    maps::{ENDPOINTS, FRAGS, count},
+    maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
     parse::{
-        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, is_icmp_error, is_nd_or_mld, parse,
-        parse_icmp_inner,
+        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, TCP_ACK, is_icmp_error, is_nd_or_mld,
+        parse, parse_icmp_inner,
     },
 };
 
@@ -93,9 +98,21 @@ type Verdict = Result<(), Reason>;
 fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let mut pkt = Packet::empty();
     let parsed = parse(ctx, &mut pkt);
-    // 1. Endpoint: the interface the program runs on.
     // SAFETY: the context of a TC program is a valid __sk_buff.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
+    // 0. (to_pod) A packet whose sender's egress `from_pod` deferred (step
+    //    7a) is judged for that sender first, on the translated tuple.
+    if dir == DIR_INGRESS {
+        let mark = skb.mark;
+        if mark & EGRESS_DEFERRED_MARK != 0 {
+            ctx.set_mark(mark & !EGRESS_DEFERRED_MARK);
+            if matches!(parsed, Ok(L3::Ip)) {
+                deferred_egress(ctx, &pkt)?;
+            }
+        }
+    }
+    // 1. Endpoint: the interface the program runs on.
+    let ifindex = skb.ifindex;
     // SAFETY: a map value, read-only here and valid for this run.
     let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
         return drop_packet(ctx, 0, dir, UNKNOWN_ENDPOINT, pkt);
@@ -106,6 +123,92 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             Ok(TC_ACT_OK)
         }
         Err(why) => drop_packet(ctx, ep.ep_id, dir, why, pkt),
+    }
+}
+
+/// ORs `EGRESS_DEFERRED_MARK` into the packet's mark (other bits are kept:
+/// kube-proxy and others use them).
+#[inline(always)]
+fn mark_deferred(ctx: &TcContext) {
+    // SAFETY: the context of a TC program is a valid __sk_buff.
+    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
+    ctx.set_mark(mark | EGRESS_DEFERRED_MARK);
+}
+
+/// Is the packet's mark carrying `EGRESS_DEFERRED_MARK`?
+#[inline(always)]
+fn marked_deferred(ctx: &TcContext) -> bool {
+    // SAFETY: as in mark_deferred.
+    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark & EGRESS_DEFERRED_MARK != 0 }
+}
+
+/// 0. The sender's EGRESS of a packet marked `EGRESS_DEFERRED_MARK`, judged
+///    in the backend's `to_pod` after kube-proxy's DNAT: the sender is found
+///    by its address (ipcache: a local endpoint's id, then EP_BY_ID and
+///    ENDPOINTS); conntrack of the sender on the translated tuple, else its
+///    egress policy against the real destination and port. A drop is
+///    counted and reported as the sender's egress drop. A sender that is not
+///    a local endpoint (kube-proxy masqueraded a hairpin to the node's
+///    address) cannot be judged here and passes.
+#[inline(always)]
+fn deferred_egress(ctx: &TcContext, pkt: &Packet) -> Result<(), i32> {
+    let src = Key::new(
+        128,
+        IpcacheKey {
+            addr: pkt.saddr.bytes(),
+        },
+    );
+    let ep_id = match IPCACHE.get(&src) {
+        Some(v) => v.ep_id,
+        None => 0,
+    };
+    if ep_id == 0 {
+        return Ok(());
+    }
+    // SAFETY: map values, read-only for this run.
+    let sender = match unsafe { EP_BY_ID.get(&ep_id) } {
+        Some(ifindex) => unsafe { ENDPOINTS.get(ifindex) },
+        None => None,
+    };
+    let Some(sender) = sender.filter(|s| s.ep_id == ep_id) else {
+        // The ipcache says local, the endpoint maps disagree: the sender
+        // is going away. Fail closed.
+        return drop_packet(ctx, ep_id, DIR_EGRESS, UNKNOWN_ENDPOINT, *pkt).map(|_| ());
+    };
+    // A later fragment follows its first, whose verdict (this one's and the
+    // backend's) the backend's FRAGS entry holds (step 6).
+    if pkt.frag == FRAG_LATER {
+        return Ok(());
+    }
+    let now = now_ns();
+    let (key, src_is_lo) = flow_key(
+        ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
+    );
+    // Only the sender's packets meet this entry (replies are translated
+    // back before they reach it): an ACK from the sender stands for the
+    // reply it has seen.
+    let implied = if pkt.tcp_flags & TCP_ACK != 0 {
+        CT_SEEN_REPLY
+    } else {
+        0
+    };
+    if hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, implied, now).is_some() {
+        return Ok(());
+    }
+    match new_flow(sender, DIR_EGRESS, *pkt, &key, now) {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            if pkt.frag == FRAG_FIRST {
+                let key = frag_key(&pkt.saddr, &pkt.daddr, pkt.frag_id, pkt.proto);
+                let denied = FragValue {
+                    sport: pkt.sport,
+                    dport: pkt.dport,
+                    allowed: 0,
+                };
+                let _unrecorded = FRAGS.insert(&key, &denied, 0);
+            }
+            drop_packet(ctx, ep_id, DIR_EGRESS, why, *pkt).map(|_| ())
+        }
     }
 }
 
@@ -174,7 +277,10 @@ fn decide(
             Some(first) => {
                 pkt.sport = first.sport;
                 pkt.dport = first.dport;
-                if first.allowed != 0 {
+                if dir == DIR_EGRESS && first.allowed & FRAG_EGRESS_DEFERRED != 0 {
+                    mark_deferred(ctx);
+                }
+                if first.allowed & FRAG_ALLOWED != 0 {
                     Ok(())
                 } else {
                     Err(POLICY_DENIED)
@@ -188,10 +294,12 @@ fn decide(
     //    A first fragment records its ports and verdict for the others.
     if pkt.frag == FRAG_FIRST {
         let key = frag_key(&pkt.saddr, &pkt.daddr, pkt.frag_id, pkt.proto);
+        let deferred = dir == DIR_EGRESS && verdict.is_ok() && marked_deferred(ctx);
         let value = FragValue {
             sport: pkt.sport,
             dport: pkt.dport,
-            allowed: u32::from(verdict.is_ok()),
+            allowed: if verdict.is_ok() { FRAG_ALLOWED } else { 0 }
+                | if deferred { FRAG_EGRESS_DEFERRED } else { 0 },
         };
         // A lost record makes the later fragments FRAGMENT_UNKNOWN.
         let _unrecorded = FRAGS.insert(&key, &value, 0);
@@ -208,15 +316,44 @@ fn flow_verdict(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet) -> Ve
     if is_icmp_error(pkt) && related_flow_tracked(ctx, ep.ep_id, *pkt, now) {
         return Ok(());
     }
-    // 7. Conntrack, one lookup: both directions share the key.
+    // 7. Conntrack, one lookup: both directions share the key. What the
+    //    pod sends on a deferred flow (7a) is marked for its backend's
+    //    to_pod, every packet, so none passes unjudged after NAT.
     let (key, src_is_lo) = flow_key(
         ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
     );
-    if hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, now) {
+    if let Some(flags) = hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, 0, now) {
+        if dir == DIR_EGRESS && flags & CT_EGRESS_DEFERRED != 0 {
+            mark_deferred(ctx);
+        }
+        return Ok(());
+    }
+    // 7a. (from_pod) A new flow to a Service address: kube-proxy has not
+    //     chosen the real destination yet. Tracked as deferred and marked;
+    //     the backend's to_pod judges it (step 0).
+    if dir == DIR_EGRESS && is_service(&pkt.daddr) {
+        create(
+            &key,
+            src_is_lo,
+            dir,
+            pkt.tcp_flags,
+            0,
+            CT_EGRESS_DEFERRED,
+            now,
+        );
+        mark_deferred(ctx);
         return Ok(());
     }
     // 9. and 10.
     new_flow(ep, dir, *pkt, &key, now)
+}
+
+/// Is `addr` a Service address (SERVICES)?
+#[inline(always)]
+fn is_service(addr: &Addr) -> bool {
+    let key = ServiceKey { addr: addr.bytes() };
+    // SAFETY: only presence is read.
+    unsafe { SERVICES.get(&key) }.is_some()
 }
 
 /// Does the flow that an ICMP error quotes exist, and was it sent by the
@@ -279,7 +416,7 @@ fn new_flow(
         0
     };
     let src_is_lo = conntrack::side_le(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
-    create(key, src_is_lo, dir, pkt.tcp_flags, rule_id, now);
+    create(key, src_is_lo, dir, pkt.tcp_flags, rule_id, 0, now);
     Ok(())
 }
 

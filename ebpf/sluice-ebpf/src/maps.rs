@@ -8,12 +8,22 @@ use aya_ebpf::{
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FragKey, FragValue,
-    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, sizes, stat,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, sizes, stat,
 };
 
 /// ifindex of the host end of a pod veth -> endpoint.
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(sizes::ENDPOINTS, 0);
+
+/// Endpoint id -> ifindex of its host veth (its key in ENDPOINTS): how
+/// `to_pod` finds the sender of a packet whose egress was deferred.
+#[map]
+pub static EP_BY_ID: HashMap<u32, u32> = HashMap::pinned(sizes::EP_BY_ID, 0);
+
+/// Service addresses (ClusterIPs) -> `SERVICE_*` flags: new flows to them
+/// have their egress judged after kube-proxy's DNAT.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(sizes::SERVICES, 0);
 
 /// Address (v4-mapped or v6) -> identity, longest prefix.
 #[map]

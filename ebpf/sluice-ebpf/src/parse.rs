@@ -32,6 +32,7 @@ const NEXTHDR_DEST: u8 = 60;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A 16-byte address (IPv4 mapped), kept as two words in memory (network)
 /// order: it compares as two u64 and is built without byte stores.

@@ -9,6 +9,8 @@ mod harness;
 mod model;
 #[path = "datapath/packet.rs"]
 mod packet;
+#[path = "datapath/services.rs"]
+mod services;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

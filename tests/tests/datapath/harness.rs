@@ -18,13 +18,18 @@ use aya::{
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CtKey, CtValue, DIR_EGRESS, DropEvent, EndpointInfo,
-    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, maps, programs,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SERVICE_CLUSTER_IP, ServiceKey, maps,
+    programs,
 };
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 /// The ifindex BPF_PROG_TEST_RUN reports: the netns's loopback.
 pub const LOOPBACK: u32 = 1;
+/// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`).
+const SKB_MARK_OFF: usize = 8;
+/// Longer than `struct __sk_buff` on any kernel this runs on.
+const SKB_CTX_LEN: usize = 512;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -137,6 +142,8 @@ pub fn with_datapath_sized<R: Send>(
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    pub ep_by_id: HashMap<MapData, u32, u32>,
+    pub services: HashMap<MapData, ServiceKey, u32>,
     pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
@@ -179,6 +186,8 @@ impl Datapath {
         }
         Self {
             endpoints: take(&mut ebpf, maps::ENDPOINTS),
+            ep_by_id: take(&mut ebpf, maps::EP_BY_ID),
+            services: take(&mut ebpf, maps::SERVICES),
             ipcache: take(&mut ebpf, maps::IPCACHE),
             policy: take(&mut ebpf, maps::POLICY),
             cidrs: take(&mut ebpf, maps::CIDRS),
@@ -227,6 +236,59 @@ impl Datapath {
             ..TestRunOptions::default()
         };
         self.program(name).test_run(opts).map(|r| r.return_value)
+    }
+
+    /// Runs the program of direction `dir` on `frame` with `skb->mark` set
+    /// to `mark`: its return value and the mark it left.
+    pub fn run_marked(&self, dir: u8, frame: &[u8], mark: u32) -> (u32, u32) {
+        let name = if dir == DIR_EGRESS {
+            programs::FROM_POD
+        } else {
+            programs::TO_POD
+        };
+        // A `struct __sk_buff` (the kernel accepts a longer buffer as long
+        // as the excess is zero); only `mark` is set. ifindex 0: loopback.
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        };
+        let r = self
+            .program(name)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run dir {dir} with mark {mark:#x}: {e:?}"));
+        let mut out = [0u8; 4];
+        out.copy_from_slice(&ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4]);
+        (r.return_value, u32::from_ne_bytes(out))
+    }
+
+    /// An endpoint that is not the loopback (a sender whose deferred egress
+    /// `to_pod` judges): ENDPOINTS[ifindex] and EP_BY_ID[ep_id].
+    pub fn set_endpoint_at(&mut self, ifindex: u32, ep: &EndpointInfo) {
+        self.endpoints
+            .insert(&ifindex, ep, 0)
+            .expect("ENDPOINTS insert");
+        self.ep_by_id
+            .insert(&ep.ep_id, &ifindex, 0)
+            .expect("EP_BY_ID insert");
+    }
+
+    /// An ipcache entry for one address of a local endpoint.
+    pub fn set_ipcache_ep(&mut self, addr: [u8; 16], identity: u32, ep_id: u32) {
+        let key = Key::new(128, IpcacheKey { addr });
+        self.ipcache
+            .insert(&key, &IpcacheValue { identity, ep_id }, 0)
+            .expect("IPCACHE insert");
+    }
+
+    pub fn add_service(&mut self, addr: [u8; 16]) {
+        self.services
+            .insert(&ServiceKey { addr }, &SERVICE_CLUSTER_IP, 0)
+            .expect("SERVICES insert");
     }
 
     pub fn passes(&self, dir: u8, frame: &[u8]) -> bool {

@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod cases;
+pub mod kubeproxy;
 pub mod conformance;
 use sluice_proto::{Request, Response};
 

@@ -16,11 +16,47 @@ pub struct Routes {
 
 fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, String> {
     let (net, gw) = r;
-    RouteMessageBuilder::<IpAddr>::new()
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(net.network(), net.prefix())
         .and_then(|b| b.gateway(*gw))
-        .map(|b| b.build())
-        .map_err(|e| format!("route {net} via {gw}: {e}"))
+        .map_err(|e| format!("route {net} via {gw}: {e}"))?;
+    // Name the interface the gateway is on: the kernel refuses some IPv6
+    // gateway routes without it (EINVAL), where `ip route` finds it itself.
+    if let Some(oif) = interface_towards(*gw) {
+        b = b.output_interface(oif);
+    }
+    Ok(b.build())
+}
+
+/// The interface with an address whose subnet holds `gw`.
+fn interface_towards(gw: IpAddr) -> Option<u32> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for ifa in addrs {
+        let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
+            continue;
+        };
+        let within = match (
+            gw,
+            addr.as_sockaddr_in(),
+            mask.as_sockaddr_in(),
+            addr.as_sockaddr_in6(),
+            mask.as_sockaddr_in6(),
+        ) {
+            (IpAddr::V4(g), Some(a), Some(m), _, _) => {
+                let m = u32::from(m.ip());
+                u32::from(g) & m == u32::from(a.ip()) & m
+            }
+            (IpAddr::V6(g), _, _, Some(a), Some(m)) => {
+                let m = u128::from(m.ip());
+                u128::from(g) & m == u128::from(a.ip()) & m
+            }
+            _ => false,
+        };
+        if within {
+            return nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).ok();
+        }
+    }
+    None
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {

@@ -172,7 +172,7 @@ impl Drop for TempDir {
 }
 
 pub const NODE_IPV4: &str = "10.255.255.1/32";
-pub const NODE_IPV6: &str = "fd00:255::1/128";
+pub const NODE_IPV6: &str = "fd00:ffff::1/128";
 
 /// A simulated node: its own netns, bpffs, state, and a real agent process.
 pub struct Node {

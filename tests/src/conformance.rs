@@ -121,6 +121,7 @@ pub struct Cluster {
     /// The model's objects as applied at the start of every case.
     model: Vec<cases::Object>,
     pub sctp: bool,
+    kube_proxy: Vec<crate::kubeproxy::KubeProxy>,
 }
 
 fn node_name(i: usize) -> String {
@@ -311,7 +312,7 @@ impl Cluster {
                 },
             );
         }
-        let cluster = Self {
+        let mut cluster = Self {
             nodes: ns,
             _link: None,
             api,
@@ -319,6 +320,7 @@ impl Cluster {
             services,
             model: cluster_objects,
             sctp: sctp_available(),
+            kube_proxy: Vec::new(),
         };
         cluster.program_services()?;
         cluster.wait_all_programmed()?;
@@ -326,11 +328,14 @@ impl Cluster {
     }
 
     /// kube-proxy's part: DNAT every Service ClusterIP to its pod, in every
-    /// node.
-    fn program_services(&self) -> Result<()> {
-        let mut rules = Vec::new();
+    /// node, with nftables rules shaped as kube-proxy's nftables mode writes
+    /// them.
+    fn program_services(&mut self) -> Result<()> {
+        use crate::kubeproxy::{KubeProxy, Protocol as P, ServicePort};
+        let mut ports = Vec::new();
         for (key, ips) in &self.services {
             let pod = &self.pods[key].pod;
+            let (ns, name) = key.split_once('/').unwrap_or_default();
             for cluster_ip in ips {
                 let backend = if cluster_ip.is_ipv4() {
                     pod.ipv4
@@ -339,13 +344,21 @@ impl Cluster {
                 };
                 let Some(backend) = backend else { continue };
                 for port in PORTS {
-                    for proto in [Protocol::Tcp, Protocol::Udp] {
-                        rules.push((*cluster_ip, proto.number(), port, backend));
+                    for proto in [P::Tcp, P::Udp] {
+                        ports.push(ServicePort::new(
+                            &format!("{ns}/s-{ns}-{name}"),
+                            *cluster_ip,
+                            proto,
+                            port,
+                            &[(backend, port)],
+                        ));
                     }
                 }
             }
         }
-        let _ = rules; // TEMP until kubeproxy lands
+        for node in &self.nodes {
+            self.kube_proxy.push(KubeProxy::apply(&node.ns, &ports)?);
+        }
         Ok(())
     }
 

@@ -208,6 +208,13 @@ const HOOKS: [Hook; 2] = [
     },
 ];
 
+/// The hook of an uplink (an interface towards other nodes).
+const UPLINK_HOOKS: [Hook; 1] = [Hook {
+    program: programs::TO_UPLINK,
+    attach_type: TcAttachType::Egress,
+    suffix: "uplink",
+}];
+
 impl Datapath {
     /// Loads the programs, reusing every map already pinned under
     /// `pin_dir/maps` (so a restart loses no state) and pinning new ones.
@@ -229,7 +236,7 @@ impl Datapath {
             .map_max_entries(maps::CIDRS, sizes.cidrs)
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for hook in HOOKS {
+        for hook in HOOKS.iter().chain(&UPLINK_HOOKS) {
             program_mut(&mut ebpf, hook.program)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -273,11 +280,21 @@ impl Datapath {
     /// attached them), the current programs replace the old ones inside the
     /// same links, atomically: the interface is never without a program.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        self.attach_hooks(ifname, &HOOKS)
+    }
+
+    /// Attaches `to_uplink` to an interface towards other nodes (pinned
+    /// like the pod hooks; attaching again swaps the program in place).
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.attach_hooks(ifname, &UPLINK_HOOKS)
+    }
+
+    fn attach_hooks(&mut self, ifname: &str, hooks: &[Hook]) -> Result<()> {
         let c_ifname = std::ffi::CString::new(ifname).map_err(|e| DatapathError::Io {
             path: PathBuf::from(ifname),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
-        for hook in HOOKS {
+        for &hook in hooks {
             let path = self.link_path(ifname, hook);
             let prog = program_mut(&mut self.ebpf, hook.program)?;
             let prog_err = |source| DatapathError::Program {

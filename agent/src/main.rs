@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         info!(node = %node_name, "cluster mode: watching the API server");
         let mut rx = sluice_agent::k8s::start(client, &node_name, metrics.clone());
         let mut routes = sluice_agent::routes::Routes::new().context("netlink connection")?;
+        let mut uplinks = std::collections::BTreeSet::new();
         while let Some(first) = rx.recv().await {
             // Take whatever else is queued: one programming pass per batch.
             let mut batch = vec![first];
@@ -138,6 +139,24 @@ async fn main() -> anyhow::Result<()> {
                 .and_then(|n| n.cluster.as_ref().map(|c| c.peer_routes()))
                 .unwrap_or_default();
             routes.sync(&desired).await;
+            // Deferred (Service) egress to pods on other nodes is judged
+            // where it leaves the node.
+            for ifname in sluice_agent::routes::uplinks(&desired).difference(&uplinks.clone()) {
+                let attached = node
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+                    .dp
+                    .attach_uplink(ifname);
+                match attached {
+                    Ok(()) => {
+                        info!(%ifname, "uplink attached");
+                        uplinks.insert(ifname.clone());
+                    }
+                    Err(e) => {
+                        tracing::error!(%ifname, error = %e, "attaching the uplink program failed")
+                    }
+                }
+            }
         }
         Ok(())
     };

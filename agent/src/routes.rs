@@ -14,6 +14,19 @@ pub struct Routes {
     installed: BTreeSet<Route>,
 }
 
+/// The interfaces the routes leave by (where `to_uplink` goes).
+pub fn uplinks(routes: &BTreeSet<Route>) -> BTreeSet<String> {
+    routes
+        .iter()
+        .filter_map(|(_, gw)| interface_name_towards(*gw))
+        .collect()
+}
+
+fn interface_name_towards(gw: IpAddr) -> Option<String> {
+    let idx = interface_towards(gw)?;
+    nix::net::if_::if_indextoname(idx).ok()?.into_string().ok()
+}
+
 fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, String> {
     let (net, gw) = r;
     let mut b = RouteMessageBuilder::<IpAddr>::new()

@@ -31,6 +31,9 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress on the host end of a pod's veth: packets sent to the pod.
     pub const TO_POD: &str = "to_pod";
+    /// TC egress of the node's uplinks: deferred (Service) egress to pods
+    /// on other nodes.
+    pub const TO_UPLINK: &str = "to_uplink";
 }
 
 /// Default map sizes; the agent may override them at load time.

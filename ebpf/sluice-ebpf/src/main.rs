@@ -60,6 +60,29 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     }
 }
 
+/// TC egress of the node's uplinks (the interfaces towards other nodes):
+/// judges the sender's egress of packets whose `from_pod` deferred it (a
+/// Service address, DNATed to a pod on another node), as `to_pod` does for
+/// local backends. Every other packet passes untouched: the receiving
+/// node's `to_pod` judges its ingress.
+#[classifier]
+pub fn to_uplink(ctx: TcContext) -> i32 {
+    // SAFETY: the context of a TC program is a valid __sk_buff.
+    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
+    if mark & EGRESS_DEFERRED_MARK == 0 {
+        return TC_ACT_OK;
+    }
+    ctx.set_mark(mark & !EGRESS_DEFERRED_MARK);
+    let mut pkt = Packet::empty();
+    if !matches!(parse(&ctx, &mut pkt), Ok(L3::Ip)) {
+        return TC_ACT_OK;
+    }
+    match deferred_egress(&ctx, &pkt) {
+        Ok(()) => TC_ACT_OK,
+        Err(ret) => ret,
+    }
+}
+
 /// Does nothing: the baseline of `cargo xtask bench datapath` (what
 /// BPF_PROG_TEST_RUN itself costs). The agent never attaches it.
 #[classifier]

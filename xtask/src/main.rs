@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench_compiler;
 mod bench_datapath;
 mod demo;
 
@@ -154,12 +155,14 @@ fn main() -> Result<()> {
             cargo(&["build", "--bins"])?;
             conformance(cases, &family, &target, nodes, filter, json, eventual)
         }
-        Cmd::Bench { what, args } => {
-            require_root("benchmarks")?;
-            match what.as_str() {
-                "datapath" => bench_datapath::run(&args),
-                other => bail!("unknown benchmark {other:?} (have: datapath)"),
+        Cmd::Bench { what, args } => match what.as_str() {
+            // Pure code: no root, no kernel.
+            "compiler" => bench_compiler::run(&args),
+            "datapath" => {
+                require_root("bench datapath")?;
+                bench_datapath::run(&args)
             }
-        }
+            other => bail!("unknown benchmark {other:?} (have: compiler, datapath)"),
+        },
     }
 }

@@ -270,6 +270,10 @@ impl Cluster {
         for (i, node) in ns.iter_mut().enumerate() {
             let kubeconfig = node.tmp.0.join("kubeconfig");
             api.write_kubeconfig(&kubeconfig)?;
+            // Quiet unless asked: the runner prints its own lines.
+            if std::env::var_os("SLUICE_AGENT_LOG").is_none() {
+                node.agent_log = "warn".into();
+            }
             node.agent_args = vec![
                 "--kubeconfig".into(),
                 kubeconfig.to_string_lossy().into_owned(),
@@ -393,6 +397,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// Node `i` (its namespace, agent socket, kubeconfig in `tmp`).
+    pub fn node(&self, i: usize) -> Option<&Node> {
+        self.nodes.get(i)
+    }
+
+    /// The kubeconfig the agents use (in node 0's namespace the server is
+    /// reachable at the address it names).
+    pub fn kubeconfig(&self) -> Option<PathBuf> {
+        self.nodes.first().map(|n| n.tmp.0.join("kubeconfig"))
+    }
+
+    /// Current resourceVersion of a namespaced object in the API.
+    pub fn resource_version(&self, plural: &str, namespace: &str, name: &str) -> Option<String> {
+        self.api.get(plural, namespace, name).map(|v| rv_of(&v))
+    }
+
     fn ip_of(&self, pod: &str, family: Family) -> Option<IpAddr> {
         let p = &self.pods.get(pod)?.pod;
         match family {
@@ -478,7 +498,7 @@ impl Cluster {
     }
 
     /// Probes every ordered pair once, all at the same time.
-    fn probe(
+    pub fn probe(
         &self,
         family: Family,
         target: ProbeTarget,

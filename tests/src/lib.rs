@@ -20,8 +20,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod cases;
-pub mod kubeproxy;
 pub mod conformance;
+pub mod kubeproxy;
 use sluice_proto::{Request, Response};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -184,6 +184,8 @@ pub struct Node {
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Extra command-line arguments for the agent.
     pub agent_args: Vec<String>,
+    /// RUST_LOG of the agent (default: $SLUICE_AGENT_LOG, else info).
+    pub agent_log: String,
 }
 
 impl Node {
@@ -203,6 +205,7 @@ impl Node {
             agent: None,
             events: Arc::new(Mutex::new(Vec::new())),
             agent_args: Vec::new(),
+            agent_log: std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
         })
     }
 
@@ -230,10 +233,7 @@ impl Node {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(&self.agent_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", &self.agent_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

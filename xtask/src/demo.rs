@@ -1,121 +1,125 @@
-//! `cargo xtask demo`: one node in a network namespace with the real agent,
-//! three pods wired by the real CNI plugin, TCP/80 reachability before and
-//! after a policy, and the drop events of the denied probes. Everything it
-//! makes is removed at the end (the guards also clean up on failure).
-use std::{net::IpAddr, time::Duration};
+//! `cargo xtask demo`: Sluice's main job on the embedded default. A node
+//! (network namespace) runs the real agent in cluster mode against the test
+//! API server; the nine pods of the upstream model are wired by the real
+//! CNI plugin, each with a ClusterIP Service DNATed by kube-proxy-shaped
+//! nftables rules. kubectl applies the policies in deploy/examples/; the
+//! reachability matrix is printed before and after, then the drops the
+//! agent reports while the denied probes run. Everything is torn down at
+//! the end (the guards also clean up on failure).
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
-use sluice_agent::datapath::ipcache_key;
-use sluice_common::{DIR_INGRESS, proto};
-use sluice_proto::{Request, Response};
-use sluice_tests::{Node, Pod, Server, conflist_config, tcp_ok};
+use sluice_tests::{
+    bin_dir,
+    cases::{Family, Protocol},
+    conformance::{Cluster, ProbeTarget},
+};
 
-const PORT: u16 = 80;
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 
-fn matrix(pods: &[(&str, &Pod)]) -> Result<()> {
-    print!("{:>8}", "from\\to");
-    for (name, _) in pods {
-        print!("{name:>6}");
-    }
-    println!();
-    for (from, p) in pods {
-        print!("{from:>8}");
-        for (to, q) in pods {
-            let cell = if from == to {
-                "-"
-            } else {
-                let ip = q.ipv4.context("pod without IPv4")?;
-                if tcp_ok(&p.ns, ip, PORT, Duration::from_millis(300)) {
-                    "."
-                } else {
-                    "X"
-                }
-            };
-            print!("{cell:>6}");
-        }
-        println!();
-    }
-    println!("  (. = TCP/{PORT} connects, X = blocked)\n");
-    Ok(())
-}
-
-fn identity_of(node: &Node, ip: IpAddr) -> Result<u32> {
-    let maps = node.maps()?;
-    let net = ipnetwork::IpNetwork::from(ip);
-    Ok(maps
-        .ipcache
-        .get(&ipcache_key(net), 0)
-        .context("pod address not in the ipcache")?
-        .identity)
+fn show(title: &str, cluster: &Cluster) {
+    let m = cluster.probe(
+        Family::Ipv4,
+        ProbeTarget::Service,
+        Protocol::Tcp,
+        80,
+        PROBE_TIMEOUT,
+    );
+    println!("{title}\n{}", m.render());
 }
 
 pub fn run() -> Result<()> {
-    println!("== Sluice demo: one node, three pods, one policy ==\n");
-    let mut node = Node::new()?;
-    node.start_agent()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = std::fs::read_to_string(root.join("tests/conformance/model-default.yaml"))?;
+    println!("== Sluice demo: one node, the 9-pod model, two NetworkPolicies ==\n");
+    let started = Instant::now();
+    let cluster = Cluster::start(1, &model)?;
+    let node = cluster.node(0).context("node")?;
+    let kubeconfig = cluster.kubeconfig().context("kubeconfig")?;
     println!(
-        "agent running in netns {} (bpffs {})",
+        "node {} up in {:.1}s: agent in cluster mode, 9 pods, 9 Services (kubectl --kubeconfig {})\n",
         node.ns.name,
-        node.bpffs.dir.display()
+        started.elapsed().as_secs_f64(),
+        kubeconfig.display()
     );
-    let config = conflist_config(&node, Some("10.96.0.0/24"), Some("fd00:96::/64"));
-    let a = Pod::add(&node, &config)?;
-    let b = Pod::add(&node, &config)?;
-    let c = Pod::add(&node, &config)?;
-    let _servers = [
-        Server::start(&a.ns, PORT)?,
-        Server::start(&b.ns, PORT)?,
-        Server::start(&c.ns, PORT)?,
-    ];
-    let pods = [("a", &a), ("b", &b), ("c", &c)];
-    for (n, p) in &pods {
-        println!(
-            "pod {n}: {} {} via {}",
-            fmt_ip(p.ipv4),
-            fmt_ip(p.ipv6),
-            p.host_ifname
+    show(
+        "TCP/80 through each pod's Service, no policy (rows: from, columns: to; . connects, X blocked):",
+        &cluster,
+    );
+
+    let examples = root.join("deploy/examples");
+    println!("$ kubectl apply -f deploy/examples/");
+    let out = node
+        .ns
+        .command("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "-f"])
+        .arg(&examples)
+        .output()
+        .context("running kubectl (installed on these machines)")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        bail!(
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
-    println!("\nNo policy: every pod reaches every pod.");
-    matrix(&pods)?;
+    let t0 = Instant::now();
+    for name in ["default-deny-ingress", "allow-web-from-y"] {
+        let rv = cluster
+            .resource_version("networkpolicies", "x", name)
+            .context("policy in the API")?;
+        node.wait_programmed(
+            &format!("NetworkPolicy/x/{name}"),
+            Some(&rv),
+            Duration::from_secs(20),
+        )?;
+    }
+    println!(
+        "agent reports both policies programmed after {} ms\n",
+        t0.elapsed().as_millis()
+    );
 
-    let a_ip = a.ipv4.context("pod a has no IPv4")?;
-    let policy = serde_json::json!({
-        "ingress_isolated": true,
-        "rules": [{
-            "dir": DIR_INGRESS, "identity": identity_of(&node, a_ip)?,
-            "l4": {"ports": {"proto": proto::TCP, "first": PORT, "last": PORT}}, "rule_id": 1
-        }]
-    });
-    println!("Policy for pod c: ingress isolated, allow TCP/{PORT} from pod a only:\n  {policy}");
-    match node.request(&Request::SetPolicy {
-        attachment: c.attachment(),
-        policy,
-    })? {
-        Response::Ok => {}
-        other => bail!("agent refused the policy: {other:?}"),
+    // Follow the drop log while the denied probes run.
+    let mut observe = node
+        .ns
+        .command(bin_dir().join("sluice"))
+        .args(["observe", "--namespace", "x", "--socket"])
+        .arg(node.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("sluice observe")?;
+    std::thread::sleep(Duration::from_millis(200));
+    show(
+        "TCP/80 with the policies: x accepts only y -> x/a:",
+        &cluster,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    observe.kill()?;
+    let stdout = observe.stdout.take().context("observe output")?;
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(|l| l.ok())
+        .collect();
+    println!(
+        "$ sluice observe --namespace x   ({} drops while probing; first 10)",
+        lines.len()
+    );
+    for l in lines.iter().take(10) {
+        println!("  {l}");
     }
-    matrix(&pods)?;
-
-    println!("Drop events the agent printed (JSON lines on its stdout):");
-    let c_ip = c.ipv4.context("pod c has no IPv4")?;
-    let drops = node.events_matching(|e| e["dst"].as_str() == Some(c_ip.to_string().as_str()));
-    if drops.is_empty() {
-        bail!("expected drop events for probes to pod c, saw none");
+    observe.wait()?;
+    if lines.is_empty() {
+        bail!("expected drop events for the denied probes");
     }
-    for d in &drops {
-        println!("  {d}");
-    }
-    println!("\nTearing down (CNI DEL for each pod, then the node).");
-    for p in [&a, &b, &c] {
-        let out = p.del(&node, &config)?;
-        if out.code != 0 {
-            bail!("DEL failed: {out:?}");
-        }
-    }
+    println!("\nTearing down the node, its pods and the API server.");
+    drop(cluster);
     Ok(())
-}
-
-fn fmt_ip(ip: Option<IpAddr>) -> String {
-    ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
 }

@@ -413,7 +413,32 @@ impl Cluster {
         self.api.get(plural, namespace, name).map(|v| rv_of(&v))
     }
 
-    fn ip_of(&self, pod: &str, family: Family) -> Option<IpAddr> {
+    /// The network namespace of model pod `ns/name`.
+    pub fn pod_netns(&self, pod: &str) -> Option<&NetNs> {
+        self.pods.get(pod).map(|p| &p.pod.ns)
+    }
+
+    /// Applies an `apply` step's text (placeholders in `family`) through the
+    /// API server; returns what to wait for.
+    pub fn apply_text(
+        &mut self,
+        text: &str,
+        family: Family,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let text = cases::substitute(text, family, |pod, f| self.ip_of(pod, f))?;
+        let mut keys = Vec::new();
+        for o in cases::parse_objects(&text)? {
+            keys.extend(self.apply_object(&o)?);
+        }
+        Ok(keys)
+    }
+
+    /// Waits until every agent reports these keys programmed.
+    pub fn wait_programmed(&self, keys: &[(String, Option<String>)]) -> Result<()> {
+        self.wait(keys)
+    }
+
+    pub fn ip_of(&self, pod: &str, family: Family) -> Option<IpAddr> {
         let p = &self.pods.get(pod)?.pod;
         match family {
             Family::Ipv4 => p.ipv4,
@@ -607,11 +632,7 @@ fn run_case(
     for (i, step) in case.steps.iter().enumerate() {
         match step {
             Step::Apply(text) => {
-                let text = cases::substitute(text, family, |pod, f| c.ip_of(pod, f))?;
-                let mut keys = Vec::new();
-                for o in cases::parse_objects(&text)? {
-                    keys.extend(c.apply_object(&o)?);
-                }
+                let keys = c.apply_text(text, family)?;
                 c.wait(&keys)?;
             }
             Step::Delete(text) => {

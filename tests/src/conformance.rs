@@ -48,7 +48,11 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            case_dirs: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conformance/upstream")],
+            // The repo's cases: the 48 upstream ones and Sluice's own.
+            case_dirs: ["conformance/upstream", "conformance/sluice"]
+                .iter()
+                .map(|d| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d))
+                .collect(),
             families: vec![Family::Ipv4, Family::Ipv6],
             targets: vec![ProbeTarget::Pod, ProbeTarget::Service],
             nodes: 1,
@@ -103,23 +107,26 @@ fn rv_of(v: &Value) -> String {
         .to_owned()
 }
 
-/// One model pod as wired on a node.
+/// One pod as wired on a node.
 struct ModelPod {
     pod: Pod,
+    node: usize,
     _servers: Vec<Server>,
 }
 
 /// The running cluster.
 pub struct Cluster {
     nodes: Vec<Node>,
-    /// Joins the nodes (two-node clusters).
-    _link: Option<NetNs>,
     api: ServerHandle,
+    /// Each node's plugin config.
+    configs: Vec<String>,
     pods: BTreeMap<String, ModelPod>,
     /// ns/pod -> ClusterIPs of its Service.
     services: BTreeMap<String, Vec<IpAddr>>,
     /// The model's objects as applied at the start of every case.
     model: Vec<cases::Object>,
+    /// Pods created so far (spreads pods over nodes, numbers Service IPs).
+    created: usize,
     pub sctp: bool,
     kube_proxy: Vec<crate::kubeproxy::KubeProxy>,
 }
@@ -135,17 +142,30 @@ fn node_ranges(i: usize) -> (String, String) {
     )
 }
 
-/// The model pods' Service ClusterIPs are chosen here (the API server honours
+/// Pod `index`'s Service ClusterIPs are chosen here (the API server honours
 /// a requested clusterIP), one IPv4 and one IPv6 per pod.
 fn service_ips(index: usize) -> [IpAddr; 2] {
+    let (hi, lo) = ((index / 200) as u8, (10 + index % 200) as u8);
     [
-        IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 1, 10 + index as u8)),
-        IpAddr::V6(
-            format!("fd00:96::1:{:x}", 10 + index)
-                .parse()
-                .unwrap_or(std::net::Ipv6Addr::LOCALHOST),
-        ),
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 1 + hi, lo)),
+        IpAddr::V6(std::net::Ipv6Addr::new(
+            0xfd00,
+            0x96,
+            0,
+            0,
+            0,
+            0,
+            1 + u16::from(hi),
+            u16::from(lo),
+        )),
     ]
+}
+
+fn link_ips(i: usize) -> (String, String) {
+    (
+        format!("10.255.0.{}", i + 1),
+        format!("fd00:255:0::{}", i + 1),
+    )
 }
 
 impl Cluster {
@@ -156,13 +176,7 @@ impl Cluster {
         let mut ns: Vec<Node> = (0..nodes).map(|_| Node::new()).collect::<Result<_>>()?;
         // Two nodes: a link between their namespaces, 10.255.0.0/24 and
         // fd00:255:0::/64; the agents route pod CIDRs over it from the Node
-        // objects.
-        let link_ips = |i: usize| {
-            (
-                format!("10.255.0.{}", i + 1),
-                format!("fd00:255:0::{}", i + 1),
-            )
-        };
+        // objects. It goes away with the namespaces.
         if nodes == 2 {
             let (a, b) = (crate::unique("slk"), crate::unique("slk"));
             crate::sh(
@@ -205,67 +219,23 @@ impl Cluster {
                 ..Config::default()
             })
         })??;
-
-        let cluster_objects = cases::parse_objects(model_yaml).context("model")?;
-        let create = |plural: &str, namespace: Option<&str>, obj: Value| -> Result<Value> {
-            let r = res(plural)?;
-            api.with_store(|s| s.create(r, namespace, obj))
-                .map_err(|e| anyhow::anyhow!("create {plural}: {e:?}"))
-        };
         for i in 0..nodes {
             let (v4, v6) = node_ranges(i);
-            create(
-                "nodes",
-                None,
-                json!({"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node_name(i)},
-                "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
-                "status": {"addresses": [
-                    {"type": "InternalIP", "address": link_ips(i).0},
-                    {"type": "InternalIP", "address": link_ips(i).1}]}}),
-            )?;
+            let r = res("nodes")?;
+            api.with_store(|s| {
+                s.create(
+                    r,
+                    None,
+                    json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": node_name(i)},
+                    "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
+                    "status": {"addresses": [
+                        {"type": "InternalIP", "address": link_ips(i).0},
+                        {"type": "InternalIP", "address": link_ips(i).1}]}}),
+                )
+            })
+            .map_err(|e| anyhow::anyhow!("create node: {e:?}"))?;
         }
-        let mut index = 0usize;
-        let mut pod_nodes = BTreeMap::new();
-        for o in &cluster_objects {
-            let mut v = serde_json::to_value(object_value(o))?;
-            match o {
-                cases::Object::Namespace(_) => {
-                    create("namespaces", None, v)?;
-                }
-                cases::Object::Pod(p) => {
-                    let nsname = p.metadata.namespace.clone().unwrap_or_default();
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    let node = index % nodes;
-                    v["spec"]["nodeName"] = json!(node_name(node));
-                    create("pods", Some(&nsname), v)?;
-                    let [ip4, ip6] = service_ips(index);
-                    let mut ports = Vec::new();
-                    for port in PORTS {
-                        for proto in ["TCP", "UDP", "SCTP"] {
-                            ports.push(
-                                json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
-                                "protocol": proto, "port": port, "targetPort": port}),
-                            );
-                        }
-                    }
-                    create(
-                        "services",
-                        Some(&nsname),
-                        json!({"apiVersion": "v1", "kind": "Service",
-                        "metadata": {"name": format!("s-{nsname}-{name}"), "namespace": nsname},
-                        "spec": {"selector": {"pod": name}, "clusterIP": ip4.to_string(),
-                            "clusterIPs": [ip4.to_string(), ip6.to_string()],
-                            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
-                            "ports": ports}}),
-                    )?;
-                    pod_nodes.insert(format!("{nsname}/{name}"), (node, index));
-                    index += 1;
-                }
-                cases::Object::NetworkPolicy(_) => bail!("the model has no policies"),
-            }
-        }
-
         let mut configs = Vec::new();
         for (i, node) in ns.iter_mut().enumerate() {
             let kubeconfig = node.tmp.0.join("kubeconfig");
@@ -284,56 +254,150 @@ impl Cluster {
             let (v4, v6) = node_ranges(i);
             configs.push(conflist_config(node, Some(&v4), Some(&v6)));
         }
-        let mut pods = BTreeMap::new();
-        let mut services = BTreeMap::new();
-        for (key, (node, index)) in pod_nodes {
-            let (nsname, name) = key.split_once('/').context("pod key")?;
-            let pod = Pod::add_as(&ns[node], &configs[node], Some((nsname, name)))?;
-            // What kubelet does once the sandbox is up: report the addresses.
-            let mut status = api.get("pods", nsname, name).context("pod")?;
-            let ips: Vec<Value> = pod
-                .ipv4
-                .iter()
-                .chain(pod.ipv6.iter())
-                .map(|ip| json!({"ip": ip.to_string()}))
-                .collect();
-            status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
-            status["status"]["podIPs"] = json!(ips);
-            status["status"]["phase"] = json!("Running");
-            let r = res("pods")?;
-            api.with_store(|s| s.update(r, Some(nsname), name, status, Part::Status))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            let mut servers = Vec::new();
-            for port in PORTS {
-                servers.push(Server::start(&pod.ns, port)?);
-            }
-            services.insert(key.clone(), service_ips(index).to_vec());
-            pods.insert(
-                key,
-                ModelPod {
-                    pod,
-                    _servers: servers,
-                },
-            );
-        }
+        let model = cases::parse_objects(model_yaml).context("model")?;
         let mut cluster = Self {
             nodes: ns,
-            _link: None,
             api,
-            pods,
-            services,
-            model: cluster_objects,
+            configs,
+            pods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            model: model.clone(),
+            created: 0,
             sctp: sctp_available(),
             kube_proxy: Vec::new(),
         };
+        for o in &model {
+            match o {
+                cases::Object::Namespace(_) => {
+                    cluster.create(o)?;
+                }
+                cases::Object::Pod(p) => {
+                    cluster.add_pod(p)?;
+                }
+                cases::Object::NetworkPolicy(_) => bail!("the model has no policies"),
+            }
+        }
         cluster.program_services()?;
         cluster.wait_all_programmed()?;
         Ok(cluster)
     }
 
+    fn create(&self, o: &cases::Object) -> Result<Value> {
+        let key = o.key();
+        let r = res(plural(key.kind))?;
+        let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
+        let v = serde_json::to_value(object_value(o))?;
+        self.api
+            .with_store(|s| s.create(r, ns, v))
+            .map_err(|e| anyhow::anyhow!("create {:?} {}: {e:?}", key.kind, key.name))
+    }
+
+    /// A new pod: created in the API on the next node in turn, wired by the
+    /// plugin there, its addresses reported as kubelet does, servers on
+    /// TCP and UDP 80 and 81, and its own ClusterIP Service (`s-ns-name`).
+    /// Returns the key and version to wait for. kube-proxy's rules are
+    /// rewritten by the caller (`program_services`).
+    fn add_pod(&mut self, p: &k8s_openapi::api::core::v1::Pod) -> Result<(String, Option<String>)> {
+        let nsname = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let key = format!("{nsname}/{name}");
+        let (index, node) = (self.created, self.created % self.nodes.len());
+        self.created += 1;
+        let mut v = serde_json::to_value(p)?;
+        v["spec"]["nodeName"] = json!(node_name(node));
+        let pods = res("pods")?;
+        self.api
+            .with_store(|s| s.create(pods, Some(&nsname), v))
+            .map_err(|e| anyhow::anyhow!("create pod {key}: {e:?}"))?;
+        let [ip4, ip6] = service_ips(index);
+        let mut ports = Vec::new();
+        for port in PORTS {
+            for proto in ["TCP", "UDP", "SCTP"] {
+                ports.push(
+                    json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                    "protocol": proto, "port": port, "targetPort": port}),
+                );
+            }
+        }
+        let svc = res("services")?;
+        self.api
+            .with_store(|s| {
+                s.create(
+                    svc,
+                    Some(&nsname),
+                    json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": format!("s-{nsname}-{name}"), "namespace": nsname},
+                    "spec": {"selector": {"pod": name}, "clusterIP": ip4.to_string(),
+                        "clusterIPs": [ip4.to_string(), ip6.to_string()],
+                        "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                        "ports": ports}}),
+                )
+            })
+            .map_err(|e| anyhow::anyhow!("create service of {key}: {e:?}"))?;
+        let pod = Pod::add_as(
+            &self.nodes[node],
+            &self.configs[node],
+            Some((&nsname, &name)),
+        )?;
+        // What kubelet does once the sandbox is up: report the addresses.
+        let mut status = self.api.get("pods", &nsname, &name).context("pod")?;
+        let ips: Vec<Value> = pod
+            .ipv4
+            .iter()
+            .chain(pod.ipv6.iter())
+            .map(|ip| json!({"ip": ip.to_string()}))
+            .collect();
+        status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
+        status["status"]["podIPs"] = json!(ips);
+        status["status"]["phase"] = json!("Running");
+        let updated = self
+            .api
+            .with_store(|s| s.update(pods, Some(&nsname), &name, status, Part::Status))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let servers = PORTS
+            .iter()
+            .map(|&port| Server::start(&pod.ns, port))
+            .collect::<Result<_>>()?;
+        self.services
+            .insert(key.clone(), service_ips(index).to_vec());
+        self.pods.insert(
+            key.clone(),
+            ModelPod {
+                pod,
+                node,
+                _servers: servers,
+            },
+        );
+        Ok((format!("Pod/{key}"), Some(rv_of(&updated))))
+    }
+
+    /// Tears a pod down: CNI DEL on its node, then the pod and its Service
+    /// leave the API.
+    fn remove_pod(&mut self, key: &str) -> Result<(String, Option<String>)> {
+        let (nsname, name) = key.split_once('/').context("pod key")?;
+        if let Some(p) = self.pods.remove(key) {
+            let out = p.pod.del(&self.nodes[p.node], &self.configs[p.node])?;
+            if out.code != 0 {
+                bail!("CNI DEL of {key}: {out:?}");
+            }
+        }
+        self.services.remove(key);
+        for (plural, obj) in [
+            ("pods", name.to_owned()),
+            ("services", format!("s-{nsname}-{name}")),
+        ] {
+            let r = res(plural)?;
+            // Already gone (its namespace was deleted) is fine.
+            let _gone = self
+                .api
+                .with_store(|s| s.delete(r, Some(nsname), &obj, (None, None)));
+        }
+        Ok((format!("Pod/{key}"), None))
+    }
+
     /// kube-proxy's part: DNAT every Service ClusterIP to its pod, in every
     /// node, with nftables rules shaped as kube-proxy's nftables mode writes
-    /// them.
+    /// them. Rewritten whole whenever pods come or go.
     fn program_services(&mut self) -> Result<()> {
         use crate::kubeproxy::{KubeProxy, Protocol as P, ServicePort};
         let mut ports = Vec::new();
@@ -360,8 +424,14 @@ impl Cluster {
                 }
             }
         }
-        for node in &self.nodes {
-            self.kube_proxy.push(KubeProxy::apply(&node.ns, &ports)?);
+        if self.kube_proxy.is_empty() {
+            for node in &self.nodes {
+                self.kube_proxy.push(KubeProxy::apply(&node.ns, &ports)?);
+            }
+        } else {
+            for kp in &mut self.kube_proxy {
+                kp.update(&ports, None)?;
+            }
         }
         Ok(())
     }
@@ -446,7 +516,8 @@ impl Cluster {
         }
     }
 
-    /// Brings the cluster back to the model: no policies, model labels.
+    /// Brings the cluster back to the model: no policies, no pods or
+    /// namespaces a case added, every model object as the model has it.
     fn reset(&mut self) -> Result<()> {
         let mut keys = Vec::new();
         let np = res("networkpolicies")?;
@@ -465,11 +536,48 @@ impl Cluster {
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             keys.push((format!("NetworkPolicy/{ns}/{name}"), None));
         }
+        let model_keys: Vec<cases::ObjectKey> = self.model.iter().map(cases::Object::key).collect();
+        let extra_pods: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|k| {
+                !model_keys.iter().any(|m| {
+                    m.kind == cases::Kind::Pod && format!("{}/{}", m.namespace, m.name) == **k
+                })
+            })
+            .cloned()
+            .collect();
+        let pods_changed = !extra_pods.is_empty();
+        for k in extra_pods {
+            keys.push(self.remove_pod(&k)?);
+        }
+        let nsr = res("namespaces")?;
+        let namespaces: Vec<Value> = self.api.with_store(|s| s.list(nsr, &Default::default()));
+        for n in namespaces {
+            let name = n["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let in_model = model_keys
+                .iter()
+                .any(|m| m.kind == cases::Kind::Namespace && m.name == name);
+            let system = ["default", "kube-system", "kube-public", "kube-node-lease"]
+                .contains(&name.as_str());
+            if !in_model && !system {
+                keys.push(self.delete_object(&cases::ObjectKey {
+                    kind: cases::Kind::Namespace,
+                    namespace: String::new(),
+                    name,
+                })?);
+            }
+        }
         let model = self.model.clone();
         for o in &model {
-            if let Some(k) = self.apply_object(o)? {
-                keys.push(k);
-            }
+            // Recreates a model pod a case deleted (and its Service rules).
+            keys.extend(self.apply_object(o)?);
+        }
+        if pods_changed {
+            self.program_services()?;
         }
         self.wait(&keys)
     }
@@ -498,10 +606,14 @@ impl Cluster {
                 self.api
                     .with_store(|s| s.update(r, ns, &key.name, v, Part::Main))
             }
-            (cases::Kind::Pod, None) => bail!(
-                "creating pod {} is not supported by the runner yet",
-                key.name
-            ),
+            (cases::Kind::Pod, None) => {
+                let cases::Object::Pod(p) = o else {
+                    bail!("not a pod")
+                };
+                let k = self.add_pod(p)?;
+                self.program_services()?;
+                return Ok(Some(k));
+            }
             (_, None) => self.api.with_store(|s| s.create(r, ns, v)),
         }
         .map_err(|e| anyhow::anyhow!("apply {:?} {}: {e:?}", key.kind, key.name))?;
@@ -509,17 +621,40 @@ impl Cluster {
     }
 
     fn delete_object(&mut self, key: &cases::ObjectKey) -> Result<(String, Option<String>)> {
-        if key.kind != cases::Kind::NetworkPolicy {
-            bail!(
-                "deleting a {:?} is not supported by the runner yet",
-                key.kind
-            );
+        match key.kind {
+            cases::Kind::Pod => {
+                let k = self.remove_pod(&format!("{}/{}", key.namespace, key.name))?;
+                self.program_services()?;
+                Ok(k)
+            }
+            cases::Kind::Namespace => {
+                // Its pods go first, through CNI DEL, as kubelet would.
+                let inside: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|k| k.starts_with(&format!("{}/", key.name)))
+                    .cloned()
+                    .collect();
+                for k in &inside {
+                    self.remove_pod(k)?;
+                }
+                if !inside.is_empty() {
+                    self.program_services()?;
+                }
+                let r = res("namespaces")?;
+                self.api
+                    .with_store(|s| s.delete(r, None, &key.name, (None, None)))
+                    .map_err(|e| anyhow::anyhow!("delete namespace {}: {e:?}", key.name))?;
+                Ok((programmed_key(key), None))
+            }
+            cases::Kind::NetworkPolicy => {
+                let r = res(plural(key.kind))?;
+                self.api
+                    .with_store(|s| s.delete(r, Some(&key.namespace), &key.name, (None, None)))
+                    .map_err(|e| anyhow::anyhow!("delete {}: {e:?}", key.name))?;
+                Ok((programmed_key(key), None))
+            }
         }
-        let r = res(plural(key.kind))?;
-        self.api
-            .with_store(|s| s.delete(r, Some(&key.namespace), &key.name, (None, None)))
-            .map_err(|e| anyhow::anyhow!("delete {}: {e:?}", key.name))?;
-        Ok((programmed_key(key), None))
     }
 
     /// Probes every ordered pair once, all at the same time.

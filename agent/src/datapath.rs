@@ -6,8 +6,11 @@
 //!   maps/<NAME>            every map, pinned by name (reused on restart)
 //!   links/<ifname>-from    TCX link of `from_pod` (ingress hook of the host veth)
 //!   links/<ifname>-to      TCX link of `to_pod`   (egress hook of the host veth)
+//!   links/<ifname>-{from,to}-clsact   a directory marking a clsact filter
 //! Pinned links keep the programs attached while the agent is down; a new
-//! agent swaps its programs into the same links atomically.
+//! agent swaps its programs into the same links atomically. Without TCX the
+//! hooks are clsact filters at a fixed priority and handle, replaced the
+//! same way by a netlink filter replace.
 use std::{
     io,
     path::{Path, PathBuf},
@@ -22,8 +25,9 @@ use aya::{
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcHandle},
     },
+    util::KernelVersion,
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey,
@@ -184,6 +188,7 @@ pub struct Datapath {
     pub maps: Maps,
     /// The sizes asked for at load (a reused pinned map keeps its own).
     pub sizes: Sizes,
+    mode: AttachMode,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -207,6 +212,45 @@ const HOOKS: [Hook; 2] = [
         suffix: "to",
     },
 ];
+
+/// How the programs are attached to interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), clsact otherwise.
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcx" => Ok(Self::Tcx),
+            "clsact" => Ok(Self::Clsact),
+            other => Err(format!("{other}: auto, tcx or clsact")),
+        }
+    }
+}
+
+/// TCX arrived in Linux 6.6.
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Where Sluice's clsact filters sit: a fixed priority and handle, so a
+/// restarted agent finds and replaces them without having to remember.
+const CLSACT_PRIORITY: u16 = 0x5c1;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x5c1);
+
+/// The bpffs directory that marks a clsact filter (bpffs holds no regular
+/// files, but it holds directories; names may not contain a dot).
+fn clsact_marker(link_path: &Path) -> PathBuf {
+    let mut s = link_path.as_os_str().to_owned();
+    s.push("-clsact");
+    PathBuf::from(s)
+}
 
 /// The hook of an uplink (an interface towards other nodes).
 const UPLINK_HOOKS: [Hook; 1] = [Hook {
@@ -255,6 +299,11 @@ impl Datapath {
             pin_dir: pin_dir.to_owned(),
             maps,
             sizes: sizes.clone(),
+            mode: if has_tcx() {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Clsact
+            },
             events: Some(events),
         })
     }
@@ -274,11 +323,21 @@ impl Datapath {
             .join(format!("{ifname}-{}", hook.suffix))
     }
 
-    /// Attaches both programs to the host end `ifname` with TCX and pins the
-    /// links. Kernels without TCX (< 6.6) are refused with the kernel's
-    /// error: the clsact fallback is not implemented (docs/design.md). When links for `ifname` are already pinned (an earlier agent
-    /// attached them), the current programs replace the old ones inside the
-    /// same links, atomically: the interface is never without a program.
+    /// How programs are attached from now on.
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.mode = match mode {
+            AttachMode::Auto if has_tcx() => AttachMode::Tcx,
+            AttachMode::Auto => AttachMode::Clsact,
+            m => m,
+        };
+    }
+
+    /// Attaches both programs to the host end `ifname`: with TCX, pinning the
+    /// links; with clsact (kernels without TCX), as direct-action filters at a
+    /// fixed priority and handle, marked by a directory in bpffs. When an
+    /// earlier agent attached them, the current programs replace the old
+    /// ones in place (BPF_LINK_UPDATE, or a netlink filter replace),
+    /// atomically: the interface is never without a program.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
         self.attach_hooks(ifname, &HOOKS)
     }
@@ -294,6 +353,9 @@ impl Datapath {
             path: PathBuf::from(ifname),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
+        if self.mode == AttachMode::Clsact {
+            return self.attach_clsact(&c_ifname, ifname, hooks);
+        }
         for &hook in hooks {
             let path = self.link_path(ifname, hook);
             let prog = program_mut(&mut self.ebpf, hook.program)?;
@@ -340,9 +402,77 @@ impl Datapath {
         Ok(())
     }
 
-    /// True when both links of `ifname` are pinned.
+    fn attach_clsact(
+        &mut self,
+        c_ifname: &std::ffi::CStr,
+        ifname: &str,
+        hooks: &[Hook],
+    ) -> Result<()> {
+        match tc::qdisc_add_clsact(c_ifname) {
+            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(DatapathError::Program {
+                    name: "clsact qdisc",
+                    source: ProgramError::from(e),
+                });
+            }
+        }
+        for &hook in hooks {
+            let marker = clsact_marker(&self.link_path(ifname, hook));
+            let prog = program_mut(&mut self.ebpf, hook.program)?;
+            let prog_err = |source| DatapathError::Program {
+                name: hook.program,
+                source,
+            };
+            let parent = TcHandle::from(hook.attach_type);
+            let id = if marker.exists() {
+                // Our filter is there: replace its program in place.
+                let old = SchedClassifierLink::attached(
+                    c_ifname,
+                    parent,
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                )
+                .map_err(|source| DatapathError::Io {
+                    path: marker.clone(),
+                    source,
+                })?;
+                prog.attach_to_link(old).map_err(prog_err)?
+            } else {
+                let options = NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle: CLSACT_HANDLE,
+                    classid: None,
+                };
+                prog.attach(c_ifname, TcAttach::Netlink { parent, options })
+                    .map_err(prog_err)?
+            };
+            // The filter must outlive this process, like a pinned link:
+            // dropping the handle would detach it.
+            std::mem::forget(prog.take_link(id).map_err(prog_err)?);
+            match std::fs::create_dir(&marker) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(DatapathError::Io {
+                        path: marker,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when both hooks of `ifname` are attached (pinned TCX links or
+    /// clsact markers).
     pub fn is_attached(&self, ifname: &str) -> bool {
-        HOOKS.iter().all(|h| self.link_path(ifname, *h).exists())
+        HOOKS.iter().all(|h| {
+            let p = self.link_path(ifname, *h);
+            p.exists() || clsact_marker(&p).exists()
+        })
     }
 
     /// Unpins the links of `ifname`. The kernel detaches a TCX link when its
@@ -351,6 +481,29 @@ impl Datapath {
     pub fn detach(&mut self, ifname: &str) -> Result<()> {
         for hook in HOOKS {
             let path = self.link_path(ifname, hook);
+            let marker = clsact_marker(&path);
+            if marker.exists() {
+                // A clsact filter: remove it if the interface is still
+                // there (with the interface gone, so is the filter).
+                if let Ok(c) = std::ffi::CString::new(ifname)
+                    && let Ok(link) = SchedClassifierLink::attached(
+                        c.as_c_str(),
+                        TcHandle::from(hook.attach_type),
+                        CLSACT_PRIORITY,
+                        CLSACT_HANDLE,
+                        None,
+                    )
+                    && let Err(e) = aya::programs::links::Link::detach(link)
+                {
+                    tracing::debug!(%ifname, error = %e, "clsact filter already gone");
+                }
+                if let Err(source) = std::fs::remove_dir(&marker) {
+                    return Err(DatapathError::Io {
+                        path: marker,
+                        source,
+                    });
+                }
+            }
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -45,6 +45,10 @@ struct Args {
     /// else the host name.
     #[arg(long)]
     node_name: Option<String>,
+    /// How programs are attached: auto (TCX where the kernel has it, clsact
+    /// otherwise), tcx or clsact.
+    #[arg(long, default_value = "auto")]
+    tc_attach: datapath::AttachMode,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -86,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut dp = datapath::Datapath::load(&args.bpffs, &sizes).context("loading the data path")?;
+    dp.set_attach_mode(args.tc_attach);
     let ring = dp.take_events().context("drop event ring buffer")?;
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
     let mut node = Node::start(dp, registry).context("taking over the node")?;

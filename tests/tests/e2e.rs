@@ -454,3 +454,74 @@ fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffe
     );
     Ok(())
 }
+
+#[test]
+fn with_clsact_filters_instead_of_tcx_policy_holds_and_a_restart_swaps_programs_in_place()
+-> Result<()> {
+    // Kernels without TCX get clsact filters; this kernel has TCX, so force it.
+    let mut node = Node::new()?;
+    node.agent_args = vec!["--tc-attach".into(), "clsact".into()];
+    node.start_agent()?;
+    let config = conflist_config(&node, Some("10.198.0.0/24"), None);
+    let (a, b, c) = (
+        Pod::add(&node, &config)?,
+        Pod::add(&node, &config)?,
+        Pod::add(&node, &config)?,
+    );
+    let filters = node
+        .ns
+        .command("tc")
+        .args(["filter", "show", "dev", &c.host_ifname, "ingress"])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&filters.stdout).contains("from_pod"),
+        "a clsact filter runs from_pod"
+    );
+    let c4 = c.ipv4.context("v4")?;
+    let ida = identity_of(&node, a.ipv4.context("v4")?)?;
+    let allow_udp = json!({"dir": DIR_INGRESS, "identity": ida, "l4": {"ports": {"proto": proto::UDP, "first": 5000, "last": 5000}}, "rule_id": 1});
+    set_policy(
+        &node,
+        &c,
+        json!({"ingress_isolated": true, "rules": [allow_udp]}),
+    )?;
+    let allowed = UdpStream::start(&a.ns, &c.ns, c4, 5000)?;
+    let denied = UdpStream::start(&b.ns, &c.ns, c4, 5001)?;
+    std::thread::sleep(Duration::from_millis(200));
+    node.kill_agent()?;
+    std::thread::sleep(Duration::from_millis(200));
+    node.start_agent()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let (sent_ok, got_ok) = allowed.finish();
+    let (sent_no, got_no) = denied.finish();
+    assert!(sent_ok > 50 && sent_no > 50, "traffic flowed");
+    assert_eq!(
+        got_ok, sent_ok,
+        "every allowed datagram arrived across the restart"
+    );
+    assert_eq!(got_no, 0, "no denied datagram arrived across the restart");
+    let filters = node
+        .ns
+        .command("tc")
+        .args(["filter", "show", "dev", &c.host_ifname, "egress"])
+        .output()?;
+    let text = String::from_utf8_lossy(&filters.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("handle 0x5c1") && l.contains("to_pod"))
+            .count(),
+        1,
+        "one filter, replaced in place: {text}"
+    );
+    // DEL removes the filters with the interface; the markers go too.
+    assert_eq!(c.del(&node, &config)?.code, 0);
+    assert!(
+        !node
+            .bpffs
+            .dir
+            .join("links")
+            .join(format!("{}-to-clsact", c.host_ifname))
+            .exists()
+    );
+    Ok(())
+}

@@ -381,6 +381,37 @@ impl PluginOutput {
     }
 }
 
+/// One node in cluster mode: its agent (not started yet, so tests can
+/// create objects first) points by kubeconfig at a test API server that
+/// listens on the node namespace's loopback, where the agent is.
+pub struct ApiNode {
+    pub node: Node,
+    pub api: sluice_test_apiserver::ServerHandle,
+    /// The plugin config for this node's pods.
+    pub config: String,
+}
+
+impl ApiNode {
+    pub fn new(node_name: &str, v4_range: &str, v6_range: &str) -> Result<Self> {
+        let mut node = Node::new()?;
+        let api = node.ns.run(|| {
+            sluice_test_apiserver::Server::start(
+                "127.0.0.1:0".parse().map_err(anyhow::Error::from)?,
+            )
+        })??;
+        let kubeconfig = node.tmp.0.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        node.agent_args = vec![
+            "--kubeconfig".into(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        let config = conflist_config(&node, Some(v4_range), Some(v6_range));
+        Ok(Self { node, api, config })
+    }
+}
+
 /// A pod made by the real plugin.
 pub struct Pod {
     pub ns: NetNs,

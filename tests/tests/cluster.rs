@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources};
-use sluice_tests::{Node, Pod, Server, conflist_config, eventually, tcp_ok};
+use sluice_tests::{ApiNode, Pod, Server, eventually, tcp_ok};
 
 const NODE: &str = "node-1";
 const SHORT: Duration = Duration::from_millis(400);
@@ -42,34 +42,14 @@ fn pod(ns: &str, name: &str, label: &str) -> Value {
     })
 }
 
-struct Cluster {
-    node: Node,
-    api: ServerHandle,
-    config: String,
-}
-
-fn cluster() -> Result<Cluster> {
-    let mut node = Node::new()?;
-    // The API server listens on the node namespace's loopback, where the agent is.
-    let api = node
-        .ns
-        .run(|| ApiServer::start("127.0.0.1:0".parse().map_err(anyhow::Error::from)?))??;
-    let kubeconfig = node.tmp.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    node.agent_args = vec![
-        "--kubeconfig".into(),
-        kubeconfig.to_string_lossy().into_owned(),
-        "--node-name".into(),
-        NODE.into(),
-    ];
-    let config = conflist_config(&node, Some("10.120.0.0/24"), Some("fd00:120::/64"));
-    Ok(Cluster { node, api, config })
+fn cluster() -> Result<ApiNode> {
+    ApiNode::new(NODE, "10.120.0.0/24", "fd00:120::/64")
 }
 
 #[test]
 fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_it_programmed()
 -> Result<()> {
-    let Cluster {
+    let ApiNode {
         mut node,
         api,
         config,
@@ -150,7 +130,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
 
 #[test]
 fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() -> Result<()> {
-    let Cluster {
+    let ApiNode {
         mut node,
         api,
         config,
@@ -189,7 +169,7 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
 
 #[test]
 fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_up() -> Result<()> {
-    let Cluster {
+    let ApiNode {
         mut node,
         api,
         config,

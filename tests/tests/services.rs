@@ -19,9 +19,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use sluice_test_apiserver::{Server as ApiServer, ServerHandle, resources, store::Part};
+use sluice_test_apiserver::{ServerHandle, resources, store::Part};
 use sluice_tests::{
-    NetNs, Node, Pod, Server, conflist_config, eventually,
+    ApiNode, NetNs, Node, Pod, Server, eventually,
     kubeproxy::{KubeProxy, Protocol, ServicePort},
     tcp_ok, udp_ok,
 };
@@ -139,27 +139,8 @@ fn policy(api: &ServerHandle, ns: &str, name: &str, spec: &Value) -> Result<Stri
     Ok(rv(&created))
 }
 
-struct Cluster {
-    node: Node,
-    api: ServerHandle,
-    config: String,
-}
-
-fn cluster() -> Result<Cluster> {
-    let mut node = Node::new()?;
-    let api = node
-        .ns
-        .run(|| ApiServer::start("127.0.0.1:0".parse().map_err(anyhow::Error::from)?))??;
-    let kubeconfig = node.tmp.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    node.agent_args = vec![
-        "--kubeconfig".into(),
-        kubeconfig.to_string_lossy().into_owned(),
-        "--node-name".into(),
-        NODE.into(),
-    ];
-    let config = conflist_config(&node, Some("10.121.0.0/24"), Some("fd00:121::/64"));
-    Ok(Cluster { node, api, config })
+fn cluster() -> Result<ApiNode> {
+    ApiNode::new(NODE, "10.121.0.0/24", "fd00:121::/64")
 }
 
 fn v4(p: &Pod) -> Result<IpAddr> {
@@ -186,7 +167,7 @@ fn programmed_service_ips(node: &Node) -> Result<BTreeSet<IpAddr>> {
 
 #[test]
 fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Result<()> {
-    let Cluster { mut node, api, .. } = cluster()?;
+    let ApiNode { mut node, api, .. } = cluster()?;
     namespace(&api, "s")?;
     let plain = service(
         &api,
@@ -284,7 +265,7 @@ fn both_ways(
 #[test]
 fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_pod_behind_it()
 -> Result<()> {
-    let Cluster {
+    let ApiNode {
         mut node,
         api,
         config,
@@ -664,7 +645,7 @@ fn resolve_tcp(ns: &NetNs, server: IpAddr, name: &str, id: u16) -> Option<Ipv4Ad
 #[test]
 fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_nothing_else()
 -> Result<()> {
-    let Cluster {
+    let ApiNode {
         mut node,
         api,
         config,

@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
                         uplinks.insert(ifname.clone());
                     }
                     Err(e) => {
-                        tracing::error!(%ifname, error = %e, "attaching the uplink program failed")
+                        tracing::error!(%ifname, error = %e, "attaching the uplink program failed");
                     }
                 }
             }

@@ -3,7 +3,6 @@
 //! HTTP side is deliberately tiny (GET anything -> the metrics).
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,6 +14,14 @@ use tokio::{
 };
 
 use crate::node::Node;
+
+/// Appends one line to a String (which cannot fail, unlike `writeln!`).
+macro_rules! put {
+    ($out:expr, $($arg:tt)*) => {{
+        $out.push_str(&format!($($arg)*));
+        $out.push('\n');
+    }};
+}
 
 /// Bucket bounds (seconds) for durations.
 const BUCKETS: [f64; 10] = [
@@ -42,11 +49,11 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str) {
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+            put!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
+        put!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        put!(out, "{name}_sum {}", self.sum);
+        put!(out, "{name}_count {}", self.count);
     }
 }
 
@@ -104,11 +111,11 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         }
     }
     for ((r, d), (p, b)) in &by {
-        let _ = writeln!(
+        put!(
             out,
             "sluice_dropped_packets_total{{reason=\"{r}\",direction=\"{d}\"}} {p}"
         );
-        let _ = writeln!(
+        put!(
             out,
             "sluice_dropped_bytes_total{{reason=\"{r}\",direction=\"{d}\"}} {b}"
         );
@@ -124,7 +131,7 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         ("drop_events_lost", stat::EVENTS_LOST),
     ] {
         let v = node.dp.maps.stat(idx).unwrap_or(0);
-        let _ = writeln!(out, "sluice_datapath_events_total{{event=\"{name}\"}} {v}");
+        put!(out, "sluice_datapath_events_total{{event=\"{name}\"}} {v}");
     }
     out.push_str("# HELP sluice_policy_entries Policy map entries per endpoint.\n# TYPE sluice_policy_entries gauge\n");
     let mut total = 0usize;
@@ -133,7 +140,7 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         total += n;
         let ns = ep.spec.pod_namespace.as_deref().unwrap_or("");
         let pod = ep.spec.pod_name.as_deref().unwrap_or("");
-        let _ = writeln!(
+        put!(
             out,
             "sluice_policy_entries{{endpoint=\"{}\",namespace=\"{}\",pod=\"{}\"}} {n}",
             ep.ep_id,
@@ -142,20 +149,20 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         );
     }
     out.push_str("# HELP sluice_map_fill_ratio Entries used over capacity.\n# TYPE sluice_map_fill_ratio gauge\n");
-    let _ = writeln!(
+    put!(
         out,
         "sluice_map_fill_ratio{{map=\"POLICY\"}} {}",
         ratio(total, node.dp.sizes.policy)
     );
-    let _ = writeln!(
+    put!(
         out,
         "sluice_map_fill_ratio{{map=\"ENDPOINTS\"}} {}",
         ratio(node.registry.all().count(), node.dp.sizes.endpoints)
     );
     out.push_str("# TYPE sluice_endpoints gauge\n");
-    let _ = writeln!(out, "sluice_endpoints {}", node.registry.all().count());
+    put!(out, "sluice_endpoints {}", node.registry.all().count());
     out.push_str("# TYPE sluice_endpoints_failed_closed_total counter\n");
-    let _ = writeln!(
+    put!(
         out,
         "sluice_endpoints_failed_closed_total {}",
         m.endpoints_failed_closed
@@ -168,11 +175,11 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         .render(&mut out, "sluice_apply_to_programmed_seconds");
     out.push_str("# TYPE sluice_watch_up gauge\n");
     for (k, v) in &m.watch_up {
-        let _ = writeln!(out, "sluice_watch_up{{kind=\"{k}\"}} {v}");
+        put!(out, "sluice_watch_up{{kind=\"{k}\"}} {v}");
     }
     out.push_str("# TYPE sluice_watch_errors_total counter\n");
     for (k, v) in &m.watch_errors {
-        let _ = writeln!(out, "sluice_watch_errors_total{{kind=\"{k}\"}} {v}");
+        put!(out, "sluice_watch_errors_total{{kind=\"{k}\"}} {v}");
     }
     out
 }

@@ -8,7 +8,6 @@
 //! reports the objects it changed programmed (no sleeps).
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -829,7 +828,6 @@ pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
         started.elapsed().as_secs_f64()
     );
     let mut outcomes = Vec::new();
-    let out = std::io::stdout();
     for (path, case) in &all {
         for &family in &opts.families {
             if !case.family.families().contains(&family) {
@@ -868,7 +866,7 @@ pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
                     line.push('\n');
                     line.push_str(&detail);
                 }
-                let _ = writeln!(out.lock(), "{line}");
+                println!("{line}");
                 outcomes.push(Outcome {
                     case: case.name.clone(),
                     file,

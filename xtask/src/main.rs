@@ -6,8 +6,13 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench_cni;
 mod bench_compiler;
 mod bench_datapath;
+mod bench_propagation;
+mod bench_rules;
+mod bench_throughput;
+mod bench_util;
 mod demo;
 
 #[derive(Parser)]
@@ -55,10 +60,11 @@ enum Cmd {
         #[arg(long)]
         eventual: bool,
     },
-    /// Benchmarks: `bench datapath`.
+    /// Benchmarks: compiler, datapath, throughput, rules, cni, propagation
+    /// (docs/performance.md).
     Bench {
         what: String,
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
@@ -186,7 +192,21 @@ fn main() -> Result<()> {
                 require_root("bench datapath")?;
                 bench_datapath::run(&args)
             }
-            other => bail!("unknown benchmark {other:?} (have: compiler, datapath)"),
+            // Kernel benches: real namespaces, agent and plugin (release
+            // builds, so latencies mean something), traffic.
+            "throughput" | "rules" | "cni" | "propagation" => {
+                require_root(&format!("bench {what}"))?;
+                bench_util::release_bins()?;
+                match what.as_str() {
+                    "throughput" => bench_throughput::run(&args),
+                    "rules" => bench_rules::run(&args),
+                    "cni" => bench_cni::run(&args),
+                    _ => bench_propagation::run(&args),
+                }
+            }
+            other => bail!(
+                "unknown benchmark {other:?} (have: compiler, datapath, throughput, rules, cni, propagation)"
+            ),
         },
     }
 }

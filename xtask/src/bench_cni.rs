@@ -1,0 +1,295 @@
+//! `bench cni`: CNI ADD and DEL latency as a runtime sees it: the plugin
+//! binary exec'd in the node namespace with the CNI environment and config
+//! on stdin, timed from spawn to exit. The agent runs in cluster mode
+//! against the test API server, with NetworkPolicies selecting the pods, so
+//! every ADD includes the agent computing and writing the pod's policy
+//! (the plugin returns only after that). 100 pods one after the other
+//! (ADD each, then DEL each), then 50 at once (ADD, then DEL), `--rounds`
+//! times; the reference `bridge` plugin with `host-local` is measured the
+//! same way, interleaved pod by pod (sequential) or batch by batch
+//! (parallel). IPv4 only for both.
+//!
+//! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50]`
+use std::{
+    path::PathBuf,
+    sync::Barrier,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use sluice_test_apiserver::Server as ApiServer;
+use sluice_tests::{NetNs, Node, TempDir, conflist_config};
+
+use crate::bench_util::{self as u};
+
+const NS: &str = "bench";
+const NODE: &str = "node-1";
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (mut rounds, mut seq, mut par) = (3.0, 100.0, 50.0);
+    u::options(
+        args,
+        &mut [
+            ("--rounds", &mut rounds),
+            ("--sequential", &mut seq),
+            ("--parallel", &mut par),
+        ],
+    )?;
+    let (rounds, seq, par) = (rounds as usize, seq as usize, par as usize);
+    u::header(
+        "Sluice bench cni: ADD and DEL latency",
+        &["containernetworking-plugins"],
+    );
+
+    let mut node = Node::new()?;
+    let api = node
+        .ns
+        .run(|| ApiServer::start("127.0.0.1:0".parse().map_err(anyhow::Error::from)?))??;
+    let mut last = (String::new(), String::new());
+    for obj in objects(seq.max(par)) {
+        let stored = u::create(&api, &obj)?;
+        let m = &stored["metadata"];
+        last = (
+            format!(
+                "{}/{NS}/{}",
+                stored["kind"].as_str().unwrap_or_default(),
+                m["name"].as_str().unwrap_or_default()
+            ),
+            u::rv(&stored),
+        );
+    }
+    let kubeconfig = node.tmp.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    node.agent_args = vec![
+        "--kubeconfig".into(),
+        kubeconfig.to_string_lossy().into_owned(),
+        "--node-name".into(),
+        NODE.into(),
+    ];
+    node.start_agent()?;
+    node.wait_programmed(&last.0, Some(&last.1), Duration::from_secs(30))?;
+    let sluice = Plugin {
+        node_ns: node.ns.path(),
+        binary: sluice_tests::bin_dir().join("sluice"),
+        config: conflist_config(&node, Some("10.79.0.0/16"), None),
+    };
+    let br_node = NetNs::new("sl-brnode")?;
+    let br_state = TempDir::new("sluice-bench-bridge-")?;
+    let bridge = Plugin {
+        node_ns: br_node.path(),
+        binary: PathBuf::from(u::REFERENCE_PLUGINS).join("bridge"),
+        config: u::bridge_config("10.80.0.0/16", &br_state.0),
+    };
+    println!(
+        "{seq} pods in sequence and {par} in parallel, {rounds} rounds; agent in cluster mode, 4 NetworkPolicies select the pods; latency from exec to exit"
+    );
+
+    // [sluice, bridge] x [seq ADD, seq DEL, par ADD, par DEL]
+    let mut lat: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 4]; 2];
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    for round in 0..rounds {
+        let pods: Vec<(NetNs, NetNs)> = (0..seq)
+            .map(|_| Ok((NetNs::new("sl-pod")?, NetNs::new("sl-brpod")?)))
+            .collect::<Result<_>>()?;
+        for (i, (sp, bp)) in pods.iter().enumerate() {
+            lat[0][0].push(sluice.call("ADD", i, round, sp)?);
+            lat[1][0].push(bridge.call("ADD", i, round, bp)?);
+            if i == 1 && round == 0 {
+                check_isolated(&pods[0].0, &pods[1].0, &node)?;
+            }
+        }
+        for (i, (sp, bp)) in pods.iter().enumerate() {
+            lat[0][1].push(sluice.call("DEL", i, round, sp)?);
+            lat[1][1].push(bridge.call("DEL", i, round, bp)?);
+        }
+        drop(pods);
+        for (k, plugin) in [&sluice, &bridge].into_iter().enumerate() {
+            let pods: Vec<NetNs> = (0..par)
+                .map(|_| NetNs::new("sl-pod"))
+                .collect::<Result<_>>()?;
+            for (v, verb) in ["ADD", "DEL"].into_iter().enumerate() {
+                let (each, wall) = parallel(plugin, verb, round + 100, &pods)?;
+                lat[k][2 + v].extend(each);
+                if k == 0 {
+                    walls[2 + v].push(wall);
+                }
+            }
+        }
+        eprintln!(
+            "round {}: sluice sequential ADD p50 {:.1} ms p99 {:.1} ms",
+            round + 1,
+            u::pct(&lat[0][0], 50.0),
+            u::pct(&lat[0][0], 99.0)
+        );
+    }
+    report(&lat, &walls, seq, par);
+    // The agent goes before the API server does (no reconnect noise).
+    node.kill_agent()
+}
+
+struct Plugin {
+    node_ns: PathBuf,
+    binary: PathBuf,
+    config: String,
+}
+
+impl Plugin {
+    /// One call for pod `i`; its latency in ms. The container id is the
+    /// same for ADD and DEL of one pod in one round.
+    fn call(&self, verb: &str, i: usize, round: usize, pod: &NetNs) -> Result<f64> {
+        let id = format!("bench{round}x{i}");
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME=p{i}");
+        let env = u::cni_env(verb, &id, &pod.path(), &[("CNI_ARGS", &args)]);
+        let (out, took) = u::exec_plugin(&self.node_ns, &self.binary, &env, &self.config)?;
+        if !out.status.success() {
+            bail!(
+                "{} {verb} {id}: {}{}",
+                self.binary.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(u::ms(took))
+    }
+}
+
+/// Every pod's `verb` at once (released together by a barrier): each
+/// call's latency and the wall time of the batch, in ms.
+fn parallel(plugin: &Plugin, verb: &str, round: usize, pods: &[NetNs]) -> Result<(Vec<f64>, f64)> {
+    let barrier = Barrier::new(pods.len());
+    let t0 = Instant::now();
+    let each = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    plugin.call(verb, i, round, pod)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("plugin thread panicked"))?
+            })
+            .collect::<Result<Vec<f64>>>()
+    })?;
+    Ok((each, u::ms(t0.elapsed())))
+}
+
+/// The default deny is in force from ADD: p1 gets nothing from p0 on a
+/// port no policy allows (a timeout, not a refusal).
+fn check_isolated(p0: &NetNs, p1: &NetNs, node: &Node) -> Result<()> {
+    let ip = p1.run(|| sluice_tests::sh("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]))??;
+    let ip: std::net::IpAddr = ip
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .context("p1 address")?
+        .parse()?;
+    let to = std::net::SocketAddr::new(ip, 9);
+    let timed_out = p0.run(move || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_millis(300))
+            .err()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    })?;
+    if !timed_out {
+        bail!(
+            "the default deny was not in force after ADD; agent reports {:?}",
+            node.request(&sluice_proto::Request::Programmed)?
+        );
+    }
+    Ok(())
+}
+
+fn report(lat: &[Vec<Vec<f64>>], walls: &[Vec<f64>], seq: usize, par: usize) {
+    let names = [
+        format!("ADD, {seq} in sequence"),
+        format!("DEL, {seq} in sequence"),
+        format!("ADD, {par} in parallel"),
+        format!("DEL, {par} in parallel"),
+    ];
+    println!();
+    println!("latency per call, ms (all rounds pooled):");
+    println!(
+        "  {:<10} {:<24} {:>8} {:>8} {:>8} {:>8}",
+        "plugin", "", "p50", "p99", "max", "n"
+    );
+    for (k, plugin) in ["sluice", "bridge"].iter().enumerate() {
+        for (m, name) in names.iter().enumerate() {
+            let v = &lat[k][m];
+            println!(
+                "  {plugin:<10} {name:<24} {:>8.1} {:>8.1} {:>8.1} {:>8}",
+                u::pct(v, 50.0),
+                u::pct(v, 99.0),
+                u::pct(v, 100.0),
+                v.len()
+            );
+        }
+    }
+    println!();
+    println!(
+        "sluice, {par} in parallel, whole batch (median over rounds): ADD {:.0} ms, DEL {:.0} ms",
+        u::median(&walls[2]),
+        u::median(&walls[3])
+    );
+    let p99 = u::pct(&lat[0][0], 99.0);
+    println!();
+    println!("targets:");
+    println!(
+        "  sequential ADD p99 < 50 ms: {p99:.1} ms: {}",
+        u::verdict(p99 < 50.0)
+    );
+    println!(
+        "  (reference) bridge + host-local sequential ADD p99 {:.1} ms: no agent, no policy",
+        u::pct(&lat[1][0], 99.0)
+    );
+    println!("  {}", u::SHARED_NOTE);
+}
+
+/// The namespace, `pods` Pod objects on this node (app: web, db, batch in
+/// turn) and four NetworkPolicies selecting them.
+fn objects(pods: usize) -> Vec<Value> {
+    let mut out = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}})];
+    for i in 0..pods {
+        let app = ["web", "db", "batch"][i % 3];
+        out.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": NS, "labels": {"app": app}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "none",
+                "ports": [{"containerPort": 80, "name": "http", "protocol": "TCP"}]}]}}));
+    }
+    let np = |name: &str, spec: Value| {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": name, "namespace": NS}, "spec": spec})
+    };
+    out.push(np(
+        "default-deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ));
+    out.push(np(
+        "web-from-anywhere",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"ports": [{"port": "http"}]}]}),
+    ));
+    out.push(np(
+        "db-from-web",
+        json!({"podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                     "ports": [{"port": 5432, "protocol": "TCP"}]}]}),
+    ));
+    out.push(np(
+        "web-egress",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+        "policyTypes": ["Egress"],
+        "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}]},
+                   {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.96.0.0/12"]}}],
+                    "ports": [{"port": 53, "protocol": "UDP"}]}]}),
+    ));
+    out
+}

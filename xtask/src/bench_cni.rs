@@ -7,17 +7,25 @@
 //! (ADD each, then DEL each), then 50 at once (ADD, then DEL), `--rounds`
 //! times; the reference `bridge` plugin with `host-local` is measured the
 //! same way, interleaved pod by pod (sequential) or batch by batch
-//! (parallel). IPv4 only for both.
+//! (parallel). IPv4 only for both. To show where Sluice's time goes, the
+//! same plugin also runs (sequential only) against a stub agent that
+//! answers at once.
 //!
 //! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50]`
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::{UnixListener, UnixStream},
     path::PathBuf,
-    sync::Barrier,
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
+use sluice_proto::{Request, Response};
 use sluice_test_apiserver::Server as ApiServer;
 use sluice_tests::{NetNs, Node, TempDir, conflist_config};
 
@@ -81,27 +89,49 @@ pub fn run(args: &[String]) -> Result<()> {
         binary: PathBuf::from(u::REFERENCE_PLUGINS).join("bridge"),
         config: u::bridge_config("10.80.0.0/16", &br_state.0),
     };
+    // The plugin alone: the same binary against an agent that answers at
+    // once and does nothing (no programs, no maps).
+    let stub_node = NetNs::new("sl-stubnode")?;
+    let stub_dir = TempDir::new("sluice-bench-stub-")?;
+    let stub = StubAgent::start(&stub_dir.0.join("agent.sock"))?;
+    let plugin_only = Plugin {
+        node_ns: stub_node.path(),
+        binary: sluice.binary.clone(),
+        config: json!({"cniVersion": "1.1.0", "name": "sluice-stub", "type": "sluice",
+            "ranges": [["10.81.0.0/16"]], "dataDir": stub_dir.0.join("ipam"),
+            "agentSocket": stub.path})
+        .to_string(),
+    };
     println!(
         "{seq} pods in sequence and {par} in parallel, {rounds} rounds; agent in cluster mode, 4 NetworkPolicies select the pods; latency from exec to exit"
     );
 
-    // [sluice, bridge] x [seq ADD, seq DEL, par ADD, par DEL]
-    let mut lat: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 4]; 2];
+    // [sluice, bridge, plugin only] x [seq ADD, seq DEL, par ADD, par DEL]
+    let mut lat: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 4]; 3];
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); 4];
     for round in 0..rounds {
-        let pods: Vec<(NetNs, NetNs)> = (0..seq)
-            .map(|_| Ok((NetNs::new("sl-pod")?, NetNs::new("sl-brpod")?)))
+        let pods: Vec<[NetNs; 3]> = (0..seq)
+            .map(|_| {
+                Ok([
+                    NetNs::new("sl-pod")?,
+                    NetNs::new("sl-brpod")?,
+                    NetNs::new("sl-pod")?,
+                ])
+            })
             .collect::<Result<_>>()?;
-        for (i, (sp, bp)) in pods.iter().enumerate() {
-            lat[0][0].push(sluice.call("ADD", i, round, sp)?);
-            lat[1][0].push(bridge.call("ADD", i, round, bp)?);
+        let plugins = [&sluice, &bridge, &plugin_only];
+        for (i, netns) in pods.iter().enumerate() {
+            for (k, plugin) in plugins.iter().enumerate() {
+                lat[k][0].push(plugin.call("ADD", i, round, &netns[k])?);
+            }
             if i == 1 && round == 0 {
-                check_isolated(&pods[0].0, &pods[1].0, &node)?;
+                check_isolated(&pods[0][0], &pods[1][0], &node)?;
             }
         }
-        for (i, (sp, bp)) in pods.iter().enumerate() {
-            lat[0][1].push(sluice.call("DEL", i, round, sp)?);
-            lat[1][1].push(bridge.call("DEL", i, round, bp)?);
+        for (i, netns) in pods.iter().enumerate() {
+            for (k, plugin) in plugins.iter().enumerate() {
+                lat[k][1].push(plugin.call("DEL", i, round, &netns[k])?);
+            }
         }
         drop(pods);
         for (k, plugin) in [&sluice, &bridge].into_iter().enumerate() {
@@ -217,14 +247,18 @@ fn report(lat: &[Vec<Vec<f64>>], walls: &[Vec<f64>], seq: usize, par: usize) {
     println!();
     println!("latency per call, ms (all rounds pooled):");
     println!(
-        "  {:<10} {:<24} {:>8} {:>8} {:>8} {:>8}",
+        "  {:<22} {:<24} {:>8} {:>8} {:>8} {:>8}",
         "plugin", "", "p50", "p99", "max", "n"
     );
-    for (k, plugin) in ["sluice", "bridge"].iter().enumerate() {
+    let plugins = ["sluice", "bridge", "sluice, agent stubbed"];
+    for (k, plugin) in plugins.iter().enumerate() {
         for (m, name) in names.iter().enumerate() {
             let v = &lat[k][m];
+            if v.is_empty() {
+                continue;
+            }
             println!(
-                "  {plugin:<10} {name:<24} {:>8.1} {:>8.1} {:>8.1} {:>8}",
+                "  {plugin:<22} {name:<24} {:>8.1} {:>8.1} {:>8.1} {:>8}",
                 u::pct(v, 50.0),
                 u::pct(v, 99.0),
                 u::pct(v, 100.0),
@@ -245,11 +279,72 @@ fn report(lat: &[Vec<Vec<f64>>], walls: &[Vec<f64>], seq: usize, par: usize) {
         "  sequential ADD p99 < 50 ms: {p99:.1} ms: {}",
         u::verdict(p99 < 50.0)
     );
+    let (p50, plugin_p50) = (u::pct(&lat[0][0], 50.0), u::pct(&lat[2][0], 50.0));
+    println!(
+        "  where it goes (p50): the plugin's own work {plugin_p50:.1} ms (agent stubbed), the agent's answer (attach, maps, policy) ~{:.1} ms",
+        p50 - plugin_p50
+    );
     println!(
         "  (reference) bridge + host-local sequential ADD p99 {:.1} ms: no agent, no policy",
         u::pct(&lat[1][0], 99.0)
     );
     println!("  {}", u::SHARED_NOTE);
+}
+
+/// A stand-in agent on a unix socket: answers every request at once
+/// (AddEndpoint with a fresh id, anything else Ok) and does nothing.
+struct StubAgent {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StubAgent {
+    fn start(path: &std::path::Path) -> Result<Self> {
+        let listener = UnixListener::bind(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut ep_id = 0;
+            while !s.load(Ordering::Relaxed) {
+                let Ok((conn, _)) = listener.accept() else {
+                    continue;
+                };
+                let _ignored = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&conn);
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let answer = match serde_json::from_str::<Request>(line.trim_end()) {
+                    Ok(Request::AddEndpoint { .. }) => {
+                        ep_id += 1;
+                        Response::Endpoint { ep_id }
+                    }
+                    _ => Response::Ok,
+                };
+                if let Ok(text) = answer.to_line() {
+                    let _ignored = (&conn).write_all(text.as_bytes());
+                }
+            }
+        });
+        Ok(Self {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StubAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept (closed at once, so the read sees EOF).
+        drop(UnixStream::connect(&self.path));
+        if let Some(t) = self.thread.take() {
+            let _ignored = t.join();
+        }
+    }
 }
 
 /// The namespace, `pods` Pod objects on this node (app: web, db, batch in

@@ -88,48 +88,43 @@ pub fn run(args: &[String]) -> Result<()> {
         .map(|p| Acceptor::start(&p.server, PORT, true))
         .collect::<Result<_>>()?;
     let client_id = pairs[1].identity_of(pairs[1].client_ip)?;
+    create_ipset(&pairs[3])?;
     println!(
-        "sequential new connections for {seconds} s per measurement (connect, 1 byte each way, RST), {} rounds per N, order none sluice iptables ipset",
+        "sequential new connections for {seconds} s per measurement (connect, 1 byte each way, RST); \
+         {} rounds, each round N = 1, 100, 1,000, 10,000 in turn (reloaded), and per N none, sluice, iptables, ipset in turn",
         rounds as usize
     );
-    // results[n][impl] = (rates, connect p50s, connect p99s), one per round
-    let mut results = Vec::new();
-    for &n in &SIZES {
-        let entries = others(n);
-        let t0 = Instant::now();
-        load_sluice(&pairs[1], &entries, client_id)?;
-        let sluice_load = t0.elapsed();
-        let t0 = Instant::now();
-        load_iptables(&pairs[2], &entries)?;
-        let ipt_load = t0.elapsed();
-        let t0 = Instant::now();
-        load_ipset(&pairs[3], &entries, n == SIZES[0])?;
-        let ipset_load = t0.elapsed();
-        eprintln!(
-            "N = {n}: loaded in sluice {:.0} ms, iptables {:.0} ms, ipset {:.0} ms",
-            u::ms(sluice_load),
-            u::ms(ipt_load),
-            u::ms(ipset_load)
-        );
-        let mut per_impl = vec![(Vec::new(), Vec::new(), Vec::new()); IMPLS.len()];
-        for (i, p) in pairs.iter().enumerate() {
-            check(p, i > 0)?;
-        }
-        for _ in 0..rounds as usize {
+    // results[n][impl][round] = (conn/s, connect p50, connect p99)
+    let mut results = vec![vec![Vec::new(); IMPLS.len()]; SIZES.len()];
+    for round in 0..rounds as usize {
+        for (n, &size) in SIZES.iter().enumerate() {
+            let entries = others(size);
+            let mut loads = Vec::new();
+            for (i, p) in pairs.iter().enumerate().skip(1) {
+                let t0 = Instant::now();
+                match i {
+                    1 => load_sluice(p, &entries, client_id)?,
+                    2 => load_iptables(p, &entries)?,
+                    _ => load_ipset(p, &entries)?,
+                }
+                loads.push(format!("{} {:.0} ms", IMPLS[i], u::ms(t0.elapsed())));
+                check(p, true)?;
+            }
+            if round == 0 {
+                check(&pairs[0], false)?;
+                eprintln!("N = {size}: loaded in {}", loads.join(", "));
+            }
             for (i, p) in pairs.iter().enumerate() {
                 let (rate, lat) = measure(p, seconds)?;
-                per_impl[i].0.push(rate);
-                per_impl[i].1.push(u::pct(&lat, 50.0));
-                per_impl[i].2.push(u::pct(&lat, 99.0));
+                let (p50, p99) = (u::pct(&lat, 50.0), u::pct(&lat, 99.0));
+                results[n][i].push((rate, p50, p99));
                 eprintln!(
-                    "  N = {n:>5} {:<8} {rate:8.0} conn/s, connect p50 {:6.1} us p99 {:6.1} us",
+                    "  round {} N = {size:>5} {:<8} {rate:8.0} conn/s, connect p50 {p50:6.1} us p99 {p99:6.1} us",
+                    round + 1,
                     IMPLS[i],
-                    u::pct(&lat, 50.0),
-                    u::pct(&lat, 99.0)
                 );
             }
         }
-        results.push(per_impl);
     }
     report(&results)
 }
@@ -177,14 +172,24 @@ fn load_iptables(p: &Pair, entries: &[(Peer, u16)]) -> Result<()> {
     pipe_in(node_ns(p)?, "iptables-restore", &[], &t)
 }
 
-/// One `hash:net,port` set and one rule that matches it.
-fn load_ipset(p: &Pair, entries: &[(Peer, u16)], first: bool) -> Result<()> {
+/// One `hash:net,port` set and the rule that matches it (loaded once).
+fn create_ipset(p: &Pair) -> Result<()> {
     let ns = node_ns(p)?;
-    let mut s = if first {
-        format!("create {SET} hash:net,port family inet hashsize 16384 maxelem 65536\n")
-    } else {
-        format!("flush {SET}\n")
-    };
+    let set = format!("create {SET} hash:net,port family inet hashsize 16384 maxelem 65536\n");
+    pipe_in(ns, "ipset", &["restore"], &set)?;
+    let t = format!(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         -A FORWARD -o {if_} -m set --match-set {SET} src,dst -j ACCEPT\n\
+         -A FORWARD -o {if_} -j DROP\nCOMMIT\n",
+        if_ = p.server_host_if
+    );
+    pipe_in(ns, "iptables-restore", &[], &t)
+}
+
+/// The set's members: the allowlist.
+fn load_ipset(p: &Pair, entries: &[(Peer, u16)]) -> Result<()> {
+    let mut s = format!("flush {SET}\n");
     for (peer, port) in entries {
         match peer {
             Peer::Pod(_, ip) => s += &format!("add {SET} {ip},tcp:{port}\n"),
@@ -192,18 +197,7 @@ fn load_ipset(p: &Pair, entries: &[(Peer, u16)], first: bool) -> Result<()> {
         }
     }
     s += &format!("add {SET} {},tcp:{PORT}\n", p.client_ip);
-    pipe_in(ns, "ipset", &["restore"], &s)?;
-    if first {
-        let t = format!(
-            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-             -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-             -A FORWARD -o {if_} -m set --match-set {SET} src,dst -j ACCEPT\n\
-             -A FORWARD -o {if_} -j DROP\nCOMMIT\n",
-            if_ = p.server_host_if
-        );
-        pipe_in(ns, "iptables-restore", &[], &t)?;
-    }
-    Ok(())
+    pipe_in(node_ns(p)?, "ipset", &["restore"], &s)
 }
 
 fn node_ns(p: &Pair) -> Result<&NetNs> {
@@ -278,81 +272,133 @@ fn measure(p: &Pair, seconds: f64) -> Result<(f64, Vec<f64>)> {
     })?
 }
 
-type Series = (Vec<f64>, Vec<f64>, Vec<f64>);
+/// Per N and implementation, medians over rounds: conn/s, connect p50
+/// and p99 (us), and two figures relative to `none` measured just before in
+/// the same round (so that the machine's slow and fast phases cancel):
+/// the rate as a fraction of none's, and the connect p50 added to none's.
+struct Point {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    rate_vs_none: f64,
+    added_us: f64,
+}
 
-fn report(results: &[Vec<Series>]) -> Result<()> {
-    let rate = |n: usize, i: usize| u::median(&results[n][i].0);
-    let p50 = |n: usize, i: usize| u::median(&results[n][i].1);
-    let p99 = |n: usize, i: usize| u::median(&results[n][i].2);
-    println!();
-    println!(
-        "new connections per second (median over rounds), and as a ratio to the same implementation at N = 1:"
+/// results[n][impl][round] = (conn/s, connect p50 us, connect p99 us)
+type Runs = [Vec<Vec<(f64, f64, f64)>>];
+
+fn points(results: &Runs) -> Vec<Vec<Point>> {
+    results
+        .iter()
+        .map(|per_impl| {
+            let none = &per_impl[0];
+            per_impl
+                .iter()
+                .map(|runs| {
+                    let col = |f: fn(&(f64, f64, f64)) -> f64| {
+                        u::median(&runs.iter().map(f).collect::<Vec<_>>())
+                    };
+                    let rel: Vec<f64> = runs.iter().zip(none).map(|(r, n)| r.0 / n.0).collect();
+                    let added: Vec<f64> = runs.iter().zip(none).map(|(r, n)| r.1 - n.1).collect();
+                    Point {
+                        rate: col(|r| r.0),
+                        p50: col(|r| r.1),
+                        p99: col(|r| r.2),
+                        rate_vs_none: u::median(&rel),
+                        added_us: u::median(&added),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn report(results: &Runs) -> Result<()> {
+    let pts = points(results);
+    let table = |title: &str, cell: &dyn Fn(&Point, &Point) -> String| {
+        println!();
+        println!("{title}");
+        print!("  {:>6}", "N");
+        for name in IMPLS {
+            print!(" {name:>17}");
+        }
+        println!();
+        for (size, row) in SIZES.iter().zip(&pts) {
+            print!("  {size:>6}");
+            for (p, p1) in row.iter().zip(&pts[0]) {
+                print!(" {:>17}", cell(p, p1));
+            }
+            println!();
+        }
+    };
+    table(
+        "new connections per second (median over rounds), and x its own rate at N = 1:",
+        &|p, p1| format!("{:.0}  x{:.3}", p.rate, p.rate / p1.rate),
     );
-    print!("  {:>6}", "N");
-    for name in IMPLS {
-        print!(" {name:>10} {:>6}", "x N=1");
-    }
-    println!();
-    for (n, size) in SIZES.iter().enumerate() {
-        print!("  {size:>6}");
-        for i in 0..IMPLS.len() {
-            print!(" {:>10.0} {:>6.3}", rate(n, i), rate(n, i) / rate(0, i));
-        }
-        println!();
-    }
-    println!();
-    println!("connect() latency, us: p50 / p99 (medians over rounds):");
-    print!("  {:>6}", "N");
-    for name in IMPLS {
-        print!(" {name:>17}");
-    }
-    println!();
-    for (n, size) in SIZES.iter().enumerate() {
-        print!("  {size:>6}");
-        for i in 0..IMPLS.len() {
-            print!(" {:>17}", format!("{:.1} / {:.1}", p50(n, i), p99(n, i)));
-        }
-        println!();
-    }
+    table(
+        "connect() latency, us: p50 / p99 (medians over rounds):",
+        &|p, _| format!("{:.1} / {:.1}", p.p50, p.p99),
+    );
+    table(
+        "relative to `none` in the same round: rate as a fraction of none's; connect p50 added (us):",
+        &|p, _| format!("{:.3}  {:+.1}", p.rate_vs_none, p.added_us),
+    );
     let last = SIZES.len() - 1;
-    let (r, l) = (rate(last, 1) / rate(0, 1), p50(last, 1) / p50(0, 1));
+    let (s1, s10k) = (&pts[0][1], &pts[last][1]);
+    let drift_free = s10k.rate_vs_none / s1.rate_vs_none;
     println!();
     println!("targets:");
     println!(
-        "  sluice within 10% from N = 1 to 10,000: rate x{r:.3}, connect p50 x{l:.3}: {}",
-        u::verdict(r >= 0.9 && l <= 1.1)
+        "  sluice within 10% from N = 1 to 10,000: rate (vs none, same round) x{drift_free:.3}, connect p50 {:+.1} us ({:.1} -> {:.1} us); raw rate x{:.3}: {}",
+        s10k.p50 - s1.p50,
+        s1.p50,
+        s10k.p50,
+        s10k.rate / s1.rate,
+        u::verdict(drift_free >= 0.9)
     );
     for (i, name) in IMPLS.iter().enumerate().skip(2) {
-        let bend = (1..SIZES.len()).find(|&n| rate(n, i) / rate(0, i) < 0.9);
-        match bend {
+        let rel = |n: usize| pts[n][i].rate_vs_none / pts[0][i].rate_vs_none;
+        match (1..SIZES.len()).find(|&n| rel(n) < 0.9) {
             Some(n) => println!(
-                "  {name}: first below 0.9 of its N = 1 rate at N = {} (x{:.3}); at 10,000 x{:.3}",
+                "  {name}: bends at N = {} (rate x{:.3} of its N = 1, vs none), x{:.3} at 10,000; connect p50 +{:.1} us over none at 10,000",
                 SIZES[n],
-                rate(n, i) / rate(0, i),
-                rate(last, i) / rate(0, i)
+                rel(n),
+                rel(last),
+                pts[last][i].added_us
             ),
-            None => println!("  {name}: within 10% of its N = 1 rate up to 10,000"),
+            None => println!(
+                "  {name}: within 10% of its N = 1 rate up to 10,000 (x{:.3}); connect p50 +{:.1} us over none at 10,000",
+                rel(last),
+                pts[last][i].added_us
+            ),
         }
     }
     println!("  {}", u::SHARED_NOTE);
 
-    let mut rows = vec![vec![
-        "n".to_owned(),
-        "implementation".to_owned(),
-        "conn_per_s".to_owned(),
-        "ratio_to_n1".to_owned(),
-        "connect_p50_us".to_owned(),
-        "connect_p99_us".to_owned(),
-    ]];
+    let mut rows = vec![
+        [
+            "n",
+            "implementation",
+            "conn_per_s",
+            "rate_vs_none",
+            "connect_p50_us",
+            "connect_p99_us",
+            "added_p50_us_vs_none",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for (n, size) in SIZES.iter().enumerate() {
         for (i, name) in IMPLS.iter().enumerate() {
+            let p = &pts[n][i];
             rows.push(vec![
                 size.to_string(),
                 (*name).to_owned(),
-                format!("{:.0}", rate(n, i)),
-                format!("{:.4}", rate(n, i) / rate(0, i)),
-                format!("{:.1}", p50(n, i)),
-                format!("{:.1}", p99(n, i)),
+                format!("{:.0}", p.rate),
+                format!("{:.4}", p.rate_vs_none),
+                format!("{:.1}", p.p50),
+                format!("{:.1}", p.p99),
+                format!("{:.1}", p.added_us),
             ]);
         }
     }

@@ -15,7 +15,7 @@
 //! (connect, one byte each way, close with RST): the rate and the connect()
 //! latency. Per N, the four alternate, `--rounds` times.
 //!
-//! `cargo xtask bench rules [--seconds 2] [--rounds 3]`; the curve goes to
+//! `cargo xtask bench rules [--seconds 2] [--rounds 5]`; the curve goes to
 //! bench-results/rules.csv and, with gnuplot, bench-results/rules.png.
 use std::{
     io::Write as _,
@@ -68,7 +68,7 @@ fn others(n: usize) -> Vec<(Peer, u16)> {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let (mut seconds, mut rounds) = (2.0, 3.0);
+    let (mut seconds, mut rounds) = (2.0, 5.0);
     u::options(
         args,
         &mut [("--seconds", &mut seconds), ("--rounds", &mut rounds)],

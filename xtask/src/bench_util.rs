@@ -279,6 +279,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// For table columns.
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::Bare => "(a) bare veth",
+            Kind::Sluice => "(b) sluice",
+            Kind::Policy => "(c) sluice+policy",
+            Kind::Bridge => "(d) bridge",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Bare => "(a) veth, no program",

@@ -436,7 +436,7 @@ fn plot(csv: &std::path::Path) -> Result<std::path::PathBuf> {
          set key autotitle columnhead left bottom\nset logscale x\nset xrange [0.7:14000]\nset xlabel 'allowed peers N'\nset grid\n\
          set multiplot layout 1,2 title 'new TCP connections to a pod admitting N peers (shared 2-core machine)'\n\
          set ylabel 'connections/s'\nset yrange [0:*]\nplot {}\n\
-         set ylabel 'connect() p50, us'\nplot {}\nunset multiplot\n",
+         set ylabel 'connect() p50, us (log)'\nset logscale y\nset yrange [10:*]\nset key left top\nplot {}\nunset multiplot\n",
         png.display(),
         series(3),
         series(5)

@@ -918,6 +918,62 @@ fn a_tcp_reset_or_fins_from_both_sides_shorten_the_lifetime_to_closing() {
 }
 
 #[test]
+fn a_syn_reusing_the_tuple_of_a_tracked_flow_meets_the_policy_as_a_new_flow() {
+    with_datapath(|dp| {
+        dp.set_endpoint(&endpoint(0));
+        let (pod, peer) = (v4(POD4), v4(PEER4));
+        let key = ct_key(pod, 1000, peer, 80, proto::TCP);
+        // A connection opened while nothing isolates the pod, then reset:
+        // its entry lives on, closing.
+        assert!(pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 1000, peer, 80, TCP_SYN)
+        ));
+        let synack = Packet::tcp(peer, 80, pod, 1000, TCP_SYN | TCP_ACK);
+        assert!(pass(dp, DIR_INGRESS, &synack));
+        assert!(pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 1000, peer, 80, TCP_RST)
+        ));
+        assert!(dp.ct(&key).is_some_and(|v| v.flags & CT_TCP_RST != 0));
+        // A deny in force now: the same tuple's new SYN, from either side,
+        // is judged (and dropped), though the entry is alive.
+        dp.set_endpoint(&endpoint(ISOLATED));
+        assert!(!pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 1000, peer, 80, TCP_SYN)
+        ));
+        assert!(!pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 80, pod, 1000, TCP_SYN)
+        ));
+        assert_eq!(dp.drops(EP_ID, reason::POLICY_DENIED, DIR_EGRESS).0, 1);
+        assert_eq!(dp.drops(EP_ID, reason::POLICY_DENIED, DIR_INGRESS).0, 1);
+        // Packets of the old connection still find it.
+        assert!(pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 80, pod, 1000, TCP_ACK)
+        ));
+        // Allowed again: the SYN opens a fresh entry (its state reset).
+        let mut ep = endpoint(ISOLATED);
+        allow(dp, &mut ep, DIR_EGRESS, IDENTITY_ANY, proto::TCP, 80, 16);
+        assert!(pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 1000, peer, 80, TCP_SYN)
+        ));
+        let v = dp.ct(&key).unwrap();
+        assert_eq!(v.flags, CT_ORIG_IS_LO | CT_ORIG_EGRESS);
+        assert!(secs_left(&v) > ct_timeout::TCP_CLOSING);
+    });
+}
+
+#[test]
 fn an_expired_conntrack_entry_counts_as_missing() {
     with_datapath(|dp| {
         dp.set_endpoint(&endpoint(ISOLATED));

@@ -9,7 +9,7 @@ use sluice_common::{
 use crate::{
     keys::ct_key,
     maps::{CONNTRACK, count},
-    parse::{Addr, TCP_FIN, TCP_RST},
+    parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -130,9 +130,20 @@ pub fn now_ns() -> u64 {
     }
 }
 
+/// Does this TCP packet open a connection (SYN without ACK)? Such a packet
+/// is a new flow whatever conntrack holds for its 4-tuple: a client may
+/// reuse the tuple of a connection closed moments ago (whose entry lives on
+/// as `TCP_CLOSING`), and the new connection must meet today's policy, as
+/// netfilter's conntrack treats it. (`tcp_flags` is 0 for other protocols.)
+#[inline(always)]
+pub fn opens_connection(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// Looks the flow up; on a live entry updates its state (with `implied`
 /// flags ORed in) and lifetime and returns its flags. `src_is_lo` says
-/// which side sent this packet.
+/// which side sent this packet. A packet that opens a TCP connection never
+/// hits: it is judged as a new flow, and `create` replaces the entry.
 #[inline(always)]
 pub fn hit_and_refresh(
     key: &CtKey,
@@ -141,6 +152,9 @@ pub fn hit_and_refresh(
     implied: u32,
     now: u64,
 ) -> Option<u32> {
+    if opens_connection(tcp_flags) {
+        return None;
+    }
     let v = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a pointer into a map value, valid for this program run;
     // concurrent updates from another CPU at worst lose a flag or a refresh.

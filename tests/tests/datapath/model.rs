@@ -392,10 +392,14 @@ impl Model {
             }
             port = 0;
         }
-        match self.ct_state(&ct_key(i.src, i.sport, i.dst, i.dport, i.l4).0) {
-            Some(Ok(())) => return Expect::Pass,
-            Some(Err(())) => return Expect::Either,
-            None => {}
+        // A SYN without ACK opens a connection: judged by policy whatever
+        // conntrack holds.
+        if !opens(i) {
+            match self.ct_state(&ct_key(i.src, i.sport, i.dst, i.dport, i.l4).0) {
+                Some(Ok(())) => return Expect::Pass,
+                Some(Err(())) => return Expect::Either,
+                None => {}
+            }
         }
         let peer = if dir == DIR_INGRESS { i.src } else { i.dst };
         if dir == DIR_INGRESS && self.identity(&peer) == IDENTITY_HOST {
@@ -440,12 +444,15 @@ impl Model {
         }
         let (key, src_lo) = ct_key(i.src, i.sport, i.dst, i.dport, i.l4);
         if !passed {
-            // Whatever was there did not let it through: dead.
-            self.ct.remove(&key);
+            // Whatever was there did not let it through: dead (a denied SYN
+            // never looked).
+            if !opens(i) {
+                self.ct.remove(&key);
+            }
             return;
         }
         match self.ct.get_mut(&key) {
-            Some(e) if self_live(e, key.l4) => {
+            Some(e) if !opens(i) && self_live(e, key.l4) => {
                 let from_orig = src_lo == e.orig_is_lo;
                 e.track(from_orig, i.tcp_flags);
             }
@@ -463,6 +470,11 @@ impl Model {
             }
         }
     }
+}
+
+/// A TCP SYN without ACK.
+fn opens(i: &Info) -> bool {
+    i.l4 == proto::TCP && i.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 fn self_live(e: &CtEntry, l4: u8) -> bool {

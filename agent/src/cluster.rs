@@ -10,13 +10,13 @@ use std::{
     time::Instant,
 };
 
-use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus, Service};
-use kube::ResourceExt as _;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodIP, PodStatus, Service};
+use kube::{Resource as _, ResourceExt as _};
 use sluice_common::IpcacheValue;
 use tracing::{info, warn};
 
 use crate::{
-    compiler::{Changes, Compiler, EndpointChange, Locality, ObjectRef},
+    compiler::{self, Changes, Compiler, Diagnostic, EndpointChange, Locality, ObjectRef},
     datapath::ipcache_key,
     k8s::{Change, Kind, Object, object_ref},
     metrics,
@@ -43,7 +43,22 @@ pub struct Cluster {
     /// Service key (`Service/ns/name`) -> its ClusterIPs.
     services: BTreeMap<String, Vec<IpAddr>>,
     pub metrics: metrics::Shared,
+    /// Object key -> the problems last reported for it as an Event.
+    reported: BTreeMap<String, BTreeSet<String>>,
+    /// Events to post (taken by the caller, which owns the API client).
+    pub notices: Vec<Notice>,
 }
+
+/// A Warning Event about an object the compiler could not use as written
+/// (the rule concerned denies).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notice {
+    pub regarding: ObjectReference,
+    pub note: String,
+}
+
+/// The most an Event's note may hold (the API allows 1 kB).
+const NOTE_MAX: usize = 1000;
 
 /// The ClusterIPs of a Service: `spec.clusterIPs` (else `spec.clusterIP`),
 /// without "None" (headless) and anything that is not an address.
@@ -79,7 +94,59 @@ impl Cluster {
             cni_ips: BTreeMap::new(),
             services: BTreeMap::new(),
             metrics,
+            reported: BTreeMap::new(),
+            notices: Vec::new(),
         }
+    }
+
+    /// Queues a Notice for each object whose problems differ from those
+    /// last reported; objects in `fed` (applied or deleted in this batch)
+    /// without problems now are forgotten, so a problem that comes back is
+    /// reported again.
+    fn note_diagnostics(&mut self, diagnostics: &[Diagnostic], fed: &[((String, String), bool)]) {
+        let mut now: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for d in diagnostics {
+            now.entry(diagnostic_key(d))
+                .or_default()
+                .insert(d.reason.clone());
+        }
+        for ((key, _rv), _deleted) in fed {
+            if !now.contains_key(key) {
+                self.reported.remove(key);
+            }
+        }
+        for (key, reasons) in now {
+            if self.reported.get(&key) == Some(&reasons) {
+                continue;
+            }
+            let Some(regarding) = self.reference(&key) else {
+                continue;
+            };
+            let mut note = reasons.iter().cloned().collect::<Vec<_>>().join("; ");
+            if note.len() > NOTE_MAX {
+                let mut end = NOTE_MAX;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+            }
+            self.notices.push(Notice { regarding, note });
+            self.reported.insert(key, reasons);
+        }
+    }
+
+    /// The reference of a known object, by key (`Kind/ns/name`).
+    fn reference(&self, key: &str) -> Option<ObjectReference> {
+        let kind = key.split('/').next()?;
+        let o = self.known.values().find_map(|m| m.get(key))?;
+        let r = match o {
+            Object::Pod(p) => p.object_ref(&()),
+            Object::Namespace(n) => n.object_ref(&()),
+            Object::NetworkPolicy(p) => p.object_ref(&()),
+            Object::Node(n) => n.object_ref(&()),
+            Object::Service(s) => s.object_ref(&()),
+        };
+        (r.kind.as_deref() == Some(kind)).then_some(r)
     }
 
     /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
@@ -285,6 +352,9 @@ impl Node {
         for d in &out.diagnostics {
             warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
         }
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.note_diagnostics(&out.diagnostics, &versions);
+        }
         self.program(&out)?;
         if let Some(ips) = self.cluster.as_ref().map(Cluster::service_ips) {
             self.set_service_ips(&ips)?;
@@ -421,6 +491,20 @@ impl Node {
 }
 
 /// The pod an endpoint belongs to, when the runtime said (CNI_ARGS).
+/// The key (`Kind/ns/name`, as `k8s::object_ref`) of a diagnostic's object.
+fn diagnostic_key(d: &Diagnostic) -> String {
+    let kind = match d.kind {
+        compiler::Kind::Namespace => Kind::Namespace,
+        compiler::Kind::Pod => Kind::Pod,
+        compiler::Kind::NetworkPolicy => Kind::NetworkPolicy,
+    };
+    if d.object.namespace.is_empty() {
+        format!("{}/{}", kind.name(), d.object.name)
+    } else {
+        format!("{}/{}/{}", kind.name(), d.object.namespace, d.object.name)
+    }
+}
+
 pub fn pod_ref(e: &crate::registry::Endpoint) -> Option<ObjectRef> {
     pod_ref_of(&e.spec)
 }
@@ -430,4 +514,54 @@ pub fn pod_ref_of(s: &sluice_proto::EndpointSpec) -> Option<ObjectRef> {
         s.pod_namespace.clone()?,
         s.pod_name.clone()?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    use super::*;
+
+    fn policy(operator: &str) -> Object {
+        let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "x", "uid": "u-1", "resourceVersion": "7"},
+            "spec": {"podSelector": {},
+                     "ingress": [{"from": [{"podSelector": {"matchExpressions":
+                         [{"key": "pod", "operator": operator, "values": ["a"]}]}}]}]}
+        }))
+        .unwrap();
+        Object::NetworkPolicy(Box::new(np))
+    }
+
+    /// Applies `o` and notes its diagnostics as the reconciler does.
+    fn feed(c: &mut Cluster, o: Object) -> usize {
+        let fed = [(object_ref(&o), false)];
+        let out = c.apply(Change::Applied(o));
+        c.note_diagnostics(&out.diagnostics, &fed);
+        out.diagnostics.len()
+    }
+
+    #[test]
+    fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
+        let mut c = Cluster::new("n1", metrics::Shared::default());
+        assert!(feed(&mut c, policy("Bogus")) > 0);
+        let n = std::mem::take(&mut c.notices);
+        assert_eq!(n.len(), 1);
+        let r = &n[0].regarding;
+        assert_eq!(r.kind.as_deref(), Some("NetworkPolicy"));
+        assert_eq!(r.api_version.as_deref(), Some("networking.k8s.io/v1"));
+        assert_eq!(r.namespace.as_deref(), Some("x"));
+        assert_eq!(r.name.as_deref(), Some("p"));
+        assert_eq!(r.uid.as_deref(), Some("u-1"));
+        assert!(n[0].note.contains("Bogus"), "{}", n[0].note);
+        // The same problem again (a re-list, an unrelated update): no repeat.
+        feed(&mut c, policy("Bogus"));
+        assert!(c.notices.is_empty());
+        // Fixed, then broken again: noticed again.
+        assert_eq!(feed(&mut c, policy("In")), 0);
+        assert!(c.notices.is_empty());
+        feed(&mut c, policy("Bogus"));
+        assert_eq!(c.notices.len(), 1);
+    }
 }

@@ -17,12 +17,16 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::metrics;
+use crate::{cluster::Notice, metrics};
 
 /// The kinds the agent watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,4 +229,41 @@ pub fn object_ref(o: &Object) -> (String, String) {
         None => format!("{}/{name}", o.kind().name()),
     };
     (key, rv.unwrap_or_default())
+}
+
+/// Posts the Warning Events the reconciler queues (`cluster::Notice`), as
+/// `sluice-agent` on `node_name`, so that `kubectl describe` shows why a
+/// rule is not in force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy).
+/// A failed post is logged and not retried: the agent's log already has the
+/// problem, and a full queue drops notices rather than slow programming.
+pub fn start_notices(client: Client, node_name: &str) -> mpsc::Sender<Notice> {
+    let (tx, mut rx) = mpsc::channel::<Notice>(256);
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "sluice-agent".into(),
+            instance: Some(node_name.to_owned()),
+        },
+    );
+    tokio::spawn(async move {
+        while let Some(n) = rx.recv().await {
+            let kind = n.regarding.kind.clone().unwrap_or_default();
+            let event = Event {
+                type_: EventType::Warning,
+                reason: format!("Invalid{kind}"),
+                note: Some(format!("{} (the rule concerned denies)", n.note)),
+                action: "CompilePolicy".into(),
+                secondary: None,
+            };
+            match recorder.publish(&event, &n.regarding).await {
+                Ok(()) => {
+                    info!(kind = %kind, namespace = ?n.regarding.namespace, name = ?n.regarding.name, "posted a Warning Event");
+                }
+                Err(e) => {
+                    warn!(kind = %kind, namespace = ?n.regarding.namespace, name = ?n.regarding.name, error = %e, "posting a Warning Event failed");
+                }
+            }
+        }
+    });
+    tx
 }

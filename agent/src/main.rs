@@ -120,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
             return std::future::pending::<anyhow::Result<()>>().await;
         };
         info!(node = %node_name, "cluster mode: watching the API server");
+        let notices = sluice_agent::k8s::start_notices(client.clone(), &node_name);
         let mut rx = sluice_agent::k8s::start(client, &node_name, metrics.clone());
         let mut routes = sluice_agent::routes::Routes::new().context("netlink connection")?;
         let mut uplinks = std::collections::BTreeSet::new();
@@ -137,6 +138,16 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             if let Err(e) = applied {
                 tracing::error!(error = %e, "programming cluster changes failed");
+            }
+            let queued = node
+                .lock()
+                .ok()
+                .and_then(|mut n| n.cluster.as_mut().map(|c| std::mem::take(&mut c.notices)))
+                .unwrap_or_default();
+            for notice in queued {
+                if notices.try_send(notice).is_err() {
+                    tracing::warn!("Event queue full: a Warning Event is dropped (the log has it)");
+                }
             }
             let desired = node
                 .lock()

@@ -33,6 +33,16 @@ fn create(api: &ServerHandle, plural: &str, ns: Option<&str>, obj: Value) -> Res
         .to_owned())
 }
 
+fn namespace(api: &ServerHandle, name: &str) -> Result<String> {
+    create(
+        api,
+        "namespaces",
+        None,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}),
+    )
+}
+
 fn pod(ns: &str, name: &str, label: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -54,13 +64,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
         api,
         config,
     } = cluster()?;
-    create(
-        &api,
-        "namespaces",
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "x", "labels": {"kubernetes.io/metadata.name": "x"}}}),
-    )?;
+    namespace(&api, "x")?;
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
         create(&api, "pods", Some("x"), pod("x", name, label))?;
     }
@@ -129,19 +133,80 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
 }
 
 #[test]
+fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> Result<()> {
+    let ApiNode {
+        mut node,
+        api,
+        config,
+    } = cluster()?;
+    namespace(&api, "w")?;
+    for name in ["client", "server"] {
+        create(&api, "pods", Some("w"), pod("w", name, name))?;
+    }
+    node.start_agent()?;
+    let client = Pod::add_as(&node, &config, Some(("w", "client")))?;
+    let server = Pod::add_as(&node, &config, Some(("w", "server")))?;
+    let _srv = Server::start(&server.ns, 80)?;
+    let to = server.ipv4.context("v4")?;
+    assert!(eventually(WAIT, || tcp_ok(&client.ns, to, 80, SHORT)));
+    // The only peer has an operator the API does not know (this test
+    // server does not validate selectors; a real one would refuse it).
+    let rv = create(
+        &api,
+        "networkpolicies",
+        Some("w"),
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "bad-operator", "namespace": "w"},
+            "spec": {"podSelector": {"matchLabels": {"pod": "server"}},
+                     "ingress": [{"from": [{"podSelector": {"matchExpressions":
+                         [{"key": "pod", "operator": "Bogus", "values": ["client"]}]}}]}]}
+        }),
+    )?;
+    node.wait_programmed("NetworkPolicy/w/bad-operator", Some(&rv), WAIT)?;
+    assert!(
+        !tcp_ok(&client.ns, to, 80, SHORT),
+        "the unusable rule denies, never opens"
+    );
+    let uid = api
+        .get("networkpolicies", "w", "bad-operator")
+        .context("policy")?["metadata"]["uid"]
+        .clone();
+    let events = res_events()?;
+    let mut found = None;
+    let posted = eventually(WAIT, || {
+        found = api
+            .with_store(|s| s.list(events, &Default::default()))
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == "bad-operator");
+        found.is_some()
+    });
+    assert!(posted, "no Event about the policy");
+    let e = found.context("event")?;
+    assert_eq!(e["metadata"]["namespace"], "w");
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "InvalidNetworkPolicy");
+    assert_eq!(e["reportingController"], "sluice-agent");
+    assert_eq!(e["reportingInstance"], NODE);
+    assert_eq!(e["regarding"]["kind"], "NetworkPolicy");
+    assert_eq!(e["regarding"]["uid"], uid);
+    let note = e["note"].as_str().unwrap_or_default();
+    assert!(note.contains("Bogus"), "{note}");
+    Ok(())
+}
+
+fn res_events() -> Result<&'static resources::Resource> {
+    resources::find("events.k8s.io", "v1", "events").context("events resource")
+}
+
+#[test]
 fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() -> Result<()> {
     let ApiNode {
         mut node,
         api,
         config,
     } = cluster()?;
-    create(
-        &api,
-        "namespaces",
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "y", "labels": {"kubernetes.io/metadata.name": "y"}}}),
-    )?;
+    namespace(&api, "y")?;
     create(
         &api,
         "networkpolicies",
@@ -175,13 +240,7 @@ fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_
         config,
     } = cluster()?;
     let addr = api.addr();
-    create(
-        &api,
-        "namespaces",
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "z", "labels": {"kubernetes.io/metadata.name": "z"}}}),
-    )?;
+    namespace(&api, "z")?;
     create(&api, "pods", Some("z"), pod("z", "client", "client"))?;
     create(&api, "pods", Some("z"), pod("z", "server", "server"))?;
     let rv = create(

@@ -229,6 +229,13 @@ pub fn columns(r: &Resource) -> Value {
             ("Endpoints", 0),
             ("Age", 0),
         ],
+        "Event" => &[
+            ("Name", 0),
+            ("Type", 0),
+            ("Reason", 0),
+            ("Object", 0),
+            ("Note", 0),
+        ],
         _ => &[("Name", 0), ("Age", 0)],
     };
     Value::Array(cols.iter().map(|(n, p)| col(n, *p)).collect())
@@ -357,6 +364,20 @@ pub fn cells(r: &Resource, obj: &Value, now: i64) -> Value {
                 join(ports),
                 join(addrs),
                 age
+            ])
+        }
+        "Event" => {
+            let regarding = &obj["regarding"];
+            json!([
+                name,
+                str_or(&obj["type"], ""),
+                str_or(&obj["reason"], ""),
+                format!(
+                    "{}/{}",
+                    str_or(&regarding["kind"], "").to_lowercase(),
+                    str_or(&regarding["name"], "")
+                ),
+                str_or(&obj["note"], "")
             ])
         }
         _ => json!([name, age]),

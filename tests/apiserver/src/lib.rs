@@ -2,9 +2,9 @@
 //! Never installed on a cluster: plain HTTP on loopback, no authentication.
 //!
 //! It serves Namespaces, Pods, Nodes, Services (core v1), NetworkPolicies
-//! (networking.k8s.io/v1) and EndpointSlices (discovery.k8s.io/v1) well
-//! enough for `kubectl` 1.32 (apply, create, replace, delete, get, get -w)
-//! and for watch-based clients such as kube-rs.
+//! (networking.k8s.io/v1), EndpointSlices (discovery.k8s.io/v1) and Events
+//! (events.k8s.io/v1) well enough for `kubectl` 1.32 (apply, create,
+//! replace, delete, get, get -w) and for watch-based clients such as kube-rs.
 //!
 //! ```no_run
 //! let server = sluice_test_apiserver::Server::start("127.0.0.1:0".parse()?)?;

@@ -108,6 +108,18 @@ pub static RESOURCES: &[Resource] = &[
         has_status: false,
         categories: &[],
     },
+    // What the agent posts about objects it could not use as written.
+    Resource {
+        group: "events.k8s.io",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        namespaced: true,
+        short_names: &["ev"],
+        has_status: false,
+        categories: &[],
+    },
 ];
 
 /// The resource served at `group/version/plural`.

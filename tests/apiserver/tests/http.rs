@@ -613,7 +613,10 @@ fn discovery_serves_legacy_and_aggregated_documents() -> Result<()> {
         .iter()
         .filter_map(|g| g["metadata"]["name"].as_str().map(String::from))
         .collect();
-    assert_eq!(groups, ["networking.k8s.io", "discovery.k8s.io"]);
+    assert_eq!(
+        groups,
+        ["networking.k8s.io", "discovery.k8s.io", "events.k8s.io"]
+    );
     let core = get(a, "/api/v1")?.json()?;
     let resources: Vec<&str> = core["resources"]
         .as_array()

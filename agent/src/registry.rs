@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn records_and_the_id_counter_survive_a_reopen() -> anyhow::Result<()> {
         let dir = std::env::temp_dir().join(format!("sluice-reg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let _absent = std::fs::remove_dir_all(&dir);
         {
             let mut r = Registry::open(&dir)?;
             let id = r.allocate_ep_id()?;

@@ -84,7 +84,7 @@ fn each_of_a_hundred_policy_changes_is_in_force_once_programmed_and_a_long_lived
         );
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = keeper.join();
+    let _joined = keeper.join();
     latencies.sort();
     let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
     eprintln!(

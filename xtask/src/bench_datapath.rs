@@ -5,7 +5,15 @@
 //! 1. `noop`, a third classifier in the object that returns TC_ACT_OK at
 //!    once: the cost of BPF_PROG_TEST_RUN's loop itself, the baseline.
 //! 2. An established flow: its conntrack entry exists; parse, endpoint,
-//!    one conntrack lookup and refresh.
+//!    one conntrack lookup and refresh. Measured in steps with the
+//!    bench-only classifiers `bench_parse` (parsing), `bench_endpoint`
+//!    (+ the ENDPOINTS lookup) and `bench_lookups` (+ the conntrack key and
+//!    lookup), then `to_pod`; the five programs (with `noop`) run in turn
+//!    within each round, on the same packet, and each must pass it (for
+//!    `to_pod` that proves the conntrack hit: without the entry the packet
+//!    is a new flow to a port the policy does not allow). The target: within
+//!    2x `noop`; docs/design.md ("The cost of an established flow") says why
+//!    two hash lookups already exceed it on the benchmark machine.
 //! 3. A new flow against an isolated endpoint whose POLICY map holds 1,
 //!    1,000 or 100,000 entries, among them the allow entry of the packet's
 //!    peer identity for a neighbouring port. The measured packet is DENIED:

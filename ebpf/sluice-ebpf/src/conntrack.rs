@@ -14,6 +14,10 @@ use crate::{
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// How far the lifetime of an established flow's entry must move before
+/// the entry is rewritten (see `hit_and_refresh`).
+const REFRESH_NS: u64 = NS_PER_SEC;
+
 #[inline(always)]
 pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
     a.words[0] == b.words[0] && a.words[1] == b.words[1]
@@ -164,10 +168,18 @@ pub fn hit_and_refresh(
     }
     let from_orig = src_is_lo == (v.flags & CT_ORIG_IS_LO != 0);
     let flags = track(v.flags, from_orig, tcp_flags) | implied;
+    let expires = now + lifetime_secs(key.proto, flags) * NS_PER_SEC;
+    // The entry is written only when its state changes or its lifetime
+    // moves by REFRESH_NS or more: not every packet (a store dirties the
+    // entry's cache line, which both directions' CPUs then trade). So a
+    // flow's entry may expire up to REFRESH_NS before its last packet's
+    // lifetime says; lifetimes are 10 s and more.
     if flags != v.flags {
         v.flags = flags;
+        v.expires_ns = expires;
+    } else if expires.saturating_sub(v.expires_ns) >= REFRESH_NS {
+        v.expires_ns = expires;
     }
-    v.expires_ns = now + lifetime_secs(key.proto, flags) * NS_PER_SEC;
     Some(flags)
 }
 

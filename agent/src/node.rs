@@ -322,7 +322,11 @@ impl Node {
             }
             return Err(e);
         }
-        self.registry.insert(ep.clone())?;
+        // In cluster mode `program_cluster_policy` has written the record
+        // already; writing the same file again would only cost time.
+        if self.registry.get(&ep.spec.attachment) != Some(&ep) {
+            self.registry.insert(ep.clone())?;
+        }
         info!(container_id = %ep.spec.attachment.container_id, ifname = %ep.spec.host_ifname,
             ep_id, ipv4 = ?ep.spec.ipv4, ipv6 = ?ep.spec.ipv6, "endpoint added");
         Ok(ep_id)

@@ -5,20 +5,11 @@ use sluice_proto::Attachment;
 
 /// Prefix of host-side veth ends: `sl` + 12 hex = 14 bytes (limit 15).
 pub const HOST_PREFIX: &str = "sl";
-/// Prefix of the pod end while it still lives in the node namespace.
-pub const TEMP_PREFIX: &str = "sp";
 
 /// Host end, e.g. `sl3f9a0c21be47`. Stable across plugin versions: FNV-1a
 /// (64 bit) is fixed by its definition, unlike std's `DefaultHasher`.
 pub fn host_ifname(a: &Attachment) -> String {
     format!("{HOST_PREFIX}{}", hash12(a))
-}
-
-/// Pod end before it is moved into the pod and renamed. Unique per
-/// attachment, and the runtime never runs two operations on one attachment
-/// at once, so parallel ADDs cannot collide on it.
-pub fn temp_ifname(a: &Attachment) -> String {
-    format!("{TEMP_PREFIX}{}", hash12(a))
 }
 
 fn hash12(a: &Attachment) -> String {
@@ -61,8 +52,6 @@ mod tests {
         assert_eq!(h, host_ifname(&a));
         assert_eq!(h.len(), 14);
         assert!(h[2..].chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(&temp_ifname(&a)[2..], &h[2..]);
-        assert_ne!(temp_ifname(&a), h);
     }
 
     #[test]

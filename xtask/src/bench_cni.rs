@@ -12,6 +12,10 @@
 //! answers at once.
 //!
 //! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50]`
+//!
+//! `SLUICE_BENCH_AGENT_ARGS` (split at whitespace) is appended to the
+//! agent's command line, e.g. `--tc-attach clsact` to time clsact filters
+//! instead of TCX links.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::{UnixListener, UnixStream},
@@ -75,6 +79,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "--node-name".into(),
         NODE.into(),
     ];
+    if let Ok(extra) = std::env::var("SLUICE_BENCH_AGENT_ARGS") {
+        node.agent_args
+            .extend(extra.split_whitespace().map(String::from));
+    }
     node.start_agent()?;
     node.wait_programmed(&last.0, Some(&last.1), Duration::from_secs(30))?;
     let sluice = Plugin {

@@ -29,7 +29,6 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
     let netns_path = env.netns()?;
     netns::validate(netns_path)?;
     let host_name = names::host_ifname(&att);
-    let temp_name = names::temp_ifname(&att);
     let agent = Agent::new(&conf.agent_socket, conf.agent_timeout);
     // Configured, or the Node's podCIDRs (before anything is built, so a
     // failure here leaves nothing to roll back).
@@ -68,10 +67,32 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
         })
     });
 
-    // The veth pair, both ends down. The pod end is created under a
-    // temporary name in the node namespace and renamed once inside the pod,
-    // where CNI_IFNAME (say eth0) would clash with the node's own.
-    node.run(link::create_veth(h, &host_name, &temp_name, conf.mtu))?;
+    // The veth pair, both ends down, the pod end created straight in the
+    // pod's namespace under its final name.
+    let ns_file = netns::open(netns_path)?;
+    let created = node.run(link::create_veth(
+        h,
+        &host_name,
+        &env.ifname,
+        ns_file.as_raw_fd(),
+        conf.mtu,
+    ))?;
+    if !created {
+        // A name is taken. A leftover host end (an ADD without DEL) stays
+        // for the DEL the runtime owes us; the pod's own interface stays too.
+        return Err(if node.run(link::get(h, &host_name))?.is_some() {
+            Error::Internal(format!(
+                "interface {host_name} already exists in the node namespace \
+                 (left over from an ADD without DEL?)"
+            ))
+        } else {
+            Error::Internal(format!(
+                "interface {} already exists in {}",
+                env.ifname,
+                netns_path.display()
+            ))
+        });
+    }
     undo.push("delete the host veth", || {
         node.run(link::delete(h, &host_name)).map(drop)
     });
@@ -86,35 +107,23 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
             GATEWAY_V6_PREFIX,
         ))?;
     }
-    let peer = node
-        .run(link::get(h, &temp_name))?
-        .ok_or_else(|| Error::Internal(format!("{temp_name} vanished after creation")))?;
-    let ns_file = netns::open(netns_path)?;
-    node.run(link::move_to_netns(h, peer.index, ns_file.as_raw_fd()))?;
 
     let pod = netns::with_netns(netns_path, || {
         let nl = Netlink::open()?;
         let h = nl.handle();
         nl.run(async {
-            if link::get(h, &env.ifname).await?.is_some() {
-                return Err(Error::Internal(format!(
-                    "interface {} already exists in {}",
+            let l = link::get(h, &env.ifname).await?.ok_or_else(|| {
+                Error::Internal(format!(
+                    "{} did not appear in {}",
                     env.ifname,
                     netns_path.display()
-                )));
-            }
-            let l = link::get(h, &temp_name).await?.ok_or_else(|| {
-                Error::Internal(format!("{temp_name} did not arrive in the pod namespace"))
+                ))
             })?;
-            link::rename(h, l.index, &env.ifname).await?;
             for ip in &ips {
                 let net = topology::host_net(*ip);
                 addr::add(h, l.index, net.ip(), net.prefix()).await?;
             }
-            Ok(link::Link {
-                name: env.ifname.clone(),
-                ..l
-            })
+            Ok(l)
         })
     })?;
 

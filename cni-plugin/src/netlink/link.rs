@@ -1,4 +1,4 @@
-//! Links: veth creation, lookup, move, rename, up, delete.
+//! Links: veth creation, lookup, up, delete.
 use std::os::fd::RawFd;
 
 use futures::TryStreamExt;
@@ -49,11 +49,23 @@ pub async fn get(h: &Handle, name: &str) -> Result<Option<Link>> {
     }
 }
 
-/// Creates the veth pair `host` <-> `peer` (both down). An existing `host`
-/// is an error: a runtime never ADDs an attachment twice without DEL, so it
-/// is a leftover that the DEL the runtime owes us will remove.
-pub async fn create_veth(h: &Handle, host: &str, peer: &str, mtu: Option<u32>) -> Result<()> {
-    let mut peer_msg = LinkUnspec::new_with_name(peer);
+/// Creates the veth pair `host` <-> `peer`, both down, `host` in the
+/// caller's namespace and `peer` straight in the namespace open at
+/// `peer_netns`, under its final name (names are per namespace, so a pod's
+/// `eth0` does not clash with the node's). Creating it there costs no more
+/// than creating it here, while moving a link between namespaces waits for
+/// an RCU grace period under the RTNL lock.
+///
+/// `Ok(false)` when a name is taken (EEXIST): `host` in this namespace or
+/// `peer` in the other; the caller tells which.
+pub async fn create_veth(
+    h: &Handle,
+    host: &str,
+    peer: &str,
+    peer_netns: RawFd,
+    mtu: Option<u32>,
+) -> Result<bool> {
+    let mut peer_msg = LinkUnspec::new_with_name(peer).setns_by_fd(peer_netns);
     let mut msg = LinkVeth::new(host, peer);
     if let Some(mtu) = mtu {
         peer_msg = peer_msg.mtu(mtu);
@@ -62,14 +74,9 @@ pub async fn create_veth(h: &Handle, host: &str, peer: &str, mtu: Option<u32>) -
     let msg = msg
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
         .build();
-    match h.link().add(msg).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(EEXIST) => Err(Error::Internal(format!(
-            "interface {host} or {peer} already exists in the node namespace \
-             (left over from an ADD without DEL?)"
-        ))),
-        Err(e) => Err(Error::netlink(format!("create veth {host}/{peer}"), e)),
-    }
+    tolerate(h.link().add(msg).execute().await, &[EEXIST], || {
+        format!("create veth {host}/{peer}")
+    })
 }
 
 /// Deletes the link called `name`; `Ok(false)` when it does not exist.
@@ -82,28 +89,6 @@ pub async fn delete(h: &Handle, name: &str) -> Result<bool> {
     tolerate(h.link().del(link.index).execute().await, &[ENODEV], || {
         format!("delete link {name}")
     })
-}
-
-/// Moves link `index` into the network namespace open at `ns_fd`.
-pub async fn move_to_netns(h: &Handle, index: u32, ns_fd: RawFd) -> Result<()> {
-    let msg = LinkUnspec::new_with_index(index).setns_by_fd(ns_fd).build();
-    h.link()
-        .set(msg)
-        .execute()
-        .await
-        .map_err(|e| Error::netlink(format!("move link {index} to the pod namespace"), e))
-}
-
-/// Renames link `index` (which must be down) to `name`.
-pub async fn rename(h: &Handle, index: u32, name: &str) -> Result<()> {
-    let msg = LinkUnspec::new_with_index(index).name(name).build();
-    match h.link().set(msg).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(EEXIST) => Err(Error::Internal(format!(
-            "interface {name} already exists in the pod namespace"
-        ))),
-        Err(e) => Err(Error::netlink(format!("rename link {index} to {name}"), e)),
-    }
 }
 
 pub async fn set_up(h: &Handle, index: u32) -> Result<()> {

@@ -718,6 +718,19 @@ fn an_ipv6_pod_routes_through_fe80_1_owned_by_the_host_end() -> Result<()> {
     let pod = Pod::new()?;
     let r = w.add(&pod, &w.config())?;
     let host = host_ifname(&r)?;
+    // The first pod of a fresh node: its host end and its eth0 get the same
+    // ifindex (each namespace numbers its own), which makes the kernel
+    // delay eth0's carrier-on by up to a second. ADD returns with eth0
+    // running all the same: IPv6 works at once.
+    let eth0 = link_json(&pod.ns, "eth0")?;
+    ensure!(
+        eth0["ifindex"] == link_json(&w.node, &host)?["ifindex"],
+        "the case this test is for: same ifindex on both ends"
+    );
+    ensure!(
+        eth0["operstate"] == "UP",
+        "eth0 not running after ADD: {eth0}"
+    );
     ensure!(
         r["ips"]
             == json!([{"address": "fd00:10:244:1::1/128", "gateway": "fe80::1", "interface": 1}]),

@@ -19,6 +19,9 @@ use crate::config::{self, NetConf};
 use crate::env::AttachmentEnv;
 use crate::error::code;
 use crate::netlink::{Netlink, addr, link, neigh, route};
+
+/// How long ADD waits for the pod end to run (see its use).
+const LINK_READY_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
 use crate::result::{self, Attached, CniResult, LinkInfo};
 use crate::topology::{self, GATEWAY_V4, GATEWAY_V6, GATEWAY_V6_PREFIX};
 use crate::undo::Undo;
@@ -157,6 +160,22 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
             }
             if ipv6.is_some() {
                 neigh::set_permanent(h, pod.index, IpAddr::V6(GATEWAY_V6), &host.mac).await?;
+            }
+            // Both ends with the same ifindex (each namespace numbers its
+            // own): the kernel then treats the pod end's carrier-on as a
+            // non-urgent link event and may delay it by up to a second, and
+            // until then the pod end is not running and IPv6 is not ready on
+            // it. Creating the pod end in its namespace (no move) makes this
+            // happen whenever the host end gets the pod end's number (2, in
+            // a fresh pod namespace). ADD returns once the pod can talk.
+            if pod.index == host.index
+                && !link::wait_running(h, &env.ifname, LINK_READY_LIMIT).await?
+            {
+                return Err(Error::Internal(format!(
+                    "{} in {} not running after {LINK_READY_LIMIT:?}",
+                    env.ifname,
+                    netns_path.display()
+                )));
             }
             for r in topology::pod_routes(ipv4.is_some(), ipv6.is_some()) {
                 let r = route::Route {

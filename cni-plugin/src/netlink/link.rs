@@ -16,6 +16,9 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+    /// IFF_RUNNING: its operational state is up (set by the kernel's
+    /// linkwatch once the carrier is seen, not at once).
+    pub running: bool,
 }
 
 impl Link {
@@ -26,6 +29,7 @@ impl Link {
             mac: [0; 6],
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            running: m.header.flags.contains(LinkFlags::Running),
         };
         for a in &m.attributes {
             match a {
@@ -89,6 +93,21 @@ pub async fn delete(h: &Handle, name: &str) -> Result<bool> {
     tolerate(h.link().del(link.index).execute().await, &[ENODEV], || {
         format!("delete link {name}")
     })
+}
+
+/// Waits (polling) until link `name` is running, at most `limit`; whether
+/// it is.
+pub async fn wait_running(h: &Handle, name: &str, limit: std::time::Duration) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if get(h, name).await?.is_some_and(|l| l.running) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 pub async fn set_up(h: &Handle, index: u32) -> Result<()> {

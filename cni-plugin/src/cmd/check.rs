@@ -225,6 +225,7 @@ mod tests {
                 mac: [2; 6],
                 mtu: 1500,
                 up: true,
+                running: true,
             },
             addrs: vec![(net("10.0.0.5/32").ip(), 32)],
             routes: vec![
@@ -242,6 +243,7 @@ mod tests {
             mac: HOST_MAC,
             mtu: 1500,
             up: true,
+            running: true,
         }
     }
 

@@ -67,11 +67,7 @@ const PORTS: [u16; 2] = [80, 81];
 const WAIT: Duration = Duration::from_secs(20);
 
 fn res(plural: &str) -> Result<&'static resources::Resource> {
-    let (group, version) = match plural {
-        "networkpolicies" => ("networking.k8s.io", "v1"),
-        _ => ("", "v1"),
-    };
-    resources::find(group, version, plural).with_context(|| format!("resource {plural}"))
+    resources::by_plural(plural).with_context(|| format!("resource {plural}"))
 }
 
 fn plural(kind: cases::Kind) -> &'static str {

@@ -14,12 +14,7 @@ const SHORT: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn res(plural: &str) -> Result<&'static resources::Resource> {
-    let (group, version) = if plural == "networkpolicies" {
-        ("networking.k8s.io", "v1")
-    } else {
-        ("", "v1")
-    };
-    resources::find(group, version, plural).context("resource")
+    resources::by_plural(plural).context("resource")
 }
 
 fn create(api: &ServerHandle, plural: &str, ns: Option<&str>, obj: Value) -> Result<String> {
@@ -172,7 +167,7 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
         .get("networkpolicies", "w", "bad-operator")
         .context("policy")?["metadata"]["uid"]
         .clone();
-    let events = res_events()?;
+    let events = res("events")?;
     let mut found = None;
     let posted = eventually(WAIT, || {
         found = api
@@ -193,10 +188,6 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
     let note = e["note"].as_str().unwrap_or_default();
     assert!(note.contains("Bogus"), "{note}");
     Ok(())
-}
-
-fn res_events() -> Result<&'static resources::Resource> {
-    resources::find("events.k8s.io", "v1", "events").context("events resource")
 }
 
 #[test]

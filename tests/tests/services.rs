@@ -31,12 +31,7 @@ const SHORT: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn res(plural: &str) -> Result<&'static resources::Resource> {
-    let (group, version) = if plural == "networkpolicies" {
-        ("networking.k8s.io", "v1")
-    } else {
-        ("", "v1")
-    };
-    resources::find(group, version, plural).context("resource")
+    resources::by_plural(plural).context("resource")
 }
 
 fn create(api: &ServerHandle, plural: &str, ns: Option<&str>, obj: Value) -> Result<Value> {

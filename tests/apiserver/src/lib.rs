@@ -190,14 +190,14 @@ impl ServerHandle {
     /// An object, by plural resource name (`pods`, `networkpolicies`, ...),
     /// namespace (ignored for cluster-scoped kinds) and name.
     pub fn get(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
-        let r = resources::RESOURCES.iter().find(|r| r.plural == plural)?;
+        let r = resources::by_plural(plural)?;
         self.state.lock().get(r, Some(namespace), name).ok()
     }
 
     /// The names (`namespace/name`, or `name` for cluster-scoped kinds) of
     /// all objects of a resource, sorted.
     pub fn names(&self, plural: &str) -> Vec<String> {
-        let Some(r) = resources::RESOURCES.iter().find(|r| r.plural == plural) else {
+        let Some(r) = resources::by_plural(plural) else {
             return Vec::new();
         };
         self.state

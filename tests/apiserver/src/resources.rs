@@ -129,6 +129,12 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
+/// The resource with this plural name (`pods`, `networkpolicies`, ...):
+/// unique across the groups this server serves.
+pub fn by_plural(plural: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.plural == plural)
+}
+
 /// The namespace resource (namespace deletion cascades over namespaced kinds).
 pub fn namespaces() -> &'static Resource {
     &RESOURCES[0]

@@ -99,13 +99,22 @@ impl Cluster {
         }
     }
 
-    /// Queues a Notice for each object whose problems differ from those
-    /// last reported; objects in `fed` (applied or deleted in this batch)
+    /// Queues a Notice for each object of this node's concern (below) whose
+    /// problems differ from those last reported; objects in `fed` (applied
+    /// or deleted in this batch)
     /// without problems now are forgotten, so a problem that comes back is
     /// reported again.
     fn note_diagnostics(&mut self, diagnostics: &[Diagnostic], fed: &[((String, String), bool)]) {
         let mut now: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for d in diagnostics {
+        // Every node sees every object: each reports only what concerns its
+        // own pods, so a bad policy makes one Event per node it affects, not
+        // one per node of the cluster.
+        let concerns_this_node = |d: &&Diagnostic| match d.kind {
+            compiler::Kind::NetworkPolicy => self.compiler.selects_local(&d.object),
+            compiler::Kind::Pod => self.compiler.is_local(&d.object),
+            compiler::Kind::Namespace => true,
+        };
+        for d in diagnostics.iter().filter(concerns_this_node) {
             now.entry(diagnostic_key(d))
                 .or_default()
                 .insert(d.reason.clone());
@@ -523,9 +532,23 @@ mod tests {
 
     use super::*;
 
+    fn pod(ns: &str, node: &str) -> Object {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": ns, "labels": {"pod": "a"}},
+            "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+            "status": {"podIPs": [{"ip": "10.0.0.5"}]}
+        }))
+        .unwrap();
+        Object::Pod(Box::new(pod))
+    }
+
     fn policy(operator: &str) -> Object {
+        policy_in("x", operator)
+    }
+
+    fn policy_in(ns: &str, operator: &str) -> Object {
         let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "x", "uid": "u-1", "resourceVersion": "7"},
+            "metadata": {"name": "p", "namespace": ns, "uid": "u-1", "resourceVersion": "7"},
             "spec": {"podSelector": {},
                      "ingress": [{"from": [{"podSelector": {"matchExpressions":
                          [{"key": "pod", "operator": operator, "values": ["a"]}]}}]}]}
@@ -545,6 +568,11 @@ mod tests {
     #[test]
     fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
         let mut c = Cluster::new("n1", metrics::Shared::default());
+        feed(&mut c, pod("x", "n1"));
+        feed(&mut c, pod("y", "n2"));
+        // Selecting no pod of this node: another node's concern.
+        assert!(feed(&mut c, policy_in("y", "Bogus")) > 0);
+        assert!(c.notices.is_empty());
         assert!(feed(&mut c, policy("Bogus")) > 0);
         let n = std::mem::take(&mut c.notices);
         assert_eq!(n.len(), 1);

@@ -889,6 +889,19 @@ impl Compiler {
             .map(|(obj, _)| obj)
     }
 
+    /// Does the policy select a pod of this node?
+    pub fn selects_local(&self, policy: &ObjectRef) -> bool {
+        self.policy_by_ref
+            .get(policy)
+            .and_then(|pid| self.policies.get(pid))
+            .is_some_and(|p| !p.targets.is_empty())
+    }
+
+    /// Is the pod one of this node's endpoints?
+    pub fn is_local(&self, pod: &ObjectRef) -> bool {
+        self.pods.get(pod).is_some_and(|p| p.local)
+    }
+
     /// The identity of a pod, local or not.
     pub fn identity_of(&self, pod: &ObjectRef) -> Option<u32> {
         self.pods.get(pod).map(|p| p.identity)

@@ -233,18 +233,11 @@ impl Cluster {
         }
         let mut configs = Vec::new();
         for (i, node) in ns.iter_mut().enumerate() {
-            let kubeconfig = node.tmp.0.join("kubeconfig");
-            api.write_kubeconfig(&kubeconfig)?;
             // Quiet unless asked: the runner prints its own lines.
             if std::env::var_os("SLUICE_AGENT_LOG").is_none() {
                 node.agent_log = "warn".into();
             }
-            node.agent_args = vec![
-                "--kubeconfig".into(),
-                kubeconfig.to_string_lossy().into_owned(),
-                "--node-name".into(),
-                node_name(i),
-            ];
+            node.use_api(&api, &node_name(i))?;
             node.start_agent()?;
             let (v4, v6) = node_ranges(i);
             configs.push(conflist_config(node, Some(&v4), Some(&v6)));

@@ -189,6 +189,21 @@ pub struct Node {
 }
 
 impl Node {
+    /// Points this node's agent (cluster mode) at `api` as node `name`:
+    /// writes a kubeconfig into the node's directory and sets the agent's
+    /// arguments (before `start_agent`).
+    pub fn use_api(&mut self, api: &sluice_test_apiserver::ServerHandle, name: &str) -> Result<()> {
+        let kubeconfig = self.tmp.0.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        self.agent_args = vec![
+            "--kubeconfig".into(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--node-name".into(),
+            name.into(),
+        ];
+        Ok(())
+    }
+
     pub fn new() -> Result<Self> {
         let ns = NetNs::new("sl-node")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
@@ -399,14 +414,7 @@ impl ApiNode {
                 "127.0.0.1:0".parse().map_err(anyhow::Error::from)?,
             )
         })??;
-        let kubeconfig = node.tmp.0.join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig)?;
-        node.agent_args = vec![
-            "--kubeconfig".into(),
-            kubeconfig.to_string_lossy().into_owned(),
-            "--node-name".into(),
-            node_name.into(),
-        ];
+        node.use_api(&api, node_name)?;
         let config = conflist_config(&node, Some(v4_range), Some(v6_range));
         Ok(Self { node, api, config })
     }

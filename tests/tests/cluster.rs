@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
-use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources};
+use sluice_test_apiserver::{
+    Config, Server as ApiServer, ServerHandle, resource_version, resources,
+};
 use sluice_tests::{ApiNode, Pod, Server, eventually, tcp_ok};
 
 const NODE: &str = "node-1";
@@ -17,22 +19,13 @@ fn res(plural: &str) -> Result<&'static resources::Resource> {
     resources::by_plural(plural).context("resource")
 }
 
-fn create(api: &ServerHandle, plural: &str, ns: Option<&str>, obj: Value) -> Result<String> {
-    let r = res(plural)?;
-    let created = api
-        .with_store(|s| s.create(r, ns, obj))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(created["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+fn create(api: &ServerHandle, obj: Value) -> Result<String> {
+    Ok(resource_version(&api.create(obj)?))
 }
 
 fn namespace(api: &ServerHandle, name: &str) -> Result<String> {
     create(
         api,
-        "namespaces",
-        None,
         json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}),
     )
@@ -61,7 +54,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
     } = cluster()?;
     namespace(&api, "x")?;
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
-        create(&api, "pods", Some("x"), pod("x", name, label))?;
+        create(&api, pod("x", name, label))?;
     }
     node.start_agent()?;
     let a = Pod::add_as(&node, &config, Some(("x", "a")))?;
@@ -77,8 +70,6 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
 
     let rv = create(
         &api,
-        "networkpolicies",
-        Some("x"),
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "allow-a-to-b", "namespace": "x"},
@@ -111,10 +102,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
             )
         })
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let rv = updated["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let rv = resource_version(&updated);
     node.wait_programmed("Pod/x/a", Some(&rv), WAIT)?;
     assert!(!tcp_ok(&a.ns, b4, 80, SHORT), "a relabelled: denied");
 
@@ -136,7 +124,7 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
     } = cluster()?;
     namespace(&api, "w")?;
     for name in ["client", "server"] {
-        create(&api, "pods", Some("w"), pod("w", name, name))?;
+        create(&api, pod("w", name, name))?;
     }
     node.start_agent()?;
     let client = Pod::add_as(&node, &config, Some(("w", "client")))?;
@@ -148,8 +136,6 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
     // server does not validate selectors; a real one would refuse it).
     let rv = create(
         &api,
-        "networkpolicies",
-        Some("w"),
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "bad-operator", "namespace": "w"},
@@ -200,20 +186,18 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
     namespace(&api, "y")?;
     create(
         &api,
-        "networkpolicies",
-        Some("y"),
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "deny-all", "namespace": "y"},
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
         }),
     )?;
-    create(&api, "pods", Some("y"), pod("y", "client", "client"))?;
+    create(&api, pod("y", "client", "client"))?;
     node.start_agent()?;
     let client = Pod::add_as(&node, &config, Some(("y", "client")))?;
     // The server pod is created and wired at once: ADD must already carry
     // the deny-all, whether the watch or the fallback GET delivered the pod.
-    create(&api, "pods", Some("y"), pod("y", "server", "server"))?;
+    create(&api, pod("y", "server", "server"))?;
     let server = Pod::add_as(&node, &config, Some(("y", "server")))?;
     let _srv = Server::start(&server.ns, 80)?;
     assert!(
@@ -232,12 +216,10 @@ fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_
     } = cluster()?;
     let addr = api.addr();
     namespace(&api, "z")?;
-    create(&api, "pods", Some("z"), pod("z", "client", "client"))?;
-    create(&api, "pods", Some("z"), pod("z", "server", "server"))?;
+    create(&api, pod("z", "client", "client"))?;
+    create(&api, pod("z", "server", "server"))?;
     let rv = create(
         &api,
-        "networkpolicies",
-        Some("z"),
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "deny-all", "namespace": "z"},

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use sluice_test_apiserver::{ServerHandle, resources, store::Part};
+use sluice_test_apiserver::{ServerHandle, resource_version, resources, store::Part};
 use sluice_tests::{
     ApiNode, NetNs, Node, Pod, Server, eventually,
     kubeproxy::{KubeProxy, Protocol, ServicePort},
@@ -34,22 +34,6 @@ fn res(plural: &str) -> Result<&'static resources::Resource> {
     resources::by_plural(plural).context("resource")
 }
 
-fn create(api: &ServerHandle, plural: &str, ns: Option<&str>, obj: Value) -> Result<Value> {
-    let r = res(plural)?;
-    api.with_store(|s| s.create(r, ns, obj))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
-fn update(api: &ServerHandle, plural: &str, ns: &str, obj: Value) -> Result<Value> {
-    let r = res(plural)?;
-    let name = obj["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    api.with_store(|s| s.update(r, Some(ns), &name, obj, Part::Main))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
 fn delete(api: &ServerHandle, plural: &str, ns: &str, name: &str) -> Result<()> {
     let r = res(plural)?;
     api.with_store(|s| s.delete(r, Some(ns), name, (None, None)))
@@ -57,35 +41,18 @@ fn delete(api: &ServerHandle, plural: &str, ns: &str, name: &str) -> Result<()> 
         .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
-fn rv(obj: &Value) -> String {
-    obj["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 fn namespace(api: &ServerHandle, name: &str) -> Result<()> {
-    create(
-        api,
-        "namespaces",
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}),
-    )
-    .map(drop)
+    api.create(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}))
+        .map(drop)
 }
 
 fn pod(api: &ServerHandle, ns: &str, name: &str, labels: &Value) -> Result<()> {
-    create(
-        api,
-        "pods",
-        Some(ns),
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "none"}]}
-        }),
-    )
+    api.create(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "none"}]}
+    }))
     .map(drop)
 }
 
@@ -104,14 +71,9 @@ fn service(
             json!({"name": n, "protocol": p, "port": port, "targetPort": target})
         })
         .collect();
-    create(
-        api,
-        "services",
-        Some(ns),
-        json!({"apiVersion": "v1", "kind": "Service",
+    api.create(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": ns},
-            "spec": {"selector": selector, "ports": ports}}),
-    )
+            "spec": {"selector": selector, "ports": ports}}))
 }
 
 fn cluster_ips(svc: &Value) -> Vec<IpAddr> {
@@ -124,14 +86,11 @@ fn cluster_ips(svc: &Value) -> Vec<IpAddr> {
 }
 
 fn policy(api: &ServerHandle, ns: &str, name: &str, spec: &Value) -> Result<String> {
-    let created = create(
-        api,
-        "networkpolicies",
-        Some(ns),
+    let created = api.create(
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": ns}, "spec": spec}),
     )?;
-    Ok(rv(&created))
+    Ok(resource_version(&created))
 }
 
 fn cluster() -> Result<ApiNode> {
@@ -175,25 +134,15 @@ fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Res
     assert_eq!(plain_ip.len(), 1);
     assert!(plain_ip[0].to_string().starts_with("10.9"), "{plain_ip:?}");
     // Headless: clusterIP "None" is no address.
-    create(
-        &api,
-        "services",
-        Some("s"),
-        json!({"apiVersion": "v1", "kind": "Service",
+    api.create(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "headless", "namespace": "s"},
             "spec": {"clusterIP": "None", "selector": {"app": "x"},
-                     "ports": [{"port": 80}]}}),
-    )?;
-    create(
-        &api,
-        "services",
-        Some("s"),
-        json!({"apiVersion": "v1", "kind": "Service",
+                     "ports": [{"port": 80}]}}))?;
+    api.create(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "external", "namespace": "s"},
-            "spec": {"type": "ExternalName", "externalName": "example.com"}}),
-    )?;
+            "spec": {"type": "ExternalName", "externalName": "example.com"}}))?;
     node.start_agent()?;
-    node.wait_programmed("Service/s/plain", Some(&rv(&plain)), WAIT)?;
+    node.wait_programmed("Service/s/plain", Some(&resource_version(&plain)), WAIT)?;
     assert_eq!(
         programmed_service_ips(&node)?,
         plain_ip.iter().copied().collect()
@@ -213,8 +162,8 @@ fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Res
     spec["spec"]["clusterIPs"] = json!([v4ip.to_string(), "fd00:96::20"]);
     spec["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
     spec["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
-    let dual = update(&api, "services", "s", spec)?;
-    node.wait_programmed("Service/s/dual", Some(&rv(&dual)), WAIT)?;
+    let dual = api.update(spec, Part::Main)?;
+    node.wait_programmed("Service/s/dual", Some(&resource_version(&dual)), WAIT)?;
     let want: BTreeSet<IpAddr> = [plain_ip[0], v4ip, "fd00:96::20".parse()?].into();
     assert_eq!(programmed_service_ips(&node)?, want);
 
@@ -306,10 +255,10 @@ fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_po
     spec["spec"]["clusterIPs"] = json!([b_ip4.to_string(), b_ip6.to_string()]);
     spec["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
     spec["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
-    let web_b = update(&api, "services", "x", spec)?;
+    let web_b = api.update(spec, Part::Main)?;
     let c_ip4 = cluster_ips(&web_c)[0];
-    node.wait_programmed("Service/x/web-b", Some(&rv(&web_b)), WAIT)?;
-    node.wait_programmed("Service/x/web-c", Some(&rv(&web_c)), WAIT)?;
+    node.wait_programmed("Service/x/web-b", Some(&resource_version(&web_b)), WAIT)?;
+    node.wait_programmed("Service/x/web-c", Some(&resource_version(&web_c)), WAIT)?;
     let (b4, b6, c4) = (v4(&b)?, v6(&b)?, v4(&c)?);
     let ports = vec![
         ServicePort::new("x/web-b", b_ip4, Protocol::Tcp, 80, &[(b4, 8080)]),
@@ -679,8 +628,12 @@ fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_no
     )?;
     let _web = Server::start(&web.ns, 8080)?;
     let _other = Server::start(&coredns.ns, 8080)?;
-    node.wait_programmed("Service/dns/kube-dns", Some(&rv(&kube_dns)), WAIT)?;
-    node.wait_programmed("Service/y/web", Some(&rv(&web_svc)), WAIT)?;
+    node.wait_programmed(
+        "Service/dns/kube-dns",
+        Some(&resource_version(&kube_dns)),
+        WAIT,
+    )?;
+    node.wait_programmed("Service/y/web", Some(&resource_version(&web_svc)), WAIT)?;
     let (dns4, web4) = (v4(&coredns)?, v4(&web)?);
     let _kp = KubeProxy::apply(
         &node.ns,

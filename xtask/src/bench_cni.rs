@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use sluice_proto::{Request, Response};
-use sluice_test_apiserver::Server as ApiServer;
+use sluice_test_apiserver::{Server as ApiServer, resource_version};
 use sluice_tests::{NetNs, Node, TempDir, conflist_config};
 
 use crate::bench_util::{self as u};
@@ -60,7 +60,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .run(|| ApiServer::start("127.0.0.1:0".parse().map_err(anyhow::Error::from)?))??;
     let mut last = (String::new(), String::new());
     for obj in objects(seq.max(par)) {
-        let stored = u::create(&api, &obj)?;
+        let stored = api.create(obj)?;
         let m = &stored["metadata"];
         last = (
             format!(
@@ -68,17 +68,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 stored["kind"].as_str().unwrap_or_default(),
                 m["name"].as_str().unwrap_or_default()
             ),
-            u::rv(&stored),
+            resource_version(&stored),
         );
     }
-    let kubeconfig = node.tmp.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    node.agent_args = vec![
-        "--kubeconfig".into(),
-        kubeconfig.to_string_lossy().into_owned(),
-        "--node-name".into(),
-        NODE.into(),
-    ];
+    node.use_api(&api, NODE)?;
     if let Ok(extra) = std::env::var("SLUICE_BENCH_AGENT_ARGS") {
         node.agent_args
             .extend(extra.split_whitespace().map(String::from));

@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use sluice_proto::{Request, Response};
-use sluice_test_apiserver::{Config, Server as ApiServer};
+use sluice_test_apiserver::{Config, Server as ApiServer, resource_version, store::Part};
 use sluice_tests::{NetNs, Node, Pod, conflist_config};
 
 use crate::bench_util::{self as u, Acceptor};
@@ -215,9 +215,7 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
         })
     })??;
     for (i, ns) in spec.namespaces.iter().enumerate() {
-        u::create(
-            &api,
-            &json!({"apiVersion": "v1", "kind": "Namespace",
+        api.create(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns,
                 "team": format!("t{}", i % 10), "env": if i % 3 == 0 { "prod" } else { "dev" }}}}),
         )?;
@@ -232,28 +230,25 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
             "metadata": {"name": name, "namespace": ns, "labels": labels},
             "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "none",
                 "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]}]}});
-        pod = u::create(&api, &pod)?;
+        pod = api.create(pod)?;
         if let Some(ip) = remote {
             pod["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
-            u::update(&api, &pod, true)?;
+            api.update(pod, Part::Status)?;
         }
     }
     for p in &spec.policies {
-        u::create(&api, p)?;
+        api.create(p.clone())?;
     }
-    let mut current = u::create(&api, &toggled(spec, false))?;
+    let mut current = api.create(toggled(spec, false))?;
     let key = format!("NetworkPolicy/{}/toggled", spec.server.0);
 
-    let kubeconfig = node.tmp.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    node.agent_args = vec![
-        "--kubeconfig".into(),
-        kubeconfig.to_string_lossy().into_owned(),
-        "--node-name".into(),
-        NODE.into(),
-    ];
+    node.use_api(&api, NODE)?;
     node.start_agent()?;
-    node.wait_programmed(&key, Some(&u::rv(&current)), Duration::from_secs(120))?;
+    node.wait_programmed(
+        &key,
+        Some(&resource_version(&current)),
+        Duration::from_secs(120),
+    )?;
     let config = conflist_config(&node, Some("10.244.0.0/24"), None);
     let mut wired = Vec::new();
     for (ns, name, _, remote) in &spec.pods {
@@ -265,7 +260,7 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
         let mut obj = api.get("pods", ns, name).context("pod")?;
         let ip = pod.ipv4.context("pod address")?.to_string();
         obj["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
-        u::update(&api, &obj, true)?;
+        api.update(obj, Part::Status)?;
         wired.push(((ns.clone(), name.clone()), pod));
     }
     let find = |k: &(String, String)| wired.iter().find(|(w, _)| w == k).map(|(_, p)| p);
@@ -283,7 +278,7 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
     let last_obj = api.get("pods", &last.0, &last.1).context("pod")?;
     node.wait_programmed(
         &format!("Pod/{}/{}", last.0, last.1),
-        Some(&u::rv(&last_obj)),
+        Some(&resource_version(&last_obj)),
         Duration::from_secs(60),
     )?;
     if probe_until(
@@ -324,8 +319,8 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
         });
         let t0 = Instant::now();
         tx_probe.send(t0)?;
-        current = u::update(&api, &next, false)?;
-        tx_prog.send((t0, u::rv(&current)))?;
+        current = api.update(next, Part::Main)?;
+        tx_prog.send((t0, resource_version(&current)))?;
         let probe = prober
             .join()
             .map_err(|_| anyhow::anyhow!("prober panicked"))??;

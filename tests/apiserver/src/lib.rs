@@ -31,6 +31,30 @@ use tokio::sync::oneshot;
 
 pub use store::{ApiError, Store};
 
+/// The resourceVersion of an object (empty when it has none).
+pub fn resource_version(obj: &Value) -> String {
+    obj["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The resource, namespace and name an object addresses.
+fn target(obj: &Value) -> Result<(&'static resources::Resource, Option<String>, String)> {
+    let (api_version, kind) = (
+        obj["apiVersion"].as_str().unwrap_or_default(),
+        obj["kind"].as_str().unwrap_or_default(),
+    );
+    let r = resources::by_kind(api_version, kind)
+        .with_context(|| format!("no resource for {api_version} {kind}"))?;
+    let m = &obj["metadata"];
+    Ok((
+        r,
+        m["namespace"].as_str().map(String::from),
+        m["name"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
 /// How to run the server.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -185,6 +209,23 @@ impl ServerHandle {
     /// Runs `f` on the store directly (watchers are woken afterwards).
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         self.state.mutate(f)
+    }
+
+    /// Creates `obj` as a client's POST would (its `apiVersion` and `kind`
+    /// name the resource, `metadata.namespace` the namespace); the object
+    /// as stored.
+    pub fn create(&self, obj: Value) -> Result<Value> {
+        let (r, ns, _) = target(&obj)?;
+        self.with_store(|s| s.create(r, ns.as_deref(), obj))
+            .map_err(|e| anyhow::anyhow!("create {}: {e:?}", r.kind))
+    }
+
+    /// Replaces `obj` (`part`: main or status) as a client's PUT would; the
+    /// object as stored.
+    pub fn update(&self, obj: Value, part: store::Part) -> Result<Value> {
+        let (r, ns, name) = target(&obj)?;
+        self.with_store(|s| s.update(r, ns.as_deref(), &name, obj, part))
+            .map_err(|e| anyhow::anyhow!("update {} {name}: {e:?}", r.kind))
     }
 
     /// An object, by plural resource name (`pods`, `networkpolicies`, ...),

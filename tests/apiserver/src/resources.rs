@@ -135,6 +135,13 @@ pub fn by_plural(plural: &str) -> Option<&'static Resource> {
     RESOURCES.iter().find(|r| r.plural == plural)
 }
 
+/// The resource of objects with this `apiVersion` and `kind`.
+pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.api_version() == api_version)
+}
+
 /// The namespace resource (namespace deletion cascades over namespaced kinds).
 pub fn namespaces() -> &'static Resource {
     &RESOURCES[0]

@@ -101,10 +101,9 @@ impl Cluster {
 
     /// Queues a Notice for each object of this node's concern (below) whose
     /// problems differ from those last reported; objects in `fed` (applied
-    /// or deleted in this batch)
-    /// without problems now are forgotten, so a problem that comes back is
-    /// reported again.
-    fn note_diagnostics(&mut self, diagnostics: &[Diagnostic], fed: &[((String, String), bool)]) {
+    /// or deleted in this batch) without problems now are forgotten, so a
+    /// problem that comes back is reported again.
+    fn note_diagnostics(&mut self, out: &Changes, fed: &[((String, String), bool)]) {
         let mut now: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         // Every node sees every object: each reports only what concerns its
         // own pods, so a bad policy makes one Event per node it affects, not
@@ -114,7 +113,22 @@ impl Cluster {
             compiler::Kind::Pod => self.compiler.is_local(&d.object),
             compiler::Kind::Namespace => true,
         };
-        for d in diagnostics.iter().filter(concerns_this_node) {
+        // When local endpoints changed, a policy compiled earlier (and then
+        // of no concern here) may now select one of them: its stored
+        // problems count too, unless already reported.
+        let earlier = if out.endpoints.is_empty() {
+            Vec::new()
+        } else {
+            self.compiler.diagnostics()
+        };
+        let unreported = |d: &&Diagnostic| !self.reported.contains_key(&diagnostic_key(d));
+        let earlier = earlier.iter().filter(unreported);
+        for d in out
+            .diagnostics
+            .iter()
+            .chain(earlier)
+            .filter(concerns_this_node)
+        {
             now.entry(diagnostic_key(d))
                 .or_default()
                 .insert(d.reason.clone());
@@ -362,7 +376,7 @@ impl Node {
             warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
         }
         if let Some(cluster) = self.cluster.as_mut() {
-            cluster.note_diagnostics(&out.diagnostics, &versions);
+            cluster.note_diagnostics(&out, &versions);
         }
         self.program(&out)?;
         if let Some(ips) = self.cluster.as_ref().map(Cluster::service_ips) {
@@ -534,9 +548,9 @@ mod tests {
 
     fn pod(ns: &str, node: &str) -> Object {
         let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "a", "namespace": ns, "labels": {"pod": "a"}},
+            "metadata": {"name": format!("a-{node}"), "namespace": ns, "labels": {"pod": "a"}},
             "spec": {"nodeName": node, "containers": [{"name": "c"}]},
-            "status": {"podIPs": [{"ip": "10.0.0.5"}]}
+            "status": {"podIPs": [{"ip": if node == "n1" { "10.0.0.1" } else { "10.0.0.2" }}]}
         }))
         .unwrap();
         Object::Pod(Box::new(pod))
@@ -561,7 +575,7 @@ mod tests {
     fn feed(c: &mut Cluster, o: Object) -> usize {
         let fed = [(object_ref(&o), false)];
         let out = c.apply(Change::Applied(o));
-        c.note_diagnostics(&out.diagnostics, &fed);
+        c.note_diagnostics(&out, &fed);
         out.diagnostics.len()
     }
 
@@ -591,5 +605,26 @@ mod tests {
         assert!(c.notices.is_empty());
         feed(&mut c, policy("Bogus"));
         assert_eq!(c.notices.len(), 1);
+    }
+
+    #[test]
+    fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
+        let mut c = Cluster::new("n1", metrics::Shared::default());
+        // No pod of this node in x yet: not this node's concern.
+        assert!(feed(&mut c, policy("Bogus")) > 0);
+        assert!(c.notices.is_empty());
+        // A pod of another node: still not.
+        feed(&mut c, pod("x", "n2"));
+        assert!(c.notices.is_empty());
+        // A local pod the policy selects: the policy's problem is reported
+        // now, without the policy changing.
+        feed(&mut c, pod("x", "n1"));
+        let n = std::mem::take(&mut c.notices);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].regarding.name.as_deref(), Some("p"));
+        assert!(n[0].note.contains("Bogus"), "{}", n[0].note);
+        // Once only.
+        feed(&mut c, pod("x", "n1"));
+        assert!(c.notices.is_empty());
     }
 }

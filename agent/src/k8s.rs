@@ -135,18 +135,25 @@ async fn watch_kind<K>(
                 set_up(1);
                 Change::Resync(kind, std::mem::take(&mut listing))
             }
-            Ok(Some(watcher::Event::Apply(o))) => Change::Applied(wrap(slim(o))),
-            Ok(Some(watcher::Event::Delete(o))) => Change::Deleted(wrap(slim(o))),
+            Ok(Some(watcher::Event::Apply(o))) => {
+                set_up(1);
+                Change::Applied(wrap(slim(o)))
+            }
+            Ok(Some(watcher::Event::Delete(o))) => {
+                set_up(1);
+                Change::Deleted(wrap(slim(o)))
+            }
             Ok(None) => return,
             Err(e) => {
                 // The backoff retries; until the re-list completes the maps
                 // keep what they have (never opened).
                 warn!(kind = kind.name(), error = %e, "watch failed; retrying");
-                if matches!(&e, watcher::Error::WatchError(s) if s.code == 410) {
+                if is_gone(&e) {
                     // Gone: our resourceVersion is older than the server's
                     // history. Start over with a fresh list right away (the
-                    // watcher, seen here, otherwise kept re-watching from
-                    // the stale version for a minute).
+                    // watcher re-lists after a 410 event, but keeps
+                    // re-watching from the stale version when the watch
+                    // request itself is answered 410).
                     listing.clear();
                     stream = start();
                 }
@@ -160,6 +167,15 @@ async fn watch_kind<K>(
         if tx.send(change).await.is_err() {
             return;
         }
+    }
+}
+
+/// 410 Gone, as a watch event or as the answer to the watch request.
+fn is_gone(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
     }
 }
 
@@ -266,4 +282,203 @@ pub fn start_notices(client: Client, node_name: &str) -> mpsc::Sender<Notice> {
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    //! The watch path against a scripted API server (tower-test's mock
+    //! service under a real kube `Client`): each step answers the request
+    //! the watcher makes and checks what it asked for and what came out.
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use std::collections::BTreeMap;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    use super::*;
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+    fn policy(name: &str, rv: &str) -> Value {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": name, "namespace": "x", "resourceVersion": rv},
+               "spec": {"podSelector": {}}})
+    }
+
+    fn list(items: &[Value], rv: &str) -> (StatusCode, String) {
+        let list = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList",
+                          "metadata": {"resourceVersion": rv}, "items": items});
+        (StatusCode::OK, list.to_string())
+    }
+
+    /// A watch response: one JSON event per line, then the server closes it.
+    fn events(events: &[(&str, Value)]) -> (StatusCode, String) {
+        let lines: Vec<String> = events
+            .iter()
+            .map(|(t, o)| json!({"type": t, "object": o}).to_string() + "\n")
+            .collect();
+        (StatusCode::OK, lines.concat())
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    }
+
+    fn bookmark(rv: &str) -> Value {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"resourceVersion": rv}})
+    }
+
+    /// Answers the watcher's next request; returns its query parameters.
+    async fn serve(
+        handle: &mut Handle,
+        (code, body): (StatusCode, String),
+    ) -> BTreeMap<String, String> {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(
+            req.uri().path(),
+            "/apis/networking.k8s.io/v1/networkpolicies"
+        );
+        let query = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let resp = Response::builder()
+            .status(code)
+            .body(Body::from(body.into_bytes()))
+            .unwrap();
+        send.send_response(resp);
+        query
+    }
+
+    fn is_watch(q: &BTreeMap<String, String>, rv: &str) -> bool {
+        q.get("watch").map(String::as_str) == Some("true")
+            && q.get("resourceVersion").map(String::as_str) == Some(rv)
+    }
+
+    /// `(change, name@resourceVersion...)` of the next change.
+    async fn next(rx: &mut mpsc::Receiver<Change>) -> (&'static str, Vec<String>) {
+        let at = |o: &Object| match o {
+            Object::NetworkPolicy(p) => {
+                format!(
+                    "{}@{}",
+                    p.name_any(),
+                    p.resource_version().unwrap_or_default()
+                )
+            }
+            other => panic!("not a policy: {other:?}"),
+        };
+        match rx.recv().await.unwrap() {
+            Change::Applied(o) => ("applied", vec![at(&o)]),
+            Change::Deleted(o) => ("deleted", vec![at(&o)]),
+            Change::Resync(kind, objs) => {
+                assert_eq!(kind, Kind::NetworkPolicy);
+                ("resync", objs.iter().map(at).collect())
+            }
+        }
+    }
+
+    fn health(m: &metrics::Shared) -> (u8, u64) {
+        let m = m.lock().unwrap();
+        let up = m.watch_up.get("NetworkPolicy").copied().unwrap_or(9);
+        (
+            up,
+            m.watch_errors.get("NetworkPolicy").copied().unwrap_or(0),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_lists_follows_resumes_relists_on_410_and_reconnects_after_failures() {
+        let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let (tx, mut rx) = mpsc::channel(16);
+        let m = metrics::Shared::default();
+        let task = tokio::spawn(watch_kind(
+            Api::<NetworkPolicy>::all(Client::new(service, "default")),
+            watcher::Config::default(),
+            Kind::NetworkPolicy,
+            |o| Object::NetworkPolicy(Box::new(o)),
+            tx,
+            m.clone(),
+        ));
+        let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+        // List: every object arrives as one resync.
+        let q = serve(&mut api, list(&[policy("a", "3"), policy("b", "5")], "10")).await;
+        assert!(!q.contains_key("watch"), "{q:?}");
+        assert_eq!(next(&mut rx).await, ("resync", s(&["a@3", "b@5"])));
+        assert_eq!(health(&m), (1, 0));
+
+        // Watch from the list's version: each event in order; a bookmark
+        // moves the version on and says nothing.
+        let q = serve(
+            &mut api,
+            events(&[
+                ("ADDED", policy("c", "11")),
+                ("MODIFIED", policy("a", "12")),
+                ("DELETED", policy("b", "13")),
+                ("BOOKMARK", bookmark("15")),
+            ]),
+        )
+        .await;
+        assert!(is_watch(&q, "10"), "{q:?}");
+        assert_eq!(
+            q.get("allowWatchBookmarks").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(next(&mut rx).await, ("applied", s(&["c@11"])));
+        assert_eq!(next(&mut rx).await, ("applied", s(&["a@12"])));
+        assert_eq!(next(&mut rx).await, ("deleted", s(&["b@13"])));
+
+        // The server closed the watch: it resumes from the bookmark, no re-list.
+        let q = serve(&mut api, events(&[("ERROR", status(410, "Expired"))])).await;
+        assert!(is_watch(&q, "15"), "{q:?}");
+
+        // 410 Gone as an event: a fresh list, whose resync lets the consumer
+        // drop what is gone (c).
+        let q = serve(
+            &mut api,
+            list(&[policy("a", "12"), policy("d", "19")], "20"),
+        )
+        .await;
+        assert!(!q.contains_key("watch"), "{q:?}");
+        assert_eq!(next(&mut rx).await, ("resync", s(&["a@12", "d@19"])));
+        assert_eq!(health(&m), (1, 1));
+
+        // The API server fails (an outage): reported, and the watch is
+        // retried from the same version after a backoff, not re-listed.
+        let q = serve(
+            &mut api,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable").to_string(),
+            ),
+        )
+        .await;
+        assert!(is_watch(&q, "20"), "{q:?}");
+        let q = serve(&mut api, events(&[("ADDED", policy("e", "21"))])).await;
+        assert!(is_watch(&q, "20"), "{q:?}");
+        assert_eq!(next(&mut rx).await, ("applied", s(&["e@21"])));
+        assert_eq!(health(&m), (1, 2));
+
+        // 410 Gone as the answer to the watch request: a fresh list too.
+        let q = serve(
+            &mut api,
+            (StatusCode::GONE, status(410, "Expired").to_string()),
+        )
+        .await;
+        assert!(is_watch(&q, "21"), "{q:?}");
+        let q = serve(&mut api, list(&[policy("e", "21")], "30")).await;
+        assert!(!q.contains_key("watch"), "{q:?}");
+        assert_eq!(next(&mut rx).await, ("resync", s(&["e@21"])));
+        assert_eq!(health(&m), (1, 3));
+
+        task.abort();
+    }
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_common::{DIR_EGRESS, reason};
+use sluice_common::{DIR_EGRESS, DIR_INGRESS, reason};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -95,8 +95,7 @@ impl Drop for Timer<'_> {
 /// Renders every metric.
 pub fn render(node: &Node, m: &AgentMetrics) -> String {
     let mut out = String::new();
-    out.push_str("# HELP sluice_dropped_packets_total Packets dropped by the data path.\n# TYPE sluice_dropped_packets_total counter\n");
-    out.push_str("# HELP sluice_dropped_bytes_total Bytes dropped by the data path.\n# TYPE sluice_dropped_bytes_total counter\n");
+    // Each family's samples stay together, after its HELP and TYPE.
     let mut by: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
     if let Ok(counters) = node.dp.maps.drop_counters() {
         for (k, v) in counters {
@@ -110,20 +109,35 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
             e.1 += v.bytes;
         }
     }
-    for ((r, d), (p, b)) in &by {
+    out.push_str("# HELP sluice_dropped_packets_total Packets dropped by the data path.\n# TYPE sluice_dropped_packets_total counter\n");
+    for ((r, d), (p, _)) in &by {
         put!(
             out,
             "sluice_dropped_packets_total{{reason=\"{r}\",direction=\"{d}\"}} {p}"
         );
+    }
+    out.push_str("# HELP sluice_dropped_bytes_total Bytes dropped by the data path.\n# TYPE sluice_dropped_bytes_total counter\n");
+    for ((r, d), (_, b)) in &by {
         put!(
             out,
             "sluice_dropped_bytes_total{{reason=\"{r}\",direction=\"{d}\"}} {b}"
         );
     }
     use sluice_common::stat;
+    out.push_str("# HELP sluice_forwarded_packets_total Packets the data path passed.\n# TYPE sluice_forwarded_packets_total counter\n");
+    for (d, dir) in [("ingress", DIR_INGRESS), ("egress", DIR_EGRESS)] {
+        let v = node
+            .dp
+            .maps
+            .stat(stat::FORWARDED + u32::from(dir))
+            .unwrap_or(0);
+        put!(
+            out,
+            "sluice_forwarded_packets_total{{direction=\"{d}\"}} {v}"
+        );
+    }
     out.push_str("# TYPE sluice_datapath_events_total counter\n");
     for (name, idx) in [
-        ("forwarded", stat::FORWARDED),
         ("ct_created", stat::CT_CREATED),
         ("ct_insert_failed", stat::CT_INSERT_FAILED),
         ("drop_events_sent", stat::EVENTS_SENT),
@@ -158,6 +172,21 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         out,
         "sluice_map_fill_ratio{{map=\"ENDPOINTS\"}} {}",
         ratio(node.registry.all().count(), node.dp.sizes.endpoints)
+    );
+    // Counted in the kernel (a key walk: one syscall per entry, about a
+    // millisecond per thousand addresses).
+    put!(
+        out,
+        "sluice_map_fill_ratio{{map=\"IPCACHE\"}} {}",
+        ratio(node.dp.maps.ipcache.keys().count(), node.dp.sizes.ipcache)
+    );
+    put!(
+        out,
+        "sluice_map_fill_ratio{{map=\"SERVICES\"}} {}",
+        ratio(
+            node.dp.maps.services.keys().count(),
+            sluice_common::sizes::SERVICES
+        )
     );
     out.push_str("# TYPE sluice_endpoints gauge\n");
     put!(out, "sluice_endpoints {}", node.registry.all().count());

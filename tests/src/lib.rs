@@ -4,6 +4,7 @@
 //! creating and deleting those objects; traffic only flows between test
 //! namespaces. Tests may shell out to `ip`; product code never does.
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::net::UnixStream,
@@ -17,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 pub mod cases;
 pub mod conformance;
@@ -359,6 +360,45 @@ impl Node {
 
     pub fn maps(&self) -> Result<sluice_agent::datapath::Maps> {
         Ok(sluice_agent::datapath::Maps::open_pinned(&self.bpffs.dir)?)
+    }
+
+    /// The agent's Prometheus metrics (its default address, inside the
+    /// node's namespace): `(series, value)` per sample line.
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let text = self.ns.run(|| -> Result<String> {
+            let mut s = TcpStream::connect("127.0.0.1:9962")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "metrics: {head}");
+        // The text format: each family's samples follow its TYPE line, all
+        // together, and no family comes twice.
+        let mut families = std::collections::BTreeSet::new();
+        let mut family = String::new();
+        let mut out = BTreeMap::new();
+        for l in body.lines().filter(|l| !l.is_empty()) {
+            if let Some(t) = l.strip_prefix("# TYPE ") {
+                family = t.split(' ').next().unwrap_or_default().to_owned();
+                ensure!(families.insert(family.clone()), "{family} typed twice");
+                continue;
+            }
+            if l.starts_with('#') {
+                continue;
+            }
+            let (series, v) = l.rsplit_once(' ').context("sample line")?;
+            let name = series.split('{').next().unwrap_or_default();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| *b == family))
+                .unwrap_or(name);
+            ensure!(base == family, "{series} is not in the family {family}");
+            out.insert(series.to_owned(), v.parse()?);
+        }
+        Ok(out)
     }
 
     /// Events seen so far that satisfy `pred`.

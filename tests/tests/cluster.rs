@@ -87,6 +87,47 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
         assert!(!tcp_ok(&c.ns, ip, 80, SHORT), "c -> b denied ({ip})");
     }
 
+    // The metrics say what happened: packets passed both ways, c's denied
+    // SYNs at b's ingress, b's entries, every watch up, each pass timed.
+    let m = node.metrics()?;
+    let get = |series: &str| {
+        m.get(series)
+            .copied()
+            .with_context(|| format!("{series} in {m:?}"))
+    };
+    for dir in ["ingress", "egress"] {
+        assert!(
+            get(&format!(
+                "sluice_forwarded_packets_total{{direction=\"{dir}\"}}"
+            ))? > 0.0
+        );
+    }
+    assert!(
+        get(r#"sluice_dropped_packets_total{reason="policy-denied",direction="ingress"}"#)? >= 2.0
+    );
+    let entries = |pod: &str| {
+        m.iter()
+            .find(|(k, _)| {
+                k.starts_with("sluice_policy_entries{") && k.ends_with(&format!("pod=\"{pod}\"}}"))
+            })
+            .map(|(_, v)| *v)
+            .with_context(|| format!("entries of {pod}"))
+    };
+    assert!(entries("b")? > 0.0);
+    assert_eq!(entries("c")?, 0.0, "no policy selects c");
+    assert_eq!(get("sluice_endpoints")?, 3.0);
+    assert!(get(r#"sluice_map_fill_ratio{map="POLICY"}"#)? > 0.0);
+    assert!(get(r#"sluice_map_fill_ratio{map="IPCACHE"}"#)? > 0.0);
+    for kind in ["Pod", "Namespace", "NetworkPolicy", "Node", "Service"] {
+        assert_eq!(
+            get(&format!("sluice_watch_up{{kind=\"{kind}\"}}"))?,
+            1.0,
+            "{kind}"
+        );
+    }
+    assert!(get("sluice_compile_duration_seconds_count")? > 0.0);
+    assert!(get("sluice_apply_to_programmed_seconds_count")? > 0.0);
+
     // Relabel a: it no longer matches the peer selector.
     let r = res("pods")?;
     let mut relabelled = api.get("pods", "x", "a").context("pod a")?;

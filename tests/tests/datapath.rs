@@ -182,7 +182,10 @@ fn every_ip_protocol_passes_a_non_isolated_endpoint_in_both_directions_and_is_tr
         // the pod, a different tuple from the egress ones only for TCP, UDP
         // and SCTP; ICMP and GRE meet their egress entry).
         assert_eq!(dp.stat(stat::CT_CREATED), 2 * (5 + 3));
-        assert_eq!(dp.stat(stat::FORWARDED), 2 * 2 * 5);
+        // Forwarded, counted by direction: 5 protocols x 2 families each.
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            assert_eq!(dp.stat(stat::FORWARDED + u32::from(dir)), 2 * 5);
+        }
     });
 }
 
@@ -1133,7 +1136,8 @@ fn established_flows_pass_many_times_in_one_run() {
         dp.conntrack.insert(&key, &value, 0).unwrap();
         let frame = Packet::tcp(peer, 80, pod, 4000, TCP_ACK).frame();
         assert_eq!(dp.run_repeat(DIR_INGRESS, &frame, 10_000), TC_ACT_OK);
-        assert_eq!(dp.stat(stat::FORWARDED), 10_000);
+        assert_eq!(dp.stat(stat::FORWARDED + u32::from(DIR_INGRESS)), 10_000);
+        assert_eq!(dp.stat(stat::FORWARDED + u32::from(DIR_EGRESS)), 0);
         assert!(secs_left(&dp.ct(&key).unwrap()) > ct_timeout::TCP_ESTABLISHED - 5);
     });
 }

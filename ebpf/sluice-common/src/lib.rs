@@ -298,6 +298,8 @@ pub mod stat {
     pub const EVENTS_LOST: u32 = 2;
     pub const CT_CREATED: u32 = 3;
     pub const CT_INSERT_FAILED: u32 = 4;
+    /// Packets passed, by direction: `FORWARDED + DIR_INGRESS` (to the
+    /// pod) and `FORWARDED + DIR_EGRESS` (from it).
     pub const FORWARDED: u32 = 5;
     pub const COUNT: u32 = 8;
 }

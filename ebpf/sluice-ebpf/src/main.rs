@@ -198,7 +198,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     match decide(ctx, ep, dir, parsed, &mut pkt) {
         Ok(()) => {
-            count(stat::FORWARDED);
+            count(stat::FORWARDED + u32::from(dir));
             Ok(TC_ACT_OK)
         }
         Err(why) => drop_packet(ctx, ep.ep_id, dir, why, pkt),

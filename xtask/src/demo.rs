@@ -3,8 +3,8 @@
 //! API server; the nine pods of the upstream model are wired by the real
 //! CNI plugin, each with a ClusterIP Service DNATed by kube-proxy-shaped
 //! nftables rules. kubectl applies the policies in deploy/examples/; the
-//! reachability matrix is printed before and after, then the drops the
-//! agent reports while the denied probes run. Everything is torn down at
+//! reachability matrix is printed before and after, then the drop log of
+//! one denied probe, live. Everything is torn down at
 //! the end (the guards also clean up on failure).
 use std::{
     io::{BufRead as _, BufReader},
@@ -86,38 +86,53 @@ pub fn run() -> Result<()> {
         t0.elapsed().as_millis()
     );
 
-    // Follow the drop log while the denied probes run.
+    show(
+        "TCP/80 with the policies: x accepts only y -> x/a:",
+        &cluster,
+    );
+
+    // One denied probe, with the drop log followed live: each line is
+    // printed as `sluice observe` receives it from the agent.
+    let (from, to) = ("z/a", "x/b");
+    let to_ip = cluster.ip_of(to, Family::Ipv4).context("x/b's address")?;
+    let from_ns = cluster.pod_netns(from).context("z/a's namespace")?;
     let mut observe = node
         .ns
         .command(bin_dir().join("sluice"))
-        .args(["observe", "--namespace", "x", "--socket"])
+        .args(["observe", "--pod", to, "--socket"])
         .arg(node.socket())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("sluice observe")?;
-    std::thread::sleep(Duration::from_millis(200));
-    show(
-        "TCP/80 with the policies: x accepts only y -> x/a:",
-        &cluster,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    observe.kill()?;
     let stdout = observe.stdout.take().context("observe output")?;
-    let lines: Vec<String> = BufReader::new(stdout)
-        .lines()
-        .map_while(|l| l.ok())
-        .collect();
-    println!(
-        "$ sluice observe --namespace x   ({} drops while probing; first 10)",
-        lines.len()
-    );
-    for l in lines.iter().take(10) {
-        println!("  {l}");
-    }
+    let follow = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .inspect(|l| println!("  {l}"))
+            .count()
+    });
+    // Give the subscription a moment to reach the agent.
+    std::thread::sleep(Duration::from_millis(200));
+    println!("$ sluice observe --pod {to}   (live, while {from} connects to {to_ip}:80 for 2.5 s)");
+    let connected = sluice_tests::tcp_ok(from_ns, to_ip, 80, Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(200));
+    observe.kill()?;
     observe.wait()?;
-    if lines.is_empty() {
-        bail!("expected drop events for the denied probes");
+    let drops = follow
+        .join()
+        .map_err(|_| anyhow::anyhow!("observe reader panicked"))?;
+    println!(
+        "{from} -> {to}:80 {}: {drops} drop event(s) (the SYN and its retransmissions, at most one event per flow per second)",
+        if connected {
+            "connected"
+        } else {
+            "denied by policy"
+        }
+    );
+    if connected || drops == 0 {
+        bail!("expected the probe to be denied and its drops reported");
     }
     println!("\nTearing down the node, its pods and the API server.");
     drop(cluster);

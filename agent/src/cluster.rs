@@ -472,11 +472,6 @@ impl Node {
                 Ok(()) => {}
                 Err(e @ NodeError::Capacity { .. }) => {
                     warn!(pod = %obj, error = %e, "endpoint over capacity: fails closed");
-                    if let Some(c) = self.cluster.as_ref()
-                        && let Ok(mut m) = c.metrics.lock()
-                    {
-                        m.endpoints_failed_closed += 1;
-                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_common::{DIR_EGRESS, DIR_INGRESS, reason};
+use sluice_common::{DIR_EGRESS, DIR_INGRESS, EP_FAIL_CLOSED, reason};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -66,7 +66,6 @@ pub struct AgentMetrics {
     /// Watch health per resource kind: 1 = synced, 0 = not (yet) or failing.
     pub watch_up: BTreeMap<&'static str, u8>,
     pub watch_errors: BTreeMap<&'static str, u64>,
-    pub endpoints_failed_closed: u64,
 }
 
 pub type Shared = Arc<Mutex<AgentMetrics>>;
@@ -190,11 +189,20 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
     );
     out.push_str("# TYPE sluice_endpoints gauge\n");
     put!(out, "sluice_endpoints {}", node.registry.all().count());
+    // Read from the kernel's ENDPOINTS flags: right across agent restarts.
+    let failed_closed = node
+        .registry
+        .all()
+        .filter_map(|ep| node.dp.maps.endpoints.get(&ep.spec.host_ifindex, 0).ok())
+        .filter(|info| info.flags & EP_FAIL_CLOSED != 0)
+        .count();
+    out.push_str("# HELP sluice_endpoints_failed_closed Endpoints dropping everything because their policy does not fit.\n# TYPE sluice_endpoints_failed_closed gauge\n");
+    put!(out, "sluice_endpoints_failed_closed {failed_closed}");
     out.push_str("# TYPE sluice_endpoints_failed_closed_total counter\n");
     put!(
         out,
         "sluice_endpoints_failed_closed_total {}",
-        m.endpoints_failed_closed
+        node.failed_closed_total
     );
     out.push_str("# TYPE sluice_compile_duration_seconds histogram\n");
     m.compile_seconds

@@ -101,6 +101,8 @@ pub struct Node {
     pub cluster: Option<crate::cluster::Cluster>,
     /// What the SERVICES map holds (read back from the pinned map at start).
     service_ips: BTreeSet<IpAddr>,
+    /// Times an endpoint was made to fail closed (since the agent started).
+    pub failed_closed_total: u64,
 }
 
 /// Default per-endpoint share of the policy map.
@@ -139,6 +141,7 @@ impl Node {
             max_entries_per_endpoint: DEFAULT_MAX_ENTRIES_PER_ENDPOINT,
             cluster: None,
             service_ips: BTreeSet::new(),
+            failed_closed_total: 0,
         };
         node.policies = node.read_programmed_policy()?;
         node.service_ips = node.read_service_ips()?;
@@ -548,6 +551,7 @@ impl Node {
     /// `attempted`: the endpoint drops all IP traffic, nothing it had is left.
     fn fail_closed(&mut self, ep: &Endpoint, old: &Compiled, attempted: &Compiled) -> Result<()> {
         warn!(ep_id = ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
+        self.failed_closed_total += 1;
         let isolation = sluice_common::EP_INGRESS_ISOLATED | sluice_common::EP_EGRESS_ISOLATED;
         self.write_endpoint_info(ep, isolation, [0, 0], true)?;
         let mut both = old.clone();

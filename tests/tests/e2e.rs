@@ -442,6 +442,15 @@ fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffe
             .is_empty()),
         "fail-closed drops reported"
     );
+    let failed_closed = |node: &Node| -> Result<(f64, f64)> {
+        let m = node.metrics()?;
+        let get = |k: &str| m.get(k).copied().with_context(|| format!("{k} in {m:?}"));
+        Ok((
+            get("sluice_endpoints_failed_closed")?,
+            get("sluice_endpoints_failed_closed_total")?,
+        ))
+    };
+    assert_eq!(failed_closed(&node)?, (1.0, 1.0), "the metrics say so");
     // A policy that fits lifts it.
     set_policy(
         &node,
@@ -452,6 +461,7 @@ fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffe
         tcp_ok(&a.ns, c.ipv4.context("v4")?, PORT, SHORT),
         "c enforces the new policy"
     );
+    assert_eq!(failed_closed(&node)?, (0.0, 1.0), "lifted");
     Ok(())
 }
 

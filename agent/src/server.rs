@@ -75,10 +75,15 @@ async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Resul
     let p = match fetched {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
+            // The API server's own words when it answered, else the error.
+            let details = match &e {
+                kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
+                other => other.to_string(),
+            };
             return Err(Response::error(
                 code::TRY_AGAIN_LATER,
                 format!("fetching pod {pod}"),
-                e.to_string(),
+                details,
             ));
         }
         Err(_) => {

@@ -105,6 +105,18 @@ impl NetNs {
         Ok(())
     }
 
+    /// The names of the veths in this namespace.
+    pub fn veths(&self) -> Result<Vec<String>> {
+        let links: serde_json::Value =
+            serde_json::from_str(&self.ip(&["-j", "link", "show", "type", "veth"])?)?;
+        Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect())
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = self.path();

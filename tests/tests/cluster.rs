@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sluice_test_apiserver::{
     Config, Server as ApiServer, ServerHandle, resource_version, resources,
 };
-use sluice_tests::{ApiNode, Pod, Server, eventually, tcp_ok};
+use sluice_tests::{ApiNode, NetNs, Pod, Server, cni_env, eventually, tcp_ok};
 
 const NODE: &str = "node-1";
 const SHORT: Duration = Duration::from_millis(400);
@@ -236,15 +236,62 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
     create(&api, pod("y", "client", "client"))?;
     node.start_agent()?;
     let client = Pod::add_as(&node, &config, Some(("y", "client")))?;
-    // The server pod is created and wired at once: ADD must already carry
-    // the deny-all, whether the watch or the fallback GET delivered the pod.
-    create(&api, pod("y", "server", "server"))?;
+    // The server pod is in the API, but no watch has seen it: ADD must
+    // fetch it and start it with the deny-all in force.
+    api.create_unwatched(pod("y", "server", "server"))?;
     let server = Pod::add_as(&node, &config, Some(("y", "server")))?;
     let _srv = Server::start(&server.ns, 80)?;
     assert!(
         !tcp_ok(&client.ns, server.ipv4.context("v4")?, 80, SHORT),
         "deny-all holds from the first packet"
     );
+    Ok(())
+}
+
+#[test]
+fn add_for_a_pod_the_api_server_does_not_have_fails_with_11_and_leaves_nothing() -> Result<()> {
+    let ApiNode {
+        mut node,
+        api,
+        config,
+    } = cluster()?;
+    namespace(&api, "y")?;
+    node.start_agent()?;
+    let before = node.ns.veths()?;
+    let ns = NetNs::new("sl-pod")?;
+    let netns = ns.path().to_string_lossy().into_owned();
+    let mut env = cni_env("ADD", "ctrghost", &netns);
+    env.push(("CNI_ARGS", "K8S_POD_NAMESPACE=y;K8S_POD_NAME=ghost"));
+    let out = node.plugin(&env, &config)?;
+    let err = out.json()?;
+    assert_ne!(out.code, 0);
+    assert_eq!(err["code"], json!(11), "{err}");
+    assert!(
+        err["msg"].as_str().unwrap_or_default().contains("y/ghost"),
+        "{err}"
+    );
+    assert_eq!(err["details"], json!("pods \"ghost\" not found (NotFound)"));
+    // Nothing left: no veth on either side, no address reserved.
+    assert_eq!(node.ns.veths()?, before);
+    assert!(ns.veths()?.is_empty());
+    let reserved: Vec<_> = std::fs::read_dir(node.ipam_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|net| {
+            std::fs::read_dir(net.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|f| {
+            f.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<std::net::IpAddr>().is_ok())
+        })
+        .map(|f| f.path())
+        .collect();
+    assert!(reserved.is_empty(), "{reserved:?}");
     Ok(())
 }
 

@@ -375,7 +375,7 @@ impl World {
     }
 
     fn host_veths(&self) -> Result<Vec<String>> {
-        veths(&self.node)
+        self.node.veths()
     }
 
     /// Nothing of the plugin is left: no veth, no address file, no endpoint.
@@ -397,16 +397,6 @@ impl World {
         );
         Ok(())
     }
-}
-
-fn veths(ns: &NetNs) -> Result<Vec<String>> {
-    let links: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", "type", "veth"])?)?;
-    Ok(links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-        .collect())
 }
 
 struct Pod {
@@ -697,7 +687,7 @@ fn an_ipv4_pod_is_wired_checked_reachable_and_deleted_twice() -> Result<()> {
 
     w.del_twice(&pod, Some(&r))?;
     w.assert_clean()?;
-    ensure!(veths(&pod.ns)?.is_empty());
+    ensure!(pod.ns.veths()?.is_empty());
     ensure!(
         !ping(&w.node, "10.244.1.1".parse()?),
         "the pod still answers after DEL"
@@ -1018,7 +1008,7 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
 
     // None of it left anything behind.
     w.assert_clean()?;
-    ensure!(veths(&pod.ns)?.is_empty());
+    ensure!(pod.ns.veths()?.is_empty());
     Ok(())
 }
 
@@ -1058,9 +1048,9 @@ fn an_agent_that_is_unreachable_not_ready_or_silent_fails_add_with_11_and_rolls_
             w.host_veths()?
         );
         ensure!(
-            veths(&pod.ns)?.is_empty(),
+            pod.ns.veths()?.is_empty(),
             "{what}: pod veths {:?}",
-            veths(&pod.ns)?
+            pod.ns.veths()?
         );
         ensure!(
             w.ip_files()?.is_empty(),
@@ -1196,7 +1186,7 @@ fn add_refuses_an_interface_name_already_taken_in_the_pod_and_rolls_back() -> Re
     );
     ensure!(w.host_veths()?.is_empty() && w.ip_files()?.is_empty());
     ensure!(
-        veths(&pod.ns)?.len() == 2,
+        pod.ns.veths()?.len() == 2,
         "the pod's own eth0 must survive"
     );
     w.verb("DEL", &pod.id, "", &w.config())?
@@ -1235,7 +1225,7 @@ fn gc_releases_every_attachment_not_in_the_valid_list() -> Result<()> {
         "{:?}",
         w.host_veths()?
     );
-    ensure!(veths(&stale.ns)?.is_empty());
+    ensure!(stale.ns.veths()?.is_empty());
     ensure!(w.agent.endpoints().keys().cloned().collect::<Vec<_>>() == [keep.attachment()]);
     ensure!(w.agent.requests().contains(&Request::Gc {
         valid: vec![keep.attachment()]
@@ -1457,7 +1447,7 @@ fn without_ranges_and_without_usable_pod_cidrs_add_fails_7_or_11_and_leaves_noth
             "{what}: veths {:?}",
             w.host_veths()?
         );
-        ensure!(veths(&pod.ns)?.is_empty(), "{what}: pod veths");
+        ensure!(pod.ns.veths()?.is_empty(), "{what}: pod veths");
         ensure!(
             w.ip_files()?.is_empty(),
             "{what}: files {:?}",

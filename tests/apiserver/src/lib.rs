@@ -220,6 +220,17 @@ impl ServerHandle {
             .map_err(|e| anyhow::anyhow!("create {}: {e:?}", r.kind))
     }
 
+    /// Creates `obj` as `create` does, but wakes no watch: GET and LIST see
+    /// it at once, watches only with the next change or bookmark (as a
+    /// watch running behind would).
+    pub fn create_unwatched(&self, obj: Value) -> Result<Value> {
+        let (r, ns, _) = target(&obj)?;
+        let mut store = self.state.lock();
+        store
+            .create(r, ns.as_deref(), obj)
+            .map_err(|e| anyhow::anyhow!("create {}: {e:?}", r.kind))
+    }
+
     /// Replaces `obj` (`part`: main or status) as a client's PUT would; the
     /// object as stored.
     pub fn update(&self, obj: Value, part: store::Part) -> Result<Value> {

@@ -7,6 +7,7 @@
 //!   links/<ifname>-from    TCX link of `from_pod` (ingress hook of the host veth)
 //!   links/<ifname>-to      TCX link of `to_pod`   (egress hook of the host veth)
 //!   links/<ifname>-{from,to}-clsact   a directory marking a clsact filter
+//!   links/cgroup-to_host-{a,b}   cgroup link of `to_host` (ingress of the node's sockets)
 //! Pinned links keep the programs attached while the agent is down; a new
 //! agent swaps its programs into the same links atomically. Without TCX the
 //! hooks are clsact filters at a fixed priority and handle, replaced the
@@ -23,7 +24,8 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
+        TcAttach, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcHandle},
     },
@@ -288,6 +290,12 @@ impl Datapath {
                     source,
                 })?;
         }
+        host_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: programs::TO_HOST,
+                source,
+            })?;
         let maps =
             Maps::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))?;
         let events = ebpf
@@ -466,6 +474,63 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `to_host` to the cgroup v2 directory `cgroup`: packets
+    /// delivered to the sockets of its processes pass through it. The link
+    /// is pinned (links/cgroup-to_host) and outlives the agent. A new agent
+    /// attaches its own program first and only then detaches the previous
+    /// one, so the node is never without it (for a moment both run; they
+    /// judge alike).
+    pub fn attach_host(&mut self, cgroup: &Path) -> Result<()> {
+        // Two pin names, used in turn (bpffs cannot rename a pin over
+        // another): ours goes where the previous agent's is not.
+        let links = self.pin_dir.join("links");
+        let (a, b) = (
+            links.join("cgroup-to_host-a"),
+            links.join("cgroup-to_host-b"),
+        );
+        let (ours, previous) = if a.exists() { (b, a) } else { (a, b) };
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::Io { path, source }
+        };
+        let remove = |path: &Path| match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(path)(e)),
+        };
+        let dir = std::fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let prog = host_program(&mut self.ebpf)?;
+        let prog_err = |source| DatapathError::Program {
+            name: programs::TO_HOST,
+            source,
+        };
+        let id = prog
+            .attach(
+                &dir,
+                CgroupSkbAttachType::Ingress,
+                // As a link it runs beside other programs of the cgroup
+                // (the kernel refuses flags on cgroup links).
+                CgroupAttachMode::Single,
+            )
+            .map_err(prog_err)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(prog_err)?).map_err(|source| {
+            DatapathError::Link {
+                path: ours.clone(),
+                source,
+            }
+        })?;
+        // A stale pin of ours (an agent that stopped between pinning and
+        // removing) goes first: the previous one still runs meanwhile.
+        remove(&ours)?;
+        link.pin(&ours).map_err(|source| DatapathError::Pin {
+            path: ours.clone(),
+            source,
+        })?;
+        // The previous agent's pin was that link's last reference: the
+        // kernel detaches its program.
+        remove(&previous)
+    }
+
     /// True when both hooks of `ifname` are attached (pinned TCX links or
     /// clsact markers).
     pub fn is_attached(&self, ifname: &str) -> bool {
@@ -539,6 +604,16 @@ impl Datapath {
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
     }
+}
+
+fn host_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb> {
+    ebpf.program_mut(programs::TO_HOST)
+        .ok_or(DatapathError::MissingProgram(programs::TO_HOST))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name: programs::TO_HOST,
+            source,
+        })
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {

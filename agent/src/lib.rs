@@ -16,7 +16,7 @@ pub mod registry;
 pub mod routes;
 pub mod server;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,6 +30,26 @@ pub enum Error {
     Registry(#[from] registry::RegistryError),
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    #[error("no cgroup2 mount in /proc/self/mountinfo (pass --host-cgroup)")]
+    NoCgroup2,
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// on hybrid hosts): the default cgroup of `to_host`.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::Io("reading /proc/self/mountinfo".into(), e))?;
+    cgroup2_mount(&info).ok_or(Error::NoCgroup2)
+}
+
+/// The first cgroup2 mount point in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let fstype = fs.split(' ').next()?;
+        let point = mount.split(' ').nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(point))
+    })
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -47,4 +67,29 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         return Err(Error::NotBpffs(dir.display().to_string()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
+        let unified = "25 30 0:22 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
+        let hybrid = "30 25 0:26 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                      32 30 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount("31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
 }

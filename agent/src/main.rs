@@ -49,6 +49,12 @@ struct Args {
     /// otherwise), tcx or clsact.
     #[arg(long, default_value = "auto")]
     tc_attach: datapath::AttachMode,
+    /// The cgroup (v2) whose sockets' incoming packets `to_host` sees, to
+    /// judge Service traffic that kube-proxy delivers to the node itself
+    /// (host-network backends). Default: the root of the cgroup2 mount.
+    /// "none": not attached (such traffic is then not judged).
+    #[arg(long)]
+    host_cgroup: Option<String>,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -91,6 +97,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut dp = datapath::Datapath::load(&args.bpffs, &sizes).context("loading the data path")?;
     dp.set_attach_mode(args.tc_attach);
+    match args.host_cgroup.as_deref() {
+        Some("none") => {
+            tracing::warn!(
+                "--host-cgroup none: Service traffic to host-network backends is not judged"
+            );
+        }
+        given => {
+            let cgroup = match given {
+                Some(p) => PathBuf::from(p),
+                None => sluice_agent::cgroup2_root().context("finding the cgroup2 mount")?,
+            };
+            dp.attach_host(&cgroup)
+                .with_context(|| format!("attaching to_host to {}", cgroup.display()))?;
+            info!(cgroup = %cgroup.display(), "to_host attached");
+        }
+    }
     let ring = dp.take_events().context("drop event ring buffer")?;
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
     let mut node = Node::start(dp, registry).context("taking over the node")?;

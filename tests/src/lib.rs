@@ -184,6 +184,58 @@ impl Drop for TempDir {
     }
 }
 
+/// A cgroup (v2) of its own: a test node's agent attaches `to_host` here
+/// (never to the machine's root), and a test puts the processes it wants
+/// judged as the node's host network in it. The hierarchy is mounted again
+/// under /tmp, because `ip netns exec` (how agents start) remounts /sys and
+/// hides /sys/fs/cgroup. Removed on drop.
+pub struct Cgroup {
+    mount: PathBuf,
+    /// The cgroup's directory.
+    pub dir: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let mount = std::env::temp_dir().join(unique("sluice-cgroup2-"));
+        std::fs::create_dir_all(&mount)?;
+        sh(
+            "mount",
+            &["-t", "cgroup2", "none", &mount.to_string_lossy()],
+        )?;
+        let cg = Self {
+            dir: mount.join(unique(prefix)),
+            mount,
+        };
+        std::fs::create_dir(&cg.dir).with_context(|| format!("creating {}", cg.dir.display()))?;
+        Ok(cg)
+    }
+
+    /// Moves process `pid` into this cgroup.
+    pub fn add(&self, pid: u32) -> Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", self.dir.display()))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes may take a moment to be gone.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = sh("umount", &["-l", &self.mount.to_string_lossy()]) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ignored = std::fs::remove_dir(&self.mount);
+    }
+}
+
 pub const NODE_IPV4: &str = "10.255.255.1/32";
 pub const NODE_IPV6: &str = "fd00:ffff::1/128";
 
@@ -192,6 +244,8 @@ pub struct Node {
     pub ns: NetNs,
     pub bpffs: Bpffs,
     pub tmp: TempDir,
+    /// The node's "host" processes: where its agent attaches `to_host`.
+    pub cgroup: Cgroup,
     agent: Option<Child>,
     /// Drop events (JSON lines) the agent printed so far.
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
@@ -230,6 +284,7 @@ impl Node {
             ns,
             bpffs: Bpffs::new()?,
             tmp: TempDir::new("sluice-node-")?,
+            cgroup: Cgroup::new("sluice-node-")?,
             agent: None,
             events: Arc::new(Mutex::new(Vec::new())),
             agent_args: Vec::new(),
@@ -260,6 +315,8 @@ impl Node {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .arg("--host-cgroup")
+            .arg(&self.cgroup.dir)
             .args(&self.agent_args)
             .env("RUST_LOG", &self.agent_log)
             .stdout(Stdio::piped())

@@ -104,3 +104,33 @@ fn the_agent_knows_its_node_and_the_shipped_conflist_takes_ranges_from_it() {
         .expect("--socket");
     assert_eq!(parsed.agent_socket.to_string_lossy(), socket);
 }
+
+#[test]
+fn the_agent_attaches_to_host_to_the_host_cgroup_root_not_its_own() {
+    let docs = documents();
+    let ds = of_kind(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    let arg = |name: &str| {
+        agent["command"]
+            .as_array()
+            .unwrap()
+            .windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].as_str().unwrap().to_owned())
+    };
+    let cgroup = arg("--host-cgroup").expect("--host-cgroup");
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == cgroup.as_str())
+        .expect("a volume mounted at --host-cgroup");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], "/sys/fs/cgroup");
+}

@@ -85,6 +85,29 @@ fn cluster_ips(svc: &Value) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Makes `svc` dual-stack with `v6` as its IPv6 ClusterIP (the test API
+/// server allocates IPv4 only); the Service as stored.
+fn dual_stack(api: &ServerHandle, mut svc: Value, v6: IpAddr) -> Result<Value> {
+    let v4 = cluster_ips(&svc)[0];
+    svc["spec"]["clusterIPs"] = json!([v4.to_string(), v6.to_string()]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.update(svc, Part::Main)
+}
+
+/// Waits for a drop event the agent printed that has every field of `want`.
+fn assert_drop_event(node: &Node, want: &Value) {
+    let matches = |e: &Value| {
+        want.as_object()
+            .is_some_and(|w| w.iter().all(|(k, v)| e.get(k) == Some(v)))
+    };
+    assert!(
+        eventually(WAIT, || !node.events_matching(matches).is_empty()),
+        "a drop event with {want}; saw {:?}",
+        node.events_matching(|_| true)
+    );
+}
+
 fn policy(api: &ServerHandle, ns: &str, name: &str, spec: &Value) -> Result<String> {
     let created = api.create(
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -158,11 +181,7 @@ fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Res
         &[("p", "TCP", 80, 80)],
     )?;
     let v4ip = cluster_ips(&dual)[0];
-    let mut spec = dual;
-    spec["spec"]["clusterIPs"] = json!([v4ip.to_string(), "fd00:96::20"]);
-    spec["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
-    spec["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
-    let dual = api.update(spec, Part::Main)?;
+    let dual = dual_stack(&api, dual, "fd00:96::20".parse()?)?;
     node.wait_programmed("Service/s/dual", Some(&resource_version(&dual)), WAIT)?;
     let want: BTreeSet<IpAddr> = [plain_ip[0], v4ip, "fd00:96::20".parse()?].into();
     assert_eq!(programmed_service_ips(&node)?, want);
@@ -247,15 +266,10 @@ fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_po
         Server::start(&b.ns, 8081)?,
         Server::start(&c.ns, 8080)?,
     ];
-    // web-b is dual-stack (the IPv6 ClusterIP given by hand: the test
-    // server allocates IPv4 only).
+    // web-b is dual-stack.
     let b_ip4 = cluster_ips(&web_b)[0];
     let b_ip6: IpAddr = "fd00:96::b".parse()?;
-    let mut spec = web_b;
-    spec["spec"]["clusterIPs"] = json!([b_ip4.to_string(), b_ip6.to_string()]);
-    spec["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
-    spec["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
-    let web_b = api.update(spec, Part::Main)?;
+    let web_b = dual_stack(&api, web_b, b_ip6)?;
     let c_ip4 = cluster_ips(&web_c)[0];
     node.wait_programmed("Service/x/web-b", Some(&resource_version(&web_b)), WAIT)?;
     node.wait_programmed("Service/x/web-c", Some(&resource_version(&web_c)), WAIT)?;
@@ -307,27 +321,12 @@ fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_po
 
     // The drop through web-c is a's egress drop, of the translated packet.
     let (a4s, c4s) = (v4(&a)?.to_string(), c4.to_string());
-    let dropped_at_c = |proto: &'static str| {
-        let (a4s, c4s) = (a4s.clone(), c4s.clone());
-        move |e: &Value| {
-            e["direction"] == json!("egress")
-                && e["reason"] == json!("policy-denied")
-                && e["src"] == json!(a4s)
-                && e["dst"] == json!(c4s)
-                && e["dst_port"] == json!(8080)
-                && e["protocol"] == json!(proto)
-                && e["src_namespace"] == json!("x")
-                && e["src_pod"] == json!("a")
-                && e["dst_pod"] == json!("c")
-        }
-    };
     for proto in ["TCP", "UDP"] {
-        assert!(
-            eventually(WAIT, || !node
-                .events_matching(dropped_at_c(proto))
-                .is_empty()),
-            "an egress drop event for a -> c:8080/{proto}; saw {:?}",
-            node.events_matching(|_| true)
+        assert_drop_event(
+            &node,
+            &json!({"direction": "egress", "reason": "policy-denied", "src": a4s, "dst": c4s,
+                    "dst_port": 8080, "protocol": proto, "src_namespace": "x", "src_pod": "a",
+                    "dst_pod": "c"}),
         );
     }
     let counters = node.maps()?.drop_counters()?;
@@ -368,19 +367,143 @@ fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_po
     both_ways("TCP d -> b", d_tcp, (b_ip4, 80), (b4, 8080), true);
     both_ways("UDP d -> b", d_udp, (b_ip4, 80), (b4, 8080), true);
     both_ways("TCP d -> b (IPv6)", d_tcp, (b_ip6, 80), (b6, 8080), true);
-    let b4s = b4.to_string();
-    assert!(
-        eventually(WAIT, || !node
-            .events_matching(|e| e["direction"] == json!("ingress")
-                && e["reason"] == json!("policy-denied")
-                && e["src"] == json!(a4s)
-                && e["dst"] == json!(b4s)
-                && e["dst_port"] == json!(8080)
-                && e["dst_pod"] == json!("b"))
-            .is_empty()),
-        "an ingress drop event at b for a; saw {:?}",
-        node.events_matching(|_| true)
+    assert_drop_event(
+        &node,
+        &json!({"direction": "ingress", "reason": "policy-denied", "src": a4s,
+                "dst": b4.to_string(), "dst_port": 8080, "dst_pod": "b"}),
     );
+    drop(kp);
+    Ok(())
+}
+
+// ---- Host-network backends ------------------------------------------------
+
+/// A TCP echo server of the node's host network: `socat` on the node's
+/// address, started inside the node's cgroup (before its socket exists:
+/// a socket belongs to the cgroup it was created in).
+struct HostServer(std::process::Child);
+
+impl HostServer {
+    fn start(node: &Node, ip: IpAddr, port: u16) -> Result<Self> {
+        let procs = node.cgroup.dir.join("cgroup.procs");
+        let listen = match ip {
+            IpAddr::V4(_) => format!("TCP4-LISTEN:{port},bind={ip}"),
+            IpAddr::V6(_) => format!("TCP6-LISTEN:{port},bind=[{ip}]"),
+        };
+        let script = format!(
+            "echo $$ > {} && exec ip netns exec {} socat {listen},fork,reuseaddr EXEC:cat",
+            procs.display(),
+            node.ns.name
+        );
+        let child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .context("socat (installed by scripts/setup.sh)")?;
+        let server = Self(child);
+        if !eventually(WAIT, || tcp_ok(&node.ns, ip, port, SHORT)) {
+            bail!("the host-network server on {ip}:{port} did not come up");
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        let _ignored = self.0.kill();
+        let _ignored = self.0.wait();
+    }
+}
+
+#[test]
+fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_the_node()
+-> Result<()> {
+    let ApiNode {
+        mut node,
+        api,
+        config,
+    } = cluster()?;
+    namespace(&api, "x")?;
+    pod(&api, "x", "a", &json!({"pod": "a"}))?;
+    // A Service whose backend is the node itself (as the API server's
+    // `kubernetes` Service, or a hostNetwork pod): 443 -> node:6443.
+    let svc = service(
+        &api,
+        "x",
+        "apiserver",
+        &json!({}),
+        &[("https", "TCP", 443, 6443)],
+    )?;
+    node.start_agent()?;
+    let a = Pod::add_as(&node, &config, Some(("x", "a")))?;
+    let addr = |cidr: &str| cidr.split('/').next().unwrap_or_default().parse::<IpAddr>();
+    let (node4, node6) = (
+        addr(sluice_tests::NODE_IPV4)?,
+        addr(sluice_tests::NODE_IPV6)?,
+    );
+    let _backends = [
+        HostServer::start(&node, node4, 6443)?,
+        HostServer::start(&node, node6, 6443)?,
+    ];
+    let svc4 = cluster_ips(&svc)[0];
+    let svc6: IpAddr = "fd00:96::443".parse()?;
+    let svc = dual_stack(&api, svc, svc6)?;
+    node.wait_programmed("Service/x/apiserver", Some(&resource_version(&svc)), WAIT)?;
+    let port =
+        |ip, backend| ServicePort::new("x/apiserver", ip, Protocol::Tcp, 443, &[(backend, 6443)]);
+    let kp = KubeProxy::apply(&node.ns, &[port(svc4, node4), port(svc6, node6)])?;
+    let tcp = |ip, port| tcp_ok(&a.ns, ip, port, SHORT);
+    let families = [(svc4, node4), (svc6, node6)];
+
+    // No policy: the node is reached both ways.
+    assert!(
+        eventually(WAIT, || tcp(svc4, 443)),
+        "a -> the Service before any policy; kube-proxy's tables:\n{}",
+        kp.list()
+    );
+    for (svc, node) in families {
+        both_ways("TCP to the node", tcp, (svc, 443), (node, 6443), true);
+    }
+
+    // Egress only to pods labelled b: the node is not one, through the
+    // ClusterIP as directly.
+    let mut spec = json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                          "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                                      "ports": [{"protocol": "TCP", "port": 6443}]}]});
+    let rv = policy(&api, "x", "a-egress", &spec)?;
+    node.wait_programmed("NetworkPolicy/x/a-egress", Some(&rv), WAIT)?;
+    for (svc, node) in families {
+        both_ways(
+            "TCP to the node, egress to pods only",
+            tcp,
+            (svc, 443),
+            (node, 6443),
+            false,
+        );
+    }
+    assert_drop_event(
+        &node,
+        &json!({"direction": "egress", "reason": "policy-denied", "src": v4(&a)?.to_string(),
+                "dst": node4.to_string(), "dst_port": 6443, "src_pod": "a"}),
+    );
+
+    // The node's addresses by ipBlock: allowed both ways again.
+    spec["egress"][0]["to"] = json!([{"ipBlock": {"cidr": format!("{node4}/32")}},
+                                     {"ipBlock": {"cidr": format!("{node6}/128")}}]);
+    let mut np = api
+        .get("networkpolicies", "x", "a-egress")
+        .context("the policy")?;
+    np["spec"] = spec;
+    let rv = resource_version(&api.update(np, Part::Main)?);
+    node.wait_programmed("NetworkPolicy/x/a-egress", Some(&rv), WAIT)?;
+    for (svc, node) in families {
+        both_ways(
+            "TCP to the node by ipBlock",
+            tcp,
+            (svc, 443),
+            (node, 6443),
+            true,
+        );
+    }
     drop(kp);
     Ok(())
 }
@@ -703,17 +826,10 @@ fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_no
         "port 53 of the web pod"
     );
     // The web Service's drop is the client's egress drop at web's pod.
-    let (c4, w4) = (v4(&client)?.to_string(), web4.to_string());
-    assert!(
-        eventually(WAIT, || !node
-            .events_matching(|e| e["direction"] == json!("egress")
-                && e["src"] == json!(c4)
-                && e["dst"] == json!(w4)
-                && e["dst_port"] == json!(8080)
-                && e["src_pod"] == json!("client"))
-            .is_empty()),
-        "an egress drop event for client -> web:8080; saw {:?}",
-        node.events_matching(|_| true)
+    assert_drop_event(
+        &node,
+        &json!({"direction": "egress", "src": v4(&client)?.to_string(),
+                "dst": web4.to_string(), "dst_port": 8080, "src_pod": "client"}),
     );
     Ok(())
 }

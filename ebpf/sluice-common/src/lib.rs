@@ -25,7 +25,7 @@ pub mod maps {
     pub const EP_BY_ID: &str = "EP_BY_ID";
 }
 
-/// Program names (the `#[classifier]` functions).
+/// Program names (the `#[classifier]` and `#[cgroup_skb]` functions).
 pub mod programs {
     /// TC ingress on the host end of a pod's veth: packets the pod sends.
     pub const FROM_POD: &str = "from_pod";
@@ -34,6 +34,9 @@ pub mod programs {
     /// TC egress of the node's uplinks: deferred (Service) egress to pods
     /// on other nodes.
     pub const TO_UPLINK: &str = "to_uplink";
+    /// cgroup skb ingress (a `#[cgroup_skb]`): deferred (Service) egress
+    /// delivered to the node itself.
+    pub const TO_HOST: &str = "to_host";
 }
 
 /// Default map sizes; the agent may override them at load time.

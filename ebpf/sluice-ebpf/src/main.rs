@@ -26,8 +26,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_skb, classifier},
+    programs::{SkBuffContext, TcContext},
 };
 use sluice_common::{
     CT_EGRESS_DEFERRED, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EGRESS_DEFERRED_MARK,
@@ -41,8 +41,8 @@ use crate::{
     keys::frag_key,
     maps::{CONNTRACK, ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
     parse::{
-        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, TCP_ACK, is_icmp_error, is_nd_or_mld,
-        parse, parse_icmp_inner,
+        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, TCP_ACK, is_icmp_error,
+        is_nd_or_mld, parse, parse_icmp_inner, parse_ip,
     },
 };
 
@@ -80,6 +80,30 @@ pub fn to_uplink(ctx: TcContext) -> i32 {
     match deferred_egress(&ctx, &pkt) {
         Ok(()) => TC_ACT_OK,
         Err(ret) => ret,
+    }
+}
+
+/// cgroup ingress of the node's processes (the cgroup the agent is given,
+/// by default the root): judges the sender's egress of packets whose
+/// `from_pod` deferred it and that kube-proxy's DNAT delivers to the node
+/// itself (a Service backed by a host-network pod or the node's API
+/// server), which no TC hook sees. It runs when the packet reaches the
+/// socket; every unmarked packet passes at once. 1 passes, 0 drops.
+#[cgroup_skb(ingress)]
+pub fn to_host(ctx: SkBuffContext) -> i32 {
+    // SAFETY: the context of a cgroup skb program is a valid __sk_buff.
+    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
+    if mark & EGRESS_DEFERRED_MARK == 0 {
+        return 1;
+    }
+    let mut pkt = Packet::empty();
+    if parse_ip(&ctx, &mut pkt).is_err() {
+        // Its from_pod parsed it; the stack will judge a mangled packet.
+        return 1;
+    }
+    match deferred_egress(&ctx, &pkt) {
+        Ok(()) => 1,
+        Err(_) => 0,
     }
 }
 
@@ -230,7 +254,7 @@ fn marked_deferred(ctx: &TcContext) -> bool {
 ///    a local endpoint (kube-proxy masqueraded a hairpin to the node's
 ///    address) cannot be judged here and passes.
 #[inline(always)]
-fn deferred_egress(ctx: &TcContext, pkt: &Packet) -> Result<(), i32> {
+fn deferred_egress<C: Skb>(ctx: &C, pkt: &Packet) -> Result<(), i32> {
     let src = Key::new(
         128,
         IpcacheKey {
@@ -294,7 +318,7 @@ fn deferred_egress(ctx: &TcContext, pkt: &Packet) -> Result<(), i32> {
 /// 11. Every drop is counted and (rate-limited) reported. `pkt` by value:
 /// the packet stays in registers on the pass path.
 #[inline(always)]
-fn drop_packet(ctx: &TcContext, ep_id: u32, dir: u8, why: Reason, pkt: Packet) -> Result<i32, i32> {
+fn drop_packet<C: Skb>(ctx: &C, ep_id: u32, dir: u8, why: Reason, pkt: Packet) -> Result<i32, i32> {
     events::record_drop(ep_id, dir, why.0.get(), &pkt, ctx.len());
     Err(TC_ACT_SHOT as i32)
 }

@@ -75,7 +75,8 @@ pub struct ObserveFilter {
     pub namespace: Option<String>,
     /// Either end is this pod (`name` or `namespace/name`).
     pub pod: Option<String>,
-    /// `dropped` (the only verdict reported today) or `forwarded`.
+    /// `dropped`: the only verdict the agent streams (forwarded packets are
+    /// counted, not streamed).
     pub verdict: Option<String>,
     /// `ingress` or `egress`.
     pub direction: Option<String>,

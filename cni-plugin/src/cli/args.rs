@@ -8,7 +8,7 @@ pub const USAGE: &str = "\
 usage: sluice status  [--socket PATH] [-o text|json]
        sluice wait    KIND/NAMESPACE/NAME[@RV] | KIND/NAME[@RV] ...
                       [--gone] [--timeout 30s] [--socket PATH]
-       sluice observe [--namespace NS] [--pod NAME|NS/NAME] [--verdict dropped|forwarded]
+       sluice observe [--namespace NS] [--pod NAME|NS/NAME] [--verdict dropped]
                       [--direction ingress|egress] [-o text|json] [--socket PATH]
 
 As a CNI plugin, sluice is run with CNI_COMMAND set (ADD, DEL, CHECK, VERSION,
@@ -126,7 +126,15 @@ pub fn parse(args: &[String]) -> Result<Cli, UsageError> {
             ("observe", "-n" | "--namespace") => filter.namespace = Some(not_empty(value()?)?),
             ("observe", "--pod") => filter.pod = Some(parse_pod(&value()?)?),
             ("observe", "--verdict") => {
-                filter.verdict = Some(one_of(name, &value()?, &["dropped", "forwarded"])?);
+                let v = value()?;
+                if v.eq_ignore_ascii_case("forwarded") {
+                    // Honest rather than silent: nothing would ever match.
+                    return Err(usage(
+                        "--verdict forwarded: the agent streams drops only; forwarded packets \
+                         are counted in sluice_forwarded_packets_total",
+                    ));
+                }
+                filter.verdict = Some(one_of(name, &v, &["dropped"])?);
             }
             ("observe", "--direction") => {
                 filter.direction = Some(one_of(name, &value()?, &["ingress", "egress"])?);
@@ -409,6 +417,7 @@ mod tests {
         for bad in [
             &["observe", "--direction", "sideways"][..],
             &["observe", "--verdict", "maybe"],
+            &["observe", "--verdict", "forwarded"],
             &["observe", "--pod", "a/b/c"],
             &["observe", "--pod", "/b"],
             &["observe", "--namespace"],

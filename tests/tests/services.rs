@@ -485,6 +485,41 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
         &json!({"direction": "egress", "reason": "policy-denied", "src": v4(&a)?.to_string(),
                 "dst": node4.to_string(), "dst_port": 6443, "src_pod": "a"}),
     );
+    // The link outlives the agent, and a restarted agent puts its to_host
+    // in before it takes the old one out (two pins used in turn): one link
+    // remains, still judging.
+    let pins = |node: &Node| -> Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(node.bpffs.dir.join("links"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("cgroup-to_host"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let before = pins(&node)?;
+    assert_eq!(before.len(), 1, "{before:?}");
+    node.kill_agent()?;
+    // While no agent runs, the pinned link keeps judging.
+    both_ways(
+        "TCP to the node, no agent",
+        tcp,
+        (svc4, 443),
+        (node4, 6443),
+        false,
+    );
+    node.start_agent()?;
+    let after = pins(&node)?;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(before, after, "the new agent's link replaced the old one");
+    for (svc, node) in families {
+        both_ways(
+            "TCP to the node after a restart",
+            tcp,
+            (svc, 443),
+            (node, 6443),
+            false,
+        );
+    }
 
     // The node's addresses by ipBlock: allowed both ways again.
     spec["egress"][0]["to"] = json!([{"ipBlock": {"cidr": format!("{node4}/32")}},

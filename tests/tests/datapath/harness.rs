@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions},
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CtKey, CtValue, DIR_EGRESS, DropEvent, EndpointInfo,
@@ -184,6 +184,14 @@ impl Datapath {
                 panic!("verifier rejected {name}: {e}");
             }
         }
+        let host: &mut CgroupSkb = ebpf
+            .program_mut(programs::TO_HOST)
+            .expect("no program to_host")
+            .try_into()
+            .unwrap_or_else(|e| panic!("to_host: {e:?}"));
+        if let Err(e) = host.load() {
+            panic!("verifier rejected to_host: {e}");
+        }
         Self {
             endpoints: take(&mut ebpf, maps::ENDPOINTS),
             ep_by_id: take(&mut ebpf, maps::EP_BY_ID),
@@ -236,6 +244,27 @@ impl Datapath {
             ..TestRunOptions::default()
         };
         self.program(name).test_run(opts).map(|r| r.return_value)
+    }
+
+    /// Runs `to_host` (cgroup skb: it sees `frame` from the IP header on)
+    /// with `skb->mark` set to `mark`: 1 passes, 0 drops.
+    pub fn run_host(&self, frame: &[u8], mark: u32) -> u32 {
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx_in),
+            ..TestRunOptions::default()
+        };
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(programs::TO_HOST)
+            .expect("no program to_host")
+            .try_into()
+            .unwrap_or_else(|e| panic!("to_host: {e:?}"));
+        prog.test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run to_host with mark {mark:#x}: {e:?}"))
+            .return_value
     }
 
     /// Runs the program of direction `dir` on `frame` with `skb->mark` set

@@ -477,3 +477,40 @@ fn fragments_of_a_deferred_datagram_are_marked_and_follow_the_first_ones_verdict
         assert_eq!(dp.drops(SENDER_EP, reason::POLICY_DENIED, DIR_EGRESS).0, 1);
     });
 }
+
+#[test]
+fn to_host_judges_the_senders_deferred_egress_of_packets_delivered_to_the_node_itself() {
+    // kube-proxy sent the flow to a host-network backend: after DNAT the
+    // destination is the node's address, and no to_pod sees it; to_host
+    // (cgroup skb ingress of the node's sockets) judges the sender.
+    const NODE4: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 1);
+    const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 1);
+    with_datapath(|dp| {
+        let mut s = backend_and_sender(dp, 0, EP_EGRESS_ISOLATED);
+        for node in [v4(NODE4), v6(NODE6)] {
+            dp.set_ipcache(mapped(node), 128, IDENTITY_HOST);
+        }
+        allow_sender_egress(dp, &mut s, IDENTITY_HOST, proto::TCP, 6443);
+        for (src, node) in [(v4(PEER4), v4(NODE4)), (v6(PEER6), v6(NODE6))] {
+            let allowed = Packet::tcp(src, 40000, node, 6443, TCP_SYN).frame();
+            let denied = Packet::tcp(src, 40001, node, 22, TCP_SYN).frame();
+            // Unmarked (not a Service flow of a pod): passes unjudged.
+            assert_eq!(dp.run_host(&denied, OTHER_BITS), 1, "{node}");
+            // Marked: the sender's egress policy decides.
+            assert_eq!(dp.run_host(&allowed, EGRESS_DEFERRED_MARK), 1, "{node}");
+            let e = dp
+                .ct(&ct_key_of(SENDER_EP, src, 40000, node, 6443, proto::TCP))
+                .expect("the sender's entry for the translated tuple");
+            assert_eq!(e.rule_id, 11);
+            assert_eq!(
+                dp.run_host(&denied, EGRESS_DEFERRED_MARK | OTHER_BITS),
+                0,
+                "{node}"
+            );
+            // UDP alike.
+            let udp = Packet::udp(src, 40002, node, 53).frame();
+            assert_eq!(dp.run_host(&udp, EGRESS_DEFERRED_MARK), 0, "{node}");
+        }
+        assert_eq!(dp.drops(SENDER_EP, reason::POLICY_DENIED, DIR_EGRESS).0, 4);
+    });
+}

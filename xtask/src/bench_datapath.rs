@@ -36,7 +36,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions},
 };
 use clap::Parser;
 use sluice_common::{
@@ -69,6 +69,14 @@ const BREAKDOWN: [(&str, &str); 5] = [
     ("bench_endpoint", "  parse + ENDPOINTS lookup"),
     ("bench_lookups", "  parse + ENDPOINTS + CONNTRACK lookup"),
     (programs::TO_POD, "established flow (to_pod)"),
+];
+
+/// `to_host` (cgroup skb ingress of the node's sockets) on a packet that is
+/// not a pod's Service flow (no mark): what every packet a node process
+/// receives pays. Against a cgroup skb program that does nothing.
+const HOST: [(&str, &str); 2] = [
+    ("bench_host_noop", "cgroup skb noop (baseline)"),
+    (programs::TO_HOST, "to_host, unmarked packet"),
 ];
 
 /// ifindex of the loopback device, where BPF_PROG_TEST_RUN runs the skb.
@@ -168,6 +176,17 @@ fn bench(args: &Args, pin_dir: &Path) -> Result<()> {
             noop_call,
         );
     }
+    println!();
+    println!(
+        "node sockets (cgroup skb), repeat = {} per round:",
+        args.repeat
+    );
+    let dir = pin_dir.join("host");
+    std::fs::create_dir_all(&dir)?;
+    let host = Datapath::load(&dir)?.host(args, &syn(40000, 80))?;
+    for ((_, what), s) in HOST.iter().zip(&host) {
+        stat_row(what, *s, host[0]);
+    }
     let ratio = established.min / noop.min.max(0.5);
     println!();
     println!(
@@ -233,6 +252,13 @@ impl Datapath {
             .context("loading the eBPF object")?;
         for name in BREAKDOWN.map(|(name, _)| name) {
             let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("no program {name}"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        for (name, _) in HOST {
+            let prog: &mut CgroupSkb = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("no program {name}"))?
                 .try_into()?;
@@ -379,6 +405,31 @@ impl Datapath {
                     bail!("{prog} dropped the established flow's packet (verdict {verdict})");
                 }
                 v.push(d.as_nanos() as f64);
+            }
+        }
+        Ok(t.into_iter().map(stat).collect())
+    }
+
+    /// (median, minimum) of each program of `HOST` on `frame` (mark 0), in
+    /// turn within each round; both must pass it.
+    fn host(&self, args: &Args, frame: &[u8]) -> Result<Vec<Stat>> {
+        let mut t = vec![Vec::new(); HOST.len()];
+        for _ in 0..args.rounds.max(1) {
+            for ((prog, _), v) in HOST.iter().zip(&mut t) {
+                let p: &CgroupSkb = self
+                    .ebpf
+                    .program(prog)
+                    .ok_or_else(|| anyhow!("no program {prog}"))?
+                    .try_into()?;
+                let r = p.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    repeat: args.repeat,
+                    ..TestRunOptions::default()
+                })?;
+                if r.return_value != 1 {
+                    bail!("{prog} dropped an unmarked packet");
+                }
+                v.push(r.duration.as_nanos() as f64);
             }
         }
         Ok(t.into_iter().map(stat).collect())

@@ -107,6 +107,13 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
     }
 }
 
+/// Does nothing, as a cgroup skb program: the baseline of `to_host` in
+/// `cargo xtask bench datapath`. The agent never attaches it.
+#[cgroup_skb(ingress)]
+pub fn bench_host_noop(_ctx: SkBuffContext) -> i32 {
+    1
+}
+
 /// Does nothing: the baseline of `cargo xtask bench datapath` (what
 /// BPF_PROG_TEST_RUN itself costs). The agent never attaches it.
 #[classifier]

@@ -646,18 +646,29 @@ impl Cluster {
     }
 
     /// Probes every ordered pair once, all at the same time.
+    /// Every pod of the cluster (`ns/pod`), sorted.
+    pub fn pod_names(&self) -> Vec<String> {
+        self.pods.keys().cloned().collect()
+    }
+
+    /// Probes every (from, to) pair of `names`, in parallel; the matrix is
+    /// over `names` in their order. A name that is no pod of the cluster
+    /// is an error.
     pub fn probe(
         &self,
+        names: &[String],
         family: Family,
         target: ProbeTarget,
         protocol: Protocol,
         port: u16,
         timeout: Duration,
-    ) -> Matrix {
-        let names: Vec<String> = self.pods.keys().cloned().collect();
+    ) -> Result<Matrix> {
+        if let Some(missing) = names.iter().find(|n| !self.pods.contains_key(*n)) {
+            bail!("the matrix names {missing}, which is no pod of the cluster");
+        }
         let mut jobs = Vec::new();
-        for from in &names {
-            for to in &names {
+        for from in names {
+            for to in names {
                 if from == to {
                     continue;
                 }
@@ -685,13 +696,13 @@ impl Cluster {
         }
         let results: BTreeMap<(String, String), bool> =
             jobs.into_iter().filter_map(|j| j.join().ok()).collect();
-        Matrix::from_fn(&names, |f, t| {
+        Ok(Matrix::from_fn(names, |f, t| {
             f == t
                 || results
                     .get(&(f.to_owned(), t.to_owned()))
                     .copied()
                     .unwrap_or(false)
-        })
+        }))
     }
 }
 
@@ -773,7 +784,16 @@ fn run_case(
                         Duration::ZERO
                     };
                 loop {
-                    let actual = c.probe(family, target, e.protocol, e.port, opts.probe_timeout);
+                    // The pods the case names, in its order (a case may
+                    // list them in any order, or only some).
+                    let actual = c.probe(
+                        &e.matrix.pods,
+                        family,
+                        target,
+                        e.protocol,
+                        e.port,
+                        opts.probe_timeout,
+                    )?;
                     match cases::diff(&e.matrix, &actual) {
                         None => break,
                         Some(_) if Instant::now() < deadline => continue,

@@ -1,5 +1,7 @@
 //! The conformance runner on a real node, judged itself: a case whose
-//! expected matrix is wrong must fail, and say where.
+//! expected matrix is wrong must fail and say where; a matrix may name any
+//! of the cluster's pods in any order; a matrix naming a pod that does not
+//! exist is a failure that says so.
 use anyhow::{Context as _, Result, ensure};
 use sluice_tests::{
     TempDir,
@@ -8,8 +10,9 @@ use sluice_tests::{
 };
 
 #[test]
-fn a_case_whose_expected_matrix_is_wrong_fails_with_the_differing_cells_marked() -> Result<()> {
-    // 002 (default deny in x) claiming that x/a still reaches x/b.
+fn the_runner_fails_wrong_matrices_and_unknown_pods_and_takes_any_pods_in_any_order() -> Result<()>
+{
+    // 002: default deny (ingress and egress) in x.
     let upstream = Options::default()
         .case_dirs
         .first()
@@ -18,11 +21,31 @@ fn a_case_whose_expected_matrix_is_wrong_fails_with_the_differing_cells_marked()
     let text = std::fs::read_to_string(&upstream)?;
     let right = "x/a .   X   X   X   X   X   X   X   X";
     ensure!(text.contains(right), "002 changed: {upstream:?}");
-    let dir = TempDir::new("sluice-wrong-case-")?;
-    std::fs::write(
-        dir.0.join("002-wrong.yaml"),
-        text.replace(right, "x/a .   .   X   X   X   X   X   X   X"),
-    )?;
+    let (head, _) = text.split_once("      matrix: |").context("002's matrix")?;
+    let with_matrix = |m: &str| format!("{head}      matrix: |\n{m}");
+    let dir = TempDir::new("sluice-runner-cases-")?;
+    let cases = [
+        // Claims that x/a still reaches x/b.
+        (
+            "a-wrong.yaml",
+            text.replace(right, "x/a .   .   X   X   X   X   X   X   X"),
+        ),
+        // Three pods, not in the model's order: right.
+        (
+            "b-subset.yaml",
+            with_matrix(
+                "        -   z/a x/b x/a\n        z/a .   X   X\n        x/b X   .   X\n        x/a X   X   .\n",
+            ),
+        ),
+        // A pod the cluster does not have.
+        (
+            "c-unknown-pod.yaml",
+            with_matrix("        -   x/a q/zz\n        x/a .   X\n        q/zz X   .\n"),
+        ),
+    ];
+    for (name, body) in &cases {
+        std::fs::write(dir.0.join(name), body)?;
+    }
     let outcomes = conformance::run(&Options {
         case_dirs: vec![dir.0.clone()],
         families: vec![Family::Ipv4],
@@ -32,16 +55,36 @@ fn a_case_whose_expected_matrix_is_wrong_fails_with_the_differing_cells_marked()
     })?;
     assert_eq!(
         conformance::summary(&outcomes),
-        "0 passed, 1 failed, 0 skipped"
+        "1 passed, 2 failed, 0 skipped"
     );
-    let detail = &outcomes[0].detail;
+    let of = |file: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.file == file)
+            .with_context(|| format!("{file} in {outcomes:?}"))
+    };
+    let wrong = of("a-wrong.yaml")?;
+    assert_eq!(wrong.result, "FAIL");
     for part in [
         "1 cell(s) differ",
         "expected:\n",
         "actual (* = differs):\n",
         "x/a -> x/b: expected ., got X",
     ] {
-        assert!(detail.contains(part), "{part:?} not in:\n{detail}");
+        assert!(
+            wrong.detail.contains(part),
+            "{part:?} not in:\n{}",
+            wrong.detail
+        );
     }
+    assert_eq!(
+        of("b-subset.yaml")?.result,
+        "PASS",
+        "{:?}",
+        of("b-subset.yaml")?
+    );
+    let unknown = of("c-unknown-pod.yaml")?;
+    assert_eq!(unknown.result, "FAIL");
+    assert!(unknown.detail.contains("q/zz"), "{}", unknown.detail);
     Ok(())
 }

@@ -22,15 +22,17 @@ use sluice_tests::{
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 
-fn show(title: &str, cluster: &Cluster) {
+fn show(title: &str, cluster: &Cluster) -> Result<()> {
     let m = cluster.probe(
+        &cluster.pod_names(),
         Family::Ipv4,
         ProbeTarget::Service,
         Protocol::Tcp,
         80,
         PROBE_TIMEOUT,
-    );
+    )?;
     println!("{title}\n{}", m.render());
+    Ok(())
 }
 
 pub fn run() -> Result<()> {
@@ -50,7 +52,7 @@ pub fn run() -> Result<()> {
     show(
         "TCP/80 through each pod's Service, no policy (rows: from, columns: to; . connects, X blocked):",
         &cluster,
-    );
+    )?;
 
     let examples = root.join("deploy/examples");
     println!("$ kubectl apply -f deploy/examples/");
@@ -89,7 +91,7 @@ pub fn run() -> Result<()> {
     show(
         "TCP/80 with the policies: x accepts only y -> x/a:",
         &cluster,
-    );
+    )?;
 
     // One denied probe, with the drop log followed live: each line is
     // printed as `sluice observe` receives it from the agent.

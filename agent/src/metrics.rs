@@ -91,8 +91,26 @@ impl Drop for Timer<'_> {
     }
 }
 
-/// Renders every metric.
-pub fn render(node: &Node, m: &AgentMetrics) -> String {
+/// Entries counted by walking kernel maps: a syscall per entry, so done
+/// on maps opened from their pins, without holding the node's lock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walked {
+    pub ipcache: usize,
+    pub services: usize,
+}
+
+impl Walked {
+    pub fn count(pin_dir: &std::path::Path) -> Option<Self> {
+        let maps = crate::datapath::Maps::open_pinned(pin_dir).ok()?;
+        Some(Self {
+            ipcache: maps.ipcache.keys().count(),
+            services: maps.services.keys().count(),
+        })
+    }
+}
+
+/// Renders every metric (`walked`: the map fills counted beforehand).
+pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
     let mut out = String::new();
     // Each family's samples stay together, after its HELP and TYPE.
     let mut by: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
@@ -172,21 +190,18 @@ pub fn render(node: &Node, m: &AgentMetrics) -> String {
         "sluice_map_fill_ratio{{map=\"ENDPOINTS\"}} {}",
         ratio(node.registry.all().count(), node.dp.sizes.endpoints)
     );
-    // Counted in the kernel (a key walk: one syscall per entry, about a
-    // millisecond per thousand addresses).
-    put!(
-        out,
-        "sluice_map_fill_ratio{{map=\"IPCACHE\"}} {}",
-        ratio(node.dp.maps.ipcache.keys().count(), node.dp.sizes.ipcache)
-    );
-    put!(
-        out,
-        "sluice_map_fill_ratio{{map=\"SERVICES\"}} {}",
-        ratio(
-            node.dp.maps.services.keys().count(),
-            sluice_common::sizes::SERVICES
-        )
-    );
+    if let Some(w) = walked {
+        put!(
+            out,
+            "sluice_map_fill_ratio{{map=\"IPCACHE\"}} {}",
+            ratio(w.ipcache, node.dp.sizes.ipcache)
+        );
+        put!(
+            out,
+            "sluice_map_fill_ratio{{map=\"SERVICES\"}} {}",
+            ratio(w.services, sluice_common::sizes::SERVICES)
+        );
+    }
     out.push_str("# TYPE sluice_endpoints gauge\n");
     put!(out, "sluice_endpoints {}", node.registry.all().count());
     // Read from the kernel's ENDPOINTS flags: right across agent restarts.
@@ -250,12 +265,21 @@ pub async fn serve(
             if stream.read(&mut buf).await.is_err() {
                 return;
             }
-            let body = tokio::task::spawn_blocking(move || match (node.lock(), metrics.lock()) {
-                (Ok(n), Ok(m)) => render(&n, &m),
-                _ => String::from("# agent state unavailable\n"),
+            let body = tokio::task::spawn_blocking(move || {
+                // The key walks first, outside the lock (about a
+                // millisecond per thousand addresses): ADD and programming
+                // do not wait for a scrape.
+                let pin_dir = node.lock().ok()?.dp.pin_dir().to_owned();
+                let walked = Walked::count(&pin_dir);
+                match (node.lock(), metrics.lock()) {
+                    (Ok(n), Ok(m)) => Some(render(&n, &m, walked)),
+                    _ => None,
+                }
             })
             .await
-            .unwrap_or_default();
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| String::from("# agent state unavailable\n"));
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()

@@ -23,14 +23,6 @@ fn create(api: &ServerHandle, obj: Value) -> Result<String> {
     Ok(resource_version(&api.create(obj)?))
 }
 
-fn namespace(api: &ServerHandle, name: &str) -> Result<String> {
-    create(
-        api,
-        json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}),
-    )
-}
-
 fn pod(ns: &str, name: &str, label: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -52,7 +44,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
         api,
         config,
     } = cluster()?;
-    namespace(&api, "x")?;
+    api.create_namespace("x")?;
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
         create(&api, pod("x", name, label))?;
     }
@@ -129,28 +121,15 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
     assert!(get("sluice_apply_to_programmed_seconds_count")? > 0.0);
 
     // Relabel a: it no longer matches the peer selector.
-    let r = res("pods")?;
     let mut relabelled = api.get("pods", "x", "a").context("pod a")?;
     relabelled["metadata"]["labels"]["pod"] = json!("renamed");
-    let updated = api
-        .with_store(|s| {
-            s.update(
-                r,
-                Some("x"),
-                "a",
-                relabelled,
-                sluice_test_apiserver::store::Part::Main,
-            )
-        })
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let updated = api.update(relabelled, sluice_test_apiserver::store::Part::Main)?;
     let rv = resource_version(&updated);
     node.wait_programmed("Pod/x/a", Some(&rv), WAIT)?;
     assert!(!tcp_ok(&a.ns, b4, 80, SHORT), "a relabelled: denied");
 
     // Delete the policy: b is open again.
-    let np = res("networkpolicies")?;
-    api.with_store(|s| s.delete(np, Some("x"), "allow-a-to-b", (None, None)))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    api.delete("networkpolicies", "x", "allow-a-to-b")?;
     node.wait_programmed("NetworkPolicy/x/allow-a-to-b", None, WAIT)?;
     assert!(tcp_ok(&c.ns, b4, 80, SHORT), "no policy selects b any more");
     Ok(())
@@ -163,7 +142,7 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
         api,
         config,
     } = cluster()?;
-    namespace(&api, "w")?;
+    api.create_namespace("w")?;
     for name in ["client", "server"] {
         create(&api, pod("w", name, name))?;
     }
@@ -224,7 +203,7 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
         api,
         config,
     } = cluster()?;
-    namespace(&api, "y")?;
+    api.create_namespace("y")?;
     create(
         &api,
         json!({
@@ -255,7 +234,7 @@ fn add_for_a_pod_the_api_server_does_not_have_fails_with_11_and_leaves_nothing()
         api,
         config,
     } = cluster()?;
-    namespace(&api, "y")?;
+    api.create_namespace("y")?;
     node.start_agent()?;
     let before = node.ns.veths()?;
     let ns = NetNs::new("sl-pod")?;
@@ -303,7 +282,7 @@ fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_
         config,
     } = cluster()?;
     let addr = api.addr();
-    namespace(&api, "z")?;
+    api.create_namespace("z")?;
     create(&api, pod("z", "client", "client"))?;
     create(&api, pod("z", "server", "server"))?;
     let rv = create(

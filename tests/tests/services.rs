@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use sluice_test_apiserver::{ServerHandle, resource_version, resources, store::Part};
+use sluice_test_apiserver::{ServerHandle, resource_version, store::Part};
 use sluice_tests::{
     ApiNode, NetNs, Node, Pod, Server, eventually,
     kubeproxy::{KubeProxy, Protocol, ServicePort},
@@ -29,23 +29,6 @@ use sluice_tests::{
 const NODE: &str = "node-1";
 const SHORT: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_secs(10);
-
-fn res(plural: &str) -> Result<&'static resources::Resource> {
-    resources::by_plural(plural).context("resource")
-}
-
-fn delete(api: &ServerHandle, plural: &str, ns: &str, name: &str) -> Result<()> {
-    let r = res(plural)?;
-    api.with_store(|s| s.delete(r, Some(ns), name, (None, None)))
-        .map(drop)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
-fn namespace(api: &ServerHandle, name: &str) -> Result<()> {
-    api.create(json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}}))
-        .map(drop)
-}
 
 fn pod(api: &ServerHandle, ns: &str, name: &str, labels: &Value) -> Result<()> {
     api.create(json!({
@@ -145,7 +128,7 @@ fn programmed_service_ips(node: &Node) -> Result<BTreeSet<IpAddr>> {
 #[test]
 fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Result<()> {
     let ApiNode { mut node, api, .. } = cluster()?;
-    namespace(&api, "s")?;
+    api.create_namespace("s")?;
     let plain = service(
         &api,
         "s",
@@ -186,7 +169,7 @@ fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Res
     let want: BTreeSet<IpAddr> = [plain_ip[0], v4ip, "fd00:96::20".parse()?].into();
     assert_eq!(programmed_service_ips(&node)?, want);
 
-    delete(&api, "services", "s", "plain")?;
+    api.delete("services", "s", "plain")?;
     node.wait_programmed("Service/s/plain", None, WAIT)?;
     let want: BTreeSet<IpAddr> = [v4ip, "fd00:96::20".parse()?].into();
     assert_eq!(programmed_service_ips(&node)?, want);
@@ -194,7 +177,7 @@ fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Res
     // Deleted while the agent is down: gone after the restart's re-list
     // (the agent reads back what the pinned map holds).
     node.kill_agent()?;
-    delete(&api, "services", "s", "dual")?;
+    api.delete("services", "s", "dual")?;
     node.start_agent()?;
     node.wait_programmed("Service/s/dual", None, WAIT)?;
     assert_eq!(programmed_service_ips(&node)?, BTreeSet::new());
@@ -233,7 +216,7 @@ fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_po
         api,
         config,
     } = cluster()?;
-    namespace(&api, "x")?;
+    api.create_namespace("x")?;
     for name in ["a", "b", "c", "d"] {
         pod(&api, "x", name, &json!({"pod": name}))?;
     }
@@ -422,7 +405,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
         api,
         config,
     } = cluster()?;
-    namespace(&api, "x")?;
+    api.create_namespace("x")?;
     pod(&api, "x", "a", &json!({"pod": "a"}))?;
     // A Service whose backend is the node itself (as the API server's
     // `kubernetes` Service, or a hostNetwork pod): 443 -> node:6443.
@@ -752,8 +735,8 @@ fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_no
         api,
         config,
     } = cluster()?;
-    namespace(&api, "dns")?;
-    namespace(&api, "y")?;
+    api.create_namespace("dns")?;
+    api.create_namespace("y")?;
     pod(&api, "dns", "coredns", &json!({"k8s-app": "kube-dns"}))?;
     pod(&api, "y", "client", &json!({"app": "client"}))?;
     pod(&api, "y", "web", &json!({"app": "web"}))?;

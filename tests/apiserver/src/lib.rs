@@ -26,7 +26,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, thread::JoinHandle, time::Dura
 use anyhow::{Context as _, Result, bail};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 pub use store::{ApiError, Store};
@@ -237,6 +237,21 @@ impl ServerHandle {
         let (r, ns, name) = target(&obj)?;
         self.with_store(|s| s.update(r, ns.as_deref(), &name, obj, part))
             .map_err(|e| anyhow::anyhow!("update {} {name}: {e:?}", r.kind))
+    }
+
+    /// Creates Namespace `name` (the server adds its
+    /// `kubernetes.io/metadata.name` label, as the real one does).
+    pub fn create_namespace(&self, name: &str) -> Result<Value> {
+        self.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+    }
+
+    /// Deletes an object, by plural resource name, namespace (ignored for
+    /// cluster-scoped kinds) and name.
+    pub fn delete(&self, plural: &str, namespace: &str, name: &str) -> Result<()> {
+        let r = resources::by_plural(plural).with_context(|| format!("no resource {plural}"))?;
+        self.with_store(|s| s.delete(r, Some(namespace), name, (None, None)))
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("delete {plural} {namespace}/{name}: {e:?}"))
     }
 
     /// An object, by plural resource name (`pods`, `networkpolicies`, ...),

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sluice_test_apiserver::{
     Config, Server as ApiServer, ServerHandle, resource_version, resources,
 };
-use sluice_tests::{ApiNode, NetNs, Pod, Server, cni_env, eventually, tcp_ok};
+use sluice_tests::{ApiNode, NetNs, Node, Pod, Server, cni_env, eventually, tcp_ok};
 
 const NODE: &str = "node-1";
 const SHORT: Duration = Duration::from_millis(400);
@@ -32,18 +32,17 @@ fn pod(ns: &str, name: &str, label: &str) -> Value {
     })
 }
 
-fn cluster() -> Result<ApiNode> {
-    ApiNode::new(NODE, "10.120.0.0/24", "fd00:120::/64")
+/// A node whose agent watches a fresh test API server: (node, server,
+/// the plugin config for its pods).
+fn cluster() -> Result<(Node, ServerHandle, String)> {
+    let ApiNode { node, api, config } = ApiNode::new(NODE, "10.120.0.0/24", "fd00:120::/64")?;
+    Ok((node, api, config))
 }
 
 #[test]
 fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_it_programmed()
 -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("x")?;
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
         create(&api, pod("x", name, label))?;
@@ -137,11 +136,7 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
 
 #[test]
 fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("w")?;
     for name in ["client", "server"] {
         create(&api, pod("w", name, name))?;
@@ -198,11 +193,7 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
 
 #[test]
 fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("y")?;
     create(
         &api,
@@ -229,11 +220,7 @@ fn a_pod_added_before_the_watch_delivers_it_starts_with_its_policy_in_force() ->
 
 #[test]
 fn add_for_a_pod_the_api_server_does_not_have_fails_with_11_and_leaves_nothing() -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("y")?;
     node.start_agent()?;
     let before = node.ns.veths()?;
@@ -276,11 +263,7 @@ fn add_for_a_pod_the_api_server_does_not_have_fails_with_11_and_leaves_nothing()
 
 #[test]
 fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_up() -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     let addr = api.addr();
     api.create_namespace("z")?;
     create(&api, pod("z", "client", "client"))?;

@@ -99,8 +99,11 @@ fn policy(api: &ServerHandle, ns: &str, name: &str, spec: &Value) -> Result<Stri
     Ok(resource_version(&created))
 }
 
-fn cluster() -> Result<ApiNode> {
-    ApiNode::new(NODE, "10.121.0.0/24", "fd00:121::/64")
+/// A node whose agent watches a fresh test API server: (node, server,
+/// the plugin config for its pods).
+fn cluster() -> Result<(Node, ServerHandle, String)> {
+    let ApiNode { node, api, config } = ApiNode::new(NODE, "10.121.0.0/24", "fd00:121::/64")?;
+    Ok((node, api, config))
 }
 
 fn v4(p: &Pod) -> Result<IpAddr> {
@@ -127,7 +130,7 @@ fn programmed_service_ips(node: &Node) -> Result<BTreeSet<IpAddr>> {
 
 #[test]
 fn the_agent_keeps_the_cluster_ips_of_every_service_in_its_services_map() -> Result<()> {
-    let ApiNode { mut node, api, .. } = cluster()?;
+    let (mut node, api, _) = cluster()?;
     api.create_namespace("s")?;
     let plain = service(
         &api,
@@ -211,11 +214,7 @@ fn both_ways(
 #[test]
 fn egress_through_a_cluster_ip_is_allowed_and_denied_exactly_as_egress_to_the_pod_behind_it()
 -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("x")?;
     for name in ["a", "b", "c", "d"] {
         pod(&api, "x", name, &json!({"pod": name}))?;
@@ -400,11 +399,7 @@ impl Drop for HostServer {
 #[test]
 fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_the_node()
 -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("x")?;
     pod(&api, "x", "a", &json!({"pod": "a"}))?;
     // A Service whose backend is the node itself (as the API server's
@@ -730,11 +725,7 @@ fn resolve_tcp(ns: &NetNs, server: IpAddr, name: &str, id: u16) -> Option<Ipv4Ad
 #[test]
 fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_nothing_else()
 -> Result<()> {
-    let ApiNode {
-        mut node,
-        api,
-        config,
-    } = cluster()?;
+    let (mut node, api, config) = cluster()?;
     api.create_namespace("dns")?;
     api.create_namespace("y")?;
     pod(&api, "dns", "coredns", &json!({"k8s-app": "kube-dns"}))?;

@@ -430,7 +430,12 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
         |ip, backend| ServicePort::new("x/apiserver", ip, Protocol::Tcp, 443, &[(backend, 6443)]);
     let kp = KubeProxy::apply(&node.ns, &[port(svc4, node4), port(svc6, node6)])?;
     let tcp = |ip, port| tcp_ok(&a.ns, ip, port, SHORT);
-    let families = [(svc4, node4), (svc6, node6)];
+    // Through the ClusterIP and straight to the node, in both families.
+    let to_the_node = |what: &str, want: bool| {
+        for (svc, node) in [(svc4, node4), (svc6, node6)] {
+            both_ways(what, tcp, (svc, 443), (node, 6443), want);
+        }
+    };
 
     // No policy: the node is reached both ways.
     assert!(
@@ -438,9 +443,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
         "a -> the Service before any policy; kube-proxy's tables:\n{}",
         kp.list()
     );
-    for (svc, node) in families {
-        both_ways("TCP to the node", tcp, (svc, 443), (node, 6443), true);
-    }
+    to_the_node("TCP to the node", true);
 
     // Egress only to pods labelled b: the node is not one, through the
     // ClusterIP as directly.
@@ -449,15 +452,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
                                       "ports": [{"protocol": "TCP", "port": 6443}]}]});
     let rv = policy(&api, "x", "a-egress", &spec)?;
     node.wait_programmed("NetworkPolicy/x/a-egress", Some(&rv), WAIT)?;
-    for (svc, node) in families {
-        both_ways(
-            "TCP to the node, egress to pods only",
-            tcp,
-            (svc, 443),
-            (node, 6443),
-            false,
-        );
-    }
+    to_the_node("TCP to the node, egress to pods only", false);
     assert_drop_event(
         &node,
         &json!({"direction": "egress", "reason": "policy-denied", "src": v4(&a)?.to_string(),
@@ -489,15 +484,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
     let after = pins(&node)?;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(before, after, "the new agent's link replaced the old one");
-    for (svc, node) in families {
-        both_ways(
-            "TCP to the node after a restart",
-            tcp,
-            (svc, 443),
-            (node, 6443),
-            false,
-        );
-    }
+    to_the_node("TCP to the node after a restart", false);
 
     // The node's addresses by ipBlock: allowed both ways again.
     spec["egress"][0]["to"] = json!([{"ipBlock": {"cidr": format!("{node4}/32")}},
@@ -508,15 +495,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
     np["spec"] = spec;
     let rv = resource_version(&api.update(np, Part::Main)?);
     node.wait_programmed("NetworkPolicy/x/a-egress", Some(&rv), WAIT)?;
-    for (svc, node) in families {
-        both_ways(
-            "TCP to the node by ipBlock",
-            tcp,
-            (svc, 443),
-            (node, 6443),
-            true,
-        );
-    }
+    to_the_node("TCP to the node by ipBlock", true);
     drop(kp);
     Ok(())
 }

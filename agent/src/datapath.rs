@@ -283,14 +283,14 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for hook in HOOKS.iter().chain(&UPLINK_HOOKS) {
-            program_mut(&mut ebpf, hook.program)?
+            program_mut::<SchedClassifier>(&mut ebpf, hook.program)?
                 .load()
                 .map_err(|source| DatapathError::Program {
                     name: hook.program,
                     source,
                 })?;
         }
-        host_program(&mut ebpf)?
+        program_mut::<CgroupSkb>(&mut ebpf, programs::TO_HOST)?
             .load()
             .map_err(|source| DatapathError::Program {
                 name: programs::TO_HOST,
@@ -366,7 +366,7 @@ impl Datapath {
         }
         for &hook in hooks {
             let path = self.link_path(ifname, hook);
-            let prog = program_mut(&mut self.ebpf, hook.program)?;
+            let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program)?;
             let prog_err = |source| DatapathError::Program {
                 name: hook.program,
                 source,
@@ -428,7 +428,7 @@ impl Datapath {
         }
         for &hook in hooks {
             let marker = clsact_marker(&self.link_path(ifname, hook));
-            let prog = program_mut(&mut self.ebpf, hook.program)?;
+            let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, hook.program)?;
             let prog_err = |source| DatapathError::Program {
                 name: hook.program,
                 source,
@@ -499,7 +499,7 @@ impl Datapath {
             Err(e) => Err(io_err(path)(e)),
         };
         let dir = std::fs::File::open(cgroup).map_err(io_err(cgroup))?;
-        let prog = host_program(&mut self.ebpf)?;
+        let prog: &mut CgroupSkb = program_mut(&mut self.ebpf, programs::TO_HOST)?;
         let prog_err = |source| DatapathError::Program {
             name: programs::TO_HOST,
             source,
@@ -606,17 +606,11 @@ impl Datapath {
     }
 }
 
-fn host_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb> {
-    ebpf.program_mut(programs::TO_HOST)
-        .ok_or(DatapathError::MissingProgram(programs::TO_HOST))?
-        .try_into()
-        .map_err(|source| DatapathError::Program {
-            name: programs::TO_HOST,
-            source,
-        })
-}
-
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+/// Program `name` of the object, as its type (`SchedClassifier`, `CgroupSkb`).
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?
         .try_into()

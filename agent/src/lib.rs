@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod events;
 pub mod k8s;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod policy;
 pub mod registry;

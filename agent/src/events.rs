@@ -1,11 +1,11 @@
-//! Drop events: read from the ring buffer, printed as one JSON object per
-//! line. The data path already rate-limits them per flow.
+//! Drop events as users read them: decoded from the data path's records
+//! (`datapath::DropEvents` follows the ring buffer), enriched with pod
+//! names, filtered for `sluice observe`. The data path already rate-limits
+//! them per flow.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use sluice_common::{DIR_EGRESS, DropEvent, reason};
-use tokio::io::unix::AsyncFd;
 
 /// A drop as users read it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -131,27 +131,6 @@ pub fn decode(bytes: &[u8]) -> Option<DropEvent> {
     // SAFETY: DropEvent is repr(C) plain data valid for any bit pattern and
     // the slice is at least as long; read_unaligned copes with alignment.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
-}
-
-/// Follows the ring buffer forever, handing each drop to `sink`.
-pub async fn follow(
-    ring: RingBuf<MapData>,
-    mut sink: impl FnMut(DropRecord),
-) -> std::io::Result<()> {
-    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd
-    // owns the ring buffer, and as_raw_fd always returns that fd.
-    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(ev) => sink(DropRecord::from(&ev)),
-                None => tracing::warn!(len = item.len(), "short record in the drop ring buffer"),
-            }
-        }
-        guard.clear_ready();
-    }
 }
 
 #[cfg(test)]

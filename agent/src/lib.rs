@@ -1,20 +1,27 @@
-//! Sluice's node agent: loads and pins the TC programs, keeps the endpoint
-//! registry, serves the CNI socket and reports drops.
+//! Sluice's node agent. Dependencies run one way (docs/architecture.md):
 //!
-//! Pure logic lives in `policy` (what the maps hold for an endpoint) and
-//! `events` (decoding drops); `datapath` is the thin edge over aya, `node`
-//! the operations, `server` the socket.
+//! - `model`: the shared vocabulary (kinds, object keys, endpoint ids,
+//!   identities);
+//! - `policy`: the NetworkPolicy compiler, pure (no aya, tokio or client);
+//! - `cluster`: the Kubernetes side (watches, known objects, Events), over
+//!   `policy`;
+//! - `datapath`: the only module that imports aya (load, maps, attach, the
+//!   writer, drop events); `endpoints`: node-local endpoints over it;
+//! - `reconcile`: owns the state and the order of writes, applies
+//!   `cluster`'s changes through `endpoints` and `datapath`, plus routes and
+//!   uplinks; `server` (the CNI socket) and `main` call it;
+//! - `events` (drop records), `metrics`, `netdev` (the node's interfaces),
+//!   `config` (the command line).
 pub mod cluster;
-pub mod compiler;
+pub mod config;
 pub mod datapath;
+pub mod endpoints;
 pub mod events;
-pub mod k8s;
 pub mod metrics;
 pub mod model;
-pub mod node;
+pub mod netdev;
 pub mod policy;
-pub mod registry;
-pub mod routes;
+pub mod reconcile;
 pub mod server;
 
 use std::path::{Path, PathBuf};
@@ -23,12 +30,6 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     #[error("{0} is not on a bpffs mount (mount -t bpf bpf {0})")]
     NotBpffs(String),
-    #[error(transparent)]
-    Node(#[from] node::NodeError),
-    #[error(transparent)]
-    Datapath(#[from] datapath::DatapathError),
-    #[error(transparent)]
-    Registry(#[from] registry::RegistryError),
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
     #[error("no cgroup2 mount in /proc/self/mountinfo (pass --host-cgroup)")]

@@ -13,7 +13,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::node::Node;
+use crate::reconcile::{Reconciler, State};
 
 /// Appends one line to a String (which cannot fail, unlike `writeln!`).
 macro_rules! put {
@@ -103,18 +103,18 @@ impl Walked {
     pub fn count(pin_dir: &std::path::Path) -> Option<Self> {
         let maps = crate::datapath::Maps::open_pinned(pin_dir).ok()?;
         Some(Self {
-            ipcache: maps.ipcache.keys().count(),
-            services: maps.services.keys().count(),
+            ipcache: maps.ipcache_len(),
+            services: maps.service_ips().map_or(0, |s| s.len()),
         })
     }
 }
 
 /// Renders every metric (`walked`: the map fills counted beforehand).
-pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
+pub fn render(st: &State, m: &AgentMetrics, walked: Option<Walked>) -> String {
     let mut out = String::new();
     // Each family's samples stay together, after its HELP and TYPE.
     let mut by: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
-    if let Ok(counters) = node.dp.maps.drop_counters() {
+    if let Ok(counters) = st.dp.writer.maps().drop_counters() {
         for (k, v) in counters {
             let dir = if k.dir == DIR_EGRESS {
                 "egress"
@@ -143,9 +143,10 @@ pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
     use sluice_common::stat;
     out.push_str("# HELP sluice_forwarded_packets_total Packets the data path passed.\n# TYPE sluice_forwarded_packets_total counter\n");
     for (d, dir) in [("ingress", DIR_INGRESS), ("egress", DIR_EGRESS)] {
-        let v = node
+        let v = st
             .dp
-            .maps
+            .writer
+            .maps()
             .stat(stat::FORWARDED + u32::from(dir))
             .unwrap_or(0);
         put!(
@@ -161,13 +162,13 @@ pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
         ("drop_events_rate_limited", stat::EVENTS_RATE_LIMITED),
         ("drop_events_lost", stat::EVENTS_LOST),
     ] {
-        let v = node.dp.maps.stat(idx).unwrap_or(0);
+        let v = st.dp.writer.maps().stat(idx).unwrap_or(0);
         put!(out, "sluice_datapath_events_total{{event=\"{name}\"}} {v}");
     }
     out.push_str("# HELP sluice_policy_entries Policy map entries per endpoint.\n# TYPE sluice_policy_entries gauge\n");
     let mut total = 0usize;
-    for ep in node.registry.all() {
-        let n = node.entries_of(ep.ep_id);
+    for ep in st.endpoints.all() {
+        let n = st.endpoints.entries_of(ep.ep_id);
         total += n;
         let ns = ep.spec.pod_namespace.as_deref().unwrap_or("");
         let pod = ep.spec.pod_name.as_deref().unwrap_or("");
@@ -183,18 +184,18 @@ pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
     put!(
         out,
         "sluice_map_fill_ratio{{map=\"POLICY\"}} {}",
-        ratio(total, node.dp.sizes.policy)
+        ratio(total, st.dp.sizes.policy)
     );
     put!(
         out,
         "sluice_map_fill_ratio{{map=\"ENDPOINTS\"}} {}",
-        ratio(node.registry.all().count(), node.dp.sizes.endpoints)
+        ratio(st.endpoints.len(), st.dp.sizes.endpoints)
     );
     if let Some(w) = walked {
         put!(
             out,
             "sluice_map_fill_ratio{{map=\"IPCACHE\"}} {}",
-            ratio(w.ipcache, node.dp.sizes.ipcache)
+            ratio(w.ipcache, st.dp.sizes.ipcache)
         );
         put!(
             out,
@@ -203,13 +204,15 @@ pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
         );
     }
     out.push_str("# TYPE sluice_endpoints gauge\n");
-    put!(out, "sluice_endpoints {}", node.registry.all().count());
+    put!(out, "sluice_endpoints {}", st.endpoints.len());
     // Read from the kernel's ENDPOINTS flags: right across agent restarts.
-    let failed_closed = node
-        .registry
-        .all()
-        .filter_map(|ep| node.dp.maps.endpoints.get(&ep.spec.host_ifindex, 0).ok())
-        .filter(|info| info.flags & EP_FAIL_CLOSED != 0)
+    let failed_closed = st
+        .dp
+        .writer
+        .maps()
+        .endpoint_records()
+        .into_iter()
+        .filter(|(_, info)| info.flags & EP_FAIL_CLOSED != 0)
         .count();
     out.push_str("# HELP sluice_endpoints_failed_closed Endpoints dropping everything because their policy does not fit.\n# TYPE sluice_endpoints_failed_closed gauge\n");
     put!(out, "sluice_endpoints_failed_closed {failed_closed}");
@@ -217,7 +220,7 @@ pub fn render(node: &Node, m: &AgentMetrics, walked: Option<Walked>) -> String {
     put!(
         out,
         "sluice_endpoints_failed_closed_total {}",
-        node.failed_closed_total
+        st.endpoints.failed_closed_total()
     );
     out.push_str("# TYPE sluice_compile_duration_seconds histogram\n");
     m.compile_seconds
@@ -253,12 +256,12 @@ fn escape(s: &str) -> String {
 /// Serves the metrics over plain HTTP.
 pub async fn serve(
     listener: TcpListener,
-    node: Arc<Mutex<Node>>,
+    reconciler: Reconciler,
     metrics: Shared,
 ) -> std::io::Result<()> {
     loop {
         let (mut stream, _) = listener.accept().await?;
-        let (node, metrics) = (node.clone(), metrics.clone());
+        let (node, metrics) = (reconciler.state().clone(), metrics.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             // The request itself does not matter; read what the client sent.

@@ -3,6 +3,8 @@
 //! only where a human or the proto reads them (`Display`).
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// The kinds of object the agent knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -113,7 +115,10 @@ impl fmt::Display for ObjKey {
 
 /// A node-local endpoint's number: the key of its POLICY and CIDRS entries,
 /// never reused on this node (the registry's counter survives restarts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct EpId(pub u32);
 
 impl fmt::Display for EpId {
@@ -124,7 +129,10 @@ impl fmt::Display for EpId {
 
 /// A security identity: what the data path matches peers by
 /// (`sluice_common::IDENTITY_*` and the compiler's numbers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct Identity(pub u32);
 
 impl fmt::Display for Identity {

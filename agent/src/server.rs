@@ -1,11 +1,7 @@
 //! The CNI socket: one JSON request line in, one JSON response line out.
 //! The socket is created mode 0600 and every peer's uid is checked, so only
 //! root (the container runtime running the plugin) can change endpoints.
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use sluice_proto::{Request, Response, code};
 use tokio::{
@@ -14,7 +10,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{events::DropRecord, node::Node};
+use crate::{cluster::Change, endpoints::pod_of, events::DropRecord, reconcile::Reconciler};
 
 /// Longest request accepted: a policy for one endpoint fits easily.
 const MAX_REQUEST: u64 = 4 << 20;
@@ -42,7 +38,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// What request handlers share.
 pub struct Ctx {
-    pub node: Arc<Mutex<Node>>,
+    pub reconciler: Reconciler,
     /// Every drop, enriched, for `Observe` streams.
     pub drops: tokio::sync::broadcast::Sender<DropRecord>,
     /// The API client in cluster mode, to fetch a pod the watch has not
@@ -58,15 +54,10 @@ async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Resul
     let Some(client) = &ctx.client else {
         return Ok(());
     };
-    let Some(pod) = crate::cluster::pod_ref_of(spec) else {
+    let Some(pod) = pod_of(spec) else {
         return Ok(());
     };
-    let known = ctx
-        .node
-        .lock()
-        .map(|n| n.cluster.as_ref().is_some_and(|c| c.knows_pod(&pod)))
-        .unwrap_or(false);
-    if known {
+    if ctx.reconciler.knows_pod(pod.clone()).await.unwrap_or(false) {
         return Ok(());
     }
     let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
@@ -94,23 +85,10 @@ async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Resul
             ));
         }
     };
-    let node = ctx.node.clone();
-    tokio::task::spawn_blocking(move || match node.lock() {
-        Ok(mut n) => n.learn_pod(p).map_err(|e| e.to_response()),
-        Err(_) => Err(Response::error(
-            code::TRY_AGAIN_LATER,
-            "agent state is poisoned",
-            "",
-        )),
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(Response::error(
-            code::IO_FAILURE,
-            "agent task failed",
-            e.to_string(),
-        ))
-    })
+    ctx.reconciler
+        .apply(vec![Change::Applied(crate::cluster::Object::Pod(Box::new(p)))])
+        .await
+        .map_err(|e| e.to_response())
 }
 
 pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>) -> std::io::Result<()> {
@@ -150,18 +128,7 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
                 };
                 match fetched {
                     Err(resp) => resp,
-                    Ok(()) => {
-                        let node = ctx.node.clone();
-                        tokio::task::spawn_blocking(move || dispatch(&node, req))
-                            .await
-                            .unwrap_or_else(|e| {
-                                Response::error(
-                                    code::IO_FAILURE,
-                                    "agent task failed",
-                                    e.to_string(),
-                                )
-                            })
-                    }
+                    Ok(()) => dispatch(&ctx.reconciler, req).await,
                 }
             }
             Err(e) => Response::error(
@@ -201,52 +168,35 @@ async fn observe(
     }
 }
 
-fn dispatch(node: &Mutex<Node>, req: Request) -> Response {
-    let Ok(mut node) = node.lock() else {
-        return Response::error(
-            code::TRY_AGAIN_LATER,
-            "agent state is poisoned",
-            "restart the agent",
-        );
-    };
+async fn dispatch(r: &Reconciler, req: Request) -> Response {
     let result = match req {
         Request::Status => Ok(Response::Ok),
-        Request::AddEndpoint { endpoint } => node
+        Request::AddEndpoint { endpoint } => r
             .add_endpoint(endpoint)
-            .map(|ep_id| Response::Endpoint { ep_id }),
+            .await
+            .map(|ep_id| Response::Endpoint { ep_id: ep_id.0 }),
         Request::DelEndpoint { attachment } => {
-            node.del_endpoint(&attachment).map(|()| Response::Ok)
+            r.del_endpoint(attachment).await.map(|()| Response::Ok)
         }
-        Request::CheckEndpoint { attachment } => node
-            .check_endpoint(&attachment)
-            .map(|ep_id| Response::Endpoint { ep_id }),
-        Request::Gc { valid } => node.gc(&valid).map(|_| Response::Ok),
-        Request::SetPolicy { attachment, policy } => node
-            .set_policy_json(&attachment, policy)
-            .map(|()| Response::Ok),
+        Request::CheckEndpoint { attachment } => r
+            .check_endpoint(attachment)
+            .await
+            .map(|ep_id| Response::Endpoint { ep_id: ep_id.0 }),
+        Request::Gc { valid } => r.gc(valid).await.map(|_| Response::Ok),
+        Request::SetPolicy { attachment, policy } => {
+            r.set_policy(attachment, policy).await.map(|()| Response::Ok)
+        }
         // Handled before dispatch: it streams instead of answering once.
         Request::Observe { .. } => Ok(Response::error(
             code::INVALID_CONFIG,
             "observe is a stream",
             "",
         )),
-        Request::Programmed => Ok(match &node.cluster {
-            Some(c) => Response::Programmed {
-                synced: c.is_synced(),
-                objects: c.programmed.clone(),
-            },
-            None => Response::Programmed {
-                synced: false,
-                objects: Default::default(),
-            },
-        }),
-        Request::PodCidrs => Ok(Response::PodCidrs {
-            cidrs: node
-                .cluster
-                .as_ref()
-                .map(|c| c.pod_cidrs.clone())
-                .unwrap_or_default(),
-        }),
+        Request::Programmed => r
+            .programmed()
+            .await
+            .map(|(synced, objects)| Response::Programmed { synced, objects }),
+        Request::PodCidrs => r.pod_cidrs().await.map(|cidrs| Response::PodCidrs { cidrs }),
     };
     result.unwrap_or_else(|e| {
         warn!(error = %e, code = e.cni_code(), "request failed");

@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Node, ObjectReference, Pod, Service},
         networking::v1::NetworkPolicy,
     },
     serde::de::DeserializeOwned,
@@ -19,44 +19,16 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
     runtime::{
         WatchStreamExt as _,
-        events::{Event, EventType, Recorder, Reporter},
         watcher,
     },
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{cluster::Notice, metrics};
-
-/// The kinds the agent watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Pod,
-    Namespace,
-    NetworkPolicy,
-    Node,
-    Service,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 5] = [
-        Kind::Pod,
-        Kind::Namespace,
-        Kind::NetworkPolicy,
-        Kind::Node,
-        Kind::Service,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Pod => "Pod",
-            Kind::Namespace => "Namespace",
-            Kind::NetworkPolicy => "NetworkPolicy",
-            Kind::Node => "Node",
-            Kind::Service => "Service",
-        }
-    }
-}
+use crate::{
+    metrics,
+    model::{Kind, ObjKey},
+};
 
 /// One object of any watched kind.
 #[derive(Clone, Debug)]
@@ -69,6 +41,40 @@ pub enum Object {
 }
 
 impl Object {
+    /// Its kind, namespace and name.
+    pub fn key(&self) -> ObjKey {
+        let (ns, name) = match self {
+            Object::Pod(p) => (p.namespace(), p.name_any()),
+            Object::Namespace(n) => (None, n.name_any()),
+            Object::NetworkPolicy(p) => (p.namespace(), p.name_any()),
+            Object::Node(n) => (None, n.name_any()),
+            Object::Service(s) => (s.namespace(), s.name_any()),
+        };
+        ObjKey::new(self.kind(), ns.unwrap_or_default(), name)
+    }
+
+    pub fn resource_version(&self) -> String {
+        match self {
+            Object::Pod(p) => p.resource_version(),
+            Object::Namespace(n) => n.resource_version(),
+            Object::NetworkPolicy(p) => p.resource_version(),
+            Object::Node(n) => n.resource_version(),
+            Object::Service(s) => s.resource_version(),
+        }
+        .unwrap_or_default()
+    }
+
+    /// Its reference, for an Event.
+    pub fn reference(&self) -> ObjectReference {
+        match self {
+            Object::Pod(p) => p.object_ref(&()),
+            Object::Namespace(n) => n.object_ref(&()),
+            Object::NetworkPolicy(p) => p.object_ref(&()),
+            Object::Node(n) => n.object_ref(&()),
+            Object::Service(s) => s.object_ref(&()),
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Object::Pod(_) => Kind::Pod,
@@ -180,7 +186,7 @@ fn is_gone(e: &watcher::Error) -> bool {
 }
 
 /// Starts the watchers; changes arrive on the returned channel.
-pub fn start(client: Client, node_name: &str, metrics: metrics::Shared) -> mpsc::Receiver<Change> {
+pub fn start(client: Client, metrics: metrics::Shared) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(1024);
     let cfg = watcher::Config::default;
     tokio::spawn(watch_kind(
@@ -209,7 +215,6 @@ pub fn start(client: Client, node_name: &str, metrics: metrics::Shared) -> mpsc:
     ));
     // Every Node: ours gives the IPAM ranges, the others the routes to
     // their pod CIDRs.
-    let _ = node_name;
     tokio::spawn(watch_kind(
         Api::<Node>::all(client.clone()),
         cfg(),
@@ -229,59 +234,6 @@ pub fn start(client: Client, node_name: &str, metrics: metrics::Shared) -> mpsc:
         metrics,
     ));
     rx
-}
-
-/// `namespace/name` (or `name`) and resourceVersion of an object, for status.
-pub fn object_ref(o: &Object) -> (String, String) {
-    let (ns, name, rv) = match o {
-        Object::Pod(p) => (p.namespace(), p.name_any(), p.resource_version()),
-        Object::Namespace(n) => (None, n.name_any(), n.resource_version()),
-        Object::NetworkPolicy(p) => (p.namespace(), p.name_any(), p.resource_version()),
-        Object::Node(n) => (None, n.name_any(), n.resource_version()),
-        Object::Service(s) => (s.namespace(), s.name_any(), s.resource_version()),
-    };
-    let key = match ns {
-        Some(ns) => format!("{}/{ns}/{name}", o.kind().name()),
-        None => format!("{}/{name}", o.kind().name()),
-    };
-    (key, rv.unwrap_or_default())
-}
-
-/// Posts the Warning Events the reconciler queues (`cluster::Notice`), as
-/// `sluice-agent` on `node_name`, so that `kubectl describe` shows why a
-/// rule is not in force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy).
-/// A failed post is logged and not retried: the agent's log already has the
-/// problem, and a full queue drops notices rather than slow programming.
-pub fn start_notices(client: Client, node_name: &str) -> mpsc::Sender<Notice> {
-    let (tx, mut rx) = mpsc::channel::<Notice>(256);
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: "sluice-agent".into(),
-            instance: Some(node_name.to_owned()),
-        },
-    );
-    tokio::spawn(async move {
-        while let Some(n) = rx.recv().await {
-            let kind = n.regarding.kind.clone().unwrap_or_default();
-            let event = Event {
-                type_: EventType::Warning,
-                reason: format!("Invalid{kind}"),
-                note: Some(format!("{} (the rule concerned denies)", n.note)),
-                action: "CompilePolicy".into(),
-                secondary: None,
-            };
-            match recorder.publish(&event, &n.regarding).await {
-                Ok(()) => {
-                    info!(kind = %kind, namespace = ?n.regarding.namespace, name = ?n.regarding.name, "posted a Warning Event");
-                }
-                Err(e) => {
-                    warn!(kind = %kind, namespace = ?n.regarding.namespace, name = ?n.regarding.name, error = %e, "posting a Warning Event failed");
-                }
-            }
-        }
-    });
-    tx
 }
 
 #[cfg(test)]

@@ -1,13 +1,21 @@
 //! The endpoint registry: which pod attachments this node has, persisted as
-//! one JSON file per attachment so that a restarted agent knows them again.
+//! one JSON file per attachment so that a restarted agent knows them again,
+//! and indexed by attachment, by pod and by address (an ipcache change, a
+//! policy change or a drop event finds its endpoint without a scan).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 use sluice_proto::{Attachment, EndpointSpec};
+
+use crate::{
+    datapath::EndpointRecord,
+    model::{EpId, Identity, ObjectRef},
+};
 
 /// A registered endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,8 +24,45 @@ pub struct Endpoint {
     /// Unique for the life of the node's state: never reused, so conntrack
     /// entries of a deleted endpoint cannot match a new one on the same
     /// ifindex.
-    pub ep_id: u32,
-    pub identity: u32,
+    pub ep_id: EpId,
+    pub identity: Identity,
+}
+
+impl Endpoint {
+    /// The pod it belongs to, when the runtime said (CNI_ARGS).
+    pub fn pod(&self) -> Option<ObjectRef> {
+        pod_of(&self.spec)
+    }
+
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        spec_ips(&self.spec)
+    }
+
+    /// What the data path is told about it.
+    pub fn record(&self) -> EndpointRecord {
+        EndpointRecord {
+            ep_id: self.ep_id,
+            identity: self.identity,
+            ifindex: self.spec.host_ifindex,
+            ipv4: self.spec.ipv4,
+            ipv6: self.spec.ipv6,
+        }
+    }
+}
+
+/// The pod of an endpoint spec, when the runtime said (CNI_ARGS).
+pub fn pod_of(s: &EndpointSpec) -> Option<ObjectRef> {
+    Some(ObjectRef::new(
+        s.pod_namespace.clone()?,
+        s.pod_name.clone()?,
+    ))
+}
+
+pub fn spec_ips(s: &EndpointSpec) -> impl Iterator<Item = IpAddr> + use<> {
+    s.ipv4
+        .map(IpAddr::V4)
+        .into_iter()
+        .chain(s.ipv6.map(IpAddr::V6))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +85,14 @@ type Result<T> = std::result::Result<T, RegistryError>;
 
 pub struct Registry {
     dir: PathBuf,
-    by_attachment: BTreeMap<(String, String), Endpoint>,
+    by_attachment: BTreeMap<Key, Endpoint>,
+    by_pod: HashMap<ObjectRef, Key>,
+    by_ip: HashMap<IpAddr, Key>,
     next_ep_id: u32,
 }
+
+/// Container id and interface name: what the runtime names an attachment by.
+type Key = (String, String);
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
@@ -51,7 +101,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
-fn key(a: &Attachment) -> (String, String) {
+fn key(a: &Attachment) -> Key {
     (a.container_id.clone(), a.ifname.clone())
 }
 
@@ -60,7 +110,13 @@ impl Registry {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let dir = state_dir.join("endpoints");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let mut by_attachment = BTreeMap::new();
+        let mut registry = Self {
+            dir: dir.clone(),
+            by_attachment: BTreeMap::new(),
+            by_pod: HashMap::new(),
+            by_ip: HashMap::new(),
+            next_ep_id: 1,
+        };
         for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();
             if path.extension().is_none_or(|e| e != "json") {
@@ -72,7 +128,7 @@ impl Registry {
                     path: path.clone(),
                     source,
                 })?;
-            by_attachment.insert(key(&ep.spec.attachment), ep);
+            registry.index(ep);
         }
         let counter = state_dir.join("next-ep-id");
         let stored = match std::fs::read_to_string(&counter) {
@@ -80,16 +136,42 @@ impl Registry {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 1,
             Err(e) => return Err(io_err(&counter)(e)),
         };
-        let seen = by_attachment
+        let seen = registry
+            .by_attachment
             .values()
-            .map(|e| e.ep_id + 1)
+            .map(|e| e.ep_id.0 + 1)
             .max()
             .unwrap_or(1);
-        Ok(Self {
-            dir,
-            by_attachment,
-            next_ep_id: stored.max(seen),
-        })
+        registry.next_ep_id = stored.max(seen);
+        Ok(registry)
+    }
+
+    fn index(&mut self, ep: Endpoint) {
+        let k = key(&ep.spec.attachment);
+        if let Some(pod) = ep.pod() {
+            self.by_pod.insert(pod, k.clone());
+        }
+        for ip in ep.ips() {
+            self.by_ip.insert(ip, k.clone());
+        }
+        self.by_attachment.insert(k, ep);
+    }
+
+    fn unindex(&mut self, k: &Key) -> Option<Endpoint> {
+        let ep = self.by_attachment.remove(k)?;
+        // Only entries that still point at this attachment: a newer
+        // endpoint may have taken the pod or an address over.
+        if let Some(pod) = ep.pod()
+            && self.by_pod.get(&pod) == Some(k)
+        {
+            self.by_pod.remove(&pod);
+        }
+        for ip in ep.ips() {
+            if self.by_ip.get(&ip) == Some(k) {
+                self.by_ip.remove(&ip);
+            }
+        }
+        Some(ep)
     }
 
     pub fn get(&self, a: &Attachment) -> Option<&Endpoint> {
@@ -100,18 +182,26 @@ impl Registry {
         self.by_attachment.values()
     }
 
-    pub fn by_ep_id(&self, ep_id: u32) -> Option<&Endpoint> {
-        self.by_attachment.values().find(|e| e.ep_id == ep_id)
+    pub fn by_pod(&self, pod: &ObjectRef) -> Option<&Endpoint> {
+        self.by_attachment.get(self.by_pod.get(pod)?)
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
+        self.by_attachment.get(self.by_ip.get(&ip)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_attachment.len()
     }
 
     /// Reserves a fresh endpoint id and persists the counter first, so a
     /// crash cannot hand the same id out twice.
-    pub fn allocate_ep_id(&mut self) -> Result<u32> {
+    pub fn allocate_ep_id(&mut self) -> Result<EpId> {
         let id = self.next_ep_id;
         let path = self.dir.with_file_name("next-ep-id");
         write_atomic(&path, format!("{}\n", id + 1).as_bytes())?;
         self.next_ep_id = id + 1;
-        Ok(id)
+        Ok(EpId(id))
     }
 
     pub fn insert(&mut self, ep: Endpoint) -> Result<()> {
@@ -121,7 +211,8 @@ impl Registry {
             source,
         })?;
         write_atomic(&path, &text)?;
-        self.by_attachment.insert(key(&ep.spec.attachment), ep);
+        self.unindex(&key(&ep.spec.attachment));
+        self.index(ep);
         Ok(())
     }
 
@@ -132,7 +223,7 @@ impl Registry {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
         }
-        Ok(self.by_attachment.remove(&key(a)))
+        Ok(self.unindex(&key(a)))
     }
 
     fn record_path(&self, a: &Attachment) -> PathBuf {
@@ -176,7 +267,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             host_ifname: "slabc".into(),
             host_ifindex: 7,
-            ipv4: Some("10.0.0.2".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST)),
+            ipv4: Some(std::net::Ipv4Addr::new(10, 0, 0, 2)),
             ipv6: None,
             pod_namespace: None,
             pod_name: None,
@@ -193,14 +284,14 @@ mod tests {
             r.insert(Endpoint {
                 spec: spec("c1"),
                 ep_id: id,
-                identity: 300,
+                identity: Identity(300),
             })?;
             let id2 = r.allocate_ep_id()?;
             assert_ne!(id, id2);
             r.insert(Endpoint {
                 spec: spec("c2"),
                 ep_id: id2,
-                identity: 301,
+                identity: Identity(301),
             })?;
             r.remove(&spec("c2").attachment)?;
         }
@@ -208,7 +299,7 @@ mod tests {
         assert_eq!(r.all().count(), 1);
         assert!(r.get(&spec("c1").attachment).is_some());
         let id3 = r.allocate_ep_id()?;
-        assert!(id3 > 2, "ids are never reused, got {id3}");
+        assert!(id3.0 > 2, "ids are never reused, got {id3}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

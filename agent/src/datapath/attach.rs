@@ -1,28 +1,15 @@
-//! Loading, pinning and attaching the TC programs, and typed access to their
-//! maps. Everything here is a thin edge over aya; what to write is decided
-//! by the pure modules (`l4`, and later the policy compiler).
-//!
-//! bpffs layout under the pin directory:
-//!   maps/<NAME>            every map, pinned by name (reused on restart)
-//!   links/<ifname>-from    TCX link of `from_pod` (ingress hook of the host veth)
-//!   links/<ifname>-to      TCX link of `to_pod`   (egress hook of the host veth)
-//!   links/<ifname>-{from,to}-clsact   a directory marking a clsact filter
-//!   links/cgroup-to_host-{a,b}   cgroup link of `to_host` (ingress of the node's sockets)
-//! Pinned links keep the programs attached while the agent is down; a new
-//! agent swaps its programs into the same links atomically. Without TCX the
-//! hooks are clsact filters at a fixed priority and handle, replaced the
-//! same way by a netlink filter replace.
+//! Attaching the programs: TC hooks on pod veths and uplinks (TCX links
+//! pinned under `links/`, or clsact filters at a fixed priority and handle
+//! on kernels without TCX) and `to_host` on the node's cgroup. Pinned links
+//! keep the programs attached while the agent is down; a new agent swaps its
+//! programs into the same links atomically.
 use std::{
     io,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{
-        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
-        lpm_trie::Key,
-    },
+    Ebpf,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
         TcAttach, TcAttachType,
@@ -31,167 +18,15 @@ use aya::{
     },
     util::KernelVersion,
 };
-use sluice_common::{
-    CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey,
-    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, maps, programs,
-};
+use sluice_common::programs;
 
-/// The TC programs, built by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));
+use super::{DatapathError, Result};
 
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("loading the eBPF object")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {0} missing from the object")]
-    MissingMap(&'static str),
-    #[error("program {0} missing from the object")]
-    MissingProgram(&'static str),
-    #[error("program {name}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("link {path}")]
-    Link {
-        path: PathBuf,
-        #[source]
-        source: LinkError,
-    },
-    #[error("pinning {path}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
-    },
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
-
-/// Map sizes chosen at load time. An existing pinned map keeps its size.
-#[derive(Clone, Debug)]
-pub struct Sizes {
-    pub conntrack: u32,
-    pub policy: u32,
-    pub endpoints: u32,
-    pub ipcache: u32,
-    pub cidrs: u32,
-}
-
-impl Default for Sizes {
-    fn default() -> Self {
-        use sluice_common::sizes;
-        Self {
-            conntrack: sizes::CONNTRACK,
-            policy: sizes::POLICY,
-            endpoints: sizes::ENDPOINTS,
-            ipcache: sizes::IPCACHE,
-            cidrs: sizes::CIDRS,
-        }
-    }
-}
-
-/// Typed handles on every map of the data path.
-pub struct Maps {
-    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
-    /// Endpoint id -> host ifindex (its ENDPOINTS key), kept in step with
-    /// ENDPOINTS.
-    pub ep_by_id: HashMap<MapData, u32, u32>,
-    /// Service addresses (ClusterIPs) -> `SERVICE_*` flags.
-    pub services: HashMap<MapData, ServiceKey, u32>,
-    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
-    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
-    pub cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    pub drop_counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
-    pub stats: PerCpuArray<MapData, u64>,
-}
-
-fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T> {
-    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
-}
-
-impl Maps {
-    fn from_source(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
-        Ok(Self {
-            endpoints: typed(maps::ENDPOINTS, get(maps::ENDPOINTS)?)?,
-            ep_by_id: typed(maps::EP_BY_ID, get(maps::EP_BY_ID)?)?,
-            services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
-            ipcache: typed(maps::IPCACHE, get(maps::IPCACHE)?)?,
-            policy: typed(maps::POLICY, get(maps::POLICY)?)?,
-            cidrs: typed(maps::CIDRS, get(maps::CIDRS)?)?,
-            conntrack: typed(maps::CONNTRACK, get(maps::CONNTRACK)?)?,
-            drop_counters: typed(maps::DROP_COUNTERS, get(maps::DROP_COUNTERS)?)?,
-            stats: typed(maps::STATS, get(maps::STATS)?)?,
-        })
-    }
-
-    /// Opens the maps a running (or stopped) agent pinned under `pin_dir`.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        let dir = pin_dir.join("maps");
-        Self::from_source(|name| open_pinned_map(&dir, name))
-    }
-
-    /// Sum of the per-CPU drop counters, by key.
-    pub fn drop_counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
-        let mut out = Vec::new();
-        for item in self.drop_counters.iter() {
-            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
-                name: maps::DROP_COUNTERS,
-                source,
-            })?;
-            let mut sum = CounterValue::default();
-            for v in per_cpu.iter() {
-                sum.packets += v.packets;
-                sum.bytes += v.bytes;
-            }
-            out.push((k, sum));
-        }
-        out.sort_by_key(|(k, _)| (k.ep_id, k.dir, k.reason));
-        Ok(out)
-    }
-
-    /// Sum over CPUs of one `sluice_common::stat` counter.
-    pub fn stat(&self, index: u32) -> Result<u64> {
-        let v = self
-            .stats
-            .get(&index, 0)
-            .map_err(|source| DatapathError::Map {
-                name: maps::STATS,
-                source,
-            })?;
-        Ok(v.iter().sum())
-    }
-}
-
-fn open_pinned_map(dir: &Path, name: &'static str) -> Result<Map> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
-}
-
-/// The loaded programs plus their maps.
-pub struct Datapath {
-    ebpf: Ebpf,
-    pin_dir: PathBuf,
-    pub maps: Maps,
-    /// The sizes asked for at load (a reused pinned map keeps its own).
-    pub sizes: Sizes,
-    mode: AttachMode,
-    events: Option<RingBuf<MapData>>,
+/// The loaded programs and where their links are pinned.
+pub struct Programs {
+    pub(super) ebpf: Ebpf,
+    pub(super) pin_dir: PathBuf,
+    pub(super) mode: AttachMode,
 }
 
 /// One hook of a pod interface.
@@ -216,7 +51,7 @@ const HOOKS: [Hook; 2] = [
 ];
 
 /// How the programs are attached to interfaces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
     /// TCX where the kernel has it (>= 6.6), clsact otherwise.
     Auto,
@@ -224,20 +59,8 @@ pub enum AttachMode {
     Clsact,
 }
 
-impl std::str::FromStr for AttachMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "tcx" => Ok(Self::Tcx),
-            "clsact" => Ok(Self::Clsact),
-            other => Err(format!("{other}: auto, tcx or clsact")),
-        }
-    }
-}
-
 /// TCX arrived in Linux 6.6.
-fn has_tcx() -> bool {
+pub(super) fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
@@ -261,70 +84,7 @@ const UPLINK_HOOKS: [Hook; 1] = [Hook {
     suffix: "uplink",
 }];
 
-impl Datapath {
-    /// Loads the programs, reusing every map already pinned under
-    /// `pin_dir/maps` (so a restart loses no state) and pinning new ones.
-    /// `pin_dir` must be on a bpffs.
-    pub fn load(pin_dir: &Path, sizes: &Sizes) -> Result<Self> {
-        for sub in ["maps", "links"] {
-            let p = pin_dir.join(sub);
-            std::fs::create_dir_all(&p).map_err(|source| DatapathError::Io { path: p, source })?;
-        }
-        raise_memlock();
-        let maps_dir = pin_dir.join("maps");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries(maps::CONNTRACK, sizes.conntrack)
-            .map_max_entries(maps::POLICY, sizes.policy)
-            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
-            .map_max_entries(maps::EP_BY_ID, sizes.endpoints)
-            .map_max_entries(maps::IPCACHE, sizes.ipcache)
-            .map_max_entries(maps::CIDRS, sizes.cidrs)
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for hook in HOOKS.iter().chain(&UPLINK_HOOKS) {
-            program_mut::<SchedClassifier>(&mut ebpf, hook.program)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    name: hook.program,
-                    source,
-                })?;
-        }
-        program_mut::<CgroupSkb>(&mut ebpf, programs::TO_HOST)?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                name: programs::TO_HOST,
-                source,
-            })?;
-        let maps =
-            Maps::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))?;
-        let events = ebpf
-            .take_map(maps::DROP_EVENTS)
-            .ok_or(DatapathError::MissingMap(maps::DROP_EVENTS))
-            .and_then(|m| typed(maps::DROP_EVENTS, m))?;
-        Ok(Self {
-            ebpf,
-            pin_dir: pin_dir.to_owned(),
-            maps,
-            sizes: sizes.clone(),
-            mode: if has_tcx() {
-                AttachMode::Tcx
-            } else {
-                AttachMode::Clsact
-            },
-            events: Some(events),
-        })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
-    /// The drop-event ring buffer; only one reader may take it.
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.events.take()
-    }
-
+impl Programs {
     fn link_path(&self, ifname: &str, hook: Hook) -> PathBuf {
         self.pin_dir
             .join("links")
@@ -354,6 +114,11 @@ impl Datapath {
     /// like the pod hooks; attaching again swaps the program in place).
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         self.attach_hooks(ifname, &UPLINK_HOOKS)
+    }
+
+    /// Detaches `to_uplink` from an interface no route leaves by any more.
+    pub fn detach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.detach_hooks(ifname, &UPLINK_HOOKS)
     }
 
     fn attach_hooks(&mut self, ifname: &str, hooks: &[Hook]) -> Result<()> {
@@ -544,7 +309,11 @@ impl Datapath {
     /// last reference goes, and a link whose interface is gone is already
     /// defunct: both are fine, and a missing pin is not an error.
     pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        for hook in HOOKS {
+        self.detach_hooks(ifname, &HOOKS)
+    }
+
+    fn detach_hooks(&mut self, ifname: &str, hooks: &[Hook]) -> Result<()> {
+        for &hook in hooks {
             let path = self.link_path(ifname, hook);
             let marker = clsact_marker(&path);
             if marker.exists() {
@@ -577,37 +346,10 @@ impl Datapath {
         }
         Ok(())
     }
-
-    /// Names of interfaces with pinned links (for reconciling at start-up).
-    pub fn attached_interfaces(&self) -> Result<Vec<String>> {
-        let dir = self.pin_dir.join("links");
-        let rd = std::fs::read_dir(&dir).map_err(|source| DatapathError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut out: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.strip_suffix("-from").map(str::to_owned)
-            })
-            .collect();
-        out.sort();
-        Ok(out)
-    }
-
-    /// A loaded program, e.g. for BPF_PROG_TEST_RUN in tests and benches.
-    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier> {
-        self.ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
-    }
 }
 
 /// Program `name` of the object, as its type (`SchedClassifier`, `CgroupSkb`).
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+pub(super) fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
@@ -617,54 +359,3 @@ where
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it.
-/// On this kernel memory is cgroup-accounted and raising fails with EPERM,
-/// which is harmless, so the result is deliberately ignored.
-fn raise_memlock() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid, initialised struct.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
-    if rc != 0 {
-        tracing::debug!("setrlimit(MEMLOCK) failed; memory is cgroup-accounted here");
-    }
-}
-
-/// Key of a Service address in SERVICES.
-pub fn service_key(ip: std::net::IpAddr) -> ServiceKey {
-    let (addr, _) = mapped(ip.into());
-    ServiceKey { addr }
-}
-
-/// LPM key of an address in the ipcache.
-pub fn ipcache_key(net: ipnetwork::IpNetwork) -> Key<IpcacheKey> {
-    let (addr, plen) = mapped(net);
-    Key::new(plen, IpcacheKey { addr })
-}
-
-/// LPM key of a prefix in an endpoint's CIDR map.
-pub fn cidr_key(ep_id: u32, dir: u8, net: ipnetwork::IpNetwork) -> Key<CidrKey> {
-    let (addr, plen) = mapped(net);
-    Key::new(
-        sluice_common::CIDR_KEY_FIXED_BITS + plen,
-        CidrKey {
-            ep_id,
-            dir,
-            _pad: [0; 3],
-            addr,
-        },
-    )
-}
-
-/// 16-byte (IPv4-mapped) form of a prefix, with its length in that form.
-pub fn mapped(net: ipnetwork::IpNetwork) -> ([u8; 16], u32) {
-    match net {
-        ipnetwork::IpNetwork::V4(n) => (
-            sluice_common::v4_mapped(n.network().octets()),
-            sluice_common::V4_MAPPED_PLEN_OFFSET + u32::from(n.prefix()),
-        ),
-        ipnetwork::IpNetwork::V6(n) => (n.network().octets(), u32::from(n.prefix())),
-    }
-}

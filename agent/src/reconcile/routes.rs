@@ -14,19 +14,6 @@ pub struct Routes {
     installed: BTreeSet<Route>,
 }
 
-/// The interfaces the routes leave by (where `to_uplink` goes).
-pub fn uplinks(routes: &BTreeSet<Route>) -> BTreeSet<String> {
-    routes
-        .iter()
-        .filter_map(|(_, gw)| interface_name_towards(*gw))
-        .collect()
-}
-
-fn interface_name_towards(gw: IpAddr) -> Option<String> {
-    let idx = interface_towards(gw)?;
-    nix::net::if_::if_indextoname(idx).ok()?.into_string().ok()
-}
-
 fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, String> {
     let (net, gw) = r;
     let mut b = RouteMessageBuilder::<IpAddr>::new()
@@ -35,41 +22,10 @@ fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, Strin
         .map_err(|e| format!("route {net} via {gw}: {e}"))?;
     // Name the interface the gateway is on: the kernel refuses some IPv6
     // gateway routes without it (EINVAL), where `ip route` finds it itself.
-    if let Some(oif) = interface_towards(*gw) {
+    if let Some(oif) = crate::netdev::interface_towards(*gw).and_then(|n| crate::netdev::index_of(&n)) {
         b = b.output_interface(oif);
     }
     Ok(b.build())
-}
-
-/// The interface with an address whose subnet holds `gw`.
-fn interface_towards(gw: IpAddr) -> Option<u32> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    for ifa in addrs {
-        let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
-            continue;
-        };
-        let within = match (
-            gw,
-            addr.as_sockaddr_in(),
-            mask.as_sockaddr_in(),
-            addr.as_sockaddr_in6(),
-            mask.as_sockaddr_in6(),
-        ) {
-            (IpAddr::V4(g), Some(a), Some(m), _, _) => {
-                let m = u32::from(m.ip());
-                u32::from(g) & m == u32::from(a.ip()) & m
-            }
-            (IpAddr::V6(g), _, _, Some(a), Some(m)) => {
-                let m = u128::from(m.ip());
-                u128::from(g) & m == u128::from(a.ip()) & m
-            }
-            _ => false,
-        };
-        if within {
-            return nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).ok();
-        }
-    }
-    None
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {

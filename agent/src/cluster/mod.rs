@@ -1,0 +1,451 @@
+//! The Kubernetes side: the watches (`watch`), the objects known, the
+//! policy compiler fed with them, and what the cluster says beyond policy
+//! (this node's pod CIDRs, other nodes' routes, Service addresses). Writes
+//! nothing itself: `apply` says what to program, the reconciler programs
+//! it and reports back with `programmed`.
+//!
+//! Nothing is to be programmed before Pods, Namespaces, NetworkPolicies and
+//! Services have all been listed once: a half-synced view would mean wrong
+//! verdicts, so until then the pinned state stays as it was.
+mod diagnostics;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, ObjectReference, Pod, PodIP, PodStatus, Service},
+    networking::v1::NetworkPolicy,
+};
+use kube::ResourceExt as _;
+use tracing::{info, warn};
+
+pub use self::{
+    diagnostics::{Notice, start_notices},
+    watch::{Change, Object},
+};
+use crate::{
+    model::{Identity, Kind, ObjKey, ObjectRef},
+    policy::{Changes, Compiler, EndpointPolicy, Locality, Resync},
+};
+
+/// What the reconciler must program after a batch of changes.
+#[derive(Debug, Default)]
+pub struct Programming {
+    pub changes: Changes,
+    /// The first pass after the initial sync: every address and every
+    /// local endpoint is to be written, not only what changed.
+    pub full: bool,
+    /// The objects (and their resourceVersions) whose effect this is;
+    /// `None` for a deletion.
+    pub versions: Vec<(ObjKey, Option<String>)>,
+}
+
+/// Another node: where its pods are and how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Peer {
+    pod_cidrs: Vec<String>,
+    internal_ips: Vec<IpAddr>,
+}
+
+/// The cluster as this node's agent knows it.
+pub struct Cluster {
+    compiler: Compiler,
+    node_name: String,
+    synced: BTreeSet<Kind>,
+    /// Every object seen, to find what a re-list no longer has.
+    known: BTreeMap<ObjKey, Object>,
+    /// Object -> resourceVersion whose effect is in the maps.
+    programmed: BTreeMap<ObjKey, String>,
+    /// This node's pod CIDRs (from its Node object).
+    pod_cidrs: Vec<String>,
+    peers: BTreeMap<String, Peer>,
+    /// Addresses the CNI gave local pods, for pods whose status does not
+    /// show them yet (kubelet reports them only after ADD returns).
+    cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    /// Service -> its ClusterIPs.
+    services: BTreeMap<ObjKey, Vec<IpAddr>>,
+    diagnostics: diagnostics::Diagnostics,
+}
+
+/// The ClusterIPs of a Service: `spec.clusterIPs` (else `spec.clusterIP`),
+/// without "None" (headless) and anything that is not an address.
+pub fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed = spec
+        .cluster_ips
+        .clone()
+        .filter(|v| !v.is_empty())
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default();
+    let mut out: Vec<IpAddr> = listed
+        .iter()
+        .filter_map(|ip| ip.trim().parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn node_pod_cidrs(n: &Node) -> Vec<String> {
+    n.spec
+        .as_ref()
+        .and_then(|s| {
+            s.pod_cidrs
+                .clone()
+                .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+        })
+        .unwrap_or_default()
+}
+
+fn internal_ips(n: &Node) -> Vec<IpAddr> {
+    n.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+impl Cluster {
+    pub fn new(node_name: &str) -> Self {
+        Self {
+            compiler: Compiler::new(Locality::Node(node_name.to_owned())),
+            node_name: node_name.to_owned(),
+            synced: BTreeSet::new(),
+            known: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            pod_cidrs: Vec::new(),
+            peers: BTreeMap::new(),
+            cni_ips: BTreeMap::new(),
+            services: BTreeMap::new(),
+            diagnostics: diagnostics::Diagnostics::default(),
+        }
+    }
+
+    /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
+    pub fn is_synced(&self) -> bool {
+        [
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::Service,
+        ]
+        .iter()
+        .all(|k| self.synced.contains(k))
+    }
+
+    /// Applies a batch of watched changes; once synced, returns what to
+    /// program (the caller reports back with [`Cluster::programmed`]).
+    pub fn apply(&mut self, batch: Vec<Change>) -> Option<Programming> {
+        let was_synced = self.is_synced();
+        let mut out = Changes::default();
+        let mut versions = Vec::new();
+        for change in batch {
+            match &change {
+                Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
+                Change::Deleted(o) => versions.push((o.key(), None)),
+                Change::Resync(_, objs) => versions.extend(
+                    objs.iter()
+                        .map(|o| (o.key(), Some(o.resource_version()))),
+                ),
+            }
+            out.merge(self.apply_one(change));
+        }
+        let fed: Vec<ObjKey> = versions.iter().map(|(k, _)| k.clone()).collect();
+        self.note_diagnostics(&out, &fed);
+        if !self.is_synced() {
+            return None;
+        }
+        let full = !was_synced;
+        if full {
+            info!(stats = ?self.compiler.stats(), "cluster listed; programming every endpoint");
+            // Everything listed so far takes effect in this pass, including
+            // kinds listed in earlier batches.
+            versions = self
+                .known
+                .values()
+                .map(|o| (o.key(), Some(o.resource_version())))
+                .collect();
+            out.ipcache.extend(
+                self.compiler
+                    .ipcache()
+                    .into_iter()
+                    .map(|(ip, id)| (ip, Some(id))),
+            );
+            out.endpoints.extend(self.compiler.endpoints().cloned());
+        }
+        for d in &out.diagnostics {
+            warn!(object = %d.object, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
+        }
+        Some(Programming {
+            changes: out,
+            full,
+            versions,
+        })
+    }
+
+    /// Records that the effect of `versions` is in the maps.
+    pub fn programmed(&mut self, versions: Vec<(ObjKey, Option<String>)>) {
+        for (key, rv) in versions {
+            match rv {
+                Some(rv) => {
+                    self.programmed.insert(key, rv);
+                }
+                None => {
+                    self.programmed.remove(&key);
+                }
+            }
+        }
+        // Objects a re-list no longer has are gone from the maps too.
+        let known = &self.known;
+        self.programmed.retain(|key, _| known.contains_key(key));
+    }
+
+    /// `Kind/ns/name` -> resourceVersion in force, for `sluice wait`.
+    pub fn programmed_versions(&self) -> BTreeMap<String, String> {
+        self.programmed
+            .iter()
+            .map(|(k, rv)| (k.to_string(), rv.clone()))
+            .collect()
+    }
+
+    fn note_diagnostics(&mut self, out: &Changes, fed: &[ObjKey]) {
+        let known = &self.known;
+        self.diagnostics.note(
+            &self.compiler,
+            &out.diagnostics,
+            !out.endpoints.is_empty(),
+            fed,
+            |key| reference(known, key),
+        );
+    }
+
+    /// Warning Events to post.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        self.diagnostics.take_notices()
+    }
+
+    /// Every ClusterIP of every Service known.
+    pub fn service_ips(&self) -> BTreeSet<IpAddr> {
+        self.services.values().flatten().copied().collect()
+    }
+
+    /// This node's pod CIDRs, from its Node object.
+    pub fn pod_cidrs(&self) -> &[String] {
+        &self.pod_cidrs
+    }
+
+    /// Routes to other nodes' pod CIDRs: (CIDR, gateway) where the gateway is
+    /// that node's InternalIP of the same family.
+    pub fn peer_routes(&self) -> BTreeSet<(IpNetwork, IpAddr)> {
+        let mut out = BTreeSet::new();
+        for peer in self.peers.values() {
+            for c in &peer.pod_cidrs {
+                let Ok(net) = c.parse::<IpNetwork>() else {
+                    continue;
+                };
+                if let Some(gw) = peer.internal_ips.iter().find(|ip| ip.is_ipv4() == net.is_ipv4()) {
+                    out.insert((net, *gw));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every known pod address and its identity.
+    pub fn ipcache(&self) -> BTreeMap<IpAddr, Identity> {
+        self.compiler.ipcache()
+    }
+
+    pub fn identity_of(&self, pod: &ObjectRef) -> Option<Identity> {
+        self.compiler.identity_of(pod)
+    }
+
+    /// The policy of a local pod; `None` when the API no longer has it.
+    pub fn endpoint_policy(&self, pod: &ObjectRef) -> Option<std::sync::Arc<EndpointPolicy>> {
+        self.compiler.endpoint_policy(pod)
+    }
+
+    /// Tells the compiler the addresses the CNI gave a local pod, so that
+    /// its identity is in the ipcache before kubelet reports them. Returns
+    /// what to program when synced.
+    pub fn learn_cni_ips(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) -> Option<Changes> {
+        self.cni_ips.insert(pod.clone(), ips);
+        let o = self.known.get(&ObjKey::pod(pod)).cloned()?;
+        let out = self.apply_one(Change::Applied(o));
+        self.is_synced().then_some(out)
+    }
+
+    /// A pod with the addresses the CNI gave it filled in when its status
+    /// has none yet.
+    fn with_cni_ips(&self, pod: &Pod) -> Pod {
+        let obj = ObjectRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+        let has_ips = pod.status.as_ref().is_some_and(|s| {
+            s.pod_ips.as_ref().is_some_and(|v| !v.is_empty()) || s.pod_ip.is_some()
+        });
+        match self.cni_ips.get(&obj) {
+            Some(ips) if !has_ips => {
+                let mut p = pod.clone();
+                let status = p.status.get_or_insert_with(PodStatus::default);
+                status.pod_ip = ips.first().map(ToString::to_string);
+                status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+                p
+            }
+            _ => pod.clone(),
+        }
+    }
+
+    /// Feeds one object's change to the compiler or the node/service view.
+    fn feed(&mut self, o: &Object, deleted: bool) -> Changes {
+        match (o, deleted) {
+            (Object::Pod(p), false) => {
+                let p = self.with_cni_ips(p);
+                self.compiler.upsert_pod(&p)
+            }
+            (Object::Pod(p), true) => self
+                .compiler
+                .delete_pod(&p.namespace().unwrap_or_default(), &p.name_any()),
+            (Object::Namespace(n), false) => self.compiler.upsert_namespace(n),
+            (Object::Namespace(n), true) => self.compiler.delete_namespace(&n.name_any()),
+            (Object::NetworkPolicy(p), false) => self.compiler.upsert_policy(p),
+            (Object::NetworkPolicy(p), true) => self
+                .compiler
+                .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
+            (Object::Node(n), false) => {
+                self.node_seen(n);
+                Changes::default()
+            }
+            (Object::Node(n), true) => {
+                self.peers.remove(&n.name_any());
+                Changes::default()
+            }
+            (Object::Service(svc), false) => {
+                self.services.insert(o.key(), cluster_ips(svc));
+                Changes::default()
+            }
+            (Object::Service(_), true) => {
+                self.services.remove(&o.key());
+                Changes::default()
+            }
+        }
+    }
+
+    fn node_seen(&mut self, n: &Node) {
+        let pod_cidrs = node_pod_cidrs(n);
+        if n.name_any() == self.node_name {
+            self.pod_cidrs = pod_cidrs;
+        } else {
+            let peer = Peer {
+                pod_cidrs,
+                internal_ips: internal_ips(n),
+            };
+            self.peers.insert(n.name_any(), peer);
+        }
+    }
+
+    /// Applies one change; returns what to program.
+    fn apply_one(&mut self, change: Change) -> Changes {
+        match change {
+            Change::Applied(o) => {
+                let out = self.feed(&o, false);
+                self.known.insert(o.key(), o);
+                out
+            }
+            Change::Deleted(o) => {
+                let out = self.feed(&o, true);
+                self.known.remove(&o.key());
+                out
+            }
+            Change::Resync(kind, objects) => {
+                let out = self.resync(kind, &objects);
+                self.known.retain(|k, _| k.kind != kind);
+                self.known
+                    .extend(objects.into_iter().map(|o| (o.key(), o)));
+                self.synced.insert(kind);
+                out
+            }
+        }
+    }
+
+    /// A (re)list of one kind: one load path, whatever the kind. Objects
+    /// the list no longer has are gone.
+    fn resync(&mut self, kind: Kind, objects: &[Object]) -> Changes {
+        match kind {
+            Kind::Namespace => {
+                let list: Vec<Namespace> = objects
+                    .iter()
+                    .filter_map(|o| match o {
+                        Object::Namespace(n) => Some((**n).clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.compiler.resync(Resync {
+                    namespaces: Some(&list),
+                    ..Resync::default()
+                })
+            }
+            Kind::Pod => {
+                let list: Vec<Pod> = objects
+                    .iter()
+                    .filter_map(|o| match o {
+                        Object::Pod(p) => Some(self.with_cni_ips(p)),
+                        _ => None,
+                    })
+                    .collect();
+                self.compiler.resync(Resync {
+                    pods: Some(&list),
+                    ..Resync::default()
+                })
+            }
+            Kind::NetworkPolicy => {
+                let list: Vec<NetworkPolicy> = objects
+                    .iter()
+                    .filter_map(|o| match o {
+                        Object::NetworkPolicy(p) => Some((**p).clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.compiler.resync(Resync {
+                    policies: Some(&list),
+                    ..Resync::default()
+                })
+            }
+            Kind::Node => {
+                self.peers.clear();
+                for o in objects {
+                    if let Object::Node(n) = o {
+                        self.node_seen(n);
+                    }
+                }
+                Changes::default()
+            }
+            Kind::Service => {
+                self.services = objects
+                    .iter()
+                    .filter_map(|o| match o {
+                        Object::Service(s) => Some((o.key(), cluster_ips(s))),
+                        _ => None,
+                    })
+                    .collect();
+                Changes::default()
+            }
+        }
+    }
+}
+
+/// The reference of a known object, for an Event.
+fn reference(known: &BTreeMap<ObjKey, Object>, key: &ObjKey) -> Option<ObjectReference> {
+    let r = known.get(key)?.reference();
+    (r.kind.as_deref() == Some(key.kind.name())).then_some(r)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,87 @@
+//! Diagnostics as Events, through `Cluster::apply` as the reconciler calls it.
+#![expect(clippy::unwrap_used, reason = "tests")]
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::*;
+
+fn pod(ns: &str, node: &str) -> Object {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("a-{node}"), "namespace": ns, "labels": {"pod": "a"}},
+        "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+        "status": {"podIPs": [{"ip": if node == "n1" { "10.0.0.1" } else { "10.0.0.2" }}]}
+    }))
+    .unwrap();
+    Object::Pod(Box::new(pod))
+}
+
+fn policy(operator: &str) -> Object {
+    policy_in("x", operator)
+}
+
+fn policy_in(ns: &str, operator: &str) -> Object {
+    let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p", "namespace": ns, "uid": "u-1", "resourceVersion": "7"},
+        "spec": {"podSelector": {},
+                 "ingress": [{"from": [{"podSelector": {"matchExpressions":
+                     [{"key": "pod", "operator": operator, "values": ["a"]}]}}]}]}
+    }))
+    .unwrap();
+    Object::NetworkPolicy(Box::new(np))
+}
+
+/// Applies `o` and notes its diagnostics as the reconciler does.
+fn feed(c: &mut Cluster, o: Object) -> usize {
+    let fed = [(object_ref(&o), false)];
+    let out = c.apply(Change::Applied(o));
+    c.note_diagnostics(&out, &fed);
+    out.diagnostics.len()
+}
+
+#[test]
+fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
+    let mut c = Cluster::new("n1");
+    feed(&mut c, pod("x", "n1"));
+    feed(&mut c, pod("y", "n2"));
+    // Selecting no pod of this node: another node's concern.
+    assert!(feed(&mut c, policy_in("y", "Bogus")) > 0);
+    assert!(c.take_notices().is_empty());
+    assert!(feed(&mut c, policy("Bogus")) > 0);
+    let n = c.take_notices();
+    assert_eq!(n.len(), 1);
+    let r = &n[0].regarding;
+    assert_eq!(r.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(r.api_version.as_deref(), Some("networking.k8s.io/v1"));
+    assert_eq!(r.namespace.as_deref(), Some("x"));
+    assert_eq!(r.name.as_deref(), Some("p"));
+    assert_eq!(r.uid.as_deref(), Some("u-1"));
+    assert!(n[0].note.contains("Bogus"), "{}", n[0].note);
+    // The same problem again (a re-list, an unrelated update): no repeat.
+    feed(&mut c, policy("Bogus"));
+    assert!(c.take_notices().is_empty());
+    // Fixed, then broken again: noticed again.
+    assert_eq!(feed(&mut c, policy("In")), 0);
+    assert!(c.take_notices().is_empty());
+    feed(&mut c, policy("Bogus"));
+    assert_eq!(c.take_notices().len(), 1);
+}
+
+#[test]
+fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
+    let mut c = Cluster::new("n1");
+    // No pod of this node in x yet: not this node's concern.
+    assert!(feed(&mut c, policy("Bogus")) > 0);
+    assert!(c.take_notices().is_empty());
+    // A pod of another node: still not.
+    feed(&mut c, pod("x", "n2"));
+    assert!(c.take_notices().is_empty());
+    // A local pod the policy selects: the policy's problem is reported
+    // now, without the policy changing.
+    feed(&mut c, pod("x", "n1"));
+    let n = c.take_notices();
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n[0].regarding.name.as_deref(), Some("p"));
+    assert!(n[0].note.contains("Bogus"), "{}", n[0].note);
+    // Once only.
+    feed(&mut c, pod("x", "n1"));
+    assert!(c.take_notices().is_empty());
+}

@@ -1,0 +1,129 @@
+//! The agent's command line, and what it says about the node: sizes, the
+//! cgroup of `to_host`, the API client and the node's name.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::datapath::{AttachMode, Sizes};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Sluice node agent")]
+pub struct Args {
+    /// Directory on a bpffs where maps and links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+    pub bpffs: PathBuf,
+    /// Unix socket the CNI plugin talks to.
+    #[arg(long, default_value = sluice_proto::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where the endpoint registry is kept.
+    #[arg(long, default_value = "/var/lib/sluice")]
+    pub state_dir: PathBuf,
+    /// Conntrack table size (entries). An existing pinned table keeps its size.
+    #[arg(long, default_value_t = sluice_common::sizes::CONNTRACK)]
+    pub conntrack_size: u32,
+    /// Policy map size (entries).
+    #[arg(long, default_value_t = sluice_common::sizes::POLICY)]
+    pub policy_size: u32,
+    /// Most policy entries one endpoint may hold; past it that endpoint
+    /// fails closed (drops everything) and the others are unaffected.
+    #[arg(long, default_value_t = crate::endpoints::DEFAULT_MAX_ENTRIES_PER_ENDPOINT)]
+    pub max_entries_per_endpoint: usize,
+    /// Where to serve Prometheus metrics (empty: nowhere).
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    pub metrics_addr: String,
+    /// Watch this API server through a kubeconfig (cluster mode). Without it,
+    /// and outside a cluster, the agent runs standalone: policy only through
+    /// the socket's SetPolicy.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (its pods are the endpoints). Default: $NODE_NAME,
+    /// else the host name.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// How programs are attached: auto (TCX where the kernel has it, clsact
+    /// otherwise), tcx or clsact.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tc_attach: AttachMode,
+    /// The cgroup (v2) whose sockets' incoming packets `to_host` sees, to
+    /// judge Service traffic that kube-proxy delivers to the node itself
+    /// (host-network backends). Default: the root of the cgroup2 mount.
+    /// "none": not attached (such traffic is then not judged).
+    #[arg(long)]
+    pub host_cgroup: Option<String>,
+    /// Seconds between retries of what failed (programming, routes,
+    /// uplinks) when no watch event comes first.
+    #[arg(long, default_value_t = 10)]
+    pub resync_seconds: u64,
+    /// Log format on stderr: text or json.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    /// Logs to stderr (drop events own stdout), filtered by RUST_LOG.
+    pub fn init_tracing(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let fmt = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match self.log_format {
+            LogFormat::Json => fmt.json().init(),
+            LogFormat::Text => fmt.init(),
+        }
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            conntrack: self.conntrack_size,
+            policy: self.policy_size,
+            ..Sizes::default()
+        }
+    }
+
+    /// The cgroup `to_host` attaches to; `None` for "none".
+    pub fn host_cgroup(&self) -> anyhow::Result<Option<PathBuf>> {
+        match self.host_cgroup.as_deref() {
+            Some("none") => Ok(None),
+            Some(p) => Ok(Some(PathBuf::from(p))),
+            None => Ok(Some(
+                crate::cgroup2_root().context("finding the cgroup2 mount")?,
+            )),
+        }
+    }
+
+    /// A client for cluster mode: from --kubeconfig, or in-cluster service
+    /// account; `None` means standalone.
+    pub async fn kube_client(&self) -> anyhow::Result<Option<kube::Client>> {
+        let config = if let Some(path) = &self.kubeconfig {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            kube::Config::incluster()?
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(kube::Client::try_from(config)?))
+    }
+
+    /// --node-name, else $NODE_NAME, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_default()
+    }
+}

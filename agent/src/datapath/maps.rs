@@ -1,0 +1,204 @@
+//! Typed handles on every map of the data path, and the encoding of their
+//! keys (private: callers name addresses, prefixes and endpoints, never key
+//! structs). Opened from a fresh load or from the pins of a running agent.
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::Path,
+};
+
+use aya::maps::{
+    HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+};
+use ipnetwork::IpNetwork;
+use sluice_common::{
+    CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey,
+    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, maps,
+};
+
+use super::{DatapathError, Result};
+
+/// Map sizes chosen at load time. An existing pinned map keeps its size.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    pub conntrack: u32,
+    pub policy: u32,
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub cidrs: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        use sluice_common::sizes;
+        Self {
+            conntrack: sizes::CONNTRACK,
+            policy: sizes::POLICY,
+            endpoints: sizes::ENDPOINTS,
+            ipcache: sizes::IPCACHE,
+            cidrs: sizes::CIDRS,
+        }
+    }
+}
+
+/// Typed handles on every map of the data path.
+pub struct Maps {
+    pub(super) endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// Endpoint id -> host ifindex (its ENDPOINTS key), kept in step with
+    /// ENDPOINTS.
+    pub(super) ep_by_id: HashMap<MapData, u32, u32>,
+    /// Service addresses (ClusterIPs) -> `SERVICE_*` flags.
+    pub(super) services: HashMap<MapData, ServiceKey, u32>,
+    pub(super) ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub(super) policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub(super) cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
+    #[expect(dead_code, reason = "kept typed so a wrong pinned map fails at open")]
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    drop_counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+pub(super) fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T> {
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Maps {
+    pub(super) fn from_source(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        Ok(Self {
+            endpoints: typed(maps::ENDPOINTS, get(maps::ENDPOINTS)?)?,
+            ep_by_id: typed(maps::EP_BY_ID, get(maps::EP_BY_ID)?)?,
+            services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
+            ipcache: typed(maps::IPCACHE, get(maps::IPCACHE)?)?,
+            policy: typed(maps::POLICY, get(maps::POLICY)?)?,
+            cidrs: typed(maps::CIDRS, get(maps::CIDRS)?)?,
+            conntrack: typed(maps::CONNTRACK, get(maps::CONNTRACK)?)?,
+            drop_counters: typed(maps::DROP_COUNTERS, get(maps::DROP_COUNTERS)?)?,
+            stats: typed(maps::STATS, get(maps::STATS)?)?,
+        })
+    }
+
+    /// Opens the maps a running (or stopped) agent pinned under `pin_dir`:
+    /// for metrics, tests and benches, which read without the agent's state.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let dir = pin_dir.join("maps");
+        Self::from_source(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    /// Sum of the per-CPU drop counters, by key.
+    pub fn drop_counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
+        let mut out = Vec::new();
+        for item in self.drop_counters.iter() {
+            let (k, per_cpu) = item.map_err(map_err(maps::DROP_COUNTERS))?;
+            let mut sum = CounterValue::default();
+            for v in per_cpu.iter() {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            out.push((k, sum));
+        }
+        out.sort_by_key(|(k, _)| (k.ep_id, k.dir, k.reason));
+        Ok(out)
+    }
+
+    /// Sum over CPUs of one `sluice_common::stat` counter.
+    pub fn stat(&self, index: u32) -> Result<u64> {
+        let v = self.stats.get(&index, 0).map_err(map_err(maps::STATS))?;
+        Ok(v.iter().sum())
+    }
+
+    /// The ipcache entry of exactly this address (a /32 or /128).
+    pub fn ipcache_get(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        self.ipcache.get(&ipcache_key(ip.into()), 0).ok()
+    }
+
+    /// Entries in the ipcache (a key walk: a syscall per entry).
+    pub fn ipcache_len(&self) -> usize {
+        self.ipcache.keys().count()
+    }
+
+    /// The Service addresses in SERVICES.
+    pub fn service_ips(&self) -> Result<BTreeSet<IpAddr>> {
+        let mut out = BTreeSet::new();
+        for item in self.services.keys() {
+            let k = item.map_err(map_err(maps::SERVICES))?;
+            out.insert(unmapped(k.addr, 128).ip());
+        }
+        Ok(out)
+    }
+
+    /// Entries in POLICY.
+    pub fn policy_len(&self) -> usize {
+        self.policy.keys().count()
+    }
+
+    /// Every ENDPOINTS record (ifindex, record).
+    pub fn endpoint_records(&self) -> Vec<(u32, EndpointInfo)> {
+        self.endpoints.iter().filter_map(|r| r.ok()).collect()
+    }
+}
+
+/// Key of a Service address in SERVICES.
+pub(super) fn service_key(ip: IpAddr) -> ServiceKey {
+    let (addr, _) = mapped(ip.into());
+    ServiceKey { addr }
+}
+
+/// LPM key of a prefix in the ipcache.
+pub(super) fn ipcache_key(net: IpNetwork) -> Key<IpcacheKey> {
+    let (addr, plen) = mapped(net);
+    Key::new(plen, IpcacheKey { addr })
+}
+
+/// LPM key of a prefix in an endpoint's CIDR map.
+pub(super) fn cidr_key(ep_id: u32, dir: u8, net: IpNetwork) -> Key<CidrKey> {
+    let (addr, plen) = mapped(net);
+    Key::new(
+        sluice_common::CIDR_KEY_FIXED_BITS + plen,
+        CidrKey {
+            ep_id,
+            dir,
+            _pad: [0; 3],
+            addr,
+        },
+    )
+}
+
+/// `Ok` for a key that was already gone: removals are idempotent.
+pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// 16-byte (IPv4-mapped) form of a prefix, with its length in that form.
+pub(super) fn mapped(net: IpNetwork) -> ([u8; 16], u32) {
+    match net {
+        IpNetwork::V4(n) => (
+            sluice_common::v4_mapped(n.network().octets()),
+            sluice_common::V4_MAPPED_PLEN_OFFSET + u32::from(n.prefix()),
+        ),
+        IpNetwork::V6(n) => (n.network().octets(), u32::from(n.prefix())),
+    }
+}
+
+/// The prefix a 16-byte (possibly IPv4-mapped) address and length stand for.
+pub(super) fn unmapped(addr: [u8; 16], plen: u32) -> IpNetwork {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if plen >= sluice_common::V4_MAPPED_PLEN_OFFSET => {
+            let p = (plen - sluice_common::V4_MAPPED_PLEN_OFFSET) as u8;
+            IpNetwork::new(IpAddr::V4(v4), p).unwrap_or(IpNetwork::V4(v4.into()))
+        }
+        _ => IpNetwork::new(IpAddr::V6(v6), plen.min(128) as u8).unwrap_or(IpNetwork::V6(v6.into())),
+    }
+}

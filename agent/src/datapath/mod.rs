@@ -1,0 +1,164 @@
+//! The data path from user space: the only module that imports aya.
+//!
+//! - `maps`: typed handles on every map, key encoding (private);
+//! - `attach`: the programs on pod veths, uplinks and the node's cgroup;
+//! - `writer`: every map write the agent makes, in the order that keeps
+//!   the data path correct at each instant (gap-free policy replace, fail
+//!   closed);
+//! - `events`: the drop-event ring buffer.
+//!
+//! bpffs layout under the pin directory:
+//!   maps/<NAME>            every map, pinned by name (reused on restart)
+//!   links/<ifname>-from    TCX link of `from_pod` (ingress hook of the host veth)
+//!   links/<ifname>-to      TCX link of `to_pod`   (egress hook of the host veth)
+//!   links/<ifname>-uplink  TCX link of `to_uplink` (egress of an uplink)
+//!   links/<ifname>-{from,to,uplink}-clsact   a directory marking a clsact filter
+//!   links/cgroup-to_host-{a,b}   cgroup link of `to_host` (ingress of the node's sockets)
+mod attach;
+mod events;
+mod maps;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    EbpfLoader,
+    maps::{MapError, RingBuf},
+    programs::{CgroupSkb, ProgramError, SchedClassifier, links::LinkError},
+};
+pub use attach::{AttachMode, Programs};
+pub use events::DropEvents;
+pub use maps::{Maps, Sizes};
+use sluice_common::{maps as names, programs};
+pub use writer::{EndpointRecord, Writer};
+
+/// The TC programs, built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// The loaded data path: its programs, the writer of its maps, and the
+/// sizes asked for at load (a reused pinned map keeps its own).
+pub struct Datapath {
+    pub programs: Programs,
+    pub writer: Writer,
+    pub sizes: Sizes,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing every map already pinned under
+    /// `pin_dir/maps` (so a restart loses no state) and pinning new ones.
+    /// `pin_dir` must be on a bpffs. The drop-event ring buffer comes back
+    /// apart: one reader follows it.
+    pub fn load(pin_dir: &Path, sizes: &Sizes, mode: AttachMode) -> Result<(Self, DropEvents)> {
+        for sub in ["maps", "links"] {
+            let p = pin_dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|source| DatapathError::Io { path: p, source })?;
+        }
+        raise_memlock();
+        let maps_dir = pin_dir.join("maps");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(names::POLICY, sizes.policy)
+            .map_max_entries(names::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(names::EP_BY_ID, sizes.endpoints)
+            .map_max_entries(names::IPCACHE, sizes.ipcache)
+            .map_max_entries(names::CIDRS, sizes.cidrs)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for name in [programs::FROM_POD, programs::TO_POD, programs::TO_UPLINK] {
+            attach::program_mut::<SchedClassifier>(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        attach::program_mut::<CgroupSkb>(&mut ebpf, programs::TO_HOST)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: programs::TO_HOST,
+                source,
+            })?;
+        let maps = Maps::from_source(|name| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::MissingMap(name))
+        })?;
+        let ring: RingBuf<_> = ebpf
+            .take_map(names::DROP_EVENTS)
+            .ok_or(DatapathError::MissingMap(names::DROP_EVENTS))
+            .and_then(|m| maps::typed(names::DROP_EVENTS, m))?;
+        let mut programs = Programs {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            mode: AttachMode::Auto,
+        };
+        programs.set_attach_mode(mode);
+        Ok((
+            Self {
+                programs,
+                writer: Writer::new(maps)?,
+                sizes: sizes.clone(),
+            },
+            DropEvents::new(ring),
+        ))
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.programs.pin_dir
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it.
+/// On this kernel memory is cgroup-accounted and raising fails with EPERM,
+/// which is harmless, so the result is deliberately ignored.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+    if rc != 0 {
+        tracing::debug!("setrlimit(MEMLOCK) failed; memory is cgroup-accounted here");
+    }
+}
+

@@ -1,0 +1,334 @@
+//! The one writer of the maps the agent programs: the ipcache, endpoint
+//! records (ENDPOINTS and EP_BY_ID), per-endpoint policy (POLICY and
+//! CIDRS) and Service addresses. Every ENDPOINTS flag is edited here.
+//! Callers say what should be true; the order of writes that keeps the
+//! data path correct at every instant is decided here.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use sluice_common::{
+    CidrValue, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
+    EndpointInfo, IpcacheValue, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
+};
+use tracing::info;
+
+use super::{
+    Result,
+    maps::{Maps, cidr_key, ignore_missing, ipcache_key, map_err, service_key, unmapped},
+};
+use crate::{
+    model::{EpId, Identity},
+    policy::{Compiled, plen_bit},
+};
+
+/// What the data path knows of a node-local endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub ep_id: EpId,
+    pub identity: Identity,
+    /// The host end of its veth: the key of its ENDPOINTS record.
+    pub ifindex: u32,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+impl EndpointRecord {
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        self.ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
+}
+
+/// Writes the maps; knows what it wrote to SERVICES.
+pub struct Writer {
+    maps: Maps,
+    service_ips: BTreeSet<IpAddr>,
+}
+
+impl Writer {
+    pub(super) fn new(maps: Maps) -> Result<Self> {
+        let service_ips = maps.service_ips()?;
+        Ok(Self { maps, service_ips })
+    }
+
+    /// Read access for metrics and checks.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Maps an address to an identity (and the local endpoint that has it,
+    /// if any).
+    pub fn set_ipcache(&mut self, ip: IpAddr, identity: Identity, ep: Option<EpId>) -> Result<()> {
+        let v = IpcacheValue {
+            identity: identity.0,
+            ep_id: ep.map_or(0, |e| e.0),
+        };
+        self.maps
+            .ipcache
+            .insert(&ipcache_key(ip.into()), &v, 0)
+            .map_err(map_err(names::IPCACHE))
+    }
+
+    /// Forgets an address; already gone is fine.
+    pub fn remove_ipcache(&mut self, ip: IpAddr) -> Result<()> {
+        ignore_missing(self.maps.ipcache.remove(&ipcache_key(ip.into())))
+            .map_err(map_err(names::IPCACHE))
+    }
+
+    /// Writes a new endpoint: its addresses, EP_BY_ID, then ENDPOINTS with
+    /// the isolation and masks of `policy` (what is already programmed for
+    /// it, if anything). EP_BY_ID before ENDPOINTS: the endpoint can send
+    /// nothing until its ENDPOINTS record exists, and its deferred flows
+    /// need both.
+    pub fn add_endpoint(&mut self, ep: &EndpointRecord, policy: &Compiled) -> Result<()> {
+        for ip in ep.ips() {
+            self.set_ipcache(ip, ep.identity, Some(ep.ep_id))?;
+        }
+        self.index_endpoint(ep)?;
+        let info = EndpointInfo {
+            ep_id: ep.ep_id.0,
+            flags: policy.isolation
+                | if ep.ipv4.is_some() { EP_HAS_IPV4 } else { 0 }
+                | if ep.ipv6.is_some() { EP_HAS_IPV6 } else { 0 },
+            identity: ep.identity.0,
+            ipv4: ep.ipv4.map(|a| a.octets()).unwrap_or_default(),
+            ipv6: ep.ipv6.map(|a| a.octets()).unwrap_or_default(),
+            port_plens: policy.port_plens,
+        };
+        self.maps
+            .endpoints
+            .insert(&ep.ifindex, &info, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    /// EP_BY_ID of an endpoint (an agent that predates that map may have
+    /// pinned the others without it).
+    pub fn index_endpoint(&mut self, ep: &EndpointRecord) -> Result<()> {
+        self.maps
+            .ep_by_id
+            .insert(&ep.ep_id.0, &ep.ifindex, 0)
+            .map_err(map_err(names::EP_BY_ID))
+    }
+
+    /// Whether ENDPOINTS holds this endpoint's record.
+    pub fn has_endpoint(&self, ep: &EndpointRecord) -> bool {
+        self.record(ep).is_some()
+    }
+
+    fn record(&self, ep: &EndpointRecord) -> Option<EndpointInfo> {
+        self.maps
+            .endpoints
+            .get(&ep.ifindex, 0)
+            .ok()
+            .filter(|info| info.ep_id == ep.ep_id.0)
+    }
+
+    /// Removes everything of an endpoint: its record, EP_BY_ID, the
+    /// addresses that still name it, and `policy` (what is programmed for
+    /// it). Missing pieces are fine.
+    pub fn remove_endpoint(&mut self, ep: &EndpointRecord, policy: &Compiled) -> Result<()> {
+        if self.record(ep).is_some() {
+            ignore_missing(self.maps.endpoints.remove(&ep.ifindex))
+                .map_err(map_err(names::ENDPOINTS))?;
+        }
+        // Endpoint ids are never reused: this entry is only ever ep's.
+        ignore_missing(self.maps.ep_by_id.remove(&ep.ep_id.0)).map_err(map_err(names::EP_BY_ID))?;
+        for ip in ep.ips() {
+            if self
+                .maps
+                .ipcache_get(ip)
+                .is_some_and(|v| v.ep_id == ep.ep_id.0)
+            {
+                self.remove_ipcache(ip)?;
+            }
+        }
+        self.remove_stale(ep.ep_id, policy, &Compiled::default())
+    }
+
+    /// A new identity for an endpoint: its record and its addresses.
+    pub fn set_identity(&mut self, ep: &EndpointRecord) -> Result<()> {
+        if let Some(mut info) = self.record(ep) {
+            info.identity = ep.identity.0;
+            self.maps
+                .endpoints
+                .insert(&ep.ifindex, &info, 0)
+                .map_err(map_err(names::ENDPOINTS))?;
+        }
+        for ip in ep.ips() {
+            self.set_ipcache(ip, ep.identity, Some(ep.ep_id))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces an endpoint's policy `old` with `new` so that the endpoint
+    /// is never less enforced than either: new entries first, then its
+    /// flags and prefix-length masks widened to cover both, then stale
+    /// entries removed, then the masks narrowed to `new`. On an error (a
+    /// full map) nothing of either policy is left and the endpoint fails
+    /// closed; the error is returned.
+    pub fn replace_policy(
+        &mut self,
+        ep: &EndpointRecord,
+        old: &Compiled,
+        new: &Compiled,
+    ) -> Result<()> {
+        if let Err(e) = self.write_additions(ep.ep_id, old, new) {
+            self.fail_closed(ep, old, new)?;
+            return Err(e);
+        }
+        let widened = [
+            old.port_plens[0] | new.port_plens[0],
+            old.port_plens[1] | new.port_plens[1],
+        ];
+        self.write_flags(ep, new.isolation, widened, false)?;
+        self.remove_stale(ep.ep_id, old, new)?;
+        self.write_flags(ep, new.isolation, new.port_plens, false)
+    }
+
+    /// Sets EP_FAIL_CLOSED first, then removes every entry of `old` and
+    /// `attempted`: the endpoint drops all IP traffic and nothing it had is
+    /// left. Returns what is now programmed for it.
+    pub fn fail_closed(
+        &mut self,
+        ep: &EndpointRecord,
+        old: &Compiled,
+        attempted: &Compiled,
+    ) -> Result<Compiled> {
+        let isolation = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED;
+        self.write_flags(ep, isolation, [0, 0], true)?;
+        let mut both = old.clone();
+        both.entries
+            .extend(attempted.entries.iter().map(|(k, v)| (*k, *v)));
+        both.cidrs
+            .extend(attempted.cidrs.iter().map(|(k, v)| (*k, *v)));
+        self.remove_stale(ep.ep_id, &both, &Compiled::default())?;
+        Ok(Compiled {
+            isolation,
+            ..Compiled::default()
+        })
+    }
+
+    /// The isolation, fail-closed bit and masks of an endpoint's record;
+    /// the other flags stay.
+    fn write_flags(
+        &mut self,
+        ep: &EndpointRecord,
+        isolation: u32,
+        plens: [u32; 2],
+        fail_closed: bool,
+    ) -> Result<()> {
+        let mut info = self
+            .maps
+            .endpoints
+            .get(&ep.ifindex, 0)
+            .map_err(map_err(names::ENDPOINTS))?;
+        let managed = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_FAIL_CLOSED;
+        info.flags = (info.flags & !managed)
+            | isolation
+            | if fail_closed { EP_FAIL_CLOSED } else { 0 };
+        info.port_plens = plens;
+        self.maps
+            .endpoints
+            .insert(&ep.ifindex, &info, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
+        for (k, v) in &new.entries {
+            if old.entries.get(k) != Some(v) {
+                self.maps
+                    .policy
+                    .insert(k, v, 0)
+                    .map_err(map_err(names::POLICY))?;
+            }
+        }
+        for ((dir, net), group) in &new.cidrs {
+            if old.cidrs.get(&(*dir, *net)) != Some(group) {
+                let key = cidr_key(ep_id.0, *dir, *net);
+                self.maps
+                    .cidrs
+                    .insert(&key, &CidrValue { group: *group }, 0)
+                    .map_err(map_err(names::CIDRS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what `old` has and `new` does not.
+    fn remove_stale(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
+        let stale: Vec<PolicyKey> = old
+            .entries
+            .keys()
+            .filter(|k| !new.entries.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            ignore_missing(self.maps.policy.remove(&k)).map_err(map_err(names::POLICY))?;
+        }
+        for (dir, net) in old.cidrs.keys().filter(|k| !new.cidrs.contains_key(k)) {
+            ignore_missing(self.maps.cidrs.remove(&cidr_key(ep_id.0, *dir, *net)))
+                .map_err(map_err(names::CIDRS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes SERVICES hold exactly `ips` (the cluster's ClusterIPs): new
+    /// addresses are added before gone ones are removed. New flows of pods
+    /// to these addresses have their egress judged after kube-proxy's DNAT
+    /// (docs/design.md, "Services").
+    pub fn set_services(&mut self, ips: &BTreeSet<IpAddr>) -> Result<()> {
+        for ip in ips.difference(&self.service_ips) {
+            self.maps
+                .services
+                .insert(&service_key(*ip), &SERVICE_CLUSTER_IP, 0)
+                .map_err(map_err(names::SERVICES))?;
+        }
+        let gone: Vec<IpAddr> = self.service_ips.difference(ips).copied().collect();
+        for ip in gone {
+            ignore_missing(self.maps.services.remove(&service_key(ip)))
+                .map_err(map_err(names::SERVICES))?;
+        }
+        if self.service_ips != *ips {
+            info!(count = ips.len(), "service addresses programmed");
+        }
+        self.service_ips = ips.clone();
+        Ok(())
+    }
+
+    /// The Service addresses programmed.
+    pub fn service_ips(&self) -> &BTreeSet<IpAddr> {
+        &self.service_ips
+    }
+
+    /// What POLICY, CIDRS and the ENDPOINTS flags hold, per endpoint: the
+    /// programmed policy an agent finds when it starts.
+    pub fn programmed_policy(&self) -> Result<HashMap<EpId, Compiled>> {
+        let mut out: HashMap<EpId, Compiled> = HashMap::new();
+        for item in self.maps.policy.iter() {
+            let (k, v) = item.map_err(map_err(names::POLICY))?;
+            let c = out.entry(EpId(k.ep_id)).or_default();
+            c.port_plens[usize::from(k.dir) & 1] |= plen_bit(&k);
+            c.entries.insert(k, v);
+        }
+        for item in self.maps.cidrs.iter() {
+            let (k, v) = item.map_err(map_err(names::CIDRS))?;
+            let data = k.data();
+            let plen = k.prefix_len() - sluice_common::CIDR_KEY_FIXED_BITS;
+            let net = unmapped(data.addr, plen);
+            out.entry(EpId(data.ep_id))
+                .or_default()
+                .cidrs
+                .insert((data.dir, net), v.group);
+        }
+        for item in self.maps.endpoints.iter() {
+            let (_, info) = item.map_err(map_err(names::ENDPOINTS))?;
+            let c = out.entry(EpId(info.ep_id)).or_default();
+            c.isolation = info.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+        }
+        Ok(out)
+    }
+}

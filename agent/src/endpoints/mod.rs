@@ -1,0 +1,394 @@
+//! Node-local endpoints: the pod attachments of this node, what is
+//! programmed for each, and the operations the CNI plugin asks for (add,
+//! delete, check, gc, set a policy). Knows nothing of Kubernetes: the
+//! caller decides an endpoint's identity and policy. Every operation takes
+//! the data path it writes to as a parameter.
+mod registry;
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use sluice_proto::{Attachment, EndpointSpec, Response, code};
+use tracing::{info, warn};
+
+pub use self::registry::{Endpoint, Registry, RegistryError, pod_of};
+use crate::{
+    datapath::{Datapath, DatapathError},
+    model::{EpId, Identity, ObjectRef},
+    netdev,
+    policy::{Compiled, EndpointPolicy, PolicyError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("invalid endpoint: {0}")]
+    InvalidEndpoint(String),
+    #[error("listing the node's addresses")]
+    HostAddresses(#[source] std::io::Error),
+    #[error("unknown endpoint {0}/{1}")]
+    UnknownEndpoint(String, String),
+    #[error("invalid policy")]
+    InvalidPolicy(#[source] PolicyError),
+    #[error("policy is not JSON of the expected shape")]
+    PolicyDecode(#[source] serde_json::Error),
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("endpoint drifted: {0}")]
+    Drift(String),
+    #[error("endpoint {ep_id} needs {entries} entries, over its limit of {limit}: it fails closed")]
+    Capacity {
+        ep_id: EpId,
+        entries: usize,
+        limit: usize,
+    },
+}
+
+impl EndpointError {
+    /// The CNI error code the plugin should report.
+    pub fn cni_code(&self) -> u32 {
+        match self {
+            Self::InvalidEndpoint(_) | Self::InvalidPolicy(_) | Self::PolicyDecode(_) => {
+                code::INVALID_CONFIG
+            }
+            Self::UnknownEndpoint(..) => code::CONTAINER_UNKNOWN,
+            Self::Drift(_) => code::ENDPOINT_DRIFT,
+            Self::Capacity { .. } | Self::NotReady(_) => code::TRY_AGAIN_LATER,
+            Self::Datapath(_) | Self::Registry(_) | Self::HostAddresses(_) => code::IO_FAILURE,
+        }
+    }
+
+    pub fn to_response(&self) -> Response {
+        let mut details = String::new();
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            if !details.is_empty() {
+                details.push_str(": ");
+            }
+            details.push_str(&e.to_string());
+            src = e.source();
+        }
+        Response::error(self.cni_code(), self.to_string(), details)
+    }
+}
+
+pub type Result<T, E = EndpointError> = std::result::Result<T, E>;
+
+/// Identities of endpoints in standalone mode (no API server): one per
+/// endpoint, in a range the compiler never hands out.
+pub const STANDALONE_IDENTITY_BASE: u32 = 0x4000_0000;
+
+/// Default per-endpoint share of the policy map.
+pub const DEFAULT_MAX_ENTRIES_PER_ENDPOINT: usize = 65_536;
+
+/// Address -> the local pod that has it, as drop events are enriched.
+pub type PodsByIp = Arc<HashMap<IpAddr, ObjectRef>>;
+
+/// The endpoints of this node.
+pub struct Endpoints {
+    registry: Registry,
+    /// What is in the maps for each endpoint.
+    programmed: HashMap<EpId, Compiled>,
+    /// Most policy + CIDR entries one endpoint may hold; past it the
+    /// endpoint fails closed and the others are unaffected.
+    max_entries: usize,
+    /// Times an endpoint was made to fail closed (since the agent started).
+    failed_closed_total: u64,
+    /// Published after every change, for readers outside the lock.
+    pods_by_ip: tokio::sync::watch::Sender<PodsByIp>,
+}
+
+impl Endpoints {
+    /// Takes over a node's endpoints: reads the registry and the programmed
+    /// policy, re-attaches the current programs to every endpoint that
+    /// still exists (atomically, through the pinned links) and forgets
+    /// those whose interface is gone.
+    pub fn start(dp: &mut Datapath, registry: Registry, max_entries: usize) -> Result<Self> {
+        let mut eps = Self {
+            programmed: dp.writer.programmed_policy()?,
+            registry,
+            max_entries,
+            failed_closed_total: 0,
+            pods_by_ip: tokio::sync::watch::Sender::new(PodsByIp::default()),
+        };
+        let all: Vec<Endpoint> = eps.registry.all().cloned().collect();
+        for ep in all {
+            let s = &ep.spec;
+            if netdev::interface_is(&s.host_ifname, s.host_ifindex) {
+                dp.writer.index_endpoint(&ep.record())?;
+                dp.programs.attach(&s.host_ifname)?;
+                info!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, ep_id = %ep.ep_id, "endpoint re-attached");
+            } else {
+                warn!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, "interface gone while the agent was down; forgetting endpoint");
+                eps.forget(dp, &ep)?;
+            }
+        }
+        eps.publish();
+        Ok(eps)
+    }
+
+    /// Refuses a spec the data path cannot serve.
+    pub fn validate(spec: &EndpointSpec) -> Result<()> {
+        if spec.host_ifindex == 0 || spec.host_ifname.is_empty() || spec.host_ifname.len() > 15 {
+            return Err(EndpointError::InvalidEndpoint(format!(
+                "host interface {:?} index {}",
+                spec.host_ifname, spec.host_ifindex
+            )));
+        }
+        if spec.ipv4.is_none() && spec.ipv6.is_none() {
+            return Err(EndpointError::InvalidEndpoint("no address".into()));
+        }
+        if !netdev::interface_is(&spec.host_ifname, spec.host_ifindex) {
+            return Err(EndpointError::InvalidEndpoint(format!(
+                "no interface {} with index {} in the agent's namespace",
+                spec.host_ifname, spec.host_ifindex
+            )));
+        }
+        Ok(())
+    }
+
+    /// An ADD retried with the same spec: completes what is missing and
+    /// returns the endpoint, else `None`.
+    pub fn retried(&mut self, dp: &mut Datapath, spec: &EndpointSpec) -> Result<Option<EpId>> {
+        match self.registry.get(&spec.attachment) {
+            Some(old) if old.spec == *spec => {
+                dp.programs.attach(&spec.host_ifname)?;
+                Ok(Some(old.ep_id))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Registers and programs a new endpoint (replacing an attachment with
+    /// another spec): its addresses and record in the maps, its programs
+    /// attached. `identity` `None` gives it a standalone identity of its
+    /// own. On an error nothing of it is left.
+    pub fn add(
+        &mut self,
+        dp: &mut Datapath,
+        spec: EndpointSpec,
+        identity: Option<Identity>,
+    ) -> Result<Endpoint> {
+        if let Some(old) = self.registry.get(&spec.attachment).cloned() {
+            self.forget(dp, &old)?;
+        }
+        let ep_id = self.registry.allocate_ep_id()?;
+        let ep = Endpoint {
+            ep_id,
+            identity: identity.unwrap_or(Identity(STANDALONE_IDENTITY_BASE + ep_id.0)),
+            spec,
+        };
+        let programmed = self.programmed.entry(ep.ep_id).or_default().clone();
+        let written = dp
+            .writer
+            .add_endpoint(&ep.record(), &programmed)
+            .and_then(|()| dp.programs.attach(&ep.spec.host_ifname))
+            .map_err(EndpointError::from)
+            .and_then(|()| self.registry.insert(ep.clone()).map_err(Into::into));
+        if let Err(e) = written {
+            self.rollback(dp, &ep);
+            return Err(e);
+        }
+        self.publish();
+        info!(container_id = %ep.spec.attachment.container_id, ifname = %ep.spec.host_ifname,
+            ep_id = %ep.ep_id, ipv4 = ?ep.spec.ipv4, ipv6 = ?ep.spec.ipv6, "endpoint added");
+        Ok(ep)
+    }
+
+    /// Undoes a failed add: the plugin rolls its side back too.
+    pub fn rollback(&mut self, dp: &mut Datapath, ep: &Endpoint) {
+        if let Err(undo) = self.forget(dp, ep) {
+            warn!(error = %undo, ep_id = %ep.ep_id, "rollback of a failed endpoint add");
+        }
+    }
+
+    fn forget(&mut self, dp: &mut Datapath, ep: &Endpoint) -> Result<()> {
+        dp.programs.detach(&ep.spec.host_ifname)?;
+        let old = self.programmed.remove(&ep.ep_id).unwrap_or_default();
+        dp.writer.remove_endpoint(&ep.record(), &old)?;
+        self.registry.remove(&ep.spec.attachment)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Forgets an endpoint. Unknown is fine: DEL is idempotent and may come
+    /// twice.
+    pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<()> {
+        if let Some(ep) = self.registry.get(a).cloned() {
+            self.forget(dp, &ep)?;
+            info!(container_id = %a.container_id, ifname = %a.ifname, ep_id = %ep.ep_id, "endpoint deleted");
+        }
+        Ok(())
+    }
+
+    /// Whether the endpoint is registered, its interface there, its record
+    /// in the maps and its programs attached.
+    pub fn check(&self, dp: &Datapath, a: &Attachment) -> Result<EpId> {
+        let ep = self.get(a)?;
+        let s = &ep.spec;
+        if !netdev::interface_is(&s.host_ifname, s.host_ifindex) {
+            return Err(EndpointError::Drift(format!(
+                "host interface {} is gone",
+                s.host_ifname
+            )));
+        }
+        if !dp.writer.has_endpoint(&ep.record()) {
+            return Err(EndpointError::Drift(
+                "endpoint missing from the ENDPOINTS map".into(),
+            ));
+        }
+        if !dp.programs.is_attached(&s.host_ifname) {
+            return Err(EndpointError::Drift("programs are not attached".into()));
+        }
+        Ok(ep.ep_id)
+    }
+
+    /// Forgets every endpoint not in `valid`; returns how many.
+    pub fn gc(&mut self, dp: &mut Datapath, valid: &[Attachment]) -> Result<usize> {
+        let stale: Vec<Endpoint> = self
+            .registry
+            .all()
+            .filter(|e| !valid.contains(&e.spec.attachment))
+            .cloned()
+            .collect();
+        for ep in &stale {
+            self.forget(dp, ep)?;
+        }
+        Ok(stale.len())
+    }
+
+    fn get(&self, a: &Attachment) -> Result<&Endpoint> {
+        self.registry
+            .get(a)
+            .ok_or_else(|| EndpointError::UnknownEndpoint(a.container_id.clone(), a.ifname.clone()))
+    }
+
+    /// Replaces the policy of an endpoint, never leaving it less enforced
+    /// than the old or the new policy (`datapath::Writer::replace_policy`).
+    /// Over its entry limit, or when the maps are full, it fails closed.
+    pub fn set_policy(
+        &mut self,
+        dp: &mut Datapath,
+        a: &Attachment,
+        policy: &EndpointPolicy,
+    ) -> Result<()> {
+        let ep = self.get(a)?.clone();
+        let new = policy
+            .compile(ep.ep_id.0)
+            .map_err(EndpointError::InvalidPolicy)?;
+        let old = self.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
+        let entries = new.entries.len() + new.cidrs.len();
+        if entries > self.max_entries {
+            self.fail_closed(dp, &ep, &old, &Compiled::default())?;
+            return Err(EndpointError::Capacity {
+                ep_id: ep.ep_id,
+                entries,
+                limit: self.max_entries,
+            });
+        }
+        if let Err(e) = dp.writer.replace_policy(&ep.record(), &old, &new) {
+            // The map is full (or failing): the writer has made the
+            // endpoint drop everything until a later policy fits.
+            self.fail_closed(dp, &ep, &old, &new)?;
+            return Err(e.into());
+        }
+        info!(container_id = %a.container_id, ep_id = %ep.ep_id, entries = new.entries.len(),
+            cidrs = new.cidrs.len(), isolation = new.isolation, "policy programmed");
+        self.programmed.insert(ep.ep_id, new);
+        Ok(())
+    }
+
+    fn fail_closed(
+        &mut self,
+        dp: &mut Datapath,
+        ep: &Endpoint,
+        old: &Compiled,
+        attempted: &Compiled,
+    ) -> Result<()> {
+        warn!(ep_id = %ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
+        self.failed_closed_total += 1;
+        let now = dp.writer.fail_closed(&ep.record(), old, attempted)?;
+        self.programmed.insert(ep.ep_id, now);
+        Ok(())
+    }
+
+    /// A policy as the socket's `SetPolicy` sends it (standalone mode).
+    pub fn set_policy_json(
+        &mut self,
+        dp: &mut Datapath,
+        a: &Attachment,
+        policy: serde_json::Value,
+    ) -> Result<()> {
+        let p: EndpointPolicy =
+            serde_json::from_value(policy).map_err(EndpointError::PolicyDecode)?;
+        self.set_policy(dp, a, &p)
+    }
+
+    /// Gives an endpoint a new identity, in the registry and the maps.
+    pub fn set_identity(
+        &mut self,
+        dp: &mut Datapath,
+        a: &Attachment,
+        identity: Identity,
+    ) -> Result<()> {
+        let ep = self.get(a)?;
+        if ep.identity == identity {
+            return Ok(());
+        }
+        let mut updated = ep.clone();
+        updated.identity = identity;
+        self.registry.insert(updated.clone())?;
+        dp.writer.set_identity(&updated.record())?;
+        Ok(())
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Endpoint> {
+        self.registry.all()
+    }
+
+    pub fn len(&self) -> usize {
+        self.registry.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn by_pod(&self, pod: &ObjectRef) -> Option<&Endpoint> {
+        self.registry.by_pod(pod)
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
+        self.registry.by_ip(ip)
+    }
+
+    /// Policy and CIDR entries programmed for an endpoint.
+    pub fn entries_of(&self, ep_id: EpId) -> usize {
+        self.programmed
+            .get(&ep_id)
+            .map_or(0, |c| c.entries.len() + c.cidrs.len())
+    }
+
+    /// Times an endpoint was made to fail closed since the agent started.
+    pub fn failed_closed_total(&self) -> u64 {
+        self.failed_closed_total
+    }
+
+    /// Address -> pod of the local endpoints, kept current; read without
+    /// the agent's lock (drop events are enriched with it).
+    pub fn pods_by_ip(&self) -> tokio::sync::watch::Receiver<PodsByIp> {
+        self.pods_by_ip.subscribe()
+    }
+
+    fn publish(&self) {
+        let map: HashMap<IpAddr, ObjectRef> = self
+            .registry
+            .all()
+            .filter_map(|e| Some((e.pod()?, e)))
+            .flat_map(|(pod, e)| e.ips().map(move |ip| (ip, pod.clone())))
+            .collect();
+        self.pods_by_ip.send_replace(Arc::new(map));
+    }
+}

@@ -1,0 +1,365 @@
+//! The reconciler: the one owner of the agent's state (the data path, the
+//! endpoints, the cluster view) and of the order things are written in.
+//!
+//! - CNI requests (`server`) and watched changes (`run`) both come here;
+//!   each runs as one blocking step under the state's lock, on the blocking
+//!   pool, never on an async worker and never across an await.
+//! - A batch of watched changes goes to `Cluster::apply`, whose answer (the
+//!   endpoints and addresses that changed) is written through `Endpoints`
+//!   and the data path's `Writer`; then Service addresses, then routes and
+//!   uplinks (`network`).
+//! - A periodic tick retries what failed (a route, an uplink attach, a
+//!   programming pass) without waiting for the next watch event.
+mod network;
+pub mod routes;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sluice_proto::{Attachment, EndpointSpec};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    cluster::{Change, Cluster, Notice},
+    datapath::Datapath,
+    endpoints::{EndpointError, Endpoints, PodsByIp, Result, pod_of},
+    metrics,
+    model::{EpId, ObjectRef},
+    policy::Changes,
+};
+
+/// Everything the agent holds for this node. One lock guards it; code that
+/// needs it takes `&mut State`.
+pub struct State {
+    pub dp: Datapath,
+    pub endpoints: Endpoints,
+    /// `None` in standalone mode (policy only through `SetPolicy`).
+    pub cluster: Option<Cluster>,
+    /// A programming pass failed: the next tick programs everything again.
+    retry_all: bool,
+}
+
+impl State {
+    pub fn new(dp: Datapath, endpoints: Endpoints, cluster: Option<Cluster>) -> Self {
+        Self {
+            dp,
+            endpoints,
+            cluster,
+            retry_all: false,
+        }
+    }
+
+    /// Marks the node's own addresses with `IDENTITY_HOST`, so traffic from
+    /// the node (kubelet probes) is recognised as such.
+    pub fn program_host_addresses(&mut self) -> Result<()> {
+        let ips = crate::netdev::node_ips().map_err(EndpointError::HostAddresses)?;
+        for ip in ips {
+            let host = crate::model::Identity(sluice_common::IDENTITY_HOST);
+            self.dp.writer.set_ipcache(ip, host, None)?;
+            info!(%ip, "node address");
+        }
+        Ok(())
+    }
+
+    /// Registers a pod's endpoint and, in cluster mode, programs its policy
+    /// before ADD returns.
+    fn add_endpoint(&mut self, spec: EndpointSpec) -> Result<EpId> {
+        Endpoints::validate(&spec)?;
+        if let Some(ep_id) = self.endpoints.retried(&mut self.dp, &spec)? {
+            return Ok(ep_id);
+        }
+        let pod = pod_of(&spec);
+        let identity = match (&self.cluster, &pod) {
+            (None, _) => None,
+            (Some(c), _) if !c.is_synced() => {
+                return Err(EndpointError::NotReady(
+                    "the cluster has not been listed yet".into(),
+                ));
+            }
+            (Some(c), Some(pod)) => Some(c.identity_of(pod).ok_or_else(|| {
+                EndpointError::NotReady(format!("pod {pod} is not known to the agent yet"))
+            })?),
+            (Some(_), None) => {
+                return Err(EndpointError::InvalidEndpoint(
+                    "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME".into(),
+                ));
+            }
+        };
+        // The programs are attached before the pod's policy is written, and
+        // with an unisolated record. That is safe: the plugin keeps the
+        // pod's links down until the agent answers ADD, so the pod sends
+        // and receives nothing before its policy is in force.
+        let ep = self.endpoints.add(&mut self.dp, spec, identity)?;
+        if let (Some(pod), Some(cluster)) = (pod, self.cluster.as_mut()) {
+            let ips = ep.ips().collect();
+            let learned = cluster.learn_cni_ips(&pod, ips);
+            let mut changes = learned.unwrap_or_default();
+            changes.endpoints.insert(pod);
+            if let Err(e) = self.program(&changes) {
+                self.endpoints.rollback(&mut self.dp, &ep);
+                return Err(e);
+            }
+        }
+        Ok(ep.ep_id)
+    }
+
+    /// Writes ipcache changes and the policies of the changed endpoints.
+    fn program(&mut self, changes: &Changes) -> Result<()> {
+        for (ip, identity) in &changes.ipcache {
+            let local = self.endpoints.by_ip(*ip).map(|e| e.ep_id);
+            match (identity, local) {
+                (Some(identity), local) => self.dp.writer.set_ipcache(*ip, *identity, local)?,
+                (None, None) => self.dp.writer.remove_ipcache(*ip)?,
+                // A local endpoint keeps its entry until CNI DEL.
+                (None, Some(_)) => {}
+            }
+        }
+        let Some(cluster) = self.cluster.as_ref() else {
+            return Ok(());
+        };
+        // Every change is written as a replacement: `set_policy` diffs the
+        // new entries against what is in the maps, so only what differs is
+        // written either way.
+        for pod in &changes.endpoints {
+            let Some(ep) = self.endpoints.by_pod(pod) else {
+                continue; // not wired on this node (yet)
+            };
+            let attachment = ep.spec.attachment.clone();
+            let Some(policy) = cluster.endpoint_policy(pod) else {
+                continue; // the pod is gone from the API; CNI DEL will follow
+            };
+            if let Some(identity) = cluster.identity_of(pod) {
+                self.endpoints
+                    .set_identity(&mut self.dp, &attachment, identity)?;
+            }
+            match self.endpoints.set_policy(&mut self.dp, &attachment, &policy) {
+                Ok(()) => {}
+                Err(e @ EndpointError::Capacity { .. }) => {
+                    warn!(%pod, error = %e, "endpoint over capacity: fails closed");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of watched changes and programs their effect.
+    fn apply(&mut self, batch: Vec<Change>, metrics: &metrics::Shared) -> Result<()> {
+        let started = Instant::now();
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        let Some(mut programming) = cluster.apply(batch) else {
+            return Ok(());
+        };
+        let compiled = started.elapsed();
+        if programming.full {
+            let local = self.endpoints.all().filter_map(|e| e.pod());
+            programming.changes.endpoints.extend(local);
+        }
+        self.program_and_services(&programming.changes)?;
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.programmed(programming.versions);
+        }
+        if let Ok(mut m) = metrics.lock() {
+            m.compile_seconds.observe(compiled);
+            m.apply_to_programmed_seconds.observe(started.elapsed());
+        }
+        Ok(())
+    }
+
+    fn program_and_services(&mut self, changes: &Changes) -> Result<()> {
+        let outcome = self.program(changes).and_then(|()| {
+            let ips = self.cluster.as_ref().map(Cluster::service_ips);
+            match ips {
+                Some(ips) => Ok(self.dp.writer.set_services(&ips)?),
+                None => Ok(()),
+            }
+        });
+        self.retry_all |= outcome.is_err();
+        outcome
+    }
+
+    /// After a failed pass: every address and every local endpoint again.
+    fn retry(&mut self) -> Result<()> {
+        if !self.retry_all {
+            return Ok(());
+        }
+        let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_synced()) else {
+            return Ok(());
+        };
+        let mut changes = Changes::default();
+        changes.ipcache.extend(
+            cluster
+                .ipcache()
+                .into_iter()
+                .map(|(ip, id)| (ip, Some(id))),
+        );
+        changes
+            .endpoints
+            .extend(self.endpoints.all().filter_map(|e| e.pod()));
+        self.retry_all = false;
+        self.program_and_services(&changes)?;
+        info!("programming retried and in force");
+        Ok(())
+    }
+}
+
+/// What the CNI socket and the watch loop share.
+#[derive(Clone)]
+pub struct Reconciler {
+    state: Arc<Mutex<State>>,
+    metrics: metrics::Shared,
+    pods_by_ip: watch::Receiver<PodsByIp>,
+}
+
+impl Reconciler {
+    pub fn new(state: State, metrics: metrics::Shared) -> Self {
+        let pods_by_ip = state.endpoints.pods_by_ip();
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            metrics,
+            pods_by_ip,
+        }
+    }
+
+    /// Runs `f` on the state under its lock, on the blocking pool: map
+    /// writes and netlink calls are syscalls, and the lock is never held
+    /// on an async worker or across an await.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = state
+                .lock()
+                .map_err(|_| EndpointError::NotReady("agent state poisoned; restart the agent".into()))?;
+            f(&mut st)
+        })
+        .await
+        .map_err(|e| EndpointError::NotReady(format!("agent task failed: {e}")))?
+    }
+
+    pub async fn add_endpoint(&self, spec: EndpointSpec) -> Result<EpId> {
+        self.with(|st| st.add_endpoint(spec)).await
+    }
+
+    pub async fn del_endpoint(&self, a: Attachment) -> Result<()> {
+        self.with(move |st| st.endpoints.del(&mut st.dp, &a)).await
+    }
+
+    pub async fn check_endpoint(&self, a: Attachment) -> Result<EpId> {
+        self.with(move |st| st.endpoints.check(&st.dp, &a)).await
+    }
+
+    pub async fn gc(&self, valid: Vec<Attachment>) -> Result<usize> {
+        self.with(move |st| st.endpoints.gc(&mut st.dp, &valid)).await
+    }
+
+    pub async fn set_policy(&self, a: Attachment, policy: serde_json::Value) -> Result<()> {
+        self.with(move |st| st.endpoints.set_policy_json(&mut st.dp, &a, policy))
+            .await
+    }
+
+    /// Whether the cluster is synced, and `Kind/ns/name` -> resourceVersion
+    /// in force.
+    pub async fn programmed(&self) -> Result<(bool, std::collections::BTreeMap<String, String>)> {
+        self.with(|st| {
+            Ok(st.cluster.as_ref().map_or_else(Default::default, |c| {
+                (c.is_synced(), c.programmed_versions())
+            }))
+        })
+        .await
+    }
+
+    pub async fn pod_cidrs(&self) -> Result<Vec<String>> {
+        self.with(|st| {
+            Ok(st
+                .cluster
+                .as_ref()
+                .map(|c| c.pod_cidrs().to_vec())
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// Whether the compiler knows `pod` (false in standalone mode).
+    pub async fn knows_pod(&self, pod: ObjectRef) -> Result<bool> {
+        self.with(move |st| {
+            Ok(st
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.identity_of(&pod).is_some()))
+        })
+        .await
+    }
+
+    /// Applies watched changes (a pod fetched ahead of its watch event
+    /// among them) and programs their effect.
+    pub async fn apply(&self, batch: Vec<Change>) -> Result<()> {
+        let metrics = self.metrics.clone();
+        self.with(move |st| st.apply(batch, &metrics)).await
+    }
+
+    /// The local pod with address `ip`, read without the state's lock.
+    pub fn pod_of(&self, ip: std::net::IpAddr) -> Option<ObjectRef> {
+        self.pods_by_ip.borrow().get(&ip).cloned()
+    }
+
+    /// The state, for metrics (which read it at scrape time).
+    pub fn state(&self) -> &Arc<Mutex<State>> {
+        &self.state
+    }
+
+    /// Follows watched changes until the watch ends: applies each batch,
+    /// posts the Warning Events it raised, then keeps routes and uplinks
+    /// in line. Every `resync` it retries what failed.
+    pub async fn run(
+        self,
+        mut changes: mpsc::Receiver<Change>,
+        notices: mpsc::Sender<Notice>,
+        resync: Duration,
+    ) -> anyhow::Result<()> {
+        let mut net = network::Network::new()?;
+        let mut tick = tokio::time::interval(resync);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = changes.recv() => {
+                    let Some(first) = first else { return Ok(()) };
+                    // Take whatever else is queued: one programming pass per batch.
+                    let mut batch = vec![first];
+                    while let Ok(more) = changes.try_recv() {
+                        batch.push(more);
+                    }
+                    if let Err(e) = self.apply(batch).await {
+                        error!(error = %e, "programming cluster changes failed; retried on the next tick");
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.with(State::retry).await {
+                        error!(error = %e, "retrying programming failed");
+                    }
+                }
+            }
+            let queued = self
+                .with(|st| Ok(st.cluster.as_mut().map(Cluster::take_notices).unwrap_or_default()))
+                .await
+                .unwrap_or_default();
+            for notice in queued {
+                if notices.try_send(notice).is_err() {
+                    warn!("Event queue full: a Warning Event is dropped (the log has it)");
+                }
+            }
+            let desired = self
+                .with(|st| Ok(st.cluster.as_ref().map(Cluster::peer_routes).unwrap_or_default()))
+                .await
+                .unwrap_or_default();
+            net.sync(&desired, &self).await;
+        }
+    }
+}

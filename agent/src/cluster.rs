@@ -16,11 +16,11 @@ use sluice_common::IpcacheValue;
 use tracing::{info, warn};
 
 use crate::{
-    compiler::{self, Changes, Compiler, Diagnostic, EndpointChange, Locality, ObjectRef},
     datapath::ipcache_key,
     k8s::{Change, Kind, Object, object_ref},
-    metrics,
+    metrics, model,
     node::{Node, NodeError, Result},
+    policy::{Changes, Compiler, Diagnostic, Locality, ObjectRef},
 };
 
 /// The cluster as this node's agent knows it.
@@ -108,10 +108,10 @@ impl Cluster {
         // Every node sees every object: each reports only what concerns its
         // own pods, so a bad policy makes one Event per node it affects, not
         // one per node of the cluster.
-        let concerns_this_node = |d: &&Diagnostic| match d.kind {
-            compiler::Kind::NetworkPolicy => self.compiler.selects_local(&d.object),
-            compiler::Kind::Pod => self.compiler.is_local(&d.object),
-            compiler::Kind::Namespace => true,
+        let concerns_this_node = |d: &&Diagnostic| match d.object.kind {
+            model::Kind::NetworkPolicy => self.compiler.selects_local(&d.object.object_ref()),
+            model::Kind::Pod => self.compiler.is_local(&d.object.object_ref()),
+            model::Kind::Namespace | model::Kind::Node | model::Kind::Service => true,
         };
         // When local endpoints changed, a policy compiled earlier (and then
         // of no concern here) may now select one of them: its stored
@@ -369,11 +369,10 @@ impl Node {
             );
             let mut all: BTreeSet<ObjectRef> = cluster.compiler.endpoints().cloned().collect();
             all.extend(self.registry.all().filter_map(pod_ref));
-            out.endpoints
-                .extend(all.into_iter().map(|o| (o, EndpointChange::Replace)));
+            out.endpoints.extend(all);
         }
         for d in &out.diagnostics {
-            warn!(object = %d.object, kind = ?d.kind, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
+            warn!(object = %d.object, reason = %d.reason, "policy input not usable as written: the rule concerned denies");
         }
         if let Some(cluster) = self.cluster.as_mut() {
             cluster.note_diagnostics(&out, &versions);
@@ -406,10 +405,7 @@ impl Node {
     /// Programs the current policy of these pods' endpoints.
     pub fn program_pods(&mut self, pods: &[ObjectRef]) -> Result<()> {
         let out = Changes {
-            endpoints: pods
-                .iter()
-                .map(|p| (p.clone(), EndpointChange::Replace))
-                .collect(),
+            endpoints: pods.iter().cloned().collect(),
             ..Changes::default()
         };
         self.program(&out)
@@ -425,7 +421,7 @@ impl Node {
             match id {
                 Some(identity) => {
                     let v = IpcacheValue {
-                        identity: *identity,
+                        identity: identity.0,
                         ep_id: local_ep.map_or(0, |e| e.ep_id),
                     };
                     self.dp
@@ -449,7 +445,7 @@ impl Node {
         // Every change is written as a replacement: `set_policy` diffs the
         // new entries against what is in the maps, so only what differs is
         // written either way.
-        for obj in out.endpoints.keys() {
+        for obj in &out.endpoints {
             let Some(ep) = self
                 .registry
                 .all()
@@ -466,7 +462,7 @@ impl Node {
             };
             let identity = cluster.compiler.identity_of(obj);
             if let Some(id) = identity {
-                self.set_identity(&ep, id)?;
+                self.set_identity(&ep, id.0)?;
             }
             match self.set_policy(&ep.spec.attachment, &policy) {
                 Ok(()) => {}
@@ -511,16 +507,7 @@ impl Node {
 /// The pod an endpoint belongs to, when the runtime said (CNI_ARGS).
 /// The key (`Kind/ns/name`, as `k8s::object_ref`) of a diagnostic's object.
 fn diagnostic_key(d: &Diagnostic) -> String {
-    let kind = match d.kind {
-        compiler::Kind::Namespace => Kind::Namespace,
-        compiler::Kind::Pod => Kind::Pod,
-        compiler::Kind::NetworkPolicy => Kind::NetworkPolicy,
-    };
-    if d.object.namespace.is_empty() {
-        format!("{}/{}", kind.name(), d.object.name)
-    } else {
-        format!("{}/{}/{}", kind.name(), d.object.namespace, d.object.name)
-    }
+    d.object.to_string()
 }
 
 pub fn pod_ref(e: &crate::registry::Endpoint) -> Option<ObjectRef> {

@@ -5,7 +5,6 @@
 //! `events` (decoding drops); `datapath` is the thin edge over aya, `node`
 //! the operations, `server` the socket.
 pub mod cluster;
-pub mod compiler;
 pub mod datapath;
 pub mod events;
 pub mod k8s;

@@ -300,9 +300,11 @@ impl Node {
                     "the cluster has not been listed yet".into(),
                 ));
             }
-            (Some(c), Some(pod)) => Some(c.compiler.identity_of(pod).ok_or_else(|| {
-                NodeError::NotReady(format!("pod {pod} is not known to the agent yet"))
-            })?),
+            (Some(c), Some(pod)) => {
+                Some(c.compiler.identity_of(pod).map(|i| i.0).ok_or_else(|| {
+                    NodeError::NotReady(format!("pod {pod} is not known to the agent yet"))
+                })?)
+            }
             (Some(_), None) => {
                 return Err(NodeError::InvalidEndpoint(
                     "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME".into(),

@@ -29,12 +29,16 @@ fn policy_in(ns: &str, operator: &str) -> Object {
     Object::NetworkPolicy(Box::new(np))
 }
 
-/// Applies `o` and notes its diagnostics as the reconciler does.
+/// Applies `o` as a watch event; returns the problems the compiler has
+/// with it.
 fn feed(c: &mut Cluster, o: Object) -> usize {
-    let fed = [(object_ref(&o), false)];
-    let out = c.apply(Change::Applied(o));
-    c.note_diagnostics(&out, &fed);
-    out.diagnostics.len()
+    let key = o.key();
+    c.apply(vec![Change::Applied(o)]);
+    c.compiler
+        .diagnostics()
+        .iter()
+        .filter(|d| d.object == key)
+        .count()
 }
 
 #[test]

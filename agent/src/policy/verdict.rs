@@ -1,13 +1,16 @@
 //! The data path's verdict for a new flow, computed in user space from the
 //! compiler's outputs only (the endpoint policies through
-//! `EndpointPolicy::compile` and `policy::lookup`, and the ipcache), the way
+//! `EndpointPolicy::compile` and `mapstate::lookup`, and the ipcache), the way
 //! the TC programs decide it. What the conformance model checks.
 use std::net::IpAddr;
 
 use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD};
 
-use super::{Compiler, ObjectRef};
-use crate::policy::{CidrEntry, EndpointPolicy, lookup};
+use super::{
+    Compiler,
+    mapstate::{CidrEntry, EndpointPolicy, lookup},
+};
+use crate::model::ObjectRef;
 
 /// Endpoint id used when compiling for the model; any value works, the
 /// lookups use the same one.
@@ -48,14 +51,15 @@ impl Compiler {
     }
 
     fn local_endpoint_at(&self, ip: IpAddr) -> Option<&ObjectRef> {
-        let owner = self.ipcache.get(&ip)?.last()?;
-        self.pods.get(owner).filter(|p| p.local).map(|_| owner)
+        self.pods
+            .owner(ip)
+            .and_then(|(owner, p)| p.local.then_some(owner))
     }
 
     /// The ipcache's answer: the pod's identity, else WORLD (the node's own
     /// addresses, HOST in the data path, are not pods and not modelled here).
     fn peer_identity(&self, ip: IpAddr) -> u32 {
-        self.ip_identity(ip).unwrap_or(IDENTITY_WORLD)
+        self.ip_identity(ip).map_or(IDENTITY_WORLD, |i| i.0)
     }
 }
 

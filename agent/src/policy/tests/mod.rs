@@ -23,8 +23,7 @@ use sluice_common::{
     IDENTITY_WORLD, proto,
 };
 
-use super::{model::direction_allows, *};
-use crate::policy::{EndpointPolicy, L4};
+use super::{verdict::direction_allows, *};
 
 const TCP: u8 = proto::TCP;
 const UDP: u8 = proto::UDP;
@@ -663,7 +662,7 @@ fn cidr_group_ids_survive_an_update_that_keeps_the_same_rules() {
     w.apply("x", "p", spec("b"));
     let before = w.ep("x/a").cidrs.clone();
     let changes = w.apply("x", "p", spec("nobody"));
-    assert!(changes.endpoints.contains_key(&obj("x/a")));
+    assert!(changes.endpoints.contains(&obj("x/a")));
     assert_eq!(w.ep("x/a").cidrs, before);
 }
 
@@ -759,9 +758,10 @@ fn invalid_rules_are_reported_and_deny_what_they_would_allow_while_valid_rules_s
             ]}),
         );
         assert!(
-            ch.diagnostics.iter().any(|d| d.kind == Kind::NetworkPolicy
-                && d.object == obj("x/bad")
-                && d.reason.contains("ingress[0]")),
+            ch.diagnostics
+                .iter()
+                .any(|d| d.object == ObjKey::new(Kind::NetworkPolicy, "x", "bad")
+                    && d.reason.contains("ingress[0]")),
             "{what}: {:?}",
             ch.diagnostics
         );
@@ -864,7 +864,7 @@ fn pods_alike_share_one_identity_so_a_rule_over_many_pods_is_one_entry() {
         ));
     }
     let ids: BTreeSet<u32> = (0..50)
-        .map(|i| w.c.identity_of(&obj(&format!("y/web-{i}"))).unwrap())
+        .map(|i| w.c.identity_of(&obj(&format!("y/web-{i}"))).unwrap().0)
         .collect();
     assert_eq!(ids.len(), 1);
     let id = *ids.first().unwrap();
@@ -877,7 +877,7 @@ fn pods_alike_share_one_identity_so_a_rule_over_many_pods_is_one_entry() {
     );
     assert_eq!(
         w.ep("x/a").rules,
-        vec![crate::policy::Rule {
+        vec![Rule {
             dir: DIR_INGRESS,
             identity: id,
             l4: L4::Ports {
@@ -896,7 +896,7 @@ fn pods_alike_share_one_identity_so_a_rule_over_many_pods_is_one_entry() {
         "10.0.3.200",
         &[("http", "TCP", 8080)],
     ));
-    assert_ne!(w.c.identity_of(&obj("y/web-x")), Some(id));
+    assert_ne!(w.c.identity_of(&obj("y/web-x")), Some(Identity(id)));
 }
 
 #[test]
@@ -929,7 +929,7 @@ fn the_ipcache_maps_pod_addresses_and_reports_each_change() {
     assert_eq!(ch.ipcache, BTreeMap::from([(ip, Some(new_id))]));
     let ch = w.c.delete_pod("x", "a");
     assert_eq!(ch.ipcache, BTreeMap::from([(ip, None)]));
-    assert!(ch.endpoints.contains_key(&obj("x/a")));
+    assert!(ch.endpoints.contains(&obj("x/a")));
     assert!(w.c.endpoint_policy(&obj("x/a")).is_none());
 }
 
@@ -962,7 +962,7 @@ fn a_relabel_reports_exactly_the_endpoints_whose_policy_changed() {
         "10.0.2.2",
     ));
     assert_eq!(
-        ch.endpoints.keys().cloned().collect::<Vec<_>>(),
+        ch.endpoints.iter().cloned().collect::<Vec<_>>(),
         vec![obj("x/a"), obj("y/b")]
     );
     assert!(w.allows("y/b", "x/a", TCP, 80));
@@ -990,7 +990,7 @@ fn a_namespace_relabel_moves_its_pods_to_new_identities_and_updates_selectors() 
     let ch =
         w.c.upsert_namespace(&namespace("y", &[("team", "b"), ("colour", "green")]));
     assert_ne!(w.c.identity_of(&obj("y/a")), old);
-    assert!(ch.endpoints.contains_key(&obj("x/a")) && ch.endpoints.contains_key(&obj("y/a")));
+    assert!(ch.endpoints.contains(&obj("x/a")) && ch.endpoints.contains(&obj("y/a")));
     assert_eq!(ch.ipcache.len(), 2);
     assert!(w.allows("y/a", "x/a", TCP, 80) && w.allows("y/b", "x/a", TCP, 80));
     w.c.delete_namespace("y");
@@ -1034,7 +1034,7 @@ fn host_network_and_finished_pods_are_not_endpoints_nor_peers() {
         s.phase = Some("Succeeded".into());
     }
     let ch = w.c.upsert_pod(&done);
-    assert!(ch.endpoints.contains_key(&obj("x/a")));
+    assert!(ch.endpoints.contains(&obj("x/a")));
     assert!(w.c.endpoint_policy(&obj("x/a")).is_none());
     assert_eq!(w.c.ip_identity("10.0.1.1".parse().unwrap()), None);
 }
@@ -1057,7 +1057,7 @@ fn only_pods_of_this_node_are_endpoints_but_every_pod_is_a_peer() {
         "p",
         json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}),
     ));
-    let b_id = c.identity_of(&obj("x/b")).unwrap();
+    let b_id = c.identity_of(&obj("x/b")).unwrap().0;
     let p = c.endpoint_policy(&obj("x/a")).unwrap();
     assert!(p.rules.iter().any(|r| r.identity == b_id));
 }
@@ -1230,10 +1230,8 @@ fn random_policy(rng: &mut Rng, ns: &str, name: &str) -> NetworkPolicy {
 /// allocation order.
 fn normalize(c: &Compiler, p: &EndpointPolicy) -> String {
     let mut pods_of: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for o in c.pods.keys() {
-        if let Some(id) = c.identity_of(o) {
-            pods_of.entry(id).or_default().push(o.to_string());
-        }
+    for (o, p) in c.pods.iter() {
+        pods_of.entry(p.identity).or_default().push(o.to_string());
     }
     let group_l4s = |g: u32| -> Vec<(u8, L4)> {
         let mut v: Vec<(u8, L4)> = p
@@ -1288,7 +1286,7 @@ fn normalize(c: &Compiler, p: &EndpointPolicy) -> String {
     )
 }
 
-/// What a map writer holds for one endpoint, built only from `Changes`.
+/// What a map writer holds for one endpoint.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Written {
     isolation: (bool, bool),
@@ -1308,47 +1306,18 @@ impl Written {
             cidrs: p.cidrs.iter().map(|c| ((c.dir, c.net), c.group)).collect(),
         }
     }
-
-    fn apply(&mut self, d: &PolicyDelta) {
-        self.isolation = (d.ingress_isolated, d.egress_isolated);
-        for r in &d.remove {
-            assert_eq!(
-                self.rules.remove(&(r.dir, r.identity, r.l4)),
-                Some(r.rule_id),
-                "removing {r:?}"
-            );
-        }
-        for r in &d.upsert {
-            self.rules.insert((r.dir, r.identity, r.l4), r.rule_id);
-        }
-        for c in &d.remove_cidrs {
-            assert!(
-                self.cidrs.remove(&(c.dir, c.net)).is_some(),
-                "removing {c:?}"
-            );
-        }
-        for c in &d.upsert_cidrs {
-            self.cidrs.insert((c.dir, c.net), c.group);
-        }
-    }
 }
 
-/// Applies changes the way the agent's writer would.
+/// Rewrites the reported endpoints, the way the agent's writer does.
 fn write(c: &Compiler, written: &mut BTreeMap<ObjectRef, Written>, ch: &Changes) {
-    for (ep, change) in &ch.endpoints {
-        match change {
-            EndpointChange::Replace => match c.endpoint_policy(ep) {
-                Some(p) => {
-                    written.insert(ep.clone(), Written::of(&p));
-                }
-                None => {
-                    written.remove(ep);
-                }
-            },
-            EndpointChange::Update(d) => written
-                .get_mut(ep)
-                .unwrap_or_else(|| panic!("an update for {ep}, never written"))
-                .apply(d),
+    for ep in &ch.endpoints {
+        match c.endpoint_policy(ep) {
+            Some(p) => {
+                written.insert(ep.clone(), Written::of(&p));
+            }
+            None => {
+                written.remove(ep);
+            }
         }
     }
 }
@@ -1368,9 +1337,13 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
     let mut policies: BTreeMap<String, NetworkPolicy> = BTreeMap::new();
     let mut checked_changes = 0;
     let mut written: BTreeMap<ObjectRef, Written> = BTreeMap::new();
-    let mut updates = 0;
+    let mut rewrites = 0;
     for step in 0..600 {
         let before = snapshot(&c);
+        let identities_before: BTreeMap<ObjectRef, Option<Identity>> = before
+            .keys()
+            .map(|o| (o.clone(), c.identity_of(o)))
+            .collect();
         let ips_before = c.ipcache();
         let ns = *rng.pick(&NAMESPACES);
         let ch = match rng.below(10) {
@@ -1424,7 +1397,7 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         for (o, p) in &after {
             if before.get(o) != Some(p) {
                 assert!(
-                    ch.endpoints.contains_key(o),
+                    ch.endpoints.contains(o),
                     "step {step}: {o} changed unreported"
                 );
                 checked_changes += 1;
@@ -1433,9 +1406,24 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         for o in before.keys() {
             if !after.contains_key(o) {
                 assert!(
-                    ch.endpoints.contains_key(o),
+                    ch.endpoints.contains(o),
                     "step {step}: {o} vanished unreported"
                 );
+            }
+        }
+        // And nothing else: a reported endpoint kept on the same identity
+        // has a different policy.
+        for o in &ch.endpoints {
+            if let Some(id) = identities_before.get(o)
+                && *id == c.identity_of(o)
+                && after.contains_key(o)
+            {
+                assert_ne!(
+                    before.get(o),
+                    after.get(o),
+                    "step {step}: {o} reported unchanged"
+                );
+                rewrites += 1;
             }
         }
         // And the ipcache changes are exactly the difference.
@@ -1451,11 +1439,6 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         // A writer that applies only the reported changes holds exactly
         // the compiled policies.
         write(&c, &mut written, &ch);
-        updates += ch
-            .endpoints
-            .values()
-            .filter(|e| matches!(e, EndpointChange::Update(_)))
-            .count();
         let expected: BTreeMap<ObjectRef, Written> = after
             .iter()
             .map(|(o, p)| (o.clone(), Written::of(p)))
@@ -1488,14 +1471,17 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
                 let ns: Vec<Namespace> = namespaces.values().cloned().collect();
                 let ps: Vec<Pod> = pods.values().cloned().collect();
                 let nps: Vec<NetworkPolicy> = policies.values().cloned().collect();
-                let ch = fresh.load(&ns, &ps, &nps);
+                let ch = fresh.resync(Resync {
+                    namespaces: Some(&ns),
+                    pods: Some(&ps),
+                    policies: Some(&nps),
+                });
                 let all: BTreeSet<&ObjectRef> = fresh.endpoints().collect();
                 assert_eq!(
-                    ch.endpoints.keys().collect::<BTreeSet<_>>(),
+                    ch.endpoints.iter().collect::<BTreeSet<_>>(),
                     all,
                     "step {step}"
                 );
-                assert!(ch.endpoints.values().all(|e| *e == EndpointChange::Replace));
             }
             let mine: BTreeMap<_, _> = after
                 .iter()
@@ -1518,7 +1504,7 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
         "the sequence exercised {checked_changes} changes"
     );
     assert!(
-        updates > 100,
-        "the sequence exercised {updates} delta updates"
+        rewrites > 100,
+        "the sequence exercised {rewrites} rewrites of endpoints that kept their identity"
     );
 }

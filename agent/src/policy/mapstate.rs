@@ -1,6 +1,7 @@
-//! What the data path should hold for one endpoint, as pure data: the
-//! interface through which policy reaches the maps (used directly by tests
-//! now, and by the NetworkPolicy compiler). No I/O here.
+//! The map-state step: what the data path should hold for one endpoint, as
+//! pure data ([`EndpointPolicy`]), and its map entries ([`Compiled`]): the
+//! interface through which policy reaches the maps, and the user-space model
+//! of the data path's lookup. No I/O here.
 //!
 //! Per direction an endpoint is either not isolated (everything passes, the
 //! rules are ignored by the data path) or isolated (default deny, and the
@@ -220,6 +221,31 @@ pub fn lookup(c: &Compiled, ep_id: u32, dir: u8, identity: u32, proto: u8, port:
         .filter(|p| plens & (1 << p) != 0)
         .any(|p| hit(proto, port & port_mask(p), p))
         || (plens & (1 << PLEN_ANY_PROTO_BIT) != 0 && hit(0, 0, 0))
+}
+
+/// How many map entries an endpoint's policy takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCount {
+    /// Policy map keys (a port range takes one key per aligned block).
+    pub policy: usize,
+    /// CIDR map prefixes.
+    pub cidr: usize,
+}
+
+pub fn entry_count(p: &EndpointPolicy) -> EntryCount {
+    let mut keys = Vec::with_capacity(p.rules.len());
+    for r in &p.rules {
+        // A rule that does not compile takes no entry (`compile` refuses it).
+        for k in policy_keys(0, r.dir, r.identity, r.l4).unwrap_or_default() {
+            keys.push((k.dir, k.identity, k.proto, k.port, k.plen));
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    EntryCount {
+        policy: keys.len(),
+        cidr: p.cidrs.len(),
+    }
 }
 
 #[cfg(test)]

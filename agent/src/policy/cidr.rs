@@ -1,0 +1,184 @@
+//! ipBlocks of one endpoint and direction as longest-prefix-match entries.
+//!
+//! The prefixes are every `cidr` and every `except`. The set of a prefix P is
+//! every (rule, L4) of a block whose `cidr` contains P and none of whose
+//! `except`s contains P. For an address A whose longest matching prefix is P,
+//! a block allows A iff it is in P's set: a block's `cidr` contains A, so it
+//! is in the list and P (as long or longer) lies inside it; an `except` that
+//! holds A is in the list too, so P lies inside that except. An empty set is
+//! an `except` hole (group 0).
+//!
+//! Each distinct set is a CIDR group: a peer identity (`IDENTITY_CIDR_FLAG`
+//! set) shared by the local identities whose policies give the same set, kept
+//! while one of them holds it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ipnetwork::IpNetwork;
+use rustc_hash::FxHashMap;
+use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_CIDR_FLAG};
+
+use super::{
+    contributions::{CidrPart, LocalState, resolve},
+    identities::{Allocator, NamedPorts},
+    mapstate::{CidrEntry, L4, Rule},
+    parse::{Block, Peer, within},
+    repository::Repository,
+};
+
+/// The blocks of one rule and the L4 matches they carry.
+#[derive(Clone, Debug)]
+pub(super) struct RuleBlocks<'a> {
+    pub rule_id: u32,
+    pub blocks: &'a [Block],
+    pub l4s: Vec<L4>,
+}
+
+/// The set of (rule, L4) that covers addresses whose longest match is that
+/// prefix; sorted by prefix, each set sorted.
+pub(super) type Grouped = Vec<(IpNetwork, Vec<(u32, L4)>)>;
+
+pub(super) fn group_prefixes(rules: &[RuleBlocks<'_>]) -> Grouped {
+    let mut prefixes: Vec<IpNetwork> = rules
+        .iter()
+        .filter(|r| !r.l4s.is_empty())
+        .flat_map(|r| r.blocks.iter())
+        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    prefixes
+        .into_iter()
+        .map(|p| {
+            let mut set: Vec<(u32, L4)> = rules
+                .iter()
+                .filter(|r| {
+                    r.blocks
+                        .iter()
+                        .any(|b| within(p, b.cidr) && !b.except.iter().any(|&e| within(p, e)))
+                })
+                .flat_map(|r| r.l4s.iter().map(|&l4| (r.rule_id, l4)))
+                .collect();
+            set.sort();
+            set.dedup();
+            (p, set)
+        })
+        .collect()
+}
+
+/// The CIDR groups in use, by their (rule, L4) set and by number.
+pub(super) struct CidrGroups {
+    by_set: HashMap<Vec<(u32, L4)>, (u32, u32)>,
+    sets: FxHashMap<u32, Vec<(u32, L4)>>,
+    numbers: Allocator,
+}
+
+impl CidrGroups {
+    pub fn new() -> Self {
+        Self {
+            by_set: HashMap::new(),
+            sets: FxHashMap::default(),
+            numbers: Allocator::new(1, IDENTITY_CIDR_FLAG),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_set.len()
+    }
+
+    /// Takes a reference on the group of `set`, numbering it if new.
+    pub fn intern(&mut self, set: &[(u32, L4)]) -> u32 {
+        if let Some((g, refs)) = self.by_set.get_mut(set) {
+            *refs += 1;
+            return *g;
+        }
+        let g = IDENTITY_CIDR_FLAG | self.numbers.alloc();
+        self.by_set.insert(set.to_vec(), (g, 1));
+        self.sets.insert(g, set.to_vec());
+        g
+    }
+
+    pub fn release(&mut self, g: u32) {
+        let Some(set) = self.sets.get(&g) else {
+            return;
+        };
+        if let Some(entry) = self.by_set.get_mut(set) {
+            entry.1 -= 1;
+            if entry.1 > 0 {
+                return;
+            }
+            self.by_set.remove(set);
+        }
+        self.sets.remove(&g);
+        self.numbers.release(g & !IDENTITY_CIDR_FLAG);
+    }
+}
+
+/// The CIDR part of a local identity (with these named ports) from the
+/// ipBlocks of the policies selecting it. The groups of the result are
+/// referenced in `groups`; the caller releases those of the part it
+/// replaces (after, so that a set that survives keeps its number).
+pub(super) fn compute(
+    st: &LocalState,
+    ports: &NamedPorts,
+    repo: &Repository,
+    groups: &mut CidrGroups,
+) -> CidrPart {
+    let mut grouped = Vec::new();
+    for dir in [DIR_INGRESS, DIR_EGRESS] {
+        let mut rbs = Vec::new();
+        for &pid in st.selected_by() {
+            let Some(pol) = repo.get(pid) else {
+                continue;
+            };
+            for r in pol.rules.iter().filter(|r| r.dir == dir) {
+                for part in &r.parts {
+                    if let Peer::Blocks(blocks) = &part.peer {
+                        // Egress named ports would resolve on the
+                        // destination, which an address outside the
+                        // cluster does not have.
+                        let l4s = if dir == DIR_INGRESS {
+                            resolve(&part.ports, ports)
+                        } else {
+                            part.ports.fixed.clone()
+                        };
+                        rbs.push(RuleBlocks {
+                            rule_id: r.id,
+                            blocks,
+                            l4s,
+                        });
+                    }
+                }
+            }
+        }
+        grouped.push((dir, group_prefixes(&rbs)));
+    }
+    let mut out = CidrPart::default();
+    for (dir, prefixes) in grouped {
+        let mut done = BTreeSet::new();
+        for (net, set) in prefixes {
+            let group = if set.is_empty() {
+                0
+            } else {
+                let g = groups.intern(&set);
+                out.groups.push(g);
+                if done.insert(g) {
+                    let mut by_l4: BTreeMap<L4, u32> = BTreeMap::new();
+                    for &(rid, l4) in &set {
+                        by_l4.entry(l4).or_insert(rid);
+                    }
+                    out.rules
+                        .extend(by_l4.into_iter().map(|(l4, rule_id)| Rule {
+                            dir,
+                            identity: g,
+                            l4,
+                            rule_id,
+                        }));
+                }
+                g
+            };
+            out.cidrs.push(CidrEntry { dir, net, group });
+        }
+    }
+    out.rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
+    out
+}

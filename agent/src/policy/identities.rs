@@ -1,0 +1,243 @@
+//! Security identities and the number allocator.
+//!
+//! Pods with the same namespace, namespace labels, pod labels and named-port
+//! table share one identity; this room numbers them, counts their pods,
+//! indexes them by namespace, and holds the per-identity state of the local
+//! ones ([`LocalState`]). Which selectors an identity is in is written here by
+//! the selector cache ([`super::selectors`]), which owns the selectors.
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use rustc_hash::FxHashMap;
+use sluice_common::{IDENTITY_CIDR_FLAG, IDENTITY_FIRST_USER};
+
+use super::{
+    contributions::LocalState,
+    selector::Labels,
+    selectors::{SelId, SelectorCache},
+};
+use crate::model::ObjectRef;
+
+/// (name, protocol, port) of a pod's named container ports, sorted.
+pub(super) type NamedPorts = Vec<(String, u8, u16)>;
+
+/// What makes two pods share an identity: every selector is a function of it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct IdentityKey {
+    pub namespace: String,
+    pub ns_labels: Arc<Labels>,
+    pub labels: Labels,
+    pub ports: NamedPorts,
+}
+
+pub(super) struct IdentityState {
+    pub key: Arc<IdentityKey>,
+    /// Pods with this identity, local or not.
+    pods: u32,
+    /// Interned selectors that select it.
+    pub in_selectors: Vec<SelId>,
+    pub local_pods: BTreeSet<ObjectRef>,
+    /// Present while the identity has local pods.
+    pub local: Option<Box<LocalState>>,
+}
+
+/// Numbers from `first` up to `limit`, then reused; never two live at once.
+pub(super) struct Allocator {
+    next: u32,
+    limit: u32,
+    free: BTreeSet<u32>,
+}
+
+impl Allocator {
+    pub fn new(first: u32, limit: u32) -> Self {
+        Self {
+            next: first,
+            limit,
+            free: BTreeSet::new(),
+        }
+    }
+
+    /// Fresh numbers first, so that a released number is not handed out
+    /// again while stale map entries may still name it.
+    pub fn alloc(&mut self) -> u32 {
+        if self.next < self.limit {
+            self.next += 1;
+            self.next - 1
+        } else {
+            #[expect(
+                clippy::expect_used,
+                reason = "2^31 live identities or groups cannot fit in memory first"
+            )]
+            self.free.pop_first().expect("identity space exhausted")
+        }
+    }
+
+    pub fn release(&mut self, n: u32) {
+        self.free.insert(n);
+    }
+}
+
+/// Every identity in use, by number, by key and by namespace.
+pub(super) struct Identities {
+    map: FxHashMap<u32, IdentityState>,
+    by_key: HashMap<Arc<IdentityKey>, u32>,
+    by_ns: HashMap<String, BTreeSet<u32>>,
+    /// Identities with local pods, by namespace.
+    local_by_ns: HashMap<String, BTreeSet<u32>>,
+    numbers: Allocator,
+}
+
+impl Identities {
+    pub fn new() -> Self {
+        Self {
+            map: FxHashMap::default(),
+            by_key: HashMap::new(),
+            by_ns: HashMap::new(),
+            local_by_ns: HashMap::new(),
+            numbers: Allocator::new(IDENTITY_FIRST_USER, IDENTITY_CIDR_FLAG),
+        }
+    }
+
+    pub fn get(&self, id: u32) -> Option<&IdentityState> {
+        self.map.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut IdentityState> {
+        self.map.get_mut(&id)
+    }
+
+    pub fn local(&self, id: u32) -> Option<&LocalState> {
+        self.map.get(&id)?.local.as_deref()
+    }
+
+    pub fn local_mut(&mut self, id: u32) -> Option<&mut LocalState> {
+        self.map.get_mut(&id)?.local.as_deref_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Identities with local pods.
+    pub fn locals(&self) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(_, i)| i.local.is_some())
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    pub fn locals_in(&self, ns: &str) -> Vec<u32> {
+        self.local_by_ns
+            .get(ns)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn in_namespace(&self, ns: &str) -> Option<&BTreeSet<u32>> {
+        self.by_ns.get(ns)
+    }
+
+    /// The identities of each namespace.
+    pub fn by_namespace(&self) -> impl Iterator<Item = &BTreeSet<u32>> {
+        self.by_ns.values()
+    }
+
+    pub fn clear_selectors(&mut self) {
+        for ident in self.map.values_mut() {
+            ident.in_selectors.clear();
+        }
+    }
+
+    /// Takes a pod reference on the identity of `key`. A new identity comes
+    /// with the selectors that select it (already listed in it), which the
+    /// caller adds it to.
+    pub fn acquire(&mut self, key: IdentityKey, selectors: &SelectorCache) -> (u32, Vec<SelId>) {
+        if let Some(&id) = self.by_key.get(&key)
+            && let Some(i) = self.map.get_mut(&id)
+        {
+            i.pods += 1;
+            return (id, Vec::new());
+        }
+        let id = self.numbers.alloc();
+        let key = Arc::new(key);
+        let hits = selectors.matching(&key);
+        self.by_key.insert(key.clone(), id);
+        self.by_ns
+            .entry(key.namespace.clone())
+            .or_default()
+            .insert(id);
+        self.map.insert(
+            id,
+            IdentityState {
+                key,
+                pods: 1,
+                in_selectors: hits.clone(),
+                local_pods: BTreeSet::new(),
+                local: None,
+            },
+        );
+        (id, hits)
+    }
+
+    /// Drops a pod reference. When it was the last, returns the selectors
+    /// the identity was in: the caller takes it out of them, then calls
+    /// [`Self::remove`].
+    pub fn release(&mut self, id: u32) -> Option<Vec<SelId>> {
+        let ident = self.map.get_mut(&id)?;
+        ident.pods -= 1;
+        (ident.pods == 0).then(|| std::mem::take(&mut ident.in_selectors))
+    }
+
+    pub fn remove(&mut self, id: u32) {
+        if let Some(ident) = self.map.remove(&id) {
+            self.by_key.remove(&ident.key);
+            if let Some(set) = self.by_ns.get_mut(&ident.key.namespace) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_ns.remove(&ident.key.namespace);
+                }
+            }
+        }
+        self.numbers.release(id);
+    }
+
+    /// Adds a local pod to `id`; true when the identity just became local
+    /// (with an empty [`LocalState`]).
+    pub fn add_local_pod(&mut self, id: u32, obj: &ObjectRef) -> bool {
+        let Some(ident) = self.map.get_mut(&id) else {
+            return false;
+        };
+        ident.local_pods.insert(obj.clone());
+        if ident.local.is_some() {
+            return false;
+        }
+        ident.local = Some(Box::default());
+        self.local_by_ns
+            .entry(ident.key.namespace.clone())
+            .or_default()
+            .insert(id);
+        true
+    }
+
+    /// Removes a local pod from `id`; returns the identity's local state
+    /// when that was its last local pod.
+    pub fn remove_local_pod(&mut self, id: u32, obj: &ObjectRef) -> Option<Box<LocalState>> {
+        let ident = self.map.get_mut(&id)?;
+        ident.local_pods.remove(obj);
+        if !ident.local_pods.is_empty() {
+            return None;
+        }
+        let st = ident.local.take()?;
+        let ns = &ident.key.namespace;
+        if let Some(set) = self.local_by_ns.get_mut(ns) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.local_by_ns.remove(ns);
+            }
+        }
+        Some(st)
+    }
+}

@@ -1,0 +1,625 @@
+//! The NetworkPolicy compiler: Namespaces, Pods and NetworkPolicies
+//! (networking.k8s.io/v1) in, the per-endpoint map contents
+//! ([`EndpointPolicy`]) and the ipcache (pod address -> identity) out. Pure:
+//! no I/O, no async, no client; the caller feeds it watch events and writes
+//! what changed.
+//!
+//! # Identities
+//!
+//! Pods with the same namespace, namespace labels, pod labels and named-port
+//! table share one identity (from `IDENTITY_FIRST_USER`, kept while it has
+//! pods, released after). Every selector is a function of those four, so
+//! selectors are evaluated against identities, never pods, and an endpoint's
+//! policy is a function of its identity: it is computed once per local
+//! identity and shared by its endpoints. The named-port table is part of the
+//! identity so that a named port resolves the same way for every pod of an
+//! identity (on the selected pod for ingress, on each destination for
+//! egress).
+//!
+//! # Per direction, per endpoint
+//!
+//! - No policy with that type selects the pod: not isolated, the data path
+//!   lets everything through and no rules are written.
+//! - Some do: isolated, and the allowlist is the union of their rules of that
+//!   direction, zero rules included (deny all). Policy types default to
+//!   Ingress, plus Egress when the policy has egress rules.
+//! - A rule with no peers allows every peer (`IDENTITY_ANY`, which the data
+//!   path also matches for addresses outside the cluster); pod and namespace
+//!   selectors become one entry per selected identity; ipBlocks become CIDR
+//!   prefixes whose groups are written as peer identities (see `cidr`).
+//! - A rule with no ports is `L4::Any`, a port entry without a port is
+//!   `L4::Proto`, a number or range is `L4::Ports`.
+//!
+//! Invalid input is reported in [`Changes::diagnostics`] and the rule
+//! concerned is dropped, which denies what it would have allowed.
+//!
+//! # Incremental
+//!
+//! Each event updates the state and returns what changed. Per local identity
+//! the compiler keeps a count of contributions per (direction, peer, L4,
+//! rule): a new or removed identity is matched against the interned selectors
+//! and adds or removes its contributions to the local identities whose
+//! policies use those selectors; a policy change detaches the old version and
+//! attaches the new one to the identities it selects. Only the endpoints whose
+//! output really differs are reported ([`Changes::endpoints`]), to be
+//! rewritten whole. [`Compiler::resync`] applies whole lists of objects as
+//! one event (the initial sync, a re-list), reporting every endpoint it
+//! touches. [`Compiler::recompute_all`] rebuilds everything from the objects,
+//! as a check (tests, the conformance model, the bench).
+//!
+//! # Rooms
+//!
+//! [`identities`] (identities and their numbers), [`pods`] (pods and the
+//! ipcache), [`selectors`] (the selector cache), [`repository`] (the parsed
+//! policies and rule ids), [`contributions`] (per local identity), [`cidr`]
+//! (CIDR groups), [`txn`] (what an event touched, [`Changes`]), [`mapstate`]
+//! (the map entries of an [`EndpointPolicy`]), [`verdict`] (the lookup
+//! model). [`Compiler`] owns one of each and moves between them; a room
+//! never reaches into another.
+//!
+//! # Use
+//!
+//! ```text
+//! let mut c = Compiler::new(Locality::Node(node_name));
+//! let changes = c.resync(Resync { namespaces: Some(&ns), pods: Some(&pods), policies: Some(&nps) });
+//! // then, per watch event: c.upsert_pod(&pod), c.delete_policy(ns, name), ...
+//! for pod in &changes.endpoints {
+//!     write_whole(pod, c.endpoint_policy(pod)); // None: gone
+//! }
+//! for (ip, identity) in &changes.ipcache { /* Some: upsert, None: delete */ }
+//! ```
+//!
+//! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
+//! the data path's verdict from these outputs alone.
+mod cidr;
+mod contributions;
+mod events;
+mod identities;
+pub mod mapstate;
+mod parse;
+mod pods;
+mod repository;
+mod selector;
+mod selectors;
+#[cfg(test)]
+mod tests;
+mod txn;
+pub mod verdict;
+
+use std::{collections::BTreeMap, mem::take, net::IpAddr, sync::Arc};
+
+pub use k8s_openapi;
+use rustc_hash::FxHashMap;
+
+use self::{
+    cidr::CidrGroups,
+    contributions::{CidrPart, PartRef, RuleKey, part_contribs},
+    identities::{Identities, IdentityKey, NamedPorts},
+    parse::Peer,
+    pods::{PodState, Pods},
+    repository::{PolicyId, Repository},
+    selector::Selector,
+    selectors::{SelId, SelectorCache},
+    txn::{Touched, Txn},
+};
+pub use self::{
+    events::Resync,
+    mapstate::{
+        CidrEntry, Compiled, EndpointPolicy, EntryCount, L4, PolicyError, Rule, canonical,
+        entry_count, lookup, plen_bit, policy_keys, port_blocks, port_mask,
+    },
+    pods::Locality,
+    repository::RuleOrigin,
+    selector::Labels,
+    txn::{Changes, Diagnostic},
+};
+pub use crate::model::{Identity, Kind, ObjKey, ObjectRef};
+
+/// The cluster as this node's agent sees it, and what it compiles to.
+pub struct Compiler {
+    locality: Locality,
+    empty_labels: Arc<Labels>,
+    namespaces: std::collections::HashMap<String, Arc<Labels>>,
+    pods: Pods,
+    identities: Identities,
+    selectors: SelectorCache,
+    repo: Repository,
+    groups: CidrGroups,
+    txn: Txn,
+    /// Loading: every touched identity is reported whole, no key tracking.
+    quiet: bool,
+    /// Reused buffer of `apply_part`.
+    scratch: Vec<(RuleKey, u32)>,
+}
+
+// The agent shares the compiler between tasks behind a lock.
+const _: fn() = || {
+    fn check<T: Send + Sync>() {}
+    check::<Compiler>();
+};
+
+/// Sizes of the compiler's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub pods: usize,
+    pub identities: usize,
+    pub local_identities: usize,
+    pub selectors: usize,
+    pub policies: usize,
+    pub cidr_groups: usize,
+}
+
+impl Compiler {
+    pub fn new(locality: Locality) -> Self {
+        Self {
+            locality,
+            empty_labels: Arc::new(Labels::new()),
+            namespaces: Default::default(),
+            pods: Pods::default(),
+            identities: Identities::new(),
+            selectors: SelectorCache::default(),
+            repo: Repository::new(),
+            groups: CidrGroups::new(),
+            txn: Txn::default(),
+            quiet: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    // ----- queries -----
+
+    /// The map contents of a local endpoint (shared by the endpoints of one
+    /// identity).
+    pub fn endpoint_policy(&self, pod: &ObjectRef) -> Option<Arc<EndpointPolicy>> {
+        let p = self.pods.get(pod).filter(|p| p.local)?;
+        Some(self.identities.local(p.identity)?.policy())
+    }
+
+    pub fn entry_count(&self, pod: &ObjectRef) -> Option<EntryCount> {
+        self.endpoint_policy(pod).map(|p| entry_count(&p))
+    }
+
+    /// Local endpoints (pods of this node that are not finished).
+    pub fn endpoints(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.local)
+            .map(|(obj, _)| obj)
+    }
+
+    /// Does the policy select a pod of this node?
+    pub fn selects_local(&self, policy: &ObjectRef) -> bool {
+        self.repo.selects_local(policy)
+    }
+
+    /// Is the pod one of this node's endpoints?
+    pub fn is_local(&self, pod: &ObjectRef) -> bool {
+        self.pods.get(pod).is_some_and(|p| p.local)
+    }
+
+    /// The identity of a pod, local or not.
+    pub fn identity_of(&self, pod: &ObjectRef) -> Option<Identity> {
+        self.pods.get(pod).map(|p| Identity(p.identity))
+    }
+
+    /// The addresses of a pod, as the compiler knows them.
+    pub fn addresses_of(&self, pod: &ObjectRef) -> Option<&[IpAddr]> {
+        self.pods.get(pod).map(|p| p.ips.as_slice())
+    }
+
+    /// Identity of a pod address (`None`: not a pod address).
+    pub fn ip_identity(&self, ip: IpAddr) -> Option<Identity> {
+        self.pods.owner(ip).map(|(_, p)| Identity(p.identity))
+    }
+
+    /// The whole ipcache.
+    pub fn ipcache(&self) -> BTreeMap<IpAddr, Identity> {
+        self.pods
+            .addresses()
+            .filter_map(|ip| self.ip_identity(ip).map(|id| (ip, id)))
+            .collect()
+    }
+
+    /// The problems of the policies as they are now.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        self.repo.diagnostics()
+    }
+
+    pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
+        self.repo.rule_origin(rule_id)
+    }
+
+    /// Sizes, for logs and benches.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            pods: self.pods.len(),
+            identities: self.identities.len(),
+            local_identities: self.identities.locals().len(),
+            selectors: self.selectors.len(),
+            policies: self.repo.len(),
+            cidr_groups: self.groups.len(),
+        }
+    }
+
+    // ----- pods and identities -----
+
+    fn set_pod(
+        &mut self,
+        obj: ObjectRef,
+        labels: Labels,
+        ports: NamedPorts,
+        ips: Vec<IpAddr>,
+        local: bool,
+    ) {
+        let key = IdentityKey {
+            namespace: obj.namespace.clone(),
+            ns_labels: self
+                .namespaces
+                .get(&obj.namespace)
+                .cloned()
+                .unwrap_or_else(|| self.empty_labels.clone()),
+            labels,
+            ports,
+        };
+        if let Some(old) = self.pods.get(&obj)
+            && old.ips == ips
+            && old.local == local
+            && self
+                .identities
+                .get(old.identity)
+                .is_some_and(|i| *i.key == key)
+        {
+            return;
+        }
+        let old_ips = self
+            .pods
+            .get(&obj)
+            .map(|o| o.ips.clone())
+            .unwrap_or_default();
+        for &ip in old_ips.iter().chain(ips.iter()) {
+            self.record_ip(ip);
+        }
+        let old = self.pods.remove(&obj);
+        let id = self.acquire_identity(key);
+        self.pods.insert(
+            obj.clone(),
+            PodState {
+                identity: id,
+                ips,
+                local,
+            },
+        );
+        let same_local = old
+            .as_ref()
+            .is_some_and(|o| o.local && local && o.identity == id);
+        if local && !same_local {
+            self.add_local_pod(id, &obj);
+        }
+        if let Some(o) = old {
+            if o.local && !same_local {
+                self.remove_local_pod(o.identity, &obj);
+            }
+            if (o.local || local) && !same_local {
+                self.txn.replaced.insert(obj.clone());
+            }
+            self.release_identity(o.identity);
+        } else if local {
+            self.txn.replaced.insert(obj);
+        }
+    }
+
+    fn remove_pod(&mut self, obj: &ObjectRef) {
+        let ips = match self.pods.get(obj) {
+            Some(p) => p.ips.clone(),
+            None => return,
+        };
+        for &ip in &ips {
+            self.record_ip(ip);
+        }
+        let Some(old) = self.pods.remove(obj) else {
+            return;
+        };
+        if old.local {
+            self.remove_local_pod(old.identity, obj);
+            self.txn.replaced.insert(obj.clone());
+        }
+        self.release_identity(old.identity);
+    }
+
+    fn record_ip(&mut self, ip: IpAddr) {
+        if !self.txn.ips.contains_key(&ip) {
+            let before = self.ip_identity(ip).map(|i| i.0);
+            self.txn.ips.insert(ip, before);
+        }
+    }
+
+    fn acquire_identity(&mut self, key: IdentityKey) -> u32 {
+        let (id, hits) = self.identities.acquire(key, &self.selectors);
+        for s in hits {
+            self.selectors.add_member(s, id);
+            self.member_changed(s, id, 1);
+        }
+        id
+    }
+
+    fn release_identity(&mut self, id: u32) {
+        let Some(was_in) = self.identities.release(id) else {
+            return;
+        };
+        // Contributions go while the identity (its named ports) is known.
+        for s in was_in {
+            self.member_changed(s, id, -1);
+            self.selectors.remove_member(s, id);
+        }
+        self.identities.remove(id);
+    }
+
+    fn add_local_pod(&mut self, id: u32, obj: &ObjectRef) {
+        if !self.identities.add_local_pod(id, obj) {
+            return;
+        }
+        if let Some(st) = self.identities.local(id) {
+            self.txn.touched.insert(id, Touched::snapshot(st, true));
+        }
+        self.attach_matching_policies(id);
+    }
+
+    fn remove_local_pod(&mut self, id: u32, obj: &ObjectRef) {
+        let Some(st) = self.identities.remove_local_pod(id, obj) else {
+            return;
+        };
+        for &p in st.selected_by() {
+            if let Some(pol) = self.repo.get_mut(p) {
+                pol.targets.remove(&id);
+            }
+        }
+        for g in st.into_groups() {
+            self.groups.release(g);
+        }
+        self.txn.touched.remove(&id);
+    }
+
+    /// Identity `x` joined (`sign` 1) or is leaving (-1) selector `s`:
+    /// adjust the local identities whose policies use it.
+    fn member_changed(&mut self, s: SelId, x: u32, sign: i32) {
+        for (p, ri, pi) in self.selectors.users(s) {
+            let targets: Vec<u32> = match self.repo.get(p) {
+                Some(pol) => pol.targets.iter().copied().collect(),
+                None => continue,
+            };
+            for l in targets {
+                self.apply_part((p, ri, pi), l, Some(x), sign);
+            }
+        }
+    }
+
+    // ----- policies -----
+
+    fn install_policy(&mut self, pid: PolicyId, pol: repository::PolicyState) {
+        let ns = pol.object.namespace.clone();
+        for (ri, r) in pol.rules.iter().enumerate() {
+            for (pi, part) in r.parts.iter().enumerate() {
+                if let Peer::Pods(s) = part.peer {
+                    self.selectors.add_user(s, (pid, ri, pi));
+                }
+            }
+        }
+        let target = pol.target.clone();
+        self.repo.insert(pid, pol);
+        for l in self.identities.locals_in(&ns) {
+            if self.target_matches(target.as_ref(), l) {
+                self.attach_or_detach(pid, l, 1);
+            }
+        }
+    }
+
+    /// Detaches a policy from its targets and releases its selectors;
+    /// returns its rule ids by (direction, position).
+    fn uninstall_policy(&mut self, pid: PolicyId) -> BTreeMap<(u8, usize), u32> {
+        let targets: Vec<u32> = self
+            .repo
+            .get(pid)
+            .map(|p| p.targets.iter().copied().collect())
+            .unwrap_or_default();
+        for l in targets {
+            self.attach_or_detach(pid, l, -1);
+        }
+        let Some(pol) = self.repo.get_mut(pid) else {
+            return BTreeMap::new();
+        };
+        let rules = take(&mut pol.rules);
+        let mut ids = BTreeMap::new();
+        for (ri, r) in rules.iter().enumerate() {
+            ids.insert((r.dir, r.index), r.id);
+            for (pi, part) in r.parts.iter().enumerate() {
+                if let Peer::Pods(s) = part.peer {
+                    self.selectors.remove_user(s, (pid, ri, pi));
+                    self.selectors.release(s, &mut self.identities);
+                }
+            }
+        }
+        ids
+    }
+
+    fn target_matches(&self, target: Option<&Selector>, l: u32) -> bool {
+        match target {
+            // An invalid pod selector selects the whole namespace.
+            None => true,
+            Some(sel) => self
+                .identities
+                .get(l)
+                .is_some_and(|i| sel.matches(&i.key.labels)),
+        }
+    }
+
+    fn attach_matching_policies(&mut self, l: u32) {
+        let Some(ns) = self.identities.get(l).map(|i| i.key.namespace.clone()) else {
+            return;
+        };
+        for pid in self.repo.in_namespace(&ns) {
+            let target = self.repo.get(pid).map(|p| p.target.clone());
+            if let Some(target) = target
+                && self.target_matches(target.as_ref(), l)
+            {
+                self.attach_or_detach(pid, l, 1);
+            }
+        }
+    }
+
+    /// Policy `pid` starts (`sign` 1) or stops (-1) selecting local
+    /// identity `l`.
+    fn attach_or_detach(&mut self, pid: PolicyId, l: u32, sign: i32) {
+        let Some(pol) = self.repo.get_mut(pid) else {
+            return;
+        };
+        if sign > 0 {
+            pol.targets.insert(l);
+        } else {
+            pol.targets.remove(&l);
+        }
+        let (ingress, egress) = (pol.ingress, pol.egress);
+        let shape: Vec<usize> = pol.rules.iter().map(|r| r.parts.len()).collect();
+        self.touch(l);
+        if let Some(st) = self.identities.local_mut(l) {
+            st.attach(pid, ingress, egress, sign);
+        }
+        for (ri, parts) in shape.into_iter().enumerate() {
+            for pi in 0..parts {
+                self.apply_part((pid, ri, pi), l, None, sign);
+            }
+        }
+        self.mark_cidr_dirty(l);
+    }
+
+    /// Adds (`sign` 1) or removes (-1) what one rule part gives local
+    /// identity `l`: for all its peers, or only for peer identity `only`.
+    fn apply_part(&mut self, part: PartRef, l: u32, only: Option<u32>, sign: i32) {
+        let mut contribs = take(&mut self.scratch);
+        part_contribs(
+            &self.repo,
+            &self.identities,
+            &self.selectors,
+            part,
+            l,
+            only,
+            &mut contribs,
+        );
+        if let Some(st) = self.identities.local_mut(l) {
+            let quiet = self.quiet;
+            let t = self
+                .txn
+                .touched
+                .entry(l)
+                .or_insert_with(|| Touched::snapshot(st, quiet));
+            for &(key, rid) in &contribs {
+                t.record(key, st.bump(key, rid, sign));
+            }
+        }
+        contribs.clear();
+        self.scratch = contribs;
+    }
+
+    /// Starts tracking `l` in this event (before its first change).
+    fn touch(&mut self, l: u32) {
+        if self.txn.touched.contains_key(&l) {
+            return;
+        }
+        if let Some(st) = self.identities.local(l) {
+            self.txn
+                .touched
+                .insert(l, Touched::snapshot(st, self.quiet));
+        }
+    }
+
+    fn mark_cidr_dirty(&mut self, l: u32) {
+        self.touch(l);
+        if let Some(t) = self.txn.touched.get_mut(&l) {
+            t.cidr_dirty = true;
+        }
+    }
+
+    // ----- the commit -----
+
+    fn diagnose(&mut self, object: ObjKey, reason: &str) {
+        self.txn.diagnostics.push(Diagnostic {
+            object,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Recomputes the CIDR part of `l`; returns the part it replaces, whose
+    /// groups are still referenced (for the caller to release).
+    fn recompute_cidrs(&mut self, l: u32) -> CidrPart {
+        let Some(ident) = self.identities.get(l) else {
+            return CidrPart::default();
+        };
+        let Some(st) = ident.local.as_deref() else {
+            return CidrPart::default();
+        };
+        let new = cidr::compute(st, &ident.key.ports, &self.repo, &mut self.groups);
+        match self.identities.local_mut(l) {
+            Some(st) => st.replace_cidrs(new),
+            None => CidrPart {
+                groups: new.groups,
+                ..CidrPart::default()
+            },
+        }
+    }
+
+    /// Ends the event: settles the CIDR parts and reports what changed.
+    fn commit(&mut self) -> Changes {
+        // CIDR parts first: new groups are interned before old ones are
+        // released, so a set that survives keeps its group id.
+        let dirty: Vec<(u32, bool)> = self
+            .txn
+            .touched
+            .iter()
+            .filter(|(_, t)| t.cidr_dirty)
+            .map(|(&l, t)| (l, t.fresh))
+            .collect();
+        let mut old_cidrs: FxHashMap<u32, CidrPart> = FxHashMap::default();
+        let mut old_groups = Vec::new();
+        for (l, fresh) in dirty {
+            let mut old = self.recompute_cidrs(l);
+            old_groups.extend(take(&mut old.groups));
+            if !fresh {
+                old_cidrs.insert(l, old);
+            }
+        }
+        for g in old_groups {
+            self.groups.release(g);
+        }
+        let txn = take(&mut self.txn);
+        // Collected in a vector and sorted once: inserting thousands of
+        // string keys one by one into the set costs more than the event.
+        let mut endpoints: Vec<ObjectRef> = txn.replaced.into_iter().collect();
+        for (l, t) in txn.touched {
+            let Some(ident) = self.identities.get_mut(l) else {
+                continue;
+            };
+            let Some(st) = ident.local.as_deref_mut() else {
+                continue;
+            };
+            if !t.changed(st, old_cidrs.get(&l)) {
+                continue;
+            }
+            st.invalidate();
+            endpoints.extend(ident.local_pods.iter().cloned());
+        }
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        let ipcache = txn
+            .ips
+            .into_iter()
+            .filter_map(|(ip, before)| {
+                let now = self.ip_identity(ip);
+                (now.map(|i| i.0) != before).then_some((ip, now))
+            })
+            .collect();
+        Changes {
+            endpoints: endpoints.into_iter().collect(),
+            ipcache,
+            diagnostics: txn.diagnostics,
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The policy repository: every NetworkPolicy as parsed, its rules with
+//! their ids, the local identities it selects, its problems, and where each
+//! rule id comes from.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
+
+use super::{parse::Part, selector::Selector, selectors::SelId, txn::Diagnostic};
+use crate::model::{Kind, ObjKey, ObjectRef};
+
+pub(super) type PolicyId = u32;
+
+pub(super) struct RuleState {
+    pub id: u32,
+    pub dir: u8,
+    /// Position in `spec.ingress` or `spec.egress`.
+    pub index: usize,
+    pub parts: Vec<Part<SelId>>,
+}
+
+pub(super) struct PolicyState {
+    pub object: ObjectRef,
+    pub target: Option<Selector>,
+    pub ingress: bool,
+    pub egress: bool,
+    pub rules: Vec<RuleState>,
+    /// Local identities it selects.
+    pub targets: BTreeSet<u32>,
+    pub problems: Vec<String>,
+}
+
+/// Where a `rule_id` comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleOrigin {
+    pub policy: ObjectRef,
+    pub dir: u8,
+    /// Position in `spec.ingress` or `spec.egress`.
+    pub index: usize,
+}
+
+pub(super) struct Repository {
+    policies: FxHashMap<PolicyId, PolicyState>,
+    by_ref: HashMap<ObjectRef, PolicyId>,
+    by_ns: HashMap<String, BTreeSet<PolicyId>>,
+    next_policy: PolicyId,
+    rule_origins: FxHashMap<u32, (PolicyId, u8, usize)>,
+    next_rule: u32,
+}
+
+impl Repository {
+    pub fn new() -> Self {
+        Self {
+            policies: FxHashMap::default(),
+            by_ref: HashMap::new(),
+            by_ns: HashMap::new(),
+            next_policy: 0,
+            rule_origins: FxHashMap::default(),
+            next_rule: 1,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn get(&self, pid: PolicyId) -> Option<&PolicyState> {
+        self.policies.get(&pid)
+    }
+
+    pub fn get_mut(&mut self, pid: PolicyId) -> Option<&mut PolicyState> {
+        self.policies.get_mut(&pid)
+    }
+
+    pub fn id_of(&self, policy: &ObjectRef) -> Option<PolicyId> {
+        self.by_ref.get(policy).copied()
+    }
+
+    /// Every policy, by its namespace and name.
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.by_ref.keys()
+    }
+
+    /// The policies of a namespace.
+    pub fn in_namespace(&self, ns: &str) -> Vec<PolicyId> {
+        self.by_ns
+            .get(ns)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// A number for a policy not seen before.
+    pub fn new_id(&mut self) -> PolicyId {
+        self.next_policy += 1;
+        self.next_policy - 1
+    }
+
+    /// Gives `rules` of policy `pid` their ids: the old id of the same
+    /// (direction, position), so that an unchanged rule keeps its map
+    /// values, else a new one. Ids of old rules no longer there are dropped.
+    pub fn assign_rule_ids(
+        &mut self,
+        pid: PolicyId,
+        rules: &mut [RuleState],
+        mut old_ids: BTreeMap<(u8, usize), u32>,
+    ) {
+        for r in rules {
+            r.id = match old_ids.remove(&(r.dir, r.index)) {
+                Some(id) => id,
+                None => {
+                    let id = self.next_rule;
+                    self.next_rule += 1;
+                    self.rule_origins.insert(id, (pid, r.dir, r.index));
+                    id
+                }
+            };
+        }
+        self.forget_rule_ids(old_ids.into_values());
+    }
+
+    pub fn forget_rule_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
+        for id in ids {
+            self.rule_origins.remove(&id);
+        }
+    }
+
+    pub fn insert(&mut self, pid: PolicyId, pol: PolicyState) {
+        self.by_ref.insert(pol.object.clone(), pid);
+        self.by_ns
+            .entry(pol.object.namespace.clone())
+            .or_default()
+            .insert(pid);
+        self.policies.insert(pid, pol);
+    }
+
+    pub fn remove(&mut self, pid: PolicyId) {
+        let Some(pol) = self.policies.remove(&pid) else {
+            return;
+        };
+        self.by_ref.remove(&pol.object);
+        let ns = &pol.object.namespace;
+        if let Some(set) = self.by_ns.get_mut(ns) {
+            set.remove(&pid);
+            if set.is_empty() {
+                self.by_ns.remove(ns);
+            }
+        }
+    }
+
+    pub fn clear_targets(&mut self) {
+        for p in self.policies.values_mut() {
+            p.targets.clear();
+        }
+    }
+
+    /// Does the policy select a local identity?
+    pub fn selects_local(&self, policy: &ObjectRef) -> bool {
+        self.id_of(policy)
+            .and_then(|pid| self.policies.get(&pid))
+            .is_some_and(|p| !p.targets.is_empty())
+    }
+
+    pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
+        let &(pid, dir, index) = self.rule_origins.get(&rule_id)?;
+        Some(RuleOrigin {
+            policy: self.policies.get(&pid)?.object.clone(),
+            dir,
+            index,
+        })
+    }
+
+    /// The problems of the policies as they are now, sorted.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        let mut out: Vec<Diagnostic> = self
+            .policies
+            .values()
+            .flat_map(|p| {
+                p.problems.iter().map(|reason| Diagnostic {
+                    object: ObjKey::new(
+                        Kind::NetworkPolicy,
+                        p.object.namespace.clone(),
+                        p.object.name.clone(),
+                    ),
+                    reason: reason.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
+        out
+    }
+}

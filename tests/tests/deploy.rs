@@ -6,7 +6,7 @@
 
 use serde::Deserialize as _;
 use serde_json::Value;
-use sluice_agent::k8s::Kind;
+use sluice_agent::model::Kind;
 
 fn documents() -> Vec<Value> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/sluice.yaml");

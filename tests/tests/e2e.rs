@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
-use sluice_agent::datapath::ipcache_key;
 use sluice_common::{DIR_EGRESS, DIR_INGRESS, proto, reason};
 use sluice_proto::{Request, Response};
 use sluice_tests::{
@@ -40,8 +39,7 @@ fn node_with_agent() -> Result<(Node, String)> {
 fn identity_of(node: &Node, ip: IpAddr) -> Result<u32> {
     let maps = node.maps()?;
     Ok(maps
-        .ipcache
-        .get(&ipcache_key(ip.into()), 0)
+        .ipcache_get(ip)
         .context("address not in the ipcache")?
         .identity)
 }
@@ -378,15 +376,13 @@ fn deleting_a_pod_removes_its_endpoint_entries_and_links() -> Result<()> {
         &a,
         json!({"ingress_isolated": true, "rules": [allow_tcp_from(ida, PORT)]}),
     )?;
-    assert!(node.maps()?.policy.keys().count() > 0);
+    assert!(node.maps()?.policy_len() > 0);
     assert_eq!(a.del(&node, &config)?.code, 0);
     let maps = node.maps()?;
-    assert_eq!(maps.endpoints.keys().count(), 0, "endpoint entry removed");
-    assert_eq!(maps.policy.keys().count(), 0, "policy entries removed");
+    assert_eq!(maps.endpoint_records().len(), 0, "endpoint entry removed");
+    assert_eq!(maps.policy_len(), 0, "policy entries removed");
     assert!(
-        maps.ipcache
-            .get(&ipcache_key(a.ipv4.context("v4")?.into()), 0)
-            .is_err(),
+        maps.ipcache_get(a.ipv4.context("v4")?).is_none(),
         "ipcache entry removed"
     );
     assert!(

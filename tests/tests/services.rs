@@ -116,16 +116,7 @@ fn v6(p: &Pod) -> Result<IpAddr> {
 
 /// The Service addresses in the agent's pinned SERVICES map.
 fn programmed_service_ips(node: &Node) -> Result<BTreeSet<IpAddr>> {
-    let maps = node.maps()?;
-    let mut out = BTreeSet::new();
-    for k in maps.services.keys() {
-        let a = std::net::Ipv6Addr::from(k?.addr);
-        out.insert(match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(a),
-        });
-    }
-    Ok(out)
+    Ok(node.maps()?.service_ips()?)
 }
 
 #[test]

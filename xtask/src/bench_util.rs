@@ -397,7 +397,7 @@ impl Pair {
         Ok(node
             .maps()?
             .ipcache
-            .get(&sluice_agent::datapath::ipcache_key(ip.into()), 0)
+            .ipcache_get(ip)
             .context("address not in the ipcache")?
             .identity)
     }

@@ -194,6 +194,10 @@ impl Registry {
         self.by_attachment.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_attachment.is_empty()
+    }
+
     /// Reserves a fresh endpoint id and persists the counter first, so a
     /// crash cannot hand the same id out twice.
     pub fn allocate_ep_id(&mut self) -> Result<EpId> {

@@ -30,7 +30,9 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("attaching to_host to {}", cgroup.display()))?;
             info!(cgroup = %cgroup.display(), "to_host attached");
         }
-        None => tracing::warn!("--host-cgroup none: Service traffic to host-network backends is not judged"),
+        None => tracing::warn!(
+            "--host-cgroup none: Service traffic to host-network backends is not judged"
+        ),
     }
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
     let endpoints = Endpoints::start(&mut dp, registry, args.max_entries_per_endpoint)

@@ -86,7 +86,9 @@ async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Resul
         }
     };
     ctx.reconciler
-        .apply(vec![Change::Applied(crate::cluster::Object::Pod(Box::new(p)))])
+        .apply(vec![Change::Applied(crate::cluster::Object::Pod(
+            Box::new(p),
+        ))])
         .await
         .map_err(|e| e.to_response())
 }
@@ -183,9 +185,10 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             .await
             .map(|ep_id| Response::Endpoint { ep_id: ep_id.0 }),
         Request::Gc { valid } => r.gc(valid).await.map(|_| Response::Ok),
-        Request::SetPolicy { attachment, policy } => {
-            r.set_policy(attachment, policy).await.map(|()| Response::Ok)
-        }
+        Request::SetPolicy { attachment, policy } => r
+            .set_policy(attachment, policy)
+            .await
+            .map(|()| Response::Ok),
         // Handled before dispatch: it streams instead of answering once.
         Request::Observe { .. } => Ok(Response::error(
             code::INVALID_CONFIG,
@@ -196,7 +199,10 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             .programmed()
             .await
             .map(|(synced, objects)| Response::Programmed { synced, objects }),
-        Request::PodCidrs => r.pod_cidrs().await.map(|cidrs| Response::PodCidrs { cidrs }),
+        Request::PodCidrs => r
+            .pod_cidrs()
+            .await
+            .map(|cidrs| Response::PodCidrs { cidrs }),
     };
     result.unwrap_or_else(|e| {
         warn!(error = %e, code = e.cni_code(), "request failed");

@@ -152,19 +152,20 @@ impl Cluster {
             match &change {
                 Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
                 Change::Deleted(o) => versions.push((o.key(), None)),
-                Change::Resync(_, objs) => versions.extend(
-                    objs.iter()
-                        .map(|o| (o.key(), Some(o.resource_version()))),
-                ),
+                Change::Resync(_, objs) => {
+                    versions.extend(objs.iter().map(|o| (o.key(), Some(o.resource_version()))))
+                }
             }
             out.merge(self.apply_one(change));
         }
-        let fed: Vec<ObjKey> = versions.iter().map(|(k, _)| k.clone()).collect();
-        self.note_diagnostics(&out, &fed);
         if !self.is_synced() {
             return None;
         }
         let full = !was_synced;
+        let fed: Vec<ObjKey> = versions.iter().map(|(k, _)| k.clone()).collect();
+        // The first pass weighs every problem stored so far, as every
+        // endpoint is then programmed.
+        self.note_diagnostics(&out, full, &fed);
         if full {
             info!(stats = ?self.compiler.stats(), "cluster listed; programming every endpoint");
             // Everything listed so far takes effect in this pass, including
@@ -217,12 +218,12 @@ impl Cluster {
             .collect()
     }
 
-    fn note_diagnostics(&mut self, out: &Changes, fed: &[ObjKey]) {
+    fn note_diagnostics(&mut self, out: &Changes, all: bool, fed: &[ObjKey]) {
         let known = &self.known;
         self.diagnostics.note(
             &self.compiler,
             &out.diagnostics,
-            !out.endpoints.is_empty(),
+            all || !out.endpoints.is_empty(),
             fed,
             |key| reference(known, key),
         );
@@ -252,7 +253,11 @@ impl Cluster {
                 let Ok(net) = c.parse::<IpNetwork>() else {
                     continue;
                 };
-                if let Some(gw) = peer.internal_ips.iter().find(|ip| ip.is_ipv4() == net.is_ipv4()) {
+                if let Some(gw) = peer
+                    .internal_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == net.is_ipv4())
+                {
                     out.insert((net, *gw));
                 }
             }
@@ -367,8 +372,7 @@ impl Cluster {
             Change::Resync(kind, objects) => {
                 let out = self.resync(kind, &objects);
                 self.known.retain(|k, _| k.kind != kind);
-                self.known
-                    .extend(objects.into_iter().map(|o| (o.key(), o)));
+                self.known.extend(objects.into_iter().map(|o| (o.key(), o)));
                 self.synced.insert(kind);
                 out
             }

@@ -31,6 +31,21 @@ fn policy_in(ns: &str, operator: &str) -> Object {
 
 /// Applies `o` as a watch event; returns the problems the compiler has
 /// with it.
+/// A cluster whose kinds have each been listed (empty), as the watches do
+/// first.
+fn synced() -> Cluster {
+    let mut c = Cluster::new("n1");
+    let lists = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::Service,
+    ]
+    .map(|k| Change::Resync(k, Vec::new()));
+    assert!(c.apply(lists.into()).is_some_and(|p| p.full));
+    c
+}
+
 fn feed(c: &mut Cluster, o: Object) -> usize {
     let key = o.key();
     c.apply(vec![Change::Applied(o)]);
@@ -43,7 +58,7 @@ fn feed(c: &mut Cluster, o: Object) -> usize {
 
 #[test]
 fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
-    let mut c = Cluster::new("n1");
+    let mut c = synced();
     feed(&mut c, pod("x", "n1"));
     feed(&mut c, pod("y", "n2"));
     // Selecting no pod of this node: another node's concern.
@@ -71,7 +86,7 @@ fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
 
 #[test]
 fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
-    let mut c = Cluster::new("n1");
+    let mut c = synced();
     // No pod of this node in x yet: not this node's concern.
     assert!(feed(&mut c, policy("Bogus")) > 0);
     assert!(c.take_notices().is_empty());
@@ -88,4 +103,51 @@ fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
     // Once only.
     feed(&mut c, pod("x", "n1"));
     assert!(c.take_notices().is_empty());
+}
+
+#[test]
+fn nothing_is_to_be_programmed_before_every_kind_is_listed_then_everything_is() {
+    let mut c = Cluster::new("n1");
+    assert!(c.apply(vec![Change::Applied(pod("x", "n1"))]).is_none());
+    for kind in [Kind::Namespace, Kind::NetworkPolicy] {
+        assert!(c.apply(vec![Change::Resync(kind, Vec::new())]).is_none());
+    }
+    // The pod list comes; Services are still missing.
+    assert!(
+        c.apply(vec![Change::Resync(Kind::Pod, vec![pod("x", "n1")])])
+            .is_none()
+    );
+    let first = c
+        .apply(vec![Change::Resync(Kind::Service, Vec::new())])
+        .unwrap();
+    assert!(first.full);
+    let local = ObjectRef::new("x", "a-n1");
+    assert!(first.changes.endpoints.contains(&local));
+    let ip: IpAddr = "10.0.0.1".parse().unwrap();
+    assert!(first.changes.ipcache.contains_key(&ip));
+    // Afterwards only what changes.
+    let next = c.apply(vec![Change::Applied(pod("y", "n2"))]).unwrap();
+    assert!(!next.full);
+    assert!(!next.changes.endpoints.contains(&local));
+}
+
+#[test]
+fn a_relist_forgets_what_it_no_longer_has_and_what_was_programmed_for_it() {
+    let mut c = synced();
+    let p = c.apply(vec![Change::Applied(pod("x", "n1"))]).unwrap();
+    c.programmed(p.versions);
+    assert!(c.programmed_versions().contains_key("Pod/x/a-n1"));
+    let ip: IpAddr = "10.0.0.1".parse().unwrap();
+    assert!(c.ipcache().contains_key(&ip));
+    let p = c
+        .apply(vec![Change::Resync(Kind::Pod, Vec::new())])
+        .unwrap();
+    assert_eq!(
+        p.changes.ipcache.get(&ip),
+        Some(&None),
+        "the address is gone"
+    );
+    c.programmed(p.versions);
+    assert!(c.programmed_versions().is_empty());
+    assert!(c.identity_of(&ObjectRef::new("x", "a-n1")).is_none());
 }

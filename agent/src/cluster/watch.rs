@@ -17,10 +17,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    runtime::{
-        WatchStreamExt as _,
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};

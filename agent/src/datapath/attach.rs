@@ -358,4 +358,3 @@ where
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }
-

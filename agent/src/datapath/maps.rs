@@ -1,11 +1,7 @@
 //! Typed handles on every map of the data path, and the encoding of their
 //! keys (private: callers name addresses, prefixes and endpoints, never key
 //! structs). Opened from a fresh load or from the pins of a running agent.
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    path::Path,
-};
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use aya::maps::{
     HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
@@ -199,6 +195,8 @@ pub(super) fn unmapped(addr: [u8; 16], plen: u32) -> IpNetwork {
             let p = (plen - sluice_common::V4_MAPPED_PLEN_OFFSET) as u8;
             IpNetwork::new(IpAddr::V4(v4), p).unwrap_or(IpNetwork::V4(v4.into()))
         }
-        _ => IpNetwork::new(IpAddr::V6(v6), plen.min(128) as u8).unwrap_or(IpNetwork::V6(v6.into())),
+        _ => {
+            IpNetwork::new(IpAddr::V6(v6), plen.min(128) as u8).unwrap_or(IpNetwork::V6(v6.into()))
+        }
     }
 }

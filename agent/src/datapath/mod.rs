@@ -21,12 +21,12 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
+pub use attach::{AttachMode, Programs};
 use aya::{
     EbpfLoader,
     maps::{MapError, RingBuf},
     programs::{CgroupSkb, ProgramError, SchedClassifier, links::LinkError},
 };
-pub use attach::{AttachMode, Programs};
 pub use events::DropEvents;
 pub use maps::{Maps, Sizes};
 use sluice_common::{maps as names, programs};
@@ -118,10 +118,8 @@ impl Datapath {
                 name: programs::TO_HOST,
                 source,
             })?;
-        let maps = Maps::from_source(|name| {
-            ebpf.take_map(name)
-                .ok_or(DatapathError::MissingMap(name))
-        })?;
+        let maps =
+            Maps::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))?;
         let ring: RingBuf<_> = ebpf
             .take_map(names::DROP_EVENTS)
             .ok_or(DatapathError::MissingMap(names::DROP_EVENTS))
@@ -161,4 +159,3 @@ fn raise_memlock() {
         tracing::debug!("setrlimit(MEMLOCK) failed; memory is cgroup-accounted here");
     }
 }
-

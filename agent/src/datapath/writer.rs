@@ -227,9 +227,8 @@ impl Writer {
             .get(&ep.ifindex, 0)
             .map_err(map_err(names::ENDPOINTS))?;
         let managed = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_FAIL_CLOSED;
-        info.flags = (info.flags & !managed)
-            | isolation
-            | if fail_closed { EP_FAIL_CLOSED } else { 0 };
+        info.flags =
+            (info.flags & !managed) | isolation | if fail_closed { EP_FAIL_CLOSED } else { 0 };
         info.port_plens = plens;
         self.maps
             .endpoints

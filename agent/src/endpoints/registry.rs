@@ -307,4 +307,54 @@ mod tests {
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
+
+    #[test]
+    fn an_endpoint_is_found_by_pod_and_by_address_and_a_replacement_takes_both_over()
+    -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("sluice-reg-idx-{}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&dir);
+        let mut r = Registry::open(&dir)?;
+        let with_pod = |id: &str, ip: [u8; 4]| {
+            let mut s = spec(id);
+            s.ipv4 = Some(ip.into());
+            s.pod_namespace = Some("x".into());
+            s.pod_name = Some("a".into());
+            s
+        };
+        let pod = ObjectRef::new("x", "a");
+        let old = Endpoint {
+            spec: with_pod("c1", [10, 0, 0, 2]),
+            ep_id: r.allocate_ep_id()?,
+            identity: Identity(300),
+        };
+        r.insert(old.clone())?;
+        assert_eq!(r.by_pod(&pod), Some(&old));
+        assert_eq!(r.by_ip([10, 0, 0, 2].into()), Some(&old));
+        // The pod's sandbox is recreated before the old one is deleted: the
+        // new attachment owns the pod; the old address stays the old one's.
+        let new = Endpoint {
+            spec: with_pod("c2", [10, 0, 0, 3]),
+            ep_id: r.allocate_ep_id()?,
+            identity: Identity(300),
+        };
+        r.insert(new.clone())?;
+        assert_eq!(r.by_pod(&pod), Some(&new));
+        assert_eq!(r.by_ip([10, 0, 0, 2].into()), Some(&old));
+        r.remove(&old.spec.attachment)?;
+        assert_eq!(
+            r.by_pod(&pod),
+            Some(&new),
+            "removing the old one keeps the new one's pod"
+        );
+        assert_eq!(r.by_ip([10, 0, 0, 2].into()), None);
+        assert_eq!(r.by_ip([10, 0, 0, 3].into()), Some(&new));
+        drop(r);
+        let r = Registry::open(&dir)?;
+        assert_eq!(
+            r.by_ip([10, 0, 0, 3].into()).map(|e| e.ep_id),
+            Some(new.ep_id)
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

@@ -135,7 +135,10 @@ impl State {
                 self.endpoints
                     .set_identity(&mut self.dp, &attachment, identity)?;
             }
-            match self.endpoints.set_policy(&mut self.dp, &attachment, &policy) {
+            match self
+                .endpoints
+                .set_policy(&mut self.dp, &attachment, &policy)
+            {
                 Ok(()) => {}
                 Err(e @ EndpointError::Capacity { .. }) => {
                     warn!(%pod, error = %e, "endpoint over capacity: fails closed");
@@ -192,12 +195,9 @@ impl State {
             return Ok(());
         };
         let mut changes = Changes::default();
-        changes.ipcache.extend(
-            cluster
-                .ipcache()
-                .into_iter()
-                .map(|(ip, id)| (ip, Some(id))),
-        );
+        changes
+            .ipcache
+            .extend(cluster.ipcache().into_iter().map(|(ip, id)| (ip, Some(id))));
         changes
             .endpoints
             .extend(self.endpoints.all().filter_map(|e| e.pod()));
@@ -235,9 +235,9 @@ impl Reconciler {
     ) -> Result<T> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut st = state
-                .lock()
-                .map_err(|_| EndpointError::NotReady("agent state poisoned; restart the agent".into()))?;
+            let mut st = state.lock().map_err(|_| {
+                EndpointError::NotReady("agent state poisoned; restart the agent".into())
+            })?;
             f(&mut st)
         })
         .await
@@ -257,7 +257,8 @@ impl Reconciler {
     }
 
     pub async fn gc(&self, valid: Vec<Attachment>) -> Result<usize> {
-        self.with(move |st| st.endpoints.gc(&mut st.dp, &valid)).await
+        self.with(move |st| st.endpoints.gc(&mut st.dp, &valid))
+            .await
     }
 
     pub async fn set_policy(&self, a: Attachment, policy: serde_json::Value) -> Result<()> {
@@ -347,7 +348,13 @@ impl Reconciler {
                 }
             }
             let queued = self
-                .with(|st| Ok(st.cluster.as_mut().map(Cluster::take_notices).unwrap_or_default()))
+                .with(|st| {
+                    Ok(st
+                        .cluster
+                        .as_mut()
+                        .map(Cluster::take_notices)
+                        .unwrap_or_default())
+                })
                 .await
                 .unwrap_or_default();
             for notice in queued {
@@ -356,7 +363,13 @@ impl Reconciler {
                 }
             }
             let desired = self
-                .with(|st| Ok(st.cluster.as_ref().map(Cluster::peer_routes).unwrap_or_default()))
+                .with(|st| {
+                    Ok(st
+                        .cluster
+                        .as_ref()
+                        .map(Cluster::peer_routes)
+                        .unwrap_or_default())
+                })
                 .await
                 .unwrap_or_default();
             net.sync(&desired, &self).await;

@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use tracing::{error, info};
 
-use super::{Reconciler, routes::{Route, Routes}};
+use super::{
+    Reconciler,
+    routes::{Route, Routes},
+};
 use crate::netdev;
 
 pub struct Network {

@@ -22,7 +22,9 @@ fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, Strin
         .map_err(|e| format!("route {net} via {gw}: {e}"))?;
     // Name the interface the gateway is on: the kernel refuses some IPv6
     // gateway routes without it (EINVAL), where `ip route` finds it itself.
-    if let Some(oif) = crate::netdev::interface_towards(*gw).and_then(|n| crate::netdev::index_of(&n)) {
+    if let Some(oif) =
+        crate::netdev::interface_towards(*gw).and_then(|n| crate::netdev::index_of(&n))
+    {
         b = b.output_interface(oif);
     }
     Ok(b.build())

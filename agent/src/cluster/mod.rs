@@ -153,7 +153,7 @@ impl Cluster {
                 Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
                 Change::Deleted(o) => versions.push((o.key(), None)),
                 Change::Resync(_, objs) => {
-                    versions.extend(objs.iter().map(|o| (o.key(), Some(o.resource_version()))))
+                    versions.extend(objs.iter().map(|o| (o.key(), Some(o.resource_version()))));
                 }
             }
             out.merge(self.apply_one(change));

@@ -2,7 +2,7 @@
 //! between its top-level modules run one way, only `datapath` imports aya,
 //! the policy core imports no I/O crate, and no product file grows past
 //! what a newcomer reads in one go.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+#![expect(clippy::unwrap_used, reason = "tests")]
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},

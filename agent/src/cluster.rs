@@ -42,7 +42,7 @@ pub struct Cluster {
     cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
     /// Service key (`Service/ns/name`) -> its ClusterIPs.
     services: BTreeMap<String, Vec<IpAddr>>,
-    pub metrics: metrics::Shared,
+    pub metrics: metrics::Metrics,
     /// Object key -> the problems last reported for it as an Event.
     reported: BTreeMap<String, BTreeSet<String>>,
     /// Events to post (taken by the caller, which owns the API client).
@@ -82,7 +82,7 @@ pub fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
 }
 
 impl Cluster {
-    pub fn new(node_name: &str, metrics: metrics::Shared) -> Self {
+    pub fn new(node_name: &str, metrics: metrics::Metrics) -> Self {
         Self {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
             synced: BTreeSet::new(),
@@ -395,10 +395,10 @@ impl Node {
             cluster
                 .programmed
                 .retain(|key, _| known.values().any(|m| m.contains_key(key)));
-            if let Ok(mut m) = cluster.metrics.lock() {
-                m.compile_seconds.observe(compile);
-                m.apply_to_programmed_seconds.observe(started.elapsed());
-            }
+            cluster.metrics.observe_compile(compile);
+            cluster
+                .metrics
+                .observe_apply_to_programmed(started.elapsed());
         }
         Ok(())
     }
@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn an_invalid_policy_is_noticed_once_until_it_is_fixed_and_broken_again() {
-        let mut c = Cluster::new("n1", metrics::Shared::default());
+        let mut c = Cluster::new("n1", metrics::Metrics::new());
         feed(&mut c, pod("x", "n1"));
         feed(&mut c, pod("y", "n2"));
         // Selecting no pod of this node: another node's concern.
@@ -604,7 +604,7 @@ mod tests {
 
     #[test]
     fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
-        let mut c = Cluster::new("n1", metrics::Shared::default());
+        let mut c = Cluster::new("n1", metrics::Metrics::new());
         // No pod of this node in x yet: not this node's concern.
         assert!(feed(&mut c, policy("Bogus")) > 0);
         assert!(c.notices.is_empty());

@@ -6,6 +6,7 @@
 //! the operations, `server` the socket.
 pub mod cluster;
 pub mod compiler;
+pub mod counters;
 pub mod datapath;
 pub mod events;
 pub mod k8s;

@@ -8,7 +8,14 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use sluice_agent::{datapath, events, node::Node, registry::Registry, server};
+use sluice_agent::{
+    datapath, events,
+    metrics::{self, Capacities, EndpointStat, EndpointStats, Exporter, Metrics, Ready},
+    model::EpId,
+    node::Node,
+    registry::Registry,
+    server,
+};
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -75,6 +82,32 @@ async fn kube_client(args: &Args) -> anyhow::Result<Option<kube::Client>> {
     Ok(Some(kube::Client::try_from(config)?))
 }
 
+/// What a scrape needs of the node's state, copied out under its lock.
+fn endpoint_stats(node: &Mutex<Node>) -> EndpointStats {
+    let Ok(n) = node.lock() else {
+        tracing::warn!("agent state poisoned; metrics without endpoints");
+        return EndpointStats::default();
+    };
+    EndpointStats {
+        endpoints: n
+            .registry
+            .all()
+            .map(|ep| EndpointStat {
+                ep_id: EpId(ep.ep_id),
+                namespace: ep.spec.pod_namespace.clone().unwrap_or_default(),
+                pod: ep.spec.pod_name.clone().unwrap_or_default(),
+                entries: n.entries_of(ep.ep_id),
+            })
+            .collect(),
+        capacity: Capacities {
+            policy: n.dp.sizes.policy,
+            endpoints: n.dp.sizes.endpoints,
+            ipcache: n.dp.sizes.ipcache,
+            services: sluice_common::sizes::SERVICES,
+        },
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -117,7 +150,9 @@ async fn main() -> anyhow::Result<()> {
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
     let mut node = Node::start(dp, registry).context("taking over the node")?;
     node.max_entries_per_endpoint = args.max_entries_per_endpoint;
-    let metrics = sluice_agent::metrics::Shared::default();
+    let metrics = Metrics::new();
+    node.metrics = metrics.clone();
+    let pin_dir = node.dp.pin_dir().to_owned();
     let client = kube_client(&args).await?;
     let node_name = args
         .node_name
@@ -136,6 +171,15 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     let node = Arc::new(Mutex::new(node));
+    let exporter = {
+        let node = node.clone();
+        Arc::new(Exporter::new(
+            &metrics,
+            pin_dir,
+            Arc::new(move || endpoint_stats(&node)),
+        ))
+    };
+    let ready = Ready::default();
     let watch_client = client.clone();
     let reconcile = async {
         let Some(client) = watch_client else {
@@ -202,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
+    ready.set(true);
 
     let (drops, _) = tokio::sync::broadcast::channel(1024);
     let ctx = Arc::new(server::Ctx {
@@ -229,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let l = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
         info!(addr = %args.metrics_addr, "serving metrics");
-        sluice_agent::metrics::serve(l, node.clone(), metrics.clone()).await
+        metrics::serve(l, exporter, ready).await
     };
     tokio::select! {
         r = server::serve(listener, ctx) => r.context("agent socket")?,

@@ -101,8 +101,9 @@ pub struct Node {
     pub cluster: Option<crate::cluster::Cluster>,
     /// What the SERVICES map holds (read back from the pinned map at start).
     service_ips: BTreeSet<IpAddr>,
-    /// Times an endpoint was made to fail closed (since the agent started).
-    pub failed_closed_total: u64,
+    /// Counts the times an endpoint was made to fail closed (main hands
+    /// over the agent's handle).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Default per-endpoint share of the policy map.
@@ -141,7 +142,7 @@ impl Node {
             max_entries_per_endpoint: DEFAULT_MAX_ENTRIES_PER_ENDPOINT,
             cluster: None,
             service_ips: BTreeSet::new(),
-            failed_closed_total: 0,
+            metrics: crate::metrics::Metrics::default(),
         };
         node.policies = node.read_programmed_policy()?;
         node.service_ips = node.read_service_ips()?;
@@ -551,7 +552,7 @@ impl Node {
     /// `attempted`: the endpoint drops all IP traffic, nothing it had is left.
     fn fail_closed(&mut self, ep: &Endpoint, old: &Compiled, attempted: &Compiled) -> Result<()> {
         warn!(ep_id = ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
-        self.failed_closed_total += 1;
+        self.metrics.endpoint_failed_closed();
         let isolation = sluice_common::EP_INGRESS_ISOLATED | sluice_common::EP_EGRESS_ISOLATED;
         self.write_endpoint_info(ep, isolation, [0, 0], true)?;
         let mut both = old.clone();

@@ -10,7 +10,7 @@ use sluice_agent::{
     datapath::Datapath,
     endpoints::{Endpoints, Registry},
     events::DropRecord,
-    metrics,
+    metrics::{self, EndpointsProvider, Exporter, Metrics, Ready},
     reconcile::{Reconciler, State},
     server,
 };
@@ -34,20 +34,28 @@ async fn main() -> anyhow::Result<()> {
             "--host-cgroup none: Service traffic to host-network backends is not judged"
         ),
     }
+    let metrics = Metrics::new();
     let registry = Registry::open(&args.state_dir).context("opening the endpoint registry")?;
-    let endpoints = Endpoints::start(&mut dp, registry, args.max_entries_per_endpoint)
-        .context("taking over the node's endpoints")?;
+    let endpoints = Endpoints::start(
+        &mut dp,
+        registry,
+        args.max_entries_per_endpoint,
+        metrics.clone(),
+    )
+    .context("taking over the node's endpoints")?;
     let client = args.kube_client().await?;
     let node_name = args.node_name();
     let cluster = client.as_ref().map(|_| Cluster::new(&node_name));
+    let pin_dir = dp.pin_dir().to_owned();
     let mut state = State::new(dp, endpoints, cluster);
     state.program_host_addresses()?;
-    let metrics = metrics::Shared::default();
     let reconciler = Reconciler::new(state, metrics.clone());
 
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
+    let ready = Ready::default();
+    ready.set(true);
     let (drops_tx, _) = tokio::sync::broadcast::channel(1024);
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
@@ -71,7 +79,10 @@ async fn main() -> anyhow::Result<()> {
         }
         let l = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
         info!(addr = %args.metrics_addr, "serving metrics");
-        metrics::serve(l, reconciler.clone(), metrics.clone()).await
+        let r = reconciler.clone();
+        let stats: EndpointsProvider = Arc::new(move || r.endpoint_stats());
+        let exporter = Arc::new(Exporter::new(&metrics, pin_dir.clone(), stats));
+        metrics::serve(l, exporter, ready.clone()).await
     };
     tokio::select! {
         r = server::serve(listener, ctx) => r.context("agent socket")?,

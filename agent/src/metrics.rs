@@ -1,242 +1,297 @@
-//! Prometheus metrics: a few counters and histograms kept by the agent, plus
-//! what the data path counts, rendered in the text exposition format. The
-//! HTTP side is deliberately tiny (GET anything -> the metrics).
+//! Prometheus metrics through `prometheus-client`: what the agent measures
+//! itself (a cheap `Metrics` handle of atomic metrics), plus, at scrape
+//! time, what the data path counts (`counters::read` on the pinned maps)
+//! and the per-endpoint state the agent hands over through a provider.
+//! Served by hyper with `/metrics`, `/healthz` and `/readyz`.
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    convert::Infallible,
+    fmt,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use sluice_common::{DIR_EGRESS, DIR_INGRESS, EP_FAIL_CLOSED, reason};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONNECTION, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        prometheus_text,
+    },
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+use sluice_common::{DIR_EGRESS, DIR_INGRESS, reason, stat};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{
+    datapath::{
+        DatapathError,
+        counters::{self, Counters},
+    },
+    model::{EpId, Kind},
 };
 
-use crate::reconcile::{Reconciler, State};
-
-/// Appends one line to a String (which cannot fail, unlike `writeln!`).
-macro_rules! put {
-    ($out:expr, $($arg:tt)*) => {{
-        $out.push_str(&format!($($arg)*));
-        $out.push('\n');
-    }};
-}
-
-/// Bucket bounds (seconds) for durations.
+/// Bucket bounds (seconds) of both duration histograms.
 const BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
-#[derive(Clone, Debug, Default)]
-pub struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += s;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            put!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
-        }
-        put!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        put!(out, "{name}_sum {}", self.sum);
-        put!(out, "{name}_count {}", self.count);
+impl EncodeLabelValue for Kind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.name())
     }
 }
 
-/// What the agent itself measures.
-#[derive(Debug, Default)]
-pub struct AgentMetrics {
-    pub compile_seconds: Histogram,
-    /// From an object change seen by the watch to its entries in the maps.
-    pub apply_to_programmed_seconds: Histogram,
-    /// Watch health per resource kind: 1 = synced, 0 = not (yet) or failing.
-    pub watch_up: BTreeMap<&'static str, u8>,
-    pub watch_errors: BTreeMap<&'static str, u64>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: Kind,
 }
 
-pub type Shared = Arc<Mutex<AgentMetrics>>;
+/// The metrics the agent updates itself: atomics (the histograms' own short
+/// lock aside), so updating one never waits for a scrape or another task.
+#[derive(Debug)]
+struct Own {
+    compile: Histogram,
+    apply_to_programmed: Histogram,
+    watch_up: Family<KindLabels, Gauge>,
+    watch_errors: Family<KindLabels, Counter>,
+    failed_closed: Counter,
+}
 
-/// Measures the time from its creation to its drop into a histogram.
-pub struct Timer<'a> {
+/// The handle the rest of the agent holds (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Metrics(Arc<Own>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self(Arc::new(Own {
+            compile: Histogram::new(BUCKETS),
+            apply_to_programmed: Histogram::new(BUCKETS),
+            watch_up: Family::default(),
+            watch_errors: Family::default(),
+            failed_closed: Counter::default(),
+        }))
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Watch health of one kind: up once listed, down while failing.
+    pub fn watch_up(&self, kind: Kind, up: bool) {
+        self.0
+            .watch_up
+            .get_or_create(&KindLabels { kind })
+            .set(i64::from(up));
+    }
+
+    pub fn watch_error(&self, kind: Kind) {
+        self.0
+            .watch_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Times a compile until dropped.
+    pub fn compile_timer(&self) -> Timer {
+        Timer::new(self.0.compile.clone())
+    }
+
+    pub fn observe_compile(&self, d: Duration) {
+        self.0.compile.observe(d.as_secs_f64());
+    }
+
+    /// Times from an object change seen by a watch to its entries in the
+    /// maps, until dropped.
+    pub fn apply_to_programmed_timer(&self) -> Timer {
+        Timer::new(self.0.apply_to_programmed.clone())
+    }
+
+    pub fn observe_apply_to_programmed(&self, d: Duration) {
+        self.0.apply_to_programmed.observe(d.as_secs_f64());
+    }
+
+    /// An endpoint was made to fail closed (its policy does not fit).
+    pub fn endpoint_failed_closed(&self) {
+        self.0.failed_closed.inc();
+    }
+
+    /// `(up, errors)` of one kind's watch: `up` is `None` before its watch
+    /// started.
+    pub fn watch_health(&self, kind: Kind) -> (Option<bool>, u64) {
+        let labels = KindLabels { kind };
+        let up = self.0.watch_up.get(&labels).map(|g| g.get() != 0);
+        let errors = self.0.watch_errors.get(&labels).map_or(0, |c| c.get());
+        (up, errors)
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let own = &self.0;
+        registry.register(
+            "sluice_compile_duration_seconds",
+            "Time to compile the cluster's policy in a reconcile pass.",
+            own.compile.clone(),
+        );
+        registry.register(
+            "sluice_apply_to_programmed_seconds",
+            "Time from an object change seen by the watch to its entries in the maps.",
+            own.apply_to_programmed.clone(),
+        );
+        registry.register(
+            "sluice_watch_up",
+            "Watch health per kind: 1 = synced, 0 = not (yet) or failing.",
+            own.watch_up.clone(),
+        );
+        // Counters are registered without `_total`: the encoder adds it.
+        registry.register(
+            "sluice_watch_errors",
+            "Watch failures per kind.",
+            own.watch_errors.clone(),
+        );
+        registry.register(
+            "sluice_endpoints_failed_closed",
+            "Times an endpoint was made to fail closed since the agent started.",
+            own.failed_closed.clone(),
+        );
+    }
+}
+
+/// Observes the time from its creation to its drop into a histogram.
+#[must_use = "a timer observes when dropped"]
+#[derive(Debug)]
+pub struct Timer {
     start: Instant,
-    hist: &'a mut Histogram,
+    hist: Histogram,
 }
 
-impl<'a> Timer<'a> {
-    pub fn new(hist: &'a mut Histogram) -> Self {
+impl Timer {
+    fn new(hist: Histogram) -> Self {
         Self {
             start: Instant::now(),
             hist,
         }
     }
+
+    /// Time since the timer started (it keeps running).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
 }
 
-impl Drop for Timer<'_> {
+impl Drop for Timer {
     fn drop(&mut self) {
-        self.hist.observe(self.start.elapsed());
+        self.hist.observe(self.start.elapsed().as_secs_f64());
     }
 }
 
-/// Entries counted by walking kernel maps: a syscall per entry, so done
-/// on maps opened from their pins, without holding the node's lock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Walked {
-    pub ipcache: usize,
-    pub services: usize,
+/// One node-local endpoint, as the agent's state sees it at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStat {
+    pub ep_id: EpId,
+    pub namespace: String,
+    pub pod: String,
+    /// Policy and CIDR entries the agent wrote for it.
+    pub entries: usize,
 }
 
-impl Walked {
-    pub fn count(pin_dir: &std::path::Path) -> Option<Self> {
-        let maps = crate::datapath::Maps::open_pinned(pin_dir).ok()?;
-        Some(Self {
-            ipcache: maps.ipcache_len(),
-            services: maps.service_ips().map_or(0, |s| s.len()),
-        })
+/// Map capacities (entries), for the fill ratios.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacities {
+    pub policy: u32,
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub services: u32,
+}
+
+/// What the agent's state contributes to a scrape (plain data, copied out).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub endpoints: Vec<EndpointStat>,
+    pub capacity: Capacities,
+}
+
+/// Called at each scrape (on a blocking thread) for the agent's state.
+pub type EndpointsProvider = Arc<dyn Fn() -> EndpointStats + Send + Sync>;
+
+type CountersReader = Box<dyn Fn() -> Result<Counters, DatapathError> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: u32,
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+const DIRECTIONS: [(&str, u8); 2] = [("ingress", DIR_INGRESS), ("egress", DIR_EGRESS)];
+
+fn direction(dir: u8) -> &'static str {
+    if dir == DIR_EGRESS {
+        "egress"
+    } else {
+        "ingress"
     }
 }
 
-/// Renders every metric (`walked`: the map fills counted beforehand).
-pub fn render(st: &State, m: &AgentMetrics, walked: Option<Walked>) -> String {
-    let mut out = String::new();
-    // Each family's samples stay together, after its HELP and TYPE.
-    let mut by: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
-    if let Ok(counters) = st.dp.writer.maps().drop_counters() {
-        for (k, v) in counters {
-            let dir = if k.dir == DIR_EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            };
-            let e = by.entry((reason::name(k.reason), dir)).or_default();
-            e.0 += v.packets;
-            e.1 += v.bytes;
-        }
+/// Encodes one family: its HELP and TYPE, then each labelled sample in the
+/// given order (a `Family` would iterate its hash map in no fixed order).
+fn family<S: EncodeLabelSet, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: prometheus_client::metrics::MetricType,
+    samples: impl IntoIterator<Item = (S, M)>,
+) -> fmt::Result {
+    let mut me = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in samples {
+        metric.encode(me.encode_family(&labels)?)?;
     }
-    out.push_str("# HELP sluice_dropped_packets_total Packets dropped by the data path.\n# TYPE sluice_dropped_packets_total counter\n");
-    for ((r, d), (p, _)) in &by {
-        put!(
-            out,
-            "sluice_dropped_packets_total{{reason=\"{r}\",direction=\"{d}\"}} {p}"
-        );
-    }
-    out.push_str("# HELP sluice_dropped_bytes_total Bytes dropped by the data path.\n# TYPE sluice_dropped_bytes_total counter\n");
-    for ((r, d), (_, b)) in &by {
-        put!(
-            out,
-            "sluice_dropped_bytes_total{{reason=\"{r}\",direction=\"{d}\"}} {b}"
-        );
-    }
-    use sluice_common::stat;
-    out.push_str("# HELP sluice_forwarded_packets_total Packets the data path passed.\n# TYPE sluice_forwarded_packets_total counter\n");
-    for (d, dir) in [("ingress", DIR_INGRESS), ("egress", DIR_EGRESS)] {
-        let v = st
-            .dp
-            .writer
-            .maps()
-            .stat(stat::FORWARDED + u32::from(dir))
-            .unwrap_or(0);
-        put!(
-            out,
-            "sluice_forwarded_packets_total{{direction=\"{d}\"}} {v}"
-        );
-    }
-    out.push_str("# TYPE sluice_datapath_events_total counter\n");
-    for (name, idx) in [
-        ("ct_created", stat::CT_CREATED),
-        ("ct_insert_failed", stat::CT_INSERT_FAILED),
-        ("drop_events_sent", stat::EVENTS_SENT),
-        ("drop_events_rate_limited", stat::EVENTS_RATE_LIMITED),
-        ("drop_events_lost", stat::EVENTS_LOST),
-    ] {
-        let v = st.dp.writer.maps().stat(idx).unwrap_or(0);
-        put!(out, "sluice_datapath_events_total{{event=\"{name}\"}} {v}");
-    }
-    out.push_str("# HELP sluice_policy_entries Policy map entries per endpoint.\n# TYPE sluice_policy_entries gauge\n");
-    let mut total = 0usize;
-    for ep in st.endpoints.all() {
-        let n = st.endpoints.entries_of(ep.ep_id);
-        total += n;
-        let ns = ep.spec.pod_namespace.as_deref().unwrap_or("");
-        let pod = ep.spec.pod_name.as_deref().unwrap_or("");
-        put!(
-            out,
-            "sluice_policy_entries{{endpoint=\"{}\",namespace=\"{}\",pod=\"{}\"}} {n}",
-            ep.ep_id,
-            escape(ns),
-            escape(pod)
-        );
-    }
-    out.push_str("# HELP sluice_map_fill_ratio Entries used over capacity.\n# TYPE sluice_map_fill_ratio gauge\n");
-    put!(
-        out,
-        "sluice_map_fill_ratio{{map=\"POLICY\"}} {}",
-        ratio(total, st.dp.sizes.policy)
-    );
-    put!(
-        out,
-        "sluice_map_fill_ratio{{map=\"ENDPOINTS\"}} {}",
-        ratio(st.endpoints.len(), st.dp.sizes.endpoints)
-    );
-    if let Some(w) = walked {
-        put!(
-            out,
-            "sluice_map_fill_ratio{{map=\"IPCACHE\"}} {}",
-            ratio(w.ipcache, st.dp.sizes.ipcache)
-        );
-        put!(
-            out,
-            "sluice_map_fill_ratio{{map=\"SERVICES\"}} {}",
-            ratio(w.services, sluice_common::sizes::SERVICES)
-        );
-    }
-    out.push_str("# TYPE sluice_endpoints gauge\n");
-    put!(out, "sluice_endpoints {}", st.endpoints.len());
-    // Read from the kernel's ENDPOINTS flags: right across agent restarts.
-    let failed_closed = st
-        .dp
-        .writer
-        .maps()
-        .endpoint_records()
-        .into_iter()
-        .filter(|(_, info)| info.flags & EP_FAIL_CLOSED != 0)
-        .count();
-    out.push_str("# HELP sluice_endpoints_failed_closed Endpoints dropping everything because their policy does not fit.\n# TYPE sluice_endpoints_failed_closed gauge\n");
-    put!(out, "sluice_endpoints_failed_closed {failed_closed}");
-    out.push_str("# TYPE sluice_endpoints_failed_closed_total counter\n");
-    put!(
-        out,
-        "sluice_endpoints_failed_closed_total {}",
-        st.endpoints.failed_closed_total()
-    );
-    out.push_str("# TYPE sluice_compile_duration_seconds histogram\n");
-    m.compile_seconds
-        .render(&mut out, "sluice_compile_duration_seconds");
-    out.push_str("# TYPE sluice_apply_to_programmed_seconds histogram\n");
-    m.apply_to_programmed_seconds
-        .render(&mut out, "sluice_apply_to_programmed_seconds");
-    out.push_str("# TYPE sluice_watch_up gauge\n");
-    for (k, v) in &m.watch_up {
-        put!(out, "sluice_watch_up{{kind=\"{k}\"}} {v}");
-    }
-    out.push_str("# TYPE sluice_watch_errors_total counter\n");
-    for (k, v) in &m.watch_errors {
-        put!(out, "sluice_watch_errors_total{{kind=\"{k}\"}} {v}");
-    }
-    out
+    Ok(())
+}
+
+fn one<M: EncodeMetric>(enc: &mut DescriptorEncoder, name: &str, help: &str, m: &M) -> fmt::Result {
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
 }
 
 fn ratio(used: usize, cap: u32) -> f64 {
@@ -247,66 +302,278 @@ fn ratio(used: usize, cap: u32) -> f64 {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The scrape-time families: the data path's counters (read from the pins)
+/// and the agent's endpoint state (from the provider).
+struct Scrape {
+    counters: CountersReader,
+    endpoints: EndpointsProvider,
 }
 
-/// Serves the metrics over plain HTTP.
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
+        // The map reads first, holding no lock of the agent's; then the
+        // provider, which copies the agent's state out under its lock.
+        let counters = match (self.counters)() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "reading the data path's counters failed; their metrics are left out");
+                None
+            }
+        };
+        let state = (self.endpoints)();
+        if let Some(c) = &counters {
+            let mut by: BTreeMap<DropLabels, counters::Count> = BTreeMap::new();
+            for (&(r, d), v) in &c.drops {
+                let e = by
+                    .entry(DropLabels {
+                        reason: reason::name(r),
+                        direction: direction(d),
+                    })
+                    .or_default();
+                e.packets += v.packets;
+                e.bytes += v.bytes;
+            }
+            family(
+                &mut enc,
+                "sluice_dropped_packets",
+                "Packets dropped by the data path.",
+                Counter,
+                by.iter()
+                    .map(|(l, v)| (l.clone(), ConstCounter::new(v.packets))),
+            )?;
+            family(
+                &mut enc,
+                "sluice_dropped_bytes",
+                "Bytes dropped by the data path.",
+                Counter,
+                by.iter()
+                    .map(|(l, v)| (l.clone(), ConstCounter::new(v.bytes))),
+            )?;
+            family(
+                &mut enc,
+                "sluice_forwarded_packets",
+                "Packets the data path passed.",
+                Counter,
+                DIRECTIONS.map(|(direction, dir)| {
+                    let v = c.stat(stat::FORWARDED + u32::from(dir));
+                    (DirectionLabels { direction }, ConstCounter::new(v))
+                }),
+            )?;
+            family(
+                &mut enc,
+                "sluice_datapath_events",
+                "Data path events: conntrack entries, drop events sent or not.",
+                Counter,
+                [
+                    ("ct_created", stat::CT_CREATED),
+                    ("ct_insert_failed", stat::CT_INSERT_FAILED),
+                    ("drop_events_sent", stat::EVENTS_SENT),
+                    ("drop_events_rate_limited", stat::EVENTS_RATE_LIMITED),
+                    ("drop_events_lost", stat::EVENTS_LOST),
+                ]
+                .map(|(event, idx)| (EventLabels { event }, ConstCounter::new(c.stat(idx)))),
+            )?;
+        }
+        family(
+            &mut enc,
+            "sluice_policy_entries",
+            "Policy map entries per endpoint.",
+            Gauge,
+            state.endpoints.iter().map(|ep| {
+                let labels = EndpointLabels {
+                    endpoint: ep.ep_id.0,
+                    namespace: ep.namespace.clone(),
+                    pod: ep.pod.clone(),
+                };
+                (
+                    labels,
+                    ConstGauge::new(i64::try_from(ep.entries).unwrap_or(i64::MAX)),
+                )
+            }),
+        )?;
+        let cap = state.capacity;
+        let total: usize = state.endpoints.iter().map(|ep| ep.entries).sum();
+        let mut fills = vec![
+            ("POLICY", ratio(total, cap.policy)),
+            ("ENDPOINTS", ratio(state.endpoints.len(), cap.endpoints)),
+        ];
+        if let Some(c) = &counters {
+            fills.push(("IPCACHE", ratio(c.ipcache_entries, cap.ipcache)));
+            fills.push(("SERVICES", ratio(c.service_entries, cap.services)));
+        }
+        family(
+            &mut enc,
+            "sluice_map_fill_ratio",
+            "Entries used over capacity.",
+            Gauge,
+            fills
+                .into_iter()
+                .map(|(map, r)| (MapLabels { map }, ConstGauge::new(r))),
+        )?;
+        one(
+            &mut enc,
+            "sluice_endpoints",
+            "Endpoints on this node.",
+            &ConstGauge::new(i64::try_from(state.endpoints.len()).unwrap_or(i64::MAX)),
+        )?;
+        if let Some(c) = &counters {
+            one(
+                &mut enc,
+                "sluice_endpoints_failed_closed",
+                "Endpoints dropping everything because their policy does not fit.",
+                &ConstGauge::new(i64::try_from(c.failed_closed).unwrap_or(i64::MAX)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything a scrape answers, in the Prometheus text format.
+#[derive(Debug)]
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    /// `pin_dir`: where the data path's maps are pinned.
+    pub fn new(metrics: &Metrics, pin_dir: PathBuf, endpoints: EndpointsProvider) -> Self {
+        Self::with_counters(
+            metrics,
+            Box::new(move || counters::read(&pin_dir)),
+            endpoints,
+        )
+    }
+
+    fn with_counters(
+        metrics: &Metrics,
+        counters: CountersReader,
+        endpoints: EndpointsProvider,
+    ) -> Self {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(Scrape {
+            counters,
+            endpoints,
+        }));
+        Self { registry }
+    }
+
+    /// The text of one scrape. Reads the pinned maps and calls the
+    /// provider: run it on a blocking thread.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Readiness for `/readyz`: set once the data path is loaded and, in
+/// cluster mode, the cluster synced.
+#[derive(Clone, Debug, Default)]
+pub struct Ready(Arc<AtomicBool>);
+
+impl Ready {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A client that connects and sends nothing does not hold a task for long.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // One request per connection: scrapers that read to EOF (the test
+    // harness) see the end of the answer.
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+async fn answer(
+    req: &Request<Incoming>,
+    exporter: &Arc<Exporter>,
+    ready: &Ready,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::NOT_FOUND, PLAIN, "not found\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let exporter = exporter.clone();
+            match tokio::task::spawn_blocking(move || exporter.encode()).await {
+                Ok(Ok(body)) => text(StatusCode::OK, prometheus_text::CONTENT_TYPE, body),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "encoding the metrics failed");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        PLAIN,
+                        "encoding failed\n",
+                    )
+                }
+                Err(e) => {
+                    warn!(error = %e, "the metrics task failed");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        PLAIN,
+                        "encoding failed\n",
+                    )
+                }
+            }
+        }
+        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/readyz" if ready.is_ready() => text(StatusCode::OK, PLAIN, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n"),
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1.1, one request
+/// per connection. Ends only if accepting fails.
 pub async fn serve(
     listener: TcpListener,
-    reconciler: Reconciler,
-    metrics: Shared,
+    exporter: Arc<Exporter>,
+    ready: Ready,
 ) -> std::io::Result<()> {
     loop {
-        let (mut stream, _) = listener.accept().await?;
-        let (node, metrics) = (reconciler.state().clone(), metrics.clone());
+        let (stream, peer) = listener.accept().await?;
+        let (exporter, ready) = (exporter.clone(), ready.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // The request itself does not matter; read what the client sent.
-            if stream.read(&mut buf).await.is_err() {
-                return;
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (exporter, ready) = (exporter.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(answer(&req, &exporter, &ready).await) }
+            });
+            let served = http1::Builder::new()
+                .keep_alive(false)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "metrics connection failed");
             }
-            let body = tokio::task::spawn_blocking(move || {
-                // The key walks first, outside the lock (about a
-                // millisecond per thousand addresses): ADD and programming
-                // do not wait for a scrape.
-                let pin_dir = node.lock().ok()?.dp.pin_dir().to_owned();
-                let walked = Walked::count(&pin_dir);
-                match (node.lock(), metrics.lock()) {
-                    (Ok(n), Ok(m)) => Some(render(&n, &m, walked)),
-                    _ => None,
-                }
-            })
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| String::from("# agent state unavailable\n"));
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ignored = stream.write_all(head.as_bytes()).await;
-            let _ignored = stream.write_all(body.as_bytes()).await;
         });
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_histogram_counts_each_observation_in_every_bucket_it_fits() {
-        let mut h = Histogram::default();
-        h.observe(Duration::from_micros(700));
-        h.observe(Duration::from_millis(30));
-        let mut out = String::new();
-        h.render(&mut out, "x");
-        assert!(out.contains("x_bucket{le=\"0.001\"} 1"));
-        assert!(out.contains("x_bucket{le=\"0.05\"} 2"));
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 2"));
-        assert!(out.contains("x_count 2"));
-    }
-}
+mod tests;

@@ -431,18 +431,26 @@ impl Node {
         Ok(sluice_agent::datapath::Maps::open_pinned(&self.bpffs.dir)?)
     }
 
-    /// The agent's Prometheus metrics (its default address, inside the
-    /// node's namespace): `(series, value)` per sample line.
-    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        let text = self.ns.run(|| -> Result<String> {
+    /// `GET path` from the agent's metrics address (its default, inside
+    /// the node's namespace), read to EOF: `(status line and headers, body)`.
+    pub fn http_get(&self, path: &str) -> Result<(String, String)> {
+        // The namespace's thread needs what it sends to be its own.
+        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n");
+        let text = self.ns.run(move || -> Result<String> {
             let mut s = TcpStream::connect("127.0.0.1:9962")?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+            s.write_all(request.as_bytes())?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
         })??;
         let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+        Ok((head.to_owned(), body.to_owned()))
+    }
+
+    /// The agent's Prometheus metrics: `(series, value)` per sample line.
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let (head, body) = self.http_get("/metrics")?;
         ensure!(head.starts_with("HTTP/1.1 200"), "metrics: {head}");
         // The text format: each family's samples follow its TYPE line, all
         // together, and no family comes twice.

@@ -118,6 +118,11 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
     }
     assert!(get("sluice_compile_duration_seconds_count")? > 0.0);
     assert!(get("sluice_apply_to_programmed_seconds_count")? > 0.0);
+    // Beside the metrics: alive, and ready once the data path is loaded.
+    for path in ["/healthz", "/readyz"] {
+        let (head, _) = node.http_get(path)?;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    }
 
     // Relabel a: it no longer matches the peer selector.
     let mut relabelled = api.get("pods", "x", "a").context("pod a")?;

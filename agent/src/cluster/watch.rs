@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    metrics,
+    metrics::Metrics,
     model::{Kind, ObjKey},
 };
 
@@ -105,17 +105,13 @@ async fn watch_kind<K>(
     kind: Kind,
     wrap: fn(K) -> Object,
     tx: mpsc::Sender<Change>,
-    metrics: metrics::Shared,
+    metrics: Metrics,
 ) where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let set_up = |up: u8| {
-        if let Ok(mut m) = metrics.lock() {
-            m.watch_up.insert(kind.name(), up);
-        }
-    };
-    set_up(0);
+    let set_up = |up: bool| metrics.watch_up(kind, up);
+    set_up(false);
     let start = || {
         watcher(api.clone(), config.clone())
             .default_backoff()
@@ -135,15 +131,15 @@ async fn watch_kind<K>(
             }
             Ok(Some(watcher::Event::InitDone)) => {
                 info!(kind = kind.name(), objects = listing.len(), "listed");
-                set_up(1);
+                set_up(true);
                 Change::Resync(kind, std::mem::take(&mut listing))
             }
             Ok(Some(watcher::Event::Apply(o))) => {
-                set_up(1);
+                set_up(true);
                 Change::Applied(wrap(slim(o)))
             }
             Ok(Some(watcher::Event::Delete(o))) => {
-                set_up(1);
+                set_up(true);
                 Change::Deleted(wrap(slim(o)))
             }
             Ok(None) => return,
@@ -160,10 +156,8 @@ async fn watch_kind<K>(
                     listing.clear();
                     stream = start();
                 }
-                set_up(0);
-                if let Ok(mut m) = metrics.lock() {
-                    *m.watch_errors.entry(kind.name()).or_default() += 1;
-                }
+                set_up(false);
+                metrics.watch_error(kind);
                 continue;
             }
         };
@@ -183,7 +177,7 @@ fn is_gone(e: &watcher::Error) -> bool {
 }
 
 /// Starts the watchers; changes arrive on the returned channel.
-pub fn start(client: Client, metrics: metrics::Shared) -> mpsc::Receiver<Change> {
+pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(1024);
     let cfg = watcher::Config::default;
     tokio::spawn(watch_kind(
@@ -334,20 +328,16 @@ mod tests {
         }
     }
 
-    fn health(m: &metrics::Shared) -> (u8, u64) {
-        let m = m.lock().unwrap();
-        let up = m.watch_up.get("NetworkPolicy").copied().unwrap_or(9);
-        (
-            up,
-            m.watch_errors.get("NetworkPolicy").copied().unwrap_or(0),
-        )
+    fn health(m: &Metrics) -> (u8, u64) {
+        let (up, errors) = m.watch_health(Kind::NetworkPolicy);
+        (up.map_or(9, u8::from), errors)
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_watch_lists_follows_resumes_relists_on_410_and_reconnects_after_failures() {
         let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
         let (tx, mut rx) = mpsc::channel(16);
-        let m = metrics::Shared::default();
+        let m = Metrics::new();
         let task = tokio::spawn(watch_kind(
             Api::<NetworkPolicy>::all(Client::new(service, "default")),
             watcher::Config::default(),

@@ -5,7 +5,8 @@
 //! - `writer`: every map write the agent makes, in the order that keeps
 //!   the data path correct at each instant (gap-free policy replace, fail
 //!   closed);
-//! - `events`: the drop-event ring buffer.
+//! - `events`: the drop-event ring buffer;
+//! - `counters`: what the data path counts, read from the pins (metrics).
 //!
 //! bpffs layout under the pin directory:
 //!   maps/<NAME>            every map, pinned by name (reused on restart)
@@ -15,6 +16,7 @@
 //!   links/<ifname>-{from,to,uplink}-clsact   a directory marking a clsact filter
 //!   links/cgroup-to_host-{a,b}   cgroup link of `to_host` (ingress of the node's sockets)
 mod attach;
+pub mod counters;
 mod events;
 mod maps;
 mod writer;

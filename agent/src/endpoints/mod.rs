@@ -13,6 +13,7 @@ use tracing::{info, warn};
 pub use self::registry::{Endpoint, Registry, RegistryError, pod_of};
 use crate::{
     datapath::{Datapath, DatapathError},
+    metrics::Metrics,
     model::{EpId, Identity, ObjectRef},
     netdev,
     policy::{Compiled, EndpointPolicy, PolicyError},
@@ -94,8 +95,7 @@ pub struct Endpoints {
     /// Most policy + CIDR entries one endpoint may hold; past it the
     /// endpoint fails closed and the others are unaffected.
     max_entries: usize,
-    /// Times an endpoint was made to fail closed (since the agent started).
-    failed_closed_total: u64,
+    metrics: Metrics,
     /// Published after every change, for readers outside the lock.
     pods_by_ip: tokio::sync::watch::Sender<PodsByIp>,
 }
@@ -105,12 +105,17 @@ impl Endpoints {
     /// policy, re-attaches the current programs to every endpoint that
     /// still exists (atomically, through the pinned links) and forgets
     /// those whose interface is gone.
-    pub fn start(dp: &mut Datapath, registry: Registry, max_entries: usize) -> Result<Self> {
+    pub fn start(
+        dp: &mut Datapath,
+        registry: Registry,
+        max_entries: usize,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let mut eps = Self {
             programmed: dp.writer.programmed_policy()?,
             registry,
             max_entries,
-            failed_closed_total: 0,
+            metrics,
             pods_by_ip: tokio::sync::watch::Sender::new(PodsByIp::default()),
         };
         let all: Vec<Endpoint> = eps.registry.all().cloned().collect();
@@ -308,7 +313,7 @@ impl Endpoints {
         attempted: &Compiled,
     ) -> Result<()> {
         warn!(ep_id = %ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
-        self.failed_closed_total += 1;
+        self.metrics.endpoint_failed_closed();
         let now = dp.writer.fail_closed(&ep.record(), old, attempted)?;
         self.programmed.insert(ep.ep_id, now);
         Ok(())
@@ -369,11 +374,6 @@ impl Endpoints {
         self.programmed
             .get(&ep_id)
             .map_or(0, |c| c.entries.len() + c.cidrs.len())
-    }
-
-    /// Times an endpoint was made to fail closed since the agent started.
-    pub fn failed_closed_total(&self) -> u64 {
-        self.failed_closed_total
     }
 
     /// Address -> pod of the local endpoints, kept current; read without

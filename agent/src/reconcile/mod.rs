@@ -15,7 +15,7 @@ pub mod routes;
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sluice_proto::{Attachment, EndpointSpec};
@@ -26,7 +26,7 @@ use crate::{
     cluster::{Change, Cluster, Notice},
     datapath::Datapath,
     endpoints::{EndpointError, Endpoints, PodsByIp, Result, pod_of},
-    metrics,
+    metrics::{Capacities, EndpointStat, EndpointStats, Metrics},
     model::{EpId, ObjectRef},
     policy::Changes,
 };
@@ -150,8 +150,8 @@ impl State {
     }
 
     /// Applies a batch of watched changes and programs their effect.
-    fn apply(&mut self, batch: Vec<Change>, metrics: &metrics::Shared) -> Result<()> {
-        let started = Instant::now();
+    fn apply(&mut self, batch: Vec<Change>, metrics: &Metrics) -> Result<()> {
+        let started = std::time::Instant::now();
         let Some(cluster) = self.cluster.as_mut() else {
             return Ok(());
         };
@@ -167,10 +167,9 @@ impl State {
         if let Some(cluster) = self.cluster.as_mut() {
             cluster.programmed(programming.versions);
         }
-        if let Ok(mut m) = metrics.lock() {
-            m.compile_seconds.observe(compiled);
-            m.apply_to_programmed_seconds.observe(started.elapsed());
-        }
+        // Only passes that programmed something are timed.
+        metrics.observe_compile(compiled);
+        metrics.observe_apply_to_programmed(started.elapsed());
         Ok(())
     }
 
@@ -212,12 +211,12 @@ impl State {
 #[derive(Clone)]
 pub struct Reconciler {
     state: Arc<Mutex<State>>,
-    metrics: metrics::Shared,
+    metrics: Metrics,
     pods_by_ip: watch::Receiver<PodsByIp>,
 }
 
 impl Reconciler {
-    pub fn new(state: State, metrics: metrics::Shared) -> Self {
+    pub fn new(state: State, metrics: Metrics) -> Self {
         let pods_by_ip = state.endpoints.pods_by_ip();
         Self {
             state: Arc::new(Mutex::new(state)),
@@ -311,9 +310,31 @@ impl Reconciler {
         self.pods_by_ip.borrow().get(&ip).cloned()
     }
 
-    /// The state, for metrics (which read it at scrape time).
-    pub fn state(&self) -> &Arc<Mutex<State>> {
-        &self.state
+    /// What metrics report of the endpoints. Locks the state: call it on a
+    /// blocking thread (the metrics server does).
+    pub fn endpoint_stats(&self) -> EndpointStats {
+        let Ok(st) = self.state.lock() else {
+            return EndpointStats::default();
+        };
+        let sizes = &st.dp.sizes;
+        EndpointStats {
+            endpoints: st
+                .endpoints
+                .all()
+                .map(|ep| EndpointStat {
+                    ep_id: ep.ep_id,
+                    namespace: ep.spec.pod_namespace.clone().unwrap_or_default(),
+                    pod: ep.spec.pod_name.clone().unwrap_or_default(),
+                    entries: st.endpoints.entries_of(ep.ep_id),
+                })
+                .collect(),
+            capacity: Capacities {
+                policy: sizes.policy,
+                endpoints: sizes.endpoints,
+                ipcache: sizes.ipcache,
+                services: sluice_common::sizes::SERVICES,
+            },
+        }
     }
 
     /// Follows watched changes until the watch ends: applies each batch,

@@ -1,0 +1,76 @@
+//! What the data path counts, read from the maps a running agent pinned:
+//! drop counters, the `STATS` per-CPU array, and the fills that only a key
+//! walk tells. Opened from the pins on each read, so a scrape needs no lock
+//! of the agent's and never waits for programming (nor programming for it).
+use std::{collections::BTreeMap, path::Path};
+
+use sluice_common::{EP_FAIL_CLOSED, maps, stat};
+
+use crate::datapath::{DatapathError, Maps};
+
+/// Packets and bytes, summed over CPUs (and, in `Counters::drops`, over
+/// endpoints).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One reading of the data path's counters (plain data, no map handles).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Drops by `(sluice_common::reason::*, sluice_common::DIR_*)`.
+    pub drops: BTreeMap<(u8, u8), Count>,
+    /// Each `sluice_common::stat` counter summed over CPUs, by index.
+    pub stats: [u64; stat::COUNT as usize],
+    /// Entries in IPCACHE and SERVICES (a key walk: a syscall per entry).
+    pub ipcache_entries: usize,
+    pub service_entries: usize,
+    /// Endpoints whose ENDPOINTS flags hold `EP_FAIL_CLOSED`: read from the
+    /// kernel, so right across agent restarts too.
+    pub failed_closed: usize,
+}
+
+impl Counters {
+    /// One `sluice_common::stat` counter (0 past the array).
+    pub fn stat(&self, index: u32) -> u64 {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.stats.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn walk_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Reads every counter from the maps pinned under `pin_dir`.
+pub fn read(pin_dir: &Path) -> Result<Counters, DatapathError> {
+    let maps = Maps::open_pinned(pin_dir)?;
+    let mut out = Counters::default();
+    for (k, v) in maps.drop_counters()? {
+        let c = out.drops.entry((k.reason, k.dir)).or_default();
+        c.packets += v.packets;
+        c.bytes += v.bytes;
+    }
+    for (index, slot) in (0u32..).zip(out.stats.iter_mut()) {
+        *slot = maps.stat(index)?;
+    }
+    for key in maps.ipcache.keys() {
+        key.map_err(walk_err(maps::IPCACHE))?;
+        out.ipcache_entries += 1;
+    }
+    for key in maps.services.keys() {
+        key.map_err(walk_err(maps::SERVICES))?;
+        out.service_entries += 1;
+    }
+    for item in maps.endpoints.iter() {
+        let (_, info) = item.map_err(walk_err(maps::ENDPOINTS))?;
+        if info.flags & EP_FAIL_CLOSED != 0 {
+            out.failed_closed += 1;
+        }
+    }
+    Ok(out)
+}

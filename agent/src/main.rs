@@ -54,8 +54,10 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
+    // Standalone: ready now. Cluster mode: once every kind is listed and
+    // programmed (the reconciler says so).
     let ready = Ready::default();
-    ready.set(true);
+    ready.set(client.is_none());
     let (drops_tx, _) = tokio::sync::broadcast::channel(1024);
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
@@ -70,7 +72,10 @@ async fn main() -> anyhow::Result<()> {
         let notices = cluster::start_notices(client.clone(), &node_name);
         let changes = cluster::watch::start(client, metrics.clone());
         let resync = Duration::from_secs(args.resync_seconds.max(1));
-        reconciler.clone().run(changes, notices, resync).await
+        reconciler
+            .clone()
+            .run(changes, notices, resync, ready.clone())
+            .await
     };
     let events = drops.follow(|rec| print_drop(rec, &reconciler, &drops_tx));
     let metrics_server = async {

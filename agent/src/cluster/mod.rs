@@ -69,6 +69,8 @@ pub struct Cluster {
     /// Service -> its ClusterIPs.
     services: BTreeMap<ObjKey, Vec<IpAddr>>,
     diagnostics: diagnostics::Diagnostics,
+    /// The first full pass is in the maps.
+    first_programmed: bool,
 }
 
 /// The ClusterIPs of a Service: `spec.clusterIPs` (else `spec.clusterIP`),
@@ -127,6 +129,7 @@ impl Cluster {
             cni_ips: BTreeMap::new(),
             services: BTreeMap::new(),
             diagnostics: diagnostics::Diagnostics::default(),
+            first_programmed: false,
         }
     }
 
@@ -195,6 +198,7 @@ impl Cluster {
 
     /// Records that the effect of `versions` is in the maps.
     pub fn programmed(&mut self, versions: Vec<(ObjKey, Option<String>)>) {
+        self.first_programmed = true;
         for (key, rv) in versions {
             match rv {
                 Some(rv) => {
@@ -208,6 +212,11 @@ impl Cluster {
         // Objects a re-list no longer has are gone from the maps too.
         let known = &self.known;
         self.programmed.retain(|key, _| known.contains_key(key));
+    }
+
+    /// Whether a programming pass has been recorded since the first list.
+    pub fn programmed_any(&self) -> bool {
+        self.first_programmed
     }
 
     /// `Kind/ns/name` -> resourceVersion in force, for `sluice wait`.

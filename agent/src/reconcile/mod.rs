@@ -26,7 +26,7 @@ use crate::{
     cluster::{Change, Cluster, Notice},
     datapath::Datapath,
     endpoints::{EndpointError, Endpoints, PodsByIp, Result, pod_of},
-    metrics::{Capacities, EndpointStat, EndpointStats, Metrics},
+    metrics::{Capacities, EndpointStat, EndpointStats, Metrics, Ready},
     model::{EpId, ObjectRef},
     policy::Changes,
 };
@@ -345,6 +345,7 @@ impl Reconciler {
         mut changes: mpsc::Receiver<Change>,
         notices: mpsc::Sender<Notice>,
         resync: Duration,
+        ready: Ready,
     ) -> anyhow::Result<()> {
         let mut net = network::Network::new()?;
         let mut tick = tokio::time::interval(resync);
@@ -383,16 +384,17 @@ impl Reconciler {
                     warn!("Event queue full: a Warning Event is dropped (the log has it)");
                 }
             }
-            let desired = self
+            let (synced, desired) = self
                 .with(|st| {
-                    Ok(st
-                        .cluster
-                        .as_ref()
-                        .map(Cluster::peer_routes)
-                        .unwrap_or_default())
+                    let c = st.cluster.as_ref();
+                    // Ready: every kind listed, programmed, nothing to retry.
+                    let synced =
+                        c.is_some_and(|c| c.is_synced() && c.programmed_any()) && !st.retry_all;
+                    Ok((synced, c.map(Cluster::peer_routes).unwrap_or_default()))
                 })
                 .await
                 .unwrap_or_default();
+            ready.set(synced);
             net.sync(&desired, &self).await;
         }
     }

@@ -368,9 +368,7 @@ impl Compiler {
             return;
         };
         for &p in st.selected_by() {
-            if let Some(pol) = self.repo.get_mut(p) {
-                pol.targets.remove(&id);
-            }
+            self.repo.set_target(p, id, false);
         }
         for g in st.into_groups() {
             self.groups.release(g);
@@ -382,11 +380,7 @@ impl Compiler {
     /// adjust the local identities whose policies use it.
     fn member_changed(&mut self, s: SelId, x: u32, sign: i32) {
         for (p, ri, pi) in self.selectors.users(s) {
-            let targets: Vec<u32> = match self.repo.get(p) {
-                Some(pol) => pol.targets.iter().copied().collect(),
-                None => continue,
-            };
-            for l in targets {
+            for l in self.repo.targets(p) {
                 self.apply_part((p, ri, pi), l, Some(x), sign);
             }
         }
@@ -415,12 +409,7 @@ impl Compiler {
     /// Detaches a policy from its targets and releases its selectors;
     /// returns its rule ids by (direction, position).
     fn uninstall_policy(&mut self, pid: PolicyId) -> BTreeMap<(u8, usize), u32> {
-        let targets: Vec<u32> = self
-            .repo
-            .get(pid)
-            .map(|p| p.targets.iter().copied().collect())
-            .unwrap_or_default();
-        for l in targets {
+        for l in self.repo.targets(pid) {
             self.attach_or_detach(pid, l, -1);
         }
         let Some(pol) = self.repo.get_mut(pid) else {
@@ -468,14 +457,10 @@ impl Compiler {
     /// Policy `pid` starts (`sign` 1) or stops (-1) selecting local
     /// identity `l`.
     fn attach_or_detach(&mut self, pid: PolicyId, l: u32, sign: i32) {
-        let Some(pol) = self.repo.get_mut(pid) else {
+        self.repo.set_target(pid, l, sign > 0);
+        let Some(pol) = self.repo.get(pid) else {
             return;
         };
-        if sign > 0 {
-            pol.targets.insert(l);
-        } else {
-            pol.targets.remove(&l);
-        }
         let (ingress, egress) = (pol.ingress, pol.egress);
         let shape: Vec<usize> = pol.rules.iter().map(|r| r.parts.len()).collect();
         self.touch(l);

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use sluice_agent::compiler::{
+use sluice_agent::policy::{
     Compiler, Locality, ObjectRef,
     k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus},
 };

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use sluice_agent::compiler::{
-    Changes, Compiler, EndpointChange, Locality, entry_count,
+use sluice_agent::policy::{
+    Changes, Compiler, Locality, Resync, entry_count,
     k8s_openapi::api::{
         core::v1::{Namespace, Pod},
         networking::v1::NetworkPolicy,
@@ -234,35 +234,19 @@ fn totals(c: &Compiler) -> Totals {
 
 struct Sample {
     event: Duration,
+    /// Endpoints to be rewritten.
     endpoints: usize,
-    /// Endpoints to be rewritten whole.
-    replaced: usize,
-    /// Rules and prefixes in the deltas, summed over endpoints.
-    delta_items: usize,
 }
 
-/// Applies one event. The time is the compiler's alone: the writer applies
-/// the per-endpoint deltas it returns.
+/// Applies one event. The time is the compiler's alone: the writer then
+/// rewrites the endpoints it reports.
 fn timed(c: &mut Compiler, f: impl FnOnce(&mut Compiler) -> Changes) -> Sample {
     let started = Instant::now();
     let ch = f(c);
-    let event = started.elapsed();
-    let mut s = Sample {
-        event,
+    Sample {
+        event: started.elapsed(),
         endpoints: ch.endpoints.len(),
-        replaced: 0,
-        delta_items: 0,
-    };
-    for change in ch.endpoints.values() {
-        match change {
-            EndpointChange::Replace => s.replaced += 1,
-            EndpointChange::Update(d) => {
-                s.delta_items +=
-                    d.upsert.len() + d.remove.len() + d.upsert_cidrs.len() + d.remove_cidrs.len();
-            }
-        }
     }
-    s
 }
 
 fn summary(name: &str, samples: &mut [Sample]) {
@@ -270,8 +254,8 @@ fn summary(name: &str, samples: &mut [Sample]) {
     let n = samples.len();
     let (med, max) = (&samples[n / 2], &samples[n - 1]);
     println!(
-        "  {name:<24} median {:>9.3?}  max {:>9.3?}  | median event: {} endpoints changed ({} replaced), {} delta rules/prefixes",
-        med.event, max.event, med.endpoints, med.replaced, med.delta_items
+        "  {name:<24} median {:>9.3?}  max {:>9.3?}  | median event: {} endpoints to rewrite",
+        med.event, max.event, med.endpoints
     );
 }
 
@@ -319,11 +303,15 @@ pub fn run(args: &[String]) -> Result<()> {
         .collect::<Result<_>>()?;
     let hwm_inputs = vm_hwm_kib().unwrap_or(0);
 
-    // Full compile: the initial sync (`load`), then every endpoint's policy
+    // Full compile: the initial sync (`resync`), then every endpoint's policy
     // materialized, as the writer reads it.
     let started = Instant::now();
     let mut c = Compiler::new(Locality::Node("bench".into()));
-    let loaded = c.load(&namespaces, &pods, &policies);
+    let loaded = c.resync(Resync {
+        namespaces: Some(&namespaces),
+        pods: Some(&pods),
+        policies: Some(&policies),
+    });
     let load = started.elapsed();
     let started = Instant::now();
     let t = totals(&c);

@@ -1,7 +1,7 @@
 //! The compiler's inputs: one watch event per call (`upsert_*`, `delete_*`),
 //! or whole lists at once ([`Resync`]). Each call is one transaction and
 //! returns its [`Changes`].
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod},
@@ -163,9 +163,7 @@ impl Compiler {
         for s in self.selectors.ids() {
             let members = self.selectors.evaluate(s, &self.identities);
             for &x in &members {
-                if let Some(i) = self.identities.get_mut(x) {
-                    i.in_selectors.push(s);
-                }
+                self.identities.add_selector(x, s);
             }
             self.selectors.set_members(s, members);
         }
@@ -292,15 +290,13 @@ impl Compiler {
         self.repo.assign_rule_ids(pid, &mut rules, old_ids);
         self.install_policy(
             pid,
-            PolicyState {
-                object: obj,
-                target: parsed.target,
-                ingress: parsed.ingress,
-                egress: parsed.egress,
+            PolicyState::new(
+                obj,
+                parsed.target,
+                (parsed.ingress, parsed.egress),
                 rules,
-                targets: BTreeSet::new(),
                 problems,
-            },
+            ),
         );
     }
 

@@ -37,7 +37,7 @@ pub(super) struct IdentityState {
     /// Pods with this identity, local or not.
     pods: u32,
     /// Interned selectors that select it.
-    pub in_selectors: Vec<SelId>,
+    in_selectors: Vec<SelId>,
     pub local_pods: BTreeSet<ObjectRef>,
     /// Present while the identity has local pods.
     pub local: Option<Box<LocalState>>,
@@ -143,6 +143,19 @@ impl Identities {
     /// The identities of each namespace.
     pub fn by_namespace(&self) -> impl Iterator<Item = &BTreeSet<u32>> {
         self.by_ns.values()
+    }
+
+    /// Notes that identity `id` is in selector `s`.
+    pub fn add_selector(&mut self, id: u32, s: SelId) {
+        if let Some(i) = self.map.get_mut(&id) {
+            i.in_selectors.push(s);
+        }
+    }
+
+    pub fn remove_selector(&mut self, id: u32, s: SelId) {
+        if let Some(i) = self.map.get_mut(&id) {
+            i.in_selectors.retain(|&t| t != s);
+        }
     }
 
     pub fn clear_selectors(&mut self) {

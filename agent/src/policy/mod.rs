@@ -89,11 +89,10 @@ pub mod verdict;
 use std::{collections::BTreeMap, mem::take, net::IpAddr, sync::Arc};
 
 pub use k8s_openapi;
-use rustc_hash::FxHashMap;
 
 use self::{
     cidr::CidrGroups,
-    contributions::{CidrPart, PartRef, RuleKey, part_contribs},
+    contributions::{PartRef, RuleKey, part_contribs},
     identities::{Identities, IdentityKey, NamedPorts},
     parse::Peer,
     pods::{PodState, Pods},
@@ -369,9 +368,7 @@ impl Compiler {
             return;
         };
         for &p in st.selected_by() {
-            if let Some(pol) = self.repo.get_mut(p) {
-                pol.targets.remove(&id);
-            }
+            self.repo.set_target(p, id, false);
         }
         for g in st.into_groups() {
             self.groups.release(g);
@@ -383,11 +380,7 @@ impl Compiler {
     /// adjust the local identities whose policies use it.
     fn member_changed(&mut self, s: SelId, x: u32, sign: i32) {
         for (p, ri, pi) in self.selectors.users(s) {
-            let targets: Vec<u32> = match self.repo.get(p) {
-                Some(pol) => pol.targets.iter().copied().collect(),
-                None => continue,
-            };
-            for l in targets {
+            for l in self.repo.targets(p) {
                 self.apply_part((p, ri, pi), l, Some(x), sign);
             }
         }
@@ -416,12 +409,7 @@ impl Compiler {
     /// Detaches a policy from its targets and releases its selectors;
     /// returns its rule ids by (direction, position).
     fn uninstall_policy(&mut self, pid: PolicyId) -> BTreeMap<(u8, usize), u32> {
-        let targets: Vec<u32> = self
-            .repo
-            .get(pid)
-            .map(|p| p.targets.iter().copied().collect())
-            .unwrap_or_default();
-        for l in targets {
+        for l in self.repo.targets(pid) {
             self.attach_or_detach(pid, l, -1);
         }
         let Some(pol) = self.repo.get_mut(pid) else {
@@ -469,14 +457,10 @@ impl Compiler {
     /// Policy `pid` starts (`sign` 1) or stops (-1) selecting local
     /// identity `l`.
     fn attach_or_detach(&mut self, pid: PolicyId, l: u32, sign: i32) {
-        let Some(pol) = self.repo.get_mut(pid) else {
+        self.repo.set_target(pid, l, sign > 0);
+        let Some(pol) = self.repo.get(pid) else {
             return;
         };
-        if sign > 0 {
-            pol.targets.insert(l);
-        } else {
-            pol.targets.remove(&l);
-        }
         let (ingress, egress) = (pol.ingress, pol.egress);
         let shape: Vec<usize> = pol.rules.iter().map(|r| r.parts.len()).collect();
         self.touch(l);
@@ -517,109 +501,5 @@ impl Compiler {
         }
         contribs.clear();
         self.scratch = contribs;
-    }
-
-    /// Starts tracking `l` in this event (before its first change).
-    fn touch(&mut self, l: u32) {
-        if self.txn.touched.contains_key(&l) {
-            return;
-        }
-        if let Some(st) = self.identities.local(l) {
-            self.txn
-                .touched
-                .insert(l, Touched::snapshot(st, self.quiet));
-        }
-    }
-
-    fn mark_cidr_dirty(&mut self, l: u32) {
-        self.touch(l);
-        if let Some(t) = self.txn.touched.get_mut(&l) {
-            t.cidr_dirty = true;
-        }
-    }
-
-    // ----- the commit -----
-
-    fn diagnose(&mut self, object: ObjKey, reason: &str) {
-        self.txn.diagnostics.push(Diagnostic {
-            object,
-            reason: reason.to_string(),
-        });
-    }
-
-    /// Recomputes the CIDR part of `l`; returns the part it replaces, whose
-    /// groups are still referenced (for the caller to release).
-    fn recompute_cidrs(&mut self, l: u32) -> CidrPart {
-        let Some(ident) = self.identities.get(l) else {
-            return CidrPart::default();
-        };
-        let Some(st) = ident.local.as_deref() else {
-            return CidrPart::default();
-        };
-        let new = cidr::compute(st, &ident.key.ports, &self.repo, &mut self.groups);
-        match self.identities.local_mut(l) {
-            Some(st) => st.replace_cidrs(new),
-            None => CidrPart {
-                groups: new.groups,
-                ..CidrPart::default()
-            },
-        }
-    }
-
-    /// Ends the event: settles the CIDR parts and reports what changed.
-    fn commit(&mut self) -> Changes {
-        // CIDR parts first: new groups are interned before old ones are
-        // released, so a set that survives keeps its group id.
-        let dirty: Vec<(u32, bool)> = self
-            .txn
-            .touched
-            .iter()
-            .filter(|(_, t)| t.cidr_dirty)
-            .map(|(&l, t)| (l, t.fresh))
-            .collect();
-        let mut old_cidrs: FxHashMap<u32, CidrPart> = FxHashMap::default();
-        let mut old_groups = Vec::new();
-        for (l, fresh) in dirty {
-            let mut old = self.recompute_cidrs(l);
-            old_groups.extend(take(&mut old.groups));
-            if !fresh {
-                old_cidrs.insert(l, old);
-            }
-        }
-        for g in old_groups {
-            self.groups.release(g);
-        }
-        let txn = take(&mut self.txn);
-        // Collected in a vector and sorted once: inserting thousands of
-        // string keys one by one into the set costs more than the event.
-        let mut endpoints: Vec<ObjectRef> = txn.replaced.into_iter().collect();
-        for (l, t) in txn.touched {
-            let Some(ident) = self.identities.get_mut(l) else {
-                continue;
-            };
-            let Some(st) = ident.local.as_deref_mut() else {
-                continue;
-            };
-            if !t.changed(st, old_cidrs.get(&l)) {
-                continue;
-            }
-            st.invalidate();
-            endpoints.extend(ident.local_pods.iter().cloned());
-        }
-        endpoints.sort_unstable();
-        endpoints.dedup();
-        let ipcache = txn
-            .ips
-            .into_iter()
-            .filter_map(|(ip, before)| {
-                let now = self.ip_identity(ip);
-                (now.map(|i| i.0) != before).then_some((ip, now))
-            })
-            .collect();
-        Changes {
-            endpoints: endpoints.into_iter().collect(),
-            ipcache,
-            diagnostics: txn.diagnostics,
-        }
     }
 }

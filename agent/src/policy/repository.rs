@@ -25,8 +25,28 @@ pub(super) struct PolicyState {
     pub egress: bool,
     pub rules: Vec<RuleState>,
     /// Local identities it selects.
-    pub targets: BTreeSet<u32>,
+    targets: BTreeSet<u32>,
     pub problems: Vec<String>,
+}
+
+impl PolicyState {
+    pub fn new(
+        object: ObjectRef,
+        target: Option<Selector>,
+        (ingress, egress): (bool, bool),
+        rules: Vec<RuleState>,
+        problems: Vec<String>,
+    ) -> Self {
+        Self {
+            object,
+            target,
+            ingress,
+            egress,
+            rules,
+            targets: BTreeSet::new(),
+            problems,
+        }
+    }
 }
 
 /// Where a `rule_id` comes from.
@@ -142,6 +162,25 @@ impl Repository {
             set.remove(&pid);
             if set.is_empty() {
                 self.by_ns.remove(ns);
+            }
+        }
+    }
+
+    /// The local identities policy `pid` selects.
+    pub fn targets(&self, pid: PolicyId) -> Vec<u32> {
+        self.policies
+            .get(&pid)
+            .map(|p| p.targets.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Notes that policy `pid` selects (or no longer selects) local identity `l`.
+    pub fn set_target(&mut self, pid: PolicyId, l: u32, selects: bool) {
+        if let Some(p) = self.policies.get_mut(&pid) {
+            if selects {
+                p.targets.insert(l);
+            } else {
+                p.targets.remove(&l);
             }
         }
     }

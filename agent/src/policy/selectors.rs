@@ -193,9 +193,7 @@ impl SelectorCache {
         );
         let members = self.evaluate(s, identities);
         for &x in &members {
-            if let Some(i) = identities.get_mut(x) {
-                i.in_selectors.push(s);
-            }
+            identities.add_selector(x, s);
         }
         self.set_members(s, members);
         s
@@ -215,9 +213,7 @@ impl SelectorCache {
             return;
         };
         for &x in &e.members {
-            if let Some(i) = identities.get_mut(x) {
-                i.in_selectors.retain(|&t| t != s);
-            }
+            identities.remove_selector(x, s);
         }
         self.by_value.remove(&e.sel);
         match &e.sel.ns {

@@ -5,12 +5,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
+    mem::take,
     net::IpAddr,
 };
 
 use rustc_hash::FxHashMap;
 
-use super::contributions::{CidrPart, LocalState, RuleKey};
+use super::{
+    Compiler, cidr,
+    contributions::{CidrPart, LocalState, RuleKey},
+};
 use crate::model::{Identity, ObjKey, ObjectRef};
 
 /// Something in the input that could not be used as written.
@@ -100,5 +104,109 @@ impl Touched {
             || self.isolation != st.isolation()
             || self.keys.iter().any(|(&k, &before)| st.value(k) != before)
             || old_cidrs.is_some_and(|old| !st.cidrs_equal(old))
+    }
+}
+
+impl Compiler {
+    /// Starts tracking `l` in this event (before its first change).
+    pub(super) fn touch(&mut self, l: u32) {
+        if self.txn.touched.contains_key(&l) {
+            return;
+        }
+        if let Some(st) = self.identities.local(l) {
+            self.txn
+                .touched
+                .insert(l, Touched::snapshot(st, self.quiet));
+        }
+    }
+
+    pub(super) fn mark_cidr_dirty(&mut self, l: u32) {
+        self.touch(l);
+        if let Some(t) = self.txn.touched.get_mut(&l) {
+            t.cidr_dirty = true;
+        }
+    }
+
+    pub(super) fn diagnose(&mut self, object: ObjKey, reason: &str) {
+        self.txn.diagnostics.push(Diagnostic {
+            object,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Recomputes the CIDR part of `l`; returns the part it replaces, whose
+    /// groups are still referenced (for the caller to release).
+    fn recompute_cidrs(&mut self, l: u32) -> CidrPart {
+        let Some(ident) = self.identities.get(l) else {
+            return CidrPart::default();
+        };
+        let Some(st) = ident.local.as_deref() else {
+            return CidrPart::default();
+        };
+        let new = cidr::compute(st, &ident.key.ports, &self.repo, &mut self.groups);
+        match self.identities.local_mut(l) {
+            Some(st) => st.replace_cidrs(new),
+            None => CidrPart {
+                groups: new.groups,
+                ..CidrPart::default()
+            },
+        }
+    }
+
+    /// Ends the event: settles the CIDR parts and reports what changed.
+    pub(super) fn commit(&mut self) -> Changes {
+        // CIDR parts first: new groups are interned before old ones are
+        // released, so a set that survives keeps its group id.
+        let dirty: Vec<(u32, bool)> = self
+            .txn
+            .touched
+            .iter()
+            .filter(|(_, t)| t.cidr_dirty)
+            .map(|(&l, t)| (l, t.fresh))
+            .collect();
+        let mut old_cidrs: FxHashMap<u32, CidrPart> = FxHashMap::default();
+        let mut old_groups = Vec::new();
+        for (l, fresh) in dirty {
+            let mut old = self.recompute_cidrs(l);
+            old_groups.extend(take(&mut old.groups));
+            if !fresh {
+                old_cidrs.insert(l, old);
+            }
+        }
+        for g in old_groups {
+            self.groups.release(g);
+        }
+        let txn = take(&mut self.txn);
+        // Collected in a vector and sorted once: inserting thousands of
+        // string keys one by one into the set costs more than the event.
+        let mut endpoints: Vec<ObjectRef> = txn.replaced.into_iter().collect();
+        for (l, t) in txn.touched {
+            let Some(ident) = self.identities.get_mut(l) else {
+                continue;
+            };
+            let Some(st) = ident.local.as_deref_mut() else {
+                continue;
+            };
+            if !t.changed(st, old_cidrs.get(&l)) {
+                continue;
+            }
+            st.invalidate();
+            endpoints.extend(ident.local_pods.iter().cloned());
+        }
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        let ipcache = txn
+            .ips
+            .into_iter()
+            .filter_map(|(ip, before)| {
+                let now = self.ip_identity(ip);
+                (now.map(|i| i.0) != before).then_some((ip, now))
+            })
+            .collect();
+        Changes {
+            endpoints: endpoints.into_iter().collect(),
+            ipcache,
+            diagnostics: txn.diagnostics,
+        }
     }
 }

@@ -1,0 +1,296 @@
+//! ipBlocks, and input that cannot be used as written.
+use super::*;
+
+// ----- ipBlock -----
+
+#[test]
+fn an_ip_block_allows_its_cidr_minus_its_excepts_for_pods_and_outside_addresses() {
+    let mut w = World::new();
+    w.apply(
+        "x",
+        "cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [{
+            "to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24"]}},
+                   {"ipBlock": {"cidr": "192.0.2.0/24"}}],
+            "ports": [{"port": 80}]}]}),
+    );
+    assert!(w.allows("x/a", "x/b", TCP, 80));
+    assert!(
+        !w.allows("x/a", "y/a", TCP, 80),
+        "10.0.2.1 is in the except"
+    );
+    assert!(!w.allows("x/a", "x/b", TCP, 81));
+    let src = w.ip("x/a");
+    let v = |dst: &str, port| w.c.verdict(src, dst.parse().unwrap(), TCP, port);
+    assert!(v("10.0.7.7", 80) && v("192.0.2.200", 80));
+    assert!(!v("10.0.2.200", 80) && !v("10.1.0.1", 80) && !v("192.0.3.1", 80));
+    let p = w.ep("x/a");
+    let groups: BTreeMap<String, u32> = p
+        .cidrs
+        .iter()
+        .map(|c| (c.net.to_string(), c.group))
+        .collect();
+    assert_eq!(groups["10.0.2.0/24"], 0, "an except is a hole");
+    let g = groups["10.0.0.0/16"];
+    assert_ne!(g & IDENTITY_CIDR_FLAG, 0);
+    assert_eq!(groups["192.0.2.0/24"], g, "same (rule, L4) set, same group");
+    assert!(p.rules.iter().any(|r| r.identity == g
+        && r.l4
+            == L4::Ports {
+                proto: TCP,
+                first: 80,
+                last: 80
+            }));
+}
+
+#[test]
+fn overlapping_ip_blocks_of_different_rules_give_each_prefix_the_rules_that_cover_it() {
+    let mut w = World::new();
+    w.apply(
+        "x",
+        "cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}], "ports": [{"port": 80}]},
+            {"to": [{"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.1.2.0/24"]}}], "ports": [{"port": 443}]},
+            {"to": [{"ipBlock": {"cidr": "10.1.2.128/25"}}], "ports": [{"port": 22}]},
+        ]}),
+    );
+    let src = w.ip("x/a");
+    let v = |dst: &str, port| w.c.verdict(src, dst.parse().unwrap(), TCP, port);
+    // 10.9.0.1: rule 0 only.
+    assert!(v("10.9.0.1", 80) && !v("10.9.0.1", 443));
+    // 10.1.0.1: rule 1 only (rule 0 excepts it).
+    assert!(!v("10.1.0.1", 80) && v("10.1.0.1", 443));
+    // 10.1.2.1: in rule 0's except and rule 1's except.
+    assert!(!v("10.1.2.1", 80) && !v("10.1.2.1", 443) && !v("10.1.2.1", 22));
+    // 10.1.2.200: rule 2 only.
+    assert!(v("10.1.2.200", 22) && !v("10.1.2.200", 443) && !v("10.1.2.200", 80));
+    let groups: BTreeSet<u32> = w
+        .ep("x/a")
+        .cidrs
+        .iter()
+        .map(|c| c.group)
+        .filter(|&g| g != 0)
+        .collect();
+    assert_eq!(groups.len(), 3, "three distinct (rule, L4) sets");
+}
+
+#[test]
+fn ip_blocks_on_ingress_match_sources_and_work_in_ipv6() {
+    let mut c = Compiler::new(Locality::All);
+    c.upsert_namespace(&namespace("x", &[]));
+    c.upsert_pod(&pod("x", "a", json!({"app": "a"}), "fd00::1:1"));
+    c.upsert_pod(&pod("x", "b", json!({"app": "b"}), "fd00::2:1"));
+    c.upsert_policy(&policy(
+        "x",
+        "v6",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "ingress": [{"from": [
+            {"ipBlock": {"cidr": "fd00::/64", "except": ["fd00::2:0/112"]}},
+            {"ipBlock": {"cidr": "2001:db8::/32"}}]}]}),
+    ));
+    let a: IpAddr = "fd00::1:1".parse().unwrap();
+    assert!(!c.would_allow(&obj("x/b"), &obj("x/a"), TCP, 80));
+    assert!(c.verdict("fd00::3:1".parse().unwrap(), a, UDP, 5));
+    assert!(c.verdict("2001:db8::9".parse().unwrap(), a, ICMP, 0));
+    assert!(!c.verdict("2001:db9::9".parse().unwrap(), a, TCP, 80));
+    assert!(!c.verdict("10.0.0.1".parse().unwrap(), a, TCP, 80));
+}
+
+#[test]
+fn cidr_group_ids_survive_an_update_that_keeps_the_same_rules() {
+    let mut w = World::new();
+    let spec = |extra: &str| {
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]},
+            {"to": [{"podSelector": {"matchLabels": {"app": extra}}}]}]})
+    };
+    w.apply("x", "p", spec("b"));
+    let before = w.ep("x/a").cidrs.clone();
+    let changes = w.apply("x", "p", spec("nobody"));
+    assert!(changes.endpoints.contains(&obj("x/a")));
+    assert_eq!(w.ep("x/a").cidrs, before);
+}
+
+// ----- invalid input -----
+
+#[test]
+fn invalid_rules_are_reported_and_deny_what_they_would_allow_while_valid_rules_still_apply() {
+    let bad_peers: Vec<(&str, Value)> = vec![
+        (
+            "unknown operator",
+            json!([{"podSelector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["b"]}]}}]),
+        ),
+        (
+            "In without values",
+            json!([{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}]),
+        ),
+        (
+            "Exists with values",
+            json!([{"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["b"]}]}}]),
+        ),
+        (
+            "bad label key",
+            json!([{"podSelector": {"matchLabels": {"-bad-": "b"}}}]),
+        ),
+        (
+            "bad label value",
+            json!([{"namespaceSelector": {"matchLabels": {"team": "b c"}}}]),
+        ),
+        ("bad CIDR", json!([{"ipBlock": {"cidr": "10.0.0.300/24"}}])),
+        (
+            "CIDR without length",
+            json!([{"ipBlock": {"cidr": "10.0.1.2"}}]),
+        ),
+        (
+            "except outside",
+            json!([{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}}]),
+        ),
+        (
+            "except equal",
+            json!([{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.0.0/16"]}}]),
+        ),
+        (
+            "except other family",
+            json!([{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["fd00::/64"]}}]),
+        ),
+        ("empty peer", json!([{}])),
+        (
+            "ipBlock with selector",
+            json!([{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]),
+        ),
+    ];
+    let bad_ports: Vec<(&str, Value)> = vec![
+        (
+            "unknown protocol",
+            json!([{"port": 80, "protocol": "ICMP"}]),
+        ),
+        (
+            "lower-case protocol",
+            json!([{"port": 80, "protocol": "tcp"}]),
+        ),
+        ("bad port name", json!([{"port": "Http_Port"}])),
+        ("numeric string", json!([{"port": "80"}])),
+        (
+            "port name too long",
+            json!([{"port": "a-very-long-port-name"}]),
+        ),
+        ("endPort below port", json!([{"port": 90, "endPort": 80}])),
+        (
+            "endPort with a name",
+            json!([{"port": "http", "endPort": 90}]),
+        ),
+        ("endPort without port", json!([{"endPort": 90}])),
+        ("port zero", json!([{"port": 0}])),
+        ("port too large", json!([{"port": 70000}])),
+    ];
+    let cases = bad_peers
+        .into_iter()
+        .map(|(what, from)| (what, json!({"from": from})))
+        .chain(bad_ports.into_iter().map(|(what, ports)| {
+            (
+                what,
+                json!({"from": [{"podSelector": {"matchLabels": {"app": "b"}}}], "ports": ports}),
+            )
+        }));
+    for (what, bad_rule) in cases {
+        let mut w = World::new();
+        let ch = w.apply(
+            "x",
+            "bad",
+            json!({"podSelector": {"matchLabels": {"app": "a"}}, "ingress": [
+                bad_rule,
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"app": "a"}}}]}
+            ]}),
+        );
+        assert!(
+            ch.diagnostics
+                .iter()
+                .any(|d| d.object == ObjKey::new(Kind::NetworkPolicy, "x", "bad")
+                    && d.reason.contains("ingress[0]")),
+            "{what}: {:?}",
+            ch.diagnostics
+        );
+        assert!(w.ep("x/a").ingress_isolated, "{what}");
+        assert!(
+            !w.allows("x/b", "x/a", TCP, 80),
+            "{what}: the bad rule allows nothing"
+        );
+        assert!(
+            w.allows("y/a", "x/a", TCP, 80),
+            "{what}: the valid rule still applies"
+        );
+        assert_eq!(w.c.diagnostics().len(), ch.diagnostics.len(), "{what}");
+    }
+}
+
+#[test]
+fn an_invalid_pod_selector_isolates_the_whole_namespace_and_allows_nothing() {
+    let mut w = World::new();
+    let ch = w.apply(
+        "x",
+        "bad-target",
+        json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "Maybe"}]},
+               "ingress": [{}], "policyTypes": ["Ingress"]}),
+    );
+    assert_eq!(ch.diagnostics.len(), 1);
+    assert!(ch.diagnostics[0].reason.contains("spec.podSelector"));
+    assert_eq!(
+        w.allowed(TCP, 80),
+        minus(&minus(&all_pairs(), &into("x/a")), &into("x/b"))
+    );
+}
+
+#[test]
+fn an_unknown_policy_type_isolates_both_directions() {
+    let mut w = World::new();
+    let ch = w.apply(
+        "x",
+        "typo",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egres"]}),
+    );
+    assert_eq!(ch.diagnostics.len(), 1);
+    let p = w.ep("x/a");
+    assert!(p.ingress_isolated && p.egress_isolated);
+}
+
+#[test]
+fn an_egress_named_port_towards_an_ip_block_allows_nothing_there_and_says_so() {
+    let mut w = World::new();
+    let ch = w.apply(
+        "x",
+        "named-cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": "http"}, {"port": 53, "protocol": "UDP"}]}]}),
+    );
+    assert_eq!(ch.diagnostics.len(), 1);
+    assert!(!w.allows("x/a", "x/b", TCP, 80));
+    assert!(w.allows("x/a", "x/b", UDP, 53));
+}
+
+#[test]
+fn pods_with_bad_addresses_or_ports_are_reported_and_the_rest_is_used() {
+    let mut c = Compiler::new(Locality::All);
+    let mut p = pod_with(
+        "x",
+        "a",
+        json!({}),
+        "10.0.0.1",
+        &[("http", "QUIC", 80), ("ok", "TCP", 81)],
+    );
+    if let Some(s) = p.status.as_mut() {
+        s.pod_ips = Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "10.0.0.1".into(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "not-an-ip".into(),
+            },
+        ]);
+    }
+    let ch = c.upsert_pod(&p);
+    assert_eq!(ch.diagnostics.len(), 2, "{:?}", ch.diagnostics);
+    assert_eq!(
+        c.addresses_of(&obj("x/a")),
+        Some(&["10.0.0.1".parse().unwrap()][..])
+    );
+}

@@ -396,7 +396,6 @@ impl Pair {
         let node = self.node.as_ref().context("not a Sluice node")?;
         Ok(node
             .maps()?
-            .ipcache
             .ipcache_get(ip)
             .context("address not in the ipcache")?
             .identity)

@@ -5,7 +5,13 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 
-use crate::datapath::{AttachMode, Sizes};
+use crate::{
+    cluster::Cluster,
+    datapath::{AttachMode, Datapath, DropEvents, Sizes},
+    endpoints::{Endpoints, Registry},
+    metrics::Metrics,
+    reconcile::State,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Sluice node agent")]
@@ -112,6 +118,41 @@ impl Args {
             return Ok(None);
         };
         Ok(Some(kube::Client::try_from(config)?))
+    }
+
+    /// Takes over the node: loads the data path (reusing its pins),
+    /// attaches `to_host`, re-attaches the registered endpoints and marks
+    /// the node's own addresses.
+    pub fn take_over(
+        &self,
+        metrics: &Metrics,
+        cluster: Option<Cluster>,
+    ) -> anyhow::Result<(State, DropEvents)> {
+        crate::ensure_bpffs(&self.bpffs)?;
+        let (mut dp, drops) = Datapath::load(&self.bpffs, &self.sizes(), self.tc_attach)
+            .context("loading the data path")?;
+        match self.host_cgroup()? {
+            Some(cgroup) => {
+                dp.programs
+                    .attach_host(&cgroup)
+                    .with_context(|| format!("attaching to_host to {}", cgroup.display()))?;
+                tracing::info!(cgroup = %cgroup.display(), "to_host attached");
+            }
+            None => tracing::warn!(
+                "--host-cgroup none: Service traffic to host-network backends is not judged"
+            ),
+        }
+        let registry = Registry::open(&self.state_dir).context("opening the endpoint registry")?;
+        let endpoints = Endpoints::start(
+            &mut dp,
+            registry,
+            self.max_entries_per_endpoint,
+            metrics.clone(),
+        )
+        .context("taking over the node's endpoints")?;
+        let mut state = State::new(dp, endpoints, cluster);
+        state.program_host_addresses()?;
+        Ok((state, drops))
     }
 
     /// --node-name, else $NODE_NAME, else the host name.

@@ -46,6 +46,18 @@ impl DropRecord {
         }
     }
 
+    /// Prints the record as one JSON line on stdout. A closed stdout must
+    /// not stop enforcement (the counters still count): it is only logged.
+    pub fn print(&self) {
+        use std::io::Write as _;
+        if let Ok(line) = serde_json::to_string(self) {
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                tracing::debug!("stdout closed; drop event not printed");
+            }
+        }
+    }
+
     /// Does this record pass `f`? Every field set in `f` must match.
     pub fn matches(&self, f: &sluice_proto::ObserveFilter) -> bool {
         let ends = [

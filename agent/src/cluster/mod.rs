@@ -393,43 +393,37 @@ impl Cluster {
     fn resync(&mut self, kind: Kind, objects: &[Object]) -> Changes {
         match kind {
             Kind::Namespace => {
-                let list: Vec<Namespace> = objects
-                    .iter()
-                    .filter_map(|o| match o {
-                        Object::Namespace(n) => Some((**n).clone()),
-                        _ => None,
-                    })
-                    .collect();
-                self.compiler.resync(Resync {
+                let list: Vec<Namespace> = listed(objects, |o| match o {
+                    Object::Namespace(n) => Some((**n).clone()),
+                    _ => None,
+                });
+                let r = Resync {
                     namespaces: Some(&list),
                     ..Resync::default()
-                })
+                };
+                self.compiler.resync(r)
             }
             Kind::Pod => {
-                let list: Vec<Pod> = objects
-                    .iter()
-                    .filter_map(|o| match o {
-                        Object::Pod(p) => Some(self.with_cni_ips(p)),
-                        _ => None,
-                    })
-                    .collect();
-                self.compiler.resync(Resync {
+                let list: Vec<Pod> = listed(objects, |o| match o {
+                    Object::Pod(p) => Some(self.with_cni_ips(p)),
+                    _ => None,
+                });
+                let r = Resync {
                     pods: Some(&list),
                     ..Resync::default()
-                })
+                };
+                self.compiler.resync(r)
             }
             Kind::NetworkPolicy => {
-                let list: Vec<NetworkPolicy> = objects
-                    .iter()
-                    .filter_map(|o| match o {
-                        Object::NetworkPolicy(p) => Some((**p).clone()),
-                        _ => None,
-                    })
-                    .collect();
-                self.compiler.resync(Resync {
+                let list: Vec<NetworkPolicy> = listed(objects, |o| match o {
+                    Object::NetworkPolicy(p) => Some((**p).clone()),
+                    _ => None,
+                });
+                let r = Resync {
                     policies: Some(&list),
                     ..Resync::default()
-                })
+                };
+                self.compiler.resync(r)
             }
             Kind::Node => {
                 self.peers.clear();
@@ -452,6 +446,11 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The objects of a list that `pick` takes.
+fn listed<T>(objects: &[Object], pick: impl Fn(&Object) -> Option<T>) -> Vec<T> {
+    objects.iter().filter_map(pick).collect()
 }
 
 /// The reference of a known object, for an Event.

@@ -248,7 +248,7 @@ impl Datapath {
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .load(sluice_agent::datapath::EBPF_OBJECT)
+            .load(sluice_agent::datapath::EBPF_BENCH_OBJECT)
             .context("loading the eBPF object")?;
         for name in BREAKDOWN.map(|(name, _)| name) {
             let prog: &mut SchedClassifier = ebpf

@@ -172,7 +172,7 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader
-            .load(sluice_agent::datapath::EBPF_OBJECT)
+            .load(sluice_agent::datapath::EBPF_BENCH_OBJECT)
             .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
         for name in [programs::FROM_POD, programs::TO_POD, "noop"] {
             let prog: &mut SchedClassifier = ebpf

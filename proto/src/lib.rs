@@ -48,9 +48,11 @@ pub enum Request {
     /// Forget every endpoint not in `valid`.
     Gc { valid: Vec<Attachment> },
     /// Replace the policy of an endpoint (the agent's `EndpointPolicy` as
-    /// JSON). Used by tests and the demo until the NetworkPolicy compiler
-    /// writes policy itself; a policy that does not parse is rejected with
-    /// code 7 and changes nothing.
+    /// JSON): how a standalone agent (no API server) gets policy, used by
+    /// tests, the demo and the benches. In cluster mode the NetworkPolicy
+    /// compiler writes every endpoint's policy and its next change to that
+    /// endpoint replaces what this wrote. A policy that does not parse is
+    /// rejected with code 7 and changes nothing.
     SetPolicy {
         attachment: Attachment,
         policy: serde_json::Value,

@@ -248,13 +248,13 @@ fn without_a_known_command_the_binary_prints_usage_and_exits_2() -> Result<()> {
     ] {
         let out = run(args)?;
         ensure!(
-            out.code == 2 && out.stdout.is_empty() && out.stderr.contains("usage: sluice"),
+            out.code == 2 && out.stdout.is_empty() && out.stderr.contains("Usage: sluice"),
             "{args:?}: {out}"
         );
     }
     let out = run(&["--help"])?;
     ensure!(
-        out.code == 0 && out.stdout.contains("usage: sluice"),
+        out.code == 0 && out.stdout.contains("Usage: sluice"),
         "{out}"
     );
     // With CNI_COMMAND set the binary is the plugin, arguments or not.

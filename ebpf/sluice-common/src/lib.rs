@@ -81,8 +81,11 @@ pub const EP_HAS_IPV6: u32 = 1 << 4;
 /// port prefix length exist.
 pub const PLEN_ANY_PROTO_BIT: u32 = 17;
 
-/// One pod interface, keyed by the ifindex of the host end of its veth
-/// (which is also its endpoint id: the program reads it from the skb).
+/// One pod interface, keyed by the ifindex of the host end of its veth (the
+/// program reads it from the skb). `ep_id` is not the ifindex: the agent
+/// allocates it from a counter it persists, so an id is never reused, and it
+/// keys the endpoint in the other maps; `EP_BY_ID` maps it back to the
+/// ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {

@@ -119,11 +119,7 @@ fn programmed_service_ips(node: &Node) -> Result<BTreeSet<IpAddr>> {
     let maps = node.maps()?;
     let mut out = BTreeSet::new();
     for k in maps.services.keys() {
-        let a = std::net::Ipv6Addr::from(k?.addr);
-        out.insert(match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(a),
-        });
+        out.insert(sluice_common::addr::unmapped_addr(k?.addr));
     }
     Ok(out)
 }

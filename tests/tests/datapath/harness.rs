@@ -2,6 +2,10 @@
 //! into them. BPF_PROG_TEST_RUN without a context runs the skb on the
 //! loopback device of the calling thread's netns, ifindex 1: the endpoint
 //! under test is ENDPOINTS[1] in a namespace that nothing else uses.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns (clippy.toml covers only those): a panic is the failure report"
+)]
 use std::{
     ffi::CString,
     fs::File,

@@ -46,7 +46,8 @@ fn main() -> anyhow::Result<()> {
     // twice. aya-build names the object after the bin target, hence the
     // rename between the two.
     build(&["bench"])?;
-    if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    if std::env::var_os("AYA_BUILD_SKIP")
+        .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
     {
         return Ok(());
     }

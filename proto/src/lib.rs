@@ -156,12 +156,10 @@ mod tests {
                 ifname: "eth0".into(),
             },
         };
-        let line = req.to_line().unwrap_or_default();
+        let line = req.to_line().unwrap();
         assert!(line.ends_with('\n'));
         assert!(line.contains(r#""op":"del_endpoint""#));
-        let back: Request = serde_json::from_str(line.trim_end())
-            .ok()
-            .unwrap_or(Request::Status);
+        let back: Request = serde_json::from_str(line.trim_end()).unwrap();
         assert_eq!(back, req);
     }
 }

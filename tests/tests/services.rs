@@ -409,7 +409,7 @@ fn egress_through_a_cluster_ip_to_a_host_network_backend_is_judged_as_egress_to_
     )?;
     node.start_agent()?;
     let a = Pod::add_as(&node, &config, Some(("x", "a")))?;
-    let addr = |cidr: &str| cidr.split('/').next().unwrap_or_default().parse::<IpAddr>();
+    let addr = |cidr: &str| cidr.split('/').next().unwrap().parse::<IpAddr>();
     let (node4, node6) = (
         addr(sluice_tests::NODE_IPV4)?,
         addr(sluice_tests::NODE_IPV6)?,

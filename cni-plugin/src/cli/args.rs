@@ -148,7 +148,11 @@ fn usage(msg: impl Into<String>) -> UsageError {
 /// `Error::print`. Every usage error names the subcommand's usage.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
     let args: Vec<OsString> = args.into_iter().collect();
-    let verb = args.first().and_then(|a| a.to_str()).unwrap_or_default().to_owned();
+    let verb = args
+        .first()
+        .and_then(|a| a.to_str())
+        .unwrap_or_default()
+        .to_owned();
     let cli = Cli::try_parse_from(std::iter::once(OsString::from("sluice")).chain(args))
         .map_err(|e| with_usage(e, &verb))?;
     if let Command::Wait(w) = &cli.command
@@ -346,7 +350,10 @@ mod tests {
             want
         );
         assert_eq!(command(&["status", "-ojson", "--socket=/tmp/a.sock"]), want);
-        assert_eq!(command(&["status", "-o=json", "--socket=/tmp/a.sock"]), want);
+        assert_eq!(
+            command(&["status", "-o=json", "--socket=/tmp/a.sock"]),
+            want
+        );
         assert_eq!(
             command(&["status", "--output=json", "--socket=/tmp/a.sock"]),
             want
@@ -446,7 +453,8 @@ mod tests {
             }
         );
         assert_eq!((got.format, got.socket), (Format::Json, default_socket()));
-        let Command::Observe(got) = command(&["observe", "-n", "y", "--direction", "EGRESS"]) else {
+        let Command::Observe(got) = command(&["observe", "-n", "y", "--direction", "EGRESS"])
+        else {
             panic!("not observe");
         };
         assert_eq!(

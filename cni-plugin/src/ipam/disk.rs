@@ -185,11 +185,7 @@ mod tests {
 
         let second =
             DiskStore::open(&tmp.0, "net").and_then(|mut s| allocate(&mut s, &ranges(), &att("b")));
-        let got: Vec<String> = second
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let got: Vec<String> = second.unwrap().iter().map(ToString::to_string).collect();
         assert_eq!(got, ["10.1.0.2", "fd00::2"]);
 
         let released =

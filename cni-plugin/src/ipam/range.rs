@@ -277,10 +277,7 @@ mod tests {
         let s = set(&["10.0.0.0/30"]);
         assert!(s.contains("10.0.0.1".parse().unwrap()));
         for no in ["10.0.0.0", "10.0.0.3", "10.0.1.1", "::a00:1"] {
-            assert!(
-                !s.contains(no.parse().unwrap()),
-                "{no}"
-            );
+            assert!(!s.contains(no.parse().unwrap()), "{no}");
         }
     }
 }

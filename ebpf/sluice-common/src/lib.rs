@@ -550,7 +550,13 @@ mod std_tests {
 
     #[test]
     fn prefixes_round_trip_and_odd_lengths_become_host_prefixes() {
-        for p in ["10.1.0.0/16", "0.0.0.0/0", "fd00::/64", "::/0", "10.0.0.1/32"] {
+        for p in [
+            "10.1.0.0/16",
+            "0.0.0.0/0",
+            "fd00::/64",
+            "::/0",
+            "10.0.0.1/32",
+        ] {
             let (a, plen) = addr::mapped(net(p));
             assert_eq!(addr::unmapped(a, plen), net(p), "{p}");
         }
@@ -571,6 +577,9 @@ mod std_tests {
             Some(None)
         );
         let denied = not_found_ok::<()>(Err(Error::from(ErrorKind::PermissionDenied)));
-        assert_eq!(denied.map_err(|e| e.kind()), Err(ErrorKind::PermissionDenied));
+        assert_eq!(
+            denied.map_err(|e| e.kind()),
+            Err(ErrorKind::PermissionDenied)
+        );
     }
 }

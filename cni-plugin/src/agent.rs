@@ -177,19 +177,16 @@ mod tests {
     fn a_hung_agent_with_a_full_backlog_times_out() {
         let path = sock_path("hung");
         let _gone = std::fs::remove_file(&path);
-        let Ok(fd) = socket(
+        let fd = socket(
             AddressFamily::Unix,
             SockType::Stream,
             SockFlag::empty(),
             None,
-        ) else {
-            panic!("socket");
-        };
-        let Ok(addr) = UnixAddr::new(path.as_path()) else {
-            panic!("addr");
-        };
-        assert!(bind(fd.as_raw_fd(), &addr).is_ok());
-        assert!(listen(&fd, Backlog::new(0).unwrap_or(Backlog::MAXCONN)).is_ok());
+        )
+        .unwrap();
+        let addr = UnixAddr::new(path.as_path()).unwrap();
+        bind(fd.as_raw_fd(), &addr).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
         // Fill the backlog; nobody ever accepts.
         let mut held = Vec::new();
         while let Ok(s) = Agent::new(&path, Duration::from_millis(50))
@@ -212,9 +209,7 @@ mod tests {
     fn an_agent_that_accepts_and_never_answers_times_out() {
         let path = sock_path("silent");
         let _gone = std::fs::remove_file(&path);
-        let Ok(listener) = UnixListener::bind(&path) else {
-            panic!("bind");
-        };
+        let listener = UnixListener::bind(&path).unwrap();
         let hold = std::thread::spawn(move || {
             listener.accept().map(|(c, _)| {
                 std::thread::sleep(Duration::from_millis(500));
@@ -234,9 +229,7 @@ mod tests {
     fn a_stream_reads_every_line_until_the_agent_closes() {
         let path = sock_path("stream");
         let _gone = std::fs::remove_file(&path);
-        let Ok(listener) = UnixListener::bind(&path) else {
-            panic!("bind");
-        };
+        let listener = UnixListener::bind(&path).unwrap();
         let agent = std::thread::spawn(move || -> io::Result<String> {
             let (c, _) = listener.accept()?;
             let mut req = String::new();
@@ -247,18 +240,16 @@ mod tests {
             Ok(req)
         });
         let a = Agent::new(&path, Duration::from_millis(100));
-        let lines: Vec<String> = match a.stream(&Request::Observe {
-            filter: sluice_proto::ObserveFilter::default(),
-        }) {
-            Ok(r) => r.lines().map_while(io::Result::ok).collect(),
-            Err(e) => panic!("{e}"),
-        };
+        let lines: Vec<String> = a
+            .stream(&Request::Observe {
+                filter: sluice_proto::ObserveFilter::default(),
+            })
+            .unwrap()
+            .lines()
+            .map_while(io::Result::ok)
+            .collect();
         assert_eq!(lines, [r#"{"n":1}"#, r#"{"n":2}"#]);
-        let req = agent
-            .join()
-            .ok()
-            .and_then(io::Result::ok)
-            .unwrap_or_default();
+        let req = agent.join().expect("the agent thread panicked").unwrap();
         assert!(req.contains(r#""op":"observe""#), "{req}");
         let _gone = std::fs::remove_file(&path);
     }

@@ -394,15 +394,15 @@ mod tests {
         ] {
             assert_eq!(node(bad).err().map(|e| e.code()), Some(7), "{bad:?}");
         }
-        let e = node(&[]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = node(&[]).unwrap_err().to_string();
         assert!(
             e.contains("no ranges configured and the agent knows no podCIDRs"),
             "{e}"
         );
         let e = node_ranges(Ok(Response::error(50, "not in cluster mode", "no Node")));
-        let e = e.err();
-        assert_eq!(e.as_ref().map(Error::code), Some(7));
-        let msg = e.map(|e| e.to_string()).unwrap_or_default();
+        let e = e.unwrap_err();
+        assert_eq!(e.code(), 7);
+        let msg = e.to_string();
         assert!(
             msg.contains("knows no podCIDRs") && msg.contains("not in cluster mode"),
             "{msg}"

@@ -248,12 +248,12 @@ mod tests {
             },
             netns: "/run/netns/p".into(),
             ipv4: v4.then(|| Ipv4Addr::new(10, 244, 1, 5)),
-            ipv6: v6.then(|| "fd00::5".parse().unwrap_or(Ipv6Addr::LOCALHOST)),
+            ipv6: v6.then(|| "fd00::5".parse().unwrap()),
         }
     }
 
     fn json_of(r: &CniResult) -> Value {
-        serde_json::to_value(r).unwrap_or(Value::Null)
+        serde_json::to_value(r).unwrap()
     }
 
     #[test]
@@ -307,7 +307,7 @@ mod tests {
             "dns": {"nameservers": ["10.96.0.10"]},
             "custom": true
         }))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let r = json_of(&build(Version::V0_4_0, Some(prev), &attached(true, false)));
         assert_eq!(
             r["interfaces"][0],
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn the_pod_interface_is_found_by_name_and_sandbox() {
         let r = build(Version::V1_1_0, None, &attached(true, true));
-        let (i, _) = r.pod_interface("eth0").unwrap_or((99, &r.interfaces[0]));
+        let (i, _) = r.pod_interface("eth0").unwrap();
         assert_eq!(i, 1);
         assert_eq!(r.ips_of(i).count(), 2);
         assert!(r.pod_interface("sl0123456789ab").is_none());

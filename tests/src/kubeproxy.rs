@@ -394,7 +394,7 @@ mod tests {
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+        s.parse().expect(s)
     }
 
     #[test]
@@ -426,10 +426,10 @@ mod tests {
         assert!(r.contains("ip saddr 10.1.0.6 jump mark-for-masquerade"));
         assert!(r.contains("add element ip kube-proxy cluster-ips { 10.96.0.10 }"));
         // Every chain is added before a rule refers to it.
-        let first_use = r.find(&format!("goto {svc}")).unwrap_or(0);
+        let first_use = r.find(&format!("goto {svc}")).expect("the chain is used");
         let defined = r
             .find(&format!("add chain ip kube-proxy {svc}"))
-            .unwrap_or(usize::MAX);
+            .expect("the chain is added");
         assert!(defined < first_use);
     }
 

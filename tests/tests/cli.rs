@@ -4,6 +4,10 @@
 //!
 //! Run: `cargo build --bins && cargo test -p sluice-tests --test cli`
 //! (SLUICE_BIN_DIR overrides where the `sluice` binary is taken from).
+#![expect(
+    clippy::expect_used,
+    reason = "the fake agent (outside #[test] fns, which clippy.toml covers): a panic is the failure report"
+)]
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -123,14 +127,14 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>) {
         let Ok(mut s) = state.lock() else { return };
         s.requests.push(req.clone());
         match req {
-            Request::Status => vec![s.status.to_line().unwrap_or_default()],
+            Request::Status => vec![s.status.to_line().expect("a response serializes")],
             Request::Programmed => vec![
                 Response::Programmed {
                     synced: s.synced,
                     objects: s.objects.clone(),
                 }
                 .to_line()
-                .unwrap_or_default(),
+                .expect("a response serializes"),
             ],
             Request::Observe { filter } if filter == s.expected_filter => {
                 s.records.iter().map(|r| format!("{r}\n")).collect()
@@ -138,9 +142,9 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>) {
             Request::Observe { filter } => vec![
                 Response::error(7, "unexpected filter", format!("{filter:?}"))
                     .to_line()
-                    .unwrap_or_default(),
+                    .expect("a response serializes"),
             ],
-            _ => vec![Response::Ok.to_line().unwrap_or_default()],
+            _ => vec![Response::Ok.to_line().expect("a response serializes")],
         }
     };
     let mut out = conn;
@@ -248,13 +252,13 @@ fn without_a_known_command_the_binary_prints_usage_and_exits_2() -> Result<()> {
     ] {
         let out = run(args)?;
         ensure!(
-            out.code == 2 && out.stdout.is_empty() && out.stderr.contains("usage: sluice"),
+            out.code == 2 && out.stdout.is_empty() && out.stderr.contains("Usage: sluice"),
             "{args:?}: {out}"
         );
     }
     let out = run(&["--help"])?;
     ensure!(
-        out.code == 0 && out.stdout.contains("usage: sluice"),
+        out.code == 0 && out.stdout.contains("Usage: sluice"),
         "{out}"
     );
     // With CNI_COMMAND set the binary is the plugin, arguments or not.
@@ -509,7 +513,7 @@ fn observe_sends_the_filter_and_prints_each_streamed_record() -> Result<()> {
             == Some("DROPPED ingress 192.0.2.7 -> 10.244.1.9(x/web) UDP 5353->53 no-policy-match"),
         "{out}"
     );
-    let time = lines[0].split(' ').next().unwrap_or("");
+    let time = lines[0].split(' ').next().unwrap();
     ensure!(
         time.len() == 12 && time.as_bytes()[2] == b':' && time.as_bytes()[8] == b'.',
         "time {time:?}"

@@ -191,7 +191,7 @@ fn a_policy_the_agent_cannot_use_denies_and_is_reported_as_a_warning_event() -> 
     assert_eq!(e["reportingInstance"], NODE);
     assert_eq!(e["regarding"]["kind"], "NetworkPolicy");
     assert_eq!(e["regarding"]["uid"], uid);
-    let note = e["note"].as_str().unwrap_or_default();
+    let note = e["note"].as_str().expect("an Event has a note");
     assert!(note.contains("Bogus"), "{note}");
     Ok(())
 }
@@ -238,7 +238,10 @@ fn add_for_a_pod_the_api_server_does_not_have_fails_with_11_and_leaves_nothing()
     assert_ne!(out.code, 0);
     assert_eq!(err["code"], json!(11), "{err}");
     assert!(
-        err["msg"].as_str().unwrap_or_default().contains("y/ghost"),
+        err["msg"]
+            .as_str()
+            .expect("an error object has a msg")
+            .contains("y/ghost"),
         "{err}"
     );
     assert_eq!(err["details"], json!("pods \"ghost\" not found (NotFound)"));

@@ -11,6 +11,10 @@
 //!
 //! Run: `cargo build --bins && cargo test -p sluice-tests --test cni`
 //! (root; SLUICE_BIN_DIR overrides where the `sluice` binary is taken from).
+#![expect(
+    clippy::expect_used,
+    reason = "the fake agent (outside #[test] fns, which clippy.toml covers): a panic is the failure report"
+)]
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
@@ -116,15 +120,17 @@ impl FakeAgent {
     fn requests(&self) -> Vec<Request> {
         self.state
             .lock()
-            .map(|s| s.requests.clone())
-            .unwrap_or_default()
+            .expect("a fake agent handler panicked")
+            .requests
+            .clone()
     }
 
     fn endpoints(&self) -> HashMap<Attachment, EndpointSpec> {
         self.state
             .lock()
-            .map(|s| s.endpoints.clone())
-            .unwrap_or_default()
+            .expect("a fake agent handler panicked")
+            .endpoints
+            .clone()
     }
 }
 
@@ -161,7 +167,7 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
             (_, Request::AddEndpoint { endpoint }) => {
                 s.endpoints.insert(endpoint.attachment.clone(), endpoint);
                 Some(Response::Endpoint {
-                    ep_id: u32::try_from(s.endpoints.len()).unwrap_or(0),
+                    ep_id: u32::try_from(s.endpoints.len()).expect("a few endpoints"),
                 })
             }
             (_, Request::DelEndpoint { attachment }) => {
@@ -963,7 +969,13 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
         ("CNI_ARGS", Some("K8S_POD_NAME")),
     ] {
         let e = run(&env_with(k, v), &good_s)?.expect_error(4)?;
-        ensure!(e["msg"].as_str().unwrap_or("").contains(k), "{k}: {e}");
+        ensure!(
+            e["msg"]
+                .as_str()
+                .expect("an error object has a msg")
+                .contains(k),
+            "{k}: {e}"
+        );
     }
     // No CNI_COMMAND at all is a user at a shell: usage, exit 2.
     let out = run(&env_with("CNI_COMMAND", None), &good_s)?;
@@ -1102,7 +1114,13 @@ fn status_is_silent_when_the_agent_is_ready_and_50_otherwise() -> Result<()> {
     ensure!(w.agent.requests() == [Request::Status]);
     w.agent.set_mode(Mode::NotReady);
     let e = status(&w.config())?.expect_error(50)?;
-    ensure!(e["msg"].as_str().unwrap_or("").contains("not ready"), "{e}");
+    ensure!(
+        e["msg"]
+            .as_str()
+            .expect("an error object has a msg")
+            .contains("not ready"),
+        "{e}"
+    );
     let mut away = w.config();
     away["agentSocket"] = json!(w.data.0.join("nobody-listens.sock"));
     w.agent.set_mode(Mode::Ready);
@@ -1129,7 +1147,7 @@ fn check_reports_drift_agent_errors_and_gone_containers() -> Result<()> {
     ensure!(
         e["msg"]
             .as_str()
-            .unwrap_or("")
+            .expect("an error object has a msg")
             .contains("programs detached"),
         "{e}"
     );
@@ -1139,7 +1157,13 @@ fn check_reports_drift_agent_errors_and_gone_containers() -> Result<()> {
     // Someone deleted the pod's default route.
     pod.ns.ip(&["-4", "route", "del", "default"])?;
     let e = check(&checked)?.expect_error(101)?;
-    ensure!(e["msg"].as_str().unwrap_or("").contains("0.0.0.0/0"), "{e}");
+    ensure!(
+        e["msg"]
+            .as_str()
+            .expect("an error object has a msg")
+            .contains("0.0.0.0/0"),
+        "{e}"
+    );
     pod.ns.ip(&[
         "-4",
         "route",
@@ -1180,7 +1204,10 @@ fn add_refuses_an_interface_name_already_taken_in_the_pod_and_rolls_back() -> Re
     let out = w.verb("ADD", &pod.id, &pod.path(), &w.config())?;
     ensure!(out.code != 0, "ADD over an existing eth0 succeeded");
     ensure!(
-        out.json()?["msg"].as_str().unwrap_or("").contains("eth0"),
+        out.json()?["msg"]
+            .as_str()
+            .expect("an error object has a msg")
+            .contains("eth0"),
         "{}",
         out.stdout
     );
@@ -1430,7 +1457,10 @@ fn without_ranges_and_without_usable_pod_cidrs_add_fails_7_or_11_and_leaves_noth
             .expect_error(c.code)
             .with_context(|| what.to_string())?;
         ensure!(
-            e["msg"].as_str().unwrap_or("").contains(c.msg),
+            e["msg"]
+                .as_str()
+                .expect("an error object has a msg")
+                .contains(c.msg),
             "{what}: {e}"
         );
         let asked = w.agent.requests().split_off(before);

@@ -1,7 +1,6 @@
 //! The TC programs on crafted packets, through BPF_PROG_TEST_RUN. Each test
 //! gets its own network namespace and bpffs (see `datapath/harness.rs`);
 //! run as root: `cargo test -p sluice-tests --test datapath`.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 #[path = "datapath/harness.rs"]
 mod harness;

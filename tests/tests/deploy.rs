@@ -2,7 +2,11 @@
 //! rules cover every kind the agent watches and the Events it posts, the
 //! agent learns its node name, and the shipped conflist is one the plugin
 //! accepts (ranges from the Node's podCIDRs). No kernel, no cluster.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns (clippy.toml covers only those): a panic is the failure report"
+)]
 
 use serde::Deserialize as _;
 use serde_json::Value;

@@ -27,7 +27,7 @@ fn node_with_agent() -> Result<(Node, String)> {
     let mut node = Node::new()?;
     node.start_agent()?;
     let n = sluice_tests::unique("").replace('-', "");
-    let n: u32 = n.parse().unwrap_or(0) % 200;
+    let n: u32 = n.parse::<u32>().context("unique() is digits and dashes")? % 200;
     let config = conflist_config(
         &node,
         Some(&format!("10.{}.0.0/24", 100 + n % 50)),
@@ -59,7 +59,7 @@ fn allow_tcp_from(identity: u32, port: u16) -> serde_json::Value {
 }
 
 fn node_ip(s: &str) -> Result<IpAddr> {
-    Ok(s.split('/').next().unwrap_or_default().parse()?)
+    Ok(s.split('/').next().context("an empty address")?.parse()?)
 }
 
 #[test]

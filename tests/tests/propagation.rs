@@ -92,7 +92,7 @@ fn each_of_a_hundred_policy_changes_is_in_force_once_programmed_and_a_long_lived
         latencies.len(),
         pct(50),
         pct(99),
-        latencies.last().copied().unwrap_or_default(),
+        latencies.last().copied().expect("at least one change"),
         rounds.load(Ordering::Relaxed),
         failures.load(Ordering::Relaxed)
     );

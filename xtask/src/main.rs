@@ -4,15 +4,10 @@
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_tests::{cases::Family, conformance as c};
 
-mod bench_cni;
-mod bench_compiler;
-mod bench_datapath;
-mod bench_propagation;
-mod bench_rules;
-mod bench_throughput;
-mod bench_util;
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -41,12 +36,12 @@ enum Cmd {
         /// A directory of cases (repeatable); default: the repo's upstream cases.
         #[arg(long = "cases")]
         cases: Vec<std::path::PathBuf>,
-        /// ipv4, ipv6 or all.
-        #[arg(long, default_value = "all")]
-        family: String,
-        /// service, pod or all.
-        #[arg(long, default_value = "all")]
-        target: String,
+        /// The address families to run the cases in.
+        #[arg(long, value_enum, default_value_t = FamilyArg::All)]
+        family: FamilyArg,
+        /// Probe pods directly, through Services, or both.
+        #[arg(long, value_enum, default_value_t = TargetArg::All)]
+        target: TargetArg,
         /// 1 or 2.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
@@ -62,11 +57,44 @@ enum Cmd {
     },
     /// Benchmarks: compiler, datapath, throughput, rules, cni, propagation
     /// (docs/performance.md).
-    Bench {
-        what: String,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+/// The address families of the conformance cases.
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    Ipv4,
+    Ipv6,
+    All,
+}
+
+impl FamilyArg {
+    fn families(self) -> Vec<Family> {
+        match self {
+            FamilyArg::Ipv4 => vec![Family::Ipv4],
+            FamilyArg::Ipv6 => vec![Family::Ipv6],
+            FamilyArg::All => vec![Family::Ipv4, Family::Ipv6],
+        }
+    }
+}
+
+/// What the conformance probes connect to.
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    Pod,
+    Service,
+    All,
+}
+
+impl TargetArg {
+    fn targets(self) -> Vec<c::ProbeTarget> {
+        match self {
+            TargetArg::Pod => vec![c::ProbeTarget::Pod],
+            TargetArg::Service => vec![c::ProbeTarget::Service],
+            TargetArg::All => vec![c::ProbeTarget::Pod, c::ProbeTarget::Service],
+        }
+    }
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -89,14 +117,13 @@ fn require_root(what: &str) -> Result<()> {
 
 fn conformance(
     cases: Vec<std::path::PathBuf>,
-    family: &str,
-    target: &str,
+    family: FamilyArg,
+    target: TargetArg,
     nodes: usize,
     filter: Option<String>,
     json: Option<std::path::PathBuf>,
     eventual: bool,
 ) -> Result<Vec<sluice_tests::conformance::Outcome>> {
-    use sluice_tests::{cases::Family, conformance as c};
     let mut opts = c::Options {
         nodes,
         filter,
@@ -107,18 +134,8 @@ fn conformance(
     if !cases.is_empty() {
         opts.case_dirs = cases;
     }
-    opts.families = match family {
-        "ipv4" => vec![Family::Ipv4],
-        "ipv6" => vec![Family::Ipv6],
-        "all" => vec![Family::Ipv4, Family::Ipv6],
-        other => bail!("--family {other}: ipv4, ipv6 or all"),
-    };
-    opts.targets = match target {
-        "pod" => vec![c::ProbeTarget::Pod],
-        "service" => vec![c::ProbeTarget::Service],
-        "all" => vec![c::ProbeTarget::Pod, c::ProbeTarget::Service],
-        other => bail!("--target {other}: service, pod or all"),
-    };
+    opts.families = family.families();
+    opts.targets = target.targets();
     let outcomes = c::run(&opts)?;
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_vec_pretty(&outcomes)?)?;
@@ -148,8 +165,8 @@ fn main() -> Result<()> {
             for nodes in [1, 2] {
                 all.extend(conformance(
                     Vec::new(),
-                    "all",
-                    "all",
+                    FamilyArg::All,
+                    TargetArg::All,
                     nodes,
                     None,
                     None,
@@ -179,34 +196,12 @@ fn main() -> Result<()> {
         } => {
             require_root("the conformance suite")?;
             cargo(&["build", "--bins"])?;
-            let outcomes = conformance(cases, &family, &target, nodes, filter, json, eventual)?;
+            let outcomes = conformance(cases, family, target, nodes, filter, json, eventual)?;
             if outcomes.iter().any(|o| o.result == "FAIL") {
                 bail!("conformance failures");
             }
             Ok(())
         }
-        Cmd::Bench { what, args } => match what.as_str() {
-            // Pure code: no root, no kernel.
-            "compiler" => bench_compiler::run(&args),
-            "datapath" => {
-                require_root("bench datapath")?;
-                bench_datapath::run(&args)
-            }
-            // Kernel benches: real namespaces, agent and plugin (release
-            // builds, so latencies mean something), traffic.
-            "throughput" | "rules" | "cni" | "propagation" => {
-                require_root(&format!("bench {what}"))?;
-                bench_util::release_bins()?;
-                match what.as_str() {
-                    "throughput" => bench_throughput::run(&args),
-                    "rules" => bench_rules::run(&args),
-                    "cni" => bench_cni::run(&args),
-                    _ => bench_propagation::run(&args),
-                }
-            }
-            other => bail!(
-                "unknown benchmark {other:?} (have: compiler, datapath, throughput, rules, cni, propagation)"
-            ),
-        },
+        Cmd::Bench(b) => bench::run(&b),
     }
 }

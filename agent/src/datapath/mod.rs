@@ -36,6 +36,11 @@ pub use writer::{EndpointRecord, Writer};
 
 /// The TC programs, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));
+/// The same programs plus the bench-only ones (`noop`, `bench_*`; sluice-ebpf's
+/// `bench` feature), for `cargo xtask bench datapath` and the data path
+/// tests. The agent never loads it.
+pub static EBPF_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc-bench"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

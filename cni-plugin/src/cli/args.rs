@@ -1,37 +1,128 @@
-//! The command line of `sluice status|wait|observe`, parsed without I/O.
+//! The command line of `sluice status|wait|observe` (clap derive; one
+//! `Args` struct per subcommand), parsed without I/O.
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::error::{ContextKind, ErrorKind};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use sluice_proto::ObserveFilter;
 
-pub const USAGE: &str = "\
-usage: sluice status  [--socket PATH] [-o text|json]
-       sluice wait    KIND/NAMESPACE/NAME[@RV] | KIND/NAME[@RV] ...
-                      [--gone] [--timeout 30s] [--socket PATH]
-       sluice observe [--namespace NS] [--pod NAME|NS/NAME] [--verdict dropped]
-                      [--direction ingress|egress] [-o text|json] [--socket PATH]
-
+/// After the generated option list of `sluice --help`.
+const AFTER_HELP: &str = "\
 As a CNI plugin, sluice is run with CNI_COMMAND set (ADD, DEL, CHECK, VERSION,
-STATUS, GC). Without it, it talks to the node agent:
+STATUS, GC). Without it, it talks to the node agent (exit 2 on a malformed
+command line).";
 
-  status   is the agent ready, has it synced the cluster, and which objects
-           are programmed (KIND NAMESPACE/NAME RESOURCEVERSION); exit 0 if
-           ready, 1 if not
-  wait     until every object named is programmed at resourceVersion RV or
-           later (any version without @RV), or is gone (--gone, once the agent
-           has synced); exit 1 on timeout (units ms, s, m, h; bare number: s)
-  observe  stream the drops the agent sees, filtered, until interrupted
+#[derive(Clone, Debug, PartialEq, Eq, Parser)]
+#[command(name = "sluice", about = "Sluice's CNI plugin, and a client of its node agent", after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
 
---socket defaults to /run/sluice/agent.sock.";
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Is the agent ready, has it synced the cluster, and which objects are
+    /// programmed (KIND NAMESPACE/NAME RESOURCEVERSION); exit 0 if ready, 1
+    /// if not.
+    Status(StatusArgs),
+    /// Until every object named is programmed at resourceVersion RV or later
+    /// (any version without @RV), or is gone (--gone, once the agent has
+    /// synced); exit 1 on timeout.
+    Wait(WaitArgs),
+    /// Stream the drops the agent sees, filtered, until interrupted.
+    Observe(ObserveArgs),
+}
 
-/// Default of `wait --timeout`.
-pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent's socket; every subcommand takes it.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Socket {
+    /// The node agent's socket.
+    #[arg(long = "socket", value_name = "PATH", default_value = sluice_proto::DEFAULT_SOCKET, value_parser = non_empty_path)]
+    pub path: PathBuf,
+}
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: Socket,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct WaitArgs {
+    /// KIND/NAMESPACE/NAME[@RV] or, cluster-scoped, KIND/NAME[@RV]; kinds
+    /// case-insensitive, `po`, `ns`, `netpol` understood.
+    #[arg(required = true, value_name = "KIND/[NAMESPACE/]NAME[@RV]", value_parser = parse_target)]
+    pub targets: Vec<Target>,
+    /// Wait until the objects are gone instead (takes no @RV).
+    #[arg(long)]
+    pub gone: bool,
+    /// How long to wait: units ms, s, m, h; a bare number is seconds.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub socket: Socket,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct ObserveArgs {
+    /// Only drops to or from pods in this namespace.
+    #[arg(short = 'n', long, value_name = "NS", value_parser = non_empty)]
+    pub namespace: Option<String>,
+    /// Only drops to or from this pod.
+    #[arg(long, value_name = "NAME|NS/NAME", value_parser = parse_pod)]
+    pub pod: Option<String>,
+    /// Only this verdict (the agent streams drops only).
+    #[arg(long, value_name = "dropped", value_parser = parse_verdict)]
+    pub verdict: Option<String>,
+    /// Only this direction, as the pod sees it.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub direction: Option<Direction>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub socket: Socket,
+}
+
+impl ObserveArgs {
+    /// What the agent is asked to stream.
+    pub fn filter(&self) -> ObserveFilter {
+        ObserveFilter {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            verdict: self.verdict.clone(),
+            direction: self.direction.map(|d| d.as_str().to_owned()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
     Json,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// As the agent's filter spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Default of `wait --timeout`.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One object `wait` waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,27 +134,7 @@ pub struct Target {
     pub min_rv: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cli {
-    Help,
-    Status {
-        socket: PathBuf,
-        format: Format,
-    },
-    Wait {
-        socket: PathBuf,
-        targets: Vec<Target>,
-        gone: bool,
-        timeout: Duration,
-    },
-    Observe {
-        socket: PathBuf,
-        filter: ObserveFilter,
-        format: Format,
-    },
-}
-
-/// Why the command line is not one: printed with the usage, exit 2.
+/// Why a value is not one: clap prints it after the option's name.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
@@ -72,121 +143,84 @@ fn usage(msg: impl Into<String>) -> UsageError {
     UsageError(msg.into())
 }
 
-/// Parses the arguments after the program name.
-pub fn parse(args: &[String]) -> Result<Cli, UsageError> {
-    let Some((verb, rest)) = args.split_first() else {
-        return Err(usage("no command given"));
-    };
-    match verb.as_str() {
-        "-h" | "--help" | "help" => return Ok(Cli::Help),
-        "status" | "wait" | "observe" => {}
-        other => return Err(usage(format!("unknown command {other:?}"))),
+/// Parses the arguments after the program name. A `clap::Error` is the
+/// usage (exit 2) or, for `--help`, the help (exit 0): `Error::exit_code`,
+/// `Error::print`. Every usage error names the subcommand's usage.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let verb = args
+        .first()
+        .and_then(|a| a.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let cli = Cli::try_parse_from(std::iter::once(OsString::from("sluice")).chain(args))
+        .map_err(|e| with_usage(e, &verb))?;
+    if let Command::Wait(w) = &cli.command
+        && w.gone
+        && w.targets.iter().any(|t| t.min_rv.is_some())
+    {
+        return Err(subcommand_error(
+            "wait",
+            ErrorKind::ArgumentConflict,
+            "--gone takes no @RV",
+        ));
     }
-    let mut socket = PathBuf::from(sluice_proto::DEFAULT_SOCKET);
-    let mut format = Format::Text;
-    let mut gone = false;
-    let mut timeout = DEFAULT_WAIT_TIMEOUT;
-    let mut targets = Vec::new();
-    let mut filter = ObserveFilter::default();
-
-    let mut it = rest.iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Cli::Help);
-        }
-        // `--opt=value`, `-ovalue` and `--opt value` alike.
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ if arg.starts_with("-o") && arg.len() > 2 => {
-                ("-o", Some(arg[2..].trim_start_matches('=').to_string()))
-            }
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String, UsageError> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| usage(format!("{name} needs a value"))),
-            }
-        };
-        let not_empty = |v: String| {
-            if v.is_empty() {
-                Err(usage(format!("{name} must not be empty")))
-            } else {
-                Ok(v)
-            }
-        };
-        match (verb.as_str(), name) {
-            (_, "--socket") => socket = PathBuf::from(not_empty(value()?)?),
-            ("status" | "observe", "-o" | "--output") => format = parse_format(&value()?)?,
-            ("wait", "--gone") if inline.is_none() => gone = true,
-            ("wait", "--timeout") => timeout = parse_duration(&value()?)?,
-            ("observe", "-n" | "--namespace") => filter.namespace = Some(not_empty(value()?)?),
-            ("observe", "--pod") => filter.pod = Some(parse_pod(&value()?)?),
-            ("observe", "--verdict") => {
-                let v = value()?;
-                if v.eq_ignore_ascii_case("forwarded") {
-                    // Honest rather than silent: nothing would ever match.
-                    return Err(usage(
-                        "--verdict forwarded: the agent streams drops only; forwarded packets \
-                         are counted in sluice_forwarded_packets_total",
-                    ));
-                }
-                filter.verdict = Some(one_of(name, &v, &["dropped"])?);
-            }
-            ("observe", "--direction") => {
-                filter.direction = Some(one_of(name, &value()?, &["ingress", "egress"])?);
-            }
-            (_, n) if n.starts_with('-') && n.len() > 1 => {
-                return Err(usage(format!("{verb}: unknown option {arg:?}")));
-            }
-            ("wait", _) => targets.push(parse_target(arg)?),
-            _ => return Err(usage(format!("{verb}: unexpected argument {arg:?}"))),
-        }
-    }
-    Ok(match verb.as_str() {
-        "status" => Cli::Status { socket, format },
-        "wait" => {
-            if targets.is_empty() {
-                return Err(usage("wait: name at least one object, KIND/NAMESPACE/NAME"));
-            }
-            if gone && targets.iter().any(|t| t.min_rv.is_some()) {
-                return Err(usage("wait: --gone takes no @RV"));
-            }
-            Cli::Wait {
-                socket,
-                targets,
-                gone,
-                timeout,
-            }
-        }
-        _ => Cli::Observe {
-            socket,
-            filter,
-            format,
-        },
-    })
+    Ok(cli)
 }
 
-fn parse_format(v: &str) -> Result<Format, UsageError> {
-    match v {
-        "text" => Ok(Format::Text),
-        "json" => Ok(Format::Json),
-        _ => Err(usage(format!("-o is text or json, not {v:?}"))),
+/// Clap leaves the usage out of some errors (a value its parser refused);
+/// those get the usage of `verb` (the subcommand, if it is one).
+fn with_usage(e: clap::Error, verb: &str) -> clap::Error {
+    // The help printed for a missing subcommand is its own usage.
+    if !e.use_stderr()
+        || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        || e.get(ContextKind::Usage).is_some()
+    {
+        return e;
+    }
+    let text = e.render().to_string();
+    let (msg, _tip) = text
+        .split_once("\n\nFor more information")
+        .unwrap_or((&text, ""));
+    subcommand_error(verb, e.kind(), msg.trim_start_matches("error: ").trim_end())
+}
+
+/// A usage error of `sluice <verb>`, with that subcommand's usage line (the
+/// top level's if `verb` is none).
+fn subcommand_error(verb: &str, kind: ErrorKind, msg: &str) -> clap::Error {
+    let mut cmd = Cli::command();
+    // Gives the subcommands their full name, `sluice wait`, for the usage.
+    cmd.build();
+    match cmd.find_subcommand_mut(verb) {
+        Some(sub) => sub.error(kind, msg),
+        None => cmd.error(kind, msg),
     }
 }
 
-fn one_of(name: &str, v: &str, allowed: &[&str]) -> Result<String, UsageError> {
-    let lower = v.to_ascii_lowercase();
-    if allowed.contains(&lower.as_str()) {
-        Ok(lower)
+fn non_empty(v: &str) -> Result<String, UsageError> {
+    if v.is_empty() {
+        Err(usage("must not be empty"))
     } else {
-        Err(usage(format!(
-            "{name} is one of {}, not {v:?}",
-            allowed.join(", ")
-        )))
+        Ok(v.to_owned())
+    }
+}
+
+fn non_empty_path(v: &str) -> Result<PathBuf, UsageError> {
+    non_empty(v).map(PathBuf::from)
+}
+
+fn parse_verdict(v: &str) -> Result<String, UsageError> {
+    if v.eq_ignore_ascii_case("forwarded") {
+        // Honest rather than silent: nothing would ever match.
+        return Err(usage(
+            "the agent streams drops only; forwarded packets are counted in \
+             sluice_forwarded_packets_total",
+        ));
+    }
+    if v.eq_ignore_ascii_case("dropped") {
+        Ok("dropped".to_owned())
+    } else {
+        Err(usage("the only verdict is dropped"))
     }
 }
 
@@ -198,17 +232,13 @@ fn parse_pod(v: &str) -> Result<String, UsageError> {
     if ok {
         Ok(v.to_string())
     } else {
-        Err(usage(format!("--pod is NAME or NAMESPACE/NAME, not {v:?}")))
+        Err(usage("expected NAME or NAMESPACE/NAME"))
     }
 }
 
 /// `30s`, `500ms`, `2m`, `1h`, `1.5s`; a bare number is seconds.
 pub fn parse_duration(v: &str) -> Result<Duration, UsageError> {
-    let bad = || {
-        usage(format!(
-            "--timeout: {v:?} is not a duration like 30s or 500ms"
-        ))
-    };
+    let bad = || usage("not a duration like 30s or 500ms");
     let split = v
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(v.len());
@@ -250,7 +280,7 @@ const KINDS: &[(&str, &[&str])] = &[
 pub fn parse_target(v: &str) -> Result<Target, UsageError> {
     let bad = |why: &str| {
         usage(format!(
-            "wait: {v:?} {why} (expected KIND/NAMESPACE/NAME[@RV] or KIND/NAME[@RV])"
+            "{why} (expected KIND/NAMESPACE/NAME[@RV] or KIND/NAME[@RV])"
         ))
     };
     let (path, rv) = match v.split_once('@') {
@@ -258,14 +288,14 @@ pub fn parse_target(v: &str) -> Result<Target, UsageError> {
             p,
             Some(
                 rv.parse::<u64>()
-                    .map_err(|_| bad("has a resourceVersion that is not a number"))?,
+                    .map_err(|_| bad("the resourceVersion is not a number"))?,
             ),
         ),
         None => (v, None),
     };
     let parts: Vec<&str> = path.split('/').collect();
     if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-        return Err(bad("is not an object reference"));
+        return Err(bad("not an object reference"));
     }
     let lower = parts[0].to_ascii_lowercase();
     let kind = KINDS
@@ -284,43 +314,55 @@ pub fn parse_target(v: &str) -> Result<Target, UsageError> {
 mod tests {
     use super::*;
 
-    fn p(args: &[&str]) -> Result<Cli, UsageError> {
-        let v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        parse(&v)
+    fn p(args: &[&str]) -> Result<Cli, clap::Error> {
+        parse(args.iter().map(OsString::from))
     }
 
-    fn default_socket() -> PathBuf {
-        PathBuf::from(sluice_proto::DEFAULT_SOCKET)
+    fn command(args: &[&str]) -> Command {
+        p(args).unwrap_or_else(|e| panic!("{args:?}: {e}")).command
+    }
+
+    fn socket(path: &str) -> Socket {
+        Socket {
+            path: PathBuf::from(path),
+        }
+    }
+
+    fn default_socket() -> Socket {
+        socket(sluice_proto::DEFAULT_SOCKET)
     }
 
     #[test]
     fn status_defaults_and_options() {
         assert_eq!(
-            p(&["status"]),
-            Ok(Cli::Status {
+            command(&["status"]),
+            Command::Status(StatusArgs {
                 socket: default_socket(),
                 format: Format::Text
             })
         );
-        let want = Ok(Cli::Status {
-            socket: PathBuf::from("/tmp/a.sock"),
+        let want = Command::Status(StatusArgs {
+            socket: socket("/tmp/a.sock"),
             format: Format::Json,
         });
         assert_eq!(
-            p(&["status", "--socket", "/tmp/a.sock", "-o", "json"]),
+            command(&["status", "--socket", "/tmp/a.sock", "-o", "json"]),
             want
         );
-        assert_eq!(p(&["status", "-ojson", "--socket=/tmp/a.sock"]), want);
-        assert_eq!(p(&["status", "-o=json", "--socket=/tmp/a.sock"]), want);
+        assert_eq!(command(&["status", "-ojson", "--socket=/tmp/a.sock"]), want);
         assert_eq!(
-            p(&["status", "--output=json", "--socket=/tmp/a.sock"]),
+            command(&["status", "-o=json", "--socket=/tmp/a.sock"]),
+            want
+        );
+        assert_eq!(
+            command(&["status", "--output=json", "--socket=/tmp/a.sock"]),
             want
         );
     }
 
     #[test]
     fn wait_targets_versions_gone_and_timeout() {
-        let got = p(&[
+        let got = command(&[
             "wait",
             "NetworkPolicy/x/allow-a@42",
             "--timeout",
@@ -331,8 +373,8 @@ mod tests {
         ]);
         assert_eq!(
             got,
-            Ok(Cli::Wait {
-                socket: PathBuf::from("/s"),
+            Command::Wait(WaitArgs {
+                socket: socket("/s"),
                 targets: vec![
                     Target {
                         key: "NetworkPolicy/x/allow-a".into(),
@@ -347,16 +389,21 @@ mod tests {
                 timeout: Duration::from_millis(500),
             })
         );
-        let Ok(Cli::Wait { gone, timeout, .. }) = p(&["wait", "--gone", "netpol/x/y"]) else {
+        let Command::Wait(w) = command(&["wait", "--gone", "netpol/x/y"]) else {
             panic!("wait --gone");
         };
-        assert!(gone);
-        assert_eq!(timeout, DEFAULT_WAIT_TIMEOUT);
+        assert!(w.gone);
+        assert_eq!(w.timeout, DEFAULT_WAIT_TIMEOUT);
         // Unknown kinds are kept as typed.
         assert_eq!(
             parse_target("Widget/a/b@7").map(|t| t.key),
             Ok("Widget/a/b".into())
         );
+    }
+
+    /// A usage error: exit 2, as before clap.
+    fn is_usage_error(r: &Result<Cli, clap::Error>) -> bool {
+        matches!(r, Err(e) if e.exit_code() == 2 && e.use_stderr())
     }
 
     #[test]
@@ -372,16 +419,17 @@ mod tests {
             &["wait", "Pod/a/b", "--timeout", "soon"],
             &["wait", "Pod/a/b", "--timeout", "5d"],
             &["wait", "--gone", "Pod/a/b@3"],
+            &["wait", "--gone=yes", "Pod/a/b"],
             &["wait", "Pod/a/b", "--frob"],
             &["wait", "Pod/a/b", "-o", "json"],
         ] {
-            assert!(p(bad).is_err(), "{bad:?}");
+            assert!(is_usage_error(&p(bad)), "{bad:?}");
         }
     }
 
     #[test]
     fn observe_builds_the_filter() {
-        let got = p(&[
+        let Command::Observe(got) = command(&[
             "observe",
             "--namespace",
             "x",
@@ -392,26 +440,40 @@ mod tests {
             "--direction=ingress",
             "-o",
             "json",
-        ]);
+        ]) else {
+            panic!("not observe");
+        };
         assert_eq!(
-            got,
-            Ok(Cli::Observe {
-                socket: default_socket(),
-                filter: ObserveFilter {
-                    namespace: Some("x".into()),
-                    pod: Some("x/web".into()),
-                    verdict: Some("dropped".into()),
-                    direction: Some("ingress".into()),
-                },
-                format: Format::Json,
-            })
+            got.filter(),
+            ObserveFilter {
+                namespace: Some("x".into()),
+                pod: Some("x/web".into()),
+                verdict: Some("dropped".into()),
+                direction: Some("ingress".into()),
+            }
+        );
+        assert_eq!((got.format, got.socket), (Format::Json, default_socket()));
+        let Command::Observe(got) = command(&["observe", "-n", "y", "--direction", "EGRESS"])
+        else {
+            panic!("not observe");
+        };
+        assert_eq!(
+            got.filter(),
+            ObserveFilter {
+                namespace: Some("y".into()),
+                direction: Some("egress".into()),
+                ..ObserveFilter::default()
+            }
         );
         assert_eq!(
-            p(&["observe"]),
-            Ok(Cli::Observe {
-                socket: default_socket(),
-                filter: ObserveFilter::default(),
+            command(&["observe"]),
+            Command::Observe(ObserveArgs {
+                namespace: None,
+                pod: None,
+                verdict: None,
+                direction: None,
                 format: Format::Text,
+                socket: default_socket(),
             })
         );
         for bad in [
@@ -426,19 +488,27 @@ mod tests {
             &["observe", "stray"],
             &["observe", "--gone"],
         ] {
-            assert!(p(bad).is_err(), "{bad:?}");
+            assert!(is_usage_error(&p(bad)), "{bad:?}");
         }
     }
 
     #[test]
     fn anything_else_is_a_usage_error_and_help_is_help() {
-        assert!(p(&[]).is_err());
-        assert!(p(&["ADD"]).is_err());
-        assert!(p(&["frob", "status"]).is_err());
-        assert!(p(&["status", "extra"]).is_err());
-        assert!(p(&["status", "--socket="]).is_err());
-        assert_eq!(p(&["--help"]), Ok(Cli::Help));
-        assert_eq!(p(&["wait", "-h"]), Ok(Cli::Help));
+        for bad in [
+            &[][..],
+            &["ADD"],
+            &["frob", "status"],
+            &["status", "extra"],
+            &["status", "--socket="],
+        ] {
+            assert!(is_usage_error(&p(bad)), "{bad:?}");
+        }
+        for help in [&["--help"][..], &["wait", "-h"], &["help", "observe"]] {
+            let Err(e) = p(help) else {
+                panic!("{help:?} parsed");
+            };
+            assert!(e.exit_code() == 0 && !e.use_stderr(), "{help:?}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sluice_proto::{ObserveFilter, Request, Response};
 
 use crate::agent::{Agent, AgentError};
-use args::{Cli, Format, Target, USAGE};
+use args::{Command, Format, StatusArgs, Target, WaitArgs};
 use show::{Answer, Clock};
 
 /// Per request of `status` and for `observe` to connect.
@@ -28,37 +28,31 @@ const POLL_EVERY: Duration = Duration::from_millis(10);
 
 const OK: u8 = 0;
 const FAILED: u8 = 1;
-const USAGE_ERROR: u8 = 2;
 
 /// Runs the command line `args` (without the program name).
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args: Result<Vec<String>, OsString> = args.into_iter().map(OsString::into_string).collect();
-    let parsed = match args {
-        Ok(a) => args::parse(&a),
-        Err(bad) => Err(args::UsageError(format!("argument {bad:?} is not UTF-8"))),
+    let cli = match args::parse(args) {
+        Ok(cli) => cli,
+        Err(e) => return usage(&e),
     };
-    ExitCode::from(match parsed {
-        Err(e) => {
-            eprintln!("sluice: {e}\n\n{USAGE}");
-            USAGE_ERROR
-        }
-        Ok(Cli::Help) => {
-            println!("{USAGE}");
-            OK
-        }
-        Ok(Cli::Status { socket, format }) => status(&socket, format),
-        Ok(Cli::Wait {
+    ExitCode::from(match cli.command {
+        Command::Status(StatusArgs { socket, format }) => status(&socket.path, format),
+        Command::Wait(WaitArgs {
             socket,
             targets,
             gone,
             timeout,
-        }) => wait(&socket, &targets, gone, timeout),
-        Ok(Cli::Observe {
-            socket,
-            filter,
-            format,
-        }) => observe(&socket, filter, format),
+        }) => wait(&socket.path, &targets, gone, timeout),
+        Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format),
     })
+}
+
+/// `--help` on stdout (exit 0), or what is wrong with the command line and
+/// the usage on stderr (exit 2).
+fn usage(e: &clap::Error) -> ExitCode {
+    // Nothing more to say if stdout or stderr is closed.
+    let _printed = e.print().is_ok();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(FAILED))
 }
 
 /// An agent error with its sources, on one line.

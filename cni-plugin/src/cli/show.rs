@@ -397,8 +397,7 @@ mod tests {
 
     #[test]
     fn an_error_in_the_stream_is_recognised() {
-        let e = serde_json::to_value(Response::error(50, "permission denied", ""));
-        let e = e.unwrap_or_default();
+        let e = serde_json::to_value(Response::error(50, "permission denied", "")).unwrap();
         assert_eq!(
             stream_error(&e).as_deref(),
             Some("agent error 50: permission denied")

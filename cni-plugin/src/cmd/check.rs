@@ -201,17 +201,17 @@ mod tests {
                 {"dst": "192.0.2.0/24", "gw": "10.9.9.9"}
             ]
         }))
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
     }
 
     fn net(s: &str) -> IpNetwork {
-        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+        s.parse().expect(s)
     }
 
     fn rt(dst: &str, gw: Option<&str>, oif: u32) -> route::Route {
         route::Route {
             dst: net(dst),
-            gw: gw.map(|g| g.parse().unwrap_or_else(|e| panic!("{g}: {e}"))),
+            gw: gw.map(|g| g.parse().expect(g)),
             oif: Some(oif),
             link_scope: gw.is_none(),
         }

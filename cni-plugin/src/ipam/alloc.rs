@@ -108,7 +108,7 @@ mod tests {
             .iter()
             .map(|s| s.iter().map(|x| x.to_string()).collect())
             .collect();
-        RangeSet::parse_all(&raw).unwrap_or_default()
+        RangeSet::parse_all(&raw).expect("literal ranges")
     }
 
     fn strs(ips: &[IpAddr]) -> Vec<String> {
@@ -135,7 +135,7 @@ mod tests {
         let r = sets(&[&["10.0.0.0/29"]]);
         let mut seen = HashSet::new();
         for i in 0..6 {
-            let got = allocate(&mut s, &r, &att(&format!("c{i}"))).unwrap_or_default();
+            let got = allocate(&mut s, &r, &att(&format!("c{i}"))).unwrap();
             assert_eq!(got.len(), 1);
             assert!(seen.insert(got[0]), "{} handed out twice", got[0]);
         }
@@ -147,9 +147,9 @@ mod tests {
     fn allocation_rotates_instead_of_reusing_a_just_released_address() {
         let mut s = MemStore::default();
         let r = sets(&[&["10.0.0.0/29"]]);
-        let a = allocate(&mut s, &r, &att("a")).unwrap_or_default();
-        assert_eq!(release_owner(&mut s, &att("a")).ok(), Some(a));
-        let b = allocate(&mut s, &r, &att("b")).unwrap_or_default();
+        let a = allocate(&mut s, &r, &att("a")).unwrap();
+        assert_eq!(release_owner(&mut s, &att("a")).unwrap(), a);
+        let b = allocate(&mut s, &r, &att("b")).unwrap();
         assert_eq!(strs(&b), ["10.0.0.2"]);
     }
 
@@ -205,7 +205,7 @@ mod tests {
         for c in ["a", "b", "c"] {
             assert!(allocate(&mut s, &r, &att(c)).is_ok());
         }
-        let st = stale(&s, &[att("b")]).unwrap_or_default();
+        let st = stale(&s, &[att("b")]).unwrap();
         let mut owners: Vec<String> = st.into_iter().map(|(_, o)| o.container_id).collect();
         owners.sort();
         assert_eq!(owners, ["a", "c"]);

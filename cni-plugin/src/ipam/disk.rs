@@ -17,6 +17,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use sluice_common::not_found_ok;
 use sluice_proto::Attachment;
 
 use super::{IpamError, Store};
@@ -88,12 +89,10 @@ impl Store for DiskStore {
                 continue; // lock, last_reserved_ip.*, anything else
             };
             let path = entry.path();
-            match fs::read_to_string(&path) {
-                Ok(s) => out.push((ip, parse_owner(&s))),
-                // Released between read_dir and read: only possible without
-                // the lock, harmless either way.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&path)(e)),
+            // None: released between read_dir and read, only possible
+            // without the lock, harmless either way.
+            if let Some(s) = not_found_ok(fs::read_to_string(&path)).map_err(io_err(&path))? {
+                out.push((ip, parse_owner(&s)));
             }
         }
         Ok(out)
@@ -118,22 +117,16 @@ impl Store for DiskStore {
 
     fn release(&mut self, ip: IpAddr) -> Result<(), IpamError> {
         let path = self.dir.join(ip.to_string());
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            // Already free: DEL twice, or GC after DEL.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        // Already free is fine: DEL twice, or GC after DEL.
+        not_found_ok(fs::remove_file(&path)).map_err(io_err(&path))?;
+        Ok(())
     }
 
     fn last_reserved(&self, set: usize) -> Result<Option<IpAddr>, IpamError> {
         let path = self.last_path(set);
-        match fs::read_to_string(&path) {
-            // A garbled file only costs rotation, not correctness.
-            Ok(s) => Ok(s.trim().parse().ok()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        let text = not_found_ok(fs::read_to_string(&path)).map_err(io_err(&path))?;
+        // A garbled file only costs rotation, not correctness.
+        Ok(text.and_then(|s| s.trim().parse().ok()))
     }
 
     fn set_last_reserved(&mut self, set: usize, ip: IpAddr) -> Result<(), IpamError> {
@@ -178,7 +171,7 @@ mod tests {
 
     fn ranges() -> Vec<RangeSet> {
         RangeSet::parse_all(&[vec!["10.1.0.0/29".into()], vec!["fd00::/120".into()]])
-            .unwrap_or_default()
+            .expect("literal ranges")
     }
 
     #[test]
@@ -187,16 +180,12 @@ mod tests {
         let first =
             DiskStore::open(&tmp.0, "net").and_then(|mut s| allocate(&mut s, &ranges(), &att("a")));
         assert_eq!(first.as_ref().map(Vec::len).ok(), Some(2));
-        let body = fs::read_to_string(tmp.0.join("net/10.1.0.1")).unwrap_or_default();
+        let body = fs::read_to_string(tmp.0.join("net/10.1.0.1")).unwrap();
         assert_eq!(body, "a\neth0\n");
 
         let second =
             DiskStore::open(&tmp.0, "net").and_then(|mut s| allocate(&mut s, &ranges(), &att("b")));
-        let got: Vec<String> = second
-            .unwrap_or_default()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let got: Vec<String> = second.unwrap().iter().map(ToString::to_string).collect();
         assert_eq!(got, ["10.1.0.2", "fd00::2"]);
 
         let released =
@@ -209,10 +198,8 @@ mod tests {
     #[test]
     fn reserve_is_exclusive_and_release_of_a_free_address_is_ok() {
         let tmp = TempDir::new();
-        let Ok(mut s) = DiskStore::open(&tmp.0, "net") else {
-            panic!("open");
-        };
-        let ip: IpAddr = "10.1.0.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut s = DiskStore::open(&tmp.0, "net").unwrap();
+        let ip: IpAddr = "10.1.0.3".parse().unwrap();
         assert_eq!(s.reserve(ip, &att("a")).ok(), Some(true));
         assert_eq!(s.reserve(ip, &att("b")).ok(), Some(false));
         assert!(s.release(ip).is_ok());
@@ -222,11 +209,9 @@ mod tests {
     #[test]
     fn an_empty_owner_file_keeps_its_address_taken() {
         let tmp = TempDir::new();
-        let Ok(s) = DiskStore::open(&tmp.0, "net") else {
-            panic!("open");
-        };
-        assert!(fs::write(s.dir().join("10.1.0.1"), "").is_ok());
-        let all = s.allocations().unwrap_or_default();
+        let s = DiskStore::open(&tmp.0, "net").unwrap();
+        fs::write(s.dir().join("10.1.0.1"), "").unwrap();
+        let all = s.allocations().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1.container_id, "");
     }

@@ -185,7 +185,7 @@ mod tests {
 
     fn set(v: &[&str]) -> RangeSet {
         let raw: Vec<String> = v.iter().map(|s| s.to_string()).collect();
-        RangeSet::parse(&raw).unwrap_or(RangeSet { subnets: vec![] })
+        RangeSet::parse(&raw).expect("literal ranges")
     }
 
     fn ips(it: impl Iterator<Item = IpAddr>) -> Vec<String> {
@@ -275,18 +275,9 @@ mod tests {
     #[test]
     fn contains_only_usable_addresses_of_the_family() {
         let s = set(&["10.0.0.0/30"]);
-        assert!(
-            s.contains(
-                "10.0.0.1"
-                    .parse()
-                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-            )
-        );
+        assert!(s.contains("10.0.0.1".parse().unwrap()));
         for no in ["10.0.0.0", "10.0.0.3", "10.0.1.1", "::a00:1"] {
-            assert!(
-                !s.contains(no.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
-                "{no}"
-            );
+            assert!(!s.contains(no.parse().unwrap()), "{no}");
         }
     }
 }

@@ -58,13 +58,7 @@ impl Netlink {
     }
 }
 
-/// The errno of a netlink NACK, positive (`EEXIST`, not `-EEXIST`).
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
-        _ => None,
-    }
-}
+pub use sluice_common::netlink::errno;
 
 /// `Ok(true)` on success, `Ok(false)` when the kernel answered one of
 /// `benign`, the error otherwise.

@@ -6,8 +6,16 @@
 //!
 //! Addresses are stored as 16 bytes in network order; IPv4 addresses are
 //! IPv4-mapped (`::ffff:a.b.c.d`), so one LPM trie serves both families and
-//! an IPv4 prefix of length `n` is stored with length `96 + n`.
+//! an IPv4 prefix of length `n` is stored with length `96 + n` (module
+//! `addr`).
+//!
+//! Besides the ABI, the few helpers both sides (or several host crates)
+//! would otherwise each write: `port_mask`, `addr`, and with the `std`
+//! feature `not_found_ok`, with `netlink` `netlink::errno`.
 #![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
 
 /// Map names, as declared by the TC programs and pinned by name in bpffs.
 pub mod maps {
@@ -81,8 +89,11 @@ pub const EP_HAS_IPV6: u32 = 1 << 4;
 /// port prefix length exist.
 pub const PLEN_ANY_PROTO_BIT: u32 = 17;
 
-/// One pod interface, keyed by the ifindex of the host end of its veth
-/// (which is also its endpoint id: the program reads it from the skb).
+/// One pod interface, keyed by the ifindex of the host end of its veth (the
+/// program reads it from the skb). `ep_id` is not the ifindex: the agent
+/// allocates it from a counter it persists, so an id is never reused, and it
+/// keys the endpoint in the other maps; `EP_BY_ID` maps it back to the
+/// ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
@@ -351,6 +362,100 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 /// Prefix length of a mapped IPv4 prefix.
 pub const V4_MAPPED_PLEN_OFFSET: u32 = 96;
 
+/// Mask of a port prefix length, as the policy map's `port` is masked: 16
+/// keeps the whole port, 0 none of it; above 16 counts as 16.
+#[inline(always)]
+pub const fn port_mask(plen: u8) -> u16 {
+    let plen = if plen > 16 { 16 } else { plen };
+    if plen == 0 {
+        0
+    } else {
+        u16::MAX << (16 - plen as u32)
+    }
+}
+
+/// Addresses and prefixes in the 16-byte form the maps key on (IPv4
+/// mapped into `::ffff:0:0/96`), and back.
+pub mod addr {
+    use core::net::{IpAddr, Ipv6Addr};
+
+    /// The 16-byte form of an address.
+    #[inline]
+    pub fn mapped_addr(a: IpAddr) -> [u8; 16] {
+        match a {
+            IpAddr::V4(a) => super::v4_mapped(a.octets()),
+            IpAddr::V6(a) => a.octets(),
+        }
+    }
+
+    /// The address a 16-byte form stands for: IPv4 if it is IPv4-mapped.
+    #[inline]
+    pub fn unmapped_addr(a: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(a);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
+    /// The 16-byte form of a prefix (its network address) with its length
+    /// in that form (`96 + n` for IPv4).
+    #[cfg(feature = "std")]
+    pub fn mapped(net: ipnetwork::IpNetwork) -> ([u8; 16], u32) {
+        match net {
+            ipnetwork::IpNetwork::V4(n) => (
+                super::v4_mapped(n.network().octets()),
+                super::V4_MAPPED_PLEN_OFFSET + u32::from(n.prefix()),
+            ),
+            ipnetwork::IpNetwork::V6(n) => (n.network().octets(), u32::from(n.prefix())),
+        }
+    }
+
+    /// The prefix a 16-byte form and length stand for: IPv4 if the address
+    /// is IPv4-mapped and the length covers the mapping. A length too long
+    /// for the family gives the host prefix.
+    #[cfg(feature = "std")]
+    pub fn unmapped(addr: [u8; 16], plen: u32) -> ipnetwork::IpNetwork {
+        use ipnetwork::IpNetwork;
+        let v6 = Ipv6Addr::from(addr);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if plen >= super::V4_MAPPED_PLEN_OFFSET => {
+                let p = u8::try_from(plen - super::V4_MAPPED_PLEN_OFFSET).unwrap_or(u8::MAX);
+                IpNetwork::new(IpAddr::V4(v4), p).unwrap_or(IpNetwork::V4(v4.into()))
+            }
+            _ => {
+                let p = u8::try_from(plen.min(128)).unwrap_or(128);
+                IpNetwork::new(IpAddr::V6(v6), p).unwrap_or(IpNetwork::V6(v6.into()))
+            }
+        }
+    }
+}
+
+/// A missing file is fine: `Ok(None)` for `NotFound` (a file already
+/// removed, a state file not written yet), the value or any other error as
+/// it was.
+#[cfg(feature = "std")]
+pub fn not_found_ok<T>(r: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Matching the kernel's answer to an rtnetlink request.
+#[cfg(feature = "netlink")]
+pub mod netlink {
+    /// The errno of a netlink NACK, positive (`EEXIST`, not `-EEXIST`);
+    /// `None` for any other error.
+    pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+        match e {
+            rtnetlink::Error::NetlinkError(m) => m.code.map(|c| c.get().saturating_abs()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -396,5 +501,85 @@ mod tests {
     #[test]
     fn ipv4_addresses_map_into_the_ffff_prefix() {
         assert_eq!(v4_mapped([10, 0, 0, 1])[10..], [0xff, 0xff, 10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn port_masks_keep_the_prefix_bits_of_the_port() {
+        assert_eq!(port_mask(0), 0);
+        assert_eq!(port_mask(1), 0x8000);
+        assert_eq!(port_mask(8), 0xff00);
+        assert_eq!(port_mask(16), 0xffff);
+        assert_eq!(port_mask(17), 0xffff);
+        // Usable where a constant is needed.
+        const EXACT: u16 = port_mask(16);
+        assert_eq!(8080 & EXACT, 8080);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_the_mapped_form() {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7));
+        assert_eq!(addr::mapped_addr(v4), v4_mapped([10, 0, 0, 1]));
+        assert_eq!(addr::mapped_addr(v6)[..2], [0xfd, 0]);
+        for a in [v4, v6] {
+            assert_eq!(addr::unmapped_addr(addr::mapped_addr(a)), a);
+        }
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "std")]
+mod std_tests {
+    use super::*;
+    use ipnetwork::IpNetwork;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().expect("a prefix literal")
+    }
+
+    #[test]
+    fn prefixes_map_to_the_network_address_and_a_mapped_length() {
+        assert_eq!(
+            addr::mapped(net("10.1.2.3/16")),
+            (v4_mapped([10, 1, 0, 0]), 96 + 16)
+        );
+        let (a, plen) = addr::mapped(net("fd00::1/64"));
+        assert_eq!((a[0], a[1], a[15], plen), (0xfd, 0, 0, 64));
+    }
+
+    #[test]
+    fn prefixes_round_trip_and_odd_lengths_become_host_prefixes() {
+        for p in [
+            "10.1.0.0/16",
+            "0.0.0.0/0",
+            "fd00::/64",
+            "::/0",
+            "10.0.0.1/32",
+        ] {
+            let (a, plen) = addr::mapped(net(p));
+            assert_eq!(addr::unmapped(a, plen), net(p), "{p}");
+        }
+        let (a, _) = addr::mapped(net("10.0.0.1/32"));
+        assert_eq!(addr::unmapped(a, 96 + 40), net("10.0.0.1/32"));
+        // A mapped address under a length shorter than the mapping is an
+        // IPv6 prefix.
+        assert_eq!(addr::unmapped(a, 80), net("::ffff:10.0.0.1/80"));
+        assert_eq!(addr::unmapped([0; 16], 200), net("::/128"));
+    }
+
+    #[test]
+    fn only_a_missing_file_is_fine() {
+        use std::io::{Error, ErrorKind};
+        assert_eq!(not_found_ok(Ok(3)).ok(), Some(Some(3)));
+        assert_eq!(
+            not_found_ok::<()>(Err(Error::from(ErrorKind::NotFound))).ok(),
+            Some(None)
+        );
+        let denied = not_found_ok::<()>(Err(Error::from(ErrorKind::PermissionDenied)));
+        assert_eq!(
+            denied.map_err(|e| e.kind()),
+            Err(ErrorKind::PermissionDenied)
+        );
     }
 }

@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "bench")]
+mod bench;
 mod conntrack;
 mod events;
 mod keys;
@@ -39,7 +41,7 @@ use sluice_common::{
 use crate::{
     conntrack::{addr_eq, create, exists, flow_key, hit_and_refresh, now_ns},
     keys::frag_key,
-    maps::{CONNTRACK, ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
+    maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
     parse::{
         Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, TCP_ACK, is_icmp_error,
         is_nd_or_mld, parse, parse_icmp_inner, parse_ip,
@@ -104,76 +106,6 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
     match deferred_egress(&ctx, &pkt) {
         Ok(()) => 1,
         Err(_) => 0,
-    }
-}
-
-/// Does nothing, as a cgroup skb program: the baseline of `to_host` in
-/// `cargo xtask bench datapath`. The agent never attaches it.
-#[cgroup_skb(ingress)]
-pub fn bench_host_noop(_ctx: SkBuffContext) -> i32 {
-    1
-}
-
-/// Does nothing: the baseline of `cargo xtask bench datapath` (what
-/// BPF_PROG_TEST_RUN itself costs). The agent never attaches it.
-#[classifier]
-pub fn noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
-}
-
-/// `cargo xtask bench datapath`'s breakdown of the established-flow path:
-/// parsing only. The agent never attaches the `bench_*` programs.
-#[classifier]
-pub fn bench_parse(ctx: TcContext) -> i32 {
-    let mut pkt = Packet::empty();
-    let parsed = parse(&ctx, &mut pkt);
-    // Keeps the parsed fields alive, as the real path uses them.
-    let pkt = core::hint::black_box(pkt);
-    match parsed {
-        Ok(L3::Ip) if pkt.sport != 0 => TC_ACT_OK,
-        _ => TC_ACT_SHOT,
-    }
-}
-
-/// The breakdown's second step: parsing and the ENDPOINTS lookup.
-#[classifier]
-pub fn bench_endpoint(ctx: TcContext) -> i32 {
-    let mut pkt = Packet::empty();
-    let parsed = parse(&ctx, &mut pkt);
-    let pkt = core::hint::black_box(pkt);
-    // SAFETY: the context of a TC program is a valid __sk_buff.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    // SAFETY: a map value, read-only here.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
-        return TC_ACT_SHOT;
-    };
-    match parsed {
-        Ok(L3::Ip) if pkt.sport != 0 && ep.flags & EP_FAIL_CLOSED == 0 => TC_ACT_OK,
-        _ => TC_ACT_SHOT,
-    }
-}
-
-/// The breakdown's third step: parsing, ENDPOINTS, the conntrack key and
-/// its lookup (no refresh, no other check).
-#[classifier]
-pub fn bench_lookups(ctx: TcContext) -> i32 {
-    let mut pkt = Packet::empty();
-    let parsed = parse(&ctx, &mut pkt);
-    // SAFETY: as in bench_endpoint.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    // SAFETY: as in bench_endpoint.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
-        return TC_ACT_SHOT;
-    };
-    if !matches!(parsed, Ok(L3::Ip)) || ep.flags & EP_FAIL_CLOSED != 0 {
-        return TC_ACT_SHOT;
-    }
-    let (key, _) = flow_key(
-        ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
-    );
-    match CONNTRACK.get_ptr(&key) {
-        Some(_) => TC_ACT_OK,
-        None => TC_ACT_SHOT,
     }
 }
 

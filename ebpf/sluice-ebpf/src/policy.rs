@@ -3,7 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use sluice_common::{
     CIDR_KEY_FIXED_BITS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey,
-    PLEN_ANY_PROTO_BIT, POLICY_ALLOW, PolicyKey,
+    PLEN_ANY_PROTO_BIT, POLICY_ALLOW, PolicyKey, port_mask,
 };
 
 use crate::{
@@ -33,16 +33,6 @@ fn cidr_group(ep_id: u32, dir: u8, addr: &Addr) -> u32 {
     }
 }
 
-/// Mask of a port prefix length: 16 keeps the whole port, 0 none of it.
-#[inline(always)]
-pub fn port_mask(plen: u32) -> u16 {
-    if plen == 0 {
-        0
-    } else {
-        (0xffff_u32 << (16 - plen)) as u16
-    }
-}
-
 /// Port prefix lengths with entries, for a direction.
 #[inline(always)]
 fn plens_for(ep: &EndpointInfo, dir: u8) -> u32 {
@@ -66,11 +56,11 @@ fn lookup_identity(
 ) -> Option<u32> {
     let mut key = policy_key(ep_id, identity, 0, l4, dir, 0);
     // Bounded: 17 prefix lengths, 16 down to 0.
-    for i in 0..=16u32 {
+    for i in 0..=16u8 {
         let plen = 16 - i;
         if plens & (1 << plen) != 0 {
             key.port = port & port_mask(plen);
-            key.plen = plen as u8;
+            key.plen = plen;
             if let Some(rule) = allows(&key) {
                 return Some(rule);
             }

@@ -386,7 +386,6 @@ pub fn cells(r: &Resource, obj: &Value, now: i64) -> Value {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::resources::find;
 

@@ -441,7 +441,6 @@ fn reorder(list: &mut Vec<Value>, order: &[Value], strategy: ListStrategy) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use serde_json::json;
 

@@ -383,7 +383,6 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]

@@ -161,7 +161,6 @@ impl FieldSelector {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use serde_json::json;
 

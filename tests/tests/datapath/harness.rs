@@ -2,6 +2,10 @@
 //! into them. BPF_PROG_TEST_RUN without a context runs the skb on the
 //! loopback device of the calling thread's netns, ifindex 1: the endpoint
 //! under test is ENDPOINTS[1] in a namespace that nothing else uses.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns (clippy.toml covers only those): a panic is the failure report"
+)]
 use std::{
     ffi::CString,
     fs::File,
@@ -172,7 +176,7 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader
-            .load(sluice_agent::datapath::EBPF_OBJECT)
+            .load(sluice_agent::datapath::EBPF_BENCH_OBJECT)
             .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
         for name in [programs::FROM_POD, programs::TO_POD, "noop"] {
             let prog: &mut SchedClassifier = ebpf

@@ -4,6 +4,10 @@
 //! allowlist. The expected verdict of each packet comes from a model written
 //! from the policy as ranges, CIDRs and identities (not as map keys), plus
 //! the conntrack and fragment state the passed packets leave behind.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns (clippy.toml covers only those): a panic is the failure report"
+)]
 use std::{
     collections::HashMap,
     net::IpAddr,

@@ -1,8 +1,12 @@
 //! A small builder of the frames the tests feed to the programs. Checksums
 //! stay zero: the data path never looks at them.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns (clippy.toml covers only those): a panic is the failure report"
+)]
 use std::net::IpAddr;
 
-use sluice_common::{proto, v4_mapped};
+use sluice_common::proto;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -20,12 +24,7 @@ pub const EXT_DEST: u8 = 60;
 pub const EXT_AUTH: u8 = 51;
 
 /// The 16-byte form the data path keys on.
-pub fn mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
+pub use sluice_common::addr::mapped_addr as mapped;
 
 #[derive(Clone, Debug)]
 pub struct Frag {

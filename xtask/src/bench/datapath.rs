@@ -38,7 +38,6 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions},
 };
-use clap::Parser;
 use sluice_common::{
     CT_ORIG_IS_LO, CT_SEEN_REPLY, CidrKey, CidrValue, CtKey, CtValue, DIR_INGRESS,
     EP_EGRESS_ISOLATED, EP_HAS_IPV4, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
@@ -46,9 +45,8 @@ use sluice_common::{
     PolicyValue, maps, programs, v4_mapped,
 };
 
-#[derive(Parser)]
-#[command(name = "bench datapath", about = "Per-packet cost of the TC programs")]
-struct Args {
+#[derive(clap::Args)]
+pub struct Args {
     /// BPF_PROG_TEST_RUN repeats per measurement.
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
@@ -89,10 +87,7 @@ const TCP: u8 = 6;
 /// Port prefix lengths announced for ingress: four lengths, any-protocol.
 const PLENS: u32 = 1 << 16 | 1 << 12 | 1 << 8 | 1 << 4 | 1 << PLEN_ANY_PROTO_BIT;
 
-pub fn run(args: &[String]) -> Result<()> {
-    let args = Args::try_parse_from(
-        std::iter::once("bench datapath".to_string()).chain(args.iter().cloned()),
-    )?;
+pub fn run(args: &Args) -> Result<()> {
     if args.repeat < 1_000_000 {
         eprintln!("note: --repeat below 1,000,000 gives noisier numbers");
     }
@@ -104,7 +99,7 @@ pub fn run(args: &[String]) -> Result<()> {
     std::thread::scope(|s| {
         s.spawn(|| -> Result<()> {
             sluice_tests::enter(&path)?;
-            bench(&args, &bpffs.dir)
+            bench(args, &bpffs.dir)
         })
         .join()
         .map_err(|_| anyhow!("benchmark thread panicked"))?
@@ -248,7 +243,7 @@ impl Datapath {
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .load(sluice_agent::datapath::EBPF_OBJECT)
+            .load(sluice_agent::datapath::EBPF_BENCH_OBJECT)
             .context("loading the eBPF object")?;
         for name in BREAKDOWN.map(|(name, _)| name) {
             let prog: &mut SchedClassifier = ebpf

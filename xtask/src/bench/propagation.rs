@@ -32,7 +32,7 @@ use sluice_proto::{Request, Response};
 use sluice_test_apiserver::{Config, Server as ApiServer, resource_version, store::Part};
 use sluice_tests::{NetNs, Node, Pod, conflist_config};
 
-use crate::bench_util::{self as u, Acceptor};
+use super::util::{self as u, Acceptor};
 
 const NODE: &str = "node-1";
 const PORT: u16 = 80;
@@ -52,20 +52,26 @@ struct Spec {
     target_ms: f64,
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let mut changes = 60.0;
-    u::options(args, &mut [("--changes", &mut changes)])?;
+#[derive(clap::Args)]
+pub struct Args {
+    /// Policy changes per cluster, alternating allow and deny.
+    #[arg(long, default_value_t = 60)]
+    changes: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let &Args { changes } = args;
     u::header(
         "Sluice bench propagation: policy change to enforcement",
         &[],
     );
     println!(
         "{} changes per cluster, alternating allow and deny; probe resolution 5 ms (allow) / ~1 ms (deny), Programmed polled every 5 ms",
-        changes as usize
+        changes
     );
     let mut verdicts = Vec::new();
     for spec in [model(), large()] {
-        let r = measure(&spec, changes as usize)?;
+        let r = measure(&spec, changes)?;
         verdicts.push(report(&spec, &r));
     }
     println!();

@@ -24,7 +24,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use sluice_common::{DIR_EGRESS, DIR_INGRESS};
 
-use crate::bench_util::{self as u, Kind, Pair, Proc};
+use super::util::{self as u, Kind, Pair, Proc};
 
 const IPERF_PORT: u16 = 5201;
 /// Client and server are pinned to one CPU each, the same for every path,
@@ -45,12 +45,18 @@ const METRICS: [(&str, bool); 6] = [
     ("CPU %/(Gbit/s), 4 streams", false),
 ];
 
-pub fn run(args: &[String]) -> Result<()> {
-    let (mut seconds, mut rounds) = (3.0, 7.0);
-    u::options(
-        args,
-        &mut [("--seconds", &mut seconds), ("--rounds", &mut rounds)],
-    )?;
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per iperf3 run and per latency test (at least 1).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Rounds; each runs every data path in turn.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let &Args { seconds, rounds } = args;
     let secs = format!("{}", seconds.max(1.0).round());
     let sockperf = which("sockperf");
     u::header(
@@ -105,11 +111,11 @@ pub fn run(args: &[String]) -> Result<()> {
         } else {
             "built-in TCP request/response (sockperf not installed)"
         },
-        rounds as usize
+        rounds
     );
     // values[kind][metric][round]
     let mut values = vec![vec![Vec::new(); METRICS.len()]; kinds.len()];
-    for round in 0..rounds as usize {
+    for round in 0..rounds {
         for (k, p) in pairs.iter().enumerate() {
             let (t1, c1) = iperf(p, 1, &secs)?;
             let (t4, c4) = iperf(p, 4, &secs)?;

@@ -29,7 +29,7 @@ use serde_json::json;
 use sluice_common::{DIR_INGRESS, IDENTITY_CIDR_FLAG};
 use sluice_tests::NetNs;
 
-use crate::bench_util::{self as u, Acceptor, Kind, Pair};
+use super::util::{self as u, Acceptor, Kind, Pair};
 
 const PORT: u16 = 8080;
 /// Not allowed for anyone: a denied probe before every measurement.
@@ -67,12 +67,18 @@ fn others(n: usize) -> Vec<(Peer, u16)> {
         .collect()
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let (mut seconds, mut rounds) = (2.0, 5.0);
-    u::options(
-        args,
-        &mut [("--seconds", &mut seconds), ("--rounds", &mut rounds)],
-    )?;
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds of new connections per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Rounds; each measures every N and implementation in turn.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let &Args { seconds, rounds } = args;
     u::header(
         "Sluice bench rules: new connections vs allowlist size",
         &["iptables", "ipset", "gnuplot-nox"],
@@ -92,11 +98,11 @@ pub fn run(args: &[String]) -> Result<()> {
     println!(
         "sequential new connections for {seconds} s per measurement (connect, 1 byte each way, RST); \
          {} rounds, each round N = 1, 100, 1,000, 10,000 in turn (reloaded), and per N none, sluice, iptables, ipset in turn",
-        rounds as usize
+        rounds
     );
     // results[n][impl][round] = (conn/s, connect p50, connect p99)
     let mut results = vec![vec![Vec::new(); IMPLS.len()]; SIZES.len()];
-    for round in 0..rounds as usize {
+    for round in 0..rounds {
         for (n, &size) in SIZES.iter().enumerate() {
             let entries = others(size);
             let mut loads = Vec::new();

@@ -1,5 +1,5 @@
 //! What the kernel benches share: the header (machine, versions), release
-//! binaries, statistics, processes stopped on drop, a plugin exec'd as a
+//! statistics, processes stopped on drop, a plugin exec'd as a
 //! runtime execs it, and the two-pod topologies of `throughput` and `rules`.
 //!
 //! Every namespace, bpffs mount and directory made here belongs to a guard
@@ -63,49 +63,6 @@ pub fn header(title: &str, packages: &[&str]) {
     println!("versions: {}", versions.join(", "));
     println!("{SHARED_NOTE}");
     println!();
-}
-
-/// Builds the agent and plugin in release mode and points the harness at
-/// them (unless SLUICE_BIN_DIR says otherwise): latencies of a debug build
-/// say little.
-pub fn release_bins() -> Result<()> {
-    if std::env::var_os("SLUICE_AGENT_LOG").is_none() {
-        // The agents' info lines would drown the results.
-        // SAFETY: called from main before any thread of this process starts.
-        unsafe { std::env::set_var("SLUICE_AGENT_LOG", "warn") };
-    }
-    if std::env::var_os("SLUICE_BIN_DIR").is_some() {
-        return Ok(());
-    }
-    crate::cargo(&["build", "--release", "--bins"])?;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
-    // SAFETY: as above, no other thread yet.
-    unsafe { std::env::set_var("SLUICE_BIN_DIR", dir) };
-    Ok(())
-}
-
-/// `--name value` options over defaults; every value a number.
-pub fn options(args: &[String], known: &mut [(&str, &mut f64)]) -> Result<()> {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, value) = match a.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (
-                a.clone(),
-                it.next()
-                    .with_context(|| format!("{a} needs a value"))?
-                    .clone(),
-            ),
-        };
-        let Some((_, slot)) = known.iter_mut().find(|(k, _)| *k == key) else {
-            let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
-            bail!("unknown option {key} (have {})", names.join(", "));
-        };
-        **slot = value
-            .parse()
-            .with_context(|| format!("{key}: {value:?} is not a number"))?;
-    }
-    Ok(())
 }
 
 /// Nearest-rank percentile (`p` in 0..=100) of unsorted samples; NaN if none.

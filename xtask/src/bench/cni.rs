@@ -33,22 +33,26 @@ use sluice_proto::{Request, Response};
 use sluice_test_apiserver::{Server as ApiServer, resource_version};
 use sluice_tests::{NetNs, Node, TempDir, conflist_config};
 
-use crate::bench_util::{self as u};
+use super::util::{self as u};
 
 const NS: &str = "bench";
 const NODE: &str = "node-1";
 
-pub fn run(args: &[String]) -> Result<()> {
-    let (mut rounds, mut seq, mut par) = (3.0, 100.0, 50.0);
-    u::options(
-        args,
-        &mut [
-            ("--rounds", &mut rounds),
-            ("--sequential", &mut seq),
-            ("--parallel", &mut par),
-        ],
-    )?;
-    let (rounds, seq, par) = (rounds as usize, seq as usize, par as usize);
+#[derive(clap::Args)]
+pub struct Args {
+    /// Rounds of the whole measurement.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Pods added (then deleted) one after the other.
+    #[arg(long = "sequential", default_value_t = 100)]
+    seq: usize,
+    /// Pods added (then deleted) at once.
+    #[arg(long = "parallel", default_value_t = 50)]
+    par: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let &Args { rounds, seq, par } = args;
     u::header(
         "Sluice bench cni: ADD and DEL latency",
         &["containernetworking-plugins"],

@@ -22,51 +22,38 @@ use sluice_agent::policy::{
     },
 };
 
-struct Params {
+#[derive(clap::Args, Clone, Copy)]
+pub struct Args {
+    /// Pods in the synthetic cluster.
+    #[arg(long, default_value_t = 10_000)]
     pods: usize,
+    /// Namespaces the pods are spread over (at most one per pod).
+    #[arg(long, default_value_t = 500)]
     namespaces: usize,
+    /// NetworkPolicies.
+    #[arg(long, default_value_t = 2_000)]
     policies: usize,
+    /// One pod in K is a local endpoint (0 counts as 1).
+    #[arg(long = "local-every", default_value_t = 1)]
     local_every: usize,
+    /// Rounds of each incremental update (0 counts as 1).
+    #[arg(long, default_value_t = 20)]
     rounds: usize,
 }
 
-fn parse_args(args: &[String]) -> Result<Params> {
-    let mut p = Params {
-        pods: 10_000,
-        namespaces: 500,
-        policies: 2_000,
-        local_every: 1,
-        rounds: 20,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, value) = match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (
-                a.clone(),
-                it.next()
-                    .with_context(|| format!("{a} needs a value"))?
-                    .clone(),
-            ),
-        };
-        let n: usize = value
-            .parse()
-            .with_context(|| format!("{key}: {value:?} is not a number"))?;
-        match key.as_str() {
-            "--pods" => p.pods = n,
-            "--namespaces" => p.namespaces = n,
-            "--policies" => p.policies = n,
-            "--local-every" => p.local_every = n.max(1),
-            "--rounds" => p.rounds = n.max(1),
-            other => bail!(
-                "unknown option {other} (have --pods, --namespaces, --policies, --local-every, --rounds)"
-            ),
+impl Args {
+    /// 0 raised to 1 where only that makes sense; an error if the cluster
+    /// cannot be built.
+    fn checked(&self) -> Result<Self> {
+        if self.namespaces == 0 || self.pods < self.namespaces {
+            bail!("need at least one pod per namespace");
         }
+        Ok(Self {
+            local_every: self.local_every.max(1),
+            rounds: self.rounds.max(1),
+            ..*self
+        })
     }
-    if p.namespaces == 0 || p.pods < p.namespaces {
-        bail!("need at least one pod per namespace");
-    }
-    Ok(p)
 }
 
 const APPS: usize = 5;
@@ -120,7 +107,7 @@ fn pod(p: &PodSpec) -> Result<Pod> {
     }))?)
 }
 
-fn pod_specs(params: &Params) -> Vec<PodSpec> {
+fn pod_specs(params: &Args) -> Vec<PodSpec> {
     (0..params.pods)
         .map(|i| {
             let ns = i % params.namespaces;
@@ -282,8 +269,8 @@ fn relabel_and_back(
     Ok(())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let params = parse_args(args)?;
+pub fn run(args: &Args) -> Result<()> {
+    let params = args.checked()?;
     if cfg!(debug_assertions) {
         println!(
             "warning: a debug build; measure with cargo run --release -p xtask -- bench compiler"

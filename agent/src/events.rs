@@ -170,15 +170,8 @@ mod tests {
                 std::mem::size_of::<DropEvent>(),
             )
         };
-        let r = DropRecord::from(&decode(bytes).unwrap_or_default());
-        assert_eq!(
-            r.src,
-            Some(
-                "10.0.0.2"
-                    .parse()
-                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-            )
-        );
+        let r = DropRecord::from(&decode(bytes).unwrap());
+        assert_eq!(r.src, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(r.dst_port, 80);
         assert_eq!(r.reason, "policy-denied");
         assert_eq!(r.direction, "egress");

@@ -3,6 +3,7 @@
 //! root (the container runtime running the plugin) can change endpoints.
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
+use sluice_common::not_found_ok;
 use sluice_proto::{Request, Response, code};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -19,11 +20,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    not_found_ok(std::fs::remove_file(path))?;
     // Bind under a restrictive umask so the socket is never world-writable,
     // not even for the moment before chmod.
     // SAFETY: umask only swaps the process mask.

@@ -1,5 +1,4 @@
 //! Diagnostics as Events, through `Cluster::apply` as the reconciler calls it.
-#![expect(clippy::unwrap_used, reason = "tests")]
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::*;

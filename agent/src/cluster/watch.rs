@@ -232,7 +232,6 @@ mod tests {
     //! The watch path against a scripted API server (tower-test's mock
     //! service under a real kube `Client`): each step answers the request
     //! the watcher makes and checks what it asked for and what came out.
-    #![expect(clippy::unwrap_used, reason = "tests")]
     use std::collections::BTreeMap;
 
     use http::{Request, Response, StatusCode};

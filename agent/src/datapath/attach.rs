@@ -18,7 +18,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use sluice_common::programs;
+use sluice_common::{not_found_ok, programs};
 
 use super::{DatapathError, Result};
 
@@ -258,10 +258,10 @@ impl Programs {
             let path = path.to_owned();
             move |source| DatapathError::Io { path, source }
         };
-        let remove = |path: &Path| match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(path)(e)),
+        let remove = |path: &Path| {
+            not_found_ok(std::fs::remove_file(path))
+                .map(drop)
+                .map_err(io_err(path))
         };
         let dir = std::fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let prog: &mut CgroupSkb = program_mut(&mut self.ebpf, programs::TO_HOST)?;
@@ -338,10 +338,8 @@ impl Programs {
                     });
                 }
             }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Io { path, source }),
+            if let Err(source) = not_found_ok(std::fs::remove_file(&path)) {
+                return Err(DatapathError::Io { path, source });
             }
         }
         Ok(())

@@ -7,6 +7,7 @@ use aya::maps::{
     HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
 };
 use ipnetwork::IpNetwork;
+pub(super) use sluice_common::addr::{mapped, unmapped};
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey,
     IpcacheValue, PolicyKey, PolicyValue, ServiceKey, maps,
@@ -125,7 +126,7 @@ impl Maps {
         let mut out = BTreeSet::new();
         for item in self.services.keys() {
             let k = item.map_err(map_err(maps::SERVICES))?;
-            out.insert(unmapped(k.addr, 128).ip());
+            out.insert(sluice_common::addr::unmapped_addr(k.addr));
         }
         Ok(out)
     }
@@ -173,30 +174,5 @@ pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
-    }
-}
-
-/// 16-byte (IPv4-mapped) form of a prefix, with its length in that form.
-pub(super) fn mapped(net: IpNetwork) -> ([u8; 16], u32) {
-    match net {
-        IpNetwork::V4(n) => (
-            sluice_common::v4_mapped(n.network().octets()),
-            sluice_common::V4_MAPPED_PLEN_OFFSET + u32::from(n.prefix()),
-        ),
-        IpNetwork::V6(n) => (n.network().octets(), u32::from(n.prefix())),
-    }
-}
-
-/// The prefix a 16-byte (possibly IPv4-mapped) address and length stand for.
-pub(super) fn unmapped(addr: [u8; 16], plen: u32) -> IpNetwork {
-    let v6 = std::net::Ipv6Addr::from(addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) if plen >= sluice_common::V4_MAPPED_PLEN_OFFSET => {
-            let p = (plen - sluice_common::V4_MAPPED_PLEN_OFFSET) as u8;
-            IpNetwork::new(IpAddr::V4(v4), p).unwrap_or(IpNetwork::V4(v4.into()))
-        }
-        _ => {
-            IpNetwork::new(IpAddr::V6(v6), plen.min(128) as u8).unwrap_or(IpNetwork::V6(v6.into()))
-        }
     }
 }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use sluice_common::not_found_ok;
 use sluice_proto::{Attachment, EndpointSpec};
 
 use crate::{
@@ -131,11 +132,9 @@ impl Registry {
             registry.index(ep);
         }
         let counter = state_dir.join("next-ep-id");
-        let stored = match std::fs::read_to_string(&counter) {
-            Ok(s) => s.trim().parse().unwrap_or(1),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 1,
-            Err(e) => return Err(io_err(&counter)(e)),
-        };
+        let stored = not_found_ok(std::fs::read_to_string(&counter))
+            .map_err(io_err(&counter))?
+            .map_or(1, |s| s.trim().parse().unwrap_or(1));
         let seen = registry
             .by_attachment
             .values()
@@ -222,11 +221,7 @@ impl Registry {
 
     pub fn remove(&mut self, a: &Attachment) -> Result<Option<Endpoint>> {
         let path = self.record_path(a);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&path)(e)),
-        }
+        not_found_ok(std::fs::remove_file(&path)).map_err(io_err(&path))?;
         Ok(self.unindex(&key(a)))
     }
 

@@ -1,4 +1,3 @@
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 use std::collections::BTreeSet;
 
 use sluice_common::reason;

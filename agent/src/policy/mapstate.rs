@@ -8,6 +8,7 @@
 //! union of its rules is the allowlist). A rule names a peer identity
 //! (`IDENTITY_ANY` for any peer, a CIDR-group identity for ipBlock) and an
 //! L4 match.
+pub use sluice_common::port_mask;
 use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
@@ -189,15 +190,6 @@ pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
         lo += size;
     }
     out
-}
-
-/// Mask of a port prefix length (16 = exact, 0 = any).
-pub fn port_mask(plen: u8) -> u16 {
-    if plen == 0 {
-        0
-    } else {
-        u16::MAX << (16 - u32::from(plen.min(16)))
-    }
 }
 
 /// Would the entries allow (`identity`, `proto`, `port`) in `dir`? The

@@ -5,6 +5,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnetwork::IpNetwork;
 use rtnetlink::{Handle, RouteMessageBuilder};
+use sluice_common::netlink::errno;
 use tracing::{info, warn};
 
 pub type Route = (IpNetwork, IpAddr);
@@ -28,13 +29,6 @@ fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, Strin
         b = b.output_interface(oif);
     }
     Ok(b.build())
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
 }
 
 impl Routes {

@@ -49,13 +49,15 @@
 //!
 //! # Rooms
 //!
-//! [`identities`] (identities and their numbers), [`pods`] (pods and the
-//! ipcache), [`selectors`] (the selector cache), [`repository`] (the parsed
-//! policies and rule ids), [`contributions`] (per local identity), [`cidr`]
-//! (CIDR groups), [`txn`] (what an event touched, [`Changes`]), [`mapstate`]
-//! (the map entries of an [`EndpointPolicy`]), [`verdict`] (the lookup
-//! model). [`Compiler`] owns one of each and moves between them; a room
-//! never reaches into another.
+//! One struct per file, each readable alone: `identities` (identities and
+//! their numbers), `pods` (pods and the ipcache), `selectors` (the selector
+//! cache), `repository` (the parsed policies and rule ids), `contributions`
+//! (per local identity), `cidr` (CIDR groups), `txn` (what an event touched,
+//! and the commit that turns it into [`Changes`]), [`mapstate`] (the map
+//! entries of an [`EndpointPolicy`]), [`verdict`] (the lookup model);
+//! `events` holds the inputs ([`Resync`], `upsert_*`, `delete_*`).
+//! [`Compiler`] owns one of each and moves between them: a method that needs
+//! two rooms lives on it or takes the rooms as parameters.
 //!
 //! # Use
 //!

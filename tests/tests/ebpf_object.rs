@@ -6,12 +6,11 @@ use std::collections::BTreeSet;
 use sluice_agent::datapath::{EBPF_BENCH_OBJECT, EBPF_OBJECT};
 use sluice_common::programs;
 
-fn program_names(object: &[u8]) -> BTreeSet<String> {
-    aya_obj::Object::parse(object)
-        .expect("the object parses")
+fn program_names(object: &[u8]) -> Result<BTreeSet<String>, aya_obj::ParseError> {
+    Ok(aya_obj::Object::parse(object)?
         .programs
         .into_keys()
-        .collect()
+        .collect())
 }
 
 fn agents_programs() -> BTreeSet<String> {
@@ -28,12 +27,12 @@ fn agents_programs() -> BTreeSet<String> {
 
 #[test]
 fn the_production_object_has_only_the_programs_the_agent_attaches() {
-    assert_eq!(program_names(EBPF_OBJECT), agents_programs());
+    assert_eq!(program_names(EBPF_OBJECT).unwrap(), agents_programs());
 }
 
 #[test]
 fn the_bench_object_adds_noop_and_the_bench_programs_to_those() {
-    let (bench, agents) = (program_names(EBPF_BENCH_OBJECT), agents_programs());
+    let (bench, agents) = (program_names(EBPF_BENCH_OBJECT).unwrap(), agents_programs());
     let extra: BTreeSet<&str> = bench.difference(&agents).map(String::as_str).collect();
     assert!(bench.is_superset(&agents), "{bench:?}");
     assert_eq!(

@@ -39,8 +39,8 @@ use sluice_common::{
 /// The TC programs, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));
 /// The same programs plus the bench-only ones (`noop`, `bench_*`; sluice-ebpf's
-/// `bench` feature), for `cargo xtask bench datapath` and the data path
-/// tests. The agent never loads it.
+/// `bench` feature), for `cargo xtask bench datapath`. The agent never loads
+/// it; tests/tests/ebpf_object.rs checks which programs each object has.
 pub static EBPF_BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc-bench"));
 

@@ -980,7 +980,7 @@ fn invalid_input_yields_the_spec_error_codes() -> Result<()> {
     // No CNI_COMMAND at all is a user at a shell: usage, exit 2.
     let out = run(&env_with("CNI_COMMAND", None), &good_s)?;
     ensure!(
-        out.code == 2 && out.stdout.is_empty() && out.stderr.contains("usage"),
+        out.code == 2 && out.stdout.is_empty() && out.stderr.contains("Usage: sluice"),
         "{} / {} / {}",
         out.code,
         out.stdout,

@@ -175,10 +175,12 @@ impl Datapath {
         for (name, size) in sizes {
             loader.map_max_entries(name, *size);
         }
+        // The production object, as the agent loads it: what ships is what
+        // is tested (the bench-only programs are in EBPF_BENCH_OBJECT).
         let mut ebpf = loader
-            .load(sluice_agent::datapath::EBPF_BENCH_OBJECT)
+            .load(sluice_agent::datapath::EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
-        for name in [programs::FROM_POD, programs::TO_POD, "noop"] {
+        for name in [programs::FROM_POD, programs::TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("no program {name}"))

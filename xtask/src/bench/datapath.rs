@@ -1,9 +1,13 @@
 //! `cargo xtask bench datapath`: the per-packet cost of the TC programs,
 //! measured with BPF_PROG_TEST_RUN in a private netns and bpffs.
 //!
+//! The programs come from the bench object (`EBPF_BENCH_OBJECT`: the data
+//! path built with sluice-ebpf's `bench` feature, which adds `noop` and the
+//! `bench_*` programs; the production object has none of them).
+//!
 //! What is measured (all on `to_pod`, an IPv4 TCP packet from a peer):
-//! 1. `noop`, a third classifier in the object that returns TC_ACT_OK at
-//!    once: the cost of BPF_PROG_TEST_RUN's loop itself, the baseline.
+//! 1. `noop`, a classifier that returns TC_ACT_OK at once: the cost of
+//!    BPF_PROG_TEST_RUN's loop itself, the baseline.
 //! 2. An established flow: its conntrack entry exists; parse, endpoint,
 //!    one conntrack lookup and refresh. Measured in steps with the
 //!    bench-only classifiers `bench_parse` (parsing), `bench_endpoint`

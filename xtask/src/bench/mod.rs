@@ -13,6 +13,7 @@ use clap::Subcommand;
 mod cni;
 mod compiler;
 mod datapath;
+mod flood;
 mod propagation;
 mod rules;
 mod throughput;
@@ -32,6 +33,9 @@ pub enum Bench {
     Cni(cni::Args),
     /// From a policy change to its enforcement (root).
     Propagation(propagation::Args),
+    /// A denied UDP flood: CPU per dropped packet against nftables and
+    /// iptables drop rules (root).
+    Flood(flood::Args),
 }
 
 pub fn run(bench: &Bench) -> Result<()> {
@@ -47,6 +51,7 @@ pub fn run(bench: &Bench) -> Result<()> {
         Bench::Rules(args) => with_release_bins("rules", || rules::run(args)),
         Bench::Cni(args) => with_release_bins("cni", || cni::run(args)),
         Bench::Propagation(args) => with_release_bins("propagation", || propagation::run(args)),
+        Bench::Flood(args) => with_release_bins("flood", || flood::run(args)),
     }
 }
 

@@ -577,11 +577,23 @@ pub fn pipeline_verdict(pin_root: &Path, n: &mut u32, case: &Case) -> Result<boo
     let dir = pin_root.join(format!("c{n}"));
     std::fs::create_dir_all(&dir)?;
     let start = case.before.as_ref().unwrap_or(&case.world);
-    let mut p = Pipeline::new(&dir, start)?;
-    if case.before.is_some() {
-        p.set_world(&case.world)?;
+    let verdict = (|| {
+        let mut p = Pipeline::new(&dir, start)?;
+        if case.before.is_some() {
+            p.set_world(&case.world)?;
+        }
+        p.allowed(case.probe.src, case.probe.dst, case.probe.proto, case.probe.port)
+    })();
+    unpin(&dir);
+    verdict
+}
+
+/// Removes a pipeline's pins (its maps go when their last fd closes):
+/// shrinking loads hundreds of pipelines into one bpffs.
+fn unpin(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        eprintln!("unpin {}: {e}", dir.display());
     }
-    p.allowed(case.probe.src, case.probe.dst, case.probe.proto, case.probe.port)
 }
 
 fn diverges(pin_root: &Path, n: &mut u32, case: &Case) -> Result<bool> {
@@ -729,20 +741,33 @@ pub struct SeedReport {
 pub fn run_seed(pin_root: &Path, seed: u64, rounds: usize, per_round: usize) -> Result<SeedReport> {
     let mut rng = Rng::new(seed);
     let mut serial = 0;
-    let mut w = world(&mut rng, &mut serial);
+    let w = world(&mut rng, &mut serial);
     let dir = pin_root.join(format!("seed-{seed}"));
     std::fs::create_dir_all(&dir)?;
-    let mut p = Pipeline::new(&dir, &w)?;
+    let report = seed_rounds(&dir, &mut rng, &mut serial, w, rounds, per_round);
+    unpin(&dir);
+    report
+}
+
+fn seed_rounds(
+    dir: &Path,
+    rng: &mut Rng,
+    serial: &mut u32,
+    mut w: World,
+    rounds: usize,
+    per_round: usize,
+) -> Result<SeedReport> {
+    let mut p = Pipeline::new(dir, &w)?;
     let mut report = SeedReport::default();
     let mut before: Option<World> = None;
     for round in 0..rounds {
         if round > 0 {
-            let next = mutate(&mut rng, &w, &mut serial);
+            let next = mutate(rng, &w, serial);
             p.set_world(&next)?;
             before = Some(std::mem::replace(&mut w, next));
         }
         let oracle = Oracle::new(&w);
-        for probe in probes(&mut rng, &w, per_round) {
+        for probe in probes(rng, &w, per_round) {
             let expected = oracle.allowed(probe.src, probe.dst, probe.proto, probe.port);
             let got = p.allowed(probe.src, probe.dst, probe.proto, probe.port)?;
             report.probes += 1;

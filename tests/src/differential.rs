@@ -310,7 +310,11 @@ fn in_prefix(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
         IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
         IpAddr::V6(a) => u128::from(a),
     };
-    let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    };
     ip.is_ipv4() == net.is_ipv4() && bits(ip) & mask == bits(net) & mask
 }
 
@@ -352,7 +356,10 @@ fn ports(rng: &mut Rng) -> Option<Vec<NetworkPolicyPort>> {
     }
 }
 
-fn avoid_named_on_blocks(peers: &Option<Vec<NetworkPolicyPeer>>, ports: &mut Option<Vec<NetworkPolicyPort>>) {
+fn avoid_named_on_blocks(
+    peers: &Option<Vec<NetworkPolicyPeer>>,
+    ports: &mut Option<Vec<NetworkPolicyPort>>,
+) {
     let has_block = peers.iter().flatten().any(|p| p.ip_block.is_some());
     if AVOID_NAMED_PORT_EGRESS_IPBLOCK && has_block {
         for p in ports.iter_mut().flatten() {
@@ -424,7 +431,10 @@ pub fn world(rng: &mut Rng, serial: &mut u32) -> World {
         namespaces,
         pods,
         policies,
-        node_ips: vec![NODE4.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), NODE6.parse().unwrap_or(IpAddr::from([0; 16]))],
+        node_ips: vec![
+            NODE4.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            NODE6.parse().unwrap_or(IpAddr::from([0; 16])),
+        ],
     }
 }
 
@@ -439,7 +449,8 @@ pub fn mutate(rng: &mut Rng, w: &World, serial: &mut u32) -> World {
         }
         1 => {
             let i = rng.below(w.namespaces.len());
-            w.namespaces[i].metadata.labels = Some(labels(rng, NS_LABELS)).filter(|l| !l.is_empty());
+            w.namespaces[i].metadata.labels =
+                Some(labels(rng, NS_LABELS)).filter(|l| !l.is_empty());
         }
         2 => {
             let name = format!("np{}", 10 + rng.below(1000));
@@ -582,7 +593,12 @@ pub fn pipeline_verdict(pin_root: &Path, n: &mut u32, case: &Case) -> Result<boo
         if case.before.is_some() {
             p.set_world(&case.world)?;
         }
-        p.allowed(case.probe.src, case.probe.dst, case.probe.proto, case.probe.port)
+        p.allowed(
+            case.probe.src,
+            case.probe.dst,
+            case.probe.proto,
+            case.probe.port,
+        )
     })();
     unpin(&dir);
     verdict
@@ -629,16 +645,36 @@ fn smaller(w: &World) -> Vec<World> {
                 v.remove(r);
             }
             out.push(x);
-            for k in 0..spec.ingress.as_ref().and_then(|v| v[r].from.as_ref()).map_or(0, Vec::len) {
+            for k in 0..spec
+                .ingress
+                .as_ref()
+                .and_then(|v| v[r].from.as_ref())
+                .map_or(0, Vec::len)
+            {
                 let mut x = w.clone();
-                if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.ingress.as_mut()).and_then(|v| v[r].from.as_mut()) {
+                if let Some(v) = x.policies[i]
+                    .spec
+                    .as_mut()
+                    .and_then(|s| s.ingress.as_mut())
+                    .and_then(|v| v[r].from.as_mut())
+                {
                     v.remove(k);
                 }
                 out.push(x);
             }
-            for k in 0..spec.ingress.as_ref().and_then(|v| v[r].ports.as_ref()).map_or(0, Vec::len) {
+            for k in 0..spec
+                .ingress
+                .as_ref()
+                .and_then(|v| v[r].ports.as_ref())
+                .map_or(0, Vec::len)
+            {
                 let mut x = w.clone();
-                if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.ingress.as_mut()).and_then(|v| v[r].ports.as_mut()) {
+                if let Some(v) = x.policies[i]
+                    .spec
+                    .as_mut()
+                    .and_then(|s| s.ingress.as_mut())
+                    .and_then(|v| v[r].ports.as_mut())
+                {
                     v.remove(k);
                 }
                 out.push(x);
@@ -650,16 +686,36 @@ fn smaller(w: &World) -> Vec<World> {
                 v.remove(r);
             }
             out.push(x);
-            for k in 0..spec.egress.as_ref().and_then(|v| v[r].to.as_ref()).map_or(0, Vec::len) {
+            for k in 0..spec
+                .egress
+                .as_ref()
+                .and_then(|v| v[r].to.as_ref())
+                .map_or(0, Vec::len)
+            {
                 let mut x = w.clone();
-                if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.egress.as_mut()).and_then(|v| v[r].to.as_mut()) {
+                if let Some(v) = x.policies[i]
+                    .spec
+                    .as_mut()
+                    .and_then(|s| s.egress.as_mut())
+                    .and_then(|v| v[r].to.as_mut())
+                {
                     v.remove(k);
                 }
                 out.push(x);
             }
-            for k in 0..spec.egress.as_ref().and_then(|v| v[r].ports.as_ref()).map_or(0, Vec::len) {
+            for k in 0..spec
+                .egress
+                .as_ref()
+                .and_then(|v| v[r].ports.as_ref())
+                .map_or(0, Vec::len)
+            {
                 let mut x = w.clone();
-                if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.egress.as_mut()).and_then(|v| v[r].ports.as_mut()) {
+                if let Some(v) = x.policies[i]
+                    .spec
+                    .as_mut()
+                    .and_then(|s| s.egress.as_mut())
+                    .and_then(|v| v[r].ports.as_mut())
+                {
                     v.remove(k);
                 }
                 out.push(x);
@@ -676,7 +732,12 @@ fn smaller(w: &World) -> Vec<World> {
         }
     }
     for i in 0..w.namespaces.len() {
-        for k in w.namespaces[i].metadata.labels.iter().flat_map(|l| l.keys()) {
+        for k in w.namespaces[i]
+            .metadata
+            .labels
+            .iter()
+            .flat_map(|l| l.keys())
+        {
             let mut x = w.clone();
             if let Some(l) = x.namespaces[i].metadata.labels.as_mut() {
                 l.remove(k);
@@ -777,7 +838,7 @@ fn seed_rounds(
                 // would be exact, the one before the last change is
                 // usually enough; shrinking tries without any first.
                 report.divergence = Some(Case {
-                    before: before.clone(),
+                    before,
                     world: w.clone(),
                     probe,
                     expected,

@@ -55,17 +55,12 @@
 //!   addresses are plain addresses (a host-network pod's are the node's).
 //! - Traffic from the node's own addresses (kubelet probes) always passes
 //!   the destination's ingress; the node's egress is not judged.
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod},
-        networking::v1::{
-            IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
-        },
+        networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
@@ -113,6 +108,12 @@ impl Proto {
     }
 }
 
+/// A rule's peers and ports, whichever direction.
+type RuleParts = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Ingress,
@@ -141,7 +142,9 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
         .filter_map(|i| i.ip.parse().ok())
         .collect();
     if out.is_empty()
-        && let Some(ip) = st.and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok())
+        && let Some(ip) = st
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|s| s.parse().ok())
     {
         out.push(ip);
     }
@@ -412,22 +415,30 @@ impl<'a> Oracle<'a> {
             }
             let spec = np.spec.clone().unwrap_or_default();
             let ns = np.metadata.namespace.as_deref().unwrap_or_default();
-            let rules: Vec<(Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)> =
-                if dir == Dir::Ingress {
-                    spec.ingress
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|r| (r.from, r.ports))
-                        .collect()
-                } else {
-                    spec.egress
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|r| (r.to, r.ports))
-                        .collect()
-                };
+            let rules: Vec<RuleParts> = if dir == Dir::Ingress {
+                spec.ingress
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| (r.from, r.ports))
+                    .collect()
+            } else {
+                spec.egress
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| (r.to, r.ports))
+                    .collect()
+            };
             rules.iter().any(|(peers, ports)| {
-                self.rule_allows(ns, peers.as_deref(), ports.as_deref(), peer, peer_pod, dst_pod, proto, port)
+                self.rule_allows(
+                    ns,
+                    peers.as_deref(),
+                    ports.as_deref(),
+                    peer,
+                    peer_pod,
+                    dst_pod,
+                    proto,
+                    port,
+                )
             })
         })
     }

@@ -192,7 +192,7 @@ impl Pipeline {
             .wired
             .iter()
             .filter(|(pod, wired)| {
-                self.compiler.addresses_of(pod).map(|ips| record_ips(ips))
+                self.compiler.addresses_of(pod).map(record_ips)
                     != Some((wired.record.ipv4, wired.record.ipv6))
                     || !self.compiler.is_local(pod)
             })

@@ -13,6 +13,10 @@ use sluice_tests::{
 };
 
 /// Runs `f` on a thread inside a fresh netns, with a fresh bpffs.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper outside #[test] fns: a panic is the failure report"
+)]
 fn in_sandbox<T: Send>(f: impl FnOnce(&Path) -> T + Send) -> T {
     let ns = NetNs::new("sl-diff-").unwrap();
     let bpffs = Bpffs::new().unwrap();
@@ -58,7 +62,10 @@ fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
     eprintln!("{} probes, {} allowed", report.0, report.1);
     // Both verdicts must be common, or the comparison says little.
     assert!(report.0 >= 5000, "{report:?}");
-    assert!(report.1 * 10 > report.0 && report.1 * 10 < report.0 * 9, "{report:?}");
+    assert!(
+        report.1 * 10 > report.0 && report.1 * 10 < report.0 * 9,
+        "{report:?}"
+    );
 }
 
 #[test]

@@ -22,7 +22,10 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub mod cases;
 pub mod conformance;
+pub mod differential;
 pub mod kubeproxy;
+pub mod oracle;
+pub mod pipeline;
 use sluice_proto::{Request, Response};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -9,6 +9,7 @@ use sluice_tests::{cases::Family, conformance as c};
 
 mod bench;
 mod demo;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(about = "Sluice tasks")]
@@ -59,6 +60,9 @@ enum Cmd {
     /// (docs/performance.md).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// The NetworkPolicy oracle against the whole pipeline on new random
+    /// seeds (root; docs/design.md, "The oracle").
+    FuzzPolicy(fuzz::Args),
 }
 
 /// The address families of the conformance cases.
@@ -203,5 +207,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::FuzzPolicy(args) => {
+            require_root("fuzz-policy")?;
+            fuzz::run(&args)
+        }
     }
 }

@@ -44,6 +44,20 @@ pub(super) fn group_prefixes(rules: &[RuleBlocks<'_>]) -> Grouped {
         .flat_map(|r| r.blocks.iter())
         .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
         .collect();
+    // The data path keys IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), so an
+    // IPv6 prefix of 96 bits or less around ::ffff:0:0 would match IPv4
+    // addresses there (`::/0` allowed all of IPv4). A 0.0.0.0/0 prefix
+    // (the mapped ::ffff:0:0/96) gives those addresses their own set,
+    // empty unless a block holds 0.0.0.0/0.
+    if let (Ok(mapped), Ok(all_v4)) = (
+        ipnetwork::Ipv6Network::new(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96),
+        ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+    ) && prefixes
+        .iter()
+        .any(|p| p.is_ipv6() && within(IpNetwork::V6(mapped), *p))
+    {
+        prefixes.push(IpNetwork::V4(all_v4));
+    }
     prefixes.sort();
     prefixes.dedup();
     prefixes

@@ -1,0 +1,72 @@
+//! `cargo xtask fuzz-policy`: the differential check of
+//! `tests/tests/differential.rs` (sluice_tests::differential) on new seeds
+//! for as long as asked. A divergence is shrunk, printed and saved as a
+//! regression case, which the test then replays every run.
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use sluice_tests::differential as d;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// How long to run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// The first seed (default: from the clock); each next seed is one more.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Changes per seed (each followed by a round of probes).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Probes per round.
+    #[arg(long, default_value_t = 40)]
+    probes: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let ns = sluice_tests::NetNs::new("sl-fuzz-")?;
+    let bpffs = sluice_tests::Bpffs::new()?;
+    let path = ns.path();
+    let first = match args.seed {
+        Some(s) => s,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    };
+    // BPF_PROG_TEST_RUN runs on the loopback of the caller's netns.
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            sluice_tests::enter(&path)?;
+            fuzz(args, first, &bpffs.dir)
+        })
+        .join()
+        .map_err(|_| anyhow!("fuzzing thread panicked"))?
+    })
+}
+
+fn fuzz(args: &Args, first: u64, pins: &std::path::Path) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let (mut seeds, mut probes, mut allowed) = (0u64, 0, 0);
+    let mut seed = first;
+    while Instant::now() < until {
+        let r = d::run_seed(pins, seed, args.rounds, args.probes)?;
+        seeds += 1;
+        probes += r.probes;
+        allowed += r.allowed;
+        if let Some(case) = r.divergence {
+            println!("seed {seed} diverges; shrinking");
+            let small = d::shrink(pins, case)?;
+            println!("{}", serde_json::to_string_pretty(&small)?);
+            let saved = d::save(&d::regressions_dir(), seed, &small)?;
+            bail!(
+                "seed {seed}: the pipeline and the oracle disagree (case saved as {})",
+                saved.display()
+            );
+        }
+        seed = seed.wrapping_add(1);
+    }
+    println!(
+        "fuzz-policy: seeds {first}..{seed} ({seeds} seeds), {probes} probes ({allowed} allowed), no divergence"
+    );
+    Ok(())
+}

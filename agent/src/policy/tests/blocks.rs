@@ -96,6 +96,36 @@ fn ip_blocks_on_ingress_match_sources_and_work_in_ipv6() {
     assert!(!c.verdict("10.0.0.1".parse().unwrap(), a, TCP, 80));
 }
 
+/// The data path keys IPv4 as IPv4-mapped IPv6: an IPv6 block around
+/// `::ffff:0:0/96` must give IPv4 addresses a prefix of their own, with no
+/// rule, or it lets all of IPv4 through (found by the oracle; regression
+/// case tests/conformance/regressions/ipv6-any-block-let-ipv4-through.json).
+#[test]
+fn an_ipv6_block_that_covers_the_mapped_ipv4_range_allows_no_ipv4_address() {
+    let mut w = World::new();
+    w.apply(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
+               "egress": [{"to": [{"ipBlock": {"cidr": "::/0"}}]}]}),
+    );
+    let ep = w.ep("x/a");
+    let all_v4: ipnetwork::IpNetwork = "0.0.0.0/0".parse().unwrap();
+    let v4 = ep
+        .cidrs
+        .iter()
+        .find(|c| c.net == all_v4)
+        .expect("IPv4 gets a prefix of its own");
+    assert!(
+        !ep.rules
+            .iter()
+            .any(|r| v4.group != 0 && r.identity == v4.group),
+        "no rule for IPv4: {ep:?}"
+    );
+    let v6 = ep.cidrs.iter().find(|c| c.net.is_ipv6()).unwrap();
+    assert!(ep.rules.iter().any(|r| r.identity == v6.group));
+}
+
 #[test]
 fn cidr_group_ids_survive_an_update_that_keeps_the_same_rules() {
     let mut w = World::new();

@@ -1,6 +1,8 @@
 //! ipBlocks of one endpoint and direction as longest-prefix-match entries.
 //!
-//! The prefixes are every `cidr` and every `except`. The set of a prefix P is
+//! The prefixes are every `cidr` and every `except` (and, for an egress
+//! named port, a host prefix per pod address that resolves it: see
+//! [`compute`]). The set of a prefix P is
 //! every (rule, L4) of a block whose `cidr` contains P and none of whose
 //! `except`s contains P. For an address A whose longest matching prefix is P,
 //! a block allows A iff it is in P's set: a block's `cidr` contains A, so it

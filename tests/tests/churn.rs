@@ -49,19 +49,23 @@ impl Rng {
 }
 
 fn pod(ns: &str, name: &str, node: &str, labels: Value) -> Value {
-    json!({
+    let mut p = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none",
             "ports": [{"containerPort": 80, "name": "http", "protocol": "TCP"}]}]}
-    })
+    });
+    p["metadata"]["labels"] = labels;
+    p
 }
 
 fn policy(ns: &str, name: &str, spec: Value) -> Value {
-    json!({
+    let mut p = json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": name, "namespace": ns}, "spec": spec,
-    })
+        "metadata": {"name": name, "namespace": ns},
+    });
+    p["spec"] = spec;
+    p
 }
 
 /// The policy in force on the server, in forms that all mean: clients may
@@ -71,10 +75,12 @@ fn server_policy(form: usize) -> Value {
         0 => json!({"podSelector": {"matchLabels": {"role": "server"}}, "ingress": [{
             "from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
             "ports": [{"port": 80, "protocol": "TCP"}, {"port": 80, "protocol": "UDP"}]}]}),
-        1 => json!({"podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["server"]}]},
+        1 => {
+            json!({"podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["server"]}]},
             "policyTypes": ["Ingress"], "ingress": [{
             "from": [{"podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["client"]}]}}],
-            "ports": [{"port": 80, "protocol": "UDP"}, {"port": 80}]}]}),
+            "ports": [{"port": 80, "protocol": "UDP"}, {"port": 80}]}]})
+        }
         2 => json!({"podSelector": {"matchLabels": {"role": "server"}}, "ingress": [
             {"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": 80}]},
             {"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": 80, "protocol": "UDP"}]}]}),
@@ -150,9 +156,9 @@ fn apply_and_wait(api: &ServerHandle, node: &sluice_tests::Node, obj: Value) -> 
     let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     let stored = if api.get(plural, ns, name).is_some() {
-        api.update(obj.clone(), Part::Main)?
+        api.update(obj, Part::Main)?
     } else {
-        api.create(obj.clone())?
+        api.create(obj)?
     };
     node.wait_programmed(&key, Some(&resource_version(&stored)), WAIT)
 }
@@ -285,8 +291,15 @@ fn a_thousand_unrelated_changes_never_let_a_denied_probe_through_nor_block_an_al
         }
         let result = (|| -> Result<()> {
             for step in 0..CHANGES {
-                churn_step(&api, &node, &mut rng, step, &mut noise_pods, &mut noise_policies)
-                    .with_context(|| format!("change {step}"))?;
+                churn_step(
+                    &api,
+                    &node,
+                    &mut rng,
+                    step,
+                    &mut noise_pods,
+                    &mut noise_policies,
+                )
+                .with_context(|| format!("change {step}"))?;
             }
             Ok(())
         })();
@@ -304,7 +317,11 @@ fn a_thousand_unrelated_changes_never_let_a_denied_probe_through_nor_block_an_al
         n(&tally.denied_connected),
     );
     let failures = tally.failures.lock().map(|v| v.clone()).unwrap_or_default();
-    assert!(failures.is_empty(), "wrong verdicts:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "wrong verdicts:\n{}",
+        failures.join("\n")
+    );
     // Each flow was probed during the churn, not once (a denied probe takes
     // its whole timeout; the churn takes seconds).
     let fewest = per_flow.iter().map(n).min().unwrap_or(0);
@@ -325,7 +342,9 @@ fn churn_step(
         // A namespace of noise relabelled.
         0 => {
             let name = format!("n{}", rng.below(NOISE_NAMESPACES));
-            let mut ns = api.get("namespaces", "", &name).context("noise namespace")?;
+            let mut ns = api
+                .get("namespaces", "", &name)
+                .context("noise namespace")?;
             let env = if rng.below(2) == 0 { "prod" } else { "dev" };
             ns["metadata"]["labels"]["env"] = json!(env);
             apply_and_wait(api, node, ns)
@@ -342,7 +361,12 @@ fn churn_step(
                 }
                 _ => {
                     let tier = ["a", "b", "c"][rng.below(3)];
-                    let p = pod(&ns, &name, "node-2", json!({"tier": tier, "step": step.to_string()}));
+                    let p = pod(
+                        &ns,
+                        &name,
+                        "node-2",
+                        json!({"tier": tier, "step": step.to_string()}),
+                    );
                     let new = noise_pods[i].is_none();
                     noise_pods[i] = Some(p.clone());
                     apply_and_wait(api, node, p)?;
@@ -355,7 +379,11 @@ fn churn_step(
                         "podIP": format!("10.122.0.{}", i + 1),
                         "podIPs": [{"ip": format!("10.122.0.{}", i + 1)}, {"ip": format!("fd00:122::{:x}", i + 1)}]});
                     let stored = api.update(with_status, Part::Status)?;
-                    node.wait_programmed(&format!("Pod/{ns}/{name}"), Some(&resource_version(&stored)), WAIT)
+                    node.wait_programmed(
+                        &format!("Pod/{ns}/{name}"),
+                        Some(&resource_version(&stored)),
+                        WAIT,
+                    )
                 }
             }
         }

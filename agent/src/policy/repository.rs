@@ -157,9 +157,9 @@ impl Repository {
     pub fn insert(&mut self, pid: PolicyId, pol: PolicyState) {
         let named_blocks = pol.rules.iter().any(|r| {
             r.dir == DIR_EGRESS
-                && r.parts.iter().any(|p| {
-                    matches!(p.peer, Peer::Blocks(_)) && !p.ports.named.is_empty()
-                })
+                && r.parts
+                    .iter()
+                    .any(|p| matches!(p.peer, Peer::Blocks(_)) && !p.ports.named.is_empty())
         });
         if named_blocks {
             self.named_blocks.insert(pid);

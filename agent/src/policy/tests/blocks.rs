@@ -404,7 +404,8 @@ fn a_pod_event_does_not_touch_identities_without_an_egress_named_port_towards_an
         json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
             {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}]}]}),
     );
-    let ch = w.c.upsert_pod(&pod("y", "c", json!({"app": "c"}), "10.0.2.3"));
+    let ch =
+        w.c.upsert_pod(&pod("y", "c", json!({"app": "c"}), "10.0.2.3"));
     assert!(!ch.endpoints.contains(&obj("x/a")), "{ch:?}");
 }
 

@@ -324,3 +324,61 @@ fn during_an_api_server_outage_the_programmed_policy_stays_and_a_relist_catches_
     drop(api);
     Ok(())
 }
+
+#[test]
+fn an_egress_named_port_towards_an_ip_block_reaches_the_pod_that_has_the_port_and_no_other()
+-> Result<()> {
+    let (mut node, api, config) = cluster()?;
+    api.create_namespace("x")?;
+    let with_port = |name: &str, port_name: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "x", "labels": {"pod": name}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "none",
+                "ports": [{"containerPort": 80, "name": port_name, "protocol": "TCP"}]}]}
+        })
+    };
+    create(&api, pod("x", "a", "a"))?;
+    create(&api, with_port("b", "web"))?;
+    create(&api, with_port("c", "other"))?;
+    node.start_agent()?;
+    let a = Pod::add_as(&node, &config, Some(("x", "a")))?;
+    let b = Pod::add_as(&node, &config, Some(("x", "b")))?;
+    let c = Pod::add_as(&node, &config, Some(("x", "c")))?;
+    let _srv_b = Server::start(&b.ns, 80)?;
+    let _srv_c = Server::start(&c.ns, 80)?;
+    let targets = [
+        (b.ipv4.context("b v4")?, true),
+        (b.ipv6.context("b v6")?, true),
+        (c.ipv4.context("c v4")?, false),
+        (c.ipv6.context("c v6")?, false),
+    ];
+    for (ip, _) in targets {
+        assert!(
+            eventually(WAIT, || tcp_ok(&a.ns, ip, 80, SHORT)),
+            "open before any policy ({ip})"
+        );
+    }
+
+    // Both pods are inside the blocks and serve on 80; only b names it `web`.
+    let rv = create(
+        &api,
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "web-by-block", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"ipBlock": {"cidr": "10.120.0.0/24"}},
+                                        {"ipBlock": {"cidr": "fd00:120::/64"}}],
+                                 "ports": [{"port": "web"}]}]}
+        }),
+    )?;
+    node.wait_programmed("NetworkPolicy/x/web-by-block", Some(&rv), WAIT)?;
+    for (ip, allowed) in targets {
+        assert_eq!(
+            tcp_ok(&a.ns, ip, 80, SHORT),
+            allowed,
+            "a -> {ip}:80 (the pod there names port 80 `web`: {allowed})"
+        );
+    }
+    Ok(())
+}

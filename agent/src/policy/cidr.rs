@@ -1,6 +1,8 @@
 //! ipBlocks of one endpoint and direction as longest-prefix-match entries.
 //!
-//! The prefixes are every `cidr` and every `except`. The set of a prefix P is
+//! The prefixes are every `cidr` and every `except` (and, for an egress
+//! named port, a host prefix per pod address that resolves it: see
+//! [`compute`]). The set of a prefix P is
 //! every (rule, L4) of a block whose `cidr` contains P and none of whose
 //! `except`s contains P. For an address A whose longest matching prefix is P,
 //! a block allows A iff it is in P's set: a block's `cidr` contains A, so it
@@ -18,10 +20,11 @@ use rustc_hash::FxHashMap;
 use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_CIDR_FLAG};
 
 use super::{
-    contributions::{CidrPart, LocalState, resolve},
-    identities::{Allocator, NamedPorts},
+    contributions::{CidrPart, LocalState, resolve, resolve_named},
+    identities::{Allocator, Identities, NamedPorts},
     mapstate::{CidrEntry, L4, Rule},
-    parse::{Block, Peer, within},
+    parse::{Block, Peer, Ports, within},
+    pods::Pods,
     repository::Repository,
 };
 
@@ -131,15 +134,22 @@ impl CidrGroups {
 /// ipBlocks of the policies selecting it. The groups of the result are
 /// referenced in `groups`; the caller releases those of the part it
 /// replaces (after, so that a set that survives keeps its number).
+///
+/// An egress named port resolves on the pod that owns the destination
+/// address: each pod address inside a block (outside its excepts) whose
+/// owner has the port becomes a host prefix carrying the resolved port, and
+/// the grouping gives that prefix the other rules that cover it as well. An
+/// address no pod owns has no named ports, so a name matches nothing there.
 pub(super) fn compute(
     st: &LocalState,
     ports: &NamedPorts,
     repo: &Repository,
+    (pods, identities): (&Pods, &Identities),
     groups: &mut CidrGroups,
 ) -> CidrPart {
     let mut grouped = Vec::new();
     for dir in [DIR_INGRESS, DIR_EGRESS] {
-        let mut rbs = Vec::new();
+        let mut parts: Vec<(u32, &[Block], &Ports)> = Vec::new();
         for &pid in st.selected_by() {
             let Some(pol) = repo.get(pid) else {
                 continue;
@@ -147,23 +157,57 @@ pub(super) fn compute(
             for r in pol.rules.iter().filter(|r| r.dir == dir) {
                 for part in &r.parts {
                     if let Peer::Blocks(blocks) = &part.peer {
-                        // Egress named ports would resolve on the
-                        // destination, which an address outside the
-                        // cluster does not have.
-                        let l4s = if dir == DIR_INGRESS {
-                            resolve(&part.ports, ports)
-                        } else {
-                            part.ports.fixed.clone()
-                        };
-                        rbs.push(RuleBlocks {
-                            rule_id: r.id,
-                            blocks,
-                            l4s,
-                        });
+                        parts.push((r.id, blocks, &part.ports));
                     }
                 }
             }
         }
+        let mut hosts: Vec<(u32, Block, Vec<L4>)> = Vec::new();
+        if dir == DIR_EGRESS {
+            for &(rule_id, blocks, p) in parts.iter().filter(|(_, _, p)| !p.named.is_empty()) {
+                for ip in pods.addresses() {
+                    let inside = blocks
+                        .iter()
+                        .any(|b| b.cidr.contains(ip) && !b.except.iter().any(|e| e.contains(ip)));
+                    if !inside {
+                        continue;
+                    }
+                    let Some(owner) = pods.owner(ip).and_then(|(_, o)| identities.get(o.identity))
+                    else {
+                        continue;
+                    };
+                    let table = &owner.key.ports;
+                    let mut l4s = Vec::new();
+                    resolve_named(&p.named, table, &mut l4s);
+                    if !l4s.is_empty() {
+                        let host = Block {
+                            cidr: IpNetwork::from(ip),
+                            except: Vec::new(),
+                        };
+                        hosts.push((rule_id, host, l4s));
+                    }
+                }
+            }
+        }
+        let mut rbs: Vec<RuleBlocks<'_>> = parts
+            .iter()
+            .map(|&(rule_id, blocks, p)| RuleBlocks {
+                rule_id,
+                blocks,
+                // Ingress named ports resolve on the selected pod itself;
+                // egress ones on the destinations, above.
+                l4s: if dir == DIR_INGRESS {
+                    resolve(p, ports)
+                } else {
+                    p.fixed.clone()
+                },
+            })
+            .collect();
+        rbs.extend(hosts.iter().map(|(rule_id, host, l4s)| RuleBlocks {
+            rule_id: *rule_id,
+            blocks: std::slice::from_ref(host),
+            l4s: l4s.clone(),
+        }));
         grouped.push((dir, group_prefixes(&rbs)));
     }
     let mut out = CidrPart::default();

@@ -233,7 +233,17 @@ impl LocalState {
 /// that does not resolve gives nothing).
 pub(super) fn resolve(ports: &Ports, table: &NamedPorts) -> Vec<L4> {
     let mut out = ports.fixed.clone();
-    for (name, proto) in &ports.named {
+    if !ports.named.is_empty() {
+        resolve_named(&ports.named, table, &mut out);
+        out.sort();
+        out.dedup();
+    }
+    out
+}
+
+/// Pushes the port of each (name, protocol) that the table has.
+pub(super) fn resolve_named(named: &[(String, u8)], table: &NamedPorts, out: &mut Vec<L4>) {
+    for (name, proto) in named {
         for (n, p, port) in table {
             if n == name && p == proto {
                 out.push(L4::Ports {
@@ -244,11 +254,6 @@ pub(super) fn resolve(ports: &Ports, table: &NamedPorts) -> Vec<L4> {
             }
         }
     }
-    if !ports.named.is_empty() {
-        out.sort();
-        out.dedup();
-    }
-    out
 }
 
 /// One rule part of a policy, as the facade names it: (policy, rule

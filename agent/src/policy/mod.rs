@@ -26,7 +26,10 @@
 //! - A rule with no peers allows every peer (`IDENTITY_ANY`, which the data
 //!   path also matches for addresses outside the cluster); pod and namespace
 //!   selectors become one entry per selected identity; ipBlocks become CIDR
-//!   prefixes whose groups are written as peer identities (see `cidr`).
+//!   prefixes whose groups are written as peer identities (see `cidr`). An
+//!   egress named port resolves on each destination pod: per identity for
+//!   selectors and for a rule with no peers, per owning pod address (a host
+//!   prefix) for ipBlocks; on an address no pod owns it matches nothing.
 //! - A rule with no ports is `L4::Any`, a port entry without a port is
 //!   `L4::Proto`, a number or range is `L4::Ports`.
 //!
@@ -272,6 +275,7 @@ impl Compiler {
         {
             return;
         }
+        self.owners_changed();
         let old_ips = self
             .pods
             .get(&obj)
@@ -314,6 +318,7 @@ impl Compiler {
             Some(p) => p.ips.clone(),
             None => return,
         };
+        self.owners_changed();
         for &ip in &ips {
             self.record_ip(ip);
         }
@@ -325,6 +330,15 @@ impl Compiler {
             self.txn.replaced.insert(obj.clone());
         }
         self.release_identity(old.identity);
+    }
+
+    /// A pod appears, goes, or changes addresses or named ports: the CIDR
+    /// parts that resolve a named port on the owner of an address may
+    /// change. Coarse (every identity with such a rule); free without one.
+    fn owners_changed(&mut self) {
+        for l in self.repo.named_block_targets() {
+            self.mark_cidr_dirty(l);
+        }
     }
 
     fn record_ip(&mut self, ip: IpAddr) {

@@ -107,8 +107,7 @@ pub fn parse_policy(np: &NetworkPolicy) -> (ParsedPolicy<PeerSelector>, Vec<Stri
         if ingress {
             for (i, r) in spec.ingress.iter().flatten().enumerate() {
                 match parse_rule(&ns, DIR_INGRESS, r.from.as_deref(), r.ports.as_deref()) {
-                    Ok((parts, notes)) => {
-                        problems.extend(notes.into_iter().map(|n| format!("ingress[{i}]: {n}")));
+                    Ok(parts) => {
                         rules.push(ParsedRule {
                             dir: DIR_INGRESS,
                             index: i,
@@ -122,8 +121,7 @@ pub fn parse_policy(np: &NetworkPolicy) -> (ParsedPolicy<PeerSelector>, Vec<Stri
         if egress {
             for (i, r) in spec.egress.iter().flatten().enumerate() {
                 match parse_rule(&ns, DIR_EGRESS, r.to.as_deref(), r.ports.as_deref()) {
-                    Ok((parts, notes)) => {
-                        problems.extend(notes.into_iter().map(|n| format!("egress[{i}]: {n}")));
+                    Ok(parts) => {
                         rules.push(ParsedRule {
                             dir: DIR_EGRESS,
                             index: i,
@@ -146,16 +144,13 @@ pub fn parse_policy(np: &NetworkPolicy) -> (ParsedPolicy<PeerSelector>, Vec<Stri
     )
 }
 
-type RuleParts = (Vec<Part<PeerSelector>>, Vec<String>);
-
 fn parse_rule(
     ns: &str,
     dir: u8,
     peers: Option<&[NetworkPolicyPeer]>,
     ports: Option<&[NetworkPolicyPort]>,
-) -> Result<RuleParts, String> {
+) -> Result<Vec<Part<PeerSelector>>, String> {
     let ports = parse_ports(ports)?;
-    let mut notes = Vec::new();
     let mut parts = Vec::new();
     match peers {
         None | Some([]) => {
@@ -234,22 +229,16 @@ fn parse_rule(
                 }
             }
             if !blocks.is_empty() {
-                let mut block_ports = ports;
-                if dir == DIR_EGRESS && !block_ports.named.is_empty() {
-                    notes.push(
-                        "a named port cannot be resolved on an ipBlock destination; it allows nothing there"
-                            .to_string(),
-                    );
-                    block_ports.named.clear();
-                }
+                // An egress named port resolves on the pod that owns each
+                // destination address (see `cidr::compute`).
                 parts.push(Part {
                     peer: Peer::Blocks(blocks),
-                    ports: block_ports,
+                    ports,
                 });
             }
         }
     }
-    Ok((parts, notes))
+    Ok(parts)
 }
 
 fn parse_ports(ports: Option<&[NetworkPolicyPort]>) -> Result<Ports, String> {

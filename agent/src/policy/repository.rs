@@ -5,7 +5,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
 
-use super::{parse::Part, selector::Selector, selectors::SelId, txn::Diagnostic};
+use sluice_common::DIR_EGRESS;
+
+use super::{
+    parse::{Part, Peer},
+    selector::Selector,
+    selectors::SelId,
+    txn::Diagnostic,
+};
 use crate::model::{Kind, ObjKey, ObjectRef};
 
 pub(super) type PolicyId = u32;
@@ -65,6 +72,9 @@ pub(super) struct Repository {
     next_policy: PolicyId,
     rule_origins: FxHashMap<u32, (PolicyId, u8, usize)>,
     next_rule: u32,
+    /// Policies with an egress named port towards an ipBlock: their CIDR
+    /// part depends on which pod owns which address with which ports.
+    named_blocks: BTreeSet<PolicyId>,
 }
 
 impl Repository {
@@ -76,6 +86,7 @@ impl Repository {
             next_policy: 0,
             rule_origins: FxHashMap::default(),
             next_rule: 1,
+            named_blocks: BTreeSet::new(),
         }
     }
 
@@ -144,6 +155,17 @@ impl Repository {
     }
 
     pub fn insert(&mut self, pid: PolicyId, pol: PolicyState) {
+        let named_blocks = pol.rules.iter().any(|r| {
+            r.dir == DIR_EGRESS
+                && r.parts
+                    .iter()
+                    .any(|p| matches!(p.peer, Peer::Blocks(_)) && !p.ports.named.is_empty())
+        });
+        if named_blocks {
+            self.named_blocks.insert(pid);
+        } else {
+            self.named_blocks.remove(&pid);
+        }
         self.by_ref.insert(pol.object.clone(), pid);
         self.by_ns
             .entry(pol.object.namespace.clone())
@@ -153,6 +175,7 @@ impl Repository {
     }
 
     pub fn remove(&mut self, pid: PolicyId) {
+        self.named_blocks.remove(&pid);
         let Some(pol) = self.policies.remove(&pid) else {
             return;
         };
@@ -172,6 +195,16 @@ impl Repository {
             .get(&pid)
             .map(|p| p.targets.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The local identities selected by a policy with an egress named port
+    /// towards an ipBlock (usually none).
+    pub fn named_block_targets(&self) -> BTreeSet<u32> {
+        self.named_blocks
+            .iter()
+            .filter_map(|pid| self.policies.get(pid))
+            .flat_map(|p| p.targets.iter().copied())
+            .collect()
     }
 
     /// Notes that policy `pid` selects (or no longer selects) local identity `l`.

@@ -143,7 +143,13 @@ impl Compiler {
         let Some(st) = ident.local.as_deref() else {
             return CidrPart::default();
         };
-        let new = cidr::compute(st, &ident.key.ports, &self.repo, &mut self.groups);
+        let new = cidr::compute(
+            st,
+            &ident.key.ports,
+            &self.repo,
+            (&self.pods, &self.identities),
+            &mut self.groups,
+        );
         match self.identities.local_mut(l) {
             Some(st) => st.replace_cidrs(new),
             None => CidrPart {

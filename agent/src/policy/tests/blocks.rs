@@ -283,18 +283,160 @@ fn an_unknown_policy_type_isolates_both_directions() {
     assert!(p.ingress_isolated && p.egress_isolated);
 }
 
-#[test]
-fn an_egress_named_port_towards_an_ip_block_allows_nothing_there_and_says_so() {
+/// `World` plus y/c (http on TCP 8080) and y/d (no port named http), and
+/// x/a allowed egress to 10.0.0.0/16 except y/b, on `http` and UDP 53.
+fn named_block_world() -> World {
     let mut w = World::new();
+    w.c.upsert_pod(&pod_with(
+        "y",
+        "c",
+        json!({"app": "c"}),
+        "10.0.2.3",
+        &[("http", "TCP", 8080)],
+    ));
+    w.c.upsert_pod(&pod_with(
+        "y",
+        "d",
+        json!({"app": "d"}),
+        "10.0.2.4",
+        &[("web", "TCP", 80)],
+    ));
     let ch = w.apply(
         "x",
         "named-cidr",
         json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
-            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": "http"}, {"port": 53, "protocol": "UDP"}]}]}),
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.2/32"]}}],
+             "ports": [{"port": "http"}, {"port": 53, "protocol": "UDP"}]}]}),
     );
-    assert_eq!(ch.diagnostics.len(), 1);
-    assert!(!w.allows("x/a", "x/b", TCP, 80));
-    assert!(w.allows("x/a", "x/b", UDP, 53));
+    assert!(ch.diagnostics.is_empty(), "{:?}", ch.diagnostics);
+    w
+}
+
+#[test]
+fn an_egress_named_port_towards_an_ip_block_resolves_on_the_pod_that_owns_the_address() {
+    let w = named_block_world();
+    assert!(w.allows("x/a", "x/b", TCP, 80) && w.allows("x/a", "y/a", TCP, 80));
+    assert!(w.allows("x/a", "y/c", TCP, 8080) && !w.allows("x/a", "y/c", TCP, 80));
+    assert!(
+        !w.allows("x/a", "y/d", TCP, 80),
+        "y/d has no port named http"
+    );
+    assert!(!w.allows("x/a", "y/b", TCP, 80), "y/b is an except");
+    // The block's numbered port still covers every address of it.
+    assert!(w.allows("x/a", "y/d", UDP, 53) && w.allows("x/a", "y/c", UDP, 53));
+    assert!(!w.allows("x/a", "y/b", UDP, 53));
+    // An address that no pod owns has no named ports.
+    let a = w.ip("x/a");
+    let nobody: IpAddr = "10.0.9.9".parse().unwrap();
+    assert!(!w.c.verdict(a, nobody, TCP, 80) && !w.c.verdict(a, nobody, TCP, 8080));
+    assert!(w.c.verdict(a, nobody, UDP, 53));
+    // Outside the block, nothing.
+    let outside: IpAddr = "192.0.2.9".parse().unwrap();
+    assert!(!w.c.verdict(a, outside, TCP, 80) && !w.c.verdict(a, outside, UDP, 53));
+}
+
+#[test]
+fn an_egress_named_port_towards_an_ip_block_matches_only_with_its_protocol() {
+    let mut w = World::new();
+    w.apply(
+        "x",
+        "named-cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+             "ports": [{"port": "dns"}, {"port": "http", "protocol": "UDP"}]}]}),
+    );
+    for (proto, port) in [(TCP, 53), (UDP, 53), (TCP, 80), (UDP, 80)] {
+        assert!(!w.allows("x/a", "y/a", proto, port), "{proto}/{port}");
+    }
+    w.apply(
+        "x",
+        "named-cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+             "ports": [{"port": "dns", "protocol": "UDP"}]}]}),
+    );
+    assert!(w.allows("x/a", "y/a", UDP, 53) && !w.allows("x/a", "y/a", TCP, 53));
+}
+
+#[test]
+fn an_egress_named_port_towards_an_ip_block_follows_the_pod_that_owns_the_address() {
+    let mut w = named_block_world();
+    let a = w.ip("x/a");
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let reported = |ch: &Changes| ch.endpoints.contains(&obj("x/a"));
+
+    // A new address: the old one is nobody's, the new one serves 8080.
+    let ch = w.c.upsert_pod(&pod_with(
+        "y",
+        "c",
+        json!({"app": "c"}),
+        "10.0.2.5",
+        &[("http", "TCP", 8080)],
+    ));
+    assert!(reported(&ch));
+    assert!(!w.c.verdict(a, ip("10.0.2.3"), TCP, 8080));
+    assert!(w.c.verdict(a, ip("10.0.2.5"), TCP, 8080));
+
+    // A new port number.
+    let ch = w.c.upsert_pod(&pod_with(
+        "y",
+        "c",
+        json!({"app": "c"}),
+        "10.0.2.5",
+        &[("http", "TCP", 9090)],
+    ));
+    assert!(reported(&ch));
+    assert!(w.c.verdict(a, ip("10.0.2.5"), TCP, 9090));
+    assert!(!w.c.verdict(a, ip("10.0.2.5"), TCP, 8080));
+
+    // Another pod, without the port, takes the address (the last pod to
+    // claim an address owns it).
+    let ch = w.c.upsert_pod(&pod_with(
+        "y",
+        "e",
+        json!({"app": "e"}),
+        "10.0.2.5",
+        &[("web", "TCP", 9090)],
+    ));
+    assert!(reported(&ch));
+    assert!(!w.c.verdict(a, ip("10.0.2.5"), TCP, 9090));
+    w.c.delete_pod("y", "c");
+    assert!(!w.c.verdict(a, ip("10.0.2.5"), TCP, 9090));
+
+    // A pod leaving the block.
+    let ch = w.c.upsert_pod(&pod_with(
+        "y",
+        "a",
+        json!({"app": "a"}),
+        "10.1.2.1",
+        &[("http", "TCP", 80)],
+    ));
+    assert!(reported(&ch));
+    assert!(!w.allows("x/a", "y/a", TCP, 80));
+
+    // A pod going away.
+    assert!(w.allows("x/a", "x/b", TCP, 80));
+    let ch = w.c.delete_pod("x", "b");
+    assert!(reported(&ch));
+    assert!(!w.c.verdict(a, ip("10.0.1.2"), TCP, 80));
+
+    // And the incremental state is what a recompute gives.
+    let re = w.c.recompute_all();
+    assert!(re.endpoints.is_empty(), "{re:?}");
+}
+
+#[test]
+fn a_pod_event_does_not_touch_identities_without_an_egress_named_port_towards_an_ip_block() {
+    let mut w = World::new();
+    w.apply(
+        "x",
+        "cidr",
+        json!({"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}]}]}),
+    );
+    let ch =
+        w.c.upsert_pod(&pod("y", "c", json!({"app": "c"}), "10.0.2.3"));
+    assert!(!ch.endpoints.contains(&obj("x/a")), "{ch:?}");
 }
 
 #[test]

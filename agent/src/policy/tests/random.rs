@@ -46,11 +46,15 @@ fn random_pod(rng: &mut Rng, ns: &str, i: usize) -> Pod {
         1 => &[("http", "TCP", 8080)],
         _ => &[],
     };
+    // Sometimes another address, so that a pod moves in and out of
+    // ipBlocks (never one of another pod: the last claimant would win, and
+    // a fresh build claims in another order).
+    let subnet = if rng.below(4) == 0 { 1 } else { 0 };
     let mut p = pod_with(
         ns,
         &format!("p{i}"),
         labels,
-        &format!("10.0.0.{}", i + 1),
+        &format!("10.0.{subnet}.{}", i + 1),
         ports,
     );
     if rng.below(5) == 0
@@ -77,6 +81,7 @@ fn random_policy(rng: &mut Rng, ns: &str, name: &str) -> NetworkPolicy {
             json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"canary": "yes"}}}]),
             json!([{"ipBlock": {"cidr": "10.0.0.0/29", "except": ["10.0.0.4/30"]}}]),
             json!([{"ipBlock": {"cidr": "10.0.0.0/28"}}, {"podSelector": {}}]),
+            json!([{"ipBlock": {"cidr": "10.0.0.0/23", "except": ["10.0.1.0/30"]}}]),
             json!([{"namespaceSelector": {"matchLabels": {"env": "prod"}}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["web"]}]}}]),
         ])
         .clone();
@@ -87,6 +92,7 @@ fn random_policy(rng: &mut Rng, ns: &str, name: &str) -> NetworkPolicy {
             json!([{"port": "http"}]),
             json!([{"port": "dns", "protocol": "UDP"}, {"port": 1000, "endPort": 1100}]),
             json!([{"protocol": "SCTP"}]),
+            json!([{"port": "dns"}, {"port": "http"}, {"port": 53, "protocol": "UDP"}]),
         ])
         .clone();
     let mut rule = serde_json::Map::new();

@@ -35,13 +35,6 @@ use crate::{
     pipeline::Pipeline,
 };
 
-/// Today's compiler makes an egress rule with a named port and an ipBlock
-/// peer allow nothing, where the oracle resolves the name on the pod that
-/// owns the destination address. While this is true the generator leaves
-/// named ports out of egress rules that have ipBlock peers, so the fixed
-/// seeds pass. Set it to false once the compiler resolves them (and drop
-/// `known_issue` from the regression case that records it).
-pub const AVOID_NAMED_PORT_EGRESS_IPBLOCK: bool = true;
 
 /// xorshift64*: small, deterministic, good enough to pick cases.
 pub struct Rng(u64);
@@ -356,20 +349,6 @@ fn ports(rng: &mut Rng) -> Option<Vec<NetworkPolicyPort>> {
     }
 }
 
-fn avoid_named_on_blocks(
-    peers: &Option<Vec<NetworkPolicyPeer>>,
-    ports: &mut Option<Vec<NetworkPolicyPort>>,
-) {
-    let has_block = peers.iter().flatten().any(|p| p.ip_block.is_some());
-    if AVOID_NAMED_PORT_EGRESS_IPBLOCK && has_block {
-        for p in ports.iter_mut().flatten() {
-            if matches!(p.port, Some(IntOrString::String(_))) {
-                p.port = Some(IntOrString::Int(80));
-            }
-        }
-    }
-}
-
 fn policy(rng: &mut Rng, name: &str) -> NetworkPolicy {
     let ns = rng.pick(NAMESPACES);
     let ingress = (rng.chance(75)).then(|| {
@@ -384,8 +363,7 @@ fn policy(rng: &mut Rng, name: &str) -> NetworkPolicy {
         (0..rng.below(3))
             .map(|_| {
                 let to = peers(rng);
-                let mut ports = ports(rng);
-                avoid_named_on_blocks(&to, &mut ports);
+                let ports = ports(rng);
                 NetworkPolicyEgressRule { to, ports }
             })
             .collect()

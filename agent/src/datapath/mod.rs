@@ -32,7 +32,7 @@ use aya::{
 pub use events::DropEvents;
 pub use maps::{Maps, Sizes};
 use sluice_common::{maps as names, programs};
-pub use writer::{EndpointRecord, Writer};
+pub use writer::{EndpointRecord, Established, Writer};
 
 /// The TC programs, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));

@@ -8,6 +8,8 @@ mod harness;
 mod model;
 #[path = "datapath/packet.rs"]
 mod packet;
+#[path = "datapath/revoke.rs"]
+mod revoke;
 #[path = "datapath/services.rs"]
 mod services;
 

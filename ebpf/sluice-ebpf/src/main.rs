@@ -3,13 +3,16 @@
 //! receives (INGRESS); both run `try_classify`, which follows the numbered
 //! steps below. New flows to a Service address are the exception: their
 //! egress is judged after kube-proxy's DNAT, by the backend's `to_pod`
-//! (steps 0 and 7a; docs/design.md, "Services"). Modules: `parse` (headers), `conntrack`, `policy` (new
-//! flows), `events` (drop counters and events), `maps`, `keys`.
+//! (steps 0 and 7a; docs/design.md, "Services"). A conntrack entry from an
+//! older policy epoch has its flow judged again (step 7b; docs/design.md,
+//! "Policy changes reach established flows"). Modules: `parse` (headers),
+//! `conntrack`, `policy` (new flows), `events` (drop counters and events),
+//! `maps`, `keys`.
 //!
 //! Layout for the verifier and the benchmark: the established-flow path
-//! (parse, endpoint, anti-spoofing, one conntrack lookup) is inlined into
-//! the classifier; new flows, ICMP errors and drops are BPF subprograms with
-//! their own stack frames.
+//! (parse, endpoint, anti-spoofing, one conntrack lookup, the epoch
+//! compare) is inlined into the classifier; new flows, flow judgments, ICMP
+//! errors and drops are BPF subprograms with their own stack frames.
 #![no_std]
 #![no_main]
 

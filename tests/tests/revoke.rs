@@ -181,6 +181,7 @@ fn policy_change_meets_established_flows(mode: &str, deny: Deny) -> Result<()> {
             "ingress",
         ),
     };
+    let epoch_before = node.maps()?.epoch()?;
     let created = api.create(json!({"apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": "r"}, "spec": spec}))?;
     node.wait_programmed(
@@ -188,6 +189,16 @@ fn policy_change_meets_established_flows(mode: &str, deny: Deny) -> Result<()> {
         Some(&resource_version(&created)),
         WAIT,
     )?;
+    // Reported programmed: the epoch has moved already (never with keep).
+    let epoch_after = node.maps()?.epoch()?;
+    if mode == "keep" {
+        assert_eq!((epoch_before, epoch_after), (0, 0));
+    } else {
+        assert!(
+            epoch_after > epoch_before,
+            "{epoch_before} -> {epoch_after}"
+        );
+    }
 
     let a4 = a.ipv4.context("a without IPv4")?.to_string();
     for f in &mut flows {
@@ -220,12 +231,19 @@ fn policy_change_meets_established_flows(mode: &str, deny: Deny) -> Result<()> {
         .sum();
     if mode == "keep" {
         assert_eq!(revoked, 0, "no revoked drop under keep");
-        assert!(revoked_events(&node).is_empty(), "{:?}", revoked_events(&node));
+        assert!(
+            revoked_events(&node).is_empty(),
+            "{:?}",
+            revoked_events(&node)
+        );
     } else {
         assert!(revoked >= 4, "revoked drops counted: {revoked}");
     }
     // New flows meet the policy either way.
-    assert!(!tcp_ok(&a.ns, b4, 8080, SHORT), "a new connection is denied");
+    assert!(
+        !tcp_ok(&a.ns, b4, 8080, SHORT),
+        "a new connection is denied"
+    );
     Ok(())
 }
 

@@ -36,10 +36,9 @@ use aya_ebpf::{
 };
 use sluice_common::{
     CT_EGRESS_DEFERRED, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CtKey, DIR_EGRESS,
-    DIR_INGRESS, EGRESS_DEFERRED_MARK,
-    EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
-    EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey,
-    ServiceKey, proto, reason, stat,
+    DIR_INGRESS, EGRESS_DEFERRED_MARK, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4,
+    EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue,
+    IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
 };
 
 use crate::{
@@ -242,9 +241,15 @@ fn deferred_egress<C: Skb>(ctx: &C, pkt: &Packet) -> Result<(), i32> {
         0
     };
     let epoch = current_epoch();
-    let tracked = hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, implied, now, epoch, |k, f| {
-        rejudge(sender, k, f)
-    });
+    let tracked = hit_and_refresh(
+        &key,
+        src_is_lo,
+        pkt.tcp_flags,
+        implied,
+        now,
+        epoch,
+        |k, f| rejudge(sender, k, f),
+    );
     let verdict = match tracked {
         Tracked::Hit(_) => return Ok(()),
         Tracked::Revoked => Err(REVOKED),
@@ -491,13 +496,7 @@ fn rejudge(ep: &EndpointInfo, key: &CtKey, flags: u32) -> u64 {
 /// 9. A new flow: allowed where the endpoint is not isolated in `dir`, from
 ///    the node (ingress), or by policy. 10. An allowed one is tracked.
 #[inline(never)]
-fn new_flow(
-    ep: &EndpointInfo,
-    dir: u8,
-    pkt: Packet,
-    key: &CtKey,
-    now: u64,
-) -> Verdict {
+fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> Verdict {
     // Before the policy is read: see current_epoch.
     let epoch = current_epoch();
     let peer = if dir == DIR_INGRESS {
@@ -510,7 +509,16 @@ fn new_flow(
         return Err(POLICY_DENIED);
     }
     let src_is_lo = conntrack::side_le(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
-    create(key, src_is_lo, dir, pkt.tcp_flags, rule as u32, 0, now, epoch);
+    create(
+        key,
+        src_is_lo,
+        dir,
+        pkt.tcp_flags,
+        rule as u32,
+        0,
+        now,
+        epoch,
+    );
     Ok(())
 }
 

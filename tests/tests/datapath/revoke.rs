@@ -22,11 +22,16 @@ fn exact(ep_id: u32, dir: u8, identity: u32, l4: u8, port: u16) -> PolicyKey {
 }
 
 fn remove(dp: &mut Datapath, key: PolicyKey) {
-    dp.policy.remove(&key).unwrap();
+    if let Err(e) = dp.policy.remove(&key) {
+        panic!("POLICY remove {key:?}: {e:?}");
+    }
 }
 
 fn epoch_of(dp: &Datapath, key: &CtKey) -> u32 {
-    dp.ct(key).expect("a conntrack entry").epoch
+    match dp.ct(key) {
+        Some(v) => v.epoch,
+        None => panic!("no conntrack entry {key:?}"),
+    }
 }
 
 #[test]
@@ -35,7 +40,11 @@ fn an_entry_from_an_older_epoch_still_allowed_takes_the_new_epoch_and_rule() {
         let mut ep = endpoint(ISOLATED);
         allow(dp, &mut ep, DIR_EGRESS, IDENTITY_ANY, proto::TCP, 80, 16);
         let (pod, peer) = (v4(POD4), v4(PEER4));
-        assert!(pass(dp, DIR_EGRESS, &Packet::tcp(pod, 40000, peer, 80, TCP_SYN)));
+        assert!(pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 40000, peer, 80, TCP_SYN)
+        ));
         let key = ct_key(pod, 40000, peer, 80, proto::TCP);
         assert_eq!((epoch_of(dp, &key), dp.ct(&key).unwrap().rule_id), (0, 7));
         // Another rule now allows it; until the epoch moves the entry is
@@ -66,7 +75,11 @@ fn tcp_and_udp_flows_whose_rule_is_removed_are_dropped_as_revoked_from_both_side
         allow(dp, &mut ep, DIR_EGRESS, IDENTITY_ANY, proto::UDP, 53, 16);
         let flows = [(v4(POD4), v4(PEER4)), (v6(POD6), v6(PEER6))];
         for (pod, peer) in flows {
-            assert!(pass(dp, DIR_EGRESS, &Packet::tcp(pod, 40000, peer, 80, TCP_SYN)));
+            assert!(pass(
+                dp,
+                DIR_EGRESS,
+                &Packet::tcp(pod, 40000, peer, 80, TCP_SYN)
+            ));
             let synack = Packet::tcp(peer, 80, pod, 40000, TCP_SYN | TCP_ACK);
             assert!(pass(dp, DIR_INGRESS, &synack));
             assert!(pass(dp, DIR_EGRESS, &Packet::udp(pod, 5353, peer, 53)));
@@ -77,7 +90,11 @@ fn tcp_and_udp_flows_whose_rule_is_removed_are_dropped_as_revoked_from_both_side
         // Before the bump the flows live on (what `--established keep`
         // leaves in force for good).
         for (pod, peer) in flows {
-            assert!(pass(dp, DIR_EGRESS, &Packet::tcp(pod, 40000, peer, 80, TCP_ACK)));
+            assert!(pass(
+                dp,
+                DIR_EGRESS,
+                &Packet::tcp(pod, 40000, peer, 80, TCP_ACK)
+            ));
             assert!(pass(dp, DIR_EGRESS, &Packet::udp(pod, 5353, peer, 53)));
         }
         dp.events();
@@ -101,14 +118,24 @@ fn tcp_and_udp_flows_whose_rule_is_removed_are_dropped_as_revoked_from_both_side
         assert_eq!(dp.drops(EP_ID, reason::POLICY_DENIED, DIR_EGRESS).0, 0);
         let events = dp.events();
         assert!(!events.is_empty());
-        assert!(events.iter().all(|e| e.reason == reason::REVOKED), "{events:?}");
+        assert!(
+            events.iter().all(|e| e.reason == reason::REVOKED),
+            "{events:?}"
+        );
         // The rule back, and another pass: the flows resume.
         allow(dp, &mut ep, DIR_EGRESS, IDENTITY_ANY, proto::UDP, 53, 16);
         let epoch = dp.bump_epoch();
         for (pod, peer) in flows {
             assert!(pass(dp, DIR_INGRESS, &Packet::udp(peer, 53, pod, 5353)));
-            assert_eq!(epoch_of(dp, &ct_key(pod, 5353, peer, 53, proto::UDP)), epoch);
-            assert!(!pass(dp, DIR_EGRESS, &Packet::tcp(pod, 40000, peer, 80, TCP_ACK)));
+            assert_eq!(
+                epoch_of(dp, &ct_key(pod, 5353, peer, 53, proto::UDP)),
+                epoch
+            );
+            assert!(!pass(
+                dp,
+                DIR_EGRESS,
+                &Packet::tcp(pod, 40000, peer, 80, TCP_ACK)
+            ));
         }
     });
 }
@@ -123,15 +150,27 @@ fn a_flow_the_peer_opened_is_judged_again_as_ingress_whichever_side_sends() {
         dp.set_ipcache(mapped(v4(PEER4)), 128, PEER_ID);
         dp.set_ipcache(mapped(v4(OTHER4)), 128, IDENTITY_HOST);
         let (pod, peer, node) = (v4(POD4), v4(PEER4), v4(OTHER4));
-        assert!(pass(dp, DIR_INGRESS, &Packet::tcp(peer, 999, pod, 22, TCP_SYN)));
-        assert!(pass(dp, DIR_INGRESS, &Packet::tcp(node, 999, pod, 8080, TCP_SYN)));
+        assert!(pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(peer, 999, pod, 22, TCP_SYN)
+        ));
+        assert!(pass(
+            dp,
+            DIR_INGRESS,
+            &Packet::tcp(node, 999, pod, 8080, TCP_SYN)
+        ));
         remove(dp, exact(EP_ID, DIR_INGRESS, PEER_ID, proto::TCP, 22));
         dp.bump_epoch();
         let synack = Packet::tcp(pod, 22, peer, 999, TCP_SYN | TCP_ACK);
         assert!(!pass(dp, DIR_EGRESS, &synack));
         assert_eq!(dp.drops(EP_ID, reason::REVOKED, DIR_EGRESS).0, 1);
         // The node (kubelet probes) is admitted, as for a new flow.
-        assert!(pass(dp, DIR_EGRESS, &Packet::tcp(pod, 8080, node, 999, TCP_SYN | TCP_ACK)));
+        assert!(pass(
+            dp,
+            DIR_EGRESS,
+            &Packet::tcp(pod, 8080, node, 999, TCP_SYN | TCP_ACK)
+        ));
     });
 }
 
@@ -166,7 +205,10 @@ fn a_deferred_service_entry_holds_no_verdict_and_stays_marked_in_a_new_epoch() {
         let syn = Packet::tcp(pod, 40000, svc, 80, TCP_SYN).frame();
         assert_eq!(dp.run_marked(DIR_EGRESS, &syn, 0).0, TC_ACT_OK);
         let key = ct_key(pod, 40000, svc, 80, proto::TCP);
-        assert_eq!(dp.ct(&key).unwrap().flags & CT_EGRESS_DEFERRED, CT_EGRESS_DEFERRED);
+        assert_eq!(
+            dp.ct(&key).unwrap().flags & CT_EGRESS_DEFERRED,
+            CT_EGRESS_DEFERRED
+        );
         let epoch = dp.bump_epoch();
         let ack = Packet::tcp(pod, 40000, svc, 80, TCP_ACK).frame();
         assert_eq!(

@@ -556,7 +556,10 @@ fn a_service_flow_whose_senders_egress_is_revoked_is_dropped_at_the_backend_and_
         // Same epoch: the entries still pass them.
         assert_eq!(dp.run_marked(DIR_INGRESS, &tcp(TCP_ACK), m), (TC_ACT_OK, 0));
         dp.bump_epoch();
-        assert_eq!(dp.run_marked(DIR_INGRESS, &tcp(TCP_ACK), m), (TC_ACT_SHOT, 0));
+        assert_eq!(
+            dp.run_marked(DIR_INGRESS, &tcp(TCP_ACK), m),
+            (TC_ACT_SHOT, 0)
+        );
         assert_eq!(dp.run_marked(DIR_INGRESS, &udp, m), (TC_ACT_SHOT, 0));
         assert_eq!(dp.run_host(&host(TCP_ACK), m), 0);
         assert_eq!(dp.drops(SENDER_EP, reason::REVOKED, DIR_EGRESS).0, 3);

@@ -22,7 +22,6 @@ use std::{
 
 use anyhow::Result;
 use nix::time::{ClockId, clock_gettime};
-use serde_json::Value;
 use sluice_tests::{NetNs, Node, eventually};
 
 /// The port of the cut flows (TCP and UDP), served apart from the probes'.
@@ -145,9 +144,7 @@ fn first_cut(node: &Node, protocol: &str, port: u16, t0: u64) -> Option<f64> {
     let seen = eventually(GIVE_UP, || {
         let at = node
             .events_matching(|e| {
-                e["reason"] == "revoked"
-                    && e["protocol"] == protocol
-                    && e["src_port"] == Value::from(port)
+                e["reason"] == "revoked" && e["protocol"] == protocol && e["src_port"] == port
             })
             .iter()
             .filter_map(|e| e["ktime_ns"].as_u64())

@@ -362,7 +362,14 @@ fn measure(spec: &Spec, changes: usize) -> Result<(Samples, Option<Vec<cut::Samp
         };
         let flows = (&client.ns, &server.ns);
         let rounds = changes.div_ceil(2);
-        Some(cut::measure(&node, &key, flows, to.ip(), rounds, &mut set_policy)?)
+        Some(cut::measure(
+            &node,
+            &key,
+            flows,
+            to.ip(),
+            rounds,
+            &mut set_policy,
+        )?)
     } else {
         None
     };
@@ -510,7 +517,11 @@ fn report_cut(spec: &Spec, cuts: &[cut::Sample]) -> String {
         "{}: apply-to-cut p99 < {:.0} ms: p99 {p99_all:.1} ms{}: {}",
         spec.title,
         spec.target_ms,
-        if lost_any { " (some flows never cut)" } else { "" },
+        if lost_any {
+            " (some flows never cut)"
+        } else {
+            ""
+        },
         u::verdict(p99_all < spec.target_ms && !lost_any)
     )
 }

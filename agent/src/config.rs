@@ -7,7 +7,7 @@ use clap::Parser;
 
 use crate::{
     cluster::Cluster,
-    datapath::{AttachMode, Datapath, DropEvents, Sizes},
+    datapath::{AttachMode, Datapath, DropEvents, Established, Sizes},
     endpoints::{Endpoints, Registry},
     metrics::Metrics,
     reconcile::State,
@@ -57,6 +57,12 @@ pub struct Args {
     /// "none": not attached (such traffic is then not judged).
     #[arg(long)]
     pub host_cgroup: Option<String>,
+    /// What a policy change does to flows established before it:
+    /// revalidate (judged again on their next packet, dropped as `revoked`
+    /// when denied) or keep (they live on until they end, as with
+    /// netfilter's conntrack).
+    #[arg(long, value_enum, default_value = "revalidate")]
+    pub established: Established,
     /// Seconds between retries of what failed (programming, routes,
     /// uplinks) when no watch event comes first.
     #[arg(long, default_value_t = 10)]
@@ -131,6 +137,7 @@ impl Args {
         crate::ensure_bpffs(&self.bpffs)?;
         let (mut dp, drops) = Datapath::load(&self.bpffs, &self.sizes(), self.tc_attach)
             .context("loading the data path")?;
+        dp.writer.set_established(self.established);
         match self.host_cgroup()? {
             Some(cgroup) => {
                 dp.programs

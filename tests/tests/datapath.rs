@@ -8,6 +8,8 @@ mod harness;
 mod model;
 #[path = "datapath/packet.rs"]
 mod packet;
+#[path = "datapath/revoke.rs"]
+mod revoke;
 #[path = "datapath/services.rs"]
 mod services;
 
@@ -986,6 +988,7 @@ fn an_expired_conntrack_entry_counts_as_missing() {
             expires_ns,
             flags: CT_ORIG_IS_LO | CT_ORIG_EGRESS | CT_SEEN_REPLY,
             rule_id: 0,
+            ..CtValue::default()
         };
         // Expired 50 ms ago: conntrack's clock is exact to a jiffy (see
         // now_ns in conntrack.rs).
@@ -1131,6 +1134,7 @@ fn established_flows_pass_many_times_in_one_run() {
             expires_ns: mono_ns() + 60_000_000_000,
             flags: CT_ORIG_IS_LO | CT_ORIG_EGRESS | CT_SEEN_REPLY,
             rule_id: 0,
+            ..CtValue::default()
         };
         dp.conntrack.insert(&key, &value, 0).unwrap();
         let frame = Packet::tcp(peer, 80, pod, 4000, TCP_ACK).frame();

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use aya::maps::{
-    HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
 };
 use ipnetwork::IpNetwork;
 pub(super) use sluice_common::addr::{mapped, unmapped};
@@ -53,6 +53,9 @@ pub struct Maps {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     drop_counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     stats: PerCpuArray<MapData, u64>,
+    /// The policy epoch (one entry): conntrack entries of another epoch
+    /// have their flow judged again.
+    pub(super) epoch: Array<MapData, u32>,
 }
 
 pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -75,6 +78,7 @@ impl Maps {
             conntrack: typed(maps::CONNTRACK, get(maps::CONNTRACK)?)?,
             drop_counters: typed(maps::DROP_COUNTERS, get(maps::DROP_COUNTERS)?)?,
             stats: typed(maps::STATS, get(maps::STATS)?)?,
+            epoch: typed(maps::EPOCH, get(maps::EPOCH)?)?,
         })
     }
 
@@ -109,6 +113,13 @@ impl Maps {
     pub fn stat(&self, index: u32) -> Result<u64> {
         let v = self.stats.get(&index, 0).map_err(map_err(maps::STATS))?;
         Ok(v.iter().sum())
+    }
+
+    /// The policy epoch in force.
+    pub fn epoch(&self) -> Result<u32> {
+        self.epoch
+            .get(&sluice_common::EPOCH_INDEX, 0)
+            .map_err(map_err(maps::EPOCH))
     }
 
     /// The ipcache entry of exactly this address (a /32 or /128).

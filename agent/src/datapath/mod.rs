@@ -32,7 +32,7 @@ use aya::{
 pub use events::DropEvents;
 pub use maps::{Maps, Sizes};
 use sluice_common::{maps as names, programs};
-pub use writer::{EndpointRecord, Writer};
+pub use writer::{EndpointRecord, Established, Writer};
 
 /// The TC programs, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-tc"));
@@ -104,6 +104,7 @@ impl Datapath {
         }
         raise_memlock();
         let maps_dir = pin_dir.join("maps");
+        drop_outgrown_conntrack(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::CONNTRACK, sizes.conntrack)
@@ -150,6 +151,32 @@ impl Datapath {
     pub fn pin_dir(&self) -> &Path {
         &self.programs.pin_dir
     }
+}
+
+/// A CONNTRACK pinned by an agent whose entries were smaller (before the
+/// policy epoch, 16 bytes) cannot be reused: the programs read the epoch
+/// past its end, and the verifier refuses them. Its pin is removed, so the
+/// load creates a fresh table: established flows are then judged as new
+/// flows on their next packet, once, as after a policy epoch bump.
+fn drop_outgrown_conntrack(maps_dir: &Path) -> Result<()> {
+    let pin = maps_dir.join(names::CONNTRACK);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let info = aya::maps::MapInfo::from_pin(&pin).map_err(|source| DatapathError::Map {
+        name: names::CONNTRACK,
+        source,
+    })?;
+    let want = std::mem::size_of::<sluice_common::CtValue>();
+    if usize::try_from(info.value_size()).is_ok_and(|v| v == want) {
+        return Ok(());
+    }
+    tracing::warn!(
+        pinned = info.value_size(),
+        want,
+        "pinned conntrack table of an older layout: replaced by an empty one"
+    );
+    std::fs::remove_file(&pin).map_err(|source| DatapathError::Io { path: pin, source })
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it.

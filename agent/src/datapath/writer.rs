@@ -2,7 +2,8 @@
 //! records (ENDPOINTS and EP_BY_ID), per-endpoint policy (POLICY and
 //! CIDRS) and Service addresses. Every ENDPOINTS flag is edited here.
 //! Callers say what should be true; the order of writes that keeps the
-//! data path correct at every instant is decided here.
+//! data path correct at every instant is decided here. After a programming
+//! pass, `bump_epoch` makes what it changed reach established flows.
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -12,7 +13,7 @@ use sluice_common::{
     CidrValue, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
     EndpointInfo, IpcacheValue, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
 };
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{
     Result,
@@ -43,16 +44,64 @@ impl EndpointRecord {
     }
 }
 
-/// Writes the maps; knows what it wrote to SERVICES.
+/// What a policy change does to flows established before it
+/// (`--established`; docs/design.md, "Policy changes reach established
+/// flows").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Established {
+    /// Judged again on their next packet; dropped as `revoked` when the
+    /// new policy denies them.
+    #[default]
+    Revalidate,
+    /// Kept until they end, as netfilter's conntrack does: the epoch is
+    /// never bumped.
+    Keep,
+}
+
+/// Writes the maps; knows what it wrote to SERVICES, and whether anything
+/// a verdict depends on changed since the last epoch bump.
 pub struct Writer {
     maps: Maps,
     service_ips: BTreeSet<IpAddr>,
+    established: Established,
+    /// The ipcache, POLICY, CIDRS or an endpoint's flags were written in a
+    /// way that may deny a flow allowed before.
+    changed: bool,
 }
 
 impl Writer {
     pub(super) fn new(maps: Maps) -> Result<Self> {
         let service_ips = maps.service_ips()?;
-        Ok(Self { maps, service_ips })
+        Ok(Self {
+            maps,
+            service_ips,
+            established: Established::default(),
+            changed: false,
+        })
+    }
+
+    pub fn set_established(&mut self, established: Established) {
+        self.established = established;
+    }
+
+    /// Ends a programming pass: if it changed anything a verdict depends
+    /// on, bumps the policy epoch (`EPOCH`), so that every conntrack entry
+    /// written before has its flow judged again on its next packet. Call it
+    /// after the pass's last write and before reporting the pass
+    /// programmed. With `Established::Keep`, never bumps.
+    pub fn bump_epoch(&mut self) -> Result<()> {
+        if !self.changed || self.established == Established::Keep {
+            return Ok(());
+        }
+        let index = sluice_common::EPOCH_INDEX;
+        let next = self.maps.epoch()?.wrapping_add(1);
+        self.maps
+            .epoch
+            .set(index, &next, 0)
+            .map_err(map_err(names::EPOCH))?;
+        self.changed = false;
+        debug!(epoch = next, "policy epoch bumped");
+        Ok(())
     }
 
     /// Read access for metrics and checks.
@@ -67,6 +116,7 @@ impl Writer {
             identity: identity.0,
             ep_id: ep.map_or(0, |e| e.0),
         };
+        self.changed = true;
         self.maps
             .ipcache
             .insert(&ipcache_key(ip.into()), &v, 0)
@@ -75,6 +125,7 @@ impl Writer {
 
     /// Forgets an address; already gone is fine.
     pub fn remove_ipcache(&mut self, ip: IpAddr) -> Result<()> {
+        self.changed = true;
         ignore_missing(self.maps.ipcache.remove(&ipcache_key(ip.into())))
             .map_err(map_err(names::IPCACHE))
     }
@@ -227,8 +278,11 @@ impl Writer {
             .get(&ep.ifindex, 0)
             .map_err(map_err(names::ENDPOINTS))?;
         let managed = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_FAIL_CLOSED;
-        info.flags =
+        let flags =
             (info.flags & !managed) | isolation | if fail_closed { EP_FAIL_CLOSED } else { 0 };
+        // Isolation gained denies what it no longer admits.
+        self.changed |= flags != info.flags;
+        info.flags = flags;
         info.port_plens = plens;
         self.maps
             .endpoints
@@ -239,6 +293,8 @@ impl Writer {
     fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
         for (k, v) in &new.entries {
             if old.entries.get(k) != Some(v) {
+                // A new key only admits more; a rewritten one may not.
+                self.changed |= old.entries.contains_key(k);
                 self.maps
                     .policy
                     .insert(k, v, 0)
@@ -247,6 +303,8 @@ impl Writer {
         }
         for ((dir, net), group) in &new.cidrs {
             if old.cidrs.get(&(*dir, *net)) != Some(group) {
+                // A new prefix may be an `except` hole.
+                self.changed = true;
                 let key = cidr_key(ep_id.0, *dir, *net);
                 self.maps
                     .cidrs
@@ -265,10 +323,12 @@ impl Writer {
             .filter(|k| !new.entries.contains_key(k))
             .copied()
             .collect();
+        self.changed |= !stale.is_empty();
         for k in stale {
             ignore_missing(self.maps.policy.remove(&k)).map_err(map_err(names::POLICY))?;
         }
         for (dir, net) in old.cidrs.keys().filter(|k| !new.cidrs.contains_key(k)) {
+            self.changed = true;
             ignore_missing(self.maps.cidrs.remove(&cidr_key(ep_id.0, *dir, *net)))
                 .map_err(map_err(names::CIDRS))?;
         }

@@ -328,7 +328,12 @@ impl Endpoints {
     ) -> Result<()> {
         let p: EndpointPolicy =
             serde_json::from_value(policy).map_err(EndpointError::PolicyDecode)?;
-        self.set_policy(dp, a, &p)
+        let outcome = self.set_policy(dp, a, &p);
+        // Whatever was written (a failed replacement fails closed) reaches
+        // established flows before SetPolicy answers.
+        let bumped = dp.writer.bump_epoch();
+        outcome?;
+        Ok(bumped?)
     }
 
     /// Gives an endpoint a new identity, in the registry and the maps.

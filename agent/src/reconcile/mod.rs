@@ -100,9 +100,12 @@ impl State {
             changes.endpoints.insert(pod);
             if let Err(e) = self.program(&changes) {
                 self.endpoints.rollback(&mut self.dp, &ep);
+                self.dp.writer.bump_epoch()?;
                 return Err(e);
             }
         }
+        // A new address (perhaps a deleted pod's) reaches established flows.
+        self.dp.writer.bump_epoch()?;
         Ok(ep.ep_id)
     }
 
@@ -149,7 +152,9 @@ impl State {
         Ok(())
     }
 
-    /// Applies a batch of watched changes and programs their effect.
+    /// Applies a batch of watched changes and programs their effect; the
+    /// policy epoch is bumped (`Writer::bump_epoch`) before the versions
+    /// are reported programmed, so "programmed" covers established flows.
     fn apply(&mut self, batch: Vec<Change>, metrics: &Metrics) -> Result<()> {
         let started = std::time::Instant::now();
         let Some(cluster) = self.cluster.as_mut() else {
@@ -181,6 +186,9 @@ impl State {
                 None => Ok(()),
             }
         });
+        // Even a failed pass bumps: what it wrote is in force.
+        let bumped = self.dp.writer.bump_epoch();
+        let outcome = outcome.and(bumped.map_err(EndpointError::from));
         self.retry_all |= outcome.is_err();
         outcome
     }
@@ -248,7 +256,11 @@ impl Reconciler {
     }
 
     pub async fn del_endpoint(&self, a: Attachment) -> Result<()> {
-        self.with(move |st| st.endpoints.del(&mut st.dp, &a)).await
+        self.with(move |st| {
+            st.endpoints.del(&mut st.dp, &a)?;
+            Ok(st.dp.writer.bump_epoch()?)
+        })
+        .await
     }
 
     pub async fn check_endpoint(&self, a: Attachment) -> Result<EpId> {
@@ -256,8 +268,12 @@ impl Reconciler {
     }
 
     pub async fn gc(&self, valid: Vec<Attachment>) -> Result<usize> {
-        self.with(move |st| st.endpoints.gc(&mut st.dp, &valid))
-            .await
+        self.with(move |st| {
+            let n = st.endpoints.gc(&mut st.dp, &valid)?;
+            st.dp.writer.bump_epoch()?;
+            Ok(n)
+        })
+        .await
     }
 
     pub async fn set_policy(&self, a: Attachment, policy: serde_json::Value) -> Result<()> {

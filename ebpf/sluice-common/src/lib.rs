@@ -31,6 +31,7 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const SERVICES: &str = "SERVICES";
     pub const EP_BY_ID: &str = "EP_BY_ID";
+    pub const EPOCH: &str = "EPOCH";
 }
 
 /// Program names (the `#[classifier]` and `#[cgroup_skb]` functions).
@@ -221,7 +222,17 @@ pub struct CtValue {
     pub flags: u32,
     /// Rule that allowed the connection (from `PolicyValue::rule_id`).
     pub rule_id: u32,
+    /// The policy epoch (`EPOCH`) the flow was last judged in. A packet
+    /// meeting an entry of another epoch has the flow judged again, as a
+    /// new flow of its original direction (docs/design.md, "Policy changes
+    /// reach established flows").
+    pub epoch: u32,
+    pub _pad: u32,
 }
+
+/// The one index of the `EPOCH` array: the policy epoch, which the agent
+/// bumps after each programming pass that changed anything.
+pub const EPOCH_INDEX: u32 = 0;
 
 /// Conntrack lifetimes by protocol and state, in seconds.
 pub mod ct_timeout {
@@ -270,7 +281,10 @@ pub mod reason {
     pub const FRAGMENT_UNKNOWN: u8 = 5;
     pub const FAIL_CLOSED: u8 = 6;
     pub const UNSUPPORTED_L3: u8 = 7;
-    pub const MAX: u8 = 7;
+    /// A packet of an established flow that a policy change since its
+    /// entry was written denies (the flow, judged again, is not allowed).
+    pub const REVOKED: u8 = 8;
+    pub const MAX: u8 = 8;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -281,6 +295,7 @@ pub mod reason {
             FRAGMENT_UNKNOWN => "fragment-unknown",
             FAIL_CLOSED => "fail-closed",
             UNSUPPORTED_L3 => "unsupported-l3",
+            REVOKED => "revoked",
             _ => "unknown",
         }
     }
@@ -491,11 +506,29 @@ mod tests {
         assert_eq!(size_of::<CidrKey>(), 24);
         assert_eq!(size_of::<IpcacheKey>(), 16);
         assert_eq!(size_of::<CtKey>(), 44);
-        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CounterKey>(), 8);
         assert_eq!(size_of::<DropEvent>(), 64);
         assert_eq!(size_of::<ServiceKey>(), 16);
+    }
+
+    #[test]
+    fn conntrack_values_keep_the_epoch_after_the_rule_with_explicit_padding() {
+        use core::mem::{align_of, offset_of};
+        assert_eq!(align_of::<CtValue>(), 8);
+        assert_eq!(offset_of!(CtValue, flags), 8);
+        assert_eq!(offset_of!(CtValue, rule_id), 12);
+        assert_eq!(offset_of!(CtValue, epoch), 16);
+        assert_eq!(offset_of!(CtValue, _pad), 20);
+    }
+
+    #[test]
+    fn every_drop_reason_up_to_max_has_a_name() {
+        for r in 1..=reason::MAX {
+            assert_ne!(reason::name(r), "unknown", "reason {r}");
+        }
+        assert_eq!(reason::name(reason::REVOKED), "revoked");
     }
 
     #[test]

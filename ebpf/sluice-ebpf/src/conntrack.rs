@@ -3,12 +3,12 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use sluice_common::{
     CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST,
-    CtKey, CtValue, DIR_EGRESS, ct_timeout, proto, stat,
+    CtKey, CtValue, DIR_EGRESS, EPOCH_INDEX, ct_timeout, proto, stat,
 };
 
 use crate::{
     keys::ct_key,
-    maps::{CONNTRACK, count},
+    maps::{CONNTRACK, EPOCH, count},
     parse::{Addr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -144,10 +144,43 @@ pub fn opens_connection(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// The policy epoch in force (`EPOCH`). Read before a flow is judged, so
+/// that an entry never records an epoch newer than the policy that judged
+/// it (the agent writes the policy, then bumps).
+#[inline(always)]
+pub fn current_epoch() -> u32 {
+    match EPOCH.get(EPOCH_INDEX) {
+        Some(e) => *e,
+        None => 0,
+    }
+}
+
+/// What a judgment of a flow answers when its policy denies it; anything
+/// else is the rule id that allows it.
+pub const DENIED: u64 = u64::MAX;
+
+/// What the conntrack lookup of a packet found.
+pub enum Tracked {
+    /// No live entry (or a packet that opens a TCP connection).
+    Miss,
+    /// A live entry of the current epoch (or judged again and allowed):
+    /// its flags after this packet.
+    Hit(u32),
+    /// A live entry of an older epoch whose flow today's policy denies.
+    Revoked,
+}
+
 /// Looks the flow up; on a live entry updates its state (with `implied`
 /// flags ORed in) and lifetime and returns its flags. `src_is_lo` says
 /// which side sent this packet. A packet that opens a TCP connection never
 /// hits: it is judged as a new flow, and `create` replaces the entry.
+///
+/// An entry of another epoch than `epoch` has its flow judged again by
+/// `rejudge(key, flags)` (a rule id or `DENIED`): allowed, the entry takes
+/// the epoch and the rule and the packet goes on as a hit; denied, the
+/// entry is left as it is (not refreshed: each later packet is judged
+/// again, until a policy allows the flow or the entry expires). The
+/// established path pays one compare for this.
 #[inline(always)]
 pub fn hit_and_refresh(
     key: &CtKey,
@@ -155,16 +188,28 @@ pub fn hit_and_refresh(
     tcp_flags: u8,
     implied: u32,
     now: u64,
-) -> Option<u32> {
+    epoch: u32,
+    rejudge: impl FnOnce(&CtKey, u32) -> u64,
+) -> Tracked {
     if opens_connection(tcp_flags) {
-        return None;
+        return Tracked::Miss;
     }
-    let v = CONNTRACK.get_ptr_mut(key)?;
+    let Some(v) = CONNTRACK.get_ptr_mut(key) else {
+        return Tracked::Miss;
+    };
     // SAFETY: a pointer into a map value, valid for this program run;
     // concurrent updates from another CPU at worst lose a flag or a refresh.
     let v = unsafe { &mut *v };
     if now >= v.expires_ns {
-        return None;
+        return Tracked::Miss;
+    }
+    if v.epoch != epoch {
+        let rule = rejudge(key, v.flags);
+        if rule == DENIED {
+            return Tracked::Revoked;
+        }
+        v.epoch = epoch;
+        v.rule_id = rule as u32;
     }
     let from_orig = src_is_lo == (v.flags & CT_ORIG_IS_LO != 0);
     let flags = track(v.flags, from_orig, tcp_flags) | implied;
@@ -180,23 +225,26 @@ pub fn hit_and_refresh(
     } else if expires.saturating_sub(v.expires_ns) >= REFRESH_NS {
         v.expires_ns = expires;
     }
-    Some(flags)
+    Tracked::Hit(flags)
 }
 
-/// Is there a live entry for this key? (No refresh: used for the flows that
-/// ICMP errors quote.)
+/// The flags and epoch of the live entry for this key, if any. (No
+/// refresh: used for the flows that ICMP errors quote.)
 #[inline(always)]
-pub fn exists(key: &CtKey, now: u64) -> bool {
-    match CONNTRACK.get_ptr(key) {
-        // SAFETY: as in hit_and_refresh; only a u64 is read.
-        Some(v) => now < unsafe { (*v).expires_ns },
-        None => false,
+pub fn live(key: &CtKey, now: u64) -> Option<(u32, u32)> {
+    let v = CONNTRACK.get_ptr(key)?;
+    // SAFETY: as in hit_and_refresh; copied out at once.
+    let v = unsafe { &*v };
+    if now < v.expires_ns {
+        Some((v.flags, v.epoch))
+    } else {
+        None
     }
 }
 
-/// Creates the entry of an allowed new flow, with `extra` flags. A failed
-/// insert is counted; the packet passes anyway (its replies then meet the
-/// policy).
+/// Creates the entry of an allowed new flow, with `extra` flags, judged in
+/// policy epoch `epoch`. A failed insert is counted; the packet passes
+/// anyway (its replies then meet the policy).
 #[inline(always)]
 pub fn create(
     key: &CtKey,
@@ -206,6 +254,7 @@ pub fn create(
     rule_id: u32,
     extra: u32,
     now: u64,
+    epoch: u32,
 ) {
     let mut flags = extra;
     if src_is_lo {
@@ -219,6 +268,8 @@ pub fn create(
         expires_ns: now + lifetime_secs(key.proto, flags) * NS_PER_SEC,
         flags,
         rule_id,
+        epoch,
+        _pad: 0,
     };
     // BPF_ANY: an expired entry of the same key is replaced.
     match CONNTRACK.insert(key, &value, 0) {

@@ -3,13 +3,16 @@
 //! receives (INGRESS); both run `try_classify`, which follows the numbered
 //! steps below. New flows to a Service address are the exception: their
 //! egress is judged after kube-proxy's DNAT, by the backend's `to_pod`
-//! (steps 0 and 7a; docs/design.md, "Services"). Modules: `parse` (headers), `conntrack`, `policy` (new
-//! flows), `events` (drop counters and events), `maps`, `keys`.
+//! (steps 0 and 7a; docs/design.md, "Services"). A conntrack entry from an
+//! older policy epoch has its flow judged again (step 7b; docs/design.md,
+//! "Policy changes reach established flows"). Modules: `parse` (headers),
+//! `conntrack`, `policy` (new flows), `events` (drop counters and events),
+//! `maps`, `keys`.
 //!
 //! Layout for the verifier and the benchmark: the established-flow path
-//! (parse, endpoint, anti-spoofing, one conntrack lookup) is inlined into
-//! the classifier; new flows, ICMP errors and drops are BPF subprograms with
-//! their own stack frames.
+//! (parse, endpoint, anti-spoofing, one conntrack lookup, the epoch
+//! compare) is inlined into the classifier; new flows, flow judgments, ICMP
+//! errors and drops are BPF subprograms with their own stack frames.
 #![no_std]
 #![no_main]
 
@@ -32,14 +35,16 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use sluice_common::{
-    CT_EGRESS_DEFERRED, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EGRESS_DEFERRED_MARK,
-    EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
-    EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey,
-    ServiceKey, proto, reason, stat,
+    CT_EGRESS_DEFERRED, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CtKey, DIR_EGRESS,
+    DIR_INGRESS, EGRESS_DEFERRED_MARK, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4,
+    EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue,
+    IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
 };
 
 use crate::{
-    conntrack::{addr_eq, create, exists, flow_key, hit_and_refresh, now_ns},
+    conntrack::{
+        DENIED, Tracked, addr_eq, create, current_epoch, flow_key, hit_and_refresh, live, now_ns,
+    },
     keys::frag_key,
     maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
     parse::{
@@ -131,6 +136,7 @@ const MALFORMED: Reason = Reason::of(reason::MALFORMED);
 const FRAGMENT_UNKNOWN: Reason = Reason::of(reason::FRAGMENT_UNKNOWN);
 const FAIL_CLOSED: Reason = Reason::of(reason::FAIL_CLOSED);
 const UNSUPPORTED_L3: Reason = Reason::of(reason::UNSUPPORTED_L3);
+const REVOKED: Reason = Reason::of(reason::REVOKED);
 
 type Verdict = Result<(), Reason>;
 
@@ -234,10 +240,22 @@ fn deferred_egress<C: Skb>(ctx: &C, pkt: &Packet) -> Result<(), i32> {
     } else {
         0
     };
-    if hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, implied, now).is_some() {
-        return Ok(());
-    }
-    match new_flow(sender, DIR_EGRESS, *pkt, &key, now) {
+    let epoch = current_epoch();
+    let tracked = hit_and_refresh(
+        &key,
+        src_is_lo,
+        pkt.tcp_flags,
+        implied,
+        now,
+        epoch,
+        |k, f| rejudge(sender, k, f),
+    );
+    let verdict = match tracked {
+        Tracked::Hit(_) => return Ok(()),
+        Tracked::Revoked => Err(REVOKED),
+        Tracked::Miss => new_flow(sender, DIR_EGRESS, *pkt, &key, now),
+    };
+    match verdict {
         Ok(()) => Ok(()),
         Err(why) => {
             if pkt.frag == FRAG_FIRST {
@@ -353,22 +371,37 @@ fn decide(
 #[inline(always)]
 fn flow_verdict(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet) -> Verdict {
     let now = now_ns();
-    // 8. Related ICMP errors pass when the flow they quote is tracked;
-    //    else they are a new flow without ports (step 9).
-    if is_icmp_error(pkt) && related_flow_tracked(ctx, ep.ep_id, *pkt, now) {
-        return Ok(());
+    // The policy epoch, read before anything is judged (see current_epoch).
+    let epoch = current_epoch();
+    // 8. Related ICMP errors pass when the flow they quote is tracked (and,
+    //    from an older epoch, still allowed: else revoked); else they are
+    //    a new flow without ports (step 9).
+    if is_icmp_error(pkt) {
+        match related_flow(ctx, ep, *pkt, now) {
+            RELATED => return Ok(()),
+            RELATED_REVOKED => return Err(REVOKED),
+            _ => {}
+        }
     }
     // 7. Conntrack, one lookup: both directions share the key. What the
     //    pod sends on a deferred flow (7a) is marked for its backend's
     //    to_pod, every packet, so none passes unjudged after NAT.
+    //    7b. An entry from an older policy epoch: its flow is judged again
+    //    (`rejudge`), whichever side sent this packet.
     let (key, src_is_lo) = flow_key(
         ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
     );
-    if let Some(flags) = hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, 0, now) {
-        if dir == DIR_EGRESS && flags & CT_EGRESS_DEFERRED != 0 {
-            mark_deferred(ctx);
+    match hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, 0, now, epoch, |k, f| {
+        rejudge(ep, k, f)
+    }) {
+        Tracked::Hit(flags) => {
+            if dir == DIR_EGRESS && flags & CT_EGRESS_DEFERRED != 0 {
+                mark_deferred(ctx);
+            }
+            return Ok(());
         }
-        return Ok(());
+        Tracked::Revoked => return Err(REVOKED),
+        Tracked::Miss => {}
     }
     // 7a. (from_pod) A new flow to a Service address: kube-proxy has not
     //     chosen the real destination yet. Tracked as deferred and marked;
@@ -382,6 +415,7 @@ fn flow_verdict(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet) -> Ve
             0,
             CT_EGRESS_DEFERRED,
             now,
+            epoch,
         );
         mark_deferred(ctx);
         return Ok(());
@@ -398,68 +432,122 @@ fn is_service(addr: &Addr) -> bool {
     unsafe { SERVICES.get(&key) }.is_some()
 }
 
+/// `related_flow`'s answers: the quoted flow is not tracked (or not sent by
+/// the error's receiver), tracked, or tracked but revoked.
+const UNRELATED: u32 = 0;
+const RELATED: u32 = 1;
+const RELATED_REVOKED: u32 = 2;
+
 /// Does the flow that an ICMP error quotes exist, and was it sent by the
 /// one the error goes to? (Without that check a pod could send "errors" to
-/// anyone by quoting one of its allowed flows.)
+/// anyone by quoting one of its allowed flows.) An entry of an older epoch
+/// counts only if its flow is still allowed (the entry is not updated: the
+/// flow's own next packet does that).
 #[inline(never)]
-fn related_flow_tracked(ctx: &TcContext, ep_id: u32, pkt: Packet, now: u64) -> bool {
+fn related_flow(ctx: &TcContext, ep: &EndpointInfo, pkt: Packet, now: u64) -> u32 {
+    let epoch = current_epoch();
     let Some(inner) = parse_icmp_inner(ctx, &pkt) else {
-        return false;
+        return UNRELATED;
     };
     if !addr_eq(&inner.saddr, &pkt.daddr) {
-        return false;
+        return UNRELATED;
     }
     let (key, _) = flow_key(
-        ep_id,
+        ep.ep_id,
         &inner.saddr,
         inner.sport,
         &inner.daddr,
         inner.dport,
         inner.proto,
     );
-    exists(&key, now)
+    match live(&key, now) {
+        None => UNRELATED,
+        Some((_, e)) if e == epoch => RELATED,
+        Some((flags, _)) if rejudge(ep, &key, flags) != DENIED => RELATED,
+        Some(_) => RELATED_REVOKED,
+    }
+}
+
+/// 7b. The flow of a conntrack entry from an older policy epoch, judged
+///     again as a new flow of its original direction (the entry says who
+///     opened it and in which direction; its key holds both sides): a rule
+///     id, or `DENIED`. A deferred entry (7a) holds no verdict: the flow's
+///     translated entry at the backend's hook is the one judged again.
+#[inline(always)]
+fn rejudge(ep: &EndpointInfo, key: &CtKey, flags: u32) -> u64 {
+    if flags & CT_EGRESS_DEFERRED != 0 {
+        return 0;
+    }
+    let dir = if flags & CT_ORIG_EGRESS != 0 {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
+    // The originator's side and the responder's (server's) port.
+    let (orig, resp, port) = if flags & CT_ORIG_IS_LO != 0 {
+        (&key.addr_lo, &key.addr_hi, key.port_hi)
+    } else {
+        (&key.addr_hi, &key.addr_lo, key.port_lo)
+    };
+    let peer = if dir == DIR_INGRESS { orig } else { resp };
+    judge(ep, dir, &Addr::from_bytes(*peer), key.proto, port)
 }
 
 /// 9. A new flow: allowed where the endpoint is not isolated in `dir`, from
 ///    the node (ingress), or by policy. 10. An allowed one is tracked.
 #[inline(never)]
-fn new_flow(
-    ep: &EndpointInfo,
-    dir: u8,
-    pkt: Packet,
-    key: &sluice_common::CtKey,
-    now: u64,
-) -> Verdict {
-    let rule_id = if isolated(ep, dir) {
-        let peer = if dir == DIR_INGRESS {
-            &pkt.saddr
-        } else {
-            &pkt.daddr
-        };
-        let peer_id = policy::identity_of(peer);
-        // The node itself (kubelet probes) may always reach its pods.
-        if dir == DIR_INGRESS && peer_id == IDENTITY_HOST {
-            0
-        } else {
-            // The port of a new flow is its destination port, the server's.
-            // ICMP has none (echo ids are not ports), nor do ICMP errors that
-            // match no tracked flow.
-            let port = if pkt.proto == proto::ICMP || pkt.proto == proto::ICMPV6 {
-                0
-            } else {
-                pkt.dport
-            };
-            match policy::allowed(ep, dir, peer, peer_id, pkt.proto, port) {
-                Some(rule) => rule,
-                None => return Err(POLICY_DENIED),
-            }
-        }
+fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> Verdict {
+    // Before the policy is read: see current_epoch.
+    let epoch = current_epoch();
+    let peer = if dir == DIR_INGRESS {
+        &pkt.saddr
     } else {
-        0
+        &pkt.daddr
     };
+    let rule = judge(ep, dir, peer, pkt.proto, pkt.dport);
+    if rule == DENIED {
+        return Err(POLICY_DENIED);
+    }
     let src_is_lo = conntrack::side_le(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
-    create(key, src_is_lo, dir, pkt.tcp_flags, rule_id, 0, now);
+    create(
+        key,
+        src_is_lo,
+        dir,
+        pkt.tcp_flags,
+        rule as u32,
+        0,
+        now,
+        epoch,
+    );
     Ok(())
+}
+
+/// 9. The verdict on a flow with `peer` of `l4` to the server's port
+///    `dport`, opened in `dir`: the rule id that allows it (0 where the
+///    endpoint is not isolated, or from the node), or `DENIED`. New flows
+///    and flows judged again (7b) both come here.
+#[inline(never)]
+fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
+    if !isolated(ep, dir) {
+        return 0;
+    }
+    let peer_id = policy::identity_of(peer);
+    // The node itself (kubelet probes) may always reach its pods.
+    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST {
+        return 0;
+    }
+    // The port of a new flow is its destination port, the server's. ICMP
+    // has none (echo ids are not ports), nor do ICMP errors that match no
+    // tracked flow.
+    let port = if l4 == proto::ICMP || l4 == proto::ICMPV6 {
+        0
+    } else {
+        dport
+    };
+    match policy::allowed(ep, dir, peer, peer_id, l4, port) {
+        Some(rule) => u64::from(rule),
+        None => DENIED,
+    }
 }
 
 #[cfg(not(test))]

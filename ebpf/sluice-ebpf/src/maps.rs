@@ -4,7 +4,7 @@
 //! restarted agent reuses them.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use sluice_common::{
     CidrKey, CidrValue, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FragKey, FragValue,
@@ -53,6 +53,13 @@ pub static DROP_EVENTS: RingBuf = RingBuf::pinned(sizes::DROP_EVENTS_BYTES, 0);
 /// last drop event sent for it.
 #[map]
 pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(sizes::EVENT_RATE, 0);
+
+/// The policy epoch, one entry (`EPOCH_INDEX`): the agent bumps it after
+/// each programming pass that changed anything; a conntrack entry of
+/// another epoch has its flow judged again. An array, so the verifier
+/// inlines the lookup into a bounds check and a load.
+#[map]
+pub static EPOCH: Array<u32> = Array::pinned(1, 0);
 
 /// Indexed by `sluice_common::stat`.
 #[map]

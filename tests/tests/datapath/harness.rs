@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions},
 };
 use sluice_common::{
@@ -155,6 +155,7 @@ pub struct Datapath {
     pub drop_counters: PerCpuHashMap<MapData, CounterKey, sluice_common::CounterValue>,
     pub drop_events: RingBuf<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub epoch: Array<MapData, u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> T
@@ -209,6 +210,7 @@ impl Datapath {
             drop_counters: take(&mut ebpf, maps::DROP_COUNTERS),
             drop_events: take(&mut ebpf, maps::DROP_EVENTS),
             stats: take(&mut ebpf, maps::STATS),
+            epoch: take(&mut ebpf, maps::EPOCH),
             ebpf,
         }
     }
@@ -386,6 +388,15 @@ impl Datapath {
             Err(aya::maps::MapError::KeyNotFound) => (0, 0),
             Err(e) => panic!("DROP_COUNTERS: {e:?}"),
         }
+    }
+
+    /// What the agent does after a programming pass: the next policy
+    /// epoch. Returns it.
+    pub fn bump_epoch(&mut self) -> u32 {
+        let index = sluice_common::EPOCH_INDEX;
+        let next = self.epoch.get(&index, 0).expect("EPOCH") + 1;
+        self.epoch.set(index, &next, 0).expect("EPOCH set");
+        next
     }
 
     pub fn stat(&self, index: u32) -> u64 {

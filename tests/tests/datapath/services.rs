@@ -514,3 +514,87 @@ fn to_host_judges_the_senders_deferred_egress_of_packets_delivered_to_the_node_i
         assert_eq!(dp.drops(SENDER_EP, reason::POLICY_DENIED, DIR_EGRESS).0, 4);
     });
 }
+
+#[test]
+fn a_service_flow_whose_senders_egress_is_revoked_is_dropped_at_the_backend_and_the_node() {
+    // The sender's translated entry (at the backend's to_pod, or at to_host
+    // for a host-network backend) is judged again in a new epoch, against
+    // the sender's egress policy: the rule gone, its next packet is
+    // dropped as revoked, counted as the sender's egress.
+    const NODE4: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 1);
+    with_datapath(|dp| {
+        let mut s = backend_and_sender(dp, 0, EP_EGRESS_ISOLATED);
+        dp.set_ipcache(mapped(v4(NODE4)), 128, IDENTITY_HOST);
+        allow_sender_egress(dp, &mut s, BACKEND_IDENTITY, proto::TCP, 8080);
+        allow_sender_egress(dp, &mut s, BACKEND_IDENTITY, proto::UDP, 53);
+        allow_sender_egress(dp, &mut s, IDENTITY_HOST, proto::TCP, 6443);
+        let (src, dst, node) = (v4(PEER4), v4(POD4), v4(NODE4));
+        let m = EGRESS_DEFERRED_MARK;
+        let tcp = |flags| Packet::tcp(src, 40000, dst, 8080, flags).frame();
+        let udp = Packet::udp(src, 40001, dst, 53).frame();
+        let host = |flags| Packet::tcp(src, 40002, node, 6443, flags).frame();
+        assert_eq!(dp.run_marked(DIR_INGRESS, &tcp(TCP_SYN), m), (TC_ACT_OK, 0));
+        assert_eq!(dp.run_marked(DIR_INGRESS, &udp, m), (TC_ACT_OK, 0));
+        assert_eq!(dp.run_host(&host(TCP_SYN), m), 1);
+        let rule = |l4, port| PolicyKey {
+            ep_id: SENDER_EP,
+            identity: BACKEND_IDENTITY,
+            port,
+            proto: l4,
+            dir: DIR_EGRESS,
+            plen: 16,
+            _pad: [0; 3],
+        };
+        dp.policy.remove(&rule(proto::TCP, 8080)).unwrap();
+        dp.policy.remove(&rule(proto::UDP, 53)).unwrap();
+        dp.policy
+            .remove(&PolicyKey {
+                identity: IDENTITY_HOST,
+                ..rule(proto::TCP, 6443)
+            })
+            .unwrap();
+        // Same epoch: the entries still pass them.
+        assert_eq!(dp.run_marked(DIR_INGRESS, &tcp(TCP_ACK), m), (TC_ACT_OK, 0));
+        dp.bump_epoch();
+        assert_eq!(
+            dp.run_marked(DIR_INGRESS, &tcp(TCP_ACK), m),
+            (TC_ACT_SHOT, 0)
+        );
+        assert_eq!(dp.run_marked(DIR_INGRESS, &udp, m), (TC_ACT_SHOT, 0));
+        assert_eq!(dp.run_host(&host(TCP_ACK), m), 0);
+        assert_eq!(dp.drops(SENDER_EP, reason::REVOKED, DIR_EGRESS).0, 3);
+        assert_eq!(dp.drops(SENDER_EP, reason::POLICY_DENIED, DIR_EGRESS).0, 0);
+        assert_eq!(dp.drops(EP_ID, reason::REVOKED, DIR_INGRESS).0, 0);
+    });
+}
+
+#[test]
+fn a_service_flow_whose_backends_ingress_is_revoked_is_dropped_as_revoked() {
+    with_datapath(|dp| {
+        let mut b = endpoint(EP_INGRESS_ISOLATED);
+        backend_and_sender(dp, EP_INGRESS_ISOLATED, 0);
+        allow(dp, &mut b, DIR_INGRESS, SENDER_IDENTITY, proto::UDP, 53, 16);
+        let (src, dst) = (v4(PEER4), v4(POD4));
+        let udp = Packet::udp(src, 40001, dst, 53).frame();
+        let m = EGRESS_DEFERRED_MARK;
+        assert_eq!(dp.run_marked(DIR_INGRESS, &udp, m), (TC_ACT_OK, 0));
+        dp.policy
+            .remove(&PolicyKey {
+                ep_id: EP_ID,
+                identity: SENDER_IDENTITY,
+                port: 53,
+                proto: proto::UDP,
+                dir: DIR_INGRESS,
+                plen: 16,
+                _pad: [0; 3],
+            })
+            .unwrap();
+        dp.bump_epoch();
+        assert_eq!(dp.run_marked(DIR_INGRESS, &udp, m), (TC_ACT_SHOT, 0));
+        // The backend's reply, judged as the flow's ingress, too.
+        let reply = Packet::udp(dst, 53, src, 40001).frame();
+        assert_eq!(dp.run_marked(DIR_EGRESS, &reply, 0).0, TC_ACT_SHOT);
+        assert_eq!(dp.drops(EP_ID, reason::REVOKED, DIR_INGRESS).0, 1);
+        assert_eq!(dp.drops(EP_ID, reason::REVOKED, DIR_EGRESS).0, 1);
+    });
+}

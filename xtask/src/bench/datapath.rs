@@ -357,6 +357,8 @@ impl Datapath {
             expires_ns: u64::MAX,
             flags: CT_ORIG_IS_LO | CT_SEEN_REPLY,
             rule_id: 1,
+            // The epoch in force: EPOCH is never bumped here.
+            ..CtValue::default()
         };
         self.conntrack.insert(&key, &value, 0)?;
         Ok(())

@@ -19,6 +19,10 @@
 //! The time is that of the probe's start. The agent is asked `Programmed`
 //! every 5 ms. Times start just before the API server's store is written.
 //!
+//! Then, on the 9-pod model, apply-to-cut (`cut`): established flows (a
+//! long-lived TCP connection and a UDP flow) that a change denies, from
+//! the API write to their first dropped packet.
+//!
 //! `cargo xtask bench propagation [--changes 60]`
 use std::{
     net::SocketAddr,
@@ -32,7 +36,10 @@ use sluice_proto::{Request, Response};
 use sluice_test_apiserver::{Config, Server as ApiServer, resource_version, store::Part};
 use sluice_tests::{NetNs, Node, Pod, conflist_config};
 
-use super::util::{self as u, Acceptor};
+use super::{
+    cut::{self, CUT_PORT},
+    util::{self as u, Acceptor},
+};
 
 const NODE: &str = "node-1";
 const PORT: u16 = 80;
@@ -50,6 +57,8 @@ struct Spec {
     /// The server pod; the toggled policy lives in its namespace.
     server: (String, String),
     target_ms: f64,
+    /// Also measure apply-to-cut on this cluster.
+    cut: bool,
 }
 
 #[derive(clap::Args)]
@@ -71,8 +80,11 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut verdicts = Vec::new();
     for spec in [model(), large()] {
-        let r = measure(&spec, changes)?;
+        let (r, cuts) = measure(&spec, changes)?;
         verdicts.push(report(&spec, &r));
+        if let Some(cuts) = cuts {
+            verdicts.push(report_cut(&spec, &cuts));
+        }
     }
     println!();
     println!("targets:");
@@ -99,6 +111,7 @@ fn model() -> Spec {
         client: ("z".into(), "a".into()),
         server: ("x".into(), "b".into()),
         target_ms: 100.0,
+        cut: true,
     }
 }
 
@@ -180,11 +193,12 @@ fn large() -> Spec {
         client: ("ns-1".into(), "p0".into()),
         server: ("ns-0".into(), "p0".into()),
         target_ms: 500.0,
+        cut: false,
     }
 }
 
 /// The toggled policy: selects the server pod; allows the client on TCP
-/// 80, or nothing.
+/// 80 (and TCP and UDP `CUT_PORT`, for apply-to-cut), or nothing.
 fn toggled(spec: &Spec, allow: bool) -> Value {
     let (cns, cname) = &spec.client;
     let (sns, sname) = &spec.server;
@@ -196,7 +210,9 @@ fn toggled(spec: &Spec, allow: bool) -> Value {
     let ingress = if allow {
         json!([{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cns}},
                           "podSelector": {"matchLabels": labels(client_pod)}}],
-                "ports": [{"port": PORT, "protocol": "TCP"}]}])
+                "ports": [{"port": PORT, "protocol": "TCP"},
+                          {"port": CUT_PORT, "protocol": "TCP"},
+                          {"port": CUT_PORT, "protocol": "UDP"}]}])
     } else {
         json!([])
     };
@@ -209,7 +225,7 @@ fn toggled(spec: &Spec, allow: bool) -> Value {
 /// within GIVE_UP.
 type Samples = Vec<(bool, Option<f64>, Option<f64>)>;
 
-fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
+fn measure(spec: &Spec, changes: usize) -> Result<(Samples, Option<Vec<cut::Sample>>)> {
     eprintln!("setting up {}", spec.title);
     let started = Instant::now();
     let mut node = Node::new()?;
@@ -336,11 +352,32 @@ fn measure(spec: &Spec, changes: usize) -> Result<Samples> {
         samples.push((allow, probe, prog));
         std::thread::sleep(Duration::from_millis(100));
     }
+    let cuts = if spec.cut {
+        eprintln!("  measuring apply-to-cut");
+        let mut set_policy = |allow: bool| -> Result<String> {
+            let mut next = toggled(spec, allow);
+            next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+            current = api.update(next, Part::Main)?;
+            Ok(resource_version(&current))
+        };
+        let flows = (&client.ns, &server.ns);
+        let rounds = changes.div_ceil(2);
+        Some(cut::measure(
+            &node,
+            &key,
+            flows,
+            to.ip(),
+            rounds,
+            &mut set_policy,
+        )?)
+    } else {
+        None
+    };
     drop(wired);
     // The agent goes before the API server does (no reconnect noise).
     node.kill_agent()?;
     drop(api);
-    Ok(samples)
+    Ok((samples, cuts))
 }
 
 /// From a thread in `ns`: see `probe_in_thread`.
@@ -442,5 +479,49 @@ fn report(spec: &Spec, samples: &Samples) -> String {
             ""
         },
         u::verdict(worst < spec.target_ms && !lost_any)
+    )
+}
+
+/// Prints apply-to-cut; returns its target line.
+fn report_cut(spec: &Spec, cuts: &[cut::Sample]) -> String {
+    println!();
+    println!("{}: apply-to-cut, {} rounds", spec.title, cuts.len());
+    println!(
+        "  {:<40} {:>8} {:>8} {:>8} {:>6}",
+        "ms from the API write", "p50", "p99", "max", "lost"
+    );
+    let tcp: Vec<Option<f64>> = cuts.iter().map(|c| c.0).collect();
+    let udp: Vec<Option<f64>> = cuts.iter().map(|c| c.1).collect();
+    let all: Vec<Option<f64>> = tcp.iter().chain(&udp).copied().collect();
+    let mut p99_all = 0.0;
+    let mut lost_any = false;
+    for (label, picked) in [
+        ("first dropped packet, TCP connection", &tcp),
+        ("first dropped packet, UDP flow", &udp),
+        ("first dropped packet, all", &all),
+    ] {
+        let seen: Vec<f64> = picked.iter().flatten().copied().collect();
+        let lost = picked.len() - seen.len();
+        println!(
+            "  {:<40} {:>8.1} {:>8.1} {:>8.1} {:>6}",
+            label,
+            u::pct(&seen, 50.0),
+            u::pct(&seen, 99.0),
+            u::pct(&seen, 100.0),
+            lost
+        );
+        p99_all = u::pct(&seen, 99.0);
+        lost_any |= lost > 0;
+    }
+    format!(
+        "{}: apply-to-cut p99 < {:.0} ms: p99 {p99_all:.1} ms{}: {}",
+        spec.title,
+        spec.target_ms,
+        if lost_any {
+            " (some flows never cut)"
+        } else {
+            ""
+        },
+        u::verdict(p99_all < spec.target_ms && !lost_any)
     )
 }

@@ -138,6 +138,16 @@ impl Args {
         let (mut dp, drops) = Datapath::load(&self.bpffs, &self.sizes(), self.tc_attach)
             .context("loading the data path")?;
         dp.writer.set_established(self.established);
+        let registry = Registry::open(&self.state_dir).context("opening the endpoint registry")?;
+        let endpoints = Endpoints::start(
+            &mut dp,
+            registry,
+            self.max_entries_per_endpoint,
+            metrics.clone(),
+        )
+        .context("taking over the node's endpoints")?;
+        // After the endpoints' records are refreshed: the new to_host reads
+        // them as soon as it is attached.
         match self.host_cgroup()? {
             Some(cgroup) => {
                 dp.programs
@@ -149,14 +159,6 @@ impl Args {
                 "--host-cgroup none: Service traffic to host-network backends is not judged"
             ),
         }
-        let registry = Registry::open(&self.state_dir).context("opening the endpoint registry")?;
-        let endpoints = Endpoints::start(
-            &mut dp,
-            registry,
-            self.max_entries_per_endpoint,
-            metrics.clone(),
-        )
-        .context("taking over the node's endpoints")?;
         let mut state = State::new(dp, endpoints, cluster);
         state.program_host_addresses()?;
         Ok((state, drops))

@@ -35,7 +35,6 @@ use crate::{
     pipeline::Pipeline,
 };
 
-
 /// xorshift64*: small, deterministic, good enough to pick cases.
 pub struct Rng(u64);
 

@@ -21,7 +21,7 @@ use sluice_common::{
     CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST,
     CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4,
     EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_CIDR_FLAG,
-    IDENTITY_HOST, IDENTITY_WORLD, PLEN_ANY_PROTO_BIT, PolicyKey, ct_timeout, proto, reason, stat,
+    IDENTITY_HOST, IDENTITY_WORLD, PolicyKey, ct_timeout, proto, reason, stat,
 };
 
 const EP_ID: u32 = LOOPBACK;
@@ -80,7 +80,7 @@ fn allow(
         },
         7,
     );
-    ep.port_plens[usize::from(dir)] |= 1 << plen;
+    ep.port_plens[usize::from(dir)] |= sluice_common::plen_bits(identity, l4, plen);
     dp.set_endpoint(ep);
 }
 
@@ -97,7 +97,7 @@ fn allow_any_proto(dp: &mut Datapath, ep: &mut EndpointInfo, dir: u8, identity: 
         },
         8,
     );
-    ep.port_plens[usize::from(dir)] |= 1 << PLEN_ANY_PROTO_BIT;
+    ep.port_plens[usize::from(dir)] |= sluice_common::plen_bits(identity, 0, 0);
     dp.set_endpoint(ep);
 }
 

@@ -38,6 +38,8 @@ fn the_bench_object_adds_noop_and_the_bench_programs_to_those() {
     assert_eq!(
         extra,
         BTreeSet::from([
+            "bench_deny_identity",
+            "bench_deny_judge",
             "bench_endpoint",
             "bench_host_noop",
             "bench_lookups",

@@ -290,6 +290,25 @@ impl Writer {
             .map_err(map_err(names::ENDPOINTS))
     }
 
+    /// Rewrites an endpoint's prefix-length masks from what its POLICY
+    /// entries need (`programmed`, read back from the maps). An agent takes
+    /// over records an older agent wrote, maybe without bits this data path
+    /// reads (the peer-class bits): written before the new programs are
+    /// attached, so they never skip a lookup an entry needs.
+    pub fn refresh_masks(&mut self, ep: &EndpointRecord, programmed: &Compiled) -> Result<()> {
+        let Some(mut info) = self.record(ep) else {
+            return Ok(());
+        };
+        if info.port_plens == programmed.port_plens {
+            return Ok(());
+        }
+        info.port_plens = programmed.port_plens;
+        self.maps
+            .endpoints
+            .insert(&ep.ifindex, &info, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
     fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
         for (k, v) in &new.entries {
             if old.entries.get(k) != Some(v) {

@@ -123,6 +123,8 @@ impl Endpoints {
             let s = &ep.spec;
             if netdev::interface_is(&s.host_ifname, s.host_ifindex) {
                 dp.writer.index_endpoint(&ep.record())?;
+                let programmed = eps.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
+                dp.writer.refresh_masks(&ep.record(), &programmed)?;
                 dp.programs.attach(&s.host_ifname)?;
                 info!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, ep_id = %ep.ep_id, "endpoint re-attached");
             } else {

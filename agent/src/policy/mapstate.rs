@@ -129,11 +129,7 @@ pub fn canonical(net: IpNetwork) -> IpNetwork {
 
 /// Which bit of `port_plens` a key needs.
 pub fn plen_bit(key: &PolicyKey) -> u32 {
-    if key.proto == 0 {
-        1 << PLEN_ANY_PROTO_BIT
-    } else {
-        1 << key.plen
-    }
+    sluice_common::plen_bits(key.identity, key.proto, key.plen)
 }
 
 /// The policy keys that allow `l4` from/to `identity`.
@@ -275,6 +271,41 @@ mod tests {
                 assert_eq!(base & !port_mask(plen), 0, "block {base}/{plen} is aligned");
             }
         }
+    }
+
+    /// The data path skips the any-peer and CIDR-group lookups of a
+    /// direction whose mask lacks their bit: every such entry must set it.
+    #[test]
+    fn masks_announce_any_peer_and_cidr_group_entries_per_direction() {
+        use sluice_common::{
+            DIR_EGRESS, IDENTITY_ANY, IDENTITY_CIDR_FLAG, PLEN_ANY_PEER_BIT, PLEN_CIDR_PEER_BIT,
+        };
+        let rule = |dir, identity| Rule {
+            dir,
+            identity,
+            l4: L4::Ports {
+                proto: proto::TCP,
+                first: 80,
+                last: 80,
+            },
+            rule_id: 1,
+        };
+        let p = EndpointPolicy {
+            ingress_isolated: true,
+            egress_isolated: true,
+            rules: vec![
+                rule(DIR_INGRESS, IDENTITY_ANY),
+                rule(DIR_EGRESS, IDENTITY_CIDR_FLAG | 3),
+                rule(DIR_EGRESS, 300),
+            ],
+            cidrs: Vec::new(),
+        };
+        let c = p.compile(7).unwrap();
+        let (any, cidr) = (1 << PLEN_ANY_PEER_BIT, 1 << PLEN_CIDR_PEER_BIT);
+        let [ingress, egress] = c.port_plens;
+        assert_eq!((ingress & any, ingress & cidr), (any, 0));
+        assert_eq!((egress & any, egress & cidr), (0, cidr));
+        assert_ne!(egress & (1 << 16), 0, "the exact port's length too");
     }
 
     #[test]

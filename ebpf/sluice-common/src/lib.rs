@@ -89,6 +89,31 @@ pub const EP_HAS_IPV6: u32 = 1 << 4;
 /// (a rule with no ports) exist; bits 0..=16 say that entries with that
 /// port prefix length exist.
 pub const PLEN_ANY_PROTO_BIT: u32 = 17;
+/// Bit of `EndpointInfo::port_plens[dir]`: entries for any peer
+/// (`IDENTITY_ANY`) exist. Without it the data path skips that lookup.
+pub const PLEN_ANY_PEER_BIT: u32 = 18;
+/// Bit of `EndpointInfo::port_plens[dir]`: entries for CIDR groups
+/// (ipBlock) exist. Without it the data path skips the CIDRS lookup: a
+/// prefix whose group has no entry can allow nothing.
+pub const PLEN_CIDR_PEER_BIT: u32 = 19;
+
+/// The `port_plens` bits a policy entry needs: its port prefix length (or
+/// any-protocol) and, for any-peer and CIDR-group entries, their peer bit.
+pub const fn plen_bits(identity: u32, proto: u8, plen: u8) -> u32 {
+    let len = if proto == 0 {
+        1 << PLEN_ANY_PROTO_BIT
+    } else {
+        1u32 << (plen & 31)
+    };
+    let peer = if identity == IDENTITY_ANY {
+        1 << PLEN_ANY_PEER_BIT
+    } else if identity & IDENTITY_CIDR_FLAG != 0 {
+        1 << PLEN_CIDR_PEER_BIT
+    } else {
+        0
+    };
+    len | peer
+}
 
 /// One pod interface, keyed by the ifindex of the host end of its veth (the
 /// program reads it from the skb). `ep_id` is not the ifindex: the agent

@@ -1,5 +1,6 @@
 //! The programs of `cargo xtask bench datapath` (and of the data path test
-//! harness): baselines and the breakdown of the established-flow path. Built
+//! harness): baselines and the breakdowns of the established-flow and the
+//! denied new-flow paths. Built
 //! only with the `bench` feature, into `sluice-tc-bench`: the production
 //! object `sluice-tc` carries no program the agent never attaches
 //! (agent/build.rs checks that).
@@ -9,12 +10,13 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
-use sluice_common::EP_FAIL_CLOSED;
+use sluice_common::{DIR_INGRESS, EP_FAIL_CLOSED};
 
 use crate::{
     conntrack::flow_key,
     maps::{CONNTRACK, ENDPOINTS},
     parse::{L3, Packet, parse},
+    policy::{allowed, identity_of},
 };
 
 /// Does nothing, as a cgroup skb program: the baseline of `to_host` in
@@ -84,5 +86,56 @@ pub fn bench_lookups(ctx: TcContext) -> i32 {
     match CONNTRACK.get_ptr(&key) {
         Some(_) => TC_ACT_OK,
         None => TC_ACT_SHOT,
+    }
+}
+
+/// The denied path's steps, up to the peer's identity: parsing, ENDPOINTS,
+/// the conntrack miss and the IPCACHE lookup (no policy, no drop).
+#[classifier]
+pub fn bench_deny_identity(ctx: TcContext) -> i32 {
+    let Some((ep, pkt)) = missed(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let peer_id = identity_of(&pkt.saddr);
+    if core::hint::black_box(peer_id) == 0 || ep.flags & EP_FAIL_CLOSED != 0 {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// The denied path's steps, up to the verdict: as `bench_deny_identity`,
+/// then the policy lookups of a new ingress flow (no drop recorded).
+#[classifier]
+pub fn bench_deny_judge(ctx: TcContext) -> i32 {
+    let Some((ep, pkt)) = missed(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let peer_id = identity_of(&pkt.saddr);
+    match allowed(ep, DIR_INGRESS, &pkt.saddr, peer_id, pkt.proto, pkt.dport) {
+        Some(_) => TC_ACT_OK,
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// Parsing, ENDPOINTS and a conntrack lookup that misses: the endpoint and
+/// packet of a new flow, or None (not IP, no endpoint, or tracked).
+#[inline(always)]
+fn missed(ctx: &TcContext) -> Option<(&'static sluice_common::EndpointInfo, Packet)> {
+    let mut pkt = Packet::empty();
+    let parsed = parse(ctx, &mut pkt);
+    // SAFETY: as in bench_endpoint.
+    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    // SAFETY: as in bench_endpoint.
+    let ep = unsafe { ENDPOINTS.get(&ifindex) }?;
+    if !matches!(parsed, Ok(L3::Ip)) {
+        return None;
+    }
+    let (key, _) = flow_key(
+        ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
+    );
+    match CONNTRACK.get_ptr(&key) {
+        Some(_) => None,
+        None => Some((ep, pkt)),
     }
 }

@@ -4,7 +4,7 @@
 use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, stat};
 
 use crate::{
-    conntrack::{precise_now_ns, side_le},
+    conntrack::{now_ns, precise_now_ns, side_le},
     keys::ct_key,
     maps::{DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, count},
     parse::{FAMILY_NONE, Packet},
@@ -19,8 +19,10 @@ const NOEXIST: u64 = 1;
 #[inline(never)]
 pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
     count_drop(ep_id, dir, reason, len);
-    let now = precise_now_ns();
-    if !event_due(ep_id, dir, pkt, now) {
+    // The per-flow limit is a second: the jiffy clock (one read, shared
+    // with conntrack) is precise enough for it; the event itself carries
+    // the precise time.
+    if !event_due(ep_id, dir, pkt, now_ns()) {
         count(stat::EVENTS_RATE_LIMITED);
         return;
     }
@@ -36,7 +38,7 @@ pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
         identity_of(&pkt.daddr)
     };
     entry.write(DropEvent {
-        ts_ns: now,
+        ts_ns: precise_now_ns(),
         ep_id,
         peer_identity: peer,
         saddr: pkt.saddr.bytes(),

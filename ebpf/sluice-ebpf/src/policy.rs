@@ -3,7 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use sluice_common::{
     CIDR_KEY_FIXED_BITS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey,
-    PLEN_ANY_PROTO_BIT, POLICY_ALLOW, PolicyKey, port_mask,
+    PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ALLOW, PolicyKey, port_mask,
 };
 
 use crate::{
@@ -102,12 +102,18 @@ pub fn allowed(
     if let Some(rule) = lookup_identity(ep.ep_id, dir, plens, peer_id, l4, port) {
         return Some(rule);
     }
-    // 9b. Any peer.
-    if let Some(rule) = lookup_identity(ep.ep_id, dir, plens, IDENTITY_ANY, l4, port) {
+    // 9b. Any peer, where such entries exist.
+    if plens & (1 << PLEN_ANY_PEER_BIT) != 0
+        && let Some(rule) = lookup_identity(ep.ep_id, dir, plens, IDENTITY_ANY, l4, port)
+    {
         return Some(rule);
     }
     // 9c. The CIDR group of the peer's address (ipBlock), unless the
-    //     longest prefix is an `except` hole (group 0).
+    //     longest prefix is an `except` hole (group 0), where group entries
+    //     exist.
+    if plens & (1 << PLEN_CIDR_PEER_BIT) == 0 {
+        return None;
+    }
     let group = cidr_group(ep.ep_id, dir, peer);
     if group != 0 {
         return lookup_identity(ep.ep_id, dir, plens, group, l4, port);

@@ -16,8 +16,8 @@ use std::{
 
 use sluice_common::{
     DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
-    EndpointInfo, IDENTITY_ANY, IDENTITY_CIDR_FLAG, IDENTITY_HOST, IDENTITY_WORLD,
-    PLEN_ANY_PROTO_BIT, PolicyKey, ct_timeout, proto, reason,
+    EndpointInfo, IDENTITY_ANY, IDENTITY_CIDR_FLAG, IDENTITY_HOST, IDENTITY_WORLD, PolicyKey,
+    ct_timeout, proto, reason,
 };
 
 use crate::{
@@ -792,12 +792,7 @@ pub fn run_random(dp: &mut Datapath, seed: u64, count: usize) {
             },
             1,
         );
-        let bit = if l4 == 0 {
-            PLEN_ANY_PROTO_BIT
-        } else {
-            u32::from(plen)
-        };
-        ep.port_plens[usize::from(dir)] |= 1 << bit;
+        ep.port_plens[usize::from(dir)] |= sluice_common::plen_bits(identity, l4, plen);
     }
     dp.set_endpoint(&ep);
     for (p, l, id) in ipcache() {

@@ -57,7 +57,7 @@ fn allow_sender_egress(dp: &mut Datapath, s: &mut EndpointInfo, identity: u32, l
         },
         11,
     );
-    s.port_plens[usize::from(DIR_EGRESS)] |= 1 << 16;
+    s.port_plens[usize::from(DIR_EGRESS)] |= sluice_common::plen_bits(identity, l4, 16);
     dp.set_endpoint_at(SENDER_IFINDEX, s);
 }
 

@@ -33,31 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     oracle::{Oracle, Proto, World},
     pipeline::Pipeline,
+    rng::Rng,
 };
-
-/// xorshift64*: small, deterministic, good enough to pick cases.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())].clone()
-    }
-}
 
 const NAMESPACES: &[&str] = &["ns-a", "ns-b", "ns-c"];
 const NS_LABELS: &[(&str, &[&str])] = &[("team", &["red", "blue"]), ("env", &["prod", "dev"])];
@@ -777,7 +754,7 @@ pub struct SeedReport {
 
 /// One seed: a world, `rounds` of probes, each round after a change.
 pub fn run_seed(pin_root: &Path, seed: u64, rounds: usize, per_round: usize) -> Result<SeedReport> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::seeded(seed);
     let mut serial = 0;
     let w = world(&mut rng, &mut serial);
     let dir = pin_root.join(format!("seed-{seed}"));

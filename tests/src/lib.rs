@@ -26,6 +26,7 @@ pub mod differential;
 pub mod kubeproxy;
 pub mod oracle;
 pub mod pipeline;
+pub mod rng;
 use sluice_proto::{Request, Response};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

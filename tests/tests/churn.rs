@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use sluice_test_apiserver::{ServerHandle, resource_version, store::Part};
-use sluice_tests::{ApiNode, NetNs, Pod, Server, eventually, tcp_ok, udp_ok};
+use sluice_tests::{ApiNode, NetNs, Pod, Server, eventually, rng::Rng, tcp_ok, udp_ok};
 
 const NODE: &str = "node-1";
 const CHANGES: usize = 1_000;
@@ -31,22 +31,6 @@ const DENIED_TIMEOUT: Duration = Duration::from_millis(300);
 const NOISE_NAMESPACES: usize = 4;
 const NOISE_PODS: usize = 12;
 const NOISE_POLICIES: usize = 8;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn pod(ns: &str, name: &str, node: &str, labels: Value) -> Value {
     let mut p = json!({
@@ -255,7 +239,7 @@ fn a_thousand_unrelated_changes_never_let_a_denied_probe_through_nor_block_an_al
     let tally = Tally::default();
     let per_flow: Vec<AtomicU64> = flows.iter().map(|_| AtomicU64::new(0)).collect();
     let stop = AtomicBool::new(false);
-    let mut rng = Rng(0xc4a7_11ee_5eed_0001);
+    let mut rng = Rng::new(0xc4a7_11ee_5eed_0001);
     let mut noise_pods: Vec<Option<Value>> = vec![None; NOISE_PODS];
     let mut noise_policies: Vec<Option<Value>> = vec![None; NOISE_POLICIES];
     let started = Instant::now();

@@ -20,31 +20,12 @@ use sluice_common::{
     ct_timeout, proto, reason,
 };
 
+use sluice_tests::rng::Rng;
+
 use crate::{
     harness::{Datapath, LOOPBACK, TC_ACT_OK, TC_ACT_SHOT},
     packet::*,
 };
-
-/// xorshift64*: small, deterministic, good enough to pick cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
 
 const GROUP: u32 = IDENTITY_CIDR_FLAG | 9;
 
@@ -515,7 +496,7 @@ impl Gen {
     fn flow(&mut self, v6: bool, dir: u8) -> Flow {
         // Half the time: a recent flow, the same way or the reply.
         if !self.recent.is_empty() && self.rng.chance(50) {
-            let f = self.recent[self.rng.below(self.recent.len() as u64) as usize];
+            let f = self.recent[self.rng.below_u64(self.recent.len() as u64) as usize];
             if f.src.is_ipv6() == v6 {
                 let pod = if v6 { self.pod6 } else { self.pod4 };
                 let outgoing = f.src == pod;
@@ -570,7 +551,7 @@ impl Gen {
         if self.recent.len() < 64 {
             self.recent.push(f);
         } else {
-            let i = self.rng.below(64) as usize;
+            let i = self.rng.below_u64(64) as usize;
             self.recent[i] = f;
         }
         f
@@ -582,13 +563,13 @@ impl Gen {
         } else {
             DIR_INGRESS
         };
-        let r = self.rng.below(100);
+        let r = self.rng.below_u64(100);
         if r < 3 {
             return (dir, arp([10, 1, 0, 5], [10, 2, 0, 1]), Case::Arp);
         }
         if r < 6 {
             let et = self.rng.pick(&[0x88cc_u16, 0x8100, 0x9000, 0x8847]);
-            let len = 14 + self.rng.below(60) as usize;
+            let len = 14 + self.rng.below_u64(60) as usize;
             return (
                 dir,
                 eth(et, &vec![0x42; len - 14])[..len].to_vec(),
@@ -689,10 +670,10 @@ impl Gen {
         // Variations.
         let mut bad = false;
         if !v6 && self.rng.chance(12) {
-            p = p.with_v4_options(&vec![1; 4 * (1 + self.rng.below(10) as usize)]);
+            p = p.with_v4_options(&vec![1; 4 * (1 + self.rng.below_u64(10) as usize)]);
         }
         if v6 && self.rng.chance(12) {
-            let n = 1 + self.rng.below(9) as usize;
+            let n = 1 + self.rng.below_u64(9) as usize;
             let chain: Vec<u8> = (0..n)
                 .map(|_| self.rng.pick(&[EXT_HOP, EXT_ROUTING, EXT_DEST, EXT_AUTH]))
                 .collect();
@@ -700,22 +681,22 @@ impl Gen {
         }
         let mut frag = Frag3::None;
         if self.rng.chance(8) {
-            let id = 1 + self.rng.below(4) as u32;
+            let id = 1 + self.rng.below_u64(4) as u32;
             if self.rng.chance(50) {
                 p = p.with_frag(0, true, id);
                 frag = Frag3::First(id);
             } else {
-                let payload = vec![0xee; 8 + self.rng.below(16) as usize];
+                let payload = vec![0xee; 8 + self.rng.below_u64(16) as usize];
                 let mut later = Packet::raw(p.src, p.dst, l4, payload);
                 later.v4_options = p.v4_options.clone();
                 later.v6_ext = p.v6_ext.clone();
-                p = later.with_frag(1 + self.rng.below(100) as u16, self.rng.chance(50), id);
+                p = later.with_frag(1 + self.rng.below_u64(100) as u16, self.rng.chance(50), id);
                 frag = Frag3::Later(id);
                 (sport, dport, tcp_flags, icmp_type, icmp_error) = (0, 0, 0, None, None);
             }
         }
         if !v6 && self.rng.chance(2) {
-            p = p.with_ihl(self.rng.below(5) as u8);
+            p = p.with_ihl(self.rng.below_u64(5) as u8);
             bad = true;
         }
         if v6 && p.v6_ext.len() + usize::from(p.frag.is_some()) > 8 {
@@ -735,7 +716,7 @@ impl Gen {
             // Not inside the fixed IP header: BPF_PROG_TEST_RUN refuses
             // such frames (EINVAL) before the program runs.
             let min = 14 + if v6 { 40 } else { 20 };
-            let cut = min + self.rng.below((frame.len() - min) as u64) as usize;
+            let cut = min + self.rng.below_u64((frame.len() - min) as u64) as usize;
             frame.truncate(cut);
         }
         let malformed = bad || frame.len() < hdr + l4_min;
@@ -814,7 +795,7 @@ pub fn run_random(dp: &mut Datapath, seed: u64, count: usize) {
         ambiguous: 0,
     };
     let mut generator = Gen {
-        rng: Rng(seed),
+        rng: Rng::new(seed),
         recent: Vec::new(),
         pod4,
         pod6,

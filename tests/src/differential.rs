@@ -579,101 +579,27 @@ fn diverges(pin_root: &Path, n: &mut u32, case: &Case) -> Result<bool> {
 /// Every way to make a world smaller by one thing.
 fn smaller(w: &World) -> Vec<World> {
     let mut out = Vec::new();
-    for i in 0..w.policies.len() {
-        let mut x = w.clone();
-        x.policies.remove(i);
-        out.push(x);
-    }
-    for i in 0..w.pods.len() {
-        let mut x = w.clone();
-        x.pods.remove(i);
-        out.push(x);
-    }
+    without_each(w, &mut out, w.policies.len(), |x| Some(&mut x.policies));
+    without_each(w, &mut out, w.pods.len(), |x| Some(&mut x.pods));
     for i in 0..w.policies.len() {
         let Some(spec) = w.policies[i].spec.as_ref() else {
             continue;
         };
-        for r in 0..spec.ingress.as_ref().map_or(0, Vec::len) {
-            let mut x = w.clone();
-            if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.ingress.as_mut()) {
-                v.remove(r);
-            }
-            out.push(x);
-            for k in 0..spec
-                .ingress
-                .as_ref()
-                .and_then(|v| v[r].from.as_ref())
-                .map_or(0, Vec::len)
-            {
-                let mut x = w.clone();
-                if let Some(v) = x.policies[i]
-                    .spec
-                    .as_mut()
-                    .and_then(|s| s.ingress.as_mut())
-                    .and_then(|v| v[r].from.as_mut())
-                {
-                    v.remove(k);
-                }
-                out.push(x);
-            }
-            for k in 0..spec
-                .ingress
-                .as_ref()
-                .and_then(|v| v[r].ports.as_ref())
-                .map_or(0, Vec::len)
-            {
-                let mut x = w.clone();
-                if let Some(v) = x.policies[i]
-                    .spec
-                    .as_mut()
-                    .and_then(|s| s.ingress.as_mut())
-                    .and_then(|v| v[r].ports.as_mut())
-                {
-                    v.remove(k);
-                }
-                out.push(x);
-            }
+        let ingress = spec.ingress.as_deref().unwrap_or_default();
+        without_each(w, &mut out, ingress.len(), |x| ingress_of(x, i));
+        for (r, rule) in ingress.iter().enumerate() {
+            let peers = rule.from.as_ref().map_or(0, Vec::len);
+            without_each(w, &mut out, peers, |x| ingress_of(x, i)?[r].from.as_mut());
+            let ports = rule.ports.as_ref().map_or(0, Vec::len);
+            without_each(w, &mut out, ports, |x| ingress_of(x, i)?[r].ports.as_mut());
         }
-        for r in 0..spec.egress.as_ref().map_or(0, Vec::len) {
-            let mut x = w.clone();
-            if let Some(v) = x.policies[i].spec.as_mut().and_then(|s| s.egress.as_mut()) {
-                v.remove(r);
-            }
-            out.push(x);
-            for k in 0..spec
-                .egress
-                .as_ref()
-                .and_then(|v| v[r].to.as_ref())
-                .map_or(0, Vec::len)
-            {
-                let mut x = w.clone();
-                if let Some(v) = x.policies[i]
-                    .spec
-                    .as_mut()
-                    .and_then(|s| s.egress.as_mut())
-                    .and_then(|v| v[r].to.as_mut())
-                {
-                    v.remove(k);
-                }
-                out.push(x);
-            }
-            for k in 0..spec
-                .egress
-                .as_ref()
-                .and_then(|v| v[r].ports.as_ref())
-                .map_or(0, Vec::len)
-            {
-                let mut x = w.clone();
-                if let Some(v) = x.policies[i]
-                    .spec
-                    .as_mut()
-                    .and_then(|s| s.egress.as_mut())
-                    .and_then(|v| v[r].ports.as_mut())
-                {
-                    v.remove(k);
-                }
-                out.push(x);
-            }
+        let egress = spec.egress.as_deref().unwrap_or_default();
+        without_each(w, &mut out, egress.len(), |x| egress_of(x, i));
+        for (r, rule) in egress.iter().enumerate() {
+            let peers = rule.to.as_ref().map_or(0, Vec::len);
+            without_each(w, &mut out, peers, |x| egress_of(x, i)?[r].to.as_mut());
+            let ports = rule.ports.as_ref().map_or(0, Vec::len);
+            without_each(w, &mut out, ports, |x| egress_of(x, i)?[r].ports.as_mut());
         }
     }
     for i in 0..w.pods.len() {
@@ -700,6 +626,31 @@ fn smaller(w: &World) -> Vec<World> {
         }
     }
     out
+}
+
+/// One copy of `w` per element of the list `list` reaches (`len` of them),
+/// with that element removed.
+fn without_each<T>(
+    w: &World,
+    out: &mut Vec<World>,
+    len: usize,
+    list: impl Fn(&mut World) -> Option<&mut Vec<T>>,
+) {
+    for k in 0..len {
+        let mut x = w.clone();
+        if let Some(v) = list(&mut x) {
+            v.remove(k);
+        }
+        out.push(x);
+    }
+}
+
+fn ingress_of(w: &mut World, policy: usize) -> Option<&mut Vec<NetworkPolicyIngressRule>> {
+    w.policies[policy].spec.as_mut()?.ingress.as_mut()
+}
+
+fn egress_of(w: &mut World, policy: usize) -> Option<&mut Vec<NetworkPolicyEgressRule>> {
+    w.policies[policy].spec.as_mut()?.egress.as_mut()
 }
 
 /// The smallest case that still diverges: first without the history (the
@@ -857,4 +808,45 @@ pub fn replay(pin_root: &Path, n: &mut u32, case: &Case) -> Result<()> {
 /// Where the regression cases live.
 pub fn regressions_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/regressions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count<T>(v: Option<&Vec<T>>) -> usize {
+        v.map_or(0, Vec::len)
+    }
+
+    /// Shrinking tries each single removal once: every policy, pod, rule,
+    /// peer, port and label.
+    #[test]
+    fn a_world_shrinks_by_each_single_thing_it_holds() {
+        let mut serial = 0;
+        let w = world(&mut Rng::seeded(7), &mut serial);
+        let mut want = w.policies.len() + w.pods.len();
+        for p in &w.policies {
+            let Some(spec) = p.spec.as_ref() else {
+                continue;
+            };
+            for r in spec.ingress.iter().flatten() {
+                want += 1 + count(r.from.as_ref()) + count(r.ports.as_ref());
+            }
+            for r in spec.egress.iter().flatten() {
+                want += 1 + count(r.to.as_ref()) + count(r.ports.as_ref());
+            }
+        }
+        let labels = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            m.labels.as_ref().map_or(0, |l| l.len())
+        };
+        want += w.pods.iter().map(|p| labels(&p.metadata)).sum::<usize>();
+        want += w
+            .namespaces
+            .iter()
+            .map(|n| labels(&n.metadata))
+            .sum::<usize>();
+        let candidates = smaller(&w);
+        assert_eq!(candidates.len(), want);
+        assert!(want > 10, "a world worth shrinking: {want}");
+    }
 }

@@ -54,15 +54,7 @@ impl Compiler {
         // Pods before policies: identities then exist when selectors are
         // interned, and each policy adds its contributions in one pass.
         if let Some(list) = r.pods {
-            let listed: HashSet<(&str, &str)> = list
-                .iter()
-                .filter_map(|p| {
-                    Some((
-                        p.metadata.namespace.as_deref()?,
-                        p.metadata.name.as_deref()?,
-                    ))
-                })
-                .collect();
+            let listed = listed_refs(list.iter().map(|o| &o.metadata));
             let gone: Vec<ObjectRef> = self
                 .pods
                 .iter()
@@ -78,15 +70,7 @@ impl Compiler {
             }
         }
         if let Some(list) = r.policies {
-            let listed: HashSet<(&str, &str)> = list
-                .iter()
-                .filter_map(|p| {
-                    Some((
-                        p.metadata.namespace.as_deref()?,
-                        p.metadata.name.as_deref()?,
-                    ))
-                })
-                .collect();
+            let listed = listed_refs(list.iter().map(|o| &o.metadata));
             let gone: Vec<ObjectRef> = self
                 .repo
                 .objects()
@@ -307,4 +291,13 @@ impl Compiler {
             self.repo.remove(pid);
         }
     }
+}
+
+/// Namespace and name of each listed object (unnamed ones are skipped).
+fn listed_refs<'a>(
+    metas: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+) -> HashSet<(&'a str, &'a str)> {
+    metas
+        .filter_map(|m| Some((m.namespace.as_deref()?, m.name.as_deref()?)))
+        .collect()
 }

@@ -22,6 +22,8 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub mod cases;
 pub mod conformance;
+pub mod containerd;
+pub mod cri;
 pub mod differential;
 pub mod kubeproxy;
 pub mod oracle;

@@ -10,6 +10,7 @@ use sluice_tests::{cases::Family, conformance as c};
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 
 #[derive(Parser)]
 #[command(about = "Sluice tasks")]
@@ -63,6 +64,9 @@ enum Cmd {
     /// The NetworkPolicy oracle against the whole pipeline on new random
     /// seeds (root; docs/design.md, "The oracle").
     FuzzPolicy(fuzz::Args),
+    /// The OCI image the DaemonSet runs (static release binaries, no
+    /// registry, no Docker daemon); prints its digest.
+    Image(image::Args),
 }
 
 /// The address families of the conformance cases.
@@ -207,6 +211,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::Image(args) => image::run(&args),
         Cmd::FuzzPolicy(args) => {
             require_root("fuzz-policy")?;
             fuzz::run(&args)

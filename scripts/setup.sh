@@ -9,7 +9,7 @@ NIGHTLY=nightly-2026-10-30     # eBPF crate: -Z build-std=core needs nightly + r
 BPF_LINKER=0.13.0
 LLVM_MAJOR=23                  # must equal the LLVM major of $NIGHTLY (checked below)
 TOOLS_DIR="${SLUICE_TOOLS_DIR:-$HOME/.local/share/sluice-tools}"
-APT_PKGS=(iproute2 iputils-ping nftables conntrack iperf3 socat tcpdump bpftool containernetworking-plugins sockperf iptables ipset gnuplot-nox containerd runc busybox-static skopeo)
+APT_PKGS=(iproute2 iputils-ping nftables conntrack iperf3 socat tcpdump bpftool containernetworking-plugins sockperf iptables ipset gnuplot-nox containerd runc busybox-static skopeo protobuf-compiler)
 
 say() { printf 'setup: %s\n' "$*"; }
 

@@ -129,7 +129,14 @@ impl Containerd {
     /// A path under which the test opens `path` as the daemon sees it
     /// (e.g. a pod's netns, /var/run/netns/cni-…).
     pub fn seen_by_daemon(&self, path: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(path.trim_start_matches('/'))
+        // An absolute symlink met under /proc/<pid>/root resolves against
+        // the test's root, not the holder's: /var/run (-> /run) is
+        // resolved here.
+        let path = match path.strip_prefix("/var/run/") {
+            Some(rest) => format!("run/{rest}"),
+            None => path.trim_start_matches('/').to_owned(),
+        };
+        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(path)
     }
 
     /// Everything every daemon start logged so far.
@@ -451,66 +458,24 @@ fn hold_mount_namespace(dir: &Path) -> Result<Child> {
     Ok(holder)
 }
 
-/// The images the tests run, as OCI archives: (name, archive).
-///
-/// FALLBACK (until the `sluice-image` crate is in main): built with
-/// Debian's umoci from busybox-static. Replace with `sluice_image::busybox`
-/// / `sluice_image::build` once it lands.
+/// The images the tests run, built by `sluice-image` as `cargo xtask
+/// image` builds Sluice's (busybox from Debian's busybox-static): (name,
+/// OCI archive). The pause image is busybox sleeping.
 pub fn build_images(out: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let mut built = Vec::new();
-    for (name, entrypoint, cmd) in [
-        (PAUSE_IMAGE, "/bin/sleep", "1000000"),
-        (BUSYBOX_IMAGE, "/bin/sh", ""),
-    ] {
-        let tag = name.rsplit_once(':').context("image tag")?.1;
-        let work = out.join(tag_dir(name));
-        let layout = work.join("layout");
-        let bundle = work.join("bundle");
-        let _ignored = fs::remove_dir_all(&work);
-        fs::create_dir_all(&work)?;
-        let image = format!("{}:{tag}", layout.display());
-        sh("umoci", &["init", "--layout", &layout.to_string_lossy()])?;
-        sh("umoci", &["new", "--image", &image])?;
-        sh("umoci", &["unpack", "--image", &image, &bundle.to_string_lossy()])?;
-        let rootfs = bundle.join("rootfs");
-        for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
-            fs::create_dir_all(rootfs.join(d))?;
-        }
-        fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-        for applet in sh("/bin/busybox", &["--list"])?.lines() {
-            if applet != "busybox" {
-                std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
-            }
-        }
-        fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
-        fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
-        sh("umoci", &["repack", "--image", &image, &bundle.to_string_lossy()])?;
-        let mut config = vec!["config", "--image", &image, "--config.entrypoint", entrypoint];
-        if !cmd.is_empty() {
-            config.extend(["--config.cmd", cmd]);
-        }
-        sh("umoci", &config)?;
-        // ctr names an OCI archive's image after this annotation.
-        let index_path = layout.join("index.json");
-        let mut index: serde_json::Value = serde_json::from_slice(&fs::read(&index_path)?)?;
-        index["manifests"][0]["annotations"]["io.containerd.image.name"] = name.into();
-        fs::write(&index_path, serde_json::to_vec(&index)?)?;
-        let archive = work.join("image.tar");
-        sh(
-            "tar",
-            &[
-                "-C",
-                &layout.to_string_lossy(),
-                "-cf",
-                &archive.to_string_lossy(),
-                ".",
-            ],
-        )?;
-        built.push((name.to_owned(), archive));
-    }
-    Ok(built)
-}
-
-fn tag_dir(name: &str) -> String {
-    name.replace(['/', ':'], "_")
+    let pause = sluice_image::build(
+        &sluice_image::Spec {
+            name: PAUSE_IMAGE.into(),
+            entries: sluice_image::busybox_entries(Path::new("/bin/busybox"))?,
+            entrypoint: vec!["/bin/sleep".into()],
+            cmd: vec!["1000000".into()],
+            env: vec!["PATH=/bin".into()],
+            ..Default::default()
+        },
+        out,
+    )?;
+    let busybox = sluice_image::busybox(BUSYBOX_IMAGE, out)?;
+    Ok(vec![
+        (PAUSE_IMAGE.into(), pause.archive),
+        (BUSYBOX_IMAGE.into(), busybox.archive),
+    ])
 }

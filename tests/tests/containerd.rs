@@ -172,10 +172,16 @@ impl World {
             netns,
         };
         // The servers are up once the pod answers itself.
-        ensure!(
-            eventually(WAIT, || self.get(&pod, pod.ipv4, HTTP).is_some()),
-            "{name}'s httpd answers"
-        );
+        if !eventually(WAIT, || self.get(&pod, pod.ipv4, HTTP).is_some()) {
+            let url = format!("http://{}/", SocketAddr::new(pod.ipv4, HTTP));
+            let wget = self.cri.exec_sync(
+                &pod.container,
+                &["timeout", "2", "wget", "-O", "-", &url],
+                WAIT,
+            );
+            let log = std::fs::read_to_string(self.ctrd.pod_log_dir(&pod.uid).join("c/0.log"));
+            bail!("{name}'s httpd does not answer: wget {wget:?}; container log {log:?}");
+        }
         Ok(pod)
     }
 
@@ -187,7 +193,8 @@ impl World {
             .cri
             .exec_sync(
                 &from.container,
-                &["wget", "-q", "-O", "-", "-T", "2", &url],
+                // Not wget's -T: Debian's busybox-static 1.35 segfaults on it.
+                &["timeout", "2", "wget", "-q", "-O", "-", &url],
                 Duration::from_secs(10),
             )
             .ok()?;
@@ -306,14 +313,16 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("thread in a pod's netns panicked"))?
 }
 
-/// A TCP connection that echoes one byte, within `timeout`.
-fn echo_once(to: SocketAddr, timeout: Duration) -> bool {
+/// An HTTP GET over a new TCP connection answered with 200, within `timeout`.
+fn http_ok(to: SocketAddr, timeout: Duration) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else {
         return false;
     };
     let _ignored = s.set_read_timeout(Some(timeout));
-    let mut b = [0u8; 1];
-    s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"x"
+    let mut answer = String::new();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 /// Waits for a drop event the agent printed that has every field of `want`.
@@ -546,6 +555,7 @@ fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_n
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("sluice-"))
             .collect()
     };
     assert_eq!(cached(&cache), [format!("sluice-{}-eth0", pod.sandbox)], "libcni's cache");
@@ -656,7 +666,7 @@ impl Traffic {
                     return;
                 }
                 while !s.load(Ordering::Relaxed) {
-                    if echo_once(http, Duration::from_millis(300)) != want {
+                    if http_ok(http, Duration::from_millis(300)) != want {
                         bad[slot].fetch_add(1, Ordering::Relaxed);
                     }
                     n.fetch_add(1, Ordering::Relaxed);

@@ -174,7 +174,9 @@ impl Args {
                 tracing::info!(drained, dir = %queue.dir().display(), "deletion queue drained");
             }
             // Retried by the periodic drain; the entries' addresses stay held.
-            Err(e) => tracing::warn!(error = %e, dir = %queue.dir().display(), "draining the deletion queue"),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %queue.dir().display(), "draining the deletion queue");
+            }
         }
         Ok((state, drops))
     }

@@ -228,7 +228,10 @@ mod tests {
                 ..Default::default()
             });
             assert_eq!((r.src_port, r.dst_port), (0, 0));
-            assert_eq!((r.icmp_type, r.icmp_code, r.icmp_id), (Some(t), Some(c), id));
+            assert_eq!(
+                (r.icmp_type, r.icmp_code, r.icmp_id),
+                (Some(t), Some(c), id)
+            );
         }
         let tcp = DropRecord::from(&DropEvent {
             family: 4,

@@ -308,7 +308,12 @@ mod tests {
             }
         };
         let mut out = Vec::new();
-        allowed(r, &["cniVersion", "interfaces", "ips", "routes", "dns"], "", &mut out);
+        allowed(
+            r,
+            &["cniVersion", "interfaces", "ips", "routes", "dns"],
+            "",
+            &mut out,
+        );
         for i in r["interfaces"].as_array().into_iter().flatten() {
             allowed(i, &["name", "mac", "sandbox"], "interfaces[]", &mut out);
         }
@@ -318,7 +323,12 @@ mod tests {
         for i in r["routes"].as_array().into_iter().flatten() {
             allowed(i, &["dst", "gw"], "routes[]", &mut out);
         }
-        allowed(&r["dns"], &["nameservers", "domain", "search", "options"], "dns", &mut out);
+        allowed(
+            &r["dns"],
+            &["nameservers", "domain", "search", "options"],
+            "dns",
+            &mut out,
+        );
         out
     }
 
@@ -329,8 +339,14 @@ mod tests {
             assert_eq!(r["cniVersion"], "1.0.0");
             assert_eq!(keys_outside_1_0_0(&r), Vec::<String>::new(), "{r}");
             // Every address and default route is still there.
-            assert_eq!(r["ips"].as_array().map(Vec::len), Some(usize::from(v4) + usize::from(v6)));
-            assert_eq!(r["routes"].as_array().map(Vec::len), Some(usize::from(v4) + usize::from(v6)));
+            assert_eq!(
+                r["ips"].as_array().map(Vec::len),
+                Some(usize::from(v4) + usize::from(v6))
+            );
+            assert_eq!(
+                r["routes"].as_array().map(Vec::len),
+                Some(usize::from(v4) + usize::from(v6))
+            );
         }
         // The same pod in 1.1.0 has fields a 1.0.0 parser does not know:
         // the check above can fail.

@@ -152,7 +152,9 @@ impl DeleteQueue {
                 }
             }
         }
-        out.sort_by(|a: &QueuedDelete, b| a.attachment.container_id.cmp(&b.attachment.container_id));
+        out.sort_by(|a: &QueuedDelete, b| {
+            a.attachment.container_id.cmp(&b.attachment.container_id)
+        });
         Ok(out)
     }
 
@@ -166,10 +168,7 @@ impl DeleteQueue {
     /// addresses may go back to the pool.
     pub fn done(&self) -> io::Result<Vec<QueuedDelete>> {
         let mut out = self.list(DONE)?;
-        out.retain(|e| {
-            self.path(&e.attachment, PENDING)
-                .is_ok_and(|p| !p.exists())
-        });
+        out.retain(|e| self.path(&e.attachment, PENDING).is_ok_and(|p| !p.exists()));
         Ok(out)
     }
 
@@ -239,19 +238,19 @@ mod tests {
         let e = entry("c1");
         q.enqueue(&e).unwrap();
         q.enqueue(&e).unwrap(); // a second DEL rewrites it
-        assert_eq!(q.pending().unwrap(), [e.clone()]);
+        assert_eq!(q.pending().unwrap(), std::slice::from_ref(&e));
         assert!(q.done().unwrap().is_empty());
         assert!(d.0.join("q/c1@eth0.json").exists());
 
         q.mark_done(&e.attachment).unwrap();
         q.mark_done(&e.attachment).unwrap(); // drained twice
         assert!(q.pending().unwrap().is_empty());
-        assert_eq!(q.done().unwrap(), [e.clone()]);
+        assert_eq!(q.done().unwrap(), std::slice::from_ref(&e));
 
         q.remove_done(&e.attachment).unwrap();
         q.remove_done(&e.attachment).unwrap();
         assert!(q.done().unwrap().is_empty());
-        assert_eq!(fs::read_dir(&d.0.join("q")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(d.0.join("q")).unwrap().count(), 0);
     }
 
     #[test]

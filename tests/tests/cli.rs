@@ -127,8 +127,7 @@ impl FakeAgent {
         if let Some(t) = self.thread.take() {
             let _joined = t.join();
         }
-        let dir = TempDir(std::mem::take(&mut self.dir.0));
-        dir
+        TempDir(std::mem::take(&mut self.dir.0))
     }
 }
 
@@ -150,7 +149,7 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
     let Ok(req) = serde_json::from_str::<Request>(line.trim_end()) else {
         return;
     };
-    let mut hold = false;
+    let hold;
     let lines: Vec<String> = {
         let Ok(mut s) = state.lock() else { return };
         hold = s.hold_stream && matches!(req, Request::Observe { .. });
@@ -388,7 +387,10 @@ fn status_says_standalone_needs_no_sync_and_an_unsynced_cluster_is_not_ready() -
     ensure!(agent.requests()? == [Request::Status, Request::Programmed, Request::Info]);
     let out = run(&["status", "--socket", &sock, "-o", "json"])?;
     let v: Value = serde_json::from_str(&out.stdout).with_context(|| out.to_string())?;
-    ensure!(out.code == 0 && v["ready"] == true && v["info"]["mode"] == "standalone", "{out}");
+    ensure!(
+        out.code == 0 && v["ready"] == true && v["info"]["mode"] == "standalone",
+        "{out}"
+    );
 
     // Cluster mode, still listing: the agent answers, so 1, and it says why.
     agent.with(|s| {
@@ -424,7 +426,9 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
         a.requests()
             .is_ok_and(|r| r.iter().any(|q| matches!(q, Request::Observe { .. })))
     };
-    ensure!(sluice_tests::eventually(Duration::from_secs(5), || observed(&agent)));
+    ensure!(sluice_tests::eventually(Duration::from_secs(5), || {
+        observed(&agent)
+    }));
     std::thread::sleep(Duration::from_millis(100));
 
     // The agent dies: its stream ends and its socket refuses for a while.
@@ -435,11 +439,16 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
         s.records = vec![second];
         s.hold_stream = true;
     })?;
-    ensure!(sluice_tests::eventually(Duration::from_secs(10), || observed(&restarted)));
+    ensure!(sluice_tests::eventually(Duration::from_secs(10), || {
+        observed(&restarted)
+    }));
     std::thread::sleep(Duration::from_millis(200));
 
     let mut child = child;
-    ensure!(child.try_wait()?.is_none(), "observe ended when the agent went away");
+    ensure!(
+        child.try_wait()?.is_none(),
+        "observe ended when the agent went away"
+    );
     let killed = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -447,7 +456,10 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
     let out = finish(child, Duration::from_secs(5))?;
     let lines: Vec<&str> = out.stdout.lines().collect();
     ensure!(lines.len() == 2, "{out}");
-    ensure!(lines[0].contains("TCP 34567->80") && lines[1].contains("UDP 5353->53"), "{out}");
+    ensure!(
+        lines[0].contains("TCP 34567->80") && lines[1].contains("UDP 5353->53"),
+        "{out}"
+    );
     for want in [
         "lost the agent (the agent closed the stream); reconnecting",
         "agent unreachable (cannot connect",
@@ -662,7 +674,14 @@ fn observe_sends_the_filter_and_prints_each_streamed_record() -> Result<()> {
     ensure!(got == records(), "{out}");
 
     // Another filter: the fake agent refuses it, the CLI says so.
-    let out = run(&["observe", "--direction", "egress", "--no-reconnect", "--socket", &sock])?;
+    let out = run(&[
+        "observe",
+        "--direction",
+        "egress",
+        "--no-reconnect",
+        "--socket",
+        &sock,
+    ])?;
     ensure!(
         out.code == 1 && out.stdout.is_empty() && out.stderr.contains("unexpected filter"),
         "{out}"

@@ -895,7 +895,10 @@ fn results_follow_the_negotiated_cni_version() -> Result<()> {
             .unwrap_or_default()
     };
     let allowed = |v: &Value, ok: &[&str]| keys(v).iter().all(|k| ok.contains(&k.as_str()));
-    ensure!(allowed(&r, &["cniVersion", "interfaces", "ips", "routes", "dns"]), "{r}");
+    ensure!(
+        allowed(&r, &["cniVersion", "interfaces", "ips", "routes", "dns"]),
+        "{r}"
+    );
     for (list, ok) in [
         ("interfaces", &["name", "mac", "sandbox"][..]),
         ("ips", &["address", "gateway", "interface"]),
@@ -926,7 +929,10 @@ fn results_follow_the_negotiated_cni_version() -> Result<()> {
     let r = w.add(&pod, &conf)?;
     ensure!(r["cniVersion"] == "1.1.0", "{r}");
     ensure!(r["interfaces"][0]["mtu"].is_u64(), "{r}");
-    ensure!(r["routes"].as_array().map(Vec::len) == Some(3), "scope-link route: {r}");
+    ensure!(
+        r["routes"].as_array().map(Vec::len) == Some(3),
+        "scope-link route: {r}"
+    );
     w.del_twice(&pod, Some(&r))?;
 
     // No cniVersion: the highest supported entry of cniVersions.
@@ -1154,7 +1160,8 @@ fn an_agent_that_is_unreachable_not_ready_or_silent_fails_add_with_11_and_rolls_
 }
 
 #[test]
-fn del_succeeds_with_the_agent_unreachable_queues_the_removal_and_keeps_the_addresses() -> Result<()> {
+fn del_succeeds_with_the_agent_unreachable_queues_the_removal_and_keeps_the_addresses() -> Result<()>
+{
     let w = World::new(&[V4_RANGE])?;
     let pod = Pod::new()?;
     let r = w.add(&pod, &w.config())?;
@@ -1171,7 +1178,11 @@ fn del_succeeds_with_the_agent_unreachable_queues_the_removal_and_keeps_the_addr
     ensure!(w.host_veths()?.is_empty());
     ensure!(pod.ns.veths()?.is_empty());
     ensure!(w.ip_files()? == BTreeSet::from([ip]));
-    ensure!(w.queued()? == BTreeSet::from([entry.clone()]), "{:?}", w.queued()?);
+    ensure!(
+        w.queued()? == BTreeSet::from([entry.clone()]),
+        "{:?}",
+        w.queued()?
+    );
     let queued: Value = serde_json::from_slice(&std::fs::read(w.queue_dir().join(&entry))?)?;
     ensure!(
         queued["attachment"] == json!({"container_id": pod.id, "ifname": "eth0"})
@@ -1204,6 +1215,12 @@ fn addresses_of_a_removal_the_agent_finished_are_released_by_the_next_run() -> R
         .expect_silent_success()?;
     // What the agent does when it drains the queue: forget, then mark done.
     // (The real agent does it in tests/tests/cni_queue.rs.)
+    w.agent
+        .state
+        .lock()
+        .expect("a fake agent handler panicked")
+        .endpoints
+        .remove(&pod.attachment());
     let base = w.queue_dir().join(format!("{}@eth0", pod.id));
     std::fs::rename(base.with_extension("json"), base.with_extension("done"))?;
     ensure!(w.ip_files()? == BTreeSet::from([ip]));
@@ -1690,7 +1707,7 @@ fn what_a_container_runtime_passes_is_handled_or_explicitly_ignored() -> Result<
 
     // CHECK and DEL with the cached result as prevResult (as containerd
     // sends them), the runtimeConfig still there.
-    conf["prevResult"] = r.clone();
+    conf["prevResult"] = r;
     run("CHECK", &netns, &conf)?.expect_silent_success()?;
     // The runtime removed the namespace before DEL (a stopped sandbox):
     // the veth went with it, DEL still succeeds and releases everything.

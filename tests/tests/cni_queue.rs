@@ -66,7 +66,10 @@ fn del_with_the_agent_down_is_0_and_the_restarted_agent_finishes_it_before_addre
     node.kill_agent()?;
     let started = Instant::now();
     let out = pod.del(&node, &config)?;
-    ensure!(out.code == 0 && out.stdout.trim().is_empty(), "DEL: {out:?}");
+    ensure!(
+        out.code == 0 && out.stdout.trim().is_empty(),
+        "DEL: {out:?}"
+    );
     ensure!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -167,7 +170,10 @@ fn a_del_that_times_out_on_a_hung_agent_is_finished_by_its_tick() -> Result<()> 
     ensure!(!registered(&node, &pod));
     ensure!(node.maps()?.endpoint_records().is_empty());
     for ip in &ips {
-        ensure!(node.maps()?.ipcache_get(*ip).is_none(), "{ip} in the ipcache");
+        ensure!(
+            node.maps()?.ipcache_get(*ip).is_none(),
+            "{ip} in the ipcache"
+        );
     }
     // The next plugin run (a DEL of anything) releases the addresses.
     let out = node.plugin(&cni_env("DEL", "ctrnothing", ""), &config)?;

@@ -151,9 +151,15 @@ fn the_shipped_conflist_is_1_0_0_for_old_runtimes_and_1_1_0_for_new_ones() {
         serde_json::from_str(cm["data"]["10-sluice.conflist"].as_str().expect("conflist"))
             .expect("conflist JSON");
     assert_eq!(conflist["cniVersion"], "1.0.0");
-    assert_eq!(conflist["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
+    assert_eq!(
+        conflist["cniVersions"],
+        serde_json::json!(["1.0.0", "1.1.0"])
+    );
     let plugin = &conflist["plugins"][0];
-    for (version, runtime) in [("1.0.0", "containerd 1.6/1.7"), ("1.1.0", "containerd 2.x, CRI-O")] {
+    for (version, runtime) in [
+        ("1.0.0", "containerd 1.6/1.7"),
+        ("1.1.0", "containerd 2.x, CRI-O"),
+    ] {
         let mut conf = plugin.clone();
         conf["cniVersion"] = version.into();
         conf["name"] = conflist["name"].clone();
@@ -178,11 +184,7 @@ fn the_shipped_conflist_is_1_0_0_for_old_runtimes_and_1_1_0_for_new_ones() {
         .flatten()
         .filter_map(|a| a.as_str().map(str::to_owned))
         .collect();
-    let arg = |name: &str| {
-        args.windows(2)
-            .find(|w| w[0] == name)
-            .map(|w| w[1].clone())
-    };
+    let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
     let drained = arg("--delete-queue-dir").unwrap_or_else(|| {
         format!(
             "{}/delete-queue",

@@ -93,8 +93,8 @@ pub type PodsByIp = Arc<HashMap<IpAddr, ObjectRef>>;
 fn log_endpoint(ep: &Endpoint, what: &'static str) {
     let s = &ep.spec;
     info!(
-        pod_namespace = s.pod_namespace.as_deref().unwrap_or("-"),
-        pod_name = s.pod_name.as_deref().unwrap_or("-"),
+        pod_namespace = %s.pod_namespace.as_deref().unwrap_or("-"),
+        pod_name = %s.pod_name.as_deref().unwrap_or("-"),
         container_id = %s.attachment.container_id,
         pod_ifname = %s.attachment.ifname,
         host_ifname = %s.host_ifname,
@@ -147,7 +147,10 @@ impl Endpoints {
                 log_endpoint(&ep, "endpoint re-attached");
             } else {
                 eps.forget(dp, &ep)?;
-                log_endpoint(&ep, "interface gone while the agent was down; endpoint forgotten");
+                log_endpoint(
+                    &ep,
+                    "interface gone while the agent was down; endpoint forgotten",
+                );
             }
         }
         eps.publish();

@@ -16,18 +16,15 @@ impl State {
     /// Finishes every pending removal in `queue`; returns how many.
     pub fn drain_delete_queue(&mut self, queue: &DeleteQueue) -> Result<usize> {
         let io = |e: std::io::Error| {
-            EndpointError::NotReady(format!(
-                "deletion queue {}: {e}",
-                queue.dir().display()
-            ))
+            EndpointError::NotReady(format!("deletion queue {}: {e}", queue.dir().display()))
         };
         let pending = queue.pending().map_err(io)?;
         for entry in &pending {
             self.endpoints.del(&mut self.dp, &entry.attachment)?;
             queue.mark_done(&entry.attachment).map_err(io)?;
             info!(
-                pod_namespace = entry.pod_namespace.as_deref().unwrap_or("-"),
-                pod_name = entry.pod_name.as_deref().unwrap_or("-"),
+                pod_namespace = %entry.pod_namespace.as_deref().unwrap_or("-"),
+                pod_name = %entry.pod_name.as_deref().unwrap_or("-"),
                 container_id = %entry.attachment.container_id,
                 pod_ifname = %entry.attachment.ifname,
                 host_ifname = %entry.host_ifname,

@@ -297,7 +297,11 @@ pub fn observe_line(v: &Value, clock: Clock) -> Option<String> {
         .ktime_ns
         .map_or_else(|| "-".to_string(), |t| wall_time(t, clock));
     let v6 = r.protocol.as_deref() == Some("ICMPv6");
-    let ports = match (r.icmp_type, r.src_port.unwrap_or(0), r.dst_port.unwrap_or(0)) {
+    let ports = match (
+        r.icmp_type,
+        r.src_port.unwrap_or(0),
+        r.dst_port.unwrap_or(0),
+    ) {
         (Some(t), _, _) => icmp_text(v6, t, r.icmp_code.unwrap_or(0), r.icmp_id),
         (None, 0, 0) => "-".to_string(),
         (None, s, d) => format!("{s}->{d}"),
@@ -400,7 +404,11 @@ mod tests {
         assert_eq!(verdict(&Ok(Response::Ok), &cluster), Verdict::Ready);
 
         let refused = Ok(Response::error(50, "permission denied", "uid 1000"));
-        let text = status_text(&refused, &Err("cannot connect".into()), &Err("cannot connect".into()));
+        let text = status_text(
+            &refused,
+            &Err("cannot connect".into()),
+            &Err("cannot connect".into()),
+        );
         assert!(!is_ready(&refused));
         assert_eq!(
             text,
@@ -439,7 +447,10 @@ mod tests {
 
         let listing = info(AgentMode::Cluster, false);
         let text = status_text(&Ok(Response::Ok), &nothing, &listing);
-        assert!(text.starts_with("ready: no (not synced with the API server yet)\n"), "{text}");
+        assert!(
+            text.starts_with("ready: no (not synced with the API server yet)\n"),
+            "{text}"
+        );
         assert!(text.contains("synced: no (not every kind listed"), "{text}");
         assert_eq!(verdict(&Ok(Response::Ok), &listing).exit_code(), 1);
         // An agent that does not know Info: readiness as it says.

@@ -67,6 +67,10 @@ pub struct Args {
     /// uplinks) when no watch event comes first.
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
+    /// Where the CNI plugin queues endpoint removals while the agent is
+    /// unreachable (its `deleteQueueDir`). Default: <state-dir>/delete-queue.
+    #[arg(long)]
+    pub delete_queue_dir: Option<PathBuf>,
     /// Log format on stderr: text or json.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -161,7 +165,29 @@ impl Args {
         }
         let mut state = State::new(dp, endpoints, cluster);
         state.program_host_addresses()?;
+        // Removals the plugin queued while the agent was down, before the
+        // socket serves: after this, their addresses may be reused.
+        let queue = self.delete_queue();
+        match state.drain_delete_queue(&queue) {
+            Ok(0) => {}
+            Ok(drained) => {
+                tracing::info!(drained, dir = %queue.dir().display(), "deletion queue drained");
+            }
+            // Retried by the periodic drain; the entries' addresses stay held.
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %queue.dir().display(), "draining the deletion queue");
+            }
+        }
         Ok((state, drops))
+    }
+
+    /// The CNI plugin's deletion queue (`sluice_proto::queue`).
+    pub fn delete_queue(&self) -> sluice_proto::queue::DeleteQueue {
+        sluice_proto::queue::DeleteQueue::new(
+            self.delete_queue_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("delete-queue")),
+        )
     }
 
     /// --node-name, else $NODE_NAME, else the host name.

@@ -68,8 +68,11 @@ async fn main() -> anyhow::Result<()> {
         let exporter = Arc::new(Exporter::new(&metrics, pin_dir.clone(), stats));
         metrics::serve(l, exporter, ready.clone()).await
     };
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    let drain = reconciler.drain_delete_queue_every(args.delete_queue(), resync);
     tokio::select! {
         r = server::serve(listener, ctx) => r.context("agent socket")?,
+        r = drain => r.context("deletion queue")?,
         r = metrics_server => r.context("metrics")?,
         r = events => r.context("drop events")?,
         r = watch => r.context("cluster watch")?,

@@ -310,6 +310,17 @@ impl Node {
         self.tmp.0.join("ipam")
     }
 
+    /// Where the plugin queues removals while the agent is unreachable
+    /// (the agent's default under its --state-dir).
+    pub fn delete_queue_dir(&self) -> PathBuf {
+        self.state_dir().join("delete-queue")
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Starts the agent and waits until it answers STATUS.
     pub fn start_agent(&mut self) -> Result<()> {
         let mut child = self
@@ -567,6 +578,9 @@ pub fn conflist_config(node: &Node, v4: Option<&str>, v6: Option<&str>) -> Strin
         "ranges": ranges,
         "dataDir": node.ipam_dir(),
         "agentSocket": node.socket(),
+        // The agent's default, <state-dir>/delete-queue: never the
+        // machine's /var/lib/sluice.
+        "deleteQueueDir": node.delete_queue_dir(),
     })
     .to_string()
 }

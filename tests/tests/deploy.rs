@@ -138,3 +138,64 @@ fn the_agent_attaches_to_host_to_the_host_cgroup_root_not_its_own() {
         .expect("its volume");
     assert_eq!(volume["hostPath"]["path"], "/sys/fs/cgroup");
 }
+
+/// containerd 1.6/1.7 read `cniVersion` only (their libcni ignores
+/// `cniVersions`) and cannot parse a 1.1.0 result; containerd 2.x and
+/// CRI-O pick the highest of `cniVersions`. The plugin serves both, and
+/// its deletion queue is the one the agent drains.
+#[test]
+fn the_shipped_conflist_is_1_0_0_for_old_runtimes_and_1_1_0_for_new_ones() {
+    let docs = documents();
+    let cm = of_kind(&docs, "ConfigMap");
+    let conflist: Value =
+        serde_json::from_str(cm["data"]["10-sluice.conflist"].as_str().expect("conflist"))
+            .expect("conflist JSON");
+    assert_eq!(conflist["cniVersion"], "1.0.0");
+    assert_eq!(
+        conflist["cniVersions"],
+        serde_json::json!(["1.0.0", "1.1.0"])
+    );
+    let plugin = &conflist["plugins"][0];
+    for (version, runtime) in [
+        ("1.0.0", "containerd 1.6/1.7"),
+        ("1.1.0", "containerd 2.x, CRI-O"),
+    ] {
+        let mut conf = plugin.clone();
+        conf["cniVersion"] = version.into();
+        conf["name"] = conflist["name"].clone();
+        let parsed = sluice_cni::config::parse(conf.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{runtime}: {e}"));
+        assert_eq!(parsed.version.as_str(), version, "{runtime}");
+    }
+    // Without cniVersion (a runtime that negotiates) the plugin picks 1.1.0.
+    let mut negotiated = plugin.clone();
+    negotiated["cniVersions"] = conflist["cniVersions"].clone();
+    negotiated["name"] = conflist["name"].clone();
+    let parsed = sluice_cni::config::parse(negotiated.to_string().as_bytes()).unwrap();
+    assert_eq!(parsed.version.as_str(), "1.1.0");
+
+    // The queue DEL writes to when the agent is down is the agent's.
+    let ds = of_kind(&docs, "DaemonSet");
+    let agent = &ds["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = agent["command"]
+        .as_array()
+        .into_iter()
+        .chain(agent["args"].as_array())
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+    let drained = arg("--delete-queue-dir").unwrap_or_else(|| {
+        format!(
+            "{}/delete-queue",
+            arg("--state-dir").unwrap_or_else(|| "/var/lib/sluice".into())
+        )
+    });
+    assert_eq!(plugin["deleteQueueDir"], drained.as_str());
+    let mounted = agent["volumeMounts"].as_array().unwrap().iter().any(|m| {
+        m["mountPath"]
+            .as_str()
+            .is_some_and(|p| drained.starts_with(p) && m["readOnly"] != true)
+    });
+    assert!(mounted, "the agent mounts {drained} writable");
+}

@@ -133,6 +133,11 @@ impl Cluster {
         }
     }
 
+    /// The Node this agent serves.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
     /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
     pub fn is_synced(&self) -> bool {
         [

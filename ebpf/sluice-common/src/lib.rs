@@ -379,7 +379,11 @@ pub struct DropEvent {
     pub dir: u8,
     pub reason: u8,
     pub pkt_len: u32,
-    pub _pad: u32,
+    /// ICMP/ICMPv6 type and code (0 for other protocols). For echo
+    /// request/reply `sport` and `dport` both hold the echo id.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: u16,
 }
 
 /// IP protocol numbers the data path knows.

@@ -68,7 +68,15 @@ impl Containerd {
     pub fn start(netns: &Path, opts: Options) -> Result<Self> {
         let dir = TempDir::new("sluice-containerd-")?;
         for d in [
-            "root", "state", "run", "varlib", "runc", "cni/bin", "cni/net.d", "pods", "logs",
+            "root",
+            "state",
+            "run",
+            "varlib",
+            "runc",
+            "cni/bin",
+            "cni/net.d",
+            "pods",
+            "logs",
         ] {
             fs::create_dir_all(dir.0.join(d))?;
         }
@@ -200,16 +208,28 @@ impl Containerd {
             "--".into(),
             "containerd".into(),
             "--config".into(),
-            self.dir.0.join("config.toml").to_string_lossy().into_owned(),
+            self.dir
+                .0
+                .join("config.toml")
+                .to_string_lossy()
+                .into_owned(),
         ];
         let mut cmd = if self.opts.trace_execs {
             let mut c = Command::new("strace");
             // Only execve stops (seccomp-bpf), with every argument and
             // environment variable in full; followed into the shims.
-            c.args(["-f", "-qq", "--seccomp-bpf", "-e", "trace=execve", "-e", "signal=none"])
-                .args(["-v", "-s", "4096", "-ttt", "-o"])
-                .arg(self.dir.0.join(format!("logs/execs-{}", self.starts)))
-                .arg("nsenter");
+            c.args([
+                "-f",
+                "-qq",
+                "--seccomp-bpf",
+                "-e",
+                "trace=execve",
+                "-e",
+                "signal=none",
+            ])
+            .args(["-v", "-s", "4096", "-ttt", "-o"])
+            .arg(self.dir.0.join(format!("logs/execs-{}", self.starts)))
+            .arg("nsenter");
             c
         } else {
             Command::new("nsenter")
@@ -230,7 +250,10 @@ impl Containerd {
             if let Some(d) = self.daemon.as_mut()
                 && let Some(status) = d.try_wait()?
             {
-                bail!("containerd exited during start-up ({status}):\n{}", self.log());
+                bail!(
+                    "containerd exited during start-up ({status}):\n{}",
+                    self.log()
+                );
             }
             ensure!(
                 Instant::now() < deadline,
@@ -366,7 +389,11 @@ impl Drop for Containerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Err(e) = self.holder.kill().and_then(|()| self.holder.wait().map(drop)) {
+        if let Err(e) = self
+            .holder
+            .kill()
+            .and_then(|()| self.holder.wait().map(drop))
+        {
             eprintln!("cleanup: mount namespace holder: {e}");
         }
         self.remove_cgroups();
@@ -442,7 +469,15 @@ fn hold_mount_namespace(dir: &Path) -> Result<Child> {
         dir.display()
     );
     let mut holder = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c", &script])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

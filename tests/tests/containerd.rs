@@ -140,9 +140,9 @@ impl World {
             .cri
             .run_pod_sandbox(&config)
             .with_context(|| format!("RunPodSandbox {namespace}/{name}"))?;
-        let container = self
-            .cri
-            .create_container(&sandbox, &config, "c", BUSYBOX_IMAGE, SERVERS)?;
+        let container =
+            self.cri
+                .create_container(&sandbox, &config, "c", BUSYBOX_IMAGE, SERVERS)?;
         self.cri.start_container(&container)?;
         let status = self.cri.pod_sandbox_status(&sandbox)?;
         ensure!(status.ready, "sandbox of {name} ready");
@@ -229,7 +229,10 @@ impl World {
     /// The addresses the plugin's IPAM holds (one file each).
     fn held_addresses(&self) -> Result<BTreeSet<IpAddr>> {
         let mut out = BTreeSet::new();
-        for net in std::fs::read_dir(self.node.ipam_dir()).into_iter().flatten() {
+        for net in std::fs::read_dir(self.node.ipam_dir())
+            .into_iter()
+            .flatten()
+        {
             for f in std::fs::read_dir(net?.path())? {
                 if let Some(ip) = f?.file_name().to_str().and_then(|n| n.parse().ok()) {
                     out.insert(ip);
@@ -255,7 +258,7 @@ fn network_ready(cri: &Cri) -> bool {
 }
 
 /// The conflist of deploy/sluice.yaml's ConfigMap, with only its paths
-/// moved to the test node's (`dataDir`, `agentSocket`).
+/// moved to the test node's (`dataDir`, `agentSocket`, `deleteQueueDir`).
 fn shipped_conflist(node: &Node) -> Result<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/sluice.yaml");
     let text = std::fs::read_to_string(path)?;
@@ -270,10 +273,30 @@ fn shipped_conflist(node: &Node) -> Result<String> {
             .as_str()
             .context("the ConfigMap's 10-sluice.conflist")?,
     )?;
-    let plugin = &mut conflist["plugins"][0];
-    ensure!(plugin["type"] == "sluice", "{conflist}");
-    plugin["dataDir"] = json!(node.ipam_dir());
-    plugin["agentSocket"] = json!(node.socket());
+    let plugin = conflist["plugins"][0]
+        .as_object_mut()
+        .context("the conflist's plugin")?;
+    ensure!(plugin.get("type") == Some(&json!("sluice")));
+    for (key, test_path) in [
+        ("dataDir", node.ipam_dir()),
+        ("agentSocket", node.socket()),
+        ("deleteQueueDir", node.delete_queue_dir()),
+    ] {
+        if let Some(v) = plugin.get_mut(key) {
+            *v = json!(test_path);
+        }
+    }
+    // No other path of the machine's: each is moved above or the test
+    // would share it with the machine.
+    let tmp = std::env::temp_dir();
+    for (key, v) in plugin.iter() {
+        if let Some(p) = v.as_str().filter(|p| p.starts_with('/')) {
+            ensure!(
+                Path::new(p).starts_with(&tmp),
+                "{key}: {p} is not moved to the test's"
+            );
+        }
+    }
     Ok(serde_json::to_string_pretty(&conflist)?)
 }
 
@@ -301,10 +324,7 @@ fn in_range(ip: IpAddr, range: &str) -> Result<bool> {
 }
 
 /// Runs `f` on a thread inside the network namespace at `path`.
-fn in_netns<T: Send + 'static>(
-    path: PathBuf,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
+fn in_netns<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     std::thread::spawn(move || -> Result<T> {
         sluice_tests::enter(&path)?;
         Ok(f())
@@ -350,7 +370,11 @@ fn containerd_gives_pods_addresses_from_the_nodes_pod_cidrs_and_they_reach_pods_
         // What containerd reports is what the pod has.
         let addrs = w
             .cri
-            .exec_sync(&p.container, &["ip", "-o", "addr", "show", "dev", "eth0"], WAIT)?
+            .exec_sync(
+                &p.container,
+                &["ip", "-o", "addr", "show", "dev", "eth0"],
+                WAIT,
+            )?
             .stdout;
         for ip in [p.ipv4, p.ipv6] {
             assert!(addrs.contains(&format!(" {ip}/")), "{ip} on eth0: {addrs}");
@@ -539,12 +563,16 @@ fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_n
     assert_eq!(veths.len(), 1, "one host veth: {veths:?}");
     let veth = veths.first().context("the pod's veth")?.clone();
     let netns_name = pod.netns.rsplit('/').next().unwrap_or_default().to_owned();
-    assert_eq!(w.ctrd.netns_names()?, [netns_name.clone()]);
+    assert_eq!(w.ctrd.netns_names()?, [netns_name]);
     assert_eq!(w.held_addresses()?, [pod.ipv4, pod.ipv6].into());
     let maps = w.node.maps()?;
     assert_eq!(maps.endpoint_records().len(), 1);
     assert!(maps.ipcache_get(pod.ipv4).is_some() && maps.ipcache_get(pod.ipv6).is_some());
-    let links: BTreeSet<String> = w.pinned_links()?.difference(&links_before).cloned().collect();
+    let links: BTreeSet<String> = w
+        .pinned_links()?
+        .difference(&links_before)
+        .cloned()
+        .collect();
     assert!(
         !links.is_empty() && links.iter().all(|l| l.starts_with(&veth)),
         "links of {veth}: {links:?}"
@@ -558,7 +586,33 @@ fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_n
             .filter(|n| n.starts_with("sluice-"))
             .collect()
     };
-    assert_eq!(cached(&cache), [format!("sluice-{}-eth0", pod.sandbox)], "libcni's cache");
+    assert_eq!(
+        cached(&cache),
+        [format!("sluice-{}-eth0", pod.sandbox)],
+        "libcni's cache"
+    );
+    // What libcni kept of the ADD: the result in the conflist's version
+    // (1.0.0: containerd 1.6 cannot parse 1.1.0), and the capability
+    // arguments containerd had, none of which reaches the plugin: the
+    // conflist declares no capabilities, so no `runtimeConfig` is sent.
+    let entry: Value = serde_json::from_slice(&std::fs::read(
+        cache.join(format!("sluice-{}-eth0", pod.sandbox)),
+    )?)?;
+    assert_eq!(entry["result"]["cniVersion"], "1.0.0", "{entry}");
+    let capability_args: Vec<&String> = entry["capabilityArgs"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .collect();
+    assert_eq!(
+        capability_args,
+        ["io.kubernetes.cri.pod-annotations"],
+        "{entry}"
+    );
+    assert!(
+        !w.ctrd.log().contains("sluice: ignoring"),
+        "the plugin was sent nothing to ignore"
+    );
 
     // StopPodSandbox: the first DEL, with the netns; everything goes.
     let stop = Instant::now();
@@ -707,10 +761,12 @@ fn restarting_containerd_and_the_agent_under_traffic_changes_no_verdict() -> Res
     let web = w.run_pod("shop", "web", &json!({"app": "web"}))?;
     let client = w.run_pod("shop", "client", &json!({"role": "client"}))?;
     let intruder = w.run_pod("shop", "intruder", &json!({"role": "intruder"}))?;
-    let policy = w.api.create(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    let policy = w.api.create(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "web-from-clients", "namespace": "shop"},
         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
-                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}}))?;
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}}),
+    )?;
     w.node.wait_programmed(
         "NetworkPolicy/shop/web-from-clients",
         Some(&resource_version(&policy)),

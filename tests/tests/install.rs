@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use aya::programs::{SchedClassifier, TcAttachType};
 use serde_json::Value;
 use sluice_test_apiserver::{Config, Server as ApiServer};
 use sluice_tests::{ApiNode, NODE_IPV4, Node, Pod, TempDir, bin_dir, conflist_config};
@@ -164,16 +165,22 @@ fn the_agent_writes_the_conflist_only_once_synced_with_the_api_server_and_never_
     Ok(())
 }
 
-/// bpftool's view of the TC programs on `ifname` in the node's namespace.
-fn tc_programs(node: &Node, ifname: &str) -> Result<Vec<Value>> {
-    let out = node
-        .ns
-        .command("bpftool")
-        .args(["-j", "net", "show", "dev", ifname])
-        .output()?;
-    ensure!(out.status.success(), "bpftool: {out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v[0]["tc"].as_array().cloned().unwrap_or_default())
+/// The names of the TCX programs on `ifname` (both directions) in the
+/// node's namespace, as the kernel reports them (bpftool 7.1 predates TCX).
+fn tc_programs(node: &Node, ifname: &str) -> Result<Vec<String>> {
+    let name = std::ffi::CString::new(ifname)?;
+    node.ns.run(move || -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, progs) = SchedClassifier::query_tcx(name.as_c_str(), dir)?;
+            out.extend(
+                progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or_default().to_owned()),
+            );
+        }
+        Ok(out)
+    })?
 }
 
 fn cgroup_programs(dir: &Path) -> Result<String> {
@@ -204,8 +211,9 @@ fn uninstall_detaches_and_unpins_everything_and_removes_the_files_but_no_interfa
     node.start_agent()?;
     let config = conflist_config(&node, Some("10.123.0.0/24"), Some("fd00:123::/64"));
     let pod = Pod::add(&node, &config)?;
-    let veth = pod.host_ifname.clone();
-    ensure!(!tc_programs(&node, &veth)?.is_empty(), "attached to {veth}");
+    let veth = pod.host_ifname.as_str();
+    let attached = tc_programs(&node, veth)?;
+    ensure!(attached.len() == 2, "attached to {veth}: {attached:?}");
     ensure!(
         !cgroup_programs(&node.cgroup.dir)?.is_empty(),
         "to_host attached"
@@ -251,10 +259,10 @@ fn uninstall_detaches_and_unpins_everything_and_removes_the_files_but_no_interfa
         "pins left: {left:?}"
     );
     assert!(
-        sluice_tests::eventually(Duration::from_secs(5), || tc_programs(&node, &veth)
+        sluice_tests::eventually(Duration::from_secs(5), || tc_programs(&node, veth)
             .is_ok_and(|p| p.is_empty())),
         "programs still on {veth}: {:?}",
-        tc_programs(&node, &veth)
+        tc_programs(&node, veth)
     );
     assert_eq!(cgroup_programs(&node.cgroup.dir)?, "", "to_host detached");
     assert!(!net_d.join("10-sluice.conflist").exists());
@@ -265,7 +273,7 @@ fn uninstall_detaches_and_unpins_everything_and_removes_the_files_but_no_interfa
     assert_eq!(node.ns.ip(&["-br", "addr"])?, addrs_before);
     assert_eq!(node.ns.ip(&["route"])?, routes_before);
     assert!(addrs_before.contains(NODE_IPV4.trim_end_matches("/32")));
-    assert!(addrs_before.contains(&veth));
+    assert!(addrs_before.contains(veth));
 
     // Twice is fine.
     let out = node

@@ -1,4 +1,3 @@
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 use std::{os::unix::fs::MetadataExt as _, time::Duration};
 
 use super::*;
@@ -122,7 +121,7 @@ fn a_reader_racing_the_writer_sees_the_old_file_or_the_new_one_never_a_part() {
     let path = dir.path().join("f.conflist");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = std::thread::spawn({
-        let (path, stop) = (path.clone(), stop.clone());
+        let stop = stop.clone();
         move || {
             let mut reads = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {

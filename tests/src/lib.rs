@@ -380,11 +380,6 @@ impl Node {
         }
     }
 
-    /// The running agent's process id.
-    pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(Child::id)
-    }
-
     /// Kills the agent (SIGKILL: the harshest restart). Pinned programs and
     /// maps stay.
     pub fn kill_agent(&mut self) -> Result<()> {

@@ -75,7 +75,16 @@ struct CriPod {
 }
 
 impl World {
-    fn new(opts: Options) -> Result<Self> {
+    /// A node with containerd and Sluice on it, the agent ready.
+    fn up(opts: Options) -> Result<Self> {
+        let mut w = Self::installed(opts)?;
+        w.start_agent()?;
+        Ok(w)
+    }
+
+    /// containerd running with the images imported and the plugin
+    /// installed (the DaemonSet's init container), the agent not started.
+    fn installed(opts: Options) -> Result<Self> {
         let ApiNode { mut node, api, .. } = ApiNode::new(NODE, V4_RANGE, V6_RANGE)?;
         api.create(json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": NODE},
@@ -92,18 +101,45 @@ impl World {
         // install does not ship it.
         std::fs::copy(LOOPBACK, ctrd.cni_bin_dir().join("loopback"))
             .with_context(|| format!("{LOOPBACK} (Debian's containernetworking-plugins)"))?;
-        install(&mut node, &ctrd)?;
-        ensure!(
-            eventually(WAIT, || network_ready(&cri)),
-            "containerd reports the network ready: {:?}",
-            cri.conditions()
-        );
+        // The DaemonSet's init container: the plugin binary only.
+        sluice_tests::sh(
+            &sluice_tests::bin_dir()
+                .join("sluice-agent")
+                .to_string_lossy(),
+            &[
+                "install-cni",
+                "--cni-bin-dir",
+                &ctrd.cni_bin_dir().to_string_lossy(),
+            ],
+        )?;
+        // The agent container: the conflist (the ConfigMap's, as mounted)
+        // is written by the agent into the conf dir once it is ready.
+        let conflist = node.tmp.0.join("10-sluice.conflist");
+        std::fs::write(&conflist, shipped_conflist(&node)?)?;
+        node.agent_args.extend([
+            "--cni-conf-dir".to_owned(),
+            ctrd.cni_conf_dir().to_string_lossy().into_owned(),
+            "--cni-conflist".to_owned(),
+            conflist.to_string_lossy().into_owned(),
+        ]);
         Ok(Self {
             cri,
             ctrd,
             node,
             api,
         })
+    }
+
+    /// Starts the agent and waits until containerd reports the network
+    /// ready (the agent has written the conflist).
+    fn start_agent(&mut self) -> Result<()> {
+        self.node.start_agent()?;
+        ensure!(
+            eventually(WAIT, || network_ready(&self.cri)),
+            "containerd reports the network ready: {:?}",
+            self.cri.conditions()
+        );
+        Ok(())
     }
 
     /// What kubelet does for a pod bound to this node: the Pod in the API
@@ -300,25 +336,6 @@ fn shipped_conflist(node: &Node) -> Result<String> {
     Ok(serde_json::to_string_pretty(&conflist)?)
 }
 
-/// Installs Sluice on the node as the DaemonSet does and starts the agent.
-///
-/// FALLBACK (until `sluice-agent install-cni` and the agent's
-/// `--cni-conf-dir/--cni-conflist` are in main): the plugin binary is
-/// copied and the conflist written (temporary file, rename) here, once the
-/// agent answers.
-fn install(node: &mut Node, ctrd: &Containerd) -> Result<()> {
-    let bin = ctrd.cni_bin_dir();
-    let tmp = bin.join(".sluice.tmp");
-    std::fs::copy(sluice_tests::bin_dir().join("sluice"), &tmp)?;
-    std::fs::rename(&tmp, bin.join("sluice"))?;
-    node.start_agent()?;
-    let conf = ctrd.cni_conf_dir();
-    let tmp = conf.join(".10-sluice.conflist.tmp");
-    std::fs::write(&tmp, shipped_conflist(node)?)?;
-    std::fs::rename(&tmp, conf.join("10-sluice.conflist"))?;
-    Ok(())
-}
-
 fn in_range(ip: IpAddr, range: &str) -> Result<bool> {
     Ok(range.parse::<IpNetwork>()?.contains(ip))
 }
@@ -361,7 +378,15 @@ fn assert_drop_event(node: &Node, want: &Value) {
 #[test]
 fn containerd_gives_pods_addresses_from_the_nodes_pod_cidrs_and_they_reach_pods_and_services()
 -> Result<()> {
-    let w = World::new(Options::default())?;
+    let mut w = World::installed(Options::default())?;
+    // No agent yet, so no conflist: containerd reports the network not
+    // ready and runs no pod (kubelet would not even try).
+    assert!(!network_ready(&w.cri), "{:?}", w.cri.conditions());
+    let early = w.run_pod("x", "early", &json!({}));
+    let err = format!("{:#}", early.err().context("a pod before the agent")?);
+    assert!(err.contains("cni"), "{err}");
+    assert!(w.ctrd.netns_names()?.is_empty(), "nothing left of it");
+    w.start_agent()?;
     let a = w.run_pod("x", "a", &json!({"app": "a"}))?;
     let b = w.run_pod("x", "b", &json!({"app": "b"}))?;
     for p in [&a, &b] {
@@ -427,7 +452,7 @@ fn containerd_gives_pods_addresses_from_the_nodes_pod_cidrs_and_they_reach_pods_
 #[test]
 fn a_networkpolicy_applied_with_kubectl_is_enforced_between_containerd_pods_and_drops_name_them()
 -> Result<()> {
-    let w = World::new(Options::default())?;
+    let w = World::up(Options::default())?;
     let web = w.run_pod("shop", "web", &json!({"app": "web"}))?;
     let client = w.run_pod("shop", "client", &json!({"role": "client"}))?;
     let intruder = w.run_pod("shop", "intruder", &json!({"role": "intruder"}))?;
@@ -553,7 +578,7 @@ fn strace_strings(s: &str) -> Vec<String> {
 #[test]
 fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_nothing()
 -> Result<()> {
-    let w = World::new(Options { trace_execs: true })?;
+    let w = World::up(Options { trace_execs: true })?;
     let veths_before = w.host_veths()?;
     let links_before = w.pinned_links()?;
     let pod = w.run_pod("x", "a", &json!({"app": "a"}))?;
@@ -757,7 +782,7 @@ impl Drop for Traffic {
 
 #[test]
 fn restarting_containerd_and_the_agent_under_traffic_changes_no_verdict() -> Result<()> {
-    let mut w = World::new(Options::default())?;
+    let mut w = World::up(Options::default())?;
     let web = w.run_pod("shop", "web", &json!({"app": "web"}))?;
     let client = w.run_pod("shop", "client", &json!({"role": "client"}))?;
     let intruder = w.run_pod("shop", "intruder", &json!({"role": "intruder"}))?;
@@ -811,5 +836,47 @@ fn restarting_containerd_and_the_agent_under_traffic_changes_no_verdict() -> Res
     // And through the containers, as before the restarts.
     assert_eq!(w.get(&client, web.ipv4, HTTP).as_deref(), Some("web"));
     assert_eq!(w.get(&intruder, web.ipv4, HTTP), None);
+    Ok(())
+}
+
+#[test]
+fn with_the_agent_down_containerd_removes_a_pod_and_the_agent_finishes_the_removal_when_back()
+-> Result<()> {
+    let mut w = World::up(Options::default())?;
+    let veths_before = w.host_veths()?;
+    let a = w.run_pod("x", "a", &json!({"app": "a"}))?;
+    w.node.kill_agent()?;
+    // Both DELs succeed without the agent (containerd would otherwise
+    // keep the sandbox as SANDBOX_UNKNOWN, and its netns, until the agent
+    // is back).
+    w.cri.stop_pod_sandbox(&a.sandbox)?;
+    w.cri.remove_pod_sandbox(&a.sandbox)?;
+    assert!(w.cri.list_pod_sandboxes()?.is_empty());
+    assert_eq!(w.host_veths()?, veths_before, "the veth goes at once");
+    assert!(w.ctrd.netns_names()?.is_empty(), "the netns goes");
+    // The addresses stay held until the agent has forgotten the endpoint.
+    assert_eq!(w.held_addresses()?, [a.ipv4, a.ipv6].into());
+    // A pod cannot start meanwhile, and its failure leaves nothing.
+    let b = w.run_pod("x", "b", &json!({"app": "b"}));
+    let err = format!("{:#}", b.err().context("ADD without the agent")?);
+    assert!(err.contains("sluice"), "{err}");
+    assert!(w.cri.list_pod_sandboxes()?.is_empty());
+    assert_eq!(w.host_veths()?, veths_before);
+    assert!(w.ctrd.netns_names()?.is_empty());
+    assert_eq!(w.held_addresses()?, [a.ipv4, a.ipv6].into());
+
+    // Back: the agent drains the queue (a's endpoint forgotten), and the
+    // next ADD releases a's addresses.
+    w.start_agent()?;
+    assert!(
+        eventually(WAIT, || w.node.maps().is_ok_and(|m| m
+            .endpoint_records()
+            .is_empty()
+            && m.ipcache_get(a.ipv4).is_none())),
+        "a's endpoint forgotten"
+    );
+    let c = w.run_pod("x", "c", &json!({"app": "c"}))?;
+    assert_eq!(w.held_addresses()?, [c.ipv4, c.ipv6].into());
+    assert_eq!(w.node.maps()?.endpoint_records().len(), 1);
     Ok(())
 }

@@ -28,6 +28,19 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
+    // The object's BTF names its source files. aya-build's cargo (the
+    // pinned nightly) sets its own rustflags, so `--remap-path-prefix`
+    // cannot reach it; cargo's trim-paths (nightly, enabled through its
+    // environment, which that cargo inherits from this script) makes the
+    // paths relative, so two checkouts of one commit embed the same object
+    // (the image's reproducibility, docs/design.md).
+    // SAFETY: build scripts are single-threaded; nothing reads the
+    // environment concurrently.
+    unsafe {
+        std::env::set_var("CARGO_UNSTABLE_TRIM_PATHS", "true");
+        std::env::set_var("CARGO_PROFILE_RELEASE_TRIM_PATHS", "all");
+        std::env::set_var("CARGO_PROFILE_DEV_TRIM_PATHS", "all");
+    }
     let out_dir = std::env::var_os("OUT_DIR").context("OUT_DIR not set")?;
     let out_dir = Path::new(&out_dir);
     let build = |features: &[&str]| {

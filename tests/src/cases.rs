@@ -1,7 +1,9 @@
-//! Reachability cases (`shared/conformance/FORMAT.md`): a case file, its
-//! steps, the Kubernetes objects of `apply`/`delete`, placeholders, and the
-//! expected matrix, with a diff that marks the cells that differ. Pure: the
-//! runners (the model, the real data path) live elsewhere.
+//! Reachability cases (`shared/conformance/FORMAT.md`, with the extensions
+//! of `docs/conformance.md`: the `cnp` model, `subtest` and `probe` steps): a
+//! case file, its steps, the Kubernetes objects of `apply`/`delete`,
+//! placeholders, the expected matrix with a diff that marks the cells that
+//! differ, and single-pair probes. Pure: the runners (the model, the real
+//! data path) live elsewhere.
 //!
 //! The format is a contract: a key it does not document is an error, never
 //! skipped.
@@ -18,6 +20,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
+use sluice_api::ClusterNetworkPolicy;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
@@ -30,10 +33,30 @@ pub struct Case {
     pub steps: Vec<Step>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Model {
+    /// `model-default.yaml`: namespaces x, y, z with pods a, b, c.
     Default,
+    /// `model-cnp.yaml`: network-policy-api's conformance cluster (the
+    /// house namespaces, two pods each, two host-network pods).
+    Cnp,
+}
+
+impl Model {
+    /// The model's file in `tests/conformance/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Default => "model-default.yaml",
+            Self::Cnp => "model-cnp.yaml",
+        }
+    }
+
+    /// Whether every (non host-network) pod gets its own ClusterIP
+    /// Service `s-<ns>-<pod>`; only the default model has them.
+    pub fn has_services(self) -> bool {
+        self == Self::Default
+    }
 }
 
 /// The families a case must hold in.
@@ -88,6 +111,92 @@ pub enum Step {
     /// Multi-document YAML naming the objects.
     Delete(String),
     Expect(Expect),
+    /// Probes of single (from, to) pairs, each on its own protocol and port.
+    Probe(Vec<Probe>),
+    /// Starts a named part of the case: the steps up to the next `subtest`
+    /// are judged together and reported under this name.
+    Subtest(String),
+}
+
+/// One probe of a `probe` step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// `ns/pod` of the client.
+    pub from: String,
+    /// `ns/pod` of the server; the probe connects to its address (a
+    /// host-network pod's address is its node's).
+    pub to: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// `true` = the connection must succeed.
+    pub connects: bool,
+}
+
+impl Probe {
+    /// The text form: one probe per line, `<from> <to> <PROTOCOL> <port>
+    /// <. or X>`; blank lines and `#` comments are skipped.
+    pub fn parse_lines(text: &str) -> Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let t: Vec<&str> = line.split_whitespace().collect();
+            let [from, to, protocol, port, result] = t[..] else {
+                bail!("probe line {}: want <from> <to> <protocol> <port> <.|X>, got {line:?}", i + 1);
+            };
+            for p in [from, to] {
+                ensure!(
+                    p.split_once('/')
+                        .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/')),
+                    "probe line {}: {p:?} is not ns/pod",
+                    i + 1
+                );
+            }
+            ensure!(from != to, "probe line {}: a pod to itself is outside policy", i + 1);
+            let protocol = match protocol {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => Protocol::Sctp,
+                other => bail!("probe line {}: protocol {other:?} is not TCP, UDP or SCTP", i + 1),
+            };
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|&p| p != 0)
+                .with_context(|| format!("probe line {}: port {port:?}", i + 1))?;
+            let connects = match result {
+                "." => true,
+                "X" => false,
+                other => bail!("probe line {}: result {other:?} is neither '.' nor 'X'", i + 1),
+            };
+            out.push(Self {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                protocol,
+                port,
+                connects,
+            });
+        }
+        ensure!(!out.is_empty(), "a probe step needs at least one probe");
+        Ok(out)
+    }
+
+    /// The text form of one probe with its actual result: the line as the
+    /// case writes it, then `got .` or `got X`.
+    pub fn describe(&self, actual: bool) -> String {
+        let mark = |b: bool| if b { "." } else { "X" };
+        format!(
+            "{} -> {} {} {}: expected {}, got {}",
+            self.from,
+            self.to,
+            self.protocol.name(),
+            self.port,
+            mark(self.connects),
+            mark(actual)
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +257,8 @@ struct RawStep {
     apply: Option<String>,
     delete: Option<String>,
     expect: Option<RawExpect>,
+    probe: Option<String>,
+    subtest: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,27 +279,33 @@ pub fn parse_case(text: &str) -> Result<Case> {
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
+            let keys = [
+                s.apply.is_some(),
+                s.delete.is_some(),
+                s.expect.is_some(),
+                s.probe.is_some(),
+                s.subtest.is_some(),
+            ];
+            ensure!(
+                keys.iter().filter(|k| **k).count() == 1,
+                "step {i}: needs exactly one of apply, delete, expect, probe, subtest"
+            );
             Ok(match s {
-                RawStep {
-                    apply: Some(t),
-                    delete: None,
-                    expect: None,
-                } => Step::Apply(t),
-                RawStep {
-                    apply: None,
-                    delete: Some(t),
-                    expect: None,
-                } => Step::Delete(t),
-                RawStep {
-                    apply: None,
-                    delete: None,
-                    expect: Some(e),
-                } => Step::Expect(Expect {
+                RawStep { apply: Some(t), .. } => Step::Apply(t),
+                RawStep { delete: Some(t), .. } => Step::Delete(t),
+                RawStep { expect: Some(e), .. } => Step::Expect(Expect {
                     protocol: e.protocol,
                     port: e.port,
                     matrix: Matrix::parse(&e.matrix).with_context(|| format!("step {i}"))?,
                 }),
-                _ => bail!("step {i}: needs exactly one of apply, delete, expect"),
+                RawStep { probe: Some(t), .. } => {
+                    Step::Probe(Probe::parse_lines(&t).with_context(|| format!("step {i}"))?)
+                }
+                RawStep { subtest: Some(n), .. } => {
+                    ensure!(!n.trim().is_empty(), "step {i}: subtest name is empty");
+                    Step::Subtest(n)
+                }
+                _ => bail!("step {i}: needs exactly one of apply, delete, expect, probe, subtest"),
             })
         })
         .collect::<Result<_>>()?;
@@ -230,6 +347,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     NetworkPolicy(Box<NetworkPolicy>),
+    ClusterNetworkPolicy(Box<ClusterNetworkPolicy>),
 }
 
 impl Object {
@@ -238,6 +356,7 @@ impl Object {
             Self::Namespace(o) => (Kind::Namespace, &o.metadata),
             Self::Pod(o) => (Kind::Pod, &o.metadata),
             Self::NetworkPolicy(o) => (Kind::NetworkPolicy, &o.metadata),
+            Self::ClusterNetworkPolicy(o) => (Kind::ClusterNetworkPolicy, &o.metadata),
         };
         ObjectKey {
             kind,
@@ -252,9 +371,18 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Cluster-scoped, as a Namespace is.
+    ClusterNetworkPolicy,
 }
 
-/// Kind, namespace (empty for a Namespace) and name.
+impl Kind {
+    /// Whether objects of this kind live outside namespaces.
+    pub fn cluster_scoped(self) -> bool {
+        matches!(self, Self::Namespace | Self::ClusterNetworkPolicy)
+    }
+}
+
+/// Kind, namespace (empty for a cluster-scoped kind) and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     pub kind: Kind,
@@ -267,6 +395,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Kind> {
         ("v1", "Namespace") => Kind::Namespace,
         ("v1", "Pod") => Kind::Pod,
         ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy") => Kind::ClusterNetworkPolicy,
         _ => bail!("unsupported object {api_version} {kind}"),
     })
 }
@@ -295,9 +424,9 @@ fn header(i: usize, doc: &serde_yaml_ng::Value) -> Result<ObjectKey> {
     let name = str_at(doc, &["metadata", "name"])
         .with_context(|| format!("document {i}: metadata.name"))?;
     let namespace = str_at(doc, &["metadata", "namespace"]);
-    let namespace = match (kind, namespace) {
-        (Kind::Namespace, None) => String::new(),
-        (Kind::Namespace, Some(_)) => bail!("document {i}: a Namespace has no namespace"),
+    let namespace = match (kind.cluster_scoped(), namespace) {
+        (true, None) => String::new(),
+        (true, Some(_)) => bail!("document {i}: a cluster-scoped {kind:?} has no namespace"),
         (_, Some(ns)) => ns.to_string(),
         (_, None) => bail!("document {i}: metadata.namespace is required"),
     };
@@ -324,6 +453,9 @@ pub fn parse_objects(text: &str) -> Result<Vec<Object>> {
                     Object::Pod(Box::new(serde_yaml_ng::from_value(doc).with_context(ctx)?))
                 }
                 Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(
+                    serde_yaml_ng::from_value(doc).with_context(ctx)?,
+                )),
+                Kind::ClusterNetworkPolicy => Object::ClusterNetworkPolicy(Box::new(
                     serde_yaml_ng::from_value(doc).with_context(ctx)?,
                 )),
             })

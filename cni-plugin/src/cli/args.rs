@@ -274,6 +274,10 @@ const KINDS: &[(&str, &[&str])] = &[
         &["networkpolicy", "networkpolicies", "netpol"],
     ),
     ("Node", &["node", "nodes", "no"]),
+    (
+        "ClusterNetworkPolicy",
+        &["clusternetworkpolicy", "clusternetworkpolicies", "cnp"],
+    ),
 ];
 
 /// `KIND/NAMESPACE/NAME[@RV]` or, cluster-scoped, `KIND/NAME[@RV]`.

@@ -476,4 +476,77 @@ mod tests {
 
         task.abort();
     }
+
+    async fn recv(rx: &mut mpsc::Receiver<Change>) -> Change {
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the watches run")
+    }
+
+    /// A cluster without the ClusterNetworkPolicy CRD (the test API server
+    /// not serving the kind): every watch lists, the missing kind as empty,
+    /// so the agent syncs and NetworkPolicies keep flowing.
+    #[tokio::test]
+    async fn without_the_crd_cluster_network_policies_list_as_empty_and_the_rest_works() {
+        use sluice_test_apiserver::{Config, Server};
+        let server = Server::start_with(Config {
+            custom_resources: false,
+            ..Config::default()
+        })
+        .unwrap();
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&server.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let m = Metrics::new();
+        let mut rx = start(Client::try_from(config).unwrap(), m.clone());
+        let mut cluster = crate::cluster::Cluster::new("n1");
+        let mut listed = std::collections::BTreeSet::new();
+        while listed.len() < Kind::ALL.len() {
+            let change = recv(&mut rx).await;
+            if let Change::Resync(kind, objects) = &change {
+                if *kind == Kind::ClusterNetworkPolicy {
+                    assert!(objects.is_empty());
+                }
+                listed.insert(*kind);
+            }
+            cluster.apply(vec![change]);
+        }
+        assert!(cluster.is_synced());
+        let (up, errors) = m.watch_health(Kind::ClusterNetworkPolicy);
+        assert_eq!((up, errors), (Some(true), 0), "absent, not failing");
+
+        server
+            .create(
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                           "metadata": {"name": "deny", "namespace": "default"},
+                           "spec": {"podSelector": {}}}),
+            )
+            .unwrap();
+        loop {
+            let change = recv(&mut rx).await;
+            let programming = cluster.apply(vec![change.clone()]);
+            if let Change::Applied(Object::NetworkPolicy(np)) = change {
+                assert_eq!(np.name_any(), "deny");
+                let p = programming.expect("synced: something to program");
+                assert!(
+                    p.versions
+                        .iter()
+                        .any(|(k, _)| k.to_string() == "NetworkPolicy/default/deny")
+                );
+                break;
+            }
+        }
+        // The CRD stays missing: no second empty list, no error counted.
+        if let Ok(Some(c)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1500), rx.recv()).await
+        {
+            assert!(
+                !matches!(c, Change::Resync(Kind::ClusterNetworkPolicy, _)),
+                "{c:?}"
+            );
+        }
+        assert_eq!(m.watch_health(Kind::ClusterNetworkPolicy).1, 0);
+    }
 }

@@ -9,6 +9,8 @@ use k8s_openapi::api::{
 };
 use std::sync::Arc;
 
+use sluice_api::ClusterNetworkPolicy;
+
 use super::{
     Changes, Compiler,
     parse::{Part, Peer, parse_policy},
@@ -25,6 +27,8 @@ pub struct Resync<'a> {
     pub namespaces: Option<&'a [Namespace]>,
     pub pods: Option<&'a [Pod]>,
     pub policies: Option<&'a [NetworkPolicy]>,
+    /// ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2).
+    pub cluster_policies: Option<&'a [ClusterNetworkPolicy]>,
 }
 
 impl Compiler {
@@ -84,6 +88,23 @@ impl Compiler {
                 self.policy_event(np);
             }
         }
+        if let Some(list) = r.cluster_policies {
+            let listed: HashSet<&str> = list
+                .iter()
+                .filter_map(|c| c.metadata.name.as_deref())
+                .collect();
+            let gone: Vec<String> = self
+                .cluster_policy_names()
+                .filter(|n| !listed.contains(n.as_str()))
+                .cloned()
+                .collect();
+            for name in &gone {
+                self.remove_cluster_policy(name);
+            }
+            for cnp in list {
+                self.cluster_policy_event(cnp);
+            }
+        }
         self.quiet = false;
         self.commit()
     }
@@ -119,6 +140,20 @@ impl Compiler {
 
     pub fn delete_policy(&mut self, namespace: &str, name: &str) -> Changes {
         self.remove_policy(&ObjectRef::new(namespace, name));
+        self.commit()
+    }
+
+    /// A new or changed ClusterNetworkPolicy. For now it is stored and
+    /// validated (problems come back as diagnostics); the tiers extend
+    /// `cluster_policy_event` (policy/cluster.rs).
+    pub fn upsert_cluster_policy(&mut self, cnp: &ClusterNetworkPolicy) -> Changes {
+        self.cluster_policy_event(cnp);
+        self.commit()
+    }
+
+    /// A ClusterNetworkPolicy is gone (they are cluster-scoped: by name).
+    pub fn delete_cluster_policy(&mut self, name: &str) -> Changes {
+        self.remove_cluster_policy(name);
         self.commit()
     }
 

@@ -66,7 +66,7 @@
 //!
 //! ```text
 //! let mut c = Compiler::new(Locality::Node(node_name));
-//! let changes = c.resync(Resync { namespaces: Some(&ns), pods: Some(&pods), policies: Some(&nps) });
+//! let changes = c.resync(Resync { namespaces: Some(&ns), pods: Some(&pods), policies: Some(&nps), cluster_policies: Some(&cnps) });
 //! // then, per watch event: c.upsert_pod(&pod), c.delete_policy(ns, name), ...
 //! for pod in &changes.endpoints {
 //!     write_whole(pod, c.endpoint_policy(pod)); // None: gone
@@ -77,6 +77,7 @@
 //! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
 //! the data path's verdict from these outputs alone.
 mod cidr;
+mod cluster;
 mod contributions;
 mod events;
 mod identities;
@@ -94,6 +95,7 @@ pub mod verdict;
 use std::{collections::BTreeMap, mem::take, net::IpAddr, sync::Arc};
 
 pub use k8s_openapi;
+pub use sluice_api;
 
 use self::{
     cidr::CidrGroups,
@@ -128,6 +130,8 @@ pub struct Compiler {
     identities: Identities,
     selectors: SelectorCache,
     repo: Repository,
+    /// ClusterNetworkPolicies (stored and validated; tiers not compiled yet).
+    cluster: cluster::ClusterPolicies,
     groups: CidrGroups,
     txn: Txn,
     /// Loading: every touched identity is reported whole, no key tracking.
@@ -150,6 +154,7 @@ pub struct Stats {
     pub local_identities: usize,
     pub selectors: usize,
     pub policies: usize,
+    pub cluster_policies: usize,
     pub cidr_groups: usize,
 }
 
@@ -163,6 +168,7 @@ impl Compiler {
             identities: Identities::new(),
             selectors: SelectorCache::default(),
             repo: Repository::new(),
+            cluster: cluster::ClusterPolicies::default(),
             groups: CidrGroups::new(),
             txn: Txn::default(),
             quiet: false,
@@ -224,9 +230,12 @@ impl Compiler {
             .collect()
     }
 
-    /// The problems of the policies as they are now.
+    /// The problems of the policies (NetworkPolicies, then
+    /// ClusterNetworkPolicies) as they are now.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
-        self.repo.diagnostics()
+        let mut out = self.repo.diagnostics();
+        out.extend(self.cluster.diagnostics());
+        out
     }
 
     pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
@@ -241,6 +250,7 @@ impl Compiler {
             local_identities: self.identities.locals().len(),
             selectors: self.selectors.len(),
             policies: self.repo.len(),
+            cluster_policies: self.cluster.len(),
             cidr_groups: self.groups.len(),
         }
     }

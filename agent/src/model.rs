@@ -13,6 +13,7 @@ pub enum Kind {
     NetworkPolicy,
     Node,
     Service,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
@@ -31,6 +32,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
             Kind::Service => "Service",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 

@@ -3,10 +3,13 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use sluice_common::{
     CIDR_KEY_FIXED_BITS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey,
-    PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ALLOW, PolicyKey, port_mask,
+    PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ADMIN,
+    POLICY_ADMIN_ACTION_MASK, POLICY_ADMIN_ACTION_SHIFT, POLICY_ALLOW, POLICY_BASELINE,
+    POLICY_BASELINE_DENY, PolicyKey, PolicyValue, action, port_mask, reason,
 };
 
 use crate::{
+    conntrack::denied_by,
     keys::{cidr_key, policy_key},
     maps::{CIDRS, IPCACHE, POLICY},
     parse::Addr,
@@ -119,4 +122,126 @@ pub fn allowed(
         return lookup_identity(ep.ep_id, dir, plens, group, l4, port);
     }
     None
+}
+
+/// The hits of a tiered lookup, folded: any NetworkPolicy allow, the
+/// lowest-rank Admin and Baseline rule. Ranks are below `u32::MAX`, which
+/// stands for "none".
+struct Tiers {
+    np_rule: u32,
+    np: u32,
+    admin_rank: u32,
+    admin_rule: u32,
+    admin_action: u32,
+    base_rank: u32,
+    base_rule: u32,
+    base_deny: u32,
+}
+
+#[inline(always)]
+fn fold(t: &mut Tiers, v: &PolicyValue) {
+    if v.flags & POLICY_ALLOW != 0 && t.np == 0 {
+        t.np = 1;
+        t.np_rule = v.rule_id;
+    }
+    if v.flags & POLICY_ADMIN != 0 && v.admin_rank < t.admin_rank {
+        t.admin_rank = v.admin_rank;
+        t.admin_rule = v.admin_rule;
+        t.admin_action = (v.flags & POLICY_ADMIN_ACTION_MASK) >> POLICY_ADMIN_ACTION_SHIFT;
+    }
+    if v.flags & POLICY_BASELINE != 0 && v.baseline_rank < t.base_rank {
+        t.base_rank = v.baseline_rank;
+        t.base_rule = v.baseline_rule;
+        t.base_deny = v.flags & POLICY_BASELINE_DENY;
+    }
+}
+
+/// Folds every entry of (`identity`, `l4`, `port`): each port prefix
+/// length that has entries, then any-protocol. Unlike `lookup_identity`
+/// it does not stop at the first hit: a later key may hold a better rank.
+#[inline(never)]
+fn fold_identity(ep_id: u32, dir: u8, plens: u32, identity: u32, l4: u8, port: u16, t: &mut Tiers) {
+    let mut key = policy_key(ep_id, identity, 0, l4, dir, 0);
+    for i in 0..=16u8 {
+        let plen = 16 - i;
+        if plens & (1 << plen) != 0 {
+            key.port = port & port_mask(plen);
+            key.plen = plen;
+            // SAFETY: the value is copied out at once.
+            if let Some(v) = unsafe { POLICY.get(&key) } {
+                fold(t, v);
+            }
+        }
+    }
+    if plens & (1 << PLEN_ANY_PROTO_BIT) != 0 {
+        key.port = 0;
+        key.proto = 0;
+        key.plen = 0;
+        // SAFETY: as above.
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            fold(t, v);
+        }
+    }
+}
+
+/// 9t. The verdict of a new flow at an endpoint with ClusterNetworkPolicy
+///     entries in `dir` (`EP_*_TIERED`): the same keys as `allowed` (the
+///     peer's identity, any peer, the CIDR group), every hit folded; then
+///     the tiers in order: the best Admin rule (Accept allows, Deny drops,
+///     Pass goes on), NetworkPolicy where `isolated` (an allow, else the
+///     default deny), the best Baseline rule (Accept, Deny), else allowed.
+///     A rule id, or `denied_by(reason, rule)`.
+#[inline(never)]
+pub fn tiered(
+    ep: &EndpointInfo,
+    dir: u8,
+    peer: &Addr,
+    peer_id: u32,
+    l4: u8,
+    port: u16,
+    isolated: bool,
+) -> u64 {
+    let plens = plens_for(ep, dir);
+    let mut t = Tiers {
+        np_rule: 0,
+        np: 0,
+        admin_rank: u32::MAX,
+        admin_rule: 0,
+        admin_action: 0,
+        base_rank: u32::MAX,
+        base_rule: 0,
+        base_deny: 0,
+    };
+    fold_identity(ep.ep_id, dir, plens, peer_id, l4, port, &mut t);
+    if plens & (1 << PLEN_ANY_PEER_BIT) != 0 {
+        fold_identity(ep.ep_id, dir, plens, IDENTITY_ANY, l4, port, &mut t);
+    }
+    if plens & (1 << PLEN_CIDR_PEER_BIT) != 0 {
+        let group = cidr_group(ep.ep_id, dir, peer);
+        if group != 0 {
+            fold_identity(ep.ep_id, dir, plens, group, l4, port, &mut t);
+        }
+    }
+    if t.admin_rank != u32::MAX {
+        if t.admin_action == action::ACCEPT {
+            return u64::from(t.admin_rule);
+        }
+        // Deny, or an action this program does not know: fail closed.
+        if t.admin_action != action::PASS {
+            return denied_by(reason::ADMIN_DENIED, t.admin_rule);
+        }
+    }
+    if isolated {
+        if t.np != 0 {
+            return u64::from(t.np_rule);
+        }
+        return denied_by(reason::POLICY_DENIED, 0);
+    }
+    if t.base_rank != u32::MAX {
+        if t.base_deny != 0 {
+            return denied_by(reason::BASELINE_DENIED, t.base_rule);
+        }
+        return u64::from(t.base_rule);
+    }
+    0
 }

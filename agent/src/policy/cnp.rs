@@ -75,12 +75,9 @@ pub struct ParsedCnp {
 
 /// Where a validation error lies: in one rule, or in the policy as a whole.
 fn rule_of(path: &str) -> Option<(u8, usize)> {
-    let (dir, rest) = if let Some(r) = path.strip_prefix("spec.ingress[") {
-        (DIR_INGRESS, r)
-    } else if let Some(r) = path.strip_prefix("spec.egress[") {
-        (DIR_EGRESS, r)
-    } else {
-        return None;
+    let (dir, rest) = match path.strip_prefix("spec.ingress[") {
+        Some(r) => (DIR_INGRESS, r),
+        None => (DIR_EGRESS, path.strip_prefix("spec.egress[")?),
     };
     let (idx, _) = rest.split_once(']')?;
     Some((dir, idx.parse().ok()?))

@@ -107,6 +107,7 @@ impl Pipeline {
             namespaces: Some(&world.namespaces),
             pods: Some(&world.pods),
             policies: Some(&world.policies),
+            ..Resync::default()
         });
         let mut p = Self {
             compiler,

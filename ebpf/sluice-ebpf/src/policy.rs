@@ -124,10 +124,16 @@ pub fn allowed(
     None
 }
 
-/// The hits of a tiered lookup, folded: any NetworkPolicy allow, the
-/// lowest-rank Admin and Baseline rule. Ranks are below `u32::MAX`, which
-/// stands for "none".
+/// A tiered lookup: what it looks up, and the hits folded so far (any
+/// NetworkPolicy allow, the lowest-rank Admin and Baseline rule; ranks are
+/// below `u32::MAX`, which stands for "none"). One struct passed by
+/// reference: BPF calls take at most five arguments.
 struct Tiers {
+    ep_id: u32,
+    plens: u32,
+    port: u16,
+    dir: u8,
+    l4: u8,
     np_rule: u32,
     np: u32,
     admin_rank: u32,
@@ -156,12 +162,13 @@ fn fold(t: &mut Tiers, v: &PolicyValue) {
     }
 }
 
-/// Folds every entry of (`identity`, `l4`, `port`): each port prefix
-/// length that has entries, then any-protocol. Unlike `lookup_identity`
-/// it does not stop at the first hit: a later key may hold a better rank.
+/// Folds every entry of `identity`: each port prefix length that has
+/// entries, then any-protocol. Unlike `lookup_identity` it does not stop at
+/// the first hit: a later key may hold a better rank.
 #[inline(never)]
-fn fold_identity(ep_id: u32, dir: u8, plens: u32, identity: u32, l4: u8, port: u16, t: &mut Tiers) {
-    let mut key = policy_key(ep_id, identity, 0, l4, dir, 0);
+fn fold_identity(t: &mut Tiers, identity: u32) {
+    let mut key = policy_key(t.ep_id, identity, 0, t.l4, t.dir, 0);
+    let (plens, port) = (t.plens, t.port);
     for i in 0..=16u8 {
         let plen = 16 - i;
         if plens & (1 << plen) != 0 {
@@ -184,25 +191,31 @@ fn fold_identity(ep_id: u32, dir: u8, plens: u32, identity: u32, l4: u8, port: u
     }
 }
 
+/// The flow a tiered lookup judges.
+pub struct Query {
+    pub peer_id: u32,
+    pub port: u16,
+    pub l4: u8,
+    /// The endpoint is isolated in this direction by a NetworkPolicy.
+    pub isolated: bool,
+}
+
 /// 9t. The verdict of a new flow at an endpoint with ClusterNetworkPolicy
 ///     entries in `dir` (`EP_*_TIERED`): the same keys as `allowed` (the
 ///     peer's identity, any peer, the CIDR group), every hit folded; then
 ///     the tiers in order: the best Admin rule (Accept allows, Deny drops,
-///     Pass goes on), NetworkPolicy where `isolated` (an allow, else the
+///     Pass goes on), NetworkPolicy where isolated (an allow, else the
 ///     default deny), the best Baseline rule (Accept, Deny), else allowed.
 ///     A rule id, or `denied_by(reason, rule)`.
 #[inline(never)]
-pub fn tiered(
-    ep: &EndpointInfo,
-    dir: u8,
-    peer: &Addr,
-    peer_id: u32,
-    l4: u8,
-    port: u16,
-    isolated: bool,
-) -> u64 {
+pub fn tiered(ep: &EndpointInfo, dir: u8, peer: &Addr, q: &Query) -> u64 {
     let plens = plens_for(ep, dir);
     let mut t = Tiers {
+        ep_id: ep.ep_id,
+        plens,
+        port: q.port,
+        dir,
+        l4: q.l4,
         np_rule: 0,
         np: 0,
         admin_rank: u32::MAX,
@@ -212,14 +225,14 @@ pub fn tiered(
         base_rule: 0,
         base_deny: 0,
     };
-    fold_identity(ep.ep_id, dir, plens, peer_id, l4, port, &mut t);
+    fold_identity(&mut t, q.peer_id);
     if plens & (1 << PLEN_ANY_PEER_BIT) != 0 {
-        fold_identity(ep.ep_id, dir, plens, IDENTITY_ANY, l4, port, &mut t);
+        fold_identity(&mut t, IDENTITY_ANY);
     }
     if plens & (1 << PLEN_CIDR_PEER_BIT) != 0 {
         let group = cidr_group(ep.ep_id, dir, peer);
         if group != 0 {
-            fold_identity(ep.ep_id, dir, plens, group, l4, port, &mut t);
+            fold_identity(&mut t, group);
         }
     }
     if t.admin_rank != u32::MAX {
@@ -231,7 +244,7 @@ pub fn tiered(
             return denied_by(reason::ADMIN_DENIED, t.admin_rule);
         }
     }
-    if isolated {
+    if q.isolated {
         if t.np != 0 {
             return u64::from(t.np_rule);
         }

@@ -107,7 +107,9 @@ impl Diagnostics {
 
 /// Posts the Warning Events the reconciler queues, as `sluice-agent` on
 /// `node_name`, so that `kubectl describe` shows why a rule is not in
-/// force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy). A failed post
+/// force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy). Events about
+/// cluster-scoped objects (Namespaces, ClusterNetworkPolicies) go to
+/// namespace `default`, as kube's Recorder does. A failed post
 /// is logged and not retried: the agent's log already has the problem, and
 /// a full queue drops notices rather than slow programming.
 pub fn start_notices(client: Client, node_name: &str) -> mpsc::Sender<Notice> {

@@ -4,9 +4,11 @@
 //! nothing itself: `apply` says what to program, the reconciler programs
 //! it and reports back with `programmed`.
 //!
-//! Nothing is to be programmed before Pods, Namespaces, NetworkPolicies and
-//! Services have all been listed once: a half-synced view would mean wrong
-//! verdicts, so until then the pinned state stays as it was.
+//! Nothing is to be programmed before Pods, Namespaces, NetworkPolicies,
+//! Services and ClusterNetworkPolicies have all been listed once (a cluster
+//! without the ClusterNetworkPolicy CRD lists none, see `watch`): a
+//! half-synced view would mean wrong verdicts, so until then the pinned
+//! state stays as it was.
 mod diagnostics;
 pub mod watch;
 
@@ -21,6 +23,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::ResourceExt as _;
+use sluice_api::ClusterNetworkPolicy;
 use tracing::{info, warn};
 
 pub use self::{
@@ -133,13 +136,15 @@ impl Cluster {
         }
     }
 
-    /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
+    /// Pods, Namespaces, NetworkPolicies, Services and
+    /// ClusterNetworkPolicies have each been listed.
     pub fn is_synced(&self) -> bool {
         [
             Kind::Pod,
             Kind::Namespace,
             Kind::NetworkPolicy,
             Kind::Service,
+            Kind::ClusterNetworkPolicy,
         ]
         .iter()
         .all(|k| self.synced.contains(k))
@@ -350,6 +355,10 @@ impl Cluster {
                 self.services.remove(&o.key());
                 Changes::default()
             }
+            (Object::ClusterNetworkPolicy(c), false) => self.compiler.upsert_cluster_policy(c),
+            (Object::ClusterNetworkPolicy(c), true) => {
+                self.compiler.delete_cluster_policy(&c.name_any())
+            }
         }
     }
 
@@ -426,6 +435,17 @@ impl Cluster {
                 };
                 self.compiler.resync(r)
             }
+            Kind::ClusterNetworkPolicy => {
+                let list: Vec<ClusterNetworkPolicy> = listed(objects, |o| match o {
+                    Object::ClusterNetworkPolicy(c) => Some((**c).clone()),
+                    _ => None,
+                });
+                let r = Resync {
+                    cluster_policies: Some(&list),
+                    ..Resync::default()
+                };
+                self.compiler.resync(r)
+            }
             Kind::Node => {
                 self.peers.clear();
                 let mut list = Vec::new();
@@ -440,8 +460,6 @@ impl Cluster {
                     ..Resync::default()
                 })
             }
-            // Fed by the ClusterNetworkPolicy watch (h/cnp-api).
-            Kind::ClusterNetworkPolicy => Changes::default(),
             Kind::Service => {
                 self.services = objects
                     .iter()

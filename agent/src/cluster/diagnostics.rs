@@ -57,8 +57,8 @@ impl Diagnostics {
         // one per node of the cluster.
         let concerns_this_node = |d: &&Diagnostic| match d.object.kind {
             Kind::NetworkPolicy => compiler.selects_local(&d.object.object_ref()),
+            Kind::ClusterNetworkPolicy => compiler.cnp_selects_local(&d.object.name),
             Kind::Pod => compiler.is_local(&d.object.object_ref()),
-            Kind::ClusterNetworkPolicy => compiler.cluster_policy_selects_local(&d.object.name),
             Kind::Namespace => true,
             Kind::Node | Kind::Service => false,
         };

@@ -343,13 +343,14 @@ impl Cluster {
             (Object::NetworkPolicy(p), true) => self
                 .compiler
                 .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
+            // The compiler resolves ClusterNetworkPolicy `nodes` peers.
             (Object::Node(n), false) => {
                 self.node_seen(n);
-                Changes::default()
+                self.compiler.upsert_node(n)
             }
             (Object::Node(n), true) => {
                 self.peers.remove(&n.name_any());
-                Changes::default()
+                self.compiler.delete_node(&n.name_any())
             }
             (Object::Service(svc), false) => {
                 self.services.insert(o.key(), cluster_ips(svc));
@@ -452,12 +453,17 @@ impl Cluster {
             }
             Kind::Node => {
                 self.peers.clear();
+                let mut list = Vec::new();
                 for o in objects {
                     if let Object::Node(n) = o {
                         self.node_seen(n);
+                        list.push((**n).clone());
                     }
                 }
-                Changes::default()
+                self.compiler.resync(Resync {
+                    nodes: Some(&list),
+                    ..Resync::default()
+                })
             }
             Kind::Service => {
                 self.services = objects

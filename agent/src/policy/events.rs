@@ -4,12 +4,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
 use std::sync::Arc;
-
-use sluice_api::ClusterNetworkPolicy;
 
 use super::{
     Changes, Compiler,
@@ -27,8 +25,8 @@ pub struct Resync<'a> {
     pub namespaces: Option<&'a [Namespace]>,
     pub pods: Option<&'a [Pod]>,
     pub policies: Option<&'a [NetworkPolicy]>,
-    /// ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2).
-    pub cluster_policies: Option<&'a [ClusterNetworkPolicy]>,
+    pub cluster_policies: Option<&'a [sluice_api::ClusterNetworkPolicy]>,
+    pub nodes: Option<&'a [Node]>,
 }
 
 impl Compiler {
@@ -88,21 +86,38 @@ impl Compiler {
                 self.policy_event(np);
             }
         }
+        if let Some(list) = r.nodes {
+            let listed: HashSet<&str> = list
+                .iter()
+                .filter_map(|n| n.metadata.name.as_deref())
+                .collect();
+            let gone: Vec<String> = self
+                .cnps
+                .nodes
+                .keys()
+                .filter(|n| !listed.contains(n.as_str()))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.cnps.nodes.remove(&name);
+            }
+            self.node_list_changed();
+            for n in list {
+                self.node_event(n);
+            }
+        }
         if let Some(list) = r.cluster_policies {
             let listed: HashSet<&str> = list
                 .iter()
                 .filter_map(|c| c.metadata.name.as_deref())
                 .collect();
-            let gone: Vec<String> = self
-                .cluster_policy_names()
-                .filter(|n| !listed.contains(n.as_str()))
-                .cloned()
-                .collect();
-            for name in &gone {
-                self.remove_cluster_policy(name);
+            for name in self.cnps.names() {
+                if !listed.contains(name.as_str()) {
+                    self.remove_cnp(&name);
+                }
             }
-            for cnp in list {
-                self.cluster_policy_event(cnp);
+            for c in list {
+                self.cnp_event(c);
             }
         }
         self.quiet = false;
@@ -143,20 +158,6 @@ impl Compiler {
         self.commit()
     }
 
-    /// A new or changed ClusterNetworkPolicy. For now it is stored and
-    /// validated (problems come back as diagnostics); the tiers extend
-    /// `cluster_policy_event` (policy/cluster.rs).
-    pub fn upsert_cluster_policy(&mut self, cnp: &ClusterNetworkPolicy) -> Changes {
-        self.cluster_policy_event(cnp);
-        self.commit()
-    }
-
-    /// A ClusterNetworkPolicy is gone (they are cluster-scoped: by name).
-    pub fn delete_cluster_policy(&mut self, name: &str) -> Changes {
-        self.remove_cluster_policy(name);
-        self.commit()
-    }
-
     /// Recomputes every selector's members and every local identity's policy
     /// from the objects alone; reports what differed. A check of the
     /// incremental state (tests, the conformance model, the bench).
@@ -178,6 +179,7 @@ impl Compiler {
             self.mark_cidr_dirty(l);
         }
         self.repo.clear_targets();
+        self.cnps.clear_targets();
         self.identities.clear_selectors();
         for s in self.selectors.ids() {
             let members = self.selectors.evaluate(s, &self.identities);
@@ -188,6 +190,8 @@ impl Compiler {
         }
         for &l in &locals {
             self.attach_matching_policies(l);
+            self.attach_matching_cnps(l);
+            self.mark_tiers_dirty(l, true);
         }
         self.commit()
     }

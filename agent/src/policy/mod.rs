@@ -66,7 +66,7 @@
 //!
 //! ```text
 //! let mut c = Compiler::new(Locality::Node(node_name));
-//! let changes = c.resync(Resync { namespaces: Some(&ns), pods: Some(&pods), policies: Some(&nps), cluster_policies: Some(&cnps) });
+//! let changes = c.resync(Resync { namespaces: Some(&ns), pods: Some(&pods), policies: Some(&nps) });
 //! // then, per watch event: c.upsert_pod(&pod), c.delete_policy(ns, name), ...
 //! for pod in &changes.endpoints {
 //!     write_whole(pod, c.endpoint_policy(pod)); // None: gone
@@ -77,7 +77,8 @@
 //! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
 //! the data path's verdict from these outputs alone.
 mod cidr;
-mod cluster;
+mod cnp;
+mod cnps;
 mod contributions;
 mod events;
 mod identities;
@@ -89,16 +90,17 @@ mod selector;
 mod selectors;
 #[cfg(test)]
 mod tests;
+mod tiers;
 mod txn;
 pub mod verdict;
 
 use std::{collections::BTreeMap, mem::take, net::IpAddr, sync::Arc};
 
 pub use k8s_openapi;
-pub use sluice_api;
 
 use self::{
     cidr::CidrGroups,
+    cnps::CnpStore,
     contributions::{PartRef, RuleKey, part_contribs},
     identities::{Identities, IdentityKey, NamedPorts},
     parse::Peer,
@@ -109,10 +111,12 @@ use self::{
     txn::{Touched, Txn},
 };
 pub use self::{
+    cnps::{CnpRuleOrigin, NodeInfo},
     events::Resync,
     mapstate::{
-        CidrEntry, Compiled, EndpointPolicy, EntryCount, L4, PolicyError, Rule, canonical,
-        entry_count, lookup, plen_bit, policy_keys, port_blocks, port_mask,
+        CidrEntry, Compiled, EndpointPolicy, EntryCount, Fold, L4, PolicyError, Rule, Tier,
+        TierRule, canonical, entry_count, fold, lookup, plen_bit, policy_keys, port_blocks,
+        port_mask,
     },
     pods::Locality,
     repository::RuleOrigin,
@@ -130,8 +134,7 @@ pub struct Compiler {
     identities: Identities,
     selectors: SelectorCache,
     repo: Repository,
-    /// ClusterNetworkPolicies (stored and validated; tiers not compiled yet).
-    cluster: cluster::ClusterPolicies,
+    cnps: CnpStore,
     groups: CidrGroups,
     txn: Txn,
     /// Loading: every touched identity is reported whole, no key tracking.
@@ -168,7 +171,7 @@ impl Compiler {
             identities: Identities::new(),
             selectors: SelectorCache::default(),
             repo: Repository::new(),
-            cluster: cluster::ClusterPolicies::default(),
+            cnps: CnpStore::default(),
             groups: CidrGroups::new(),
             txn: Txn::default(),
             quiet: false,
@@ -230,11 +233,11 @@ impl Compiler {
             .collect()
     }
 
-    /// The problems of the policies (NetworkPolicies, then
-    /// ClusterNetworkPolicies) as they are now.
+    /// The problems of the policies as they are now.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
         let mut out = self.repo.diagnostics();
-        out.extend(self.cluster.diagnostics());
+        out.extend(self.cnp_diagnostics());
+        out.sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
         out
     }
 
@@ -250,7 +253,7 @@ impl Compiler {
             local_identities: self.identities.locals().len(),
             selectors: self.selectors.len(),
             policies: self.repo.len(),
-            cluster_policies: self.cluster.len(),
+            cluster_policies: self.cnps.len(),
             cidr_groups: self.groups.len(),
         }
     }
@@ -387,6 +390,7 @@ impl Compiler {
             self.txn.touched.insert(id, Touched::snapshot(st, true));
         }
         self.attach_matching_policies(id);
+        self.attach_matching_cnps(id);
     }
 
     fn remove_local_pod(&mut self, id: u32, obj: &ObjectRef) {
@@ -396,6 +400,8 @@ impl Compiler {
         for &p in st.selected_by() {
             self.repo.set_target(p, id, false);
         }
+        let cnps: Vec<_> = st.cnps().iter().copied().collect();
+        self.detach_cnps(id, &cnps);
         for g in st.into_groups() {
             self.groups.release(g);
         }
@@ -410,6 +416,7 @@ impl Compiler {
                 self.apply_part((p, ri, pi), l, Some(x), sign);
             }
         }
+        self.cnp_selector_changed(s);
     }
 
     // ----- policies -----

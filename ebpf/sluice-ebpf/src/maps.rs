@@ -61,6 +61,18 @@ pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(sizes::EVENT_
 #[map]
 pub static EPOCH: Array<u32> = Array::pinned(1, 0);
 
+/// Drops per ClusterNetworkPolicy rule id (`RULE_CNP_FLAG` set): the
+/// Prometheus counters per tier and rule.
+#[map]
+pub static RULE_DROPS: PerCpuHashMap<u32, CounterValue> =
+    PerCpuHashMap::pinned(sizes::RULE_DROPS, 0);
+
+/// One slot per CPU: the rule of the last deny judged on this CPU, read by
+/// the drop that follows it in the same program run (a `Result` cannot
+/// carry it: see `Reason` in main.rs).
+#[map]
+pub static DENY_RULE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Indexed by `sluice_common::stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

@@ -3,10 +3,13 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use sluice_common::{
     CIDR_KEY_FIXED_BITS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey,
-    PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ALLOW, PolicyKey, port_mask,
+    PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ADMIN,
+    POLICY_ADMIN_ACTION_MASK, POLICY_ADMIN_ACTION_SHIFT, POLICY_ALLOW, POLICY_BASELINE,
+    POLICY_BASELINE_DENY, PolicyKey, PolicyValue, action, port_mask, reason,
 };
 
 use crate::{
+    conntrack::denied_by,
     keys::{cidr_key, policy_key},
     maps::{CIDRS, IPCACHE, POLICY},
     parse::Addr,
@@ -119,4 +122,139 @@ pub fn allowed(
         return lookup_identity(ep.ep_id, dir, plens, group, l4, port);
     }
     None
+}
+
+/// A tiered lookup: what it looks up, and the hits folded so far (any
+/// NetworkPolicy allow, the lowest-rank Admin and Baseline rule; ranks are
+/// below `u32::MAX`, which stands for "none"). One struct passed by
+/// reference: BPF calls take at most five arguments.
+struct Tiers {
+    ep_id: u32,
+    plens: u32,
+    port: u16,
+    dir: u8,
+    l4: u8,
+    np_rule: u32,
+    np: u32,
+    admin_rank: u32,
+    admin_rule: u32,
+    admin_action: u32,
+    base_rank: u32,
+    base_rule: u32,
+    base_deny: u32,
+}
+
+#[inline(always)]
+fn fold(t: &mut Tiers, v: &PolicyValue) {
+    if v.flags & POLICY_ALLOW != 0 && t.np == 0 {
+        t.np = 1;
+        t.np_rule = v.rule_id;
+    }
+    if v.flags & POLICY_ADMIN != 0 && v.admin_rank < t.admin_rank {
+        t.admin_rank = v.admin_rank;
+        t.admin_rule = v.admin_rule;
+        t.admin_action = (v.flags & POLICY_ADMIN_ACTION_MASK) >> POLICY_ADMIN_ACTION_SHIFT;
+    }
+    if v.flags & POLICY_BASELINE != 0 && v.baseline_rank < t.base_rank {
+        t.base_rank = v.baseline_rank;
+        t.base_rule = v.baseline_rule;
+        t.base_deny = v.flags & POLICY_BASELINE_DENY;
+    }
+}
+
+/// Folds every entry of `identity`: each port prefix length that has
+/// entries, then any-protocol. Unlike `lookup_identity` it does not stop at
+/// the first hit: a later key may hold a better rank.
+#[inline(never)]
+fn fold_identity(t: &mut Tiers, identity: u32) {
+    let mut key = policy_key(t.ep_id, identity, 0, t.l4, t.dir, 0);
+    let (plens, port) = (t.plens, t.port);
+    for i in 0..=16u8 {
+        let plen = 16 - i;
+        if plens & (1 << plen) != 0 {
+            key.port = port & port_mask(plen);
+            key.plen = plen;
+            // SAFETY: the value is copied out at once.
+            if let Some(v) = unsafe { POLICY.get(&key) } {
+                fold(t, v);
+            }
+        }
+    }
+    if plens & (1 << PLEN_ANY_PROTO_BIT) != 0 {
+        key.port = 0;
+        key.proto = 0;
+        key.plen = 0;
+        // SAFETY: as above.
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            fold(t, v);
+        }
+    }
+}
+
+/// The flow a tiered lookup judges.
+pub struct Query {
+    pub peer_id: u32,
+    pub port: u16,
+    pub l4: u8,
+    /// The endpoint is isolated in this direction by a NetworkPolicy.
+    pub isolated: bool,
+}
+
+/// 9t. The verdict of a new flow at an endpoint with ClusterNetworkPolicy
+///     entries in `dir` (`EP_*_TIERED`): the same keys as `allowed` (the
+///     peer's identity, any peer, the CIDR group), every hit folded; then
+///     the tiers in order: the best Admin rule (Accept allows, Deny drops,
+///     Pass goes on), NetworkPolicy where isolated (an allow, else the
+///     default deny), the best Baseline rule (Accept, Deny), else allowed.
+///     A rule id, or `denied_by(reason, rule)`.
+#[inline(never)]
+pub fn tiered(ep: &EndpointInfo, dir: u8, peer: &Addr, q: &Query) -> u64 {
+    let plens = plens_for(ep, dir);
+    let mut t = Tiers {
+        ep_id: ep.ep_id,
+        plens,
+        port: q.port,
+        dir,
+        l4: q.l4,
+        np_rule: 0,
+        np: 0,
+        admin_rank: u32::MAX,
+        admin_rule: 0,
+        admin_action: 0,
+        base_rank: u32::MAX,
+        base_rule: 0,
+        base_deny: 0,
+    };
+    fold_identity(&mut t, q.peer_id);
+    if plens & (1 << PLEN_ANY_PEER_BIT) != 0 {
+        fold_identity(&mut t, IDENTITY_ANY);
+    }
+    if plens & (1 << PLEN_CIDR_PEER_BIT) != 0 {
+        let group = cidr_group(ep.ep_id, dir, peer);
+        if group != 0 {
+            fold_identity(&mut t, group);
+        }
+    }
+    if t.admin_rank != u32::MAX {
+        if t.admin_action == action::ACCEPT {
+            return u64::from(t.admin_rule);
+        }
+        // Deny, or an action this program does not know: fail closed.
+        if t.admin_action != action::PASS {
+            return denied_by(reason::ADMIN_DENIED, t.admin_rule);
+        }
+    }
+    if q.isolated {
+        if t.np != 0 {
+            return u64::from(t.np_rule);
+        }
+        return denied_by(reason::POLICY_DENIED, 0);
+    }
+    if t.base_rank != u32::MAX {
+        if t.base_deny != 0 {
+            return denied_by(reason::BASELINE_DENIED, t.base_rule);
+        }
+        return u64::from(t.base_rule);
+    }
+    0
 }

@@ -156,6 +156,6 @@ fn minus(a: &BTreeSet<String>, b: &BTreeSet<String>) -> BTreeSet<String> {
 
 mod blocks;
 mod changes;
-mod cluster;
 mod random;
 mod rules;
+mod tiers;

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -25,7 +25,7 @@ use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources
 
 use crate::{
     NetNs, Node, Pod, Server,
-    cases::{self, Case, Family, Matrix, Protocol, Step, Target},
+    cases::{self, Family, Matrix, Protocol},
     conflist_config, tcp_ok, udp_ok,
 };
 
@@ -256,14 +256,14 @@ impl Cluster {
             }
         } else {
             // One node: its Node addresses still exist (host-network pods
-            // serve on them, egress `nodes` peers match them), on a dummy
-            // device of the node's namespace.
+            // serve on them, egress `nodes` peers match them), as host
+            // addresses on the loopback of the node's namespace (this
+            // kernel may have no dummy devices).
             let (v4, v6) = link_ips(0);
             let n = &ns[0].ns;
-            n.ip(&["link", "add", "sl-host", "type", "dummy"])?;
-            n.ip(&["addr", "add", &format!("{v4}/32"), "dev", "sl-host"])?;
-            n.ip(&["addr", "add", &format!("{v6}/128"), "dev", "sl-host", "nodad"])?;
-            n.ip(&["link", "set", "sl-host", "up"])?;
+            n.ip(&["link", "set", "lo", "up"])?;
+            n.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"])?;
+            n.ip(&["addr", "add", &format!("{v6}/128"), "dev", "lo", "nodad"])?;
         }
         let listen: std::net::SocketAddr = if nodes == 2 {
             format!("{}:0", link_ips(0).0).parse()?

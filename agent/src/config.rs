@@ -14,8 +14,15 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Sluice node agent")]
+#[command(
+    version,
+    about = "Sluice node agent",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// Without a subcommand: run the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Directory on a bpffs where maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/sluice")]
     pub bpffs: PathBuf,
@@ -67,9 +74,65 @@ pub struct Args {
     /// uplinks) when no watch event comes first.
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
+    /// Where the CNI plugin queues endpoint removals while the agent is
+    /// unreachable (its `deleteQueueDir`). Default: <state-dir>/delete-queue.
+    #[arg(long)]
+    pub delete_queue_dir: Option<PathBuf>,
     /// Log format on stderr: text or json.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Once the agent is ready (synced, programs attached, CNI socket
+    /// answering), write --cni-conflist into this directory (atomically;
+    /// again if it vanishes). Not before: containerd 1.6/1.7 report the
+    /// node's network ready as soon as a conflist exists.
+    #[arg(long, requires = "cni_conflist")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The conflist to write into --cni-conf-dir (its file name is kept).
+    #[arg(long, requires = "cni_conf_dir")]
+    pub cni_conflist: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Install the CNI plugin binary (and a conflist) on the node: what the
+    /// DaemonSet's init container runs. Atomic and idempotent.
+    InstallCni(InstallCniArgs),
+    /// Take Sluice off the node, the agent stopped first: detach its
+    /// programs, remove its pins, the conflist and (if given) the plugin
+    /// and the endpoint registry. Pod and node interfaces stay.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InstallCniArgs {
+    /// The CNI bin directory the plugin is copied into (as `sluice`).
+    #[arg(long)]
+    pub cni_bin_dir: PathBuf,
+    /// The plugin binary. Default: `sluice` next to this executable.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Also write --conflist into this directory. The DaemonSet leaves
+    /// that to the agent, once it is ready.
+    #[arg(long, requires = "conflist")]
+    pub cni_conf_dir: Option<PathBuf>,
+    #[arg(long, requires = "cni_conf_dir")]
+    pub conflist: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UninstallArgs {
+    /// The agent's pin directory (its --bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+    pub bpffs: PathBuf,
+    /// Remove every conflist here that uses the plugin.
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Remove the plugin binary from here.
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Remove the endpoint registry (the agent's --state-dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -161,7 +224,29 @@ impl Args {
         }
         let mut state = State::new(dp, endpoints, cluster);
         state.program_host_addresses()?;
+        // Removals the plugin queued while the agent was down, before the
+        // socket serves: after this, their addresses may be reused.
+        let queue = self.delete_queue();
+        match state.drain_delete_queue(&queue) {
+            Ok(0) => {}
+            Ok(drained) => {
+                tracing::info!(drained, dir = %queue.dir().display(), "deletion queue drained");
+            }
+            // Retried by the periodic drain; the entries' addresses stay held.
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %queue.dir().display(), "draining the deletion queue");
+            }
+        }
         Ok((state, drops))
+    }
+
+    /// The CNI plugin's deletion queue (`sluice_proto::queue`).
+    pub fn delete_queue(&self) -> sluice_proto::queue::DeleteQueue {
+        sluice_proto::queue::DeleteQueue::new(
+            self.delete_queue_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("delete-queue")),
+        )
     }
 
     /// --node-name, else $NODE_NAME, else the host name.

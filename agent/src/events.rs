@@ -20,8 +20,18 @@ pub struct DropRecord {
     pub protocol: String,
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
+    /// 0 for protocols without ports (ICMP among them: its echo id is in
+    /// `icmp_id`).
     pub src_port: u16,
     pub dst_port: u16,
+    /// ICMP and ICMPv6 only: type, code, and the echo id of an echo
+    /// request or reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_id: Option<u16>,
     pub length: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub src_namespace: Option<String>,
@@ -108,8 +118,22 @@ pub fn protocol_name(p: u8) -> String {
     }
 }
 
+/// Echo request or reply (RFC 792, RFC 4443): the data path puts the echo
+/// id in both port fields of these.
+fn is_echo(proto: u8, icmp_type: u8) -> bool {
+    use sluice_common::proto;
+    match proto {
+        proto::ICMP => matches!(icmp_type, 0 | 8),
+        proto::ICMPV6 => matches!(icmp_type, 128 | 129),
+        _ => false,
+    }
+}
+
 impl From<&DropEvent> for DropRecord {
     fn from(e: &DropEvent) -> Self {
+        use sluice_common::proto;
+        let icmp = e.proto == proto::ICMP || e.proto == proto::ICMPV6;
+        let (src_port, dst_port) = if icmp { (0, 0) } else { (e.sport, e.dport) };
         Self {
             ktime_ns: e.ts_ns,
             verdict: "DROPPED",
@@ -124,8 +148,11 @@ impl From<&DropEvent> for DropRecord {
             protocol: protocol_name(e.proto),
             src: addr(e.family, e.saddr),
             dst: addr(e.family, e.daddr),
-            src_port: e.sport,
-            dst_port: e.dport,
+            src_port,
+            dst_port,
+            icmp_type: icmp.then_some(e.icmp_type),
+            icmp_code: icmp.then_some(e.icmp_code),
+            icmp_id: is_echo(e.proto, e.icmp_type).then_some(e.sport),
             length: e.pkt_len,
             src_namespace: None,
             src_pod: None,
@@ -177,6 +204,45 @@ mod tests {
         assert_eq!(r.direction, "egress");
         assert_eq!(r.protocol, "TCP");
         assert!(decode(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn icmp_drops_carry_type_code_and_echo_id_and_no_ports() {
+        use sluice_common::proto;
+        // (proto, type, code, ports as the data path fills them, id)
+        for (p, t, c, port, id) in [
+            (proto::ICMP, 8, 0, 45, Some(45)),
+            (proto::ICMP, 0, 0, 46, Some(46)),
+            (proto::ICMP, 3, 1, 0, None),
+            (proto::ICMPV6, 128, 0, 47, Some(47)),
+            (proto::ICMPV6, 129, 0, 48, Some(48)),
+            (proto::ICMPV6, 1, 4, 0, None),
+        ] {
+            let r = DropRecord::from(&DropEvent {
+                family: if p == proto::ICMP { 4 } else { 6 },
+                proto: p,
+                sport: port,
+                dport: port,
+                icmp_type: t,
+                icmp_code: c,
+                ..Default::default()
+            });
+            assert_eq!((r.src_port, r.dst_port), (0, 0));
+            assert_eq!(
+                (r.icmp_type, r.icmp_code, r.icmp_id),
+                (Some(t), Some(c), id)
+            );
+        }
+        let tcp = DropRecord::from(&DropEvent {
+            family: 4,
+            proto: proto::TCP,
+            sport: 1,
+            dport: 2,
+            ..Default::default()
+        });
+        assert_eq!((tcp.src_port, tcp.dst_port, tcp.icmp_type), (1, 2, None));
+        let line = serde_json::to_value(&tcp).unwrap();
+        assert!(line.get("icmp_type").is_none(), "{line}");
     }
 
     #[test]

@@ -196,6 +196,11 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             .programmed()
             .await
             .map(|(synced, objects)| Response::Programmed { synced, objects }),
+        Request::Info => {
+            r.info()
+                .await
+                .map(|(mode, node, synced)| Response::Info { mode, node, synced })
+        }
         Request::PodCidrs => r
             .pod_cidrs()
             .await

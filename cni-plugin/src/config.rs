@@ -9,9 +9,22 @@
 //!   "dataDir": "/var/lib/cni/sluice",
 //!   "agentSocket": "/run/sluice/agent.sock",
 //!   "agentTimeoutMs": 10000,
-//!   "mtu": 1500
+//!   "mtu": 1500,
+//!   "deleteQueueDir": "/var/lib/sluice/delete-queue"
 //! }
 //! ```
+//!
+//! `deleteQueueDir` is where DEL queues an endpoint's removal when the
+//! agent is unreachable (`sluice_proto::queue`); it must be the agent's
+//! `<state-dir>/delete-queue`.
+//!
+//! What runtimes add and this plugin does not use is accepted and ignored,
+//! by name: `runtimeConfig` (any key: the plugin declares no capabilities,
+//! so a runtime sends none; containerd and CRI-O would send `portMappings`,
+//! `bandwidth`, `ipRanges`, `ips`, `mac`, `dns`, `aliases`, `cgroupPath`,
+//! `io.kubernetes.cri.pod-annotations` only for declared ones),
+//! `capabilities` and `args`; they are named in [`NetConf::ignored`], which
+//! the verbs print on stderr. Any other unknown key is ignored by serde.
 //!
 //! Without `ranges` (key absent or null) ADD takes them from the Node's
 //! podCIDRs, which the agent knows ([`node_ranges`]); `"ranges": []` is an
@@ -50,6 +63,11 @@ pub struct NetConf {
     pub prev_result: Option<CniResult>,
     /// `cni.dev/valid-attachments`, set by the runtime for GC only.
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// Where DEL queues removals the agent could not take.
+    pub delete_queue_dir: PathBuf,
+    /// What the runtime passed that this plugin ignores on purpose:
+    /// `runtimeConfig.<key>`, `capabilities.<key>`, `args`.
+    pub ignored: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +84,10 @@ struct RawConf {
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<ValidAttachment>>,
+    delete_queue_dir: Option<String>,
+    runtime_config: Option<serde_json::Map<String, Value>>,
+    capabilities: Option<serde_json::Map<String, Value>>,
+    args: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +152,11 @@ pub fn from_value(v: Value, version: Version) -> Result<NetConf> {
                 .map_err(|e| Error::InvalidConfig(format!("prevResult: {e}")))?,
         ),
     };
+    let ignored = ignored_keys(
+        raw.runtime_config.as_ref(),
+        raw.capabilities.as_ref(),
+        raw.args.as_ref(),
+    );
     Ok(NetConf {
         version,
         name,
@@ -151,7 +178,37 @@ pub fn from_value(v: Value, version: Version) -> Result<NetConf> {
                 })
                 .collect()
         }),
+        delete_queue_dir: non_empty_path(
+            raw.delete_queue_dir,
+            "deleteQueueDir",
+            sluice_proto::queue::DEFAULT_DIR,
+        )?,
+        ignored,
     })
+}
+
+/// Names what the runtime passed that this plugin does not use: every
+/// `runtimeConfig` key (no capability is declared), every declared
+/// `capabilities` key (a conflist mistake: nothing here implements one),
+/// and `args`.
+fn ignored_keys(
+    runtime_config: Option<&serde_json::Map<String, Value>>,
+    capabilities: Option<&serde_json::Map<String, Value>>,
+    args: Option<&Value>,
+) -> Vec<String> {
+    let rc = runtime_config
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .map(|k| format!("runtimeConfig.{k}"));
+    let caps = capabilities
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter(|(_, on)| on.as_bool() != Some(false))
+        .map(|(k, _)| format!("capabilities.{k}"));
+    let args = args
+        .filter(|a| !a.is_null() && a.as_object().is_none_or(|o| !o.is_empty()))
+        .map(|_| "args".to_string());
+    rc.chain(caps).chain(args).collect()
 }
 
 /// All three steps, for callers that do not need the version on failure.
@@ -276,6 +333,35 @@ mod tests {
         assert_eq!(
             c.and_then(|c| c.valid_attachments).map(|v| v.len()),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn runtime_config_capabilities_and_args_are_named_and_ignored() {
+        let c = parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"sluice","ranges":[["10.0.0.0/30"]],
+            "runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"}],
+                             "bandwidth":{"ingressRate":1000},"io.kubernetes.cri.pod-annotations":{}},
+            "capabilities":{"portMappings":true,"bandwidth":false},
+            "args":{"cni":{"ips":["10.0.0.2"]}}}"#,
+        );
+        let c = c.unwrap();
+        assert_eq!(
+            c.ignored,
+            [
+                "runtimeConfig.bandwidth",
+                "runtimeConfig.io.kubernetes.cri.pod-annotations",
+                "runtimeConfig.portMappings",
+                "capabilities.portMappings",
+                "args"
+            ]
+        );
+        // Nothing of it changes what the plugin does.
+        assert_eq!(c.ranges.map(|r| r.len()), Some(1));
+        assert!(parse(GOOD.as_bytes()).unwrap().ignored.is_empty());
+        assert_eq!(
+            parse(GOOD.as_bytes()).unwrap().delete_queue_dir,
+            PathBuf::from(sluice_proto::queue::DEFAULT_DIR)
         );
     }
 

@@ -30,12 +30,19 @@ impl Command {
     }
 }
 
-/// K8S_* keys of CNI_ARGS; other keys are ignored (containerd also passes
-/// IgnoreUnknown, K8S_POD_INFRA_CONTAINER_ID, K8S_POD_UID).
+/// The K8S_* keys of CNI_ARGS, as containerd and CRI-O pass them:
+/// `IgnoreUnknown=1;K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;
+/// K8S_POD_INFRA_CONTAINER_ID=..;K8S_POD_UID=..`. The pod's namespace and
+/// name identify the endpoint to the agent; the sandbox id and UID only go
+/// into log lines. Any other key is ignored whether or not `IgnoreUnknown`
+/// is set (libcni's plugins refuse unknown keys without it; refusing a
+/// pod over an argument this plugin has no use for helps nobody).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CniArgs {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    pub infra_container_id: Option<String>,
+    pub pod_uid: Option<String>,
 }
 
 /// What the runtime passed for one attachment-specific verb.
@@ -129,6 +136,10 @@ pub fn parse_args(raw: &str) -> Result<CniArgs> {
         match k {
             "K8S_POD_NAMESPACE" if !v.is_empty() => args.pod_namespace = Some(v.to_string()),
             "K8S_POD_NAME" if !v.is_empty() => args.pod_name = Some(v.to_string()),
+            "K8S_POD_INFRA_CONTAINER_ID" if !v.is_empty() => {
+                args.infra_container_id = Some(v.to_string());
+            }
+            "K8S_POD_UID" if !v.is_empty() => args.pod_uid = Some(v.to_string()),
             _ => {}
         }
     }
@@ -282,6 +293,28 @@ mod tests {
         for bad in ["", ".", "..", "abcdefghijklmnop", "a b", "a:b", "a/b"] {
             assert!(validate_ifname(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn containerds_cni_args_are_read_and_unknown_keys_ignored() {
+        let a = parse_args(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-5d78c9869d-x7x2q;\
+             K8S_POD_INFRA_CONTAINER_ID=4f1c0e5b9a;K8S_POD_UID=0c9d8a3e-7f61-4a0b-9d1e-2b3c4d5e6f70",
+        );
+        assert_eq!(
+            a.ok(),
+            Some(CniArgs {
+                pod_namespace: Some("kube-system".into()),
+                pod_name: Some("coredns-5d78c9869d-x7x2q".into()),
+                infra_container_id: Some("4f1c0e5b9a".into()),
+                pod_uid: Some("0c9d8a3e-7f61-4a0b-9d1e-2b3c4d5e6f70".into()),
+            })
+        );
+        // Without IgnoreUnknown, unknown keys are still ignored; empty
+        // values count as unset; a value may contain '='.
+        let a = parse_args("FOO=bar;K8S_POD_NAME=;K8S_POD_NAMESPACE=a=b").ok();
+        assert_eq!(a.as_ref().and_then(|a| a.pod_name.clone()), None);
+        assert_eq!(a.and_then(|a| a.pod_namespace), Some("a=b".into()));
     }
 
     #[test]

@@ -84,6 +84,13 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("deletion queue {}", path.display())]
+    Queue {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("sysctl {}", path.display())]
     Sysctl {
         path: PathBuf,
@@ -109,6 +116,7 @@ impl Error {
             Self::Agent { code, .. } => *code,
             Self::NotAvailable(_) => code::NOT_AVAILABLE,
             Self::Ipam(e) => e.code(),
+            Self::Queue { .. } => code::IO_FAILURE,
             // A namespace path that does not exist is a container that does
             // not exist (any more).
             Self::Netns { source, .. } if source.kind() == io::ErrorKind::NotFound => {

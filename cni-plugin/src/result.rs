@@ -297,6 +297,74 @@ mod tests {
         assert_eq!(r["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
     }
 
+    /// The keys of a 1.0.0 result (SPEC.md 1.0.0, libcni types/100, what
+    /// containerd 1.6/1.7 parse) per object.
+    fn keys_outside_1_0_0(r: &Value) -> Vec<String> {
+        let allowed = |obj: &Value, keys: &[&str], at: &str, out: &mut Vec<String>| {
+            for k in obj.as_object().into_iter().flat_map(|o| o.keys()) {
+                if !keys.contains(&k.as_str()) {
+                    out.push(format!("{at}.{k}"));
+                }
+            }
+        };
+        let mut out = Vec::new();
+        allowed(
+            r,
+            &["cniVersion", "interfaces", "ips", "routes", "dns"],
+            "",
+            &mut out,
+        );
+        for i in r["interfaces"].as_array().into_iter().flatten() {
+            allowed(i, &["name", "mac", "sandbox"], "interfaces[]", &mut out);
+        }
+        for i in r["ips"].as_array().into_iter().flatten() {
+            allowed(i, &["address", "gateway", "interface"], "ips[]", &mut out);
+        }
+        for i in r["routes"].as_array().into_iter().flatten() {
+            allowed(i, &["dst", "gw"], "routes[]", &mut out);
+        }
+        allowed(
+            &r["dns"],
+            &["nameservers", "domain", "search", "options"],
+            "dns",
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn a_1_0_0_result_has_only_what_a_1_0_0_parser_knows() {
+        for (v4, v6) in [(true, false), (false, true), (true, true)] {
+            let r = json_of(&build(Version::V1_0_0, None, &attached(v4, v6)));
+            assert_eq!(r["cniVersion"], "1.0.0");
+            assert_eq!(keys_outside_1_0_0(&r), Vec::<String>::new(), "{r}");
+            // Every address and default route is still there.
+            assert_eq!(
+                r["ips"].as_array().map(Vec::len),
+                Some(usize::from(v4) + usize::from(v6))
+            );
+            assert_eq!(
+                r["routes"].as_array().map(Vec::len),
+                Some(usize::from(v4) + usize::from(v6))
+            );
+        }
+        // The same pod in 1.1.0 has fields a 1.0.0 parser does not know:
+        // the check above can fail.
+        let r = json_of(&build(Version::V1_1_0, None, &attached(true, true)));
+        assert_eq!(
+            keys_outside_1_0_0(&r),
+            ["interfaces[].mtu", "interfaces[].mtu", "routes[].scope"]
+        );
+    }
+
+    #[test]
+    fn a_1_1_0_prev_result_is_narrowed_to_1_0_0() {
+        let prev = build(Version::V1_1_0, None, &attached(true, false));
+        let r = json_of(&in_version(prev, Version::V1_0_0));
+        assert_eq!(r["cniVersion"], "1.0.0");
+        assert_eq!(keys_outside_1_0_0(&r), Vec::<String>::new(), "{r}");
+    }
+
     #[test]
     fn a_prev_result_is_passed_through_and_extended() {
         let prev: CniResult = serde_json::from_value(json!({

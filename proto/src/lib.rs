@@ -8,6 +8,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
+pub mod queue;
+
 /// Default path of the agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
 
@@ -59,6 +61,9 @@ pub enum Request {
     },
     /// Which objects' effects are in the maps (cluster mode).
     Programmed,
+    /// How the agent runs (standalone or against an API server), for
+    /// `sluice status`.
+    Info,
     /// This node's pod CIDRs, from its Node object (cluster mode): the IPAM
     /// ranges when the plugin's config names none.
     PodCidrs,
@@ -82,6 +87,17 @@ pub struct ObserveFilter {
     pub verdict: Option<String>,
     /// `ingress` or `egress`.
     pub direction: Option<String>,
+}
+
+/// How the agent gets policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentMode {
+    /// No API server: policy only through `SetPolicy`; nothing to sync.
+    Standalone,
+    /// Watching an API server: ready once every kind is listed and
+    /// programmed.
+    Cluster,
 }
 
 /// CNI error codes the agent may ask the plugin to report.
@@ -112,6 +128,15 @@ pub enum Response {
     },
     PodCidrs {
         cidrs: Vec<String>,
+    },
+    Info {
+        mode: AgentMode,
+        /// The Node the agent serves (cluster mode).
+        #[serde(default)]
+        node: Option<String>,
+        /// Every kind listed and programmed (always false standalone:
+        /// there is nothing to sync).
+        synced: bool,
     },
     Error {
         code: u32,

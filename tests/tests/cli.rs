@@ -36,6 +36,11 @@ struct AgentState {
     expected_filter: ObserveFilter,
     records: Vec<Value>,
     requests: Vec<Request>,
+    /// The answer to `Info`.
+    info: Response,
+    /// After the records, keep an `Observe` stream open until the agent
+    /// stops (else it ends, as an agent going away does).
+    hold_stream: bool,
 }
 
 struct FakeAgent {
@@ -47,7 +52,12 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn start() -> Result<Self> {
-        let dir = TempDir::new("sluice-cli-agent-")?;
+        Self::start_in(TempDir::new("sluice-cli-agent-")?)
+    }
+
+    /// An agent serving `dir`/agent.sock (a restarted agent: the same path).
+    fn start_in(dir: TempDir) -> Result<Self> {
+        let _stale = std::fs::remove_file(dir.0.join("agent.sock"));
         let listener = UnixListener::bind(dir.0.join("agent.sock"))?;
         listener.set_nonblocking(true)?;
         let state = Arc::new(Mutex::new(AgentState {
@@ -57,6 +67,12 @@ impl FakeAgent {
             expected_filter: ObserveFilter::default(),
             records: Vec::new(),
             requests: Vec::new(),
+            info: Response::Info {
+                mode: sluice_proto::AgentMode::Cluster,
+                node: Some("node-1".into()),
+                synced: true,
+            },
+            hold_stream: false,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
@@ -64,8 +80,8 @@ impl FakeAgent {
             while !sp.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let st = st.clone();
-                        std::thread::spawn(move || serve(&conn, &st));
+                        let (st, sp) = (st.clone(), sp.clone());
+                        std::thread::spawn(move || serve(&conn, &st, &sp));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -103,6 +119,16 @@ impl FakeAgent {
     fn requests(&self) -> Result<Vec<Request>> {
         self.with(|s| s.requests.clone())
     }
+
+    /// Stops serving (every connection it holds closes, as when the agent
+    /// process dies) and hands back its directory for a restart.
+    fn stop(mut self) -> TempDir {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _joined = t.join();
+        }
+        TempDir(std::mem::take(&mut self.dir.0))
+    }
 }
 
 impl Drop for FakeAgent {
@@ -114,7 +140,7 @@ impl Drop for FakeAgent {
     }
 }
 
-fn serve(conn: &UnixStream, state: &Mutex<AgentState>) {
+fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
     let _timeout = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     if BufReader::new(conn).read_line(&mut line).is_err() {
@@ -123,11 +149,14 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>) {
     let Ok(req) = serde_json::from_str::<Request>(line.trim_end()) else {
         return;
     };
+    let hold;
     let lines: Vec<String> = {
         let Ok(mut s) = state.lock() else { return };
+        hold = s.hold_stream && matches!(req, Request::Observe { .. });
         s.requests.push(req.clone());
         match req {
             Request::Status => vec![s.status.to_line().expect("a response serializes")],
+            Request::Info => vec![s.info.to_line().expect("a response serializes")],
             Request::Programmed => vec![
                 Response::Programmed {
                     synced: s.synced,
@@ -154,6 +183,9 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>) {
         }
         // Streamed, not one write.
         std::thread::sleep(Duration::from_millis(20));
+    }
+    while hold && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -288,7 +320,7 @@ fn status_reports_readiness_sync_and_programmed_objects() -> Result<()> {
     ] {
         ensure!(lines.contains(&want), "no {want:?}: {out}");
     }
-    ensure!(agent.requests()? == [Request::Status, Request::Programmed]);
+    ensure!(agent.requests()? == [Request::Status, Request::Programmed, Request::Info]);
 
     let out = run(&["status", "--socket", &sock, "-o", "json"])?;
     ensure!(out.code == 0, "{out}");
@@ -322,11 +354,119 @@ fn status_reports_readiness_sync_and_programmed_objects() -> Result<()> {
     );
 
     // Nobody listening.
+    // Nobody listening: 3, not the 1 of an agent that answers "not ready".
     let out = run(&["status", "--socket", &nobody_listens(&agent)])?;
     ensure!(
-        out.code == 1 && out.stdout.contains("ready: no (cannot connect"),
+        out.code == 3 && out.stdout.contains("ready: no (cannot connect"),
         "{out}"
     );
+    Ok(())
+}
+
+#[test]
+fn status_says_standalone_needs_no_sync_and_an_unsynced_cluster_is_not_ready() -> Result<()> {
+    let agent = FakeAgent::start()?;
+    let sock = agent.socket();
+    agent.with(|s| {
+        s.synced = false;
+        s.info = Response::Info {
+            mode: sluice_proto::AgentMode::Standalone,
+            node: None,
+            synced: false,
+        };
+    })?;
+    let out = run(&["status", "--socket", &sock])?;
+    ensure!(out.code == 0, "{out}");
+    for want in [
+        "ready: yes",
+        "mode: standalone (no API server: policy only through SetPolicy)",
+        "synced: n/a (standalone: no API server, nothing to sync)",
+    ] {
+        ensure!(out.stdout.lines().any(|l| l == want), "no {want:?}: {out}");
+    }
+    ensure!(agent.requests()? == [Request::Status, Request::Programmed, Request::Info]);
+    let out = run(&["status", "--socket", &sock, "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out.stdout).with_context(|| out.to_string())?;
+    ensure!(
+        out.code == 0 && v["ready"] == true && v["info"]["mode"] == "standalone",
+        "{out}"
+    );
+
+    // Cluster mode, still listing: the agent answers, so 1, and it says why.
+    agent.with(|s| {
+        s.info = Response::Info {
+            mode: sluice_proto::AgentMode::Cluster,
+            node: Some("node-7".into()),
+            synced: false,
+        };
+    })?;
+    let out = run(&["status", "--socket", &sock])?;
+    ensure!(out.code == 1, "{out}");
+    for want in [
+        "ready: no (not synced with the API server yet)",
+        "mode: cluster (node node-7)",
+        "synced: no (not every kind listed and programmed yet)",
+    ] {
+        ensure!(out.stdout.lines().any(|l| l == want), "no {want:?}: {out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_streams() -> Result<()> {
+    let agent = FakeAgent::start()?;
+    let sock = agent.socket();
+    let (first, second) = (records()[0].clone(), records()[1].clone());
+    agent.with(|s| {
+        s.records = vec![first];
+        s.hold_stream = true;
+    })?;
+    let child = spawn(&["observe", "--socket", &sock])?;
+    let observed = |a: &FakeAgent| {
+        a.requests()
+            .is_ok_and(|r| r.iter().any(|q| matches!(q, Request::Observe { .. })))
+    };
+    ensure!(sluice_tests::eventually(Duration::from_secs(5), || {
+        observed(&agent)
+    }));
+    std::thread::sleep(Duration::from_millis(100));
+
+    // The agent dies: its stream ends and its socket refuses for a while.
+    let dir = agent.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = FakeAgent::start_in(dir)?;
+    restarted.with(|s| {
+        s.records = vec![second];
+        s.hold_stream = true;
+    })?;
+    ensure!(sluice_tests::eventually(Duration::from_secs(10), || {
+        observed(&restarted)
+    }));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut child = child;
+    ensure!(
+        child.try_wait()?.is_none(),
+        "observe ended when the agent went away"
+    );
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    ensure!(killed.success(), "kill -INT failed");
+    let out = finish(child, Duration::from_secs(5))?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    ensure!(lines.len() == 2, "{out}");
+    ensure!(
+        lines[0].contains("TCP 34567->80") && lines[1].contains("UDP 5353->53"),
+        "{out}"
+    );
+    for want in [
+        "lost the agent (the agent closed the stream); reconnecting",
+        "agent unreachable (cannot connect",
+        "reconnected to the agent",
+    ] {
+        ensure!(out.stderr.contains(want), "stderr lacks {want:?}: {out}");
+    }
     Ok(())
 }
 
@@ -490,6 +630,7 @@ fn observe_sends_the_filter_and_prints_each_streamed_record() -> Result<()> {
         "dropped",
         "--direction",
         "ingress",
+        "--no-reconnect",
         "--socket",
         &sock,
     ];
@@ -533,7 +674,14 @@ fn observe_sends_the_filter_and_prints_each_streamed_record() -> Result<()> {
     ensure!(got == records(), "{out}");
 
     // Another filter: the fake agent refuses it, the CLI says so.
-    let out = run(&["observe", "--direction", "egress", "--socket", &sock])?;
+    let out = run(&[
+        "observe",
+        "--direction",
+        "egress",
+        "--no-reconnect",
+        "--socket",
+        &sock,
+    ])?;
     ensure!(
         out.code == 1 && out.stdout.is_empty() && out.stderr.contains("unexpected filter"),
         "{out}"

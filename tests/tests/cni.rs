@@ -296,11 +296,28 @@ impl World {
             "dataDir": self.data.0,
             "agentSocket": self.agent.socket(),
             "agentTimeoutMs": 2000,
+            "deleteQueueDir": self.queue_dir(),
         });
         if !self.ranges.is_empty() {
             c["ranges"] = json!(self.ranges);
         }
         c
+    }
+
+    /// Where DEL queues removals the agent could not take.
+    fn queue_dir(&self) -> PathBuf {
+        self.data.0.join("delete-queue")
+    }
+
+    /// Files in the deletion queue (none when it does not exist).
+    fn queued(&self) -> Result<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        if let Ok(d) = std::fs::read_dir(self.queue_dir()) {
+            for e in d {
+                out.insert(e?.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// Runs the plugin inside the node namespace, with exactly `env` (plus
@@ -400,6 +417,11 @@ impl World {
             self.agent.endpoints().is_empty(),
             "endpoints left: {:?}",
             self.agent.endpoints().keys()
+        );
+        ensure!(
+            self.queued()?.is_empty(),
+            "queued removals left: {:?}",
+            self.queued()?
         );
         Ok(())
     }
@@ -859,6 +881,60 @@ fn results_follow_the_negotiated_cni_version() -> Result<()> {
         .expect_silent_success()?;
     w.del_twice(&pod, Some(&r))?;
 
+    // 1.0.0, as the shipped conflist says (containerd 1.6/1.7): only what
+    // a 1.0.0 parser knows, and the error objects in 1.0.0 too.
+    let pod = Pod::new()?;
+    let mut conf = w.config();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["cniVersions"] = json!(["1.0.0", "1.1.0"]);
+    let r = w.add(&pod, &conf)?;
+    ensure!(r["cniVersion"] == "1.0.0", "{r}");
+    let keys = |v: &Value| -> BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let allowed = |v: &Value, ok: &[&str]| keys(v).iter().all(|k| ok.contains(&k.as_str()));
+    ensure!(
+        allowed(&r, &["cniVersion", "interfaces", "ips", "routes", "dns"]),
+        "{r}"
+    );
+    for (list, ok) in [
+        ("interfaces", &["name", "mac", "sandbox"][..]),
+        ("ips", &["address", "gateway", "interface"]),
+        ("routes", &["dst", "gw"]),
+    ] {
+        for item in r[list].as_array().into_iter().flatten() {
+            ensure!(allowed(item, ok), "{list}: {item}");
+        }
+    }
+    ensure!(r["ips"].as_array().map(Vec::len) == Some(2), "{r}");
+    let mut checked = conf.clone();
+    checked["prevResult"] = r.clone();
+    w.verb("CHECK", &pod.id, &pod.path(), &checked)?
+        .expect_silent_success()?;
+    let e = w
+        .verb("ADD", &pod.id, &pod.path(), &conf)?
+        .expect_error(999)?;
+    ensure!(e["cniVersion"] == "1.0.0", "{e}");
+    w.del_twice(&pod, Some(&r))?;
+
+    // 1.1.0, as containerd 2.x and CRI-O pick from cniVersions.
+    let pod = Pod::new()?;
+    let mut conf = w.config();
+    if let Some(o) = conf.as_object_mut() {
+        o.remove("cniVersion");
+    }
+    conf["cniVersions"] = json!(["1.0.0", "1.1.0"]);
+    let r = w.add(&pod, &conf)?;
+    ensure!(r["cniVersion"] == "1.1.0", "{r}");
+    ensure!(r["interfaces"][0]["mtu"].is_u64(), "{r}");
+    ensure!(
+        r["routes"].as_array().map(Vec::len) == Some(3),
+        "scope-link route: {r}"
+    );
+    w.del_twice(&pod, Some(&r))?;
+
     // No cniVersion: the highest supported entry of cniVersions.
     let pod = Pod::new()?;
     let mut conf = w.config();
@@ -1084,7 +1160,51 @@ fn an_agent_that_is_unreachable_not_ready_or_silent_fails_add_with_11_and_rolls_
 }
 
 #[test]
-fn del_keeps_the_addresses_while_the_agent_is_unreachable_and_the_retry_cleans_up() -> Result<()> {
+fn del_succeeds_with_the_agent_unreachable_queues_the_removal_and_keeps_the_addresses() -> Result<()>
+{
+    let w = World::new(&[V4_RANGE])?;
+    let pod = Pod::new()?;
+    let r = w.add(&pod, &w.config())?;
+    let ip = result_ip(&r, false)?;
+    let entry = format!("{}@eth0.json", pod.id);
+    let mut away = w.config();
+    away["agentSocket"] = json!(w.data.0.join("nobody-listens.sock"));
+    // containerd's pair of DELs, both while the agent is away: 0 each.
+    w.verb("DEL", &pod.id, &pod.path(), &away)?
+        .expect_silent_success()?;
+    w.verb("DEL", &pod.id, "", &away)?.expect_silent_success()?;
+    // Disconnected already, but the address stays reserved until the agent
+    // has forgotten the endpoint; the removal waits in the queue.
+    ensure!(w.host_veths()?.is_empty());
+    ensure!(pod.ns.veths()?.is_empty());
+    ensure!(w.ip_files()? == BTreeSet::from([ip]));
+    ensure!(
+        w.queued()? == BTreeSet::from([entry.clone()]),
+        "{:?}",
+        w.queued()?
+    );
+    let queued: Value = serde_json::from_slice(&std::fs::read(w.queue_dir().join(&entry))?)?;
+    ensure!(
+        queued["attachment"] == json!({"container_id": pod.id, "ifname": "eth0"})
+            && queued["ips"] == json!([ip.to_string()])
+            && queued["network"] == NETWORK
+            && queued["pod_name"] == "web-0",
+        "{queued}"
+    );
+    // An ADD meanwhile does not get the held address.
+    let other = Pod::new()?;
+    let ro = w.add(&other, &w.config())?;
+    ensure!(result_ip(&ro, false)? != ip);
+    w.del_twice(&other, Some(&ro))?;
+
+    // A later DEL that reaches the agent finishes it: forgotten, released,
+    // dequeued.
+    w.del_twice(&pod, None)?;
+    w.assert_clean()
+}
+
+#[test]
+fn addresses_of_a_removal_the_agent_finished_are_released_by_the_next_run() -> Result<()> {
     let w = World::new(&[V4_RANGE])?;
     let pod = Pod::new()?;
     let r = w.add(&pod, &w.config())?;
@@ -1092,12 +1212,24 @@ fn del_keeps_the_addresses_while_the_agent_is_unreachable_and_the_retry_cleans_u
     let mut away = w.config();
     away["agentSocket"] = json!(w.data.0.join("nobody-listens.sock"));
     w.verb("DEL", &pod.id, &pod.path(), &away)?
-        .expect_error(11)?;
-    // Disconnected already, but the address stays reserved until the agent
-    // has forgotten the endpoint.
-    ensure!(w.host_veths()?.is_empty());
+        .expect_silent_success()?;
+    // What the agent does when it drains the queue: forget, then mark done.
+    // (The real agent does it in tests/tests/cni_queue.rs.)
+    w.agent
+        .state
+        .lock()
+        .expect("a fake agent handler panicked")
+        .endpoints
+        .remove(&pod.attachment());
+    let base = w.queue_dir().join(format!("{}@eth0", pod.id));
+    std::fs::rename(base.with_extension("json"), base.with_extension("done"))?;
     ensure!(w.ip_files()? == BTreeSet::from([ip]));
-    w.del_twice(&pod, None)?;
+    // Any ADD, DEL or GC of the network releases it.
+    let other = Pod::new()?;
+    let ro = w.add(&other, &w.config())?;
+    ensure!(!w.ip_files()?.contains(&ip), "{:?}", w.ip_files()?);
+    ensure!(w.queued()?.is_empty(), "{:?}", w.queued()?);
+    w.del_twice(&other, Some(&ro))?;
     w.assert_clean()
 }
 
@@ -1501,4 +1633,86 @@ fn the_fake_agent_speaks_the_protocol() -> Result<()> {
     ensure!(serde_json::from_str::<Response>(line.trim_end())? == Response::Ok);
     ensure!(Path::new(&agent.socket()).exists());
     Ok(())
+}
+
+/// What containerd and CRI-O pass that the other tests do not: the full
+/// CNI_ARGS, a netns under /var/run/netns/cni-<uuid>, `runtimeConfig` and
+/// `capabilities` (the plugin declares none: ignored, and said so), a
+/// prevResult on DEL, and DEL after the runtime removed the netns.
+#[test]
+fn what_a_container_runtime_passes_is_handled_or_explicitly_ignored() -> Result<()> {
+    let w = World::new(&[V4_RANGE, V6_RANGE])?;
+    // containerd names sandboxes' namespaces cni-<uuid> and passes the
+    // path under /var/run (a symlink to /run).
+    let ns = NetNs::new("cni-")?;
+    let netns = format!("/var/run/netns/{}", ns.name);
+    let id = format!("ctr{}", unique("").replace('-', "x"));
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-5d78c9869d-x7x2q;\
+         K8S_POD_INFRA_CONTAINER_ID={id};K8S_POD_UID=0c9d8a3e-7f61-4a0b-9d1e-2b3c4d5e6f70"
+    );
+    let env = |verb: &'static str, netns: &str| -> Vec<(String, String)> {
+        [
+            ("CNI_COMMAND", verb),
+            ("CNI_CONTAINERID", &id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", &args),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let run = |verb: &'static str, netns: &str, conf: &Value| {
+        let e = env(verb, netns);
+        let refs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        w.run(&refs, &conf.to_string())
+    };
+    let mut conf = w.config();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["runtimeConfig"] = json!({
+        "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
+        "bandwidth": {"ingressRate": 1000000, "ingressBurst": 100000},
+    });
+    conf["capabilities"] = json!({"portMappings": true});
+
+    let out = run("ADD", &netns, &conf)?;
+    ensure!(out.code == 0, "ADD: {} / {}", out.stdout, out.stderr);
+    ensure!(
+        out.stderr.contains(
+            "ignoring runtimeConfig.bandwidth, runtimeConfig.portMappings, capabilities.portMappings"
+        ),
+        "{}",
+        out.stderr
+    );
+    let r = out.json()?;
+    ensure!(r["interfaces"][1]["sandbox"] == netns.as_str(), "{r}");
+    // The pod's identity reached the agent; the sandbox id and UID did not
+    // change the attachment.
+    let eps = w.agent.endpoints();
+    let spec = eps
+        .get(&Attachment {
+            container_id: id.clone(),
+            ifname: "eth0".into(),
+        })
+        .context("endpoint registered")?;
+    ensure!(
+        spec.pod_namespace.as_deref() == Some("kube-system")
+            && spec.pod_name.as_deref() == Some("coredns-5d78c9869d-x7x2q")
+            && spec.netns == netns,
+        "{spec:?}"
+    );
+    ensure!(ping(&ns, NODE_V4.parse()?), "the pod reaches the node");
+
+    // CHECK and DEL with the cached result as prevResult (as containerd
+    // sends them), the runtimeConfig still there.
+    conf["prevResult"] = r;
+    run("CHECK", &netns, &conf)?.expect_silent_success()?;
+    // The runtime removed the namespace before DEL (a stopped sandbox):
+    // the veth went with it, DEL still succeeds and releases everything.
+    drop(ns);
+    run("DEL", &netns, &conf)?.expect_silent_success()?;
+    run("DEL", "", &w.config())?.expect_silent_success()?;
+    w.assert_clean()
 }

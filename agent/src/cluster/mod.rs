@@ -136,6 +136,11 @@ impl Cluster {
         }
     }
 
+    /// The Node this agent serves.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
     /// Pods, Namespaces, NetworkPolicies, Services and
     /// ClusterNetworkPolicies have each been listed.
     pub fn is_synced(&self) -> bool {

@@ -87,6 +87,24 @@ pub const DEFAULT_MAX_ENTRIES_PER_ENDPOINT: usize = 65_536;
 /// Address -> the local pod that has it, as drop events are enriched.
 pub type PodsByIp = Arc<HashMap<IpAddr, ObjectRef>>;
 
+/// One line per endpoint added or deleted, with the same fields both
+/// times: the pod, the attachment (container id and the pod's interface
+/// name), the host end of the veth and the addresses.
+fn log_endpoint(ep: &Endpoint, what: &'static str) {
+    let s = &ep.spec;
+    info!(
+        pod_namespace = %s.pod_namespace.as_deref().unwrap_or("-"),
+        pod_name = %s.pod_name.as_deref().unwrap_or("-"),
+        container_id = %s.attachment.container_id,
+        pod_ifname = %s.attachment.ifname,
+        host_ifname = %s.host_ifname,
+        ipv4 = ?s.ipv4,
+        ipv6 = ?s.ipv6,
+        ep_id = %ep.ep_id,
+        "{what}"
+    );
+}
+
 /// The endpoints of this node.
 pub struct Endpoints {
     registry: Registry,
@@ -126,10 +144,13 @@ impl Endpoints {
                 let programmed = eps.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
                 dp.writer.refresh_masks(&ep.record(), &programmed)?;
                 dp.programs.attach(&s.host_ifname)?;
-                info!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, ep_id = %ep.ep_id, "endpoint re-attached");
+                log_endpoint(&ep, "endpoint re-attached");
             } else {
-                warn!(container_id = %s.attachment.container_id, ifname = %s.host_ifname, "interface gone while the agent was down; forgetting endpoint");
                 eps.forget(dp, &ep)?;
+                log_endpoint(
+                    &ep,
+                    "interface gone while the agent was down; endpoint forgotten",
+                );
             }
         }
         eps.publish();
@@ -199,8 +220,7 @@ impl Endpoints {
             return Err(e);
         }
         self.publish();
-        info!(container_id = %ep.spec.attachment.container_id, ifname = %ep.spec.host_ifname,
-            ep_id = %ep.ep_id, ipv4 = ?ep.spec.ipv4, ipv6 = ?ep.spec.ipv6, "endpoint added");
+        log_endpoint(&ep, "endpoint added");
         Ok(ep)
     }
 
@@ -225,7 +245,7 @@ impl Endpoints {
     pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<()> {
         if let Some(ep) = self.registry.get(a).cloned() {
             self.forget(dp, &ep)?;
-            info!(container_id = %a.container_id, ifname = %a.ifname, ep_id = %ep.ep_id, "endpoint deleted");
+            log_endpoint(&ep, "endpoint deleted");
         }
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! - A periodic tick retries what failed (a route, an uplink attach, a
 //!   programming pass) without waiting for the next watch event.
 mod network;
+mod queue;
 pub mod routes;
 
 use std::{
@@ -292,6 +293,22 @@ impl Reconciler {
         .await
     }
 
+    /// Standalone or cluster mode, the Node served, and whether the
+    /// cluster is synced.
+    pub async fn info(&self) -> Result<(sluice_proto::AgentMode, Option<String>, bool)> {
+        self.with(|st| {
+            Ok(match st.cluster.as_ref() {
+                None => (sluice_proto::AgentMode::Standalone, None, false),
+                Some(c) => (
+                    sluice_proto::AgentMode::Cluster,
+                    Some(c.node_name().to_owned()),
+                    c.is_synced() && c.programmed_any(),
+                ),
+            })
+        })
+        .await
+    }
+
     pub async fn pod_cidrs(&self) -> Result<Vec<String>> {
         self.with(|st| {
             Ok(st
@@ -410,7 +427,7 @@ impl Reconciler {
                 })
                 .await
                 .unwrap_or_default();
-            ready.set(synced);
+            ready.set_synced(synced);
             net.sync(&desired, &self).await;
         }
     }

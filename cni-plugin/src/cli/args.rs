@@ -23,9 +23,10 @@ pub struct Cli {
 
 #[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Is the agent ready, has it synced the cluster, and which objects are
-    /// programmed (KIND NAMESPACE/NAME RESOURCEVERSION); exit 0 if ready, 1
-    /// if not.
+    /// Is the agent ready, how it runs (standalone or cluster), has it
+    /// synced the cluster, and which objects are programmed (KIND
+    /// NAMESPACE/NAME RESOURCEVERSION); exit 0 if ready, 1 if it answers
+    /// but is not ready (cluster mode: not synced), 3 if it does not answer.
     Status(StatusArgs),
     /// Until every object named is programmed at resourceVersion RV or later
     /// (any version without @RV), or is gone (--gone, once the agent has
@@ -83,6 +84,9 @@ pub struct ObserveArgs {
     pub direction: Option<Direction>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Exit (0) when the agent closes the stream instead of reconnecting.
+    #[arg(long)]
+    pub no_reconnect: bool,
     #[command(flatten)]
     pub socket: Socket,
 }
@@ -487,6 +491,7 @@ mod tests {
                 verdict: None,
                 direction: None,
                 format: Format::Text,
+                no_reconnect: false,
                 socket: default_socket(),
             })
         );

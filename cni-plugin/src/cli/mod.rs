@@ -2,8 +2,9 @@
 //! client of the node agent, when CNI_COMMAND is not set.
 //!
 //! Parsing (`args`) and rendering (`show`) are pure; this module only talks
-//! to the agent and prints. Exit status: 0 success, 1 not ready / timed out
-//! / the agent failed, 2 usage.
+//! to the agent and prints. Exit status: 0 success (`status`: ready), 1 not
+//! ready / timed out / the agent failed, 2 usage, 3 (`status`) the agent
+//! did not answer at all.
 pub mod args;
 pub mod show;
 
@@ -43,7 +44,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             gone,
             timeout,
         }) => wait(&socket.path, &targets, gone, timeout),
-        Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format),
+        Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format, !a.no_reconnect),
     })
 }
 
@@ -82,13 +83,14 @@ fn status(socket: &Path, format: Format) -> u8 {
     let agent = Agent::new(socket, REQUEST_TIMEOUT);
     let st = ask(&agent, &Request::Status);
     let programmed = ask(&agent, &Request::Programmed);
+    let info = ask(&agent, &Request::Info);
     let text = match format {
-        Format::Text => show::status_text(&st, &programmed),
-        Format::Json => format!("{}\n", show::status_json(&st, &programmed)),
+        Format::Text => show::status_text(&st, &programmed, &info),
+        Format::Json => format!("{}\n", show::status_json(&st, &programmed, &info)),
     };
     // A closed stdout changes nothing about readiness.
     let _printed = print(&text).is_ok();
-    if show::is_ready(&st) { OK } else { FAILED }
+    show::verdict(&st, &info).exit_code()
 }
 
 fn wait(socket: &Path, targets: &[Target], gone: bool, timeout: Duration) -> u8 {
@@ -160,22 +162,68 @@ fn clock_now() -> Clock {
     Clock { mono_ns, unix_ns }
 }
 
-fn observe(socket: &Path, filter: ObserveFilter, format: Format) -> u8 {
+/// How one observe stream ended.
+enum Ended {
+    /// Stop with this exit status.
+    Exit(u8),
+    /// The agent went away (restart, crash): reconnect.
+    Lost(String),
+}
+
+/// First delay before reconnecting, doubled up to `RECONNECT_MAX`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Streams drops until interrupted. When the agent goes away (it closed
+/// the stream, or the connection broke) it reconnects, with backoff and
+/// saying so on stderr; drops while it was away are not shown.
+/// `--no-reconnect` ends with 0 then instead. The first connection failing
+/// is exit 1: most likely the wrong socket.
+fn observe(socket: &Path, filter: ObserveFilter, format: Format, reconnect: bool) -> u8 {
     let agent = Agent::new(socket, REQUEST_TIMEOUT);
-    let reader = match agent.stream(&Request::Observe { filter }) {
+    let req = Request::Observe { filter };
+    let mut reader = match agent.stream(&req) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice: {}", explain(&e));
             return FAILED;
         }
     };
+    loop {
+        let why = match follow(reader, format) {
+            Ended::Exit(code) => return code,
+            Ended::Lost(_) if !reconnect => return OK,
+            Ended::Lost(why) => why,
+        };
+        eprintln!("sluice: lost the agent ({why}); reconnecting");
+        let mut delay = RECONNECT_FIRST;
+        reader = loop {
+            std::thread::sleep(delay);
+            match agent.stream(&req) {
+                Ok(r) => {
+                    eprintln!(
+                        "sluice: reconnected to the agent (drops while it was away are not shown)"
+                    );
+                    break r;
+                }
+                Err(e) => {
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                    eprintln!(
+                        "sluice: agent unreachable ({}); retrying in {}",
+                        explain(&e),
+                        show_duration(delay)
+                    );
+                }
+            }
+        };
+    }
+}
+
+fn follow(reader: std::io::BufReader<std::os::unix::net::UnixStream>, format: Format) -> Ended {
     for line in reader.lines() {
         let line = match line {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("sluice: reading from the agent: {e}");
-                return FAILED;
-            }
+            Err(e) => return Ended::Lost(format!("reading from the agent: {e}")),
         };
         if line.trim().is_empty() {
             continue;
@@ -183,7 +231,7 @@ fn observe(socket: &Path, filter: ObserveFilter, format: Format) -> u8 {
         let value: Option<Value> = serde_json::from_str(&line).ok();
         if let Some(e) = value.as_ref().and_then(show::stream_error) {
             eprintln!("sluice: {e}");
-            return FAILED;
+            return Ended::Exit(FAILED);
         }
         let text = match format {
             Format::Json => Some(line.clone()),
@@ -196,11 +244,11 @@ fn observe(socket: &Path, filter: ObserveFilter, format: Format) -> u8 {
                 t.push('\n');
                 if print(&t).is_err() {
                     // Nobody reads any more (`| head`): done.
-                    return OK;
+                    return Ended::Exit(OK);
                 }
             }
             None => eprintln!("sluice: not a record: {line}"),
         }
     }
-    OK
+    Ended::Lost("the agent closed the stream".into())
 }

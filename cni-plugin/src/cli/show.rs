@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sluice_proto::Response;
+use sluice_proto::{AgentMode, Response};
 
 use super::args::Target;
 
@@ -14,6 +14,73 @@ pub type Answer = Result<Response, String>;
 /// Ready means the agent answered `Status` with anything but an error.
 pub fn is_ready(status: &Answer) -> bool {
     matches!(status, Ok(r) if !matches!(r, Response::Error { .. }))
+}
+
+/// What `sluice status` concludes, and its exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Exit 0: the agent takes endpoints (standalone: it answers; cluster
+    /// mode: it has also listed and programmed every kind).
+    Ready,
+    /// Exit 1: the agent answered, and is not ready (refused, or in
+    /// cluster mode not synced yet).
+    NotReady,
+    /// Exit 3: no answer at all (not running, wrong socket, hung).
+    Unreachable,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Ready => 0,
+            Self::NotReady => 1,
+            Self::Unreachable => 3,
+        }
+    }
+}
+
+pub fn verdict(status: &Answer, info: &Answer) -> Verdict {
+    match (status, info) {
+        (Err(_), _) => Verdict::Unreachable,
+        (Ok(Response::Error { .. }), _) => Verdict::NotReady,
+        (
+            Ok(_),
+            Ok(Response::Info {
+                mode: AgentMode::Cluster,
+                synced: false,
+                ..
+            }),
+        ) => Verdict::NotReady,
+        // Standalone, synced, or an agent too old to say: its word.
+        (Ok(_), _) => Verdict::Ready,
+    }
+}
+
+/// The `mode:` line and, standalone, what stands in for `synced:`.
+fn mode_lines(info: &Answer) -> (String, Option<String>) {
+    match info {
+        Ok(Response::Info {
+            mode: AgentMode::Standalone,
+            ..
+        }) => (
+            "mode: standalone (no API server: policy only through SetPolicy)".into(),
+            Some("synced: n/a (standalone: no API server, nothing to sync)".into()),
+        ),
+        Ok(Response::Info {
+            mode: AgentMode::Cluster,
+            node,
+            ..
+        }) => (
+            format!("mode: cluster (node {})", node.as_deref().unwrap_or("?")),
+            None,
+        ),
+        Ok(Response::Error { code, msg, details }) => (
+            format!("mode: unknown ({})", agent_error(*code, msg, details)),
+            None,
+        ),
+        Ok(other) => (format!("mode: unknown (unexpected answer {other:?})"), None),
+        Err(e) => (format!("mode: unknown ({e})"), None),
+    }
 }
 
 fn agent_error(code: u32, msg: &str, details: &str) -> String {
@@ -32,18 +99,26 @@ pub fn object_line(key: &str, rv: &str) -> String {
     }
 }
 
-pub fn status_text(status: &Answer, programmed: &Answer) -> String {
-    let ready = match status {
-        Ok(Response::Error { code, msg, details }) => {
+pub fn status_text(status: &Answer, programmed: &Answer, info: &Answer) -> String {
+    let ready = match (status, verdict(status, info)) {
+        (Ok(Response::Error { code, msg, details }), _) => {
             format!("no ({})", agent_error(*code, msg, details))
         }
-        Ok(_) => "yes".into(),
-        Err(e) => format!("no ({e})"),
+        (Err(e), _) => format!("no ({e})"),
+        (_, Verdict::NotReady) => "no (not synced with the API server yet)".into(),
+        _ => "yes".into(),
     };
-    let mut lines = vec![format!("ready: {ready}")];
+    let (mode, standalone_sync) = mode_lines(info);
+    let mut lines = vec![format!("ready: {ready}"), mode];
     match programmed {
         Ok(Response::Programmed { synced, objects }) => {
-            lines.push(format!("synced: {}", if *synced { "yes" } else { "no" }));
+            lines.push(standalone_sync.unwrap_or_else(|| {
+                if *synced {
+                    "synced: yes".into()
+                } else {
+                    "synced: no (not every kind listed and programmed yet)".into()
+                }
+            }));
             lines.push(format!("programmed objects: {}", objects.len()));
             lines.extend(objects.iter().map(|(key, rv)| object_line(key, rv)));
         }
@@ -63,15 +138,16 @@ pub fn status_text(status: &Answer, programmed: &Answer) -> String {
 
 /// `-o json`: both raw answers, `null` where the agent did not answer (the
 /// reason in `error`).
-pub fn status_json(status: &Answer, programmed: &Answer) -> Value {
+pub fn status_json(status: &Answer, programmed: &Answer, info: &Answer) -> Value {
     let raw = |a: &Answer| match a {
         Ok(r) => serde_json::to_value(r).unwrap_or(Value::Null),
         Err(_) => Value::Null,
     };
     let mut v = json!({
-        "ready": is_ready(status),
+        "ready": verdict(status, info) == Verdict::Ready,
         "status": raw(status),
         "programmed": raw(programmed),
+        "info": raw(info),
     });
     let errors: Vec<&String> = [status, programmed]
         .into_iter()
@@ -169,6 +245,9 @@ struct Record {
     dst: Option<String>,
     src_port: Option<u16>,
     dst_port: Option<u16>,
+    icmp_type: Option<u8>,
+    icmp_code: Option<u8>,
+    icmp_id: Option<u16>,
     src_namespace: Option<String>,
     src_pod: Option<String>,
     dst_namespace: Option<String>,
@@ -217,9 +296,15 @@ pub fn observe_line(v: &Value, clock: Clock) -> Option<String> {
     let time = r
         .ktime_ns
         .map_or_else(|| "-".to_string(), |t| wall_time(t, clock));
-    let ports = match (r.src_port.unwrap_or(0), r.dst_port.unwrap_or(0)) {
-        (0, 0) => "-".to_string(),
-        (s, d) => format!("{s}->{d}"),
+    let v6 = r.protocol.as_deref() == Some("ICMPv6");
+    let ports = match (
+        r.icmp_type,
+        r.src_port.unwrap_or(0),
+        r.dst_port.unwrap_or(0),
+    ) {
+        (Some(t), _, _) => icmp_text(v6, t, r.icmp_code.unwrap_or(0), r.icmp_id),
+        (None, 0, 0) => "-".to_string(),
+        (None, s, d) => format!("{s}->{d}"),
     };
     let dash = |s: Option<String>| s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into());
     Some(format!(
@@ -239,6 +324,35 @@ pub fn observe_line(v: &Value, clock: Clock) -> Option<String> {
         dash(r.protocol),
         dash(r.reason),
     ))
+}
+
+/// `echo-request id=45`, `dest-unreachable(3/1)`: the ICMP (`v6`: ICMPv6)
+/// type by name where it has a common one, type/code in numbers otherwise
+/// and whenever the code is not 0.
+pub fn icmp_text(v6: bool, t: u8, code: u8, id: Option<u16>) -> String {
+    let name = match (v6, t) {
+        (false, 0) | (true, 129) => Some("echo-reply"),
+        (false, 8) | (true, 128) => Some("echo-request"),
+        (false, 3) | (true, 1) => Some("dest-unreachable"),
+        (false, 11) | (true, 3) => Some("time-exceeded"),
+        (false, 12) | (true, 4) => Some("parameter-problem"),
+        (false, 5) => Some("redirect"),
+        (true, 2) => Some("packet-too-big"),
+        (true, 133) => Some("router-solicitation"),
+        (true, 134) => Some("router-advertisement"),
+        (true, 135) => Some("neighbor-solicitation"),
+        (true, 136) => Some("neighbor-advertisement"),
+        _ => None,
+    };
+    let mut s = match name {
+        Some(n) if code == 0 => n.to_string(),
+        Some(n) => format!("{n}({t}/{code})"),
+        None => format!("type={t}/code={code}"),
+    };
+    if let Some(id) = id {
+        s.push_str(&format!(" id={id}"));
+    }
+    s
 }
 
 /// An `Error` response in the stream (the agent refused the request).
@@ -266,36 +380,82 @@ mod tests {
         }
     }
 
+    fn info(mode: AgentMode, synced: bool) -> Answer {
+        Ok(Response::Info {
+            mode,
+            node: (mode == AgentMode::Cluster).then(|| "node-1".into()),
+            synced,
+        })
+    }
+
     #[test]
-    fn status_lists_readiness_sync_and_objects() {
+    fn status_lists_readiness_mode_sync_and_objects() {
         let programmed = Ok(Response::Programmed {
             synced: true,
             objects: objects(&[("NetworkPolicy/x/allow-a", "42"), ("Namespace/x", "7")]),
         });
-        let text = status_text(&Ok(Response::Ok), &programmed);
+        let cluster = info(AgentMode::Cluster, true);
+        let text = status_text(&Ok(Response::Ok), &programmed, &cluster);
         assert_eq!(
             text,
-            "ready: yes\nsynced: yes\nprogrammed objects: 2\nNamespace x 7\nNetworkPolicy x/allow-a 42\n"
+            "ready: yes\nmode: cluster (node node-1)\nsynced: yes\nprogrammed objects: 2\nNamespace x 7\nNetworkPolicy x/allow-a 42\n"
         );
         assert!(is_ready(&Ok(Response::Ok)));
+        assert_eq!(verdict(&Ok(Response::Ok), &cluster), Verdict::Ready);
 
         let refused = Ok(Response::error(50, "permission denied", "uid 1000"));
-        let text = status_text(&refused, &Err("cannot connect".into()));
+        let text = status_text(
+            &refused,
+            &Err("cannot connect".into()),
+            &Err("cannot connect".into()),
+        );
         assert!(!is_ready(&refused));
         assert_eq!(
             text,
-            "ready: no (agent error 50: permission denied: uid 1000)\nsynced: unknown (cannot connect)\n"
+            "ready: no (agent error 50: permission denied: uid 1000)\nmode: unknown (cannot connect)\nsynced: unknown (cannot connect)\n"
         );
+        assert_eq!(verdict(&refused, &cluster).exit_code(), 1);
 
-        let v = status_json(&Err("gone".into()), &Err("gone".into()));
+        let gone: Answer = Err("gone".into());
+        let v = status_json(&gone, &gone, &gone);
         assert_eq!(
             v,
-            json!({"ready": false, "status": null, "programmed": null, "error": "gone"})
+            json!({"ready": false, "status": null, "programmed": null, "info": null, "error": "gone"})
         );
-        let v = status_json(&Ok(Response::Ok), &programmed);
+        assert_eq!(verdict(&gone, &gone).exit_code(), 3);
+        let v = status_json(&Ok(Response::Ok), &programmed, &cluster);
         assert_eq!(v["ready"], true);
         assert_eq!(v["status"], json!({"result": "ok"}));
+        assert_eq!(v["info"]["mode"], "cluster");
         assert_eq!(v["programmed"]["objects"]["Namespace/x"], "7");
+    }
+
+    #[test]
+    fn standalone_says_why_there_is_no_sync_and_an_unsynced_cluster_is_not_ready() {
+        let nothing = Ok(Response::Programmed {
+            synced: false,
+            objects: BTreeMap::new(),
+        });
+        let standalone = info(AgentMode::Standalone, false);
+        let text = status_text(&Ok(Response::Ok), &nothing, &standalone);
+        assert_eq!(
+            text,
+            "ready: yes\nmode: standalone (no API server: policy only through SetPolicy)\n\
+             synced: n/a (standalone: no API server, nothing to sync)\nprogrammed objects: 0\n"
+        );
+        assert_eq!(verdict(&Ok(Response::Ok), &standalone).exit_code(), 0);
+
+        let listing = info(AgentMode::Cluster, false);
+        let text = status_text(&Ok(Response::Ok), &nothing, &listing);
+        assert!(
+            text.starts_with("ready: no (not synced with the API server yet)\n"),
+            "{text}"
+        );
+        assert!(text.contains("synced: no (not every kind listed"), "{text}");
+        assert_eq!(verdict(&Ok(Response::Ok), &listing).exit_code(), 1);
+        // An agent that does not know Info: readiness as it says.
+        let old = Ok(Response::error(7, "request is not valid JSON", ""));
+        assert_eq!(verdict(&Ok(Response::Ok), &old), Verdict::Ready);
     }
 
     #[test]
@@ -393,6 +553,29 @@ mod tests {
         );
         assert_eq!(observe_line(&json!([1]), CLOCK), None);
         assert_eq!(observe_line(&json!({"src_port": "x"}), CLOCK), None);
+    }
+
+    #[test]
+    fn icmp_prints_type_code_and_echo_id_not_ports() {
+        let line = |v: Value| observe_line(&v, CLOCK).unwrap();
+        let rec = json!({"verdict": "DROPPED", "direction": "ingress", "protocol": "ICMP",
+            "src": "10.244.1.5", "dst": "10.244.1.9", "src_port": 0, "dst_port": 0,
+            "icmp_type": 8, "icmp_code": 0, "icmp_id": 45, "reason": "policy-denied"});
+        assert_eq!(
+            line(rec),
+            "- DROPPED ingress 10.244.1.5 -> 10.244.1.9 ICMP echo-request id=45 policy-denied"
+        );
+        let rec = json!({"protocol": "ICMPv6", "src": "fd00::5", "dst": "fd00::9",
+            "icmp_type": 129, "icmp_code": 0, "icmp_id": 7});
+        assert!(line(rec).contains("ICMPv6 echo-reply id=7"));
+        let rec = json!({"protocol": "ICMP", "icmp_type": 3, "icmp_code": 13});
+        assert!(line(rec).contains("ICMP dest-unreachable(3/13) -"));
+        let rec = json!({"protocol": "ICMPv6", "icmp_type": 200, "icmp_code": 1});
+        assert!(line(rec).contains("ICMPv6 type=200/code=1 -"));
+        // v4 type 0 is an echo reply, v6 type 1 unreachable: the family
+        // decides the name.
+        assert_eq!(icmp_text(true, 1, 0, None), "dest-unreachable");
+        assert_eq!(icmp_text(false, 1, 0, None), "type=1/code=0");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 
 use sluice_proto::{EndpointSpec, Request};
 
-use super::{families, open_store, split};
+use super::{families, open_store, queue, split};
 use crate::agent::Agent;
 use crate::config::{self, NetConf};
 use crate::env::AttachmentEnv;
@@ -52,7 +52,13 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
     let mut undo = Undo::new();
 
     // IPAM.
-    let ips = ipam::allocate(&mut open_store(conf)?, ranges, &att)?;
+    let ips = {
+        let mut store = open_store(conf)?;
+        // Removals the agent finished while it was away free their
+        // addresses first; those it has not finished stay taken.
+        queue::release_finished(conf, &mut store);
+        ipam::allocate(&mut store, ranges, &att)?
+    };
     undo.push("release addresses", || {
         ipam::release_owner(&mut open_store(conf)?, &att)?;
         Ok(())

@@ -18,7 +18,11 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         // Without the list, "everything not valid" would be everything.
         Error::InvalidConfig("GC needs cni.dev/valid-attachments".into())
     })?;
-    let stale = ipam::stale(&open_store(conf)?, valid)?;
+    let stale = {
+        let mut store = open_store(conf)?;
+        super::queue::release_finished(conf, &mut store);
+        ipam::stale(&store, valid)?
+    };
     let owners: BTreeSet<(String, String)> = stale
         .iter()
         .map(|(_, a)| (a.container_id.clone(), a.ifname.clone()))

@@ -4,6 +4,7 @@ mod add;
 mod check;
 mod del;
 mod gc;
+mod queue;
 mod status;
 
 use std::net::IpAddr;
@@ -40,6 +41,12 @@ pub fn run(
     let version = config::negotiate(&value)?;
     *served = version;
     let conf = config::from_value(value, version)?;
+    if !conf.ignored.is_empty() {
+        eprintln!(
+            "sluice: ignoring {} (this plugin declares no capabilities)",
+            conf.ignored.join(", ")
+        );
+    }
     match command {
         Command::Add => {
             let env = env::attachment(lookup, true)?;

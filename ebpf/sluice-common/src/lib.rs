@@ -430,9 +430,15 @@ pub struct DropEvent {
     pub dir: u8,
     pub reason: u8,
     pub pkt_len: u32,
+    /// ICMP/ICMPv6 type and code (0 for other protocols). For echo
+    /// request/reply `sport` and `dport` both hold the echo id.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: u16,
     /// The rule that decided the drop: a ClusterNetworkPolicy rule
     /// (`RULE_CNP_FLAG` set) for `ADMIN_DENIED` / `BASELINE_DENIED`, else 0.
     pub rule_id: u32,
+    pub _pad2: u32,
 }
 
 /// IP protocol numbers the data path knows.
@@ -587,7 +593,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CounterKey>(), 8);
-        assert_eq!(size_of::<DropEvent>(), 64);
+        assert_eq!(size_of::<DropEvent>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 16);
     }
 
@@ -619,7 +625,7 @@ mod tests {
             action::PASS << POLICY_ADMIN_ACTION_SHIFT & !POLICY_ADMIN_ACTION_MASK,
             0
         );
-        assert_eq!(core::mem::offset_of!(DropEvent, rule_id), 60);
+        assert_eq!(core::mem::offset_of!(DropEvent, rule_id), 64);
     }
 
     #[test]

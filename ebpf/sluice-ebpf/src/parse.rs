@@ -135,6 +135,7 @@ pub struct Packet {
     pub frag: u8,
     pub tcp_flags: u8,
     pub icmp_type: u8,
+    pub icmp_code: u8,
 }
 
 impl Packet {
@@ -151,6 +152,7 @@ impl Packet {
             frag: FRAG_NONE,
             tcp_flags: 0,
             icmp_type: 0,
+            icmp_code: 0,
         }
     }
 }
@@ -414,6 +416,7 @@ fn parse_l4<C: Skb>(ctx: &C, pkt: &mut Packet) -> Result<(), Malformed> {
             let mut buf = core::mem::MaybeUninit::uninit();
             let i: &[u8; 8] = header(ctx, pkt.l4_off, &mut buf)?;
             pkt.icmp_type = i[0];
+            pkt.icmp_code = i[1];
             if is_echo(pkt.proto, i[0]) {
                 let id = be16([i[4], i[5]]);
                 pkt.sport = id;

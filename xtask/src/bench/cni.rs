@@ -104,7 +104,7 @@ pub fn run(args: &Args) -> Result<()> {
         binary: sluice.binary.clone(),
         config: json!({"cniVersion": "1.1.0", "name": "sluice-stub", "type": "sluice",
             "ranges": [["10.81.0.0/16"]], "dataDir": stub_dir.0.join("ipam"),
-            "agentSocket": stub.path})
+            "agentSocket": stub.path, "deleteQueueDir": stub_dir.0.join("delete-queue")})
         .to_string(),
     };
     println!(

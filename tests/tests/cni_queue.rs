@@ -1,0 +1,184 @@
+//! DEL with the agent unreachable, on the real kernel with the real agent:
+//! the pod is disconnected at once and DEL returns 0; the endpoint's
+//! removal waits in the deletion queue with its addresses held; the agent
+//! finishes it (at start-up, or on its tick when it was only hung), and
+//! only then do the addresses go back to the pool. ADD with the agent down
+//! still fails with 11 and leaves nothing behind.
+//!
+//! Run (root): `cargo build --bins && cargo test -p sluice-tests --test cni_queue`
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use sluice_tests::{NetNs, Node, Pod, cni_env, conflist_config, eventually};
+
+const V4: &str = "10.77.0.0/24";
+const V6: &str = "fd00:77::/120";
+
+/// Names in a directory (none when it does not exist).
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Addresses the plugin's IPAM holds.
+fn held(node: &Node) -> BTreeSet<IpAddr> {
+    names(&node.ipam_dir().join("sluice-test"))
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+fn pod_ips(pod: &Pod) -> BTreeSet<IpAddr> {
+    pod.ipv4.into_iter().chain(pod.ipv6).collect()
+}
+
+/// The agent's registry holds a record for the pod.
+fn registered(node: &Node, pod: &Pod) -> bool {
+    names(&node.state_dir().join("endpoints"))
+        .iter()
+        .any(|n| n.contains(&pod.container_id))
+}
+
+fn host_veths(node: &Node) -> Result<Vec<String>> {
+    node.ns.veths()
+}
+
+#[test]
+fn del_with_the_agent_down_is_0_and_the_restarted_agent_finishes_it_before_addresses_are_reused()
+-> Result<()> {
+    let mut node = Node::new()?;
+    node.start_agent()?;
+    let config = conflist_config(&node, Some(V4), Some(V6));
+    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
+    let ips = pod_ips(&pod);
+    ensure!(ips.len() == 2 && held(&node) == ips);
+    ensure!(registered(&node, &pod));
+    ensure!(node.maps()?.endpoint_records().len() == 1);
+
+    node.kill_agent()?;
+    let started = Instant::now();
+    let out = pod.del(&node, &config)?;
+    ensure!(
+        out.code == 0 && out.stdout.trim().is_empty(),
+        "DEL: {out:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    ensure!(out.stderr.contains("queued"), "{}", out.stderr);
+    // containerd's second DEL, without netns: 0, and nothing changes.
+    let netns_less = cni_env("DEL", &pod.container_id, "");
+    let again = node.plugin(&netns_less, &config)?;
+    ensure!(again.code == 0, "second DEL: {again:?}");
+
+    // Disconnected: no veth on either side. Held: the addresses, and the
+    // endpoint in the (stopped) agent's registry and maps.
+    ensure!(host_veths(&node)?.is_empty(), "{:?}", host_veths(&node)?);
+    ensure!(pod.ns.veths()?.is_empty());
+    ensure!(held(&node) == ips, "{:?}", held(&node));
+    let entry = format!("{}@eth0", pod.container_id);
+    ensure!(
+        names(&node.delete_queue_dir()) == BTreeSet::from([format!("{entry}.json")]),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(registered(&node, &pod));
+
+    // ADD while the agent is down: 11, rolled back.
+    let blocked = NetNs::new("sl-pod")?;
+    let path = blocked.path().to_string_lossy().into_owned();
+    let out = node.plugin(&cni_env("ADD", "ctrblocked", &path), &config)?;
+    let err: Value = serde_json::from_str(&out.stdout).context("an error object")?;
+    ensure!(out.code != 0 && err["code"] == 11, "{out:?}");
+    ensure!(host_veths(&node)?.is_empty() && blocked.veths()?.is_empty());
+    ensure!(held(&node) == ips, "rolled back: {:?}", held(&node));
+
+    // The agent comes back: it forgets the endpoint (registry, maps) and
+    // marks the removal done, before it serves.
+    node.start_agent()?;
+    ensure!(
+        names(&node.delete_queue_dir()) == BTreeSet::from([format!("{entry}.done")]),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(!registered(&node, &pod), "registry still has the endpoint");
+    let maps = node.maps()?;
+    ensure!(maps.endpoint_records().is_empty());
+    for ip in &ips {
+        ensure!(maps.ipcache_get(*ip).is_none(), "{ip} still in the ipcache");
+    }
+    // Not yet released: the plugin does that on its next run.
+    ensure!(held(&node) == ips);
+
+    // The next ADD releases them, then allocates; it works.
+    let next = Pod::add_as(&node, &config, Some(("shop", "cart-1")))?;
+    ensure!(
+        held(&node) == pod_ips(&next),
+        "held {:?}, new pod {:?}",
+        held(&node),
+        pod_ips(&next)
+    );
+    ensure!(names(&node.delete_queue_dir()).is_empty());
+    ensure!(node.maps()?.endpoint_records().len() == 1);
+    ensure!(next.del(&node, &config)?.code == 0);
+    ensure!(held(&node).is_empty() && host_veths(&node)?.is_empty());
+    // A DEL for the first pod now (kubelet retrying) is harmless.
+    ensure!(pod.del(&node, &config)?.code == 0);
+    ensure!(names(&node.delete_queue_dir()).is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_del_that_times_out_on_a_hung_agent_is_finished_by_its_tick() -> Result<()> {
+    let mut node = Node::new()?;
+    node.agent_args = vec!["--resync-seconds".into(), "1".into()];
+    node.start_agent()?;
+    let mut conf: Value = serde_json::from_str(&conflist_config(&node, Some(V4), None))?;
+    conf["agentTimeoutMs"] = json!(500);
+    let config = conf.to_string();
+    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
+    let ips = pod_ips(&pod);
+    let pid = node.agent_pid().context("agent pid")?.to_string();
+
+    // Hung, not dead: the socket accepts and nothing answers.
+    sluice_tests::sh("kill", &["-STOP", &pid])?;
+    let out = pod.del(&node, &config);
+    let resumed = sluice_tests::sh("kill", &["-CONT", &pid]);
+    let out = out?;
+    resumed?;
+    ensure!(out.code == 0, "DEL: {out:?}");
+    ensure!(host_veths(&node)?.is_empty() && held(&node) == ips);
+
+    // The running agent's tick forgets the endpoint and marks it done.
+    let entry = format!("{}@eth0.done", pod.container_id);
+    ensure!(
+        eventually(Duration::from_secs(10), || names(&node.delete_queue_dir())
+            == BTreeSet::from([entry.clone()])),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(!registered(&node, &pod));
+    ensure!(node.maps()?.endpoint_records().is_empty());
+    for ip in &ips {
+        ensure!(
+            node.maps()?.ipcache_get(*ip).is_none(),
+            "{ip} in the ipcache"
+        );
+    }
+    // The next plugin run (a DEL of anything) releases the addresses.
+    let out = node.plugin(&cni_env("DEL", "ctrnothing", ""), &config)?;
+    ensure!(out.code == 0, "{out:?}");
+    ensure!(held(&node).is_empty(), "{:?}", held(&node));
+    ensure!(names(&node.delete_queue_dir()).is_empty());
+    Ok(())
+}

@@ -8,8 +8,9 @@ STABLE=1.99.1                  # host crates (aya 0.16 needs rustc >= 1.98)
 NIGHTLY=nightly-2026-10-30     # eBPF crate: -Z build-std=core needs nightly + rust-src
 BPF_LINKER=0.13.0
 LLVM_MAJOR=23                  # must equal the LLVM major of $NIGHTLY (checked below)
+KUBERNETES_VALIDATE=1.37.0     # PyPI: deploy/ checked offline against Kubernetes schemas (tests/tests/deploy.rs)
 TOOLS_DIR="${SLUICE_TOOLS_DIR:-$HOME/.local/share/sluice-tools}"
-APT_PKGS=(iproute2 iputils-ping nftables conntrack iperf3 socat tcpdump bpftool containernetworking-plugins sockperf iptables ipset gnuplot-nox containerd runc busybox-static skopeo)
+APT_PKGS=(iproute2 iputils-ping nftables conntrack iperf3 socat tcpdump bpftool containernetworking-plugins sockperf iptables ipset gnuplot-nox containerd runc busybox-static skopeo protobuf-compiler)
 
 say() { printf 'setup: %s\n' "$*"; }
 
@@ -56,6 +57,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "setup: need root for apt-get" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! { command -v kubernetes-validate >/dev/null 2>&1 \
+       && [ "$(kubernetes-validate --version 2>/dev/null)" = "$KUBERNETES_VALIDATE" ]; }; then
+  say "installing kubernetes-validate $KUBERNETES_VALIDATE (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE"
 fi
 
 if ! cargo +"$STABLE" nextest --version >/dev/null 2>&1; then

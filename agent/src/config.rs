@@ -14,8 +14,15 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Sluice node agent")]
+#[command(
+    version,
+    about = "Sluice node agent",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// Without a subcommand: run the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Directory on a bpffs where maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/sluice")]
     pub bpffs: PathBuf,
@@ -74,6 +81,58 @@ pub struct Args {
     /// Log format on stderr: text or json.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Once the agent is ready (synced, programs attached, CNI socket
+    /// answering), write --cni-conflist into this directory (atomically;
+    /// again if it vanishes). Not before: containerd 1.6/1.7 report the
+    /// node's network ready as soon as a conflist exists.
+    #[arg(long, requires = "cni_conflist")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The conflist to write into --cni-conf-dir (its file name is kept).
+    #[arg(long, requires = "cni_conf_dir")]
+    pub cni_conflist: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Install the CNI plugin binary (and a conflist) on the node: what the
+    /// DaemonSet's init container runs. Atomic and idempotent.
+    InstallCni(InstallCniArgs),
+    /// Take Sluice off the node, the agent stopped first: detach its
+    /// programs, remove its pins, the conflist and (if given) the plugin
+    /// and the endpoint registry. Pod and node interfaces stay.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InstallCniArgs {
+    /// The CNI bin directory the plugin is copied into (as `sluice`).
+    #[arg(long)]
+    pub cni_bin_dir: PathBuf,
+    /// The plugin binary. Default: `sluice` next to this executable.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Also write --conflist into this directory. The DaemonSet leaves
+    /// that to the agent, once it is ready.
+    #[arg(long, requires = "conflist")]
+    pub cni_conf_dir: Option<PathBuf>,
+    #[arg(long, requires = "cni_conf_dir")]
+    pub conflist: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UninstallArgs {
+    /// The agent's pin directory (its --bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+    pub bpffs: PathBuf,
+    /// Remove every conflist here that uses the plugin.
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Remove the plugin binary from here.
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Remove the endpoint registry (the agent's --state-dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

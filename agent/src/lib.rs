@@ -11,12 +11,14 @@
 //!   `cluster`'s changes through `endpoints` and `datapath`, plus routes and
 //!   uplinks; `server` (the CNI socket) and `main` call it;
 //! - `events` (drop records), `metrics`, `netdev` (the node's interfaces),
-//!   `config` (the command line).
+//!   `config` (the command line), `install` (the plugin and conflist on
+//!   the node, and uninstall).
 pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
 pub mod events;
+pub mod install;
 pub mod metrics;
 pub mod model;
 pub mod netdev;

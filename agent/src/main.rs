@@ -6,7 +6,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use sluice_agent::{
     cluster::{self, Cluster},
-    config::Args,
+    config::{Args, Command},
+    install,
     metrics::{self, EndpointsProvider, Exporter, Metrics, Ready},
     reconcile::Reconciler,
     server,
@@ -17,6 +18,11 @@ use tracing::info;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.init_tracing();
+    match &args.command {
+        Some(Command::InstallCni(a)) => return Ok(install::install_cni(a)?),
+        Some(Command::Uninstall(a)) => return Ok(install::uninstall_cmd(a)?),
+        None => {}
+    }
     let metrics = Metrics::new();
     let client = args.kube_client().await?;
     let node_name = args.node_name();
@@ -27,17 +33,22 @@ async fn main() -> anyhow::Result<()> {
 
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
-    info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
-    // Standalone: ready now. Cluster mode: once every kind is listed and
-    // programmed (the reconciler says so).
+    info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent started");
+    // Programs are attached by now. Standalone: synced now. Cluster mode:
+    // once every kind is listed and programmed (the reconciler says so).
     let ready = Ready::default();
-    ready.set(client.is_none());
+    ready.set_synced(client.is_none());
     let (drops_tx, _) = tokio::sync::broadcast::channel(1024);
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
         drops: drops_tx.clone(),
         client: client.clone(),
     });
+    let serving = async {
+        ready.set_serving(true);
+        server::serve(listener, ctx).await
+    };
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
     let watch = async {
         let Some(client) = client.clone() else {
             return std::future::pending().await;
@@ -45,11 +56,17 @@ async fn main() -> anyhow::Result<()> {
         info!(node = %node_name, "cluster mode: watching the API server");
         let notices = cluster::start_notices(client.clone(), &node_name);
         let changes = cluster::watch::start(client, metrics.clone());
-        let resync = Duration::from_secs(args.resync_seconds.max(1));
         reconciler
             .clone()
             .run(changes, notices, resync, ready.clone())
             .await
+    };
+    let conflist = async {
+        let (Some(dir), Some(file)) = (&args.cni_conf_dir, &args.cni_conflist) else {
+            return std::future::pending().await;
+        };
+        let (socket, file, dir) = (args.socket.clone(), file.clone(), dir.clone());
+        install::write_conflist_when_ready(ready.clone(), socket, file, dir, resync).await
     };
     let events = drops.follow(|mut rec| {
         rec.enrich(|ip| reconciler.pod_of(ip).map(|p| (p.namespace, p.name)));
@@ -71,11 +88,12 @@ async fn main() -> anyhow::Result<()> {
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let drain = reconciler.drain_delete_queue_every(args.delete_queue(), resync);
     tokio::select! {
-        r = server::serve(listener, ctx) => r.context("agent socket")?,
+        r = serving => r.context("agent socket")?,
         r = drain => r.context("deletion queue")?,
         r = metrics_server => r.context("metrics")?,
         r = events => r.context("drop events")?,
         r = watch => r.context("cluster watch")?,
+        r = conflist => r.context("CNI conflist")?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; programs stay attached through their pins"),
     }
     Ok(())

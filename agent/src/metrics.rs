@@ -8,10 +8,7 @@ use std::{
     convert::Infallible,
     fmt,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -49,6 +46,9 @@ use crate::{
     },
     model::{EpId, Kind},
 };
+
+mod ready;
+pub use ready::{Readiness, Ready};
 
 /// Bucket bounds (seconds) of both duration histograms.
 const BUCKETS: [f64; 10] = [
@@ -439,16 +439,28 @@ impl Collector for Scrape {
 #[derive(Debug)]
 pub struct Exporter {
     registry: Registry,
+    /// Where the maps are pinned, for `/healthz` (`None` in unit tests).
+    pin_dir: Option<PathBuf>,
 }
 
 impl Exporter {
     /// `pin_dir`: where the data path's maps are pinned.
     pub fn new(metrics: &Metrics, pin_dir: PathBuf, endpoints: EndpointsProvider) -> Self {
-        Self::with_counters(
-            metrics,
-            Box::new(move || counters::read(&pin_dir)),
-            endpoints,
-        )
+        let pins = pin_dir.clone();
+        let mut exporter =
+            Self::with_counters(metrics, Box::new(move || counters::read(&pins)), endpoints);
+        exporter.pin_dir = Some(pin_dir);
+        exporter
+    }
+
+    /// `/healthz`: the maps the data path runs on can still be opened from
+    /// their pins (a restart would otherwise start on new, empty ones).
+    /// Blocking (a few bpf(2) calls).
+    pub fn health(&self) -> Result<(), DatapathError> {
+        match &self.pin_dir {
+            Some(dir) => crate::datapath::Maps::open_pinned(dir).map(drop),
+            None => Ok(()),
+        }
     }
 
     fn with_counters(
@@ -462,7 +474,10 @@ impl Exporter {
             counters,
             endpoints,
         }));
-        Self { registry }
+        Self {
+            registry,
+            pin_dir: None,
+        }
     }
 
     /// The text of one scrape. Reads the pinned maps and calls the
@@ -471,21 +486,6 @@ impl Exporter {
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
-    }
-}
-
-/// Readiness for `/readyz`: set once the data path is loaded and, in
-/// cluster mode, the cluster synced.
-#[derive(Clone, Debug, Default)]
-pub struct Ready(Arc<AtomicBool>);
-
-impl Ready {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -540,9 +540,30 @@ async fn answer(
                 }
             }
         }
-        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
-        "/readyz" if ready.is_ready() => text(StatusCode::OK, PLAIN, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n"),
+        "/healthz" => {
+            let exporter = exporter.clone();
+            match tokio::task::spawn_blocking(move || exporter.health()).await {
+                Ok(Ok(())) => text(StatusCode::OK, PLAIN, "ok\n"),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("maps not open: {e}\n"),
+                ),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    format!("health task failed: {e}\n"),
+                ),
+            }
+        }
+        "/readyz" => match ready.get() {
+            r if r.is_ready() => text(StatusCode::OK, PLAIN, "ready\n"),
+            r => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {}\n", r.missing()),
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

@@ -22,6 +22,8 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub mod cases;
 pub mod conformance;
+pub mod containerd;
+pub mod cri;
 pub mod differential;
 pub mod kubeproxy;
 pub mod oracle;
@@ -257,6 +259,9 @@ pub struct Node {
     pub agent_args: Vec<String>,
     /// RUST_LOG of the agent (default: $SLUICE_AGENT_LOG, else info).
     pub agent_log: String,
+    /// A command the agent runs under, e.g. `setpriv` with the
+    /// capabilities of the DaemonSet (tests/tests/capabilities.rs).
+    pub agent_wrapper: Vec<String>,
 }
 
 impl Node {
@@ -293,6 +298,7 @@ impl Node {
             events: Arc::new(Mutex::new(Vec::new())),
             agent_args: Vec::new(),
             agent_log: std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            agent_wrapper: Vec::new(),
         })
     }
 
@@ -321,9 +327,16 @@ impl Node {
 
     /// Starts the agent and waits until it answers STATUS.
     pub fn start_agent(&mut self) -> Result<()> {
-        let mut child = self
-            .ns
-            .command(bin_dir().join("sluice-agent"))
+        let agent = bin_dir().join("sluice-agent");
+        let mut cmd = match self.agent_wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut c = self.ns.command(wrapper);
+                c.args(args).arg(agent);
+                c
+            }
+            None => self.ns.command(agent),
+        };
+        let mut child = cmd
             .arg("--bpffs")
             .arg(&self.bpffs.dir)
             .arg("--socket")
@@ -350,7 +363,9 @@ impl Node {
             }
         });
         self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Loading the programs (the verifier) takes seconds, and tens of
+        // them on this 2-core machine while it also builds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Response::Ok) = self.request(&Request::Status) {
                 return Ok(());

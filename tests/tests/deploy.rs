@@ -200,3 +200,256 @@ fn the_shipped_conflist_is_1_0_0_for_old_runtimes_and_1_1_0_for_new_ones() {
     });
     assert!(mounted, "the agent mounts {drained} writable");
 }
+
+/// `--flag VALUE` of a container's command.
+fn flag(container: &Value, name: &str) -> Option<String> {
+    container["command"]
+        .as_array()?
+        .windows(2)
+        .find(|w| w[0] == name)
+        .and_then(|w| w[1].as_str().map(str::to_owned))
+}
+
+/// The volume mount of `container` that holds `path`, and its volume.
+fn mount_of<'a>(pod: &'a Value, container: &'a Value, path: &str) -> (&'a Value, &'a Value) {
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            let at = m["mountPath"].as_str().unwrap();
+            path == at || path.starts_with(&format!("{}/", at.trim_end_matches('/')))
+        })
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| {
+            panic!("{path} is on no volume mount: the root filesystem is read-only")
+        });
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mount's volume");
+    (mount, volume)
+}
+
+#[test]
+fn the_daemonset_is_hardened_and_everything_it_writes_is_on_a_host_path_it_mounts() {
+    let docs = documents();
+    let ds = of_kind(&docs, "DaemonSet");
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].is_number());
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    let init = &pod["initContainers"][0];
+    for c in [agent, init] {
+        assert_eq!(c["image"], "sluice:0.1.0");
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        let sc = &c["securityContext"];
+        assert!(sc["privileged"].is_null() || sc["privileged"] == false);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert!(c["resources"]["requests"]["memory"].is_string());
+        assert!(c["resources"]["limits"]["memory"].is_string());
+        let cmd: Vec<&str> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(cmd[0].ends_with("/sluice-agent"), "no shell: {cmd:?}");
+    }
+    // The init container installs the plugin through our own subcommand,
+    // into the host's CNI bin directory, and needs no capability.
+    assert_eq!(init["command"][1], "install-cni");
+    assert!(init["securityContext"]["capabilities"]["add"].is_null());
+    let bin = flag(init, "--cni-bin-dir").expect("--cni-bin-dir");
+    let (mount, volume) = mount_of(pod, init, &bin);
+    assert_ne!(mount["readOnly"], true);
+    assert_eq!(volume["hostPath"]["path"], "/opt/cni/bin");
+
+    // Where the agent writes: host paths, mounted writable.
+    for (arg, host) in [
+        ("--bpffs", "/sys/fs/bpf"),
+        ("--socket", "/run/sluice"),
+        ("--state-dir", "/var/lib/sluice"),
+        ("--cni-conf-dir", "/etc/cni/net.d"),
+    ] {
+        let path = flag(agent, arg).unwrap_or_else(|| panic!("{arg}"));
+        let (mount, volume) = mount_of(pod, agent, &path);
+        assert_ne!(mount["readOnly"], true, "{arg} {path} writable");
+        assert_eq!(volume["hostPath"]["path"], host, "{arg}");
+        // Bidirectional propagation is for privileged containers only.
+        assert_ne!(mount["mountPropagation"], "Bidirectional");
+    }
+    // What it only reads: the conflist from the ConfigMap, the cgroup.
+    let conflist = flag(agent, "--cni-conflist").expect("--cni-conflist");
+    let (_, volume) = mount_of(pod, agent, &conflist);
+    assert_eq!(
+        volume["configMap"]["name"],
+        of_kind(&docs, "ConfigMap")["metadata"]["name"]
+    );
+    assert!(
+        of_kind(&docs, "ConfigMap")["data"]
+            .get(conflist.rsplit('/').next().unwrap())
+            .is_some(),
+        "the ConfigMap holds {conflist}"
+    );
+    // No host path that no container mounts.
+    for v in pod["volumes"].as_array().unwrap() {
+        let used = [agent, init].iter().any(|c| {
+            c["volumeMounts"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["name"] == v["name"]))
+        });
+        assert!(used, "volume {} is mounted nowhere", v["name"]);
+    }
+    // Probes on the metrics port: liveness /healthz, readiness /readyz.
+    let port: u64 = flag(agent, "--metrics-addr")
+        .and_then(|a| a.rsplit(':').next().and_then(|p| p.parse().ok()))
+        .expect("--metrics-addr");
+    let named = agent["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["containerPort"] == port)
+        .expect("the metrics port is declared");
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        assert_eq!(agent[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(agent[probe]["httpGet"]["port"], named["name"], "{probe}");
+    }
+}
+
+/// Every manifest in deploy/ and deploy/examples/.
+fn manifests() -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"));
+    let mut out = Vec::new();
+    for dir in [root.to_owned(), root.join("examples")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    assert!(out.len() >= 3, "{out:?}");
+    out
+}
+
+/// The Kubernetes versions Sluice supports (docs/install.md).
+const KUBERNETES_VERSIONS: [&str; 6] = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"];
+
+#[test]
+fn every_manifest_passes_strict_schema_validation_for_each_supported_kubernetes_version() {
+    let files = manifests();
+    for version in KUBERNETES_VERSIONS {
+        let out = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--no-warn", "-k", version])
+            .args(&files)
+            .output()
+            .expect("kubernetes-validate (PyPI; scripts/setup.sh installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "Kubernetes {version}:\n{text}");
+        // One "passed" line per document: none skipped unknown.
+        let docs: usize = files
+            .iter()
+            .map(|f| {
+                serde_yaml_ng::Deserializer::from_str(&std::fs::read_to_string(f).unwrap()).count()
+            })
+            .sum();
+        assert_eq!(
+            text.matches(" passed for resource ").count(),
+            docs,
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn kubectl_applies_every_kind_of_deploy_that_the_test_api_server_serves() {
+    let server = sluice_test_apiserver::Server::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let mut served = Vec::new();
+    let mut skipped = Vec::new();
+    for f in manifests() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for d in serde_yaml_ng::Deserializer::from_str(&text) {
+            let doc = Value::deserialize(d).unwrap();
+            let (api_version, kind) = (
+                doc["apiVersion"].as_str().unwrap(),
+                doc["kind"].as_str().unwrap(),
+            );
+            if sluice_test_apiserver::resources::by_kind(api_version, kind).is_some() {
+                served.push(doc);
+            } else {
+                skipped.push(kind.to_owned());
+            }
+        }
+    }
+    for ns in served
+        .iter()
+        .filter_map(|d| d["metadata"]["namespace"].as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        server.create_namespace(ns).unwrap();
+    }
+    // As JSON, one file each: written back as YAML, `"y"` would come out
+    // plain and kubectl's YAML 1.1 reader would take it for `true`.
+    let applied = dir.join("served");
+    std::fs::create_dir_all(&applied).unwrap();
+    for (i, d) in served.iter().enumerate() {
+        std::fs::write(applied.join(format!("{i}.json")), d.to_string()).unwrap();
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "-f"])
+        .arg(&applied)
+        .output()
+        .expect("kubectl");
+    let _cleanup = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!served.is_empty(), "nothing served: {skipped:?}");
+    for d in &served {
+        let plural = sluice_test_apiserver::resources::by_kind(
+            d["apiVersion"].as_str().unwrap(),
+            d["kind"].as_str().unwrap(),
+        )
+        .unwrap()
+        .plural;
+        let got = server
+            .get(
+                plural,
+                d["metadata"]["namespace"].as_str().unwrap_or_default(),
+                d["metadata"]["name"].as_str().unwrap(),
+            )
+            .unwrap_or_else(|| panic!("{} applied", d["metadata"]["name"]));
+        // What the manifest says, as given (the server may add defaults,
+        // e.g. policyTypes).
+        for (k, v) in d["spec"].as_object().unwrap() {
+            assert_eq!(&got["spec"][k], v, "{} {k}", d["metadata"]["name"]);
+        }
+    }
+    eprintln!(
+        "applied {} objects; not served by the test API server: {skipped:?}",
+        served.len()
+    );
+}

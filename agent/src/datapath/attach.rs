@@ -317,26 +317,7 @@ impl Programs {
             let path = self.link_path(ifname, hook);
             let marker = clsact_marker(&path);
             if marker.exists() {
-                // A clsact filter: remove it if the interface is still
-                // there (with the interface gone, so is the filter).
-                if let Ok(c) = std::ffi::CString::new(ifname)
-                    && let Ok(link) = SchedClassifierLink::attached(
-                        c.as_c_str(),
-                        TcHandle::from(hook.attach_type),
-                        CLSACT_PRIORITY,
-                        CLSACT_HANDLE,
-                        None,
-                    )
-                    && let Err(e) = aya::programs::links::Link::detach(link)
-                {
-                    tracing::debug!(%ifname, error = %e, "clsact filter already gone");
-                }
-                if let Err(source) = std::fs::remove_dir(&marker) {
-                    return Err(DatapathError::Io {
-                        path: marker,
-                        source,
-                    });
-                }
+                remove_clsact(ifname, hook.attach_type, marker)?;
             }
             if let Err(source) = not_found_ok(std::fs::remove_file(&path)) {
                 return Err(DatapathError::Io { path, source });
@@ -344,6 +325,78 @@ impl Programs {
         }
         Ok(())
     }
+}
+
+/// Removes Sluice's clsact filter of one hook if the interface is still
+/// there (with the interface gone, so is the filter), then its marker.
+fn remove_clsact(ifname: &str, attach_type: TcAttachType, marker: PathBuf) -> Result<()> {
+    if let Ok(c) = std::ffi::CString::new(ifname)
+        && let Ok(link) = SchedClassifierLink::attached(
+            c.as_c_str(),
+            TcHandle::from(attach_type),
+            CLSACT_PRIORITY,
+            CLSACT_HANDLE,
+            None,
+        )
+        && let Err(e) = aya::programs::links::Link::detach(link)
+    {
+        tracing::debug!(%ifname, error = %e, "clsact filter already gone");
+    }
+    std::fs::remove_dir(&marker).map_err(|source| DatapathError::Io {
+        path: marker,
+        source,
+    })
+}
+
+/// What `remove_link_pins` took away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemovedLinks {
+    /// Pinned links (TCX and the cgroup's `to_host`): the pin was each
+    /// one's last reference once the agent is stopped, so the kernel
+    /// detaches it.
+    pub links: usize,
+    /// clsact filters (kernels without TCX), removed by netlink.
+    pub filters: usize,
+}
+
+/// Detaches everything pinned or marked under `links_dir` (uninstall):
+/// pinned links are unpinned, clsact filters removed from their interface.
+/// Nothing else on an interface is touched.
+pub fn remove_link_pins(links_dir: &Path) -> Result<RemovedLinks> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatapathError::Io { path, source }
+    };
+    let mut out = RemovedLinks::default();
+    let entries = match std::fs::read_dir(links_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(links_dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(links_dir))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(hook_name) = name.strip_suffix("-clsact") {
+            // `<ifname>-<from|to|uplink>-clsact`
+            let hook = hook_name.rsplit_once('-').and_then(|(ifname, suffix)| {
+                HOOKS
+                    .iter()
+                    .chain(&UPLINK_HOOKS)
+                    .find(|h| h.suffix == suffix)
+                    .map(|h| (ifname, h.attach_type))
+            });
+            match hook {
+                Some((ifname, attach_type)) => remove_clsact(ifname, attach_type, path)?,
+                None => std::fs::remove_dir(&path).map_err(io_err(&path))?,
+            }
+            out.filters += 1;
+        } else {
+            not_found_ok(std::fs::remove_file(&path)).map_err(io_err(&path))?;
+            out.links += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Program `name` of the object, as its type (`SchedClassifier`, `CgroupSkb`).

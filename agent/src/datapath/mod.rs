@@ -23,7 +23,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use attach::{AttachMode, Programs};
+pub use attach::{AttachMode, Programs, RemovedLinks};
 use aya::{
     EbpfLoader,
     maps::{MapError, RingBuf},
@@ -160,6 +160,56 @@ impl Datapath {
     pub fn pin_dir(&self) -> &Path {
         &self.programs.pin_dir
     }
+}
+
+/// What `remove_pins` took away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub links: RemovedLinks,
+    pub maps: usize,
+}
+
+/// Uninstall: detaches every link and filter pinned under `pin_dir`, then
+/// removes the map pins and the directories. Run with the agent stopped: a
+/// running agent holds its maps (they live on until it exits) and would
+/// pin new links. A missing `pin_dir` is nothing to do.
+pub fn remove_pins(pin_dir: &Path) -> Result<Removed> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatapathError::Io { path, source }
+    };
+    let links_dir = pin_dir.join("links");
+    let links = attach::remove_link_pins(&links_dir)?;
+    let maps_dir = pin_dir.join("maps");
+    let mut maps = 0;
+    match std::fs::read_dir(&maps_dir) {
+        Ok(entries) => {
+            for e in entries {
+                let path = e.map_err(io_err(&maps_dir))?.path();
+                sluice_common::not_found_ok(std::fs::remove_file(&path)).map_err(io_err(&path))?;
+                maps += 1;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&maps_dir)(e)),
+    }
+    for dir in [&links_dir, &maps_dir, pin_dir] {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            // Gone already, or the mount point of a bpffs of its own
+            // (not ours to remove), or holding what another tool put there.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::EBUSY | libc::ENOTEMPTY)
+                ) =>
+            {
+                tracing::debug!(dir = %dir.display(), error = %e, "directory kept");
+            }
+            Err(e) => return Err(io_err(dir)(e)),
+        }
+    }
+    Ok(Removed { links, maps })
 }
 
 /// A map pinned by an agent whose values were smaller cannot be reused: the

@@ -318,9 +318,14 @@ async fn the_server_answers_metrics_health_and_readiness_and_closes() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "ok\n");
 
-    let (head, _) = get(addr, "/readyz").await;
+    let (head, body) = get(addr, "/readyz").await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    ready.set(true);
+    assert!(body.contains("not synced"), "{body}");
+    ready.set_synced(true);
+    let (head, body) = get(addr, "/readyz").await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert_eq!(body, "not ready: CNI socket not serving\n");
+    ready.set_serving(true);
     let (head, _) = get(addr, "/readyz").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 

@@ -427,7 +427,7 @@ impl Reconciler {
                 })
                 .await
                 .unwrap_or_default();
-            ready.set(synced);
+            ready.set_synced(synced);
             net.sync(&desired, &self).await;
         }
     }

@@ -438,6 +438,7 @@ pub struct DropEvent {
     /// The rule that decided the drop: a ClusterNetworkPolicy rule
     /// (`RULE_CNP_FLAG` set) for `ADMIN_DENIED` / `BASELINE_DENIED`, else 0.
     pub rule_id: u32,
+    pub _pad2: u32,
 }
 
 /// IP protocol numbers the data path knows.
@@ -624,7 +625,7 @@ mod tests {
             action::PASS << POLICY_ADMIN_ACTION_SHIFT & !POLICY_ADMIN_ACTION_MASK,
             0
         );
-        assert_eq!(core::mem::offset_of!(DropEvent, rule_id), 60);
+        assert_eq!(core::mem::offset_of!(DropEvent, rule_id), 64);
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
         icmp_code: pkt.icmp_code,
         _pad: 0,
         rule_id: rule,
+        _pad2: 0,
     });
     entry.submit(0);
     count(stat::EVENTS_SENT);

@@ -22,6 +22,9 @@ use k8s_openapi::api::{
 use serde::Deserialize;
 use sluice_api::ClusterNetworkPolicy;
 
+mod probe;
+pub use probe::Probe;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
     pub name: String,
@@ -118,87 +121,6 @@ pub enum Step {
     Subtest(String),
 }
 
-/// One probe of a `probe` step.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Probe {
-    /// `ns/pod` of the client.
-    pub from: String,
-    /// `ns/pod` of the server; the probe connects to its address (a
-    /// host-network pod's address is its node's).
-    pub to: String,
-    pub protocol: Protocol,
-    pub port: u16,
-    /// `true` = the connection must succeed.
-    pub connects: bool,
-}
-
-impl Probe {
-    /// The text form: one probe per line, `<from> <to> <PROTOCOL> <port>
-    /// <. or X>`; blank lines and `#` comments are skipped.
-    pub fn parse_lines(text: &str) -> Result<Vec<Self>> {
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or_default().trim();
-            if line.is_empty() {
-                continue;
-            }
-            let t: Vec<&str> = line.split_whitespace().collect();
-            let [from, to, protocol, port, result] = t[..] else {
-                bail!("probe line {}: want <from> <to> <protocol> <port> <.|X>, got {line:?}", i + 1);
-            };
-            for p in [from, to] {
-                ensure!(
-                    p.split_once('/')
-                        .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/')),
-                    "probe line {}: {p:?} is not ns/pod",
-                    i + 1
-                );
-            }
-            ensure!(from != to, "probe line {}: a pod to itself is outside policy", i + 1);
-            let protocol = match protocol {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                "SCTP" => Protocol::Sctp,
-                other => bail!("probe line {}: protocol {other:?} is not TCP, UDP or SCTP", i + 1),
-            };
-            let port: u16 = port
-                .parse()
-                .ok()
-                .filter(|&p| p != 0)
-                .with_context(|| format!("probe line {}: port {port:?}", i + 1))?;
-            let connects = match result {
-                "." => true,
-                "X" => false,
-                other => bail!("probe line {}: result {other:?} is neither '.' nor 'X'", i + 1),
-            };
-            out.push(Self {
-                from: from.to_owned(),
-                to: to.to_owned(),
-                protocol,
-                port,
-                connects,
-            });
-        }
-        ensure!(!out.is_empty(), "a probe step needs at least one probe");
-        Ok(out)
-    }
-
-    /// The text form of one probe with its actual result: the line as the
-    /// case writes it, then `got .` or `got X`.
-    pub fn describe(&self, actual: bool) -> String {
-        let mark = |b: bool| if b { "." } else { "X" };
-        format!(
-            "{} -> {} {} {}: expected {}, got {}",
-            self.from,
-            self.to,
-            self.protocol.name(),
-            self.port,
-            mark(self.connects),
-            mark(actual)
-        )
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expect {
     pub protocol: Protocol,
@@ -292,8 +214,12 @@ pub fn parse_case(text: &str) -> Result<Case> {
             );
             Ok(match s {
                 RawStep { apply: Some(t), .. } => Step::Apply(t),
-                RawStep { delete: Some(t), .. } => Step::Delete(t),
-                RawStep { expect: Some(e), .. } => Step::Expect(Expect {
+                RawStep {
+                    delete: Some(t), ..
+                } => Step::Delete(t),
+                RawStep {
+                    expect: Some(e), ..
+                } => Step::Expect(Expect {
                     protocol: e.protocol,
                     port: e.port,
                     matrix: Matrix::parse(&e.matrix).with_context(|| format!("step {i}"))?,
@@ -301,14 +227,21 @@ pub fn parse_case(text: &str) -> Result<Case> {
                 RawStep { probe: Some(t), .. } => {
                     Step::Probe(Probe::parse_lines(&t).with_context(|| format!("step {i}"))?)
                 }
-                RawStep { subtest: Some(n), .. } => {
+                RawStep {
+                    subtest: Some(n), ..
+                } => {
                     ensure!(!n.trim().is_empty(), "step {i}: subtest name is empty");
                     Step::Subtest(n)
                 }
                 _ => bail!("step {i}: needs exactly one of apply, delete, expect, probe, subtest"),
             })
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<Step>>>()?;
+    ensure!(
+        raw.model.has_services() || raw.target == Target::Pod,
+        "the {:?} model has no Services: its cases say `target: pod`",
+        raw.model
+    );
     Ok(Case {
         name: raw.name,
         source: raw.source,

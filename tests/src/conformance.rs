@@ -12,12 +12,7 @@
 //! conformance cluster, with host-network pods and labelled Nodes),
 //! ClusterNetworkPolicies, `probe` steps (single pairs by pod address) and
 //! `subtest` steps (each named part of a case reported on its own line).
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
@@ -189,8 +184,10 @@ fn link_ips(i: usize) -> (String, String) {
 fn node_ips(i: usize) -> [IpAddr; 2] {
     let (v4, v6) = link_ips(i);
     [
-        v4.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-        v6.parse().unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+        v4.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        v6.parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
     ]
 }
 
@@ -206,7 +203,10 @@ fn container_ports(p: &k8s_openapi::api::core::v1::Pod) -> std::collections::BTr
 }
 
 fn is_host_network(p: &k8s_openapi::api::core::v1::Pod) -> bool {
-    p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+    p.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
 }
 
 impl Cluster {
@@ -853,7 +853,10 @@ impl Cluster {
             }));
         }
         jobs.into_iter()
-            .map(|j| j.join().map_err(|_| anyhow::anyhow!("a probe thread panicked")))
+            .map(|j| {
+                j.join()
+                    .map_err(|_| anyhow::anyhow!("a probe thread panicked"))
+            })
             .collect()
     }
 }

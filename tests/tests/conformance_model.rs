@@ -105,7 +105,10 @@ fn node(i: usize) -> Node {
 }
 
 fn is_host_network(p: &Pod) -> bool {
-    p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+    p.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
 }
 
 struct ModelPod {
@@ -248,8 +251,7 @@ impl Model {
                 .with_context(|| format!("{p} is no pod of the model"))
         };
         let (src, dst) = (ip(from)?, ip(to)?);
-        Ok(self.serves(to, proto, port)
-            && self.compiler.verdict(src, dst, proto.number(), port))
+        Ok(self.serves(to, proto, port) && self.compiler.verdict(src, dst, proto.number(), port))
     }
 }
 
@@ -462,7 +464,8 @@ fn every_ported_network_policy_api_case_holds_in_the_model_in_both_families() ->
 fn the_model_fails_a_ported_case_whose_probe_expects_what_an_admin_deny_blocks() -> Result<()> {
     // As above for probes: every expectation of the Admin-tier TCP egress
     // case turned around must fail, each subtest on its own.
-    let text = std::fs::read_to_string(conformance_dir().join("cnp/001-admin-tier-egress-tcp.yaml"))?;
+    let text =
+        std::fs::read_to_string(conformance_dir().join("cnp/001-admin-tier-egress-tcp.yaml"))?;
     let mut case = cases::parse_case(&text)?;
     let mut probes = 0;
     for step in &mut case.steps {
@@ -476,7 +479,10 @@ fn the_model_fails_a_ported_case_whose_probe_expects_what_an_admin_deny_blocks()
     for family in [Family::Ipv4, Family::Ipv6] {
         let failures = run(&case, family)?;
         assert_eq!(failures.len(), 6, "{failures:#?}");
-        let wrong = failures.iter().map(|f| f.matches(": expected ").count()).sum::<usize>();
+        let wrong = failures
+            .iter()
+            .map(|f| f.matches(": expected ").count())
+            .sum::<usize>();
         assert_eq!(wrong, probes, "{failures:#?}");
         assert!(
             failures[1].starts_with("subtest \"Should support an 'allow-egress' policy for TCP protocol at the specified port\""),

@@ -182,7 +182,9 @@ fn run_case(
             probes += n;
             match (s, &case.steps[i]) {
                 (0, _) => {}
-                (_, Step::Probe(_)) if s < n => sctp_steps.push(format!("{} (its SCTP probes)", i + 1)),
+                (_, Step::Probe(_)) if s < n => {
+                    sctp_steps.push(format!("{} (its SCTP probes)", i + 1));
+                }
                 _ => sctp_steps.push((i + 1).to_string()),
             }
         }

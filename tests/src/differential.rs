@@ -30,6 +30,8 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod cnp;
+
 use crate::{
     oracle::{Oracle, Proto, World},
     pipeline::Pipeline,
@@ -389,6 +391,7 @@ pub fn world(rng: &mut Rng, serial: &mut u32) -> World {
             NODE4.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
             NODE6.parse().unwrap_or(IpAddr::from([0; 16])),
         ],
+        ..World::default()
     }
 }
 

@@ -6,10 +6,12 @@
 //! The model cluster is the case's model file (`tests/conformance/model-*.yaml`)
 //! with synthetic addresses and two Nodes; every pod is a local endpoint,
 //! except host-network pods, which have their node's address (pods are put
-//! on the nodes in turn, as the runner does on two nodes). A probe succeeds
-//! when the compiled policy lets the flow through (`Compiler::verdict`, the
-//! data path's decision from the maps) and the server has a container port
-//! for the protocol and port. SCTP is judged too (no kernel needed).
+//! on the nodes in turn, as the runner does on two nodes). Two judges, each
+//! held to every expectation: the compiled policy (`Compiler::verdict`, the
+//! data path's decision from the maps) and the oracle written from the API
+//! texts (`tests/src/oracle.rs`, `oracle/cnp.rs`); a probe succeeds when the
+//! judge lets the flow through and the server has a container port for the
+//! protocol and port. SCTP is judged too (no kernel needed).
 //! Services are not modelled: policy is judged after DNAT, so `target:
 //! service` and `target: pod` give the same answer here.
 use std::{
@@ -24,7 +26,10 @@ use anyhow::{Context as _, Result, bail};
 use sluice_agent::policy::{
     Compiler, Locality,
     k8s_openapi::{
-        api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodIP, PodStatus},
+        api::{
+            core::v1::{Namespace, Node, NodeAddress, NodeStatus, Pod, PodIP, PodStatus},
+            networking::v1::NetworkPolicy,
+        },
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     },
 };
@@ -32,6 +37,7 @@ use sluice_tests::cases::{
     self, Case, Family, Kind, Matrix, Model as CaseModel, Object, ObjectKey, Protocol, Step, diff,
     parse_objects, parse_refs, substitute,
 };
+use sluice_tests::oracle::{Oracle, Proto, World};
 
 fn conformance_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")
@@ -121,6 +127,10 @@ struct Model {
     family: Family,
     compiler: Compiler,
     pods: BTreeMap<String, ModelPod>,
+    /// The objects as the oracle reads them (pods are in `pods`).
+    namespaces: BTreeMap<String, Namespace>,
+    policies: BTreeMap<(String, String), NetworkPolicy>,
+    cluster_policies: BTreeMap<String, sluice_api::ClusterNetworkPolicy>,
     next_host: u32,
     /// Pods created so far: the next one goes on node `created % NODES`.
     created: usize,
@@ -133,6 +143,9 @@ impl Model {
             family,
             compiler: Compiler::new(Locality::All),
             pods: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            cluster_policies: BTreeMap::new(),
             next_host: 0,
             created: 0,
             diagnostics: Vec::new(),
@@ -166,9 +179,24 @@ impl Model {
 
     fn apply(&mut self, obj: Object) {
         let changes = match obj {
-            Object::Namespace(ns) => self.compiler.upsert_namespace(&ns),
-            Object::NetworkPolicy(np) => self.compiler.upsert_policy(&np),
-            Object::ClusterNetworkPolicy(cnp) => self.compiler.upsert_cluster_policy(&cnp),
+            Object::Namespace(ns) => {
+                let name = ns.metadata.name.clone().unwrap_or_default();
+                self.namespaces.insert(name, (*ns).clone());
+                self.compiler.upsert_namespace(&ns)
+            }
+            Object::NetworkPolicy(np) => {
+                let key = (
+                    np.metadata.namespace.clone().unwrap_or_default(),
+                    np.metadata.name.clone().unwrap_or_default(),
+                );
+                self.policies.insert(key, (*np).clone());
+                self.compiler.upsert_policy(&np)
+            }
+            Object::ClusterNetworkPolicy(cnp) => {
+                let name = cnp.metadata.name.clone().unwrap_or_default();
+                self.cluster_policies.insert(name, (*cnp).clone());
+                self.compiler.upsert_cluster_policy(&cnp)
+            }
             Object::Pod(new) => {
                 let key = new.metadata.namespace.clone().unwrap_or_default()
                     + "/"
@@ -210,12 +238,16 @@ impl Model {
     fn delete(&mut self, key: &ObjectKey) {
         match key.kind {
             Kind::Namespace => {
+                self.namespaces.remove(&key.name);
                 self.compiler.delete_namespace(&key.name);
             }
             Kind::NetworkPolicy => {
+                self.policies
+                    .remove(&(key.namespace.clone(), key.name.clone()));
                 self.compiler.delete_policy(&key.namespace, &key.name);
             }
             Kind::ClusterNetworkPolicy => {
+                self.cluster_policies.remove(&key.name);
                 self.compiler.delete_cluster_policy(&key.name);
             }
             Kind::Pod => {
@@ -240,10 +272,31 @@ impl Model {
             })
     }
 
+    /// The objects now, as the oracle reads them.
+    fn world(&self) -> World {
+        World {
+            namespaces: self.namespaces.values().cloned().collect(),
+            pods: self.pods.values().map(|p| p.pod.clone()).collect(),
+            policies: self.policies.values().cloned().collect(),
+            node_ips: (0..NODES)
+                .flat_map(|i| [Family::Ipv4, Family::Ipv6].map(|f| node_ip(i, f)))
+                .collect(),
+            cluster_policies: self.cluster_policies.values().cloned().collect(),
+            nodes: (0..NODES).map(node).collect(),
+        }
+    }
+
     /// From `from`'s address to `to`'s (a host-network pod's is its
-    /// node's), as the data path decides it. A pod that is not in the model
-    /// is an error.
-    fn probe(&self, from: &str, to: &str, proto: Protocol, port: u16) -> Result<bool> {
+    /// node's): (the data path's decision from the compiled maps, the
+    /// oracle's). A pod that is not in the model is an error.
+    fn probe(
+        &self,
+        oracle: &Oracle<'_>,
+        from: &str,
+        to: &str,
+        proto: Protocol,
+        port: u16,
+    ) -> Result<(bool, bool)> {
         let ip = |p: &str| {
             self.pods
                 .get(p)
@@ -251,7 +304,16 @@ impl Model {
                 .with_context(|| format!("{p} is no pod of the model"))
         };
         let (src, dst) = (ip(from)?, ip(to)?);
-        Ok(self.serves(to, proto, port) && self.compiler.verdict(src, dst, proto.number(), port))
+        let serves = self.serves(to, proto, port);
+        let o = match proto {
+            Protocol::Tcp => Proto::Tcp,
+            Protocol::Udp => Proto::Udp,
+            Protocol::Sctp => Proto::Sctp,
+        };
+        Ok((
+            serves && self.compiler.verdict(src, dst, proto.number(), port),
+            serves && oracle.allowed(src, dst, o, port),
+        ))
     }
 }
 
@@ -271,11 +333,16 @@ fn run(case: &Case, family: Family) -> Result<Vec<String>> {
         match step {
             Step::Subtest(name) => subtest = Some(name),
             Step::Probe(probes) => {
+                let world = m.world();
+                let oracle = Oracle::new(&world);
                 let mut wrong = Vec::new();
                 for p in probes {
-                    let got = m.probe(&p.from, &p.to, p.protocol, p.port)?;
-                    if got != p.connects {
-                        wrong.push(format!("  {}", p.describe(got)));
+                    let (compiled, oracle) =
+                        m.probe(&oracle, &p.from, &p.to, p.protocol, p.port)?;
+                    for (judge, got) in [("compiler", compiled), ("oracle", oracle)] {
+                        if got != p.connects {
+                            wrong.push(format!("  {judge}: {}", p.describe(got)));
+                        }
                     }
                 }
                 if !wrong.is_empty() {
@@ -304,14 +371,34 @@ fn run(case: &Case, family: Family) -> Result<Vec<String>> {
                 }
             }
             Step::Expect(e) => {
-                let actual = Matrix::from_fn(&e.matrix.pods, |from, to| {
-                    m.probe(from, to, e.protocol, e.port).unwrap_or(false)
-                });
-                if let Some(d) = diff(&e.matrix, &actual) {
+                let world = m.world();
+                let oracle = Oracle::new(&world);
+                let verdicts = |which: fn((bool, bool)) -> bool| {
+                    Matrix::from_fn(&e.matrix.pods, |from, to| {
+                        m.probe(&oracle, from, to, e.protocol, e.port)
+                            .map(which)
+                            .unwrap_or(false)
+                    })
+                };
+                let diffs: Vec<String> = [
+                    ("compiler", verdicts(|v| v.0)),
+                    ("oracle", verdicts(|v| v.1)),
+                ]
+                .into_iter()
+                .filter_map(|(judge, actual)| {
+                    diff(&e.matrix, &actual).map(|d| format!("{judge}:\n{d}"))
+                })
+                .collect();
+                if !diffs.is_empty() {
                     fail(
                         &mut failures,
                         subtest,
-                        format!("step {i} ({} {}):\n{d}", e.protocol.name(), e.port),
+                        format!(
+                            "step {i} ({} {}):\n{}",
+                            e.protocol.name(),
+                            e.port,
+                            diffs.join("\n")
+                        ),
                     );
                 }
             }
@@ -479,11 +566,12 @@ fn the_model_fails_a_ported_case_whose_probe_expects_what_an_admin_deny_blocks()
     for family in [Family::Ipv4, Family::Ipv6] {
         let failures = run(&case, family)?;
         assert_eq!(failures.len(), 6, "{failures:#?}");
+        // Both judges, the compiler and the oracle, see each one.
         let wrong = failures
             .iter()
             .map(|f| f.matches(": expected ").count())
             .sum::<usize>();
-        assert_eq!(wrong, probes, "{failures:#?}");
+        assert_eq!(wrong, 2 * probes, "{failures:#?}");
         assert!(
             failures[1].starts_with("subtest \"Should support an 'allow-egress' policy for TCP protocol at the specified port\""),
             "{}",

@@ -869,10 +869,12 @@ fn with_the_agent_down_containerd_removes_a_pod_and_the_agent_finishes_the_remov
     // next ADD releases a's addresses.
     w.start_agent()?;
     assert!(
-        eventually(WAIT, || w.node.maps().is_ok_and(|m| m
-            .endpoint_records()
-            .is_empty()
-            && m.ipcache_get(a.ipv4).is_none())),
+        eventually(WAIT, || w
+            .node
+            .maps()
+            .is_ok_and(
+                |m| m.endpoint_records().is_empty() && m.ipcache_get(a.ipv4).is_none()
+            )),
         "a's endpoint forgotten"
     );
     let c = w.run_pod("x", "c", &json!({"app": "c"}))?;

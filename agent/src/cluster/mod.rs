@@ -57,6 +57,10 @@ struct Peer {
 /// The cluster as this node's agent knows it.
 pub struct Cluster {
     compiler: Compiler,
+    /// ClusterNetworkPolicy rule names for drop events and metrics,
+    /// published when the compiler's policies change (`cnp_generation`).
+    rule_names: tokio::sync::watch::Sender<std::sync::Arc<crate::events::RuleNames>>,
+    rule_names_generation: u64,
     node_name: String,
     synced: BTreeSet<Kind>,
     /// Every object seen, to find what a re-list no longer has.
@@ -123,6 +127,8 @@ impl Cluster {
     pub fn new(node_name: &str) -> Self {
         Self {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
+            rule_names: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
+            rule_names_generation: 0,
             node_name: node_name.to_owned(),
             synced: BTreeSet::new(),
             known: BTreeMap::new(),
@@ -134,6 +140,21 @@ impl Cluster {
             diagnostics: diagnostics::Diagnostics::default(),
             first_programmed: false,
         }
+    }
+
+    /// The names of ClusterNetworkPolicy rule ids, kept current.
+    pub fn rule_names(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<crate::events::RuleNames>> {
+        self.rule_names.subscribe()
+    }
+
+    fn publish_rule_names(&mut self) {
+        let generation = self.compiler.cnp_generation();
+        if generation == self.rule_names_generation {
+            return;
+        }
+        self.rule_names_generation = generation;
+        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins());
+        self.rule_names.send_replace(std::sync::Arc::new(names));
     }
 
     /// The Node this agent serves.
@@ -171,6 +192,7 @@ impl Cluster {
             }
             out.merge(self.apply_one(change));
         }
+        self.publish_rule_names();
         if !self.is_synced() {
             return None;
         }

@@ -135,6 +135,8 @@ pub(super) struct CnpStore {
     sel_users: FxHashMap<SelId, BTreeSet<CnpId>>,
     rule_origins: FxHashMap<u32, (CnpId, usize)>,
     next_rule: u32,
+    /// Bumped by every change of a policy or its rules (names for drops).
+    generation: u64,
     pub nodes: BTreeMap<String, NodeInfo>,
 }
 
@@ -174,6 +176,7 @@ impl CnpStore {
         rules: &mut [CnpRuleState],
         mut old: BTreeMap<(u8, usize), u32>,
     ) -> Vec<u32> {
+        self.generation += 1;
         for (ri, r) in rules.iter_mut().enumerate() {
             r.id = match old.remove(&(r.dir, r.index)) {
                 Some(rid) => rid,
@@ -194,6 +197,7 @@ impl CnpStore {
     /// Inserts a policy; returns the other policies whose position (and so
     /// ranks) changed.
     pub fn insert(&mut self, id: CnpId, st: CnpState) -> Vec<CnpId> {
+        self.generation += 1;
         for r in &st.rules {
             for p in &r.peers {
                 if let CnpPeer::Pods(s) = p {
@@ -214,6 +218,7 @@ impl CnpStore {
     /// Removes a policy; returns it and the policies whose position changed.
     pub fn remove(&mut self, id: CnpId) -> Option<(CnpState, Vec<CnpId>)> {
         let st = self.cnps.remove(&id)?;
+        self.generation += 1;
         self.by_name.remove(&st.name);
         for r in &st.rules {
             self.rule_origins.remove(&r.id);
@@ -310,6 +315,19 @@ impl CnpStore {
             index: r.index,
             action: r.action,
         })
+    }
+
+    /// Changes with every policy or rule change.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every rule id with where it comes from.
+    pub fn rule_origins(&self) -> Vec<(u32, CnpRuleOrigin)> {
+        self.rule_origins
+            .keys()
+            .filter_map(|&rid| Some((rid, self.rule_origin(rid)?)))
+            .collect()
     }
 
     /// (tier, rank, action) of a rule id.

@@ -56,6 +56,17 @@ impl Compiler {
         self.commit()
     }
 
+    /// Changes whenever a ClusterNetworkPolicy or its rules change: when to
+    /// fetch `cnp_rule_origins` again.
+    pub fn cnp_generation(&self) -> u64 {
+        self.cnps.generation()
+    }
+
+    /// Every ClusterNetworkPolicy rule id with where it comes from.
+    pub fn cnp_rule_origins(&self) -> Vec<(u32, CnpRuleOrigin)> {
+        self.cnps.rule_origins()
+    }
+
     /// Where a ClusterNetworkPolicy rule id comes from.
     pub fn cnp_rule_origin(&self, rule_id: u32) -> Option<CnpRuleOrigin> {
         self.cnps.rule_origin(rule_id)

@@ -537,7 +537,7 @@ fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> V
 #[inline(never)]
 fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     let isolated = isolated(ep, dir);
-    let tiered = TIERS_IN_KERNEL && tiered(ep, dir);
+    let tiered = tiered(ep, dir);
     if !isolated && !tiered {
         return 0;
     }
@@ -557,13 +557,12 @@ fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     // 9t. ClusterNetworkPolicy entries: every tier's hits folded. An
     //     endpoint without them keeps the early exit below.
     let verdict = if tiered {
-        let q = policy::Query {
-            peer_id,
+        let flow = policy::Flow {
             port,
             l4,
             isolated,
         };
-        policy::tiered(ep, dir, peer, &q)
+        policy::tiered(ep, dir, peer, peer_id, flow)
     } else {
         match policy::allowed(ep, dir, peer, peer_id, l4, port) {
             Some(rule) => u64::from(rule),
@@ -576,13 +575,6 @@ fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     verdict
 }
 
-/// The tiered fold (`policy::tiered`) is switched off: unrolled over 17
-/// prefix lengths times three peer classes without an early exit, it
-/// exceeds the verifier's 1M-instruction budget (E2BIG) on this kernel, so
-/// with it on no program loads. Until the fold is bounded differently
-/// (bpf_loop, or one key per rank), endpoints are judged by NetworkPolicy
-/// alone and ClusterNetworkPolicy entries are written but not enforced.
-const TIERS_IN_KERNEL: bool = false;
 
 #[inline(always)]
 fn tiered(ep: &EndpointInfo, dir: u8) -> bool {

@@ -581,7 +581,7 @@ fn diverges(pin_root: &Path, n: &mut u32, case: &Case) -> Result<bool> {
 
 /// Every way to make a world smaller by one thing.
 fn smaller(w: &World) -> Vec<World> {
-    let mut out = Vec::new();
+    let mut out = cnp::reductions(w);
     without_each(w, &mut out, w.policies.len(), |x| Some(&mut x.policies));
     without_each(w, &mut out, w.pods.len(), |x| Some(&mut x.pods));
     for i in 0..w.policies.len() {

@@ -5,9 +5,9 @@
 //! compiler's data-path verdict (`Compiler::verdict`, the decision the TC
 //! programs make from the maps, computed from the maps' contents).
 //!
-//! The kernel does not fold tiers yet (`TIERS_IN_KERNEL` in the eBPF
-//! program), so the whole pipeline (`crate::pipeline`) is not the judge here
-//! yet; it is fed the same objects, for when it is.
+//! The same worlds also go through the whole pipeline
+//! ([`run_seed_pipeline`]: the compiler, the map writer and the TC programs
+//! through BPF_PROG_TEST_RUN, which fold the tiers in the kernel).
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::Result;
@@ -458,6 +458,55 @@ pub fn run_seed_compiler(seed: u64, rounds: usize, per_round: usize) -> Result<S
     Ok(report)
 }
 
+/// One seed through the whole pipeline (root, a bpffs under `pin_root`):
+/// as [`run_seed_compiler`], judged by the kernel.
+pub fn run_seed_pipeline(
+    pin_root: &std::path::Path,
+    seed: u64,
+    rounds: usize,
+    per_round: usize,
+) -> Result<SeedReport> {
+    let mut rng = Rng::seeded(seed);
+    let mut serial = 0;
+    let mut w = world_with_cnps(&mut rng, &mut serial);
+    let dir = pin_root.join(format!("cnp-seed-{seed}"));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let mut p = crate::pipeline::Pipeline::new(&dir, &w)?;
+        let mut report = SeedReport::default();
+        let mut before: Option<World> = None;
+        for round in 0..rounds {
+            if round > 0 {
+                let next = mutate_with_cnps(&mut rng, &w, &mut serial);
+                p.set_world(&next)?;
+                before = Some(std::mem::replace(&mut w, next));
+            }
+            let oracle = Oracle::new(&w);
+            for probe in probes(&mut rng, &w, per_round) {
+                let expected = oracle.allowed(probe.src, probe.dst, probe.proto, probe.port);
+                let got = p.allowed(probe.src, probe.dst, probe.proto, probe.port)?;
+                report.probes += 1;
+                report.allowed += usize::from(got);
+                if got != expected {
+                    report.divergence = Some(Case {
+                        before,
+                        world: w.clone(),
+                        probe,
+                        expected,
+                        known_issue: None,
+                    });
+                    return Ok(report);
+                }
+            }
+        }
+        Ok(report)
+    })();
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        eprintln!("unpin {}: {e}", dir.display());
+    }
+    result
+}
+
 /// The compiler's verdict on a case, from scratch (`before` then `world`
 /// as events when the case has a history).
 pub fn compiler_verdict(case: &Case) -> bool {
@@ -485,8 +534,8 @@ pub fn diverges_in_compiler(case: &Case) -> bool {
 }
 
 /// Every way to make a world's ClusterNetworkPolicies or Node smaller by
-/// one thing, then the NetworkPolicy-side reductions.
-fn smaller_with_cnps(w: &World) -> Vec<World> {
+/// one thing (the first reductions [`super::shrink`] tries).
+pub(super) fn reductions(w: &World) -> Vec<World> {
     let mut out = Vec::new();
     for i in 0..w.cluster_policies.len() {
         let mut x = w.clone();
@@ -529,7 +578,6 @@ fn smaller_with_cnps(w: &World) -> Vec<World> {
         x.nodes.clear();
         out.push(x);
     }
-    out.extend(smaller(w));
     out
 }
 
@@ -546,7 +594,7 @@ pub fn shrink_in_compiler(case: Case) -> Case {
             best = flat;
         }
     }
-    while let Some(c) = smaller_with_cnps(&best.world)
+    while let Some(c) = smaller(&best.world)
         .into_iter()
         .map(|w| Case {
             world: w,

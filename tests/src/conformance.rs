@@ -48,8 +48,9 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            // The repo's cases: the 48 upstream ones and Sluice's own.
-            case_dirs: ["conformance/upstream", "conformance/sluice"]
+            // The repo's cases: the 48 upstream ones, Sluice's own and the
+            // ported network-policy-api suite (its own model and cluster).
+            case_dirs: ["conformance/upstream", "conformance/sluice", "conformance/cnp"]
                 .iter()
                 .map(|d| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d))
                 .collect(),

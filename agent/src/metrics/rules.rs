@@ -86,7 +86,8 @@ pub(super) fn encode(
         "sluice_cnp_rule_dropped_bytes",
         "Bytes dropped by a ClusterNetworkPolicy rule, by tier, policy and rule.",
         MetricType::Counter,
-        by.iter().map(|(l, v)| (l.clone(), ConstCounter::new(v.bytes))),
+        by.iter()
+            .map(|(l, v)| (l.clone(), ConstCounter::new(v.bytes))),
     )
 }
 
@@ -126,7 +127,13 @@ mod tests {
                 (RULE_CNP_FLAG | i, c)
             })
             .collect();
-        drops.insert(RULE_CNP_FLAG | 9999, Count { packets: 7, bytes: 1 });
+        drops.insert(
+            RULE_CNP_FLAG | 9999,
+            Count {
+                packets: 7,
+                bytes: 1,
+            },
+        );
         let s = series(&drops, &names);
         assert_eq!(s.len(), MAX_RULE_SERIES + 2);
         let other = |tier: &str| RuleLabels {

@@ -57,7 +57,8 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
         assert!(!tcp_ok(&client.ns, ip, 80, SHORT), "client -> {ip} denied");
         assert!(!tcp_ok(&other.ns, ip, 80, SHORT), "other -> {ip} denied");
     }
-    let detail = "denied by ClusterNetworkPolicy block-server, rule deny-server (Admin, priority 10)";
+    let detail =
+        "denied by ClusterNetworkPolicy block-server, rule deny-server (Admin, priority 10)";
     assert!(
         eventually(WAIT, || {
             node.events_matching(|e| {
@@ -70,8 +71,7 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
         node.events_matching(|e| e["reason"] == "admin-denied")
     );
     let m = node.metrics()?;
-    let series =
-        r#"sluice_cnp_rule_dropped_packets_total{tier="Admin",policy="block-server",rule="deny-server"}"#;
+    let series = r#"sluice_cnp_rule_dropped_packets_total{tier="Admin",policy="block-server",rule="deny-server"}"#;
     assert!(
         m.get(series).copied().unwrap_or(0.0) >= 4.0,
         "{series} in {m:?}"
@@ -107,8 +107,14 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
     )?;
     node.wait_programmed("ClusterNetworkPolicy/let-other-in", Some(&rv), WAIT)?;
     for ip in [s4, s6] {
-        assert!(tcp_ok(&other.ns, ip, 80, SHORT), "other -> {ip}: Admin Accept");
-        assert!(!tcp_ok(&client.ns, ip, 80, SHORT), "client -> {ip}: NP deny");
+        assert!(
+            tcp_ok(&other.ns, ip, 80, SHORT),
+            "other -> {ip}: Admin Accept"
+        );
+        assert!(
+            !tcp_ok(&client.ns, ip, 80, SHORT),
+            "client -> {ip}: NP deny"
+        );
     }
 
     // Baseline: a default deny of the server's ingress is overridden by
@@ -127,14 +133,19 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
         })),
     )?;
     node.wait_programmed("ClusterNetworkPolicy/default-deny", Some(&rv), WAIT)?;
-    assert!(tcp_ok(&other.ns, s4, 80, SHORT), "Admin Accept before Baseline");
+    assert!(
+        tcp_ok(&other.ns, s4, 80, SHORT),
+        "Admin Accept before Baseline"
+    );
     assert!(!tcp_ok(&client.ns, s4, 80, SHORT), "Baseline Deny");
     assert!(
-        eventually(WAIT, || !node
+        eventually(WAIT, || {
+            !node
             .events_matching(|e| e["reason"] == "baseline-denied"
                 && e["detail"]
                     == "denied by ClusterNetworkPolicy default-deny, rule deny-all (Baseline, priority 0)")
-            .is_empty()),
+            .is_empty()
+        }),
         "baseline drop named"
     );
     Ok(())

@@ -4,13 +4,10 @@
 //! agent's drop events and in the per-rule Prometheus counters.
 use super::*;
 
-fn cnp(obj: Value) -> Value {
-    let mut o = json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
-                       "kind": "ClusterNetworkPolicy"});
-    if let (Some(o), Some(extra)) = (o.as_object_mut(), obj.as_object()) {
-        o.extend(extra.clone());
-    }
-    o
+fn cnp(mut obj: Value) -> Value {
+    obj["apiVersion"] = json!("policy.networking.k8s.io/v1alpha2");
+    obj["kind"] = json!("ClusterNetworkPolicy");
+    obj
 }
 
 #[test]

@@ -389,7 +389,9 @@ mod rule_tests {
         r.name_rule(&names);
         assert_eq!(
             r.detail.as_deref(),
-            Some("denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)")
+            Some(
+                "denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)"
+            )
         );
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["policy"]["tier"], "Admin");

@@ -143,7 +143,9 @@ impl Cluster {
     }
 
     /// The names of ClusterNetworkPolicy rule ids, kept current.
-    pub fn rule_names(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<crate::events::RuleNames>> {
+    pub fn rule_names(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::sync::Arc<crate::events::RuleNames>> {
         self.rule_names.subscribe()
     }
 

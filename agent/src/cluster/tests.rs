@@ -172,7 +172,8 @@ fn cluster_policy(cidr: &str) -> Object {
 fn an_invalid_cluster_policy_is_noticed_on_the_cluster_scoped_object() {
     let mut c = synced();
     // No local endpoint: of no concern to this node yet.
-    assert_eq!(feed(&mut c, cluster_policy("169.254.169.254/33")), 1);
+    // The schema problem, and what the rule becomes (a deny at its place).
+    assert_eq!(feed(&mut c, cluster_policy("169.254.169.254/33")), 2);
     assert!(c.take_notices().is_empty());
     feed(&mut c, pod("x", "n1"));
     let n = c.take_notices();

@@ -364,6 +364,7 @@ impl Reconciler {
         };
         let sizes = &st.dp.sizes;
         EndpointStats {
+            rule_names: self.rule_names(),
             endpoints: st
                 .endpoints
                 .all()

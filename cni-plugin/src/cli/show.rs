@@ -560,11 +560,20 @@ mod tests {
             Some("- DROPPED egress 10.244.1.5(x/client) -> 192.0.2.1 ICMP - -")
         );
         // A named ClusterNetworkPolicy rule replaces the reason code.
-        let d = "denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)";
+        let d =
+            "denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)";
         let rec = json!({"reason": "admin-denied", "detail": d});
-        assert!(observe_line(&rec, CLOCK).unwrap().ends_with(&format!(" - {d}")));
+        assert!(
+            observe_line(&rec, CLOCK)
+                .unwrap()
+                .ends_with(&format!(" - {d}"))
+        );
         let rec = json!({"reason": "revoked", "detail": d});
-        assert!(observe_line(&rec, CLOCK).unwrap().ends_with(&format!(" revoked, {d}")));
+        assert!(
+            observe_line(&rec, CLOCK)
+                .unwrap()
+                .ends_with(&format!(" revoked, {d}"))
+        );
         assert_eq!(observe_line(&json!([1]), CLOCK), None);
         assert_eq!(observe_line(&json!({"src_port": "x"}), CLOCK), None);
     }

@@ -557,11 +557,7 @@ fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     // 9t. ClusterNetworkPolicy entries: every tier's hits folded. An
     //     endpoint without them keeps the early exit below.
     let verdict = if tiered {
-        let flow = policy::Flow {
-            port,
-            l4,
-            isolated,
-        };
+        let flow = policy::Flow { port, l4, isolated };
         policy::tiered(ep, dir, peer, peer_id, flow)
     } else {
         match policy::allowed(ep, dir, peer, peer_id, l4, port) {
@@ -574,7 +570,6 @@ fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     }
     verdict
 }
-
 
 #[inline(always)]
 fn tiered(ep: &EndpointInfo, dir: u8) -> bool {

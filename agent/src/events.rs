@@ -4,8 +4,72 @@
 //! them per flow.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::collections::HashMap;
+
 use serde::Serialize;
-use sluice_common::{DIR_EGRESS, DropEvent, reason};
+use sluice_common::{DIR_EGRESS, DropEvent, RULE_CNP_FLAG, reason};
+
+use crate::policy::CnpRuleOrigin;
+
+/// The policy rule a drop names: a ClusterNetworkPolicy rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleName {
+    /// `ClusterNetworkPolicy`.
+    pub kind: &'static str,
+    pub name: String,
+    /// The rule's `name`, else `ingress[i]` / `egress[i]`.
+    pub rule: String,
+    /// `Admin` or `Baseline`.
+    pub tier: &'static str,
+    pub priority: u32,
+}
+
+impl RuleName {
+    /// `denied by ClusterNetworkPolicy block-metadata, rule deny-imds
+    /// (Admin, priority 10)`.
+    pub fn explain(&self) -> String {
+        format!(
+            "denied by {} {}, rule {} ({}, priority {})",
+            self.kind, self.name, self.rule, self.tier, self.priority
+        )
+    }
+}
+
+/// ClusterNetworkPolicy rule id -> its name, as the compiler last knew it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleNames(HashMap<u32, RuleName>);
+
+impl RuleNames {
+    pub fn from_origins(origins: Vec<(u32, CnpRuleOrigin)>) -> Self {
+        Self(
+            origins
+                .into_iter()
+                .map(|(id, o)| {
+                    let name = RuleName {
+                        kind: "ClusterNetworkPolicy",
+                        name: o.policy,
+                        rule: o.rule,
+                        tier: o.tier.name(),
+                        priority: o.priority,
+                    };
+                    (id, name)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, rule_id: u32) -> Option<&RuleName> {
+        self.0.get(&rule_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// A drop as users read it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -33,6 +97,16 @@ pub struct DropRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_id: Option<u16>,
     pub length: u32,
+    /// The ClusterNetworkPolicy rule behind an admin-denied,
+    /// baseline-denied or revoked drop (`RULE_CNP_FLAG` set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
+    /// That rule by name, when the agent knows it (`name_rule`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<RuleName>,
+    /// The human reason: `denied by ClusterNetworkPolicy ...`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub src_namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,6 +128,15 @@ impl DropRecord {
             self.dst_namespace = Some(ns);
             self.dst_pod = Some(pod);
         }
+    }
+
+    /// Names the ClusterNetworkPolicy rule of the drop, if `names` has it.
+    pub fn name_rule(&mut self, names: &RuleNames) {
+        let Some(name) = self.rule_id.and_then(|id| names.get(id)) else {
+            return;
+        };
+        self.detail = Some(name.explain());
+        self.policy = Some(name.clone());
     }
 
     /// Prints the record as one JSON line on stdout. A closed stdout must
@@ -154,6 +237,9 @@ impl From<&DropEvent> for DropRecord {
             icmp_code: icmp.then_some(e.icmp_code),
             icmp_id: is_echo(e.proto, e.icmp_type).then_some(e.sport),
             length: e.pkt_len,
+            rule_id: (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id),
+            policy: None,
+            detail: None,
             src_namespace: None,
             src_pod: None,
             dst_namespace: None,
@@ -273,5 +359,57 @@ mod tests {
         assert!(!r.matches(&f(None, Some("y/a"), None)));
         assert!(!r.matches(&f(Some("z"), None, None)));
         assert!(!r.matches(&f(Some("x"), None, Some("ingress"))));
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+    use crate::policy::Tier;
+
+    #[test]
+    fn a_cnp_drop_names_its_policy_rule_tier_and_priority() {
+        let names = RuleNames::from_origins(vec![(
+            RULE_CNP_FLAG | 4,
+            CnpRuleOrigin {
+                policy: "block-metadata".into(),
+                rule: "deny-imds".into(),
+                tier: Tier::Admin,
+                priority: 10,
+                dir: DIR_EGRESS,
+                index: 0,
+                action: sluice_common::action::DENY,
+            },
+        )]);
+        let mut r = DropRecord::from(&DropEvent {
+            reason: reason::ADMIN_DENIED,
+            rule_id: RULE_CNP_FLAG | 4,
+            ..Default::default()
+        });
+        r.name_rule(&names);
+        assert_eq!(
+            r.detail.as_deref(),
+            Some(
+                "denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)"
+            )
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["policy"]["tier"], "Admin");
+        assert_eq!(v["rule_id"], RULE_CNP_FLAG | 4);
+        // A NetworkPolicy default deny carries no rule; an unknown id
+        // stays a number.
+        let mut r = DropRecord::from(&DropEvent {
+            reason: reason::POLICY_DENIED,
+            ..Default::default()
+        });
+        r.name_rule(&names);
+        assert_eq!((r.rule_id, r.detail), (None, None));
+        let mut r = DropRecord::from(&DropEvent {
+            reason: reason::REVOKED,
+            rule_id: RULE_CNP_FLAG | 5,
+            ..Default::default()
+        });
+        r.name_rule(&names);
+        assert_eq!((r.rule_id, r.detail), (Some(RULE_CNP_FLAG | 5), None));
     }
 }

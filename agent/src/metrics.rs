@@ -48,6 +48,7 @@ use crate::{
 };
 
 mod ready;
+mod rules;
 pub use ready::{Readiness, Ready};
 
 /// Bucket bounds (seconds) of both duration histograms.
@@ -229,6 +230,8 @@ pub struct Capacities {
 pub struct EndpointStats {
     pub endpoints: Vec<EndpointStat>,
     pub capacity: Capacities,
+    /// ClusterNetworkPolicy rule names, for the per-rule drop counters.
+    pub rule_names: Arc<crate::events::RuleNames>,
 }
 
 /// Called at each scrape (on a blocking thread) for the agent's state.
@@ -380,6 +383,7 @@ impl Collector for Scrape {
                 ]
                 .map(|(event, idx)| (EventLabels { event }, ConstCounter::new(c.stat(idx)))),
             )?;
+            rules::encode(&mut enc, &c.rule_drops, &state.rule_names)?;
         }
         family(
             &mut enc,

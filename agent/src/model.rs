@@ -13,15 +13,18 @@ pub enum Kind {
     NetworkPolicy,
     Node,
     Service,
+    /// policy.networking.k8s.io/v1alpha2, cluster-scoped.
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Pod,
         Kind::Namespace,
         Kind::NetworkPolicy,
         Kind::Node,
         Kind::Service,
+        Kind::ClusterNetworkPolicy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -31,6 +34,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
             Kind::Service => "Service",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -155,5 +159,10 @@ mod tests {
             ObjKey::cluster_scoped(Kind::Namespace, "x").to_string(),
             "Namespace/x"
         );
+        assert_eq!(
+            ObjKey::cluster_scoped(Kind::ClusterNetworkPolicy, "block-metadata").to_string(),
+            "ClusterNetworkPolicy/block-metadata"
+        );
+        assert!(!Kind::ClusterNetworkPolicy.is_namespaced());
     }
 }

@@ -1,7 +1,9 @@
-//! Reachability cases (`shared/conformance/FORMAT.md`): a case file, its
-//! steps, the Kubernetes objects of `apply`/`delete`, placeholders, and the
-//! expected matrix, with a diff that marks the cells that differ. Pure: the
-//! runners (the model, the real data path) live elsewhere.
+//! Reachability cases (`shared/conformance/FORMAT.md`, with the extensions
+//! of `docs/conformance.md`: the `cnp` model, `subtest` and `probe` steps): a
+//! case file, its steps, the Kubernetes objects of `apply`/`delete`,
+//! placeholders, the expected matrix with a diff that marks the cells that
+//! differ, and single-pair probes. Pure: the runners (the model, the real
+//! data path) live elsewhere.
 //!
 //! The format is a contract: a key it does not document is an error, never
 //! skipped.
@@ -18,6 +20,10 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
+use sluice_api::ClusterNetworkPolicy;
+
+mod probe;
+pub use probe::Probe;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
@@ -30,10 +36,30 @@ pub struct Case {
     pub steps: Vec<Step>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Model {
+    /// `model-default.yaml`: namespaces x, y, z with pods a, b, c.
     Default,
+    /// `model-cnp.yaml`: network-policy-api's conformance cluster (the
+    /// house namespaces, two pods each, two host-network pods).
+    Cnp,
+}
+
+impl Model {
+    /// The model's file in `tests/conformance/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Default => "model-default.yaml",
+            Self::Cnp => "model-cnp.yaml",
+        }
+    }
+
+    /// Whether every (non host-network) pod gets its own ClusterIP
+    /// Service `s-<ns>-<pod>`; only the default model has them.
+    pub fn has_services(self) -> bool {
+        self == Self::Default
+    }
 }
 
 /// The families a case must hold in.
@@ -88,6 +114,11 @@ pub enum Step {
     /// Multi-document YAML naming the objects.
     Delete(String),
     Expect(Expect),
+    /// Probes of single (from, to) pairs, each on its own protocol and port.
+    Probe(Vec<Probe>),
+    /// Starts a named part of the case: the steps up to the next `subtest`
+    /// are judged together and reported under this name.
+    Subtest(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +179,8 @@ struct RawStep {
     apply: Option<String>,
     delete: Option<String>,
     expect: Option<RawExpect>,
+    probe: Option<String>,
+    subtest: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,30 +201,47 @@ pub fn parse_case(text: &str) -> Result<Case> {
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
+            let keys = [
+                s.apply.is_some(),
+                s.delete.is_some(),
+                s.expect.is_some(),
+                s.probe.is_some(),
+                s.subtest.is_some(),
+            ];
+            ensure!(
+                keys.iter().filter(|k| **k).count() == 1,
+                "step {i}: needs exactly one of apply, delete, expect, probe, subtest"
+            );
             Ok(match s {
+                RawStep { apply: Some(t), .. } => Step::Apply(t),
                 RawStep {
-                    apply: Some(t),
-                    delete: None,
-                    expect: None,
-                } => Step::Apply(t),
-                RawStep {
-                    apply: None,
-                    delete: Some(t),
-                    expect: None,
+                    delete: Some(t), ..
                 } => Step::Delete(t),
                 RawStep {
-                    apply: None,
-                    delete: None,
-                    expect: Some(e),
+                    expect: Some(e), ..
                 } => Step::Expect(Expect {
                     protocol: e.protocol,
                     port: e.port,
                     matrix: Matrix::parse(&e.matrix).with_context(|| format!("step {i}"))?,
                 }),
-                _ => bail!("step {i}: needs exactly one of apply, delete, expect"),
+                RawStep { probe: Some(t), .. } => {
+                    Step::Probe(Probe::parse_lines(&t).with_context(|| format!("step {i}"))?)
+                }
+                RawStep {
+                    subtest: Some(n), ..
+                } => {
+                    ensure!(!n.trim().is_empty(), "step {i}: subtest name is empty");
+                    Step::Subtest(n)
+                }
+                _ => bail!("step {i}: needs exactly one of apply, delete, expect, probe, subtest"),
             })
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<Step>>>()?;
+    ensure!(
+        raw.model.has_services() || raw.target == Target::Pod,
+        "the {:?} model has no Services: its cases say `target: pod`",
+        raw.model
+    );
     Ok(Case {
         name: raw.name,
         source: raw.source,
@@ -230,6 +280,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     NetworkPolicy(Box<NetworkPolicy>),
+    ClusterNetworkPolicy(Box<ClusterNetworkPolicy>),
 }
 
 impl Object {
@@ -238,6 +289,7 @@ impl Object {
             Self::Namespace(o) => (Kind::Namespace, &o.metadata),
             Self::Pod(o) => (Kind::Pod, &o.metadata),
             Self::NetworkPolicy(o) => (Kind::NetworkPolicy, &o.metadata),
+            Self::ClusterNetworkPolicy(o) => (Kind::ClusterNetworkPolicy, &o.metadata),
         };
         ObjectKey {
             kind,
@@ -252,9 +304,18 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Cluster-scoped, as a Namespace is.
+    ClusterNetworkPolicy,
 }
 
-/// Kind, namespace (empty for a Namespace) and name.
+impl Kind {
+    /// Whether objects of this kind live outside namespaces.
+    pub fn cluster_scoped(self) -> bool {
+        matches!(self, Self::Namespace | Self::ClusterNetworkPolicy)
+    }
+}
+
+/// Kind, namespace (empty for a cluster-scoped kind) and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     pub kind: Kind,
@@ -267,6 +328,7 @@ fn kind_of(api_version: &str, kind: &str) -> Result<Kind> {
         ("v1", "Namespace") => Kind::Namespace,
         ("v1", "Pod") => Kind::Pod,
         ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy") => Kind::ClusterNetworkPolicy,
         _ => bail!("unsupported object {api_version} {kind}"),
     })
 }
@@ -295,9 +357,9 @@ fn header(i: usize, doc: &serde_yaml_ng::Value) -> Result<ObjectKey> {
     let name = str_at(doc, &["metadata", "name"])
         .with_context(|| format!("document {i}: metadata.name"))?;
     let namespace = str_at(doc, &["metadata", "namespace"]);
-    let namespace = match (kind, namespace) {
-        (Kind::Namespace, None) => String::new(),
-        (Kind::Namespace, Some(_)) => bail!("document {i}: a Namespace has no namespace"),
+    let namespace = match (kind.cluster_scoped(), namespace) {
+        (true, None) => String::new(),
+        (true, Some(_)) => bail!("document {i}: a cluster-scoped {kind:?} has no namespace"),
         (_, Some(ns)) => ns.to_string(),
         (_, None) => bail!("document {i}: metadata.namespace is required"),
     };
@@ -324,6 +386,9 @@ pub fn parse_objects(text: &str) -> Result<Vec<Object>> {
                     Object::Pod(Box::new(serde_yaml_ng::from_value(doc).with_context(ctx)?))
                 }
                 Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(
+                    serde_yaml_ng::from_value(doc).with_context(ctx)?,
+                )),
+                Kind::ClusterNetworkPolicy => Object::ClusterNetworkPolicy(Box::new(
                     serde_yaml_ng::from_value(doc).with_context(ctx)?,
                 )),
             })

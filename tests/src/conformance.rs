@@ -6,12 +6,13 @@
 //! nftables rules. Everything goes through the API server, as the upstream
 //! e2e suite does; before probing, the runner waits until every agent
 //! reports the objects it changed programmed (no sleeps).
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+//!
+//! Beyond shared/conformance/FORMAT.md the runner knows what
+//! `docs/conformance.md` documents: the `cnp` model (network-policy-api's
+//! conformance cluster, with host-network pods and labelled Nodes),
+//! ClusterNetworkPolicies, `probe` steps (single pairs by pod address) and
+//! `subtest` steps (each named part of a case reported on its own line).
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
@@ -19,7 +20,7 @@ use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, resources
 
 use crate::{
     NetNs, Node, Pod, Server,
-    cases::{self, Case, Family, Matrix, Protocol, Step, Target},
+    cases::{self, Family, Matrix, Protocol},
     conflist_config, tcp_ok, udp_ok,
 };
 
@@ -47,8 +48,9 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            // The repo's cases: the 48 upstream ones and Sluice's own.
-            case_dirs: ["conformance/upstream", "conformance/sluice"]
+            // The repo's cases: the 48 upstream ones, Sluice's own and the
+            // ported network-policy-api suite (its own model and cluster).
+            case_dirs: ["conformance/upstream", "conformance/sluice", "conformance/cnp"]
                 .iter()
                 .map(|d| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d))
                 .collect(),
@@ -75,6 +77,7 @@ fn plural(kind: cases::Kind) -> &'static str {
         cases::Kind::Namespace => "namespaces",
         cases::Kind::Pod => "pods",
         cases::Kind::NetworkPolicy => "networkpolicies",
+        cases::Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
     }
 }
 
@@ -83,6 +86,7 @@ fn kind_name(kind: cases::Kind) -> &'static str {
         cases::Kind::Namespace => "Namespace",
         cases::Kind::Pod => "Pod",
         cases::Kind::NetworkPolicy => "NetworkPolicy",
+        cases::Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
     }
 }
 
@@ -102,9 +106,17 @@ fn rv_of(v: &Value) -> String {
         .to_owned()
 }
 
-/// One pod as wired on a node.
+/// How a model pod is on the network.
+enum Endpoint {
+    /// Its own network namespace, wired by the plugin.
+    Wired(Pod),
+    /// `hostNetwork: true`: the node's namespace and addresses.
+    Host,
+}
+
+/// One pod as placed on a node.
 struct ModelPod {
-    pod: Pod,
+    ep: Endpoint,
     node: usize,
     _servers: Vec<Server>,
 }
@@ -122,6 +134,11 @@ pub struct Cluster {
     model: Vec<cases::Object>,
     /// Pods created so far (spreads pods over nodes, numbers Service IPs).
     created: usize,
+    /// Whether pods get ClusterIP Services (the default model's do).
+    with_services: bool,
+    /// Servers of host-network pods, one per (node, port): two such pods
+    /// on one node share its addresses.
+    host_servers: BTreeMap<(usize, u16), Server>,
     pub sctp: bool,
     kube_proxy: Vec<crate::kubeproxy::KubeProxy>,
 }
@@ -163,8 +180,45 @@ fn link_ips(i: usize) -> (String, String) {
     )
 }
 
+/// A node's addresses (the Node object's InternalIPs; host-network pods
+/// have them).
+fn node_ips(i: usize) -> [IpAddr; 2] {
+    let (v4, v6) = link_ips(i);
+    [
+        v4.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        v6.parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+    ]
+}
+
+/// The distinct port numbers of a pod's containers: what its servers
+/// listen on (TCP and UDP each).
+fn container_ports(p: &k8s_openapi::api::core::v1::Pod) -> std::collections::BTreeSet<u16> {
+    p.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|cp| u16::try_from(cp.container_port).ok())
+        .collect()
+}
+
+fn is_host_network(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+}
+
 impl Cluster {
+    /// A cluster of the default model's shape (ClusterIP Services per pod).
     pub fn start(nodes: usize, model_yaml: &str) -> Result<Self> {
+        Self::start_model(nodes, model_yaml, true)
+    }
+
+    /// A cluster of `model_yaml`'s namespaces and pods; `with_services`
+    /// gives every pod its ClusterIP Service `s-<ns>-<pod>`.
+    pub fn start_model(nodes: usize, model_yaml: &str, with_services: bool) -> Result<Self> {
         if !(1..=2).contains(&nodes) {
             bail!("--nodes must be 1 or 2");
         }
@@ -201,6 +255,16 @@ impl Cluster {
                     .ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
                 ns[i].ns.ip(&["link", "set", dev, "up"])?;
             }
+        } else {
+            // One node: its Node addresses still exist (host-network pods
+            // serve on them, egress `nodes` peers match them), as host
+            // addresses on the loopback of the node's namespace (this
+            // kernel may have no dummy devices).
+            let (v4, v6) = link_ips(0);
+            let n = &ns[0].ns;
+            n.ip(&["link", "set", "lo", "up"])?;
+            n.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"])?;
+            n.ip(&["addr", "add", &format!("{v6}/128"), "dev", "lo", "nodad"])?;
         }
         let listen: std::net::SocketAddr = if nodes == 2 {
             format!("{}:0", link_ips(0).0).parse()?
@@ -222,7 +286,12 @@ impl Cluster {
                     r,
                     None,
                     json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": node_name(i)},
+                    // The well-known labels kubelet sets (egress `nodes`
+                    // peers select them).
+                    "metadata": {"name": node_name(i), "labels": {
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": std::env::consts::ARCH,
+                        "kubernetes.io/hostname": node_name(i)}},
                     "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
                     "status": {"addresses": [
                         {"type": "InternalIP", "address": link_ips(i).0},
@@ -251,6 +320,8 @@ impl Cluster {
             services: BTreeMap::new(),
             model: model.clone(),
             created: 0,
+            with_services,
+            host_servers: BTreeMap::new(),
             sctp: sctp_available(),
             kube_proxy: Vec::new(),
         };
@@ -262,7 +333,9 @@ impl Cluster {
                 cases::Object::Pod(p) => {
                     cluster.add_pod(p)?;
                 }
-                cases::Object::NetworkPolicy(_) => bail!("the model has no policies"),
+                cases::Object::NetworkPolicy(_) | cases::Object::ClusterNetworkPolicy(_) => {
+                    bail!("the model has no policies")
+                }
             }
         }
         cluster.program_services()?;
@@ -281,22 +354,81 @@ impl Cluster {
     }
 
     /// A new pod: created in the API on the next node in turn, wired by the
-    /// plugin there, its addresses reported as kubelet does, servers on
-    /// TCP and UDP 80 and 81, and its own ClusterIP Service (`s-ns-name`).
-    /// Returns the key and version to wait for. kube-proxy's rules are
-    /// rewritten by the caller (`program_services`).
+    /// plugin there (a host-network pod is not: it is the node's
+    /// namespace), its addresses reported as kubelet does, servers on TCP
+    /// and UDP on each of its container ports, and, when the cluster has
+    /// them, its own ClusterIP Service (`s-ns-name`). Returns the key and
+    /// version to wait for. kube-proxy's rules are rewritten by the caller
+    /// (`program_services`).
     fn add_pod(&mut self, p: &k8s_openapi::api::core::v1::Pod) -> Result<(String, Option<String>)> {
         let nsname = p.metadata.namespace.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
         let key = format!("{nsname}/{name}");
         let (index, node) = (self.created, self.created % self.nodes.len());
         self.created += 1;
+        let host = is_host_network(p);
         let mut v = serde_json::to_value(p)?;
         v["spec"]["nodeName"] = json!(node_name(node));
         let pods = res("pods")?;
         self.api
             .with_store(|s| s.create(pods, Some(&nsname), v))
             .map_err(|e| anyhow::anyhow!("create pod {key}: {e:?}"))?;
+        let with_service = self.with_services && !host;
+        if with_service {
+            self.create_service(index, &nsname, &name)?;
+        }
+        let (ep, ips): (Endpoint, Vec<IpAddr>) = if host {
+            (Endpoint::Host, node_ips(node).to_vec())
+        } else {
+            let pod = Pod::add_as(
+                &self.nodes[node],
+                &self.configs[node],
+                Some((&nsname, &name)),
+            )?;
+            let ips = pod.ipv4.iter().chain(pod.ipv6.iter()).copied().collect();
+            (Endpoint::Wired(pod), ips)
+        };
+        // What kubelet does once the sandbox is up: report the addresses.
+        let mut status = self.api.get("pods", &nsname, &name).context("pod")?;
+        let ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
+        status["status"]["podIPs"] = json!(ips);
+        status["status"]["hostIP"] = json!(link_ips(node).0);
+        status["status"]["phase"] = json!("Running");
+        let updated = self
+            .api
+            .with_store(|s| s.update(pods, Some(&nsname), &name, status, Part::Status))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut servers = Vec::new();
+        for port in container_ports(p) {
+            match &ep {
+                Endpoint::Wired(pod) => servers.push(Server::start(&pod.ns, port)?),
+                Endpoint::Host => {
+                    if !self.host_servers.contains_key(&(node, port)) {
+                        let s = Server::start(&self.nodes[node].ns, port)?;
+                        self.host_servers.insert((node, port), s);
+                    }
+                }
+            }
+        }
+        if with_service {
+            self.services
+                .insert(key.clone(), service_ips(index).to_vec());
+        }
+        self.pods.insert(
+            key.clone(),
+            ModelPod {
+                ep,
+                node,
+                _servers: servers,
+            },
+        );
+        Ok((format!("Pod/{key}"), Some(rv_of(&updated))))
+    }
+
+    /// Pod `index`'s ClusterIP Service, one port per (protocol, port) of
+    /// the default model.
+    fn create_service(&self, index: usize, nsname: &str, name: &str) -> Result<()> {
         let [ip4, ip6] = service_ips(index);
         let mut ports = Vec::new();
         for port in PORTS {
@@ -312,7 +444,7 @@ impl Cluster {
             .with_store(|s| {
                 s.create(
                     svc,
-                    Some(&nsname),
+                    Some(nsname),
                     json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": format!("s-{nsname}-{name}"), "namespace": nsname},
                     "spec": {"selector": {"pod": name}, "clusterIP": ip4.to_string(),
@@ -321,50 +453,21 @@ impl Cluster {
                         "ports": ports}}),
                 )
             })
-            .map_err(|e| anyhow::anyhow!("create service of {key}: {e:?}"))?;
-        let pod = Pod::add_as(
-            &self.nodes[node],
-            &self.configs[node],
-            Some((&nsname, &name)),
-        )?;
-        // What kubelet does once the sandbox is up: report the addresses.
-        let mut status = self.api.get("pods", &nsname, &name).context("pod")?;
-        let ips: Vec<Value> = pod
-            .ipv4
-            .iter()
-            .chain(pod.ipv6.iter())
-            .map(|ip| json!({"ip": ip.to_string()}))
-            .collect();
-        status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
-        status["status"]["podIPs"] = json!(ips);
-        status["status"]["phase"] = json!("Running");
-        let updated = self
-            .api
-            .with_store(|s| s.update(pods, Some(&nsname), &name, status, Part::Status))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let servers = PORTS
-            .iter()
-            .map(|&port| Server::start(&pod.ns, port))
-            .collect::<Result<_>>()?;
-        self.services
-            .insert(key.clone(), service_ips(index).to_vec());
-        self.pods.insert(
-            key.clone(),
-            ModelPod {
-                pod,
-                node,
-                _servers: servers,
-            },
-        );
-        Ok((format!("Pod/{key}"), Some(rv_of(&updated))))
+            .map_err(|e| anyhow::anyhow!("create service of {nsname}/{name}: {e:?}"))?;
+        Ok(())
     }
 
     /// Tears a pod down: CNI DEL on its node, then the pod and its Service
     /// leave the API.
     fn remove_pod(&mut self, key: &str) -> Result<(String, Option<String>)> {
         let (nsname, name) = key.split_once('/').context("pod key")?;
-        if let Some(p) = self.pods.remove(key) {
-            let out = p.pod.del(&self.nodes[p.node], &self.configs[p.node])?;
+        if let Some(ModelPod {
+            ep: Endpoint::Wired(pod),
+            node,
+            ..
+        }) = self.pods.remove(key)
+        {
+            let out = pod.del(&self.nodes[node], &self.configs[node])?;
             if out.code != 0 {
                 bail!("CNI DEL of {key}: {out:?}");
             }
@@ -390,14 +493,9 @@ impl Cluster {
         use crate::kubeproxy::{KubeProxy, Protocol as P, ServicePort};
         let mut ports = Vec::new();
         for (key, ips) in &self.services {
-            let pod = &self.pods[key].pod;
             let (ns, name) = key.split_once('/').unwrap_or_default();
             for cluster_ip in ips {
-                let backend = if cluster_ip.is_ipv4() {
-                    pod.ipv4
-                } else {
-                    pod.ipv6
-                };
+                let backend = self.ip_of(key, Family::of(*cluster_ip));
                 let Some(backend) = backend else { continue };
                 for port in PORTS {
                     for proto in [P::Tcp, P::Udp] {
@@ -427,7 +525,12 @@ impl Cluster {
     fn wait_all_programmed(&self) -> Result<()> {
         let mut keys = Vec::new();
         self.api.with_store(|s| {
-            for plural in ["namespaces", "pods", "networkpolicies"] {
+            for plural in [
+                "namespaces",
+                "pods",
+                "networkpolicies",
+                "clusternetworkpolicies",
+            ] {
                 if let Ok(r) = res(plural) {
                     for v in s.list(r, &Default::default()) {
                         let ns = v["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -471,9 +574,13 @@ impl Cluster {
         self.api.get(plural, namespace, name).map(|v| rv_of(&v))
     }
 
-    /// The network namespace of model pod `ns/name`.
+    /// The network namespace of model pod `ns/name` (a host-network pod's
+    /// is its node's).
     pub fn pod_netns(&self, pod: &str) -> Option<&NetNs> {
-        self.pods.get(pod).map(|p| &p.pod.ns)
+        self.pods.get(pod).map(|p| match &p.ep {
+            Endpoint::Wired(pod) => &pod.ns,
+            Endpoint::Host => &self.nodes[p.node].ns,
+        })
     }
 
     /// Applies an `apply` step's text (placeholders in `family`) through the
@@ -497,10 +604,11 @@ impl Cluster {
     }
 
     pub fn ip_of(&self, pod: &str, family: Family) -> Option<IpAddr> {
-        let p = &self.pods.get(pod)?.pod;
-        match family {
-            Family::Ipv4 => p.ipv4,
-            Family::Ipv6 => p.ipv6,
+        let p = self.pods.get(pod)?;
+        match (&p.ep, family) {
+            (Endpoint::Wired(p), Family::Ipv4) => p.ipv4,
+            (Endpoint::Wired(p), Family::Ipv6) => p.ipv6,
+            (Endpoint::Host, f) => node_ips(p.node).into_iter().find(|ip| Family::of(*ip) == f),
         }
     }
 
@@ -508,21 +616,30 @@ impl Cluster {
     /// namespaces a case added, every model object as the model has it.
     fn reset(&mut self) -> Result<()> {
         let mut keys = Vec::new();
-        let np = res("networkpolicies")?;
-        let policies: Vec<Value> = self.api.with_store(|s| s.list(np, &Default::default()));
-        for p in policies {
-            let ns = p["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let name = p["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            self.api
-                .with_store(|s| s.delete(np, Some(&ns), &name, (None, None)))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            keys.push((format!("NetworkPolicy/{ns}/{name}"), None));
+        for kind in [
+            cases::Kind::NetworkPolicy,
+            cases::Kind::ClusterNetworkPolicy,
+        ] {
+            let r = res(plural(kind))?;
+            let policies: Vec<Value> = self.api.with_store(|s| s.list(r, &Default::default()));
+            for p in policies {
+                let key = cases::ObjectKey {
+                    kind,
+                    namespace: p["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    name: p["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                };
+                let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
+                self.api
+                    .with_store(|s| s.delete(r, ns, &key.name, (None, None)))
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                keys.push((programmed_key(&key), None));
+            }
         }
         let model_keys: Vec<cases::ObjectKey> = self.model.iter().map(cases::Object::key).collect();
         let extra_pods: Vec<String> = self
@@ -589,7 +706,7 @@ impl Cluster {
                 self.api
                     .with_store(|s| s.update(r, ns, &key.name, old, Part::Main))
             }
-            (cases::Kind::NetworkPolicy, Some(old)) => {
+            (cases::Kind::NetworkPolicy | cases::Kind::ClusterNetworkPolicy, Some(old)) => {
                 v["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
                 self.api
                     .with_store(|s| s.update(r, ns, &key.name, v, Part::Main))
@@ -635,20 +752,26 @@ impl Cluster {
                     .map_err(|e| anyhow::anyhow!("delete namespace {}: {e:?}", key.name))?;
                 Ok((programmed_key(key), None))
             }
-            cases::Kind::NetworkPolicy => {
+            cases::Kind::NetworkPolicy | cases::Kind::ClusterNetworkPolicy => {
                 let r = res(plural(key.kind))?;
+                let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
                 self.api
-                    .with_store(|s| s.delete(r, Some(&key.namespace), &key.name, (None, None)))
+                    .with_store(|s| s.delete(r, ns, &key.name, (None, None)))
                     .map_err(|e| anyhow::anyhow!("delete {}: {e:?}", key.name))?;
                 Ok((programmed_key(key), None))
             }
         }
     }
 
-    /// Probes every ordered pair once, all at the same time.
     /// Every pod of the cluster (`ns/pod`), sorted.
     pub fn pod_names(&self) -> Vec<String> {
         self.pods.keys().cloned().collect()
+    }
+
+    fn netns_name(&self, pod: &str) -> Result<String> {
+        self.pod_netns(pod)
+            .map(|ns| ns.name.clone())
+            .with_context(|| format!("{pod} is no pod of the cluster"))
     }
 
     /// Probes every (from, to) pair of `names`, in parallel; the matrix is
@@ -666,36 +789,17 @@ impl Cluster {
         if let Some(missing) = names.iter().find(|n| !self.pods.contains_key(*n)) {
             bail!("the matrix names {missing}, which is no pod of the cluster");
         }
-        let mut jobs = Vec::new();
-        for from in names {
-            for to in names {
-                if from == to {
-                    continue;
-                }
-                let dst = match target {
-                    ProbeTarget::Pod => self.ip_of(to, family),
-                    ProbeTarget::Service => self
-                        .services
-                        .get(to)
-                        .and_then(|ips| ips.iter().find(|ip| Family::of(**ip) == family).copied()),
-                };
-                let ns_name = self.pods[from].pod.ns.name.clone();
-                let (from, to) = (from.clone(), to.clone());
-                jobs.push(std::thread::spawn(move || {
-                    let ns = NetNs { name: ns_name };
-                    let ok = dst.is_some_and(|ip| match protocol {
-                        Protocol::Tcp => tcp_ok(&ns, ip, port, timeout),
-                        Protocol::Udp => udp_ok(&ns, ip, port, timeout),
-                        Protocol::Sctp => false,
-                    });
-                    // Borrowed name: this NetNs must not delete the namespace.
-                    std::mem::forget(ns);
-                    ((from, to), ok)
-                }));
-            }
-        }
-        let results: BTreeMap<(String, String), bool> =
-            jobs.into_iter().filter_map(|j| j.join().ok()).collect();
+        let pairs: Vec<Pair> = names
+            .iter()
+            .flat_map(|f| names.iter().map(move |t| (f, t)))
+            .filter(|(f, t)| f != t)
+            .map(|(f, t)| (f.clone(), t.clone(), protocol, port))
+            .collect();
+        let results: BTreeMap<(String, String), bool> = pairs
+            .iter()
+            .map(|(f, t, _, _)| (f.clone(), t.clone()))
+            .zip(self.probe_pairs(&pairs, family, target, timeout)?)
+            .collect();
         Ok(Matrix::from_fn(names, |f, t| {
             f == t
                 || results
@@ -704,13 +808,69 @@ impl Cluster {
                     .unwrap_or(false)
         }))
     }
+
+    /// Probes each (from, to, protocol, port), all at the same time; the
+    /// results in the order of `pairs`. `to` is reached at its pod address
+    /// (a host-network pod's is its node's) or at its Service ClusterIP. A
+    /// pod that is not in the cluster, or a Service target for a pod
+    /// without one, is an error. SCTP probes are never made (the caller
+    /// skips them): they count as blocked.
+    pub fn probe_pairs(
+        &self,
+        pairs: &[Pair],
+        family: Family,
+        target: ProbeTarget,
+        timeout: Duration,
+    ) -> Result<Vec<bool>> {
+        let mut jobs = Vec::new();
+        for (from, to, protocol, port) in pairs {
+            if !self.pods.contains_key(to) {
+                bail!("{to} is no pod of the cluster");
+            }
+            let dst = match target {
+                ProbeTarget::Pod => self.ip_of(to, family),
+                ProbeTarget::Service => Some(
+                    self.services
+                        .get(to)
+                        .with_context(|| format!("{to} has no Service to probe"))?
+                        .iter()
+                        .find(|ip| Family::of(**ip) == family)
+                        .copied()
+                        .with_context(|| format!("{to}'s Service has no {family:?} address"))?,
+                ),
+            };
+            let ns_name = self.netns_name(from)?;
+            let (protocol, port) = (*protocol, *port);
+            jobs.push(std::thread::spawn(move || {
+                let ns = NetNs { name: ns_name };
+                let ok = dst.is_some_and(|ip| match protocol {
+                    Protocol::Tcp => tcp_ok(&ns, ip, port, timeout),
+                    Protocol::Udp => udp_ok(&ns, ip, port, timeout),
+                    Protocol::Sctp => false,
+                });
+                // Borrowed name: this NetNs must not delete the namespace.
+                std::mem::forget(ns);
+                ok
+            }));
+        }
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .map_err(|_| anyhow::anyhow!("a probe thread panicked"))
+            })
+            .collect()
+    }
 }
+
+/// A probe: client, server (`ns/pod`), protocol, port.
+pub type Pair = (String, String, Protocol, u16);
 
 fn object_value(o: &cases::Object) -> Value {
     match o {
         cases::Object::Namespace(n) => serde_json::to_value(n).unwrap_or_default(),
         cases::Object::Pod(p) => serde_json::to_value(p).unwrap_or_default(),
         cases::Object::NetworkPolicy(p) => serde_json::to_value(p).unwrap_or_default(),
+        cases::Object::ClusterNetworkPolicy(p) => serde_json::to_value(p).unwrap_or_default(),
     }
 }
 
@@ -728,209 +888,8 @@ pub fn sctp_available() -> bool {
     }
 }
 
-/// One case in one variant.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Outcome {
-    pub case: String,
-    pub file: String,
-    pub family: String,
-    pub target: String,
-    pub nodes: usize,
-    /// PASS, FAIL or SKIP (every expectation needs a protocol this kernel
-    /// lacks); `detail` says which steps were skipped.
-    pub result: &'static str,
-    pub detail: String,
-    pub seconds: f64,
-}
-
-fn family_name(f: Family) -> &'static str {
-    match f {
-        Family::Ipv4 => "ipv4",
-        Family::Ipv6 => "ipv6",
-    }
-}
-
-/// Runs one case in one variant against the cluster.
-fn run_case(
-    c: &mut Cluster,
-    case: &Case,
-    family: Family,
-    target: ProbeTarget,
-    opts: &Options,
-) -> Result<(&'static str, String)> {
-    // Without SCTP here, the SCTP expectations are skipped and the rest of
-    // the case still runs: its TCP and UDP steps judge the same policies.
-    let skipped: Vec<usize> = case
-        .steps
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !c.sctp && matches!(s, Step::Expect(e) if e.protocol == Protocol::Sctp))
-        .map(|(i, _)| i + 1)
-        .collect();
-    let expects = case
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Step::Expect(_)))
-        .count();
-    if !skipped.is_empty() && skipped.len() == expects {
-        return Ok(("SKIP", "this kernel has no SCTP".into()));
-    }
-    let note = if skipped.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<String> = skipped.iter().map(usize::to_string).collect();
-        format!(
-            "SCTP steps {} skipped: this kernel has no SCTP",
-            list.join(", ")
-        )
-    };
-    c.reset()?;
-    for (i, step) in case.steps.iter().enumerate() {
-        match step {
-            Step::Apply(text) => {
-                let keys = c.apply_text(text, family)?;
-                c.wait(&keys)?;
-            }
-            Step::Delete(text) => {
-                let mut keys = Vec::new();
-                for k in cases::parse_refs(text)? {
-                    keys.push(c.delete_object(&k)?);
-                }
-                c.wait(&keys)?;
-            }
-            Step::Expect(_) if skipped.contains(&(i + 1)) => {}
-            Step::Expect(e) => {
-                let deadline = Instant::now()
-                    + if opts.eventual {
-                        Duration::from_secs(10)
-                    } else {
-                        Duration::ZERO
-                    };
-                loop {
-                    // The pods the case names, in its order (a case may
-                    // list them in any order, or only some).
-                    let actual = c.probe(
-                        &e.matrix.pods,
-                        family,
-                        target,
-                        e.protocol,
-                        e.port,
-                        opts.probe_timeout,
-                    )?;
-                    match cases::diff(&e.matrix, &actual) {
-                        None => break,
-                        Some(_) if Instant::now() < deadline => continue,
-                        Some(d) => {
-                            let mut detail =
-                                format!("step {} ({} {}):\n{d}", i + 1, e.protocol.name(), e.port);
-                            if !note.is_empty() {
-                                detail = format!("{note}\n{detail}");
-                            }
-                            return Ok(("FAIL", detail));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(("PASS", note))
-}
-
-/// Runs every selected case and variant; prints a line per case and
-/// variant and, last, `N passed, N failed, N skipped`. Returns the outcomes.
-pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
-    let mut all = Vec::new();
-    for dir in &opts.case_dirs {
-        all.extend(
-            cases::load_dir(dir)
-                .with_context(|| format!("loading cases from {}", dir.display()))?,
-        );
-    }
-    if let Some(f) = &opts.filter {
-        all.retain(|(path, case)| {
-            case.name.contains(f.as_str()) || path.to_string_lossy().contains(f.as_str())
-        });
-    }
-    let model = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conformance/model-default.yaml"),
-    )?;
-    let started = Instant::now();
-    let mut cluster = Cluster::start(opts.nodes, &model)?;
-    eprintln!(
-        "cluster of {} node(s) up in {:.1}s",
-        opts.nodes,
-        started.elapsed().as_secs_f64()
-    );
-    let mut outcomes = Vec::new();
-    for (path, case) in &all {
-        for &family in &opts.families {
-            if !case.family.families().contains(&family) {
-                continue;
-            }
-            for &target in &opts.targets {
-                let wanted = match case.target {
-                    Target::Any => true,
-                    Target::Pod => target == ProbeTarget::Pod,
-                    Target::Service => target == ProbeTarget::Service,
-                };
-                if !wanted {
-                    continue;
-                }
-                let t0 = Instant::now();
-                let (result, detail) = match run_case(&mut cluster, case, family, target, opts) {
-                    Ok(r) => r,
-                    Err(e) => ("FAIL", format!("error: {e:#}")),
-                };
-                let tname = if target == ProbeTarget::Pod {
-                    "pod"
-                } else {
-                    "service"
-                };
-                let file = path
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mut line = format!(
-                    "{result} {file} [{} {tname} {}node] {}",
-                    family_name(family),
-                    opts.nodes,
-                    case.name
-                );
-                if result == "PASS" && !detail.is_empty() {
-                    // A pass with a note (steps skipped): one line.
-                    line.push_str(&format!(" ({detail})"));
-                } else if !detail.is_empty() {
-                    line.push('\n');
-                    line.push_str(&detail);
-                }
-                println!("{line}");
-                outcomes.push(Outcome {
-                    case: case.name.clone(),
-                    file,
-                    family: family_name(family).into(),
-                    target: tname.into(),
-                    nodes: opts.nodes,
-                    result,
-                    detail,
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
-            }
-        }
-    }
-    drop(cluster);
-    Ok(outcomes)
-}
-
-/// The closing line.
-pub fn summary(outcomes: &[Outcome]) -> String {
-    let n = |r: &str| outcomes.iter().filter(|o| o.result == r).count();
-    format!(
-        "{} passed, {} failed, {} skipped",
-        n("PASS"),
-        n("FAIL"),
-        n("SKIP")
-    )
-}
+mod run;
+pub use run::{Outcome, run, summary};
 
 #[cfg(test)]
 mod tests {

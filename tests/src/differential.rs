@@ -30,6 +30,8 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod cnp;
+
 use crate::{
     oracle::{Oracle, Proto, World},
     pipeline::Pipeline,
@@ -389,6 +391,7 @@ pub fn world(rng: &mut Rng, serial: &mut u32) -> World {
             NODE4.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
             NODE6.parse().unwrap_or(IpAddr::from([0; 16])),
         ],
+        ..World::default()
     }
 }
 
@@ -578,7 +581,7 @@ fn diverges(pin_root: &Path, n: &mut u32, case: &Case) -> Result<bool> {
 
 /// Every way to make a world smaller by one thing.
 fn smaller(w: &World) -> Vec<World> {
-    let mut out = Vec::new();
+    let mut out = cnp::reductions(w);
     without_each(w, &mut out, w.policies.len(), |x| Some(&mut x.policies));
     without_each(w, &mut out, w.pods.len(), |x| Some(&mut x.pods));
     for i in 0..w.policies.len() {

@@ -59,12 +59,16 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Node, Pod},
         networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use serde::{Deserialize, Serialize};
+use sluice_api::{ClusterNetworkPolicy, Tier};
+
+mod cnp;
+use cnp::{Peer, TierVerdict};
 
 /// The objects the oracle reads, and the node's own addresses.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -73,6 +77,12 @@ pub struct World {
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
     pub node_ips: Vec<IpAddr>,
+    /// ClusterNetworkPolicies ([`cnp`]); absent from older saved cases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_policies: Vec<ClusterNetworkPolicy>,
+    /// The Nodes `nodes` peers select.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Node>,
 }
 
 /// A transport protocol as NetworkPolicy names it.
@@ -332,7 +342,7 @@ impl<'a> Oracle<'a> {
     pub fn allowed(&self, src: IpAddr, dst: IpAddr, proto: Proto, port: u16) -> bool {
         let (src_pod, dst_pod) = (self.pod_at(src), self.pod_at(dst));
         let egress = match src_pod {
-            Some(p) => self.side_allows(p, Dir::Egress, dst, dst_pod, dst_pod, proto, port),
+            Some(p) => self.side(p, Dir::Egress, dst, dst_pod, dst_pod, proto, port),
             // An address outside the cluster, or the node (product: its
             // egress is not judged).
             None => true,
@@ -340,10 +350,45 @@ impl<'a> Oracle<'a> {
         let ingress = match dst_pod {
             // product: the node may always reach its pods.
             Some(_) if self.world.node_ips.contains(&src) => true,
-            Some(p) => self.side_allows(p, Dir::Ingress, src, src_pod, Some(p), proto, port),
+            Some(p) => self.side(p, Dir::Ingress, src, src_pod, Some(p), proto, port),
             None => true,
         };
         egress && ingress
+    }
+
+    /// One end, all tiers: Admin, then NetworkPolicy where it isolates
+    /// `me`, then Baseline, else allowed ([`cnp`]).
+    #[expect(clippy::too_many_arguments, reason = "one question, spelled out")]
+    fn side(
+        &self,
+        me: &Pod,
+        dir: Dir,
+        peer: IpAddr,
+        peer_pod: Option<&Pod>,
+        dst_pod: Option<&Pod>,
+        proto: Proto,
+        port: u16,
+    ) -> bool {
+        let other = Peer {
+            ip: peer,
+            pod: peer_pod,
+            dst_pod,
+            proto,
+            port,
+        };
+        match self.tier_verdict(&Tier::Admin, me, dir, &other) {
+            TierVerdict::Accept => return true,
+            TierVerdict::Deny => return false,
+            TierVerdict::Undecided => {}
+        }
+        let isolated = self
+            .selecting(me)
+            .iter()
+            .any(|(_, i, e, _)| if dir == Dir::Ingress { *i } else { *e });
+        if isolated {
+            return self.side_allows(me, dir, peer, peer_pod, dst_pod, proto, port);
+        }
+        self.tier_verdict(&Tier::Baseline, me, dir, &other) != TierVerdict::Deny
     }
 
     /// The policies of `pod`'s namespace that select it, with their

@@ -107,6 +107,8 @@ impl Pipeline {
             namespaces: Some(&world.namespaces),
             pods: Some(&world.pods),
             policies: Some(&world.policies),
+            cluster_policies: Some(&world.cluster_policies),
+            nodes: Some(&world.nodes),
         });
         let mut p = Self {
             compiler,
@@ -132,8 +134,24 @@ impl Pipeline {
                 m.name.clone().unwrap_or_default(),
             )
         };
-        // Namespaces first (pods' identities follow them), then pods, then
-        // policies; deletions of each kind before its upserts.
+        // Nodes and namespaces first (pods' identities follow them), then
+        // pods, then policies, then ClusterNetworkPolicies; deletions of each
+        // kind before its upserts.
+        let new_nodes: BTreeSet<_> = world.nodes.iter().map(|n| key(&n.metadata)).collect();
+        for n in &old.nodes {
+            if !new_nodes.contains(&key(&n.metadata)) {
+                let c = self
+                    .compiler
+                    .delete_node(n.metadata.name.as_deref().unwrap_or_default());
+                self.program(&c)?;
+            }
+        }
+        for n in &world.nodes {
+            if !old.nodes.contains(n) {
+                let c = self.compiler.upsert_node(n);
+                self.program(&c)?;
+            }
+        }
         let new_ns: BTreeSet<_> = world.namespaces.iter().map(|n| key(&n.metadata)).collect();
         for n in &old.namespaces {
             if !new_ns.contains(&key(&n.metadata)) {
@@ -174,6 +192,25 @@ impl Pipeline {
         for p in &world.policies {
             if !old.policies.contains(p) {
                 let c = self.compiler.upsert_policy(p);
+                self.program(&c)?;
+            }
+        }
+        let new_cnps: BTreeSet<_> = world
+            .cluster_policies
+            .iter()
+            .map(|p| key(&p.metadata))
+            .collect();
+        for p in &old.cluster_policies {
+            if !new_cnps.contains(&key(&p.metadata)) {
+                let c = self
+                    .compiler
+                    .delete_cluster_policy(p.metadata.name.as_deref().unwrap_or_default());
+                self.program(&c)?;
+            }
+        }
+        for p in &world.cluster_policies {
+            if !old.cluster_policies.contains(p) {
+                let c = self.compiler.upsert_cluster_policy(p);
                 self.program(&c)?;
             }
         }

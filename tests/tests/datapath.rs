@@ -12,6 +12,8 @@ mod packet;
 mod revoke;
 #[path = "datapath/services.rs"]
 mod services;
+#[path = "datapath/tiers.rs"]
+mod tiers;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -48,6 +48,7 @@ fn the_cluster_role_lets_the_agent_watch_every_kind_it_watches_and_post_events()
             Kind::Node => ("", "nodes"),
             Kind::Service => ("", "services"),
             Kind::NetworkPolicy => ("networking.k8s.io", "networkpolicies"),
+            Kind::ClusterNetworkPolicy => ("policy.networking.k8s.io", "clusternetworkpolicies"),
         };
         for verb in ["get", "list", "watch"] {
             assert!(grants(&role, group, resource, verb), "{verb} {resource}");

@@ -69,6 +69,38 @@ fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
 }
 
 #[test]
+fn the_pipeline_gives_the_oracles_verdict_on_random_cluster_network_policies() {
+    // As above with random Admin and Baseline ClusterNetworkPolicies and a
+    // labelled Node in every world (tests/src/differential/cnp.rs); the
+    // kernel folds the tiers.
+    let report = in_sandbox(|pins| {
+        let (mut probes, mut allowed) = (0, 0);
+        for seed in SEEDS {
+            let r = d::cnp::run_seed_pipeline(pins, seed, ROUNDS, PER_ROUND).unwrap();
+            probes += r.probes;
+            allowed += r.allowed;
+            if let Some(case) = r.divergence {
+                let small = d::shrink(pins, case).unwrap();
+                let path = d::save(&std::env::temp_dir(), seed, &small).unwrap();
+                panic!(
+                    "seed {seed} diverges; smallest case (saved as {}; move it to {} to keep it):\n{}",
+                    path.display(),
+                    d::regressions_dir().display(),
+                    serde_json::to_string_pretty(&small).unwrap()
+                );
+            }
+        }
+        (probes, allowed)
+    });
+    eprintln!("{} probes, {} allowed", report.0, report.1);
+    assert!(report.0 >= 5000, "{report:?}");
+    assert!(
+        report.1 * 10 > report.0 && report.1 * 10 < report.0 * 9,
+        "{report:?}"
+    );
+}
+
+#[test]
 fn saved_regression_cases_still_give_the_oracles_verdict() {
     let cases = d::regressions(&d::regressions_dir()).unwrap();
     assert!(!cases.is_empty(), "no regression cases found");

@@ -57,6 +57,7 @@ impl Diagnostics {
         // one per node of the cluster.
         let concerns_this_node = |d: &&Diagnostic| match d.object.kind {
             Kind::NetworkPolicy => compiler.selects_local(&d.object.object_ref()),
+            Kind::ClusterNetworkPolicy => compiler.cnp_selects_local(&d.object.name),
             Kind::Pod => compiler.is_local(&d.object.object_ref()),
             Kind::Namespace => true,
             Kind::Node | Kind::Service => false,
@@ -106,7 +107,9 @@ impl Diagnostics {
 
 /// Posts the Warning Events the reconciler queues, as `sluice-agent` on
 /// `node_name`, so that `kubectl describe` shows why a rule is not in
-/// force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy). A failed post
+/// force. Reason `Invalid<Kind>` (e.g. InvalidNetworkPolicy). Events about
+/// cluster-scoped objects (Namespaces, ClusterNetworkPolicies) go to
+/// namespace `default`, as kube's Recorder does. A failed post
 /// is logged and not retried: the agent's log already has the problem, and
 /// a full queue drops notices rather than slow programming.
 pub fn start_notices(client: Client, node_name: &str) -> mpsc::Sender<Notice> {

@@ -4,9 +4,11 @@
 //! nothing itself: `apply` says what to program, the reconciler programs
 //! it and reports back with `programmed`.
 //!
-//! Nothing is to be programmed before Pods, Namespaces, NetworkPolicies and
-//! Services have all been listed once: a half-synced view would mean wrong
-//! verdicts, so until then the pinned state stays as it was.
+//! Nothing is to be programmed before Pods, Namespaces, NetworkPolicies,
+//! Services and ClusterNetworkPolicies have all been listed once (a cluster
+//! without the ClusterNetworkPolicy CRD lists none, see `watch`): a
+//! half-synced view would mean wrong verdicts, so until then the pinned
+//! state stays as it was.
 mod diagnostics;
 pub mod watch;
 
@@ -21,6 +23,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::ResourceExt as _;
+use sluice_api::ClusterNetworkPolicy;
 use tracing::{info, warn};
 
 pub use self::{
@@ -54,6 +57,10 @@ struct Peer {
 /// The cluster as this node's agent knows it.
 pub struct Cluster {
     compiler: Compiler,
+    /// ClusterNetworkPolicy rule names for drop events and metrics,
+    /// published when the compiler's policies change (`cnp_generation`).
+    rule_names: tokio::sync::watch::Sender<std::sync::Arc<crate::events::RuleNames>>,
+    rule_names_generation: u64,
     node_name: String,
     synced: BTreeSet<Kind>,
     /// Every object seen, to find what a re-list no longer has.
@@ -120,6 +127,8 @@ impl Cluster {
     pub fn new(node_name: &str) -> Self {
         Self {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
+            rule_names: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
+            rule_names_generation: 0,
             node_name: node_name.to_owned(),
             synced: BTreeSet::new(),
             known: BTreeMap::new(),
@@ -133,18 +142,37 @@ impl Cluster {
         }
     }
 
+    /// The names of ClusterNetworkPolicy rule ids, kept current.
+    pub fn rule_names(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::sync::Arc<crate::events::RuleNames>> {
+        self.rule_names.subscribe()
+    }
+
+    fn publish_rule_names(&mut self) {
+        let generation = self.compiler.cnp_generation();
+        if generation == self.rule_names_generation {
+            return;
+        }
+        self.rule_names_generation = generation;
+        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins());
+        self.rule_names.send_replace(std::sync::Arc::new(names));
+    }
+
     /// The Node this agent serves.
     pub fn node_name(&self) -> &str {
         &self.node_name
     }
 
-    /// Pods, Namespaces, NetworkPolicies and Services have each been listed.
+    /// Pods, Namespaces, NetworkPolicies, Services and
+    /// ClusterNetworkPolicies have each been listed.
     pub fn is_synced(&self) -> bool {
         [
             Kind::Pod,
             Kind::Namespace,
             Kind::NetworkPolicy,
             Kind::Service,
+            Kind::ClusterNetworkPolicy,
         ]
         .iter()
         .all(|k| self.synced.contains(k))
@@ -166,6 +194,7 @@ impl Cluster {
             }
             out.merge(self.apply_one(change));
         }
+        self.publish_rule_names();
         if !self.is_synced() {
             return None;
         }
@@ -338,13 +367,14 @@ impl Cluster {
             (Object::NetworkPolicy(p), true) => self
                 .compiler
                 .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
+            // The compiler resolves ClusterNetworkPolicy `nodes` peers.
             (Object::Node(n), false) => {
                 self.node_seen(n);
-                Changes::default()
+                self.compiler.upsert_node(n)
             }
             (Object::Node(n), true) => {
                 self.peers.remove(&n.name_any());
-                Changes::default()
+                self.compiler.delete_node(&n.name_any())
             }
             (Object::Service(svc), false) => {
                 self.services.insert(o.key(), cluster_ips(svc));
@@ -353,6 +383,10 @@ impl Cluster {
             (Object::Service(_), true) => {
                 self.services.remove(&o.key());
                 Changes::default()
+            }
+            (Object::ClusterNetworkPolicy(c), false) => self.compiler.upsert_cluster_policy(c),
+            (Object::ClusterNetworkPolicy(c), true) => {
+                self.compiler.delete_cluster_policy(&c.name_any())
             }
         }
     }
@@ -430,14 +464,30 @@ impl Cluster {
                 };
                 self.compiler.resync(r)
             }
+            Kind::ClusterNetworkPolicy => {
+                let list: Vec<ClusterNetworkPolicy> = listed(objects, |o| match o {
+                    Object::ClusterNetworkPolicy(c) => Some((**c).clone()),
+                    _ => None,
+                });
+                let r = Resync {
+                    cluster_policies: Some(&list),
+                    ..Resync::default()
+                };
+                self.compiler.resync(r)
+            }
             Kind::Node => {
                 self.peers.clear();
+                let mut list = Vec::new();
                 for o in objects {
                     if let Object::Node(n) = o {
                         self.node_seen(n);
+                        list.push((**n).clone());
                     }
                 }
-                Changes::default()
+                self.compiler.resync(Resync {
+                    nodes: Some(&list),
+                    ..Resync::default()
+                })
             }
             Kind::Service => {
                 self.services = objects

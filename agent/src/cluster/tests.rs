@@ -39,6 +39,7 @@ fn synced() -> Cluster {
         Kind::Namespace,
         Kind::NetworkPolicy,
         Kind::Service,
+        Kind::ClusterNetworkPolicy,
     ]
     .map(|k| Change::Resync(k, Vec::new()));
     assert!(c.apply(lists.into()).is_some_and(|p| p.full));
@@ -108,7 +109,11 @@ fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
 fn nothing_is_to_be_programmed_before_every_kind_is_listed_then_everything_is() {
     let mut c = Cluster::new("n1");
     assert!(c.apply(vec![Change::Applied(pod("x", "n1"))]).is_none());
-    for kind in [Kind::Namespace, Kind::NetworkPolicy] {
+    for kind in [
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::ClusterNetworkPolicy,
+    ] {
         assert!(c.apply(vec![Change::Resync(kind, Vec::new())]).is_none());
     }
     // The pod list comes; Services are still missing.
@@ -149,4 +154,65 @@ fn a_relist_forgets_what_it_no_longer_has_and_what_was_programmed_for_it() {
     c.programmed(p.versions);
     assert!(c.programmed_versions().is_empty());
     assert!(c.identity_of(&ObjectRef::new("x", "a-n1")).is_none());
+}
+
+fn cluster_policy(cidr: &str) -> Object {
+    let cnp: sluice_api::ClusterNetworkPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "block-metadata", "uid": "u-2", "resourceVersion": "9"},
+        "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                 "egress": [{"action": "Deny", "to": [{"networks": [cidr]}]}]}
+    }))
+    .unwrap();
+    Object::ClusterNetworkPolicy(Box::new(cnp))
+}
+
+#[test]
+fn an_invalid_cluster_policy_is_noticed_on_the_cluster_scoped_object() {
+    let mut c = synced();
+    // No local endpoint: of no concern to this node yet.
+    // The schema problem, and what the rule becomes (a deny at its place).
+    assert_eq!(feed(&mut c, cluster_policy("169.254.169.254/33")), 2);
+    assert!(c.take_notices().is_empty());
+    feed(&mut c, pod("x", "n1"));
+    let n = c.take_notices();
+    assert_eq!(n.len(), 1, "{n:?}");
+    let r = &n[0].regarding;
+    assert_eq!(r.kind.as_deref(), Some("ClusterNetworkPolicy"));
+    assert_eq!(
+        r.api_version.as_deref(),
+        Some("policy.networking.k8s.io/v1alpha2")
+    );
+    // Cluster-scoped: the Event goes to `default` (kube's Recorder).
+    assert_eq!(r.namespace, None);
+    assert_eq!(r.name.as_deref(), Some("block-metadata"));
+    assert_eq!(r.uid.as_deref(), Some("u-2"));
+    assert!(
+        n[0].note.contains("spec.egress[0].to[0].networks[0]")
+            && n[0].note.contains("prefix length too long"),
+        "{}",
+        n[0].note
+    );
+    // Fixed: no notice, and programmed like any object, for `sluice wait`.
+    assert_eq!(feed(&mut c, cluster_policy("169.254.169.254/32")), 0);
+    assert!(c.take_notices().is_empty());
+    let p = c
+        .apply(vec![Change::Applied(cluster_policy("169.254.169.254/32"))])
+        .unwrap();
+    c.programmed(p.versions);
+    assert_eq!(
+        c.programmed_versions()
+            .get("ClusterNetworkPolicy/block-metadata")
+            .map(String::as_str),
+        Some("9")
+    );
+    let p = c
+        .apply(vec![Change::Deleted(cluster_policy("169.254.169.254/32"))])
+        .unwrap();
+    c.programmed(p.versions);
+    assert!(
+        !c.programmed_versions()
+            .contains_key("ClusterNetworkPolicy/block-metadata")
+    );
 }

@@ -1,10 +1,15 @@
 //! Watching the cluster: kube-rs watchers on Pods, Namespaces,
-//! NetworkPolicies, Nodes and Services, turned into one ordered stream of
-//! `Change`s for the reconciler. Re-lists, watch restarts, 410 Gone and
+//! NetworkPolicies, Nodes, Services and ClusterNetworkPolicies, turned into
+//! one ordered stream of `Change`s for the reconciler. Re-lists, watch restarts, 410 Gone and
 //! bookmarks are kube's watcher's job; a (re)list arrives here as one
 //! `Resync` holding every object of that kind, so the consumer can drop what
 //! disappeared while the watch was down. During an outage nothing arrives and
 //! the last programmed state stays enforced.
+//!
+//! ClusterNetworkPolicy is a custom resource: a cluster without its CRD
+//! answers 404. That counts as an empty list (said once in the log), so
+//! NetworkPolicy keeps working; the watch keeps retrying with its backoff
+//! and picks the kind up once the CRD is installed.
 use std::fmt::Debug;
 
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -19,6 +24,7 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
+use sluice_api::ClusterNetworkPolicy;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -35,6 +41,7 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     Node(Box<Node>),
     Service(Box<Service>),
+    ClusterNetworkPolicy(Box<ClusterNetworkPolicy>),
 }
 
 impl Object {
@@ -46,6 +53,7 @@ impl Object {
             Object::NetworkPolicy(p) => (p.namespace(), p.name_any()),
             Object::Node(n) => (None, n.name_any()),
             Object::Service(s) => (s.namespace(), s.name_any()),
+            Object::ClusterNetworkPolicy(c) => (None, c.name_any()),
         };
         ObjKey::new(self.kind(), ns.unwrap_or_default(), name)
     }
@@ -57,6 +65,7 @@ impl Object {
             Object::NetworkPolicy(p) => p.resource_version(),
             Object::Node(n) => n.resource_version(),
             Object::Service(s) => s.resource_version(),
+            Object::ClusterNetworkPolicy(c) => c.resource_version(),
         }
         .unwrap_or_default()
     }
@@ -69,6 +78,7 @@ impl Object {
             Object::NetworkPolicy(p) => p.object_ref(&()),
             Object::Node(n) => n.object_ref(&()),
             Object::Service(s) => s.object_ref(&()),
+            Object::ClusterNetworkPolicy(c) => c.object_ref(&()),
         }
     }
 
@@ -79,6 +89,7 @@ impl Object {
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Node(_) => Kind::Node,
             Object::Service(_) => Kind::Service,
+            Object::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
         }
     }
 }
@@ -98,11 +109,20 @@ fn slim<K: Resource>(mut o: K) -> K {
     o
 }
 
+/// Whether a kind's CRD may be missing (a 404 then means "none").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Crd {
+    /// A built-in kind: a 404 is an error like any other.
+    BuiltIn,
+    /// A custom resource: a 404 is an empty list.
+    MayBeMissing,
+}
+
 /// Watches one kind and forwards its changes. Runs until `tx` closes.
 async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
-    kind: Kind,
+    (kind, crd): (Kind, Crd),
     wrap: fn(K) -> Object,
     tx: mpsc::Sender<Change>,
     metrics: Metrics,
@@ -119,6 +139,8 @@ async fn watch_kind<K>(
     };
     let mut stream = start();
     let mut listing: Vec<Object> = Vec::new();
+    // The CRD is known to be missing (reported as an empty list).
+    let mut missing = false;
     loop {
         let change = match stream.try_next().await {
             Ok(Some(watcher::Event::Init)) => {
@@ -131,6 +153,7 @@ async fn watch_kind<K>(
             }
             Ok(Some(watcher::Event::InitDone)) => {
                 info!(kind = kind.name(), objects = listing.len(), "listed");
+                missing = false;
                 set_up(true);
                 Change::Resync(kind, std::mem::take(&mut listing))
             }
@@ -143,6 +166,21 @@ async fn watch_kind<K>(
                 Change::Deleted(wrap(slim(o)))
             }
             Ok(None) => return,
+            Err(e) if crd == Crd::MayBeMissing && is_not_found(&e) => {
+                // The backoff retries quietly; only the change is news.
+                if missing {
+                    continue;
+                }
+                missing = true;
+                warn!(
+                    kind = kind.name(),
+                    "the API server does not serve this kind (its CRD is not installed); \
+                     treating it as empty and retrying in the background"
+                );
+                listing.clear();
+                set_up(true);
+                Change::Resync(kind, Vec::new())
+            }
             Err(e) => {
                 // The backoff retries; until the re-list completes the maps
                 // keep what they have (never opened).
@@ -167,6 +205,17 @@ async fn watch_kind<K>(
     }
 }
 
+/// 404 Not Found on the list or watch request: the server does not serve
+/// the kind.
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
 /// 410 Gone, as a watch event or as the answer to the watch request.
 fn is_gone(e: &watcher::Error) -> bool {
     match e {
@@ -183,7 +232,7 @@ pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     tokio::spawn(watch_kind(
         Api::<Pod>::all(client.clone()),
         cfg(),
-        Kind::Pod,
+        (Kind::Pod, Crd::BuiltIn),
         |o| Object::Pod(Box::new(o)),
         tx.clone(),
         metrics.clone(),
@@ -191,7 +240,7 @@ pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     tokio::spawn(watch_kind(
         Api::<Namespace>::all(client.clone()),
         cfg(),
-        Kind::Namespace,
+        (Kind::Namespace, Crd::BuiltIn),
         |o| Object::Namespace(Box::new(o)),
         tx.clone(),
         metrics.clone(),
@@ -199,7 +248,7 @@ pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     tokio::spawn(watch_kind(
         Api::<NetworkPolicy>::all(client.clone()),
         cfg(),
-        Kind::NetworkPolicy,
+        (Kind::NetworkPolicy, Crd::BuiltIn),
         |o| Object::NetworkPolicy(Box::new(o)),
         tx.clone(),
         metrics.clone(),
@@ -209,7 +258,7 @@ pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     tokio::spawn(watch_kind(
         Api::<Node>::all(client.clone()),
         cfg(),
-        Kind::Node,
+        (Kind::Node, Crd::BuiltIn),
         |o| Object::Node(Box::new(o)),
         tx.clone(),
         metrics.clone(),
@@ -217,10 +266,18 @@ pub fn start(client: Client, metrics: Metrics) -> mpsc::Receiver<Change> {
     // Services: their ClusterIPs, whose new flows have their egress judged
     // after kube-proxy's DNAT.
     tokio::spawn(watch_kind(
-        Api::<Service>::all(client),
+        Api::<Service>::all(client.clone()),
         cfg(),
-        Kind::Service,
+        (Kind::Service, Crd::BuiltIn),
         |o| Object::Service(Box::new(o)),
+        tx.clone(),
+        metrics.clone(),
+    ));
+    tokio::spawn(watch_kind(
+        Api::<ClusterNetworkPolicy>::all(client),
+        cfg(),
+        (Kind::ClusterNetworkPolicy, Crd::MayBeMissing),
+        |o| Object::ClusterNetworkPolicy(Box::new(o)),
         tx,
         metrics,
     ));
@@ -340,7 +397,7 @@ mod tests {
         let task = tokio::spawn(watch_kind(
             Api::<NetworkPolicy>::all(Client::new(service, "default")),
             watcher::Config::default(),
-            Kind::NetworkPolicy,
+            (Kind::NetworkPolicy, Crd::BuiltIn),
             |o| Object::NetworkPolicy(Box::new(o)),
             tx,
             m.clone(),
@@ -418,5 +475,78 @@ mod tests {
         assert_eq!(health(&m), (1, 3));
 
         task.abort();
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<Change>) -> Change {
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the watches run")
+    }
+
+    /// A cluster without the ClusterNetworkPolicy CRD (the test API server
+    /// not serving the kind): every watch lists, the missing kind as empty,
+    /// so the agent syncs and NetworkPolicies keep flowing.
+    #[tokio::test]
+    async fn without_the_crd_cluster_network_policies_list_as_empty_and_the_rest_works() {
+        use sluice_test_apiserver::{Config, Server};
+        let server = Server::start_with(Config {
+            custom_resources: false,
+            ..Config::default()
+        })
+        .unwrap();
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&server.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let m = Metrics::new();
+        let mut rx = start(Client::try_from(config).unwrap(), m.clone());
+        let mut cluster = crate::cluster::Cluster::new("n1");
+        let mut listed = std::collections::BTreeSet::new();
+        while listed.len() < Kind::ALL.len() {
+            let change = recv(&mut rx).await;
+            if let Change::Resync(kind, objects) = &change {
+                if *kind == Kind::ClusterNetworkPolicy {
+                    assert!(objects.is_empty());
+                }
+                listed.insert(*kind);
+            }
+            cluster.apply(vec![change]);
+        }
+        assert!(cluster.is_synced());
+        let (up, errors) = m.watch_health(Kind::ClusterNetworkPolicy);
+        assert_eq!((up, errors), (Some(true), 0), "absent, not failing");
+
+        server
+            .create(
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                           "metadata": {"name": "deny", "namespace": "default"},
+                           "spec": {"podSelector": {}}}),
+            )
+            .unwrap();
+        loop {
+            let change = recv(&mut rx).await;
+            let programming = cluster.apply(vec![change.clone()]);
+            if let Change::Applied(Object::NetworkPolicy(np)) = change {
+                assert_eq!(np.name_any(), "deny");
+                let p = programming.expect("synced: something to program");
+                assert!(
+                    p.versions
+                        .iter()
+                        .any(|(k, _)| k.to_string() == "NetworkPolicy/default/deny")
+                );
+                break;
+            }
+        }
+        // The CRD stays missing: no second empty list, no error counted.
+        if let Ok(Some(c)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1500), rx.recv()).await
+        {
+            assert!(
+                !matches!(c, Change::Resync(Kind::ClusterNetworkPolicy, _)),
+                "{c:?}"
+            );
+        }
+        assert_eq!(m.watch_health(Kind::ClusterNetworkPolicy).1, 0);
     }
 }

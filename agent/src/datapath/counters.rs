@@ -29,6 +29,8 @@ pub struct Counters {
     /// Endpoints whose ENDPOINTS flags hold `EP_FAIL_CLOSED`: read from the
     /// kernel, so right across agent restarts too.
     pub failed_closed: usize,
+    /// Drops by ClusterNetworkPolicy rule id (RULE_DROPS), summed over CPUs.
+    pub rule_drops: BTreeMap<u32, Count>,
 }
 
 impl Counters {
@@ -66,10 +68,37 @@ pub fn read(pin_dir: &Path) -> Result<Counters, DatapathError> {
         key.map_err(walk_err(maps::SERVICES))?;
         out.service_entries += 1;
     }
+    out.rule_drops = rule_drops(pin_dir)?;
     for item in maps.endpoints.iter() {
         let (_, info) = item.map_err(walk_err(maps::ENDPOINTS))?;
         if info.flags & EP_FAIL_CLOSED != 0 {
             out.failed_closed += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// RULE_DROPS, opened from its pin (an agent from before ClusterNetworkPolicy
+/// has none: no rule drops).
+fn rule_drops(pin_dir: &Path) -> Result<BTreeMap<u32, Count>, DatapathError> {
+    use aya::maps::{Map, MapData, PerCpuHashMap};
+    use sluice_common::CounterValue;
+    let name = maps::RULE_DROPS;
+    let path = pin_dir.join("maps").join(name);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let data = MapData::from_pin(&path).map_err(walk_err(name))?;
+    let map = Map::from_map_data(data).map_err(walk_err(name))?;
+    let map: PerCpuHashMap<MapData, u32, CounterValue> =
+        PerCpuHashMap::try_from(map).map_err(walk_err(name))?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (rule, per_cpu) = item.map_err(walk_err(name))?;
+        let c: &mut Count = out.entry(rule).or_default();
+        for v in per_cpu.iter() {
+            c.packets += v.packets;
+            c.bytes += v.bytes;
         }
     }
     Ok(out)

@@ -104,7 +104,16 @@ impl Datapath {
         }
         raise_memlock();
         let maps_dir = pin_dir.join("maps");
-        drop_outgrown_conntrack(&maps_dir)?;
+        drop_outgrown(
+            &maps_dir,
+            names::CONNTRACK,
+            size_of::<sluice_common::CtValue>(),
+        )?;
+        drop_outgrown(
+            &maps_dir,
+            names::POLICY,
+            size_of::<sluice_common::PolicyValue>(),
+        )?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::CONNTRACK, sizes.conntrack)
@@ -203,28 +212,32 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Removed> {
     Ok(Removed { links, maps })
 }
 
-/// A CONNTRACK pinned by an agent whose entries were smaller (before the
-/// policy epoch, 16 bytes) cannot be reused: the programs read the epoch
-/// past its end, and the verifier refuses them. Its pin is removed, so the
-/// load creates a fresh table: established flows are then judged as new
-/// flows on their next packet, once, as after a policy epoch bump.
-fn drop_outgrown_conntrack(maps_dir: &Path) -> Result<()> {
-    let pin = maps_dir.join(names::CONNTRACK);
+/// A map pinned by an agent whose values were smaller cannot be reused: the
+/// programs read past their end, and the verifier refuses them. Its pin is
+/// removed, so the load creates a fresh map.
+///
+/// - CONNTRACK (16 bytes before the policy epoch): established flows are
+///   then judged as new flows on their next packet, once, as after a
+///   policy epoch bump.
+/// - POLICY (8 bytes before the ClusterNetworkPolicy tiers): until the
+///   first programming pass writes the policies again, isolated endpoints
+///   deny every new flow (fail closed; the old programs keep the old map
+///   until their links are updated).
+fn drop_outgrown(maps_dir: &Path, name: &'static str, want: usize) -> Result<()> {
+    let pin = maps_dir.join(name);
     if !pin.exists() {
         return Ok(());
     }
-    let info = aya::maps::MapInfo::from_pin(&pin).map_err(|source| DatapathError::Map {
-        name: names::CONNTRACK,
-        source,
-    })?;
-    let want = std::mem::size_of::<sluice_common::CtValue>();
+    let info =
+        aya::maps::MapInfo::from_pin(&pin).map_err(|source| DatapathError::Map { name, source })?;
     if usize::try_from(info.value_size()).is_ok_and(|v| v == want) {
         return Ok(());
     }
     tracing::warn!(
+        map = name,
         pinned = info.value_size(),
         want,
-        "pinned conntrack table of an older layout: replaced by an empty one"
+        "pinned map of an older layout: replaced by an empty one"
     );
     std::fs::remove_file(&pin).map_err(|source| DatapathError::Io { path: pin, source })
 }

@@ -10,8 +10,9 @@ use std::{
 };
 
 use sluice_common::{
-    CidrValue, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED,
-    EndpointInfo, IpcacheValue, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
+    CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6,
+    EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue, POLICY_ADMIN,
+    POLICY_BASELINE, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
 };
 use tracing::{debug, info};
 
@@ -277,7 +278,11 @@ impl Writer {
             .endpoints
             .get(&ep.ifindex, 0)
             .map_err(map_err(names::ENDPOINTS))?;
-        let managed = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_FAIL_CLOSED;
+        let managed = EP_INGRESS_ISOLATED
+            | EP_EGRESS_ISOLATED
+            | EP_INGRESS_TIERED
+            | EP_EGRESS_TIERED
+            | EP_FAIL_CLOSED;
         let flags =
             (info.flags & !managed) | isolation | if fail_closed { EP_FAIL_CLOSED } else { 0 };
         // Isolation gained denies what it no longer admits.
@@ -312,8 +317,11 @@ impl Writer {
     fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
         for (k, v) in &new.entries {
             if old.entries.get(k) != Some(v) {
-                // A new key only admits more; a rewritten one may not.
-                self.changed |= old.entries.contains_key(k);
+                // A new NetworkPolicy key only admits more; a rewritten
+                // one may not, nor may a ClusterNetworkPolicy key (an
+                // Admin or Baseline Deny cuts established flows too).
+                self.changed |=
+                    old.entries.contains_key(k) || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
                 self.maps
                     .policy
                     .insert(k, v, 0)
@@ -405,7 +413,8 @@ impl Writer {
         for item in self.maps.endpoints.iter() {
             let (_, info) = item.map_err(map_err(names::ENDPOINTS))?;
             let c = out.entry(EpId(info.ep_id)).or_default();
-            c.isolation = info.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+            c.isolation = info.flags
+                & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_INGRESS_TIERED | EP_EGRESS_TIERED);
         }
         Ok(out)
     }

@@ -44,6 +44,13 @@ fn counters() -> Counters {
     c.ipcache_entries = 1;
     c.service_entries = 2;
     c.failed_closed = 1;
+    c.rule_drops.insert(
+        sluice_common::RULE_CNP_FLAG | 3,
+        Count {
+            packets: 6,
+            bytes: 360,
+        },
+    );
     c
 }
 
@@ -69,6 +76,18 @@ fn state() -> EndpointStats {
             ipcache: 4,
             services: 8,
         },
+        rule_names: std::sync::Arc::new(crate::events::RuleNames::from_origins(vec![(
+            sluice_common::RULE_CNP_FLAG | 3,
+            crate::policy::CnpRuleOrigin {
+                policy: "block-metadata".into(),
+                rule: "deny-imds".into(),
+                tier: crate::policy::Tier::Admin,
+                priority: 10,
+                dir: DIR_EGRESS,
+                index: 0,
+                action: sluice_common::action::DENY,
+            },
+        )])),
     }
 }
 

@@ -17,12 +17,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnetwork::IpNetwork;
 use rustc_hash::FxHashMap;
-use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_CIDR_FLAG};
+use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_CIDR_FLAG, RULE_CNP_FLAG};
 
 use super::{
+    cnp::CnpPeer,
+    cnps::CnpStore,
     contributions::{CidrPart, LocalState, resolve, resolve_named},
     identities::{Allocator, Identities, NamedPorts},
-    mapstate::{CidrEntry, L4, Rule},
+    mapstate::{CidrEntry, L4, Rule, TierRule},
     parse::{Block, Peer, Ports, within},
     pods::Pods,
     repository::Repository,
@@ -140,14 +142,50 @@ impl CidrGroups {
 /// owner has the port becomes a host prefix carrying the resolved port, and
 /// the grouping gives that prefix the other rules that cover it as well. An
 /// address no pod owns has no named ports, so a name matches nothing there.
+///
+/// ClusterNetworkPolicy `networks` (and `nodes`, as a host prefix per
+/// address of each matching Node) are blocks of their rule too, so a
+/// group's set names the rules of every tier that cover its prefix; the
+/// group's entries carry the NetworkPolicy allow and the best Admin and
+/// Baseline rule of the set, per L4.
 pub(super) fn compute(
     st: &LocalState,
     ports: &NamedPorts,
-    repo: &Repository,
+    (repo, cnps): (&Repository, &CnpStore),
     (pods, identities): (&Pods, &Identities),
     groups: &mut CidrGroups,
 ) -> CidrPart {
     let mut grouped = Vec::new();
+    // (rule id, blocks, L4s) of ClusterNetworkPolicy prefixes, per direction.
+    let mut cnp_blocks: Vec<(u8, u32, Vec<Block>, Vec<L4>)> = Vec::new();
+    for &id in st.cnps() {
+        let Some(c) = cnps.get(id) else {
+            continue;
+        };
+        for r in &c.rules {
+            let mut blocks = Vec::new();
+            for p in &r.peers {
+                match p {
+                    CnpPeer::Networks(nets) => blocks.extend(nets.iter().map(|&n| Block {
+                        cidr: n,
+                        except: Vec::new(),
+                    })),
+                    CnpPeer::Nodes(sel) => {
+                        for node in cnps.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                            blocks.extend(node.addresses.iter().map(|&a| Block {
+                                cidr: IpNetwork::from(a),
+                                except: Vec::new(),
+                            }));
+                        }
+                    }
+                    CnpPeer::Any | CnpPeer::Pods(_) => {}
+                }
+            }
+            if !blocks.is_empty() {
+                cnp_blocks.push((r.dir, r.id, blocks, r.ports.fixed.clone()));
+            }
+        }
+    }
     for dir in [DIR_INGRESS, DIR_EGRESS] {
         let mut parts: Vec<(u32, &[Block], &Ports)> = Vec::new();
         for &pid in st.selected_by() {
@@ -208,6 +246,13 @@ pub(super) fn compute(
             blocks: std::slice::from_ref(host),
             l4s: l4s.clone(),
         }));
+        rbs.extend(cnp_blocks.iter().filter(|(d, ..)| *d == dir).map(
+            |(_, rule_id, blocks, l4s)| RuleBlocks {
+                rule_id: *rule_id,
+                blocks,
+                l4s: l4s.clone(),
+            },
+        ));
         grouped.push((dir, group_prefixes(&rbs)));
     }
     let mut out = CidrPart::default();
@@ -222,6 +267,20 @@ pub(super) fn compute(
                 if done.insert(g) {
                     let mut by_l4: BTreeMap<L4, u32> = BTreeMap::new();
                     for &(rid, l4) in &set {
+                        if rid & RULE_CNP_FLAG != 0 {
+                            if let Some((tier, rank, action)) = cnps.rule_rank(rid) {
+                                out.tier_rules.push(TierRule {
+                                    dir,
+                                    identity: g,
+                                    l4,
+                                    tier,
+                                    rank,
+                                    action,
+                                    rule_id: rid,
+                                });
+                            }
+                            continue;
+                        }
                         by_l4.entry(l4).or_insert(rid);
                     }
                     out.rules
@@ -238,5 +297,9 @@ pub(super) fn compute(
         }
     }
     out.rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
+    out.tier_rules
+        .sort_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
+    out.tier_rules
+        .dedup_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
     out
 }

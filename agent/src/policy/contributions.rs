@@ -11,8 +11,9 @@ use std::{
 use sluice_common::{DIR_INGRESS, IDENTITY_ANY};
 
 use super::{
+    cnps::CnpId,
     identities::{Identities, NamedPorts},
-    mapstate::{CidrEntry, EndpointPolicy, L4, Rule},
+    mapstate::{CidrEntry, EndpointPolicy, L4, Rule, TierRule},
     parse::{Peer, Ports},
     repository::{PolicyId, Repository},
     selectors::SelectorCache,
@@ -34,6 +35,12 @@ pub(super) struct LocalState {
     cidr_rules: Vec<Rule>,
     /// CIDR groups this identity holds a reference on.
     groups: Vec<u32>,
+    /// ClusterNetworkPolicies whose subject selects it.
+    cnps: BTreeSet<CnpId>,
+    /// Their matches of pod peers (the tier part).
+    tier_rules: Vec<TierRule>,
+    /// Their matches of CIDR groups (from the CIDR part).
+    cidr_tier_rules: Vec<TierRule>,
     cached: OnceLock<Arc<EndpointPolicy>>,
 }
 
@@ -105,6 +112,7 @@ impl Counts {
 pub(super) struct CidrPart {
     pub cidrs: Vec<CidrEntry>,
     pub rules: Vec<Rule>,
+    pub tier_rules: Vec<TierRule>,
     pub groups: Vec<u32>,
 }
 
@@ -143,9 +151,32 @@ impl LocalState {
         }
     }
 
-    /// Forgets every policy and contribution (the CIDR part stays until it
-    /// is recomputed).
+    /// The ClusterNetworkPolicies selecting this identity.
+    pub fn cnps(&self) -> &BTreeSet<CnpId> {
+        &self.cnps
+    }
+
+    pub fn set_cnp(&mut self, id: CnpId, selects: bool) {
+        if selects {
+            self.cnps.insert(id);
+        } else {
+            self.cnps.remove(&id);
+        }
+    }
+
+    /// Installs a recomputed tier part; true when it differs.
+    pub fn replace_tiers(&mut self, new: Vec<TierRule>) -> bool {
+        if self.tier_rules == new {
+            return false;
+        }
+        self.tier_rules = new;
+        true
+    }
+
+    /// Forgets every policy and contribution (the CIDR and tier parts stay
+    /// until they are recomputed).
     pub fn clear(&mut self) {
+        self.cnps.clear();
         self.selected_by.clear();
         self.contrib.clear();
         self.ingress = 0;
@@ -177,7 +208,9 @@ impl LocalState {
 
     /// The CIDR prefixes and group rules, for comparison with an old part.
     pub fn cidrs_equal(&self, old: &CidrPart) -> bool {
-        self.cidrs == old.cidrs && self.cidr_rules == old.rules
+        self.cidrs == old.cidrs
+            && self.cidr_rules == old.rules
+            && self.cidr_tier_rules == old.tier_rules
     }
 
     /// Installs a recomputed CIDR part; returns the one it replaces.
@@ -185,6 +218,7 @@ impl LocalState {
         CidrPart {
             cidrs: std::mem::replace(&mut self.cidrs, new.cidrs),
             rules: std::mem::replace(&mut self.cidr_rules, new.rules),
+            tier_rules: std::mem::replace(&mut self.cidr_tier_rules, new.tier_rules),
             groups: std::mem::replace(&mut self.groups, new.groups),
         }
     }
@@ -219,11 +253,19 @@ impl LocalState {
         }
         rules.extend(self.cidr_rules.iter().cloned());
         rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
+        let mut tier_rules: Vec<TierRule> = self
+            .tier_rules
+            .iter()
+            .chain(&self.cidr_tier_rules)
+            .cloned()
+            .collect();
+        tier_rules.sort();
         EndpointPolicy {
             ingress_isolated: self.ingress > 0,
             egress_isolated: self.egress > 0,
             rules,
             cidrs: self.cidrs.clone(),
+            tier_rules,
         }
     }
 }
@@ -245,7 +287,9 @@ pub(super) fn resolve(ports: &Ports, table: &NamedPorts) -> Vec<L4> {
 pub(super) fn resolve_named(named: &[(String, u8)], table: &NamedPorts, out: &mut Vec<L4>) {
     for (name, proto) in named {
         for (n, p, port) in table {
-            if n == name && p == proto {
+            // Protocol 0: a ClusterNetworkPolicy `destinationNamedPort`,
+            // which matches the name whatever the protocol.
+            if n == name && (p == proto || *proto == 0) {
                 out.push(L4::Ports {
                     proto: *p,
                     first: *port,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct Resync<'a> {
     pub namespaces: Option<&'a [Namespace]>,
     pub pods: Option<&'a [Pod]>,
     pub policies: Option<&'a [NetworkPolicy]>,
+    pub cluster_policies: Option<&'a [sluice_api::ClusterNetworkPolicy]>,
+    pub nodes: Option<&'a [Node]>,
 }
 
 impl Compiler {
@@ -82,6 +84,40 @@ impl Compiler {
             }
             for np in list {
                 self.policy_event(np);
+            }
+        }
+        if let Some(list) = r.nodes {
+            let listed: HashSet<&str> = list
+                .iter()
+                .filter_map(|n| n.metadata.name.as_deref())
+                .collect();
+            let gone: Vec<String> = self
+                .cnps
+                .nodes
+                .keys()
+                .filter(|n| !listed.contains(n.as_str()))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.cnps.nodes.remove(&name);
+            }
+            self.node_list_changed();
+            for n in list {
+                self.node_event(n);
+            }
+        }
+        if let Some(list) = r.cluster_policies {
+            let listed: HashSet<&str> = list
+                .iter()
+                .filter_map(|c| c.metadata.name.as_deref())
+                .collect();
+            for name in self.cnps.names() {
+                if !listed.contains(name.as_str()) {
+                    self.remove_cnp(&name);
+                }
+            }
+            for c in list {
+                self.cnp_event(c);
             }
         }
         self.quiet = false;
@@ -143,6 +179,7 @@ impl Compiler {
             self.mark_cidr_dirty(l);
         }
         self.repo.clear_targets();
+        self.cnps.clear_targets();
         self.identities.clear_selectors();
         for s in self.selectors.ids() {
             let members = self.selectors.evaluate(s, &self.identities);
@@ -153,6 +190,8 @@ impl Compiler {
         }
         for &l in &locals {
             self.attach_matching_policies(l);
+            self.attach_matching_cnps(l);
+            self.mark_tiers_dirty(l, true);
         }
         self.commit()
     }

@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use sluice_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, PLEN_ANY_PROTO_BIT,
-    POLICY_ALLOW, PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_INGRESS_ISOLATED,
+    EP_INGRESS_TIERED, PLEN_ANY_PROTO_BIT, POLICY_ADMIN, POLICY_ADMIN_ACTION_MASK,
+    POLICY_ADMIN_ACTION_SHIFT, POLICY_ALLOW, POLICY_BASELINE, POLICY_BASELINE_DENY, PolicyKey,
+    PolicyValue, action,
 };
 
 /// The L4 part of a rule.
@@ -39,6 +41,37 @@ pub struct Rule {
     pub rule_id: u32,
 }
 
+/// The two ClusterNetworkPolicy tiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "Admin",
+            Self::Baseline => "Baseline",
+        }
+    }
+}
+
+/// A ClusterNetworkPolicy rule's match for one (direction, peer, L4): the
+/// tier, the rule's global rank in its tier (lower decides first) and its
+/// action (`sluice_common::action`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TierRule {
+    pub dir: u8,
+    pub identity: u32,
+    pub l4: L4,
+    pub tier: Tier,
+    pub rank: u32,
+    pub action: u32,
+    /// `RULE_CNP_FLAG` set.
+    pub rule_id: u32,
+}
+
 /// One prefix of an endpoint's CIDR map: addresses whose longest match is
 /// `net` belong to `group` (0 = an `except` hole, no group).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,12 +88,14 @@ pub struct EndpointPolicy {
     pub egress_isolated: bool,
     pub rules: Vec<Rule>,
     pub cidrs: Vec<CidrEntry>,
+    /// ClusterNetworkPolicy matches; a direction with any is "tiered".
+    pub tier_rules: Vec<TierRule>,
 }
 
 /// The map contents for one endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// `EP_*_ISOLATED` bits.
+    /// `EP_*_ISOLATED` and `EP_*_TIERED` bits.
     pub isolation: u32,
     /// `EndpointInfo::port_plens`, by direction.
     pub port_plens: [u32; 2],
@@ -97,13 +132,21 @@ impl EndpointPolicy {
             check_dir(rule.dir)?;
             for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
                 out.port_plens[usize::from(rule.dir)] |= plen_bit(&key);
-                out.entries.insert(
-                    key,
-                    PolicyValue {
-                        flags: POLICY_ALLOW,
-                        rule_id: rule.rule_id,
-                    },
-                );
+                let v = out.entries.entry(key).or_default();
+                v.flags |= POLICY_ALLOW;
+                v.rule_id = rule.rule_id;
+            }
+        }
+        for t in &self.tier_rules {
+            check_dir(t.dir)?;
+            out.isolation |= if t.dir == DIR_INGRESS {
+                EP_INGRESS_TIERED
+            } else {
+                EP_EGRESS_TIERED
+            };
+            for key in policy_keys(ep_id, t.dir, t.identity, t.l4)? {
+                out.port_plens[usize::from(t.dir)] |= plen_bit(&key);
+                merge_tier(out.entries.entry(key).or_default(), t);
             }
         }
         for c in &self.cidrs {
@@ -111,6 +154,35 @@ impl EndpointPolicy {
             out.cidrs.insert((c.dir, canonical(c.net)), c.group);
         }
         Ok(out)
+    }
+}
+
+/// Keeps the best (lowest-rank) rule of `t`'s tier in `v`.
+fn merge_tier(v: &mut PolicyValue, t: &TierRule) {
+    match t.tier {
+        Tier::Admin => {
+            if v.flags & POLICY_ADMIN == 0 || t.rank < v.admin_rank {
+                v.flags = (v.flags & !POLICY_ADMIN_ACTION_MASK)
+                    | POLICY_ADMIN
+                    | ((t.action << POLICY_ADMIN_ACTION_SHIFT) & POLICY_ADMIN_ACTION_MASK);
+                v.admin_rank = t.rank;
+                v.admin_rule = t.rule_id;
+            }
+        }
+        Tier::Baseline => {
+            if v.flags & POLICY_BASELINE == 0 || t.rank < v.baseline_rank {
+                // Baseline knows Accept and Deny; anything else (a Pass
+                // the API refuses in this tier) denies: fail closed.
+                let deny = if t.action == action::ACCEPT {
+                    0
+                } else {
+                    POLICY_BASELINE_DENY
+                };
+                v.flags = (v.flags & !POLICY_BASELINE_DENY) | POLICY_BASELINE | deny;
+                v.baseline_rank = t.rank;
+                v.baseline_rule = t.rule_id;
+            }
+        }
     }
 }
 
@@ -194,7 +266,69 @@ pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
 pub fn lookup(c: &Compiled, ep_id: u32, dir: u8, identity: u32, proto: u8, port: u16) -> bool {
     let plens = c.port_plens[usize::from(dir) & 1];
     let hit = |proto, port, plen| {
-        c.entries.contains_key(&PolicyKey {
+        c.entries
+            .get(&PolicyKey {
+                ep_id,
+                identity,
+                port,
+                proto,
+                dir,
+                plen,
+                _pad: [0; 3],
+            })
+            .is_some_and(|v| v.flags & POLICY_ALLOW != 0)
+    };
+    (0..=16u8)
+        .rev()
+        .filter(|p| plens & (1 << p) != 0)
+        .any(|p| hit(proto, port & port_mask(p), p))
+        || (plens & (1 << PLEN_ANY_PROTO_BIT) != 0 && hit(0, 0, 0))
+}
+
+/// What the hits of one flow's lookups say, folded as the data path folds
+/// them: any NetworkPolicy allow, the lowest-rank Admin and Baseline rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fold {
+    /// NetworkPolicy rule id that allows (first found).
+    pub np_rule: Option<u32>,
+    /// (rank, action, rule id) of the best Admin rule.
+    pub admin: Option<(u32, u32, u32)>,
+    /// (rank, deny, rule id) of the best Baseline rule.
+    pub baseline: Option<(u32, bool, u32)>,
+}
+
+impl Fold {
+    pub fn add(&mut self, v: &PolicyValue) {
+        if v.flags & POLICY_ALLOW != 0 && self.np_rule.is_none() {
+            self.np_rule = Some(v.rule_id);
+        }
+        if v.flags & POLICY_ADMIN != 0 && self.admin.is_none_or(|(r, _, _)| v.admin_rank < r) {
+            let act = (v.flags & POLICY_ADMIN_ACTION_MASK) >> POLICY_ADMIN_ACTION_SHIFT;
+            self.admin = Some((v.admin_rank, act, v.admin_rule));
+        }
+        if v.flags & POLICY_BASELINE != 0
+            && self.baseline.is_none_or(|(r, _, _)| v.baseline_rank < r)
+        {
+            let deny = v.flags & POLICY_BASELINE_DENY != 0;
+            self.baseline = Some((v.baseline_rank, deny, v.baseline_rule));
+        }
+    }
+}
+
+/// Folds every entry (`identity`, `proto`, `port`) hits in `dir`: each
+/// prefix length present in `port_plens`, then any-protocol.
+pub fn fold(
+    c: &Compiled,
+    ep_id: u32,
+    dir: u8,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    into: &mut Fold,
+) {
+    let plens = c.port_plens[usize::from(dir) & 1];
+    let get = |proto, port, plen| {
+        c.entries.get(&PolicyKey {
             ep_id,
             identity,
             port,
@@ -204,11 +338,16 @@ pub fn lookup(c: &Compiled, ep_id: u32, dir: u8, identity: u32, proto: u8, port:
             _pad: [0; 3],
         })
     };
-    (0..=16u8)
-        .rev()
-        .filter(|p| plens & (1 << p) != 0)
-        .any(|p| hit(proto, port & port_mask(p), p))
-        || (plens & (1 << PLEN_ANY_PROTO_BIT) != 0 && hit(0, 0, 0))
+    for p in (0..=16u8).rev().filter(|p| plens & (1 << p) != 0) {
+        if let Some(v) = get(proto, port & port_mask(p), p) {
+            into.add(v);
+        }
+    }
+    if plens & (1 << PLEN_ANY_PROTO_BIT) != 0
+        && let Some(v) = get(0, 0, 0)
+    {
+        into.add(v);
+    }
 }
 
 /// How many map entries an endpoint's policy takes.
@@ -224,6 +363,11 @@ pub fn entry_count(p: &EndpointPolicy) -> EntryCount {
     let mut keys = Vec::with_capacity(p.rules.len());
     for r in &p.rules {
         // A rule that does not compile takes no entry (`compile` refuses it).
+        for k in policy_keys(0, r.dir, r.identity, r.l4).unwrap_or_default() {
+            keys.push((k.dir, k.identity, k.proto, k.port, k.plen));
+        }
+    }
+    for r in &p.tier_rules {
         for k in policy_keys(0, r.dir, r.identity, r.l4).unwrap_or_default() {
             keys.push((k.dir, k.identity, k.proto, k.port, k.plen));
         }
@@ -299,6 +443,7 @@ mod tests {
                 rule(DIR_EGRESS, 300),
             ],
             cidrs: Vec::new(),
+            tier_rules: Vec::new(),
         };
         let c = p.compile(7).unwrap();
         let (any, cidr) = (1 << PLEN_ANY_PEER_BIT, 1 << PLEN_CIDR_PEER_BIT);
@@ -355,6 +500,7 @@ mod tests {
                 },
             ],
             cidrs: vec![],
+            tier_rules: vec![],
         };
         let c = p.compile(7).unwrap_or_default();
         assert_eq!(c.isolation, EP_INGRESS_ISOLATED);

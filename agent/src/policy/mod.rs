@@ -77,6 +77,8 @@
 //! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
 //! the data path's verdict from these outputs alone.
 mod cidr;
+mod cnp;
+mod cnps;
 mod contributions;
 mod events;
 mod identities;
@@ -88,6 +90,7 @@ mod selector;
 mod selectors;
 #[cfg(test)]
 mod tests;
+mod tiers;
 mod txn;
 pub mod verdict;
 
@@ -97,6 +100,7 @@ pub use k8s_openapi;
 
 use self::{
     cidr::CidrGroups,
+    cnps::CnpStore,
     contributions::{PartRef, RuleKey, part_contribs},
     identities::{Identities, IdentityKey, NamedPorts},
     parse::Peer,
@@ -107,10 +111,12 @@ use self::{
     txn::{Touched, Txn},
 };
 pub use self::{
+    cnps::{CnpRuleOrigin, NodeInfo},
     events::Resync,
     mapstate::{
-        CidrEntry, Compiled, EndpointPolicy, EntryCount, L4, PolicyError, Rule, canonical,
-        entry_count, lookup, plen_bit, policy_keys, port_blocks, port_mask,
+        CidrEntry, Compiled, EndpointPolicy, EntryCount, Fold, L4, PolicyError, Rule, Tier,
+        TierRule, canonical, entry_count, fold, lookup, plen_bit, policy_keys, port_blocks,
+        port_mask,
     },
     pods::Locality,
     repository::RuleOrigin,
@@ -128,6 +134,7 @@ pub struct Compiler {
     identities: Identities,
     selectors: SelectorCache,
     repo: Repository,
+    cnps: CnpStore,
     groups: CidrGroups,
     txn: Txn,
     /// Loading: every touched identity is reported whole, no key tracking.
@@ -150,6 +157,7 @@ pub struct Stats {
     pub local_identities: usize,
     pub selectors: usize,
     pub policies: usize,
+    pub cluster_policies: usize,
     pub cidr_groups: usize,
 }
 
@@ -163,6 +171,7 @@ impl Compiler {
             identities: Identities::new(),
             selectors: SelectorCache::default(),
             repo: Repository::new(),
+            cnps: CnpStore::default(),
             groups: CidrGroups::new(),
             txn: Txn::default(),
             quiet: false,
@@ -226,7 +235,10 @@ impl Compiler {
 
     /// The problems of the policies as they are now.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
-        self.repo.diagnostics()
+        let mut out = self.repo.diagnostics();
+        out.extend(self.cnp_diagnostics());
+        out.sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
+        out
     }
 
     pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
@@ -241,6 +253,7 @@ impl Compiler {
             local_identities: self.identities.locals().len(),
             selectors: self.selectors.len(),
             policies: self.repo.len(),
+            cluster_policies: self.cnps.len(),
             cidr_groups: self.groups.len(),
         }
     }
@@ -377,6 +390,7 @@ impl Compiler {
             self.txn.touched.insert(id, Touched::snapshot(st, true));
         }
         self.attach_matching_policies(id);
+        self.attach_matching_cnps(id);
     }
 
     fn remove_local_pod(&mut self, id: u32, obj: &ObjectRef) {
@@ -386,6 +400,8 @@ impl Compiler {
         for &p in st.selected_by() {
             self.repo.set_target(p, id, false);
         }
+        let cnps: Vec<_> = st.cnps().iter().copied().collect();
+        self.detach_cnps(id, &cnps);
         for g in st.into_groups() {
             self.groups.release(g);
         }
@@ -400,6 +416,7 @@ impl Compiler {
                 self.apply_part((p, ri, pi), l, Some(x), sign);
             }
         }
+        self.cnp_selector_changed(s);
     }
 
     // ----- policies -----

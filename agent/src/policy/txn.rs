@@ -75,6 +75,8 @@ pub(super) struct Touched {
     /// without comparing, so no keys are tracked.
     pub fresh: bool,
     pub cidr_dirty: bool,
+    /// The tier part (ClusterNetworkPolicy) must be recomputed.
+    pub tiers_dirty: bool,
     /// Rule key -> its rule id before the event.
     keys: FxHashMap<RuleKey, Option<u32>>,
     isolation: (bool, bool),
@@ -85,6 +87,7 @@ impl Touched {
         Self {
             fresh,
             cidr_dirty: false,
+            tiers_dirty: false,
             keys: FxHashMap::default(),
             isolation: st.isolation(),
         }
@@ -146,7 +149,7 @@ impl Compiler {
         let new = cidr::compute(
             st,
             &ident.key.ports,
-            &self.repo,
+            (&self.repo, &self.cnps),
             (&self.pods, &self.identities),
             &mut self.groups,
         );
@@ -182,6 +185,19 @@ impl Compiler {
         for g in old_groups {
             self.groups.release(g);
         }
+        let tiers_dirty: Vec<u32> = self
+            .txn
+            .touched
+            .iter()
+            .filter(|(_, t)| t.tiers_dirty)
+            .map(|(&l, _)| l)
+            .collect();
+        let mut tiers_changed = rustc_hash::FxHashSet::default();
+        for l in tiers_dirty {
+            if self.recompute_tiers(l) {
+                tiers_changed.insert(l);
+            }
+        }
         let txn = take(&mut self.txn);
         // Collected in a vector and sorted once: inserting thousands of
         // string keys one by one into the set costs more than the event.
@@ -193,7 +209,7 @@ impl Compiler {
             let Some(st) = ident.local.as_deref_mut() else {
                 continue;
             };
-            if !t.changed(st, old_cidrs.get(&l)) {
+            if !tiers_changed.contains(&l) && !t.changed(st, old_cidrs.get(&l)) {
                 continue;
             }
             st.invalidate();

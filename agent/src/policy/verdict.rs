@@ -4,11 +4,13 @@
 //! the TC programs decide it. What the conformance model checks.
 use std::net::IpAddr;
 
-use sluice_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD};
+use sluice_common::{
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, action, reason,
+};
 
 use super::{
     Compiler,
-    mapstate::{CidrEntry, EndpointPolicy, lookup},
+    mapstate::{CidrEntry, EndpointPolicy, Fold, fold},
 };
 use crate::model::ObjectRef;
 
@@ -63,8 +65,23 @@ impl Compiler {
     }
 }
 
-/// One endpoint, one direction: not isolated, or the peer's identity, any
-/// peer, or the peer address's CIDR group is allowed.
+/// The verdict of one endpoint in one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed, by this rule id (0: no rule needed, or none to name).
+    Allow(u32),
+    /// Dropped for `reason` (`sluice_common::reason`), by `rule` (a
+    /// ClusterNetworkPolicy rule id, or 0 for a NetworkPolicy default deny).
+    Deny { reason: u8, rule: u32 },
+}
+
+impl Decision {
+    pub fn allowed(self) -> bool {
+        matches!(self, Self::Allow(_))
+    }
+}
+
+/// One endpoint, one direction: [`direction_verdict`] allows.
 pub fn direction_allows(
     p: &EndpointPolicy,
     dir: u8,
@@ -73,21 +90,78 @@ pub fn direction_allows(
     proto: u8,
     port: u16,
 ) -> bool {
+    direction_verdict(p, dir, peer_identity, peer, proto, port).allowed()
+}
+
+/// One endpoint, one direction, as the data path decides it: the entries
+/// of the peer's identity, of any peer and of the peer address's CIDR group
+/// are folded (any NetworkPolicy allow, the lowest-rank Admin and Baseline
+/// rule); then the Admin rule decides (Accept, Deny; Pass goes on), then
+/// NetworkPolicy where the endpoint is isolated, then the Baseline rule,
+/// else the flow is allowed. The node may always reach its pods.
+pub fn direction_verdict(
+    p: &EndpointPolicy,
+    dir: u8,
+    peer_identity: u32,
+    peer: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Decision {
     let isolated = if dir == DIR_INGRESS {
         p.ingress_isolated
     } else {
         p.egress_isolated
     };
-    if !isolated || (dir == DIR_INGRESS && peer_identity == IDENTITY_HOST) {
-        return true;
+    let tiered = p.tier_rules.iter().any(|t| t.dir == dir);
+    if (!isolated && !tiered) || (dir == DIR_INGRESS && peer_identity == IDENTITY_HOST) {
+        return Decision::Allow(0);
     }
     let Ok(c) = p.compile(MODEL_EP) else {
-        return false;
+        return Decision::Deny {
+            reason: reason::FAIL_CLOSED,
+            rule: 0,
+        };
     };
-    let allows = |identity| lookup(&c, MODEL_EP, dir, identity, proto, port);
-    allows(peer_identity)
-        || allows(IDENTITY_ANY)
-        || lpm(&p.cidrs, dir, peer).is_some_and(|g| g != 0 && allows(g))
+    let mut f = Fold::default();
+    fold(&c, MODEL_EP, dir, peer_identity, proto, port, &mut f);
+    fold(&c, MODEL_EP, dir, IDENTITY_ANY, proto, port, &mut f);
+    if let Some(g) = lpm(&p.cidrs, dir, peer).filter(|&g| g != 0) {
+        fold(&c, MODEL_EP, dir, g, proto, port, &mut f);
+    }
+    decide(&f, isolated)
+}
+
+/// The tiers in order, from the folded hits.
+pub fn decide(f: &Fold, isolated: bool) -> Decision {
+    match f.admin {
+        Some((_, action::ACCEPT, rule)) => return Decision::Allow(rule),
+        Some((_, action::PASS, _)) => {}
+        // Deny, or an action this agent does not know: fail closed.
+        Some((_, _, rule)) => {
+            return Decision::Deny {
+                reason: reason::ADMIN_DENIED,
+                rule,
+            };
+        }
+        None => {}
+    }
+    if isolated {
+        return match f.np_rule {
+            Some(rule) => Decision::Allow(rule),
+            None => Decision::Deny {
+                reason: reason::POLICY_DENIED,
+                rule: 0,
+            },
+        };
+    }
+    match f.baseline {
+        Some((_, false, rule)) => Decision::Allow(rule),
+        Some((_, true, rule)) => Decision::Deny {
+            reason: reason::BASELINE_DENIED,
+            rule,
+        },
+        None => Decision::Allow(0),
+    }
 }
 
 /// The group of the longest prefix of `dir` that holds `addr`.

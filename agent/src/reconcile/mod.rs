@@ -222,12 +222,16 @@ pub struct Reconciler {
     state: Arc<Mutex<State>>,
     metrics: Metrics,
     pods_by_ip: watch::Receiver<PodsByIp>,
+    /// ClusterNetworkPolicy rule names (cluster mode).
+    rule_names: Option<watch::Receiver<Arc<crate::events::RuleNames>>>,
 }
 
 impl Reconciler {
     pub fn new(state: State, metrics: Metrics) -> Self {
         let pods_by_ip = state.endpoints.pods_by_ip();
+        let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
         Self {
+            rule_names,
             state: Arc::new(Mutex::new(state)),
             metrics,
             pods_by_ip,
@@ -343,6 +347,15 @@ impl Reconciler {
         self.pods_by_ip.borrow().get(&ip).cloned()
     }
 
+    /// The names of ClusterNetworkPolicy rule ids, read without the
+    /// state's lock.
+    pub fn rule_names(&self) -> Arc<crate::events::RuleNames> {
+        self.rule_names
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
     /// What metrics report of the endpoints. Locks the state: call it on a
     /// blocking thread (the metrics server does).
     pub fn endpoint_stats(&self) -> EndpointStats {
@@ -351,6 +364,7 @@ impl Reconciler {
         };
         let sizes = &st.dp.sizes;
         EndpointStats {
+            rule_names: self.rule_names(),
             endpoints: st
                 .endpoints
                 .all()

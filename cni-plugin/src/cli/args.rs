@@ -278,6 +278,10 @@ const KINDS: &[(&str, &[&str])] = &[
         &["networkpolicy", "networkpolicies", "netpol"],
     ),
     ("Node", &["node", "nodes", "no"]),
+    (
+        "ClusterNetworkPolicy",
+        &["clusternetworkpolicy", "clusternetworkpolicies", "cnp"],
+    ),
 ];
 
 /// `KIND/NAMESPACE/NAME[@RV]` or, cluster-scoped, `KIND/NAME[@RV]`.
@@ -398,6 +402,16 @@ mod tests {
         };
         assert!(w.gone);
         assert_eq!(w.timeout, DEFAULT_WAIT_TIMEOUT);
+        // Cluster-scoped ClusterNetworkPolicy, by any of its names.
+        for kind in ["cnp", "clusternetworkpolicies", "ClusterNetworkPolicy"] {
+            assert_eq!(
+                parse_target(&format!("{kind}/block-metadata@9")),
+                Ok(Target {
+                    key: "ClusterNetworkPolicy/block-metadata".into(),
+                    min_rv: Some(9)
+                })
+            );
+        }
         // Unknown kinds are kept as typed.
         assert_eq!(
             parse_target("Widget/a/b@7").map(|t| t.key),

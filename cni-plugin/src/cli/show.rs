@@ -248,6 +248,8 @@ struct Record {
     icmp_type: Option<u8>,
     icmp_code: Option<u8>,
     icmp_id: Option<u16>,
+    /// `denied by ClusterNetworkPolicy NAME, rule RULE (TIER, priority N)`.
+    detail: Option<String>,
     src_namespace: Option<String>,
     src_pod: Option<String>,
     dst_namespace: Option<String>,
@@ -307,6 +309,12 @@ pub fn observe_line(v: &Value, clock: Clock) -> Option<String> {
         (None, s, d) => format!("{s}->{d}"),
     };
     let dash = |s: Option<String>| s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into());
+    // A named ClusterNetworkPolicy rule says more than the reason code.
+    let reason = match (r.reason, r.detail.filter(|d| !d.is_empty())) {
+        (Some(code), Some(d)) if code == "revoked" => format!("revoked, {d}"),
+        (_, Some(d)) => d,
+        (code, None) => dash(code),
+    };
     Some(format!(
         "{time} {} {} {} -> {} {} {ports} {}",
         dash(r.verdict),
@@ -322,7 +330,7 @@ pub fn observe_line(v: &Value, clock: Clock) -> Option<String> {
             r.dst_pod.as_deref()
         ),
         dash(r.protocol),
-        dash(r.reason),
+        reason,
     ))
 }
 
@@ -550,6 +558,21 @@ mod tests {
         assert_eq!(
             observe_line(&rec, CLOCK).as_deref(),
             Some("- DROPPED egress 10.244.1.5(x/client) -> 192.0.2.1 ICMP - -")
+        );
+        // A named ClusterNetworkPolicy rule replaces the reason code.
+        let d =
+            "denied by ClusterNetworkPolicy block-metadata, rule deny-imds (Admin, priority 10)";
+        let rec = json!({"reason": "admin-denied", "detail": d});
+        assert!(
+            observe_line(&rec, CLOCK)
+                .unwrap()
+                .ends_with(&format!(" - {d}"))
+        );
+        let rec = json!({"reason": "revoked", "detail": d});
+        assert!(
+            observe_line(&rec, CLOCK)
+                .unwrap()
+                .ends_with(&format!(" revoked, {d}"))
         );
         assert_eq!(observe_line(&json!([1]), CLOCK), None);
         assert_eq!(observe_line(&json!({"src_port": "x"}), CLOCK), None);

@@ -32,6 +32,7 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const EP_BY_ID: &str = "EP_BY_ID";
     pub const EPOCH: &str = "EPOCH";
+    pub const RULE_DROPS: &str = "RULE_DROPS";
 }
 
 /// Program names (the `#[classifier]` and `#[cgroup_skb]` functions).
@@ -60,6 +61,8 @@ pub mod sizes {
     pub const DROP_EVENTS_BYTES: u32 = 1 << 20;
     pub const EVENT_RATE: u32 = 65_536;
     pub const SERVICES: u32 = 65_536;
+    /// ClusterNetworkPolicy rules that dropped something.
+    pub const RULE_DROPS: u32 = 65_536;
     /// `EP_BY_ID` holds one entry per endpoint, like `ENDPOINTS`.
     pub const EP_BY_ID: u32 = ENDPOINTS;
 }
@@ -84,6 +87,12 @@ pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 pub const EP_FAIL_CLOSED: u32 = 1 << 2;
 pub const EP_HAS_IPV4: u32 = 1 << 3;
 pub const EP_HAS_IPV6: u32 = 1 << 4;
+/// ClusterNetworkPolicy (Admin or Baseline tier) entries exist for this
+/// endpoint's ingress / egress: the data path then folds the tiers of every
+/// hit (docs/design.md, "Tiers"). Without it a direction is judged by
+/// NetworkPolicy alone, with the early exit of the first allowing hit.
+pub const EP_INGRESS_TIERED: u32 = 1 << 5;
+pub const EP_EGRESS_TIERED: u32 = 1 << 6;
 
 /// Bit of `EndpointInfo::port_plens[dir]` that says any-protocol entries
 /// (a rule with no ports) exist; bits 0..=16 say that entries with that
@@ -150,15 +159,49 @@ pub struct PolicyKey {
     pub _pad: [u8; 3],
 }
 
-pub const POLICY_ALLOW: u32 = 1;
+/// `PolicyValue::flags`: a NetworkPolicy rule allows this key.
+pub const POLICY_ALLOW: u32 = 1 << 0;
+/// An Admin-tier ClusterNetworkPolicy rule matches this key:
+/// `admin_rank`, `admin_rule` and the action in `POLICY_ADMIN_ACTION_*`.
+pub const POLICY_ADMIN: u32 = 1 << 1;
+/// A Baseline-tier rule matches this key: `baseline_rank`, `baseline_rule`
+/// and `POLICY_BASELINE_DENY` (else Accept).
+pub const POLICY_BASELINE: u32 = 1 << 2;
+/// The Admin action, two bits at `POLICY_ADMIN_ACTION_SHIFT`.
+pub const POLICY_ADMIN_ACTION_SHIFT: u32 = 3;
+pub const POLICY_ADMIN_ACTION_MASK: u32 = 3 << POLICY_ADMIN_ACTION_SHIFT;
+pub const POLICY_BASELINE_DENY: u32 = 1 << 5;
 
+/// ClusterNetworkPolicy actions, as stored in `PolicyValue::flags`.
+pub mod action {
+    pub const ACCEPT: u32 = 0;
+    pub const DENY: u32 = 1;
+    pub const PASS: u32 = 2;
+}
+
+/// Value of a policy key: what each tier says about the traffic the key
+/// matches. One lookup answers for every tier; the data path folds the
+/// values of the keys a flow hits (lowest rank per tier, any NetworkPolicy
+/// allow) and decides Admin, then NetworkPolicy, then Baseline.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
     pub flags: u32,
-    /// Opaque id of the rule that produced the entry, for observability.
+    /// Opaque id of the NetworkPolicy rule that allows the key (with
+    /// `POLICY_ALLOW`), for observability.
     pub rule_id: u32,
+    /// Global order of the best (first) Admin rule matching the key: lower
+    /// is earlier (priority, then policy name, then rule index).
+    pub admin_rank: u32,
+    pub admin_rule: u32,
+    /// The same for the Baseline tier.
+    pub baseline_rank: u32,
+    pub baseline_rule: u32,
 }
+
+/// Rule ids of ClusterNetworkPolicy rules carry this bit (NetworkPolicy
+/// rule ids never do), so one id space names both in events and conntrack.
+pub const RULE_CNP_FLAG: u32 = 1 << 31;
 
 /// LPM data of the per-endpoint CIDR map. Prefix length counts the 64 bits of
 /// `ep_id`, `dir` and padding, then the address bits.
@@ -309,7 +352,13 @@ pub mod reason {
     /// A packet of an established flow that a policy change since its
     /// entry was written denies (the flow, judged again, is not allowed).
     pub const REVOKED: u8 = 8;
-    pub const MAX: u8 = 8;
+    /// An Admin-tier ClusterNetworkPolicy rule with action Deny matched
+    /// (the event carries the rule id).
+    pub const ADMIN_DENIED: u8 = 9;
+    /// A Baseline-tier Deny rule matched, and neither Admin nor a
+    /// NetworkPolicy decided.
+    pub const BASELINE_DENIED: u8 = 10;
+    pub const MAX: u8 = 10;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -321,6 +370,8 @@ pub mod reason {
             FAIL_CLOSED => "fail-closed",
             UNSUPPORTED_L3 => "unsupported-l3",
             REVOKED => "revoked",
+            ADMIN_DENIED => "admin-denied",
+            BASELINE_DENIED => "baseline-denied",
             _ => "unknown",
         }
     }
@@ -384,6 +435,10 @@ pub struct DropEvent {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub _pad: u16,
+    /// The rule that decided the drop: a ClusterNetworkPolicy rule
+    /// (`RULE_CNP_FLAG` set) for `ADMIN_DENIED` / `BASELINE_DENIED`, else 0.
+    pub rule_id: u32,
+    pub _pad2: u32,
 }
 
 /// IP protocol numbers the data path knows.
@@ -531,14 +586,14 @@ mod tests {
     fn shared_structs_have_the_sizes_the_kernel_side_assumes() {
         assert_eq!(size_of::<EndpointInfo>(), 40);
         assert_eq!(size_of::<PolicyKey>(), 16);
-        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<PolicyValue>(), 24);
         assert_eq!(size_of::<CidrKey>(), 24);
         assert_eq!(size_of::<IpcacheKey>(), 16);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CounterKey>(), 8);
-        assert_eq!(size_of::<DropEvent>(), 64);
+        assert_eq!(size_of::<DropEvent>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 16);
     }
 
@@ -550,6 +605,27 @@ mod tests {
         assert_eq!(offset_of!(CtValue, rule_id), 12);
         assert_eq!(offset_of!(CtValue, epoch), 16);
         assert_eq!(offset_of!(CtValue, _pad), 20);
+    }
+
+    #[test]
+    fn tier_flags_do_not_overlap() {
+        let bits = [
+            POLICY_ALLOW,
+            POLICY_ADMIN,
+            POLICY_BASELINE,
+            POLICY_ADMIN_ACTION_MASK,
+            POLICY_BASELINE_DENY,
+        ];
+        for (i, a) in bits.iter().enumerate() {
+            for b in &bits[i + 1..] {
+                assert_eq!(a & b, 0);
+            }
+        }
+        assert_eq!(
+            action::PASS << POLICY_ADMIN_ACTION_SHIFT & !POLICY_ADMIN_ACTION_MASK,
+            0
+        );
+        assert_eq!(core::mem::offset_of!(DropEvent, rule_id), 64);
     }
 
     #[test]

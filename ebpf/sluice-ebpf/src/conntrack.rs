@@ -155,9 +155,21 @@ pub fn current_epoch() -> u32 {
     }
 }
 
-/// What a judgment of a flow answers when its policy denies it; anything
-/// else is the rule id that allows it.
-pub const DENIED: u64 = u64::MAX;
+/// A judgment of a flow: the rule id that allows it (bits 0..32), or, with
+/// `DENIED_BIT` set, the drop reason (bits 32..40) and the rule that denies
+/// it (bits 0..32; 0 for a NetworkPolicy default deny).
+pub const DENIED_BIT: u64 = 1 << 63;
+
+/// The judgment "denied for `reason` by `rule`".
+#[inline(always)]
+pub const fn denied_by(reason: u8, rule: u32) -> u64 {
+    DENIED_BIT | ((reason as u64) << 32) | rule as u64
+}
+
+#[inline(always)]
+pub const fn is_denied(v: u64) -> bool {
+    v & DENIED_BIT != 0
+}
 
 /// What the conntrack lookup of a packet found.
 pub enum Tracked {
@@ -176,7 +188,7 @@ pub enum Tracked {
 /// hits: it is judged as a new flow, and `create` replaces the entry.
 ///
 /// An entry of another epoch than `epoch` has its flow judged again by
-/// `rejudge(key, flags)` (a rule id or `DENIED`): allowed, the entry takes
+/// `rejudge(key, flags)` (a rule id, or a judgment with `DENIED_BIT`): allowed, the entry takes
 /// the epoch and the rule and the packet goes on as a hit; denied, the
 /// entry is left as it is (not refreshed: each later packet is judged
 /// again, until a policy allows the flow or the entry expires). The
@@ -205,7 +217,7 @@ pub fn hit_and_refresh(
     }
     if v.epoch != epoch {
         let rule = rejudge(key, v.flags);
-        if rule == DENIED {
+        if is_denied(rule) {
             return Tracked::Revoked;
         }
         v.epoch = epoch;

@@ -1,12 +1,12 @@
 //! What happens on every drop: a per-CPU counter by (endpoint, reason,
 //! direction), and a drop event in the ring buffer, at most one per flow,
 //! direction and EVENT_FLOW_INTERVAL_NS.
-use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, stat};
+use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, reason, stat};
 
 use crate::{
     conntrack::{now_ns, precise_now_ns, side_le},
     keys::ct_key,
-    maps::{DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, count},
+    maps::{DENY_RULE, DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, RULE_DROPS, count},
     parse::{FAMILY_NONE, Packet},
     policy::identity_of,
 };
@@ -19,6 +19,18 @@ const NOEXIST: u64 = 1;
 #[inline(never)]
 pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
     count_drop(ep_id, dir, reason, len);
+    // The rule of a policy drop: the judgment just made on this CPU.
+    let rule = if reason == reason::ADMIN_DENIED
+        || reason == reason::BASELINE_DENIED
+        || reason == reason::REVOKED
+    {
+        deny_rule()
+    } else {
+        0
+    };
+    if rule != 0 {
+        count_rule_drop(rule, len);
+    }
     // The per-flow limit is a second: the jiffy clock (one read, shared
     // with conntrack) is precise enough for it; the event itself carries
     // the precise time.
@@ -53,9 +65,46 @@ pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
         icmp_type: pkt.icmp_type,
         icmp_code: pkt.icmp_code,
         _pad: 0,
+        rule_id: rule,
+        _pad2: 0,
     });
     entry.submit(0);
     count(stat::EVENTS_SENT);
+}
+
+/// Notes the rule of a deny for the drop that follows (`DENY_RULE`).
+#[inline(always)]
+pub fn note_deny_rule(rule: u32) {
+    if let Some(p) = DENY_RULE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; read back in the same program run.
+        unsafe { *p = rule };
+    }
+}
+
+#[inline(always)]
+fn deny_rule() -> u32 {
+    match DENY_RULE.get(0) {
+        Some(r) => *r,
+        None => 0,
+    }
+}
+
+/// Per ClusterNetworkPolicy rule: packets and bytes dropped.
+#[inline(always)]
+fn count_rule_drop(rule: u32, len: u32) {
+    if let Some(c) = RULE_DROPS.get_ptr_mut(&rule) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+        return;
+    }
+    let first = CounterValue {
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    let _lost = RULE_DROPS.insert(&rule, &first, NOEXIST);
 }
 
 #[inline(always)]

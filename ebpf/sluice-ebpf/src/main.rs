@@ -36,14 +36,15 @@ use aya_ebpf::{
 };
 use sluice_common::{
     CT_EGRESS_DEFERRED, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CtKey, DIR_EGRESS,
-    DIR_INGRESS, EGRESS_DEFERRED_MARK, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4,
-    EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED, FragValue,
-    IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
+    DIR_INGRESS, EGRESS_DEFERRED_MARK, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, FRAG_ALLOWED,
+    FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
 };
 
 use crate::{
     conntrack::{
-        DENIED, Tracked, addr_eq, create, current_epoch, flow_key, hit_and_refresh, live, now_ns,
+        Tracked, addr_eq, create, current_epoch, denied_by, flow_key, hit_and_refresh, is_denied,
+        live, now_ns,
     },
     keys::frag_key,
     maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
@@ -137,6 +138,8 @@ const FRAGMENT_UNKNOWN: Reason = Reason::of(reason::FRAGMENT_UNKNOWN);
 const FAIL_CLOSED: Reason = Reason::of(reason::FAIL_CLOSED);
 const UNSUPPORTED_L3: Reason = Reason::of(reason::UNSUPPORTED_L3);
 const REVOKED: Reason = Reason::of(reason::REVOKED);
+const ADMIN_DENIED: Reason = Reason::of(reason::ADMIN_DENIED);
+const BASELINE_DENIED: Reason = Reason::of(reason::BASELINE_DENIED);
 
 type Verdict = Result<(), Reason>;
 
@@ -463,7 +466,7 @@ fn related_flow(ctx: &TcContext, ep: &EndpointInfo, pkt: Packet, now: u64) -> u3
     match live(&key, now) {
         None => UNRELATED,
         Some((_, e)) if e == epoch => RELATED,
-        Some((flags, _)) if rejudge(ep, &key, flags) != DENIED => RELATED,
+        Some((flags, _)) if !is_denied(rejudge(ep, &key, flags)) => RELATED,
         Some(_) => RELATED_REVOKED,
     }
 }
@@ -505,8 +508,12 @@ fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> V
         &pkt.daddr
     };
     let rule = judge(ep, dir, peer, pkt.proto, pkt.dport);
-    if rule == DENIED {
-        return Err(POLICY_DENIED);
+    if is_denied(rule) {
+        return Err(match (rule >> 32) as u8 {
+            reason::ADMIN_DENIED => ADMIN_DENIED,
+            reason::BASELINE_DENIED => BASELINE_DENIED,
+            _ => POLICY_DENIED,
+        });
     }
     let src_is_lo = conntrack::side_le(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
     create(
@@ -524,11 +531,14 @@ fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> V
 
 /// 9. The verdict on a flow with `peer` of `l4` to the server's port
 ///    `dport`, opened in `dir`: the rule id that allows it (0 where the
-///    endpoint is not isolated, or from the node), or `DENIED`. New flows
-///    and flows judged again (7b) both come here.
+///    endpoint is neither isolated nor tiered, or from the node), or
+///    `denied_by(reason, rule)`, whose rule the drop reports (`DENY_RULE`).
+///    New flows and flows judged again (7b) both come here.
 #[inline(never)]
 fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
-    if !isolated(ep, dir) {
+    let isolated = isolated(ep, dir);
+    let tiered = tiered(ep, dir);
+    if !isolated && !tiered {
         return 0;
     }
     let peer_id = policy::identity_of(peer);
@@ -544,10 +554,31 @@ fn judge(ep: &EndpointInfo, dir: u8, peer: &Addr, l4: u8, dport: u16) -> u64 {
     } else {
         dport
     };
-    match policy::allowed(ep, dir, peer, peer_id, l4, port) {
-        Some(rule) => u64::from(rule),
-        None => DENIED,
+    // 9t. ClusterNetworkPolicy entries: every tier's hits folded. An
+    //     endpoint without them keeps the early exit below.
+    let verdict = if tiered {
+        let flow = policy::Flow { port, l4, isolated };
+        policy::tiered(ep, dir, peer, peer_id, flow)
+    } else {
+        match policy::allowed(ep, dir, peer, peer_id, l4, port) {
+            Some(rule) => u64::from(rule),
+            None => denied_by(reason::POLICY_DENIED, 0),
+        }
+    };
+    if is_denied(verdict) {
+        events::note_deny_rule(verdict as u32);
     }
+    verdict
+}
+
+#[inline(always)]
+fn tiered(ep: &EndpointInfo, dir: u8) -> bool {
+    let bit = if dir == DIR_INGRESS {
+        EP_INGRESS_TIERED
+    } else {
+        EP_EGRESS_TIERED
+    };
+    ep.flags & bit != 0
 }
 
 #[cfg(not(test))]

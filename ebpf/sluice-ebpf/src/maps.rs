@@ -61,6 +61,26 @@ pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(sizes::EVENT_
 #[map]
 pub static EPOCH: Array<u32> = Array::pinned(1, 0);
 
+/// Drops per ClusterNetworkPolicy rule id (`RULE_CNP_FLAG` set): the
+/// Prometheus counters per tier and rule.
+#[map]
+pub static RULE_DROPS: PerCpuHashMap<u32, CounterValue> =
+    PerCpuHashMap::pinned(sizes::RULE_DROPS, 0);
+
+/// One slot per CPU: the rule of the last deny judged on this CPU, read by
+/// the drop that follows it in the same program run (a `Result` cannot
+/// carry it: see `Reason` in main.rs).
+#[map]
+pub static DENY_RULE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// One slot per CPU: the accumulator of a tiered lookup
+/// (`policy::sluice_tiered`). In a map value, not on the stack: the
+/// verifier does not track what is stored in map values, so every state of
+/// the fold looks the same to it and prunes (on the stack, the found flags
+/// and refined ranks made the states of 17 x 3 lookups differ: E2BIG).
+#[map]
+pub static TIER_SCRATCH: PerCpuArray<crate::policy::Tiers> = PerCpuArray::with_max_entries(1, 0);
+
 /// Indexed by `sluice_common::stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

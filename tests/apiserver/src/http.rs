@@ -20,7 +20,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     kinds,
     patch::{self, PatchError},
-    resources::{self, Resource},
+    resources::{self, Catalog, Resource},
     selector::{FieldSelector, LabelSelector},
     store::{ApiError, EventType, Filter, Part, Store},
     util,
@@ -37,6 +37,8 @@ pub struct State {
     /// `host:port`, for `/api`'s serverAddressByClientCIDRs.
     pub address: String,
     pub log_requests: bool,
+    /// The resources served.
+    pub catalog: Catalog,
 }
 
 impl State {
@@ -45,6 +47,7 @@ impl State {
         bookmark_interval: Duration,
         address: String,
         log_requests: bool,
+        catalog: Catalog,
     ) -> Self {
         let (changed, _) = watch::channel(store.resource_version());
         Self {
@@ -53,6 +56,7 @@ impl State {
             bookmark_interval,
             address,
             log_requests,
+            catalog,
         }
     }
 
@@ -193,6 +197,7 @@ pub async fn handle(
 fn route(state: &Arc<State>, req: &Req) -> Result<Response<Body>, ApiError> {
     let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
     let get = req.method == Method::GET;
+    let catalog = state.catalog;
     match segs.as_slice() {
         ["version"] if get => Ok(json_response(200, &resources::version())),
         ["healthz" | "livez" | "readyz"] if get => {
@@ -203,7 +208,7 @@ fn route(state: &Arc<State>, req: &Req) -> Result<Response<Body>, ApiError> {
         }
         [root @ ("api" | "apis")] if get => {
             if req.wants_aggregated_discovery() {
-                let mut r = json_response(200, &resources::aggregated_discovery(*root == "api"));
+                let mut r = json_response(200, &catalog.aggregated_discovery(*root == "api"));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static(resources::AGGREGATED_DISCOVERY_CONTENT_TYPE),
@@ -212,23 +217,28 @@ fn route(state: &Arc<State>, req: &Req) -> Result<Response<Body>, ApiError> {
             } else if *root == "api" {
                 Ok(json_response(200, &resources::api_versions(&state.address)))
             } else {
-                Ok(json_response(200, &resources::api_group_list()))
+                Ok(json_response(200, &catalog.api_group_list()))
             }
         }
-        ["api", v] if get => resources::api_resource_list("", v)
+        ["api", v] if get => catalog
+            .api_resource_list("", v)
             .map(|b| json_response(200, &b))
             .ok_or_else(ApiError::no_route),
-        ["apis", g] if get => resources::api_group(g)
+        ["apis", g] if get => catalog
+            .api_group(g)
             .map(|b| json_response(200, &b))
             .ok_or_else(ApiError::no_route),
-        ["apis", g, v] if get => resources::api_resource_list(g, v)
+        ["apis", g, v] if get => catalog
+            .api_resource_list(g, v)
             .map(|b| json_response(200, &b))
             .ok_or_else(ApiError::no_route),
-        ["openapi", "v3"] if get => Ok(json_response(200, &resources::openapi_v3_index())),
-        ["openapi", "v3", "api", v] if get => resources::openapi_v3_group_version("", v)
+        ["openapi", "v3"] if get => Ok(json_response(200, &catalog.openapi_v3_index())),
+        ["openapi", "v3", "api", v] if get => catalog
+            .openapi_v3_group_version("", v)
             .map(|b| json_response(200, &b))
             .ok_or_else(ApiError::no_route),
-        ["openapi", "v3", "apis", g, v] if get => resources::openapi_v3_group_version(g, v)
+        ["openapi", "v3", "apis", g, v] if get => catalog
+            .openapi_v3_group_version(g, v)
             .map(|b| json_response(200, &b))
             .ok_or_else(ApiError::no_route),
         ["api", v, rest @ ..] => resource_request(state, req, "", v, rest),
@@ -246,13 +256,21 @@ struct Target {
     watch: bool,
 }
 
-fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+fn parse_target(
+    catalog: Catalog,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<Target, ApiError> {
     let (watch, rest) = match rest {
         ["watch", rest @ ..] => (true, rest),
         _ => (false, rest),
     };
-    let find =
-        |plural: &str| resources::find(group, version, plural).ok_or_else(ApiError::no_route);
+    let find = |plural: &str| {
+        catalog
+            .find(group, version, plural)
+            .ok_or_else(ApiError::no_route)
+    };
     let (r, ns, name, sub) = match rest {
         ["namespaces", ns, plural, tail @ ..] if !matches!(*plural, "status" | "finalize") => {
             let r = find(plural)?;
@@ -305,7 +323,7 @@ fn resource_request(
     version: &str,
     rest: &[&str],
 ) -> Result<Response<Body>, ApiError> {
-    let t = parse_target(group, version, rest)?;
+    let t = parse_target(state.catalog, group, version, rest)?;
     let (r, ns) = (t.r, t.ns.as_deref());
     let dry_run = req.param("dryRun").is_some_and(|v| !v.is_empty());
     // Dry runs work on a copy of the store that is then dropped.

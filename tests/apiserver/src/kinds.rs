@@ -222,6 +222,8 @@ pub fn columns(r: &Resource) -> Value {
             ("Selector", 1),
         ],
         "NetworkPolicy" => &[("Name", 0), ("Pod-Selector", 0), ("Age", 0)],
+        // The CRD's additionalPrinterColumns.
+        "ClusterNetworkPolicy" => &[("Name", 0), ("Tier", 0), ("Priority", 0), ("Age", 0)],
         "EndpointSlice" => &[
             ("Name", 0),
             ("AddressType", 0),
@@ -335,6 +337,14 @@ pub fn cells(r: &Resource, obj: &Value, now: i64) -> Value {
         "NetworkPolicy" => json!([
             name,
             selector_text(&spec["podSelector"]["matchLabels"]),
+            age
+        ]),
+        "ClusterNetworkPolicy" => json!([
+            name,
+            str_or(&spec["tier"], "<none>"),
+            spec["priority"]
+                .as_i64()
+                .map_or_else(|| "<none>".into(), |p| p.to_string()),
             age
         ]),
         "EndpointSlice" => {

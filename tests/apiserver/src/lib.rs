@@ -2,8 +2,9 @@
 //! Never installed on a cluster: plain HTTP on loopback, no authentication.
 //!
 //! It serves Namespaces, Pods, Nodes, Services (core v1), NetworkPolicies
-//! (networking.k8s.io/v1), EndpointSlices (discovery.k8s.io/v1) and Events
-//! (events.k8s.io/v1) well enough for `kubectl` 1.32 (apply, create,
+//! (networking.k8s.io/v1), EndpointSlices (discovery.k8s.io/v1), Events
+//! (events.k8s.io/v1) and ClusterNetworkPolicies
+//! (policy.networking.k8s.io/v1alpha2, a custom resource) well enough for `kubectl` 1.32 (apply, create,
 //! replace, delete, get, get -w) and for watch-based clients such as kube-rs.
 //!
 //! ```no_run
@@ -71,6 +72,10 @@ pub struct Config {
     /// namespace (the two-node conformance cluster serves its nodes over
     /// their link).
     pub allow_non_loopback: bool,
+    /// Serve the custom resources (ClusterNetworkPolicy) as if their CRDs
+    /// were installed; off, the server answers like a cluster without them
+    /// (404, absent from discovery).
+    pub custom_resources: bool,
 }
 
 impl Default for Config {
@@ -81,6 +86,7 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(60),
             log_requests: false,
             allow_non_loopback: false,
+            custom_resources: true,
         }
     }
 }
@@ -123,6 +129,9 @@ impl Server {
             config.bookmark_interval,
             addr.to_string(),
             config.log_requests,
+            resources::Catalog {
+                custom_resources: config.custom_resources,
+            },
         ));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -28,6 +28,10 @@ struct Args {
     /// Log each request on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Do not serve ClusterNetworkPolicies: answer like a cluster whose CRD
+    /// is not installed.
+    #[arg(long)]
+    no_custom_resources: bool,
 }
 
 fn main() -> Result<()> {
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
         history_limit: args.history,
         bookmark_interval: Duration::from_secs_f64(args.bookmark_interval.max(0.01)),
         log_requests: args.verbose,
+        custom_resources: !args.no_custom_resources,
         ..Config::default()
     })?;
     if let Some(path) = &args.kubeconfig_out {

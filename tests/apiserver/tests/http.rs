@@ -615,7 +615,12 @@ fn discovery_serves_legacy_and_aggregated_documents() -> Result<()> {
         .collect();
     assert_eq!(
         groups,
-        ["networking.k8s.io", "discovery.k8s.io", "events.k8s.io"]
+        [
+            "networking.k8s.io",
+            "discovery.k8s.io",
+            "policy.networking.k8s.io",
+            "events.k8s.io"
+        ]
     );
     let core = get(a, "/api/v1")?.json()?;
     let resources: Vec<&str> = core["resources"]

@@ -369,7 +369,13 @@ impl Datapath {
         let value = PolicyValue {
             flags: sluice_common::POLICY_ALLOW,
             rule_id,
+            ..PolicyValue::default()
         };
+        self.policy.insert(&key, &value, 0).expect("POLICY insert");
+    }
+
+    /// Writes a policy value as it is (tiers included).
+    pub fn set_policy(&mut self, key: PolicyKey, value: PolicyValue) {
         self.policy.insert(&key, &value, 0).expect("POLICY insert");
     }
 

@@ -298,6 +298,7 @@ pub fn run(args: &Args) -> Result<()> {
         namespaces: Some(&namespaces),
         pods: Some(&pods),
         policies: Some(&policies),
+        ..Resync::default()
     });
     let load = started.elapsed();
     let started = Instant::now();

@@ -362,6 +362,7 @@ impl Datapath {
         let value = PolicyValue {
             flags: POLICY_ALLOW,
             rule_id: 1,
+            ..PolicyValue::default()
         };
         policy.insert(&key(PEER_ID, 80), &value, 0)?;
         for i in 1..entries {

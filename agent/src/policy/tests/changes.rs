@@ -282,6 +282,7 @@ fn a_resync_deletes_what_its_lists_lack_and_reports_every_endpoint_it_touches() 
         namespaces: None,
         pods: Some(&pods),
         policies: Some(&[]),
+        ..Resync::default()
     });
     assert!(w.c.endpoint_policy(&obj("y/b")).is_none());
     assert_eq!(w.c.ip_identity(gone_ip), None);

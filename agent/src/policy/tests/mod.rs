@@ -158,3 +158,4 @@ mod blocks;
 mod changes;
 mod random;
 mod rules;
+mod tiers;

@@ -370,6 +370,7 @@ fn incremental_updates_equal_a_full_recompute_and_a_fresh_build_on_random_event_
                     namespaces: Some(&ns),
                     pods: Some(&ps),
                     policies: Some(&nps),
+                    ..Resync::default()
                 });
                 let all: BTreeSet<&ObjectRef> = fresh.endpoints().collect();
                 assert_eq!(

@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+pub mod kubectl;
+
 fn send(
     addr: SocketAddr,
     method: &str,

@@ -50,10 +50,14 @@ impl Default for Options {
         Self {
             // The repo's cases: the 48 upstream ones, Sluice's own and the
             // ported network-policy-api suite (its own model and cluster).
-            case_dirs: ["conformance/upstream", "conformance/sluice", "conformance/cnp"]
-                .iter()
-                .map(|d| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d))
-                .collect(),
+            case_dirs: [
+                "conformance/upstream",
+                "conformance/sluice",
+                "conformance/cnp",
+            ]
+            .iter()
+            .map(|d| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d))
+            .collect(),
             families: vec![Family::Ipv4, Family::Ipv6],
             targets: vec![ProbeTarget::Pod, ProbeTarget::Service],
             nodes: 1,

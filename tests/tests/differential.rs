@@ -37,13 +37,18 @@ const SEEDS: std::ops::Range<u64> = 1..16;
 const ROUNDS: usize = 10;
 const PER_ROUND: usize = 40;
 
-#[test]
-fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
+/// Runs every seed of SEEDS through `run_seed` in a sandbox; a divergence
+/// is shrunk, saved and reported. Both verdicts must be common, or the
+/// comparison says little.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper outside #[test] fns: a panic is the failure report"
+)]
+fn every_seed(run_seed: fn(&Path, u64, usize, usize) -> anyhow::Result<d::SeedReport>) {
     let report = in_sandbox(|pins| {
-        let mut probes = 0;
-        let mut allowed = 0;
+        let (mut probes, mut allowed) = (0, 0);
         for seed in SEEDS {
-            let r = d::run_seed(pins, seed, ROUNDS, PER_ROUND).unwrap();
+            let r = run_seed(pins, seed, ROUNDS, PER_ROUND).unwrap();
             probes += r.probes;
             allowed += r.allowed;
             if let Some(case) = r.divergence {
@@ -60,7 +65,6 @@ fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
         (probes, allowed)
     });
     eprintln!("{} probes, {} allowed", report.0, report.1);
-    // Both verdicts must be common, or the comparison says little.
     assert!(report.0 >= 5000, "{report:?}");
     assert!(
         report.1 * 10 > report.0 && report.1 * 10 < report.0 * 9,
@@ -69,35 +73,16 @@ fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
 }
 
 #[test]
+fn the_pipeline_gives_the_oracles_verdict_on_random_policies_and_changes() {
+    every_seed(d::run_seed);
+}
+
+#[test]
 fn the_pipeline_gives_the_oracles_verdict_on_random_cluster_network_policies() {
     // As above with random Admin and Baseline ClusterNetworkPolicies and a
     // labelled Node in every world (tests/src/differential/cnp.rs); the
     // kernel folds the tiers.
-    let report = in_sandbox(|pins| {
-        let (mut probes, mut allowed) = (0, 0);
-        for seed in SEEDS {
-            let r = d::cnp::run_seed_pipeline(pins, seed, ROUNDS, PER_ROUND).unwrap();
-            probes += r.probes;
-            allowed += r.allowed;
-            if let Some(case) = r.divergence {
-                let small = d::shrink(pins, case).unwrap();
-                let path = d::save(&std::env::temp_dir(), seed, &small).unwrap();
-                panic!(
-                    "seed {seed} diverges; smallest case (saved as {}; move it to {} to keep it):\n{}",
-                    path.display(),
-                    d::regressions_dir().display(),
-                    serde_json::to_string_pretty(&small).unwrap()
-                );
-            }
-        }
-        (probes, allowed)
-    });
-    eprintln!("{} probes, {} allowed", report.0, report.1);
-    assert!(report.0 >= 5000, "{report:?}");
-    assert!(
-        report.1 * 10 > report.0 && report.1 * 10 < report.0 * 9,
-        "{report:?}"
-    );
+    every_seed(d::cnp::run_seed_pipeline);
 }
 
 #[test]

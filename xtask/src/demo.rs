@@ -37,6 +37,7 @@ fn show(title: &str, cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy)]
 enum Apply<'a> {
     Path(&'a Path),
     Stdin(&'a str),

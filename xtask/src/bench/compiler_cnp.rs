@@ -52,7 +52,7 @@ pub fn cluster_policy(n: usize, variant: usize) -> Result<ClusterNetworkPolicy> 
         json!({"pods": {"namespaceSelector": {"matchLabels": {"env": env}}, "podSelector": app(n)}})
     };
     let (tier, action) = if n.is_multiple_of(2) {
-        ("Admin", if n % 6 == 0 { "Deny" } else { "Pass" })
+        ("Admin", if n.is_multiple_of(6) { "Deny" } else { "Pass" })
     } else {
         ("Baseline", if n % 5 == 1 { "Accept" } else { "Deny" })
     };

@@ -3,11 +3,13 @@
 //! namespace selectors, numeric and named ports, port ranges, ipBlocks with
 //! excepts, egress and ingress). Prints the full compile time, the peak
 //! memory (VmHWM), the entries produced, and the time of incremental
-//! updates: pod relabels and policy changes.
+//! updates: pod relabels and policy changes. Then the same with
+//! ClusterNetworkPolicies on top (`--cluster-policies N`, default 500;
+//! compiler_cnp.rs).
 //!
 //! Numbers only mean something in release mode:
 //! `cargo run --release -p xtask -- bench compiler [--pods N] [--namespaces N]
-//! [--policies N] [--local-every K] [--rounds N]`. Every pod is a local
+//! [--policies N] [--cluster-policies N] [--local-every K] [--rounds N]`. Every pod is a local
 //! endpoint by default (the worst case: a real node holds a few hundred);
 //! `--local-every K` makes one pod in K local.
 use std::time::{Duration, Instant};
@@ -36,6 +38,10 @@ pub struct Args {
     /// One pod in K is a local endpoint (0 counts as 1).
     #[arg(long = "local-every", default_value_t = 1)]
     local_every: usize,
+    /// ClusterNetworkPolicies added on top, measured as their own rows
+    /// after the NetworkPolicy-only ones (0 skips them).
+    #[arg(long = "cluster-policies", default_value_t = 500)]
+    cluster_policies: usize,
     /// Rounds of each incremental update (0 counts as 1).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
@@ -56,8 +62,8 @@ impl Args {
     }
 }
 
-const APPS: usize = 5;
-const TEAMS: usize = 25;
+pub(super) const APPS: usize = 5;
+pub(super) const TEAMS: usize = 25;
 
 fn namespace(i: usize, extra: Option<(&str, &str)>) -> Result<Namespace> {
     let name = format!("ns-{i}");
@@ -90,10 +96,10 @@ fn ports_of(app: usize) -> Value {
     }
 }
 
-struct PodSpec {
+pub(super) struct PodSpec {
     ns: usize,
     name: String,
-    app: usize,
+    pub(super) app: usize,
     labels: Value,
     ip: String,
     node: &'static str,
@@ -183,7 +189,7 @@ fn policy(i: usize, k: usize, variant: usize) -> Result<NetworkPolicy> {
     }))?)
 }
 
-fn vm_hwm_kib() -> Option<u64> {
+pub(super) fn vm_hwm_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
@@ -191,16 +197,16 @@ fn vm_hwm_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-struct Totals {
-    endpoints: usize,
-    policy_entries: usize,
-    cidr_entries: usize,
+pub(super) struct Totals {
+    pub(super) endpoints: usize,
+    pub(super) policy_entries: usize,
+    pub(super) cidr_entries: usize,
     rules: usize,
 }
 
 /// Materializes every local endpoint's policy (what the writer would read)
 /// and counts what it takes in the maps.
-fn totals(c: &Compiler) -> Totals {
+pub(super) fn totals(c: &Compiler) -> Totals {
     let mut t = Totals {
         endpoints: 0,
         policy_entries: 0,
@@ -219,7 +225,7 @@ fn totals(c: &Compiler) -> Totals {
     t
 }
 
-struct Sample {
+pub(super) struct Sample {
     event: Duration,
     /// Endpoints to be rewritten.
     endpoints: usize,
@@ -227,7 +233,7 @@ struct Sample {
 
 /// Applies one event. The time is the compiler's alone: the writer then
 /// rewrites the endpoints it reports.
-fn timed(c: &mut Compiler, f: impl FnOnce(&mut Compiler) -> Changes) -> Sample {
+pub(super) fn timed(c: &mut Compiler, f: impl FnOnce(&mut Compiler) -> Changes) -> Sample {
     let started = Instant::now();
     let ch = f(c);
     Sample {
@@ -236,7 +242,7 @@ fn timed(c: &mut Compiler, f: impl FnOnce(&mut Compiler) -> Changes) -> Sample {
     }
 }
 
-fn summary(name: &str, samples: &mut [Sample]) {
+pub(super) fn summary(name: &str, samples: &mut [Sample]) {
     samples.sort_by_key(|s| s.event);
     let n = samples.len();
     let (med, max) = (&samples[n / 2], &samples[n - 1]);
@@ -247,7 +253,7 @@ fn summary(name: &str, samples: &mut [Sample]) {
 }
 
 /// A pod moved to other labels and back: two events.
-fn relabel_and_back(
+pub(super) fn relabel_and_back(
     c: &mut Compiler,
     s: &PodSpec,
     labels: Value,
@@ -415,5 +421,16 @@ pub fn run(args: &Args) -> Result<()> {
         "peak memory at the end: {:.1} MiB",
         vm_hwm_kib().unwrap_or(0) as f64 / 1024.0
     );
+    drop(c);
+    if params.cluster_policies > 0 {
+        super::compiler_cnp::run(&super::compiler_cnp::Input {
+            namespaces: &namespaces,
+            specs: &specs,
+            pods: &pods,
+            policies: &policies,
+            count: params.cluster_policies,
+            rounds: params.rounds,
+        })?;
+    }
     Ok(())
 }

@@ -49,6 +49,8 @@ use sluice_common::{
     PLEN_CIDR_PEER_BIT, POLICY_ALLOW, PolicyKey, PolicyValue, maps, programs, v4_mapped,
 };
 
+mod tiers;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// BPF_PROG_TEST_RUN repeats per measurement.
@@ -129,7 +131,7 @@ fn bench(args: &Args, pin_dir: &Path) -> Result<()> {
             let dir = pin_dir.join(format!("p{entries}"));
             std::fs::create_dir_all(&dir)?;
             let mut dp = Datapath::load(&dir)?;
-            dp.setup(entries)?;
+            dp.setup(entries, false)?;
             let (noop, established) = if entries == 1 {
                 dp.add_established(40000, 80)?;
                 let b = dp.breakdown(args, &reply(80, 40000))?;
@@ -219,7 +221,7 @@ fn bench(args: &Args, pin_dir: &Path) -> Result<()> {
             super::util::verdict(ratio <= 8.0)
         );
     }
-    Ok(())
+    tiers::run(args, pin_dir, established)
 }
 
 fn stat_row(what: &str, s: Stat, base: Stat) {
@@ -296,8 +298,9 @@ impl Datapath {
 
     /// An isolated endpoint, the peer's identity and CIDR group, and
     /// `entries` POLICY entries: the peer's allow for TCP 80, the rest for
-    /// other identities.
-    fn setup(&mut self, entries: u32) -> Result<()> {
+    /// other identities. `tiered`: ClusterNetworkPolicy entries among them
+    /// and the endpoint's ingress tiered (bench/datapath/tiers.rs).
+    fn setup(&mut self, entries: u32, tiered: bool) -> Result<()> {
         // Any-peer and CIDR-group entries exist only in the larger rows
         // (the agent sets these bits from the entries it writes).
         let plens = if entries > 1 {
@@ -311,7 +314,14 @@ impl Datapath {
             &LOOPBACK,
             &EndpointInfo {
                 ep_id: LOOPBACK,
-                flags: EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_HAS_IPV4,
+                flags: EP_INGRESS_ISOLATED
+                    | EP_EGRESS_ISOLATED
+                    | EP_HAS_IPV4
+                    | if tiered {
+                        sluice_common::EP_INGRESS_TIERED
+                    } else {
+                        0
+                    },
                 identity: 1000,
                 ipv4: POD.octets(),
                 ipv6: [0; 16],
@@ -372,7 +382,15 @@ impl Datapath {
                 1 => (GROUP, 1000 + (i % 60_000) as u16),
                 _ => (10_000 + i, 80),
             };
-            policy.insert(&key(identity, port), &value, 0)?;
+            let v = if tiered {
+                tiers::value(i, value)
+            } else {
+                value
+            };
+            policy.insert(&key(identity, port), &v, 0)?;
+        }
+        if tiered {
+            tiers::peer_entry(&mut policy, LOOPBACK, PEER_ID)?;
         }
         Ok(())
     }

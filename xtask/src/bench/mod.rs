@@ -12,6 +12,7 @@ use clap::Subcommand;
 
 mod cni;
 mod compiler;
+mod compiler_cnp;
 mod cut;
 mod datapath;
 mod flood;

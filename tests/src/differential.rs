@@ -563,7 +563,7 @@ pub fn pipeline_verdict(pin_root: &Path, n: &mut u32, case: &Case) -> Result<boo
 
 /// Removes a pipeline's pins (its maps go when their last fd closes):
 /// shrinking loads hundreds of pipelines into one bpffs.
-fn unpin(dir: &Path) {
+pub(crate) fn unpin(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         eprintln!("unpin {}: {e}", dir.display());
     }
@@ -713,16 +713,20 @@ pub fn run_seed(pin_root: &Path, seed: u64, rounds: usize, per_round: usize) -> 
     let w = world(&mut rng, &mut serial);
     let dir = pin_root.join(format!("seed-{seed}"));
     std::fs::create_dir_all(&dir)?;
-    let report = seed_rounds(&dir, &mut rng, &mut serial, w, rounds, per_round);
+    let report = seed_rounds(&dir, &mut rng, &mut serial, w, mutate, rounds, per_round);
     unpin(&dir);
     report
 }
 
-fn seed_rounds(
+/// A world, then `rounds` of probes through the pipeline pinned in `dir`,
+/// each round after a change drawn by `mutate`; stops at the first
+/// divergence from the oracle.
+pub(crate) fn seed_rounds(
     dir: &Path,
     rng: &mut Rng,
     serial: &mut u32,
     mut w: World,
+    mutate: fn(&mut Rng, &World, &mut u32) -> World,
     rounds: usize,
     per_round: usize,
 ) -> Result<SeedReport> {

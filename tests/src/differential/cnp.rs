@@ -468,43 +468,20 @@ pub fn run_seed_pipeline(
 ) -> Result<SeedReport> {
     let mut rng = Rng::seeded(seed);
     let mut serial = 0;
-    let mut w = world_with_cnps(&mut rng, &mut serial);
+    let w = world_with_cnps(&mut rng, &mut serial);
     let dir = pin_root.join(format!("cnp-seed-{seed}"));
     std::fs::create_dir_all(&dir)?;
-    let result = (|| {
-        let mut p = crate::pipeline::Pipeline::new(&dir, &w)?;
-        let mut report = SeedReport::default();
-        let mut before: Option<World> = None;
-        for round in 0..rounds {
-            if round > 0 {
-                let next = mutate_with_cnps(&mut rng, &w, &mut serial);
-                p.set_world(&next)?;
-                before = Some(std::mem::replace(&mut w, next));
-            }
-            let oracle = Oracle::new(&w);
-            for probe in probes(&mut rng, &w, per_round) {
-                let expected = oracle.allowed(probe.src, probe.dst, probe.proto, probe.port);
-                let got = p.allowed(probe.src, probe.dst, probe.proto, probe.port)?;
-                report.probes += 1;
-                report.allowed += usize::from(got);
-                if got != expected {
-                    report.divergence = Some(Case {
-                        before,
-                        world: w.clone(),
-                        probe,
-                        expected,
-                        known_issue: None,
-                    });
-                    return Ok(report);
-                }
-            }
-        }
-        Ok(report)
-    })();
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        eprintln!("unpin {}: {e}", dir.display());
-    }
-    result
+    let report = super::seed_rounds(
+        &dir,
+        &mut rng,
+        &mut serial,
+        w,
+        mutate_with_cnps,
+        rounds,
+        per_round,
+    );
+    super::unpin(&dir);
+    report
 }
 
 /// The compiler's verdict on a case, from scratch (`before` then `world`

@@ -27,7 +27,7 @@ use sluice_agent::{
     model::{EpId, Identity},
     policy::{Changes, Compiled, Compiler, Locality, ObjectRef, Resync},
 };
-use sluice_common::{EndpointInfo, IDENTITY_HOST, maps, programs, proto};
+use sluice_common::{EndpointInfo, IDENTITY_HOST, PROFILE_KEY_FLAG, maps, programs, proto};
 
 use crate::oracle::{Proto, World};
 
@@ -61,6 +61,8 @@ pub struct Pipeline {
     progs: Ebpf,
     endpoints_map: HashMap<MapData, u32, EndpointInfo>,
     wired: BTreeMap<ObjectRef, Wired>,
+    /// ClusterNetworkPolicy profile -> its entries as written.
+    profiles: BTreeMap<u32, Compiled>,
     next_ep: u32,
     next_sport: u16,
     world: World,
@@ -116,6 +118,7 @@ impl Pipeline {
             progs,
             endpoints_map,
             wired: BTreeMap::new(),
+            profiles: BTreeMap::new(),
             next_ep: 1,
             next_sport: 20_000,
             world: world.clone(),
@@ -278,6 +281,23 @@ impl Pipeline {
             );
             fresh.insert(pod);
         }
+        // As the agent's reconciler orders it: profiles gain, classes, the
+        // ipcache, endpoints, then profiles lose.
+        let mut pruned = Vec::new();
+        for &id in &changes.profiles {
+            let new = match self.compiler.profile_policy(id) {
+                Some(p) => p
+                    .compile(PROFILE_KEY_FLAG | id)
+                    .map_err(|e| anyhow!("compiling profile {id}: {e}"))?,
+                None => Compiled::default(),
+            };
+            let old = self.profiles.remove(&id).unwrap_or_default();
+            self.dp.writer.write_profile(id, &old, &new).map_err(w)?;
+            pruned.push((id, old, new));
+        }
+        for (&identity, &class) in &changes.classes {
+            self.dp.writer.set_peer_class(identity, class).map_err(w)?;
+        }
         for (ip, identity) in &changes.ipcache {
             let local = self
                 .wired
@@ -313,6 +333,12 @@ impl Pipeline {
                 .replace_policy(&wired.record, &wired.programmed, &new)
                 .map_err(w)?;
             wired.programmed = new;
+        }
+        for (id, old, new) in pruned {
+            self.dp.writer.prune_profile(id, &old, &new).map_err(w)?;
+            if !new.entries.is_empty() {
+                self.profiles.insert(id, new);
+            }
         }
         Ok(())
     }

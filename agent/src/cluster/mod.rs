@@ -317,6 +317,20 @@ impl Cluster {
         self.compiler.identity_of(pod)
     }
 
+    /// The shared entries of a ClusterNetworkPolicy profile; `None`: gone.
+    pub fn profile_policy(&self, id: u32) -> Option<std::sync::Arc<EndpointPolicy>> {
+        self.compiler.profile_policy(id)
+    }
+
+    pub fn profile_ids(&self) -> Vec<u32> {
+        self.compiler.profile_ids()
+    }
+
+    /// Identity -> peer class, every identity that has one.
+    pub fn peer_classes(&self) -> BTreeMap<u32, u32> {
+        self.compiler.peer_classes()
+    }
+
     /// The policy of a local pod; `None` when the API no longer has it.
     pub fn endpoint_policy(&self, pod: &ObjectRef) -> Option<std::sync::Arc<EndpointPolicy>> {
         self.compiler.endpoint_policy(pod)

@@ -56,6 +56,10 @@ pub struct Maps {
     /// The policy epoch (one entry): conntrack entries of another epoch
     /// have their flow judged again.
     pub(super) epoch: Array<MapData, u32>,
+    /// Endpoint id -> its ClusterNetworkPolicy profile.
+    pub(super) tier_profiles: HashMap<MapData, u32, u32>,
+    /// Identity -> its peer class in the profiles' entries.
+    pub(super) peer_classes: HashMap<MapData, u32, u32>,
 }
 
 pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -79,6 +83,8 @@ impl Maps {
             drop_counters: typed(maps::DROP_COUNTERS, get(maps::DROP_COUNTERS)?)?,
             stats: typed(maps::STATS, get(maps::STATS)?)?,
             epoch: typed(maps::EPOCH, get(maps::EPOCH)?)?,
+            tier_profiles: typed(maps::TIER_PROFILES, get(maps::TIER_PROFILES)?)?,
+            peer_classes: typed(maps::PEER_CLASSES, get(maps::PEER_CLASSES)?)?,
         })
     }
 

@@ -5,14 +5,14 @@
 //! data path correct at every instant is decided here. After a programming
 //! pass, `bump_epoch` makes what it changed reach established flows.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use sluice_common::{
     CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6,
     EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue, POLICY_ADMIN,
-    POLICY_BASELINE, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
+    POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
 };
 use tracing::{debug, info};
 
@@ -198,7 +198,71 @@ impl Writer {
                 self.remove_ipcache(ip)?;
             }
         }
-        self.remove_stale(ep.ep_id, policy, &Compiled::default())
+        self.remove_stale(ep.ep_id, policy, &Compiled::default())?;
+        self.set_profile(ep.ep_id, policy.profile, 0)
+    }
+
+    /// Points an endpoint at its ClusterNetworkPolicy profile (0: none).
+    /// The profile's entries are written before (`write_profile`).
+    fn set_profile(&mut self, ep_id: EpId, old: u32, new: u32) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        self.changed = true;
+        if new == 0 {
+            ignore_missing(self.maps.tier_profiles.remove(&ep_id.0))
+                .map_err(map_err(names::TIER_PROFILES))
+        } else {
+            self.maps
+                .tier_profiles
+                .insert(&ep_id.0, &new, 0)
+                .map_err(map_err(names::TIER_PROFILES))
+        }
+    }
+
+    /// Writes what a profile's entries gain (`new` against `old`, both
+    /// compiled with `PROFILE_KEY_FLAG | id`): before the endpoints and
+    /// classes that use them.
+    pub fn write_profile(&mut self, id: u32, old: &Compiled, new: &Compiled) -> Result<()> {
+        self.write_additions(EpId(PROFILE_KEY_FLAG | id), old, new)
+    }
+
+    /// Removes what a profile's entries lost: after the endpoints moved.
+    pub fn prune_profile(&mut self, id: u32, old: &Compiled, new: &Compiled) -> Result<()> {
+        self.remove_stale(EpId(PROFILE_KEY_FLAG | id), old, new)
+    }
+
+    /// The peer class of an identity (`None`: none).
+    pub fn set_peer_class(&mut self, identity: u32, class: Option<u32>) -> Result<()> {
+        self.changed = true;
+        match class {
+            Some(c) => self
+                .maps
+                .peer_classes
+                .insert(&identity, &c, 0)
+                .map_err(map_err(names::PEER_CLASSES)),
+            None => ignore_missing(self.maps.peer_classes.remove(&identity))
+                .map_err(map_err(names::PEER_CLASSES)),
+        }
+    }
+
+    /// Makes PEER_CLASSES hold exactly `all` (a full pass, or an agent
+    /// taking over another's maps).
+    pub fn replace_peer_classes(&mut self, all: &BTreeMap<u32, u32>) -> Result<()> {
+        let mut have = BTreeMap::new();
+        for item in self.maps.peer_classes.iter() {
+            let (k, v) = item.map_err(map_err(names::PEER_CLASSES))?;
+            have.insert(k, v);
+        }
+        for (&i, &c) in all {
+            if have.get(&i) != Some(&c) {
+                self.set_peer_class(i, Some(c))?;
+            }
+        }
+        for i in have.keys().filter(|i| !all.contains_key(i)) {
+            self.set_peer_class(*i, None)?;
+        }
+        Ok(())
     }
 
     /// A new identity for an endpoint: its record and its addresses.
@@ -228,7 +292,10 @@ impl Writer {
         old: &Compiled,
         new: &Compiled,
     ) -> Result<()> {
-        if let Err(e) = self.write_additions(ep.ep_id, old, new) {
+        if let Err(e) = self
+            .write_additions(ep.ep_id, old, new)
+            .and_then(|()| self.set_profile(ep.ep_id, old.profile, new.profile))
+        {
             self.fail_closed(ep, old, new)?;
             return Err(e);
         }
@@ -258,6 +325,7 @@ impl Writer {
         both.cidrs
             .extend(attempted.cidrs.iter().map(|(k, v)| (*k, *v)));
         self.remove_stale(ep.ep_id, &both, &Compiled::default())?;
+        self.set_profile(ep.ep_id, old.profile | attempted.profile, 0)?;
         Ok(Compiled {
             isolation,
             ..Compiled::default()
@@ -409,6 +477,10 @@ impl Writer {
                 .or_default()
                 .cidrs
                 .insert((data.dir, net), v.group);
+        }
+        for item in self.maps.tier_profiles.iter() {
+            let (ep_id, profile) = item.map_err(map_err(names::TIER_PROFILES))?;
+            out.entry(EpId(ep_id)).or_default().profile = profile;
         }
         for item in self.maps.endpoints.iter() {
             let (_, info) = item.map_err(map_err(names::ENDPOINTS))?;

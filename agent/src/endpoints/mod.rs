@@ -7,6 +7,7 @@ mod registry;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
+use sluice_common::PROFILE_KEY_FLAG;
 use sluice_proto::{Attachment, EndpointSpec, Response, code};
 use tracing::{info, warn};
 
@@ -110,6 +111,8 @@ pub struct Endpoints {
     registry: Registry,
     /// What is in the maps for each endpoint.
     programmed: HashMap<EpId, Compiled>,
+    /// Profiles written and not yet pruned, with their new entries.
+    profiles_pending: HashMap<u32, Compiled>,
     /// Most policy + CIDR entries one endpoint may hold; past it the
     /// endpoint fails closed and the others are unaffected.
     max_entries: usize,
@@ -131,6 +134,7 @@ impl Endpoints {
     ) -> Result<Self> {
         let mut eps = Self {
             programmed: dp.writer.programmed_policy()?,
+            profiles_pending: HashMap::new(),
             registry,
             max_entries,
             metrics,
@@ -339,6 +343,57 @@ impl Endpoints {
         let now = dp.writer.fail_closed(&ep.record(), old, attempted)?;
         self.programmed.insert(ep.ep_id, now);
         Ok(())
+    }
+
+    /// Writes what ClusterNetworkPolicy profile `id` gains (`policy`, its
+    /// shared entries; `None`: the profile is gone). What it loses stays
+    /// until [`Self::prune_profiles`], after the endpoints moved.
+    pub fn write_profile(
+        &mut self,
+        dp: &mut Datapath,
+        id: u32,
+        policy: Option<&EndpointPolicy>,
+    ) -> Result<()> {
+        let key = EpId(PROFILE_KEY_FLAG | id);
+        let new = match policy {
+            Some(p) => p.compile(key.0).map_err(EndpointError::InvalidPolicy)?,
+            None => Compiled::default(),
+        };
+        let old = self.programmed.get(&key).cloned().unwrap_or_default();
+        let written = dp.writer.write_profile(id, &old, &new);
+        // What is in the maps now, whatever the outcome: both.
+        let mut both = old;
+        both.entries
+            .extend(new.entries.iter().map(|(k, v)| (*k, *v)));
+        self.programmed.insert(key, both);
+        self.profiles_pending.insert(id, new);
+        written.map_err(Into::into)
+    }
+
+    /// Removes what the profiles written since the last call lost.
+    pub fn prune_profiles(&mut self, dp: &mut Datapath) -> Result<()> {
+        for (id, new) in std::mem::take(&mut self.profiles_pending) {
+            let key = EpId(PROFILE_KEY_FLAG | id);
+            let old = self.programmed.remove(&key).unwrap_or_default();
+            if let Err(e) = dp.writer.prune_profile(id, &old, &new) {
+                self.programmed.insert(key, old);
+                return Err(e.into());
+            }
+            if !new.entries.is_empty() {
+                self.programmed.insert(key, new);
+            }
+        }
+        Ok(())
+    }
+
+    /// Profiles whose entries are in the maps (this agent's, or left by
+    /// the agent before it).
+    pub fn programmed_profiles(&self) -> Vec<u32> {
+        self.programmed
+            .keys()
+            .filter(|k| k.0 & PROFILE_KEY_FLAG != 0)
+            .map(|k| k.0 & !PROFILE_KEY_FLAG)
+            .collect()
     }
 
     /// A policy as the socket's `SetPolicy` sends it (standalone mode).

@@ -271,6 +271,33 @@ impl CnpStore {
             .unwrap_or_default()
     }
 
+    /// Every selector used as a pod peer, sorted.
+    pub fn peer_selectors(&self) -> Vec<SelId> {
+        let mut v: Vec<SelId> = self.sel_users.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The pod-peer selectors of egress rules with named ports (their
+    /// members' named ports decide what those rules match).
+    pub fn egress_named_selectors(&self) -> BTreeSet<SelId> {
+        let mut out = BTreeSet::new();
+        for c in self.cnps.values() {
+            for r in c
+                .rules
+                .iter()
+                .filter(|r| r.dir != sluice_common::DIR_INGRESS && !r.ports.named.is_empty())
+            {
+                for p in &r.peers {
+                    if let CnpPeer::Pods(s) = p {
+                        out.insert(*s);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Policies with a `nodes` peer.
     pub fn with_nodes(&self) -> Vec<CnpId> {
         self.cnps

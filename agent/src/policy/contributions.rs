@@ -41,6 +41,9 @@ pub(super) struct LocalState {
     tier_rules: Vec<TierRule>,
     /// Their matches of CIDR groups (from the CIDR part).
     cidr_tier_rules: Vec<TierRule>,
+    /// Its ClusterNetworkPolicy profile (`profiles`): id, `EP_*_TIERED`
+    /// bits and prefix-length masks of the profile's entries.
+    profile: Option<(u32, (u32, [u32; 2]))>,
     cached: OnceLock<Arc<EndpointPolicy>>,
 }
 
@@ -164,6 +167,11 @@ impl LocalState {
         }
     }
 
+    /// Sets the profile (id, and the shape of its entries).
+    pub fn set_profile(&mut self, profile: Option<(u32, (u32, [u32; 2]))>) {
+        self.profile = profile;
+    }
+
     /// Installs a recomputed tier part; true when it differs.
     pub fn replace_tiers(&mut self, new: Vec<TierRule>) -> bool {
         if self.tier_rules == new {
@@ -266,6 +274,9 @@ impl LocalState {
             rules,
             cidrs: self.cidrs.clone(),
             tier_rules,
+            profile: self.profile.map_or(0, |(p, _)| p),
+            profile_tiered: self.profile.map_or(0, |(_, (t, _))| t),
+            profile_plens: self.profile.map_or([0; 2], |(_, (_, p))| p),
         }
     }
 }

@@ -90,6 +90,12 @@ pub struct EndpointPolicy {
     pub cidrs: Vec<CidrEntry>,
     /// ClusterNetworkPolicy matches; a direction with any is "tiered".
     pub tier_rules: Vec<TierRule>,
+    /// The ClusterNetworkPolicy profile whose shared entries also apply
+    /// (0: none; `TIER_PROFILES`), with the `EP_*_TIERED` bits and the
+    /// prefix-length masks of those entries.
+    pub profile: u32,
+    pub profile_tiered: u32,
+    pub profile_plens: [u32; 2],
 }
 
 /// The map contents for one endpoint.
@@ -102,6 +108,8 @@ pub struct Compiled {
     pub entries: BTreeMap<PolicyKey, PolicyValue>,
     /// (dir, prefix) -> group.
     pub cidrs: BTreeMap<(u8, IpNetwork), u32>,
+    /// `TIER_PROFILES`: the profile whose entries apply too (0: none).
+    pub profile: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,8 +134,11 @@ impl EndpointPolicy {
             } else {
                 0
             }),
+            profile: self.profile,
+            port_plens: self.profile_plens,
             ..Compiled::default()
         };
+        out.isolation |= self.profile_tiered & (EP_INGRESS_TIERED | EP_EGRESS_TIERED);
         for rule in &self.rules {
             check_dir(rule.dir)?;
             for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
@@ -442,8 +453,7 @@ mod tests {
                 rule(DIR_EGRESS, IDENTITY_CIDR_FLAG | 3),
                 rule(DIR_EGRESS, 300),
             ],
-            cidrs: Vec::new(),
-            tier_rules: Vec::new(),
+            ..EndpointPolicy::default()
         };
         let c = p.compile(7).unwrap();
         let (any, cidr) = (1 << PLEN_ANY_PEER_BIT, 1 << PLEN_CIDR_PEER_BIT);
@@ -499,8 +509,7 @@ mod tests {
                     rule_id: 4,
                 },
             ],
-            cidrs: vec![],
-            tier_rules: vec![],
+            ..EndpointPolicy::default()
         };
         let c = p.compile(7).unwrap_or_default();
         assert_eq!(c.isolation, EP_INGRESS_ISOLATED);

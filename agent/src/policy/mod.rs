@@ -85,6 +85,7 @@ mod identities;
 pub mod mapstate;
 mod parse;
 mod pods;
+mod profiles;
 mod repository;
 mod selector;
 mod selectors;
@@ -135,6 +136,7 @@ pub struct Compiler {
     selectors: SelectorCache,
     repo: Repository,
     cnps: CnpStore,
+    profiles: profiles::Profiles,
     groups: CidrGroups,
     txn: Txn,
     /// Loading: every touched identity is reported whole, no key tracking.
@@ -159,6 +161,8 @@ pub struct Stats {
     pub policies: usize,
     pub cluster_policies: usize,
     pub cidr_groups: usize,
+    pub profiles: usize,
+    pub peer_classes: usize,
 }
 
 impl Compiler {
@@ -172,6 +176,7 @@ impl Compiler {
             selectors: SelectorCache::default(),
             repo: Repository::new(),
             cnps: CnpStore::default(),
+            profiles: profiles::Profiles::default(),
             groups: CidrGroups::new(),
             txn: Txn::default(),
             quiet: false,
@@ -186,6 +191,27 @@ impl Compiler {
     pub fn endpoint_policy(&self, pod: &ObjectRef) -> Option<Arc<EndpointPolicy>> {
         let p = self.pods.get(pod).filter(|p| p.local)?;
         Some(self.identities.local(p.identity)?.policy())
+    }
+
+    /// The shared entries of a ClusterNetworkPolicy profile (peers are
+    /// classes), to be compiled with `PROFILE_KEY_FLAG | id` as endpoint.
+    pub fn profile_policy(&self, id: u32) -> Option<Arc<EndpointPolicy>> {
+        self.profiles.policy(id)
+    }
+
+    /// Every live profile id.
+    pub fn profile_ids(&self) -> Vec<u32> {
+        self.profiles.ids()
+    }
+
+    /// The peer class of an identity (`PEER_CLASSES`).
+    pub fn peer_class(&self, identity: u32) -> Option<u32> {
+        self.profiles.class_of(identity)
+    }
+
+    /// Every identity with a peer class.
+    pub fn peer_classes(&self) -> BTreeMap<u32, u32> {
+        self.profiles.classes()
     }
 
     pub fn entry_count(&self, pod: &ObjectRef) -> Option<EntryCount> {
@@ -255,6 +281,8 @@ impl Compiler {
             policies: self.repo.len(),
             cluster_policies: self.cnps.len(),
             cidr_groups: self.groups.len(),
+            profiles: self.profiles.len().0,
+            peer_classes: self.profiles.len().1,
         }
     }
 

@@ -13,13 +13,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use sluice_api::ClusterNetworkPolicy;
-use sluice_common::{DIR_INGRESS, IDENTITY_ANY};
+use sluice_common::IDENTITY_ANY;
 
 use super::{
     Changes, Compiler,
     cnp::{CnpPeer, CnpSubject, parse_cnp},
     cnps::{CnpId, CnpRuleOrigin, CnpRuleState, CnpState, NodeInfo},
-    contributions::resolve,
     identities::IdentityKey,
     mapstate::TierRule,
     selectors::SelId,
@@ -184,6 +183,9 @@ impl Compiler {
 
     fn install_cnp(&mut self, id: CnpId, st: CnpState) {
         let moved = self.cnps.insert(id, st);
+        self.txn.settle = true;
+        self.txn.changed_cnps.insert(id);
+        self.txn.changed_cnps.extend(moved.iter().copied());
         for m in moved {
             self.mark_cnp_targets(m, false);
         }
@@ -210,6 +212,9 @@ impl Compiler {
         let Some((st, moved)) = self.cnps.remove(id) else {
             return BTreeMap::new();
         };
+        self.txn.settle = true;
+        self.txn.changed_cnps.insert(id);
+        self.txn.changed_cnps.extend(moved.iter().copied());
         for m in moved {
             self.mark_cnp_targets(m, false);
         }
@@ -254,16 +259,18 @@ impl Compiler {
 
     /// A local identity is gone: the policies forget it.
     pub(super) fn detach_cnps(&mut self, l: u32, ids: &[CnpId]) {
+        // Its profile goes with it.
+        self.txn.settle |= !ids.is_empty();
         for &id in ids {
             self.cnps.set_target(id, l, false);
         }
     }
 
-    /// Peer selector `s` gained or lost a member: the tier parts of the
-    /// identities selected by policies using it.
+    /// Peer selector `s` gained or lost a member: the peer classes are
+    /// settled again at commit.
     pub(super) fn cnp_selector_changed(&mut self, s: SelId) {
-        for id in self.cnps.users_of(s) {
-            self.mark_cnp_targets(id, false);
+        if !self.cnps.users_of(s).is_empty() {
+            self.txn.settle = true;
         }
     }
 
@@ -279,6 +286,7 @@ impl Compiler {
     }
 
     pub(super) fn mark_tiers_dirty(&mut self, l: u32, cidr: bool) {
+        self.txn.settle = true;
         self.touch(l);
         if let Some(t) = self.txn.touched.get_mut(&l) {
             t.tiers_dirty = true;
@@ -289,8 +297,9 @@ impl Compiler {
     }
 
     /// The tier part of local identity `l`: for each rule of each policy
-    /// selecting it, each pod peer identity (or any peer, for a rule that
-    /// fails closed) with the rule's L4 matches, its tier, rank and action.
+    /// selecting it, any peer (a rule that fails closed) with the rule's L4
+    /// matches, its tier, rank and action. Pod peers are shared by profile
+    /// and class (`profiles`).
     /// Per (direction, peer, L4, tier) only the lowest rank is kept.
     pub(super) fn compute_tiers(&self, l: u32) -> Vec<TierRule> {
         let mut out = Vec::new();
@@ -324,26 +333,9 @@ impl Compiler {
                                 push(&mut out, IDENTITY_ANY, l4);
                             }
                         }
-                        CnpPeer::Pods(s) => {
-                            // Ingress named ports resolve on the subject
-                            // pod, egress ones on each destination.
-                            let shared = (r.dir == DIR_INGRESS || r.ports.named.is_empty())
-                                .then(|| resolve(&r.ports, &ident.key.ports));
-                            for &x in self.selectors.members(*s).into_iter().flatten() {
-                                let l4s = match &shared {
-                                    Some(v) => v.clone(),
-                                    None => self
-                                        .identities
-                                        .get(x)
-                                        .map(|p| resolve(&r.ports, &p.key.ports))
-                                        .unwrap_or_default(),
-                                };
-                                for l4 in l4s {
-                                    push(&mut out, x, l4);
-                                }
-                            }
-                        }
-                        CnpPeer::Networks(_) | CnpPeer::Nodes(_) => {}
+                        // Pod peers are in the shared profile entries
+                        // (`profiles`), CIDR ones in the CIDR part.
+                        CnpPeer::Pods(_) | CnpPeer::Networks(_) | CnpPeer::Nodes(_) => {}
                     }
                 }
             }

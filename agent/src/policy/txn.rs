@@ -42,11 +42,20 @@ pub struct Changes {
     pub ipcache: BTreeMap<IpAddr, Option<Identity>>,
     /// Problems found in the objects of this event.
     pub diagnostics: Vec<Diagnostic>,
+    /// ClusterNetworkPolicy profiles whose entries changed (from
+    /// [`super::Compiler::profile_policy`]; `None` there: gone).
+    pub profiles: BTreeSet<u32>,
+    /// Identities whose peer class changed; `None`: no class any more.
+    pub classes: BTreeMap<u32, Option<u32>>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.ipcache.is_empty() && self.diagnostics.is_empty()
+        self.endpoints.is_empty()
+            && self.ipcache.is_empty()
+            && self.diagnostics.is_empty()
+            && self.profiles.is_empty()
+            && self.classes.is_empty()
     }
 
     /// Folds a later event's changes into these.
@@ -54,6 +63,8 @@ impl Changes {
         self.endpoints.extend(later.endpoints);
         self.ipcache.extend(later.ipcache);
         self.diagnostics.extend(later.diagnostics);
+        self.profiles.extend(later.profiles);
+        self.classes.extend(later.classes);
     }
 }
 
@@ -67,6 +78,10 @@ pub(super) struct Txn {
     /// moved, gone).
     pub replaced: BTreeSet<ObjectRef>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Profiles and classes must be settled at commit.
+    pub settle: bool,
+    /// ClusterNetworkPolicies whose rules or ranks changed.
+    pub changed_cnps: BTreeSet<super::cnps::CnpId>,
 }
 
 /// A local identity touched by the event.
@@ -198,6 +213,24 @@ impl Compiler {
                 tiers_changed.insert(l);
             }
         }
+        let (profiles, classes) = if self.txn.settle {
+            let changed_cnps = take(&mut self.txn.changed_cnps);
+            let settled = self.settle_profiles(&changed_cnps);
+            for &l in &settled.identities {
+                let policy = self.profiles.profile_of(l).and_then(|p| {
+                    let policy = self.profiles.policy(p)?;
+                    Some((p, super::profiles::shape(&policy)))
+                });
+                self.touch(l);
+                if let Some(st) = self.identities.local_mut(l) {
+                    st.set_profile(policy);
+                    tiers_changed.insert(l);
+                }
+            }
+            (settled.profiles, settled.classes)
+        } else {
+            Default::default()
+        };
         let txn = take(&mut self.txn);
         // Collected in a vector and sorted once: inserting thousands of
         // string keys one by one into the set costs more than the event.
@@ -229,6 +262,8 @@ impl Compiler {
             endpoints: endpoints.into_iter().collect(),
             ipcache,
             diagnostics: txn.diagnostics,
+            profiles,
+            classes,
         }
     }
 }

@@ -5,7 +5,8 @@
 use std::net::IpAddr;
 
 use sluice_common::{
-    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, action, reason,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_TIERED, EP_INGRESS_TIERED, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_WORLD, PROFILE_KEY_FLAG, action, reason,
 };
 
 use super::{
@@ -26,14 +27,36 @@ impl Compiler {
     pub fn verdict(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
         let side = |me: IpAddr, peer: IpAddr, dir: u8| match self.local_endpoint_at(me) {
             None => true,
-            Some(pod) => match self.endpoint_policy(pod) {
-                Some(p) => direction_allows(&p, dir, self.peer_identity(peer), peer, proto, port),
-                // A local endpoint without a policy cannot be programmed:
-                // the data path fails closed.
-                None => false,
-            },
+            Some(pod) => self
+                .decision(pod, dir, peer, proto, port)
+                .is_some_and(Decision::allowed),
         };
         side(src, dst, DIR_EGRESS) && side(dst, src, DIR_INGRESS)
+    }
+
+    /// The decision of local endpoint `pod` in `dir` for a new flow with
+    /// the peer at `peer`, with its profile's shared entries; `None`: not a
+    /// local endpoint with a policy (the data path fails closed).
+    pub fn decision(
+        &self,
+        pod: &ObjectRef,
+        dir: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<Decision> {
+        let p = self.endpoint_policy(pod)?;
+        let identity = self.peer_identity(peer);
+        let profile = (p.profile != 0)
+            .then(|| self.profile_policy(p.profile))
+            .flatten();
+        let shared = match (&profile, self.peer_class(identity)) {
+            (Some(profile), Some(class)) => Some(Shared { profile, class }),
+            _ => None,
+        };
+        Some(direction_verdict(
+            &p, dir, identity, peer, proto, port, shared,
+        ))
     }
 
     /// [`Self::verdict`] between two pods, on the first address of `from`
@@ -81,7 +104,8 @@ impl Decision {
     }
 }
 
-/// One endpoint, one direction: [`direction_verdict`] allows.
+/// One endpoint, one direction: [`direction_verdict`] allows (without
+/// shared profile entries).
 pub fn direction_allows(
     p: &EndpointPolicy,
     dir: u8,
@@ -90,7 +114,15 @@ pub fn direction_allows(
     proto: u8,
     port: u16,
 ) -> bool {
-    direction_verdict(p, dir, peer_identity, peer, proto, port).allowed()
+    direction_verdict(p, dir, peer_identity, peer, proto, port, None).allowed()
+}
+
+/// The shared entries of an endpoint's ClusterNetworkPolicy profile that a
+/// flow visits: the profile's policy and the peer's class.
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    pub profile: &'a EndpointPolicy,
+    pub class: u32,
 }
 
 /// One endpoint, one direction, as the data path decides it: the entries
@@ -106,13 +138,19 @@ pub fn direction_verdict(
     peer: IpAddr,
     proto: u8,
     port: u16,
+    shared: Option<Shared<'_>>,
 ) -> Decision {
     let isolated = if dir == DIR_INGRESS {
         p.ingress_isolated
     } else {
         p.egress_isolated
     };
-    let tiered = p.tier_rules.iter().any(|t| t.dir == dir);
+    let tiered_bit = if dir == DIR_INGRESS {
+        EP_INGRESS_TIERED
+    } else {
+        EP_EGRESS_TIERED
+    };
+    let tiered = p.tier_rules.iter().any(|t| t.dir == dir) || p.profile_tiered & tiered_bit != 0;
     if (!isolated && !tiered) || (dir == DIR_INGRESS && peer_identity == IDENTITY_HOST) {
         return Decision::Allow(0);
     }
@@ -127,6 +165,16 @@ pub fn direction_verdict(
     fold(&c, MODEL_EP, dir, IDENTITY_ANY, proto, port, &mut f);
     if let Some(g) = lpm(&p.cidrs, dir, peer).filter(|&g| g != 0) {
         fold(&c, MODEL_EP, dir, g, proto, port, &mut f);
+    }
+    if let Some(s) = shared {
+        let ep = PROFILE_KEY_FLAG | p.profile;
+        let Ok(c) = s.profile.compile(ep) else {
+            return Decision::Deny {
+                reason: reason::FAIL_CLOSED,
+                rule: 0,
+            };
+        };
+        fold(&c, ep, dir, s.class, proto, port, &mut f);
     }
     decide(&f, isolated)
 }

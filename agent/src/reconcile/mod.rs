@@ -111,7 +111,21 @@ impl State {
     }
 
     /// Writes ipcache changes and the policies of the changed endpoints.
+    /// ClusterNetworkPolicy profiles first gain their new entries, then
+    /// identities get their peer classes, then addresses their identities,
+    /// then endpoints their policies (and profiles); what profiles lost is
+    /// removed last, once nothing points at it.
     fn program(&mut self, changes: &Changes) -> Result<()> {
+        if let Some(cluster) = self.cluster.as_ref() {
+            for &id in &changes.profiles {
+                let policy = cluster.profile_policy(id);
+                self.endpoints
+                    .write_profile(&mut self.dp, id, policy.as_deref())?;
+            }
+            for (&identity, &class) in &changes.classes {
+                self.dp.writer.set_peer_class(identity, class)?;
+            }
+        }
         for (ip, identity) in &changes.ipcache {
             let local = self.endpoints.by_ip(*ip).map(|e| e.ep_id);
             match (identity, local) {
@@ -150,6 +164,22 @@ impl State {
                 Err(e) => return Err(e),
             }
         }
+        self.endpoints.prune_profiles(&mut self.dp)
+    }
+
+    /// Adds to `changes` every ClusterNetworkPolicy profile (live, or left
+    /// in the maps) and makes PEER_CLASSES whole: a full pass.
+    fn all_profiles(&mut self, changes: &mut Changes) -> Result<()> {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return Ok(());
+        };
+        changes.profiles.extend(cluster.profile_ids());
+        changes
+            .profiles
+            .extend(self.endpoints.programmed_profiles());
+        self.dp
+            .writer
+            .replace_peer_classes(&cluster.peer_classes())?;
         Ok(())
     }
 
@@ -168,6 +198,7 @@ impl State {
         if programming.full {
             let local = self.endpoints.all().filter_map(|e| e.pod());
             programming.changes.endpoints.extend(local);
+            self.all_profiles(&mut programming.changes)?;
         }
         self.program_and_services(&programming.changes)?;
         if let Some(cluster) = self.cluster.as_mut() {
@@ -209,6 +240,7 @@ impl State {
         changes
             .endpoints
             .extend(self.endpoints.all().filter_map(|e| e.pod()));
+        self.all_profiles(&mut changes)?;
         self.retry_all = false;
         self.program_and_services(&changes)?;
         info!("programming retried and in force");

@@ -33,6 +33,8 @@ pub mod maps {
     pub const EP_BY_ID: &str = "EP_BY_ID";
     pub const EPOCH: &str = "EPOCH";
     pub const RULE_DROPS: &str = "RULE_DROPS";
+    pub const TIER_PROFILES: &str = "TIER_PROFILES";
+    pub const PEER_CLASSES: &str = "PEER_CLASSES";
 }
 
 /// Program names (the `#[classifier]` and `#[cgroup_skb]` functions).
@@ -65,6 +67,10 @@ pub mod sizes {
     pub const RULE_DROPS: u32 = 65_536;
     /// `EP_BY_ID` holds one entry per endpoint, like `ENDPOINTS`.
     pub const EP_BY_ID: u32 = ENDPOINTS;
+    /// `TIER_PROFILES`: at most one entry per endpoint.
+    pub const TIER_PROFILES: u32 = ENDPOINTS;
+    /// `PEER_CLASSES`: at most one entry per identity.
+    pub const PEER_CLASSES: u32 = 65_536;
 }
 
 /// Traffic direction, from the pod's point of view (as NetworkPolicy says it).
@@ -79,6 +85,13 @@ pub const IDENTITY_FIRST_USER: u32 = 256;
 /// Identities of per-endpoint CIDR groups (ipBlock) carry this bit, so they
 /// can never collide with a pod identity.
 pub const IDENTITY_CIDR_FLAG: u32 = 1 << 31;
+
+/// `PolicyKey::ep_id` of the entries of a ClusterNetworkPolicy profile
+/// (the entries shared by every endpoint selected by the same set of
+/// ClusterNetworkPolicies, docs/design.md "Tiers"): this bit and the profile
+/// id. Their `identity` is a peer class (`PEER_CLASSES`), not an identity.
+/// Endpoint ids never have this bit.
+pub const PROFILE_KEY_FLAG: u32 = 1 << 31;
 
 /// `EndpointInfo::flags`
 pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;

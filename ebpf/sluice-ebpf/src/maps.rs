@@ -81,6 +81,18 @@ pub static DENY_RULE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static TIER_SCRATCH: PerCpuArray<crate::policy::Tiers> = PerCpuArray::with_max_entries(1, 0);
 
+/// Endpoint id -> its ClusterNetworkPolicy profile: the `PolicyKey::ep_id`
+/// (with `PROFILE_KEY_FLAG`) of the tier entries it shares with every
+/// endpoint selected by the same ClusterNetworkPolicies.
+#[map]
+pub static TIER_PROFILES: HashMap<u32, u32> = HashMap::pinned(sizes::TIER_PROFILES, 0);
+
+/// Identity -> its peer class: the `PolicyKey::identity` of the profile
+/// entries that match it (identities in the same ClusterNetworkPolicy peer
+/// selectors share a class).
+#[map]
+pub static PEER_CLASSES: HashMap<u32, u32> = HashMap::pinned(sizes::PEER_CLASSES, 0);
+
 /// Indexed by `sluice_common::stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

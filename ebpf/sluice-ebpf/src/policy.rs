@@ -5,13 +5,13 @@ use sluice_common::{
     CIDR_KEY_FIXED_BITS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey,
     PLEN_ANY_PEER_BIT, PLEN_ANY_PROTO_BIT, PLEN_CIDR_PEER_BIT, POLICY_ADMIN,
     POLICY_ADMIN_ACTION_MASK, POLICY_ADMIN_ACTION_SHIFT, POLICY_ALLOW, POLICY_BASELINE,
-    POLICY_BASELINE_DENY, PolicyKey, PolicyValue, action, port_mask, reason,
+    POLICY_BASELINE_DENY, PROFILE_KEY_FLAG, PolicyKey, PolicyValue, action, port_mask, reason,
 };
 
 use crate::{
     conntrack::denied_by,
     keys::{cidr_key, policy_key},
-    maps::{CIDRS, IPCACHE, POLICY, TIER_SCRATCH},
+    maps::{CIDRS, IPCACHE, PEER_CLASSES, POLICY, TIER_PROFILES, TIER_SCRATCH},
     parse::Addr,
 };
 
@@ -136,6 +136,8 @@ pub struct Tiers {
     /// isolated by a NetworkPolicy: kept here, not in registers spilled
     /// around the calls (the stack of the call chain is near 512 bytes).
     group: u32,
+    /// The peer's identity (for its class, after the per-endpoint folds).
+    peer: u32,
     isolated: u32,
     plens: u32,
     port: u16,
@@ -209,8 +211,9 @@ fn fold_identity(t: &mut Tiers, identity: u32) {
 
 /// 9t. The verdict of a new flow at an endpoint with ClusterNetworkPolicy
 ///     entries in `dir` (`EP_*_TIERED`): the same keys as `allowed` (the
-///     peer's identity, any peer, the CIDR group), every hit folded; then
-///     the tiers in order. A rule id, or `denied_by(reason, rule)`.
+///     peer's identity, any peer, the CIDR group), then the peer's class in
+///     the endpoint's profile (`TIER_PROFILES`, `PEER_CLASSES`), every hit
+///     folded; then the tiers in order. A rule id, or `denied_by(reason, rule)`.
 ///
 ///     The fold is the costly part to verify (17 port prefix lengths times
 ///     three peer classes, no early exit), so it lives in a BPF *global*
@@ -277,6 +280,7 @@ pub extern "C" fn sluice_tiered(ep: u64, peers: u64, plens: u64) -> u64 {
     t.dir = (ep >> 32) as u8;
     t.port = (ep >> 40) as u16;
     t.l4 = (ep >> 56) as u8;
+    t.peer = peers as u32;
     t.group = (peers >> 32) as u32;
     t.plens = plens as u32;
     t.isolated = ((plens >> 32) & 1) as u32;
@@ -289,6 +293,15 @@ pub extern "C" fn sluice_tiered(ep: u64, peers: u64, plens: u64) -> u64 {
     }
     if t.group != 0 {
         fold_identity(t, t.group);
+    }
+    // The entries shared by the endpoints of the same ClusterNetworkPolicy
+    // profile, keyed by the peer's class: pod peers of the tiers.
+    // SAFETY: the values are copied out at once.
+    if let Some(&profile) = unsafe { TIER_PROFILES.get(&t.ep_id) }
+        && let Some(&class) = unsafe { PEER_CLASSES.get(&t.peer) }
+    {
+        t.ep_id = PROFILE_KEY_FLAG | profile;
+        fold_identity(t, class);
     }
     if t.admin != 0 {
         if t.admin_action == action::ACCEPT {

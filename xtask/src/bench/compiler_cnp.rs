@@ -122,6 +122,13 @@ pub fn run(i: &Input<'_>) -> Result<()> {
     let full = load + materialize;
     let hwm = vm_hwm_kib().unwrap_or(0) as f64 / 1024.0;
     let stats = c.stats();
+    // The profiles' shared entries are written once each, not per endpoint.
+    let shared: usize = c
+        .profile_ids()
+        .into_iter()
+        .filter_map(|id| c.profile_policy(id))
+        .map(|p| sluice_agent::policy::entry_count(&p).policy)
+        .sum();
     println!(
         "  full compile: {full:.3?} (load {load:.3?} + materializing {} endpoint policies {materialize:.3?})",
         t.endpoints
@@ -135,11 +142,14 @@ pub fn run(i: &Input<'_>) -> Result<()> {
         }
     );
     println!(
-        "  state: {} cluster policies, {} identities, {} CIDR groups, {} diagnostics; {} policy map keys, {} CIDR prefixes",
+        "  state: {} cluster policies, {} identities, {} CIDR groups, {} profiles, {} peer classes, {} diagnostics; {} policy map keys ({} per endpoint + {shared} shared by profiles), {} CIDR prefixes",
         stats.cluster_policies,
         stats.identities,
         stats.cidr_groups,
+        stats.profiles,
+        stats.peer_classes,
         loaded.diagnostics.len(),
+        t.policy_entries + shared,
         t.policy_entries,
         t.cidr_entries
     );

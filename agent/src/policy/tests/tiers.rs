@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Node;
 use sluice_api::ClusterNetworkPolicy;
 
 use super::*;
-use crate::policy::verdict::{Decision, direction_verdict};
+use crate::policy::verdict::Decision;
 use sluice_common::reason;
 
 fn cnp(name: &str, spec: Value) -> ClusterNetworkPolicy {
@@ -35,10 +35,10 @@ impl World {
 
     /// The decision of `to`'s ingress for a TCP flow from `from`.
     fn ingress(&self, from: &str, to: &str, port: u16) -> Decision {
-        let p = self.ep(to);
         let peer = self.ip(from);
-        let id = self.c.ip_identity(peer).unwrap().0;
-        direction_verdict(&p, DIR_INGRESS, id, peer, TCP, port)
+        self.c
+            .decision(&obj(to), DIR_INGRESS, peer, TCP, port)
+            .unwrap()
     }
 }
 
@@ -332,7 +332,7 @@ fn incremental_changes_equal_a_recompute_and_a_fresh_build() {
         .map(|p| w.ep(p))
         .collect();
     assert_eq!(before, after);
-    assert!(!after[0].tier_rules.is_empty());
+    assert!(after[0].profile != 0 && w.c.profile_policy(after[0].profile).is_some());
     let summary = |w: &World| {
         (
             w.allowed(TCP, 80),
@@ -349,4 +349,60 @@ fn incremental_changes_equal_a_recompute_and_a_fresh_build() {
         fresh.apply_cnp(n, s.clone());
     }
     assert_eq!(summary(&w), summary(&fresh));
+}
+
+/// Pod peers are written per profile and peer class, not per endpoint and
+/// identity: 40 namespaces of one team, every pod selected and every pod a
+/// peer, compile to one profile and one class, and a new pod of an
+/// existing shape changes no shared entry.
+#[test]
+fn wide_subjects_and_peers_share_one_profile_and_one_class() {
+    let mut c = Compiler::new(Locality::All);
+    for n in 0..40 {
+        let ns = format!("t{n}");
+        c.upsert_namespace(&namespace(&ns, &[("team", "a")]));
+        for p in 0..3 {
+            let ip = format!("10.1.{n}.{p}");
+            c.upsert_pod(&pod(
+                &ns,
+                &format!("p{p}"),
+                json!({"app": format!("a{p}")}),
+                &ip,
+            ));
+        }
+    }
+    let team = json!({"matchLabels": {"team": "a"}});
+    c.upsert_cluster_policy(&cnp(
+        "wide",
+        json!({"tier": "Admin", "priority": 5, "subject": {"namespaces": team},
+               "ingress": [{"name": "no-81", "action": "Deny", "from": [{"namespaces": team}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": 81}}}]}]}),
+    ));
+    let stats = c.stats();
+    assert_eq!((stats.profiles, stats.peer_classes), (1, 1));
+    let ep = c.endpoint_policy(&obj("t3/p1")).unwrap();
+    assert!(ep.tier_rules.is_empty(), "nothing per endpoint");
+    let shared = c.profile_policy(ep.profile).unwrap();
+    assert_eq!(shared.tier_rules.len(), 1, "{:?}", shared.tier_rules);
+    let (a, b) = (obj("t3/p1"), obj("t9/p2"));
+    assert!(!c.would_allow(&a, &b, TCP, 81) && c.would_allow(&a, &b, TCP, 80));
+    // Another pod of an existing shape: a new address, no shared change.
+    let ch = c.upsert_pod(&pod("t5", "p9", json!({"app": "a1"}), "10.1.5.9"));
+    assert!(ch.profiles.is_empty() && ch.classes.is_empty(), "{ch:?}");
+    assert!(!c.would_allow(&obj("t5/p9"), &a, TCP, 81));
+    // A pod of a new shape outside the peers gets no class, and passes.
+    c.upsert_namespace(&namespace("other", &[("team", "b")]));
+    let ch = c.upsert_pod(&pod("other", "o", json!({"app": "o"}), "10.2.0.1"));
+    assert!(ch.classes.is_empty(), "{ch:?}");
+    assert!(c.would_allow(&obj("other/o"), &a, TCP, 81));
+    // Moving it into the team gives its identity the class.
+    let ch = c.upsert_namespace(&namespace("other", &[("team", "a")]));
+    assert_eq!(
+        ch.classes.values().filter(|c| c.is_some()).count(),
+        1,
+        "{ch:?}"
+    );
+    assert!(!c.would_allow(&obj("other/o"), &a, TCP, 81));
+    let ch = c.recompute_all();
+    assert!(ch.endpoints.is_empty() && ch.profiles.is_empty(), "{ch:?}");
 }

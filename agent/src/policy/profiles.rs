@@ -1,0 +1,370 @@
+//! ClusterNetworkPolicy entries shared across endpoints and peers.
+//!
+//! A ClusterNetworkPolicy's pod peers are wide (namespaces by label, every
+//! pod of an app), and its subjects too: written per endpoint and per peer
+//! identity they grow as endpoints x peers (23,000 keys per endpoint, 233
+//! million for 10,000 endpoints in `bench compiler`). Two things make them
+//! small, and the data path does two more hash lookups for them:
+//!
+//! - **Profiles**: local identities selected by the same set of
+//!   ClusterNetworkPolicies (and, when one of them has an ingress named
+//!   port, with the same named ports) share one profile. Its entries are
+//!   written once, keyed by `PROFILE_KEY_FLAG | profile` in the endpoint
+//!   field of `PolicyKey`; `TIER_PROFILES` gives each endpoint its profile.
+//! - **Peer classes**: identities that are members of the same set of the
+//!   selectors used as ClusterNetworkPolicy pod peers (and, when one of
+//!   those is used with an egress named port, with the same named ports)
+//!   share one class. A profile's entries are keyed by class, not by
+//!   identity; `PEER_CLASSES` gives each identity its class.
+//!
+//! So a rule over thousands of peer pods is one entry per (profile, class,
+//! port block): the matches of a rule depend only on the class and the
+//! profile, never on which identity of the class it is. Any-peer and CIDR
+//! peers stay per endpoint (`tiers`, `cidr`): they are per rule, not per
+//! peer, and few.
+//!
+//! The tables are settled at commit when something they depend on changed:
+//! classes are recomputed from the members of the ClusterNetworkPolicy
+//! selectors (cheap: one pass over those members), profiles from the local
+//! identities' policy sets; a profile's entries are recomputed when it is
+//! new, when one of its policies changed, or when classes appeared or went.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use sluice_common::{DIR_INGRESS, EP_EGRESS_TIERED, EP_INGRESS_TIERED};
+
+use super::{
+    Compiler,
+    cnp::CnpPeer,
+    cnps::CnpId,
+    contributions::resolve,
+    identities::NamedPorts,
+    mapstate::{EndpointPolicy, TierRule, policy_keys},
+    selectors::SelId,
+};
+
+/// The set of ClusterNetworkPolicies selecting an identity, and its named
+/// ports when an ingress rule of one of them names a port.
+type ProfileKey = (Vec<CnpId>, Option<NamedPorts>);
+/// The ClusterNetworkPolicy peer selectors an identity is in, and its named
+/// ports when one of them is used with an egress named port.
+type ClassKey = (Vec<SelId>, Option<NamedPorts>);
+
+struct Profile {
+    key: ProfileKey,
+    /// Local identities with this profile.
+    users: BTreeSet<u32>,
+    /// The entries (peer = class), as an endpoint policy with tier rules
+    /// only, so that it compiles to map entries like any other.
+    policy: Arc<EndpointPolicy>,
+}
+
+#[derive(Default)]
+pub(super) struct Profiles {
+    by_key: FxHashMap<ProfileKey, u32>,
+    profiles: FxHashMap<u32, Profile>,
+    next_profile: u32,
+    class_by_key: FxHashMap<ClassKey, u32>,
+    class_keys: FxHashMap<u32, ClassKey>,
+    next_class: u32,
+    /// Identity -> class.
+    class_of: FxHashMap<u32, u32>,
+    /// Local identity -> profile.
+    profile_of: FxHashMap<u32, u32>,
+}
+
+/// What one settle changed, for [`super::Changes`].
+#[derive(Default)]
+pub(super) struct Settled {
+    pub profiles: BTreeSet<u32>,
+    pub classes: BTreeMap<u32, Option<u32>>,
+    /// Local identities whose profile, or its prefix lengths or tiered
+    /// directions, changed.
+    pub identities: FxHashSet<u32>,
+}
+
+impl Profiles {
+    pub fn policy(&self, id: u32) -> Option<Arc<EndpointPolicy>> {
+        self.profiles.get(&id).map(|p| p.policy.clone())
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.profiles.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn class_of(&self, identity: u32) -> Option<u32> {
+        self.class_of.get(&identity).copied()
+    }
+
+    pub fn classes(&self) -> BTreeMap<u32, u32> {
+        self.class_of.iter().map(|(&i, &c)| (i, c)).collect()
+    }
+
+    pub fn profile_of(&self, l: u32) -> Option<u32> {
+        self.profile_of.get(&l).copied()
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.profiles.len(), self.class_keys.len())
+    }
+}
+
+/// `EP_*_TIERED` bits and per-direction prefix-length masks of a profile's
+/// entries.
+pub(super) fn shape(p: &EndpointPolicy) -> (u32, [u32; 2]) {
+    let mut tiered = 0;
+    let mut plens = [0u32; 2];
+    for t in &p.tier_rules {
+        tiered |= if t.dir == DIR_INGRESS {
+            EP_INGRESS_TIERED
+        } else {
+            EP_EGRESS_TIERED
+        };
+        for k in policy_keys(0, t.dir, t.identity, t.l4).unwrap_or_default() {
+            plens[usize::from(t.dir) & 1] |= super::mapstate::plen_bit(&k);
+        }
+    }
+    (tiered, plens)
+}
+
+impl Compiler {
+    /// Settles profiles and classes after an event that may have changed
+    /// them; `changed_cnps`: policies whose rules or ranks changed.
+    pub(super) fn settle_profiles(&mut self, changed_cnps: &BTreeSet<CnpId>) -> Settled {
+        let mut out = Settled::default();
+        let classes_moved = self.settle_classes(&mut out);
+        // Class index: selector -> classes containing it.
+        let mut sel_classes: FxHashMap<SelId, Vec<u32>> = FxHashMap::default();
+        for (&c, (sels, _)) in &self.profiles.class_keys {
+            for &s in sels {
+                sel_classes.entry(s).or_default().push(c);
+            }
+        }
+        for v in sel_classes.values_mut() {
+            v.sort_unstable();
+        }
+        // Profiles of the local identities.
+        let mut wanted: FxHashMap<u32, ProfileKey> = FxHashMap::default();
+        for l in self.identities.locals() {
+            let Some(ident) = self.identities.get(l) else {
+                continue;
+            };
+            let Some(st) = ident.local.as_deref() else {
+                continue;
+            };
+            if st.cnps().is_empty() {
+                continue;
+            }
+            let cnps: Vec<CnpId> = st.cnps().iter().copied().collect();
+            let named = cnps.iter().any(|&id| {
+                self.cnps.get(id).is_some_and(|c| {
+                    c.rules
+                        .iter()
+                        .any(|r| r.dir == DIR_INGRESS && !r.ports.named.is_empty())
+                })
+            });
+            wanted.insert(l, (cnps, named.then(|| ident.key.ports.clone())));
+        }
+        let mut fresh: BTreeSet<u32> = BTreeSet::new();
+        let mut users: FxHashMap<u32, BTreeSet<u32>> = FxHashMap::default();
+        for (&l, key) in &wanted {
+            let id = match self.profiles.by_key.get(key) {
+                Some(&id) => id,
+                None => {
+                    self.profiles.next_profile += 1;
+                    let id = self.profiles.next_profile;
+                    self.profiles.by_key.insert(key.clone(), id);
+                    self.profiles.profiles.insert(
+                        id,
+                        Profile {
+                            key: key.clone(),
+                            users: BTreeSet::new(),
+                            policy: Arc::default(),
+                        },
+                    );
+                    fresh.insert(id);
+                    id
+                }
+            };
+            users.entry(id).or_default().insert(l);
+            if self.profiles.profile_of.insert(l, id) != Some(id) {
+                out.identities.insert(l);
+            }
+        }
+        let gone_locals: Vec<u32> = self
+            .profiles
+            .profile_of
+            .keys()
+            .filter(|l| !wanted.contains_key(l))
+            .copied()
+            .collect();
+        for l in gone_locals {
+            self.profiles.profile_of.remove(&l);
+            out.identities.insert(l);
+        }
+        // Unused profiles go; the others get their users and, where needed,
+        // their entries.
+        let ids = self.profiles.ids();
+        for id in ids {
+            let Some(u) = users.remove(&id) else {
+                if let Some(p) = self.profiles.profiles.remove(&id) {
+                    self.profiles.by_key.remove(&p.key);
+                }
+                out.profiles.insert(id);
+                continue;
+            };
+            let Some(p) = self.profiles.profiles.get(&id) else {
+                continue;
+            };
+            let stale = classes_moved
+                || fresh.contains(&id)
+                || p.key.0.iter().any(|c| changed_cnps.contains(c));
+            let policy = if stale {
+                Arc::new(self.profile_entries(&p.key, &sel_classes))
+            } else {
+                p.policy.clone()
+            };
+            let Some(p) = self.profiles.profiles.get_mut(&id) else {
+                continue;
+            };
+            if *policy != *p.policy || fresh.contains(&id) {
+                if shape(&policy) != shape(&p.policy) || fresh.contains(&id) {
+                    out.identities.extend(u.iter().copied());
+                }
+                out.profiles.insert(id);
+                p.policy = policy;
+            }
+            p.users = u;
+        }
+        out
+    }
+
+    /// Recomputes every identity's class; true when a class appeared or
+    /// went (profile entries are keyed by class).
+    fn settle_classes(&mut self, out: &mut Settled) -> bool {
+        let sels = self.cnps.peer_selectors();
+        let named = self.cnps.egress_named_selectors();
+        let mut of: FxHashMap<u32, Vec<SelId>> = FxHashMap::default();
+        for &s in &sels {
+            for &x in self.selectors.members(s).into_iter().flatten() {
+                of.entry(x).or_default().push(s);
+            }
+        }
+        let mut used: FxHashSet<u32> = FxHashSet::default();
+        let mut appeared = false;
+        let mut class_of: FxHashMap<u32, u32> = FxHashMap::default();
+        for (x, mut in_sels) in of {
+            in_sels.sort_unstable();
+            let ports = in_sels.iter().any(|s| named.contains(s)).then(|| {
+                self.identities
+                    .get(x)
+                    .map(|i| i.key.ports.clone())
+                    .unwrap_or_default()
+            });
+            let key = (in_sels, ports);
+            let c = match self.profiles.class_by_key.get(&key) {
+                Some(&c) => c,
+                None => {
+                    self.profiles.next_class += 1;
+                    let c = self.profiles.next_class;
+                    self.profiles.class_by_key.insert(key.clone(), c);
+                    self.profiles.class_keys.insert(c, key);
+                    appeared = true;
+                    c
+                }
+            };
+            used.insert(c);
+            class_of.insert(x, c);
+        }
+        for (&x, &c) in &class_of {
+            if self.profiles.class_of.get(&x) != Some(&c) {
+                out.classes.insert(x, Some(c));
+            }
+        }
+        for &x in self.profiles.class_of.keys() {
+            if !class_of.contains_key(&x) {
+                out.classes.insert(x, None);
+            }
+        }
+        self.profiles.class_of = class_of;
+        let gone: Vec<u32> = self
+            .profiles
+            .class_keys
+            .keys()
+            .filter(|c| !used.contains(c))
+            .copied()
+            .collect();
+        for c in &gone {
+            if let Some(k) = self.profiles.class_keys.remove(c) {
+                self.profiles.class_by_key.remove(&k);
+            }
+        }
+        appeared || !gone.is_empty()
+    }
+
+    /// The entries of a profile: for each rule of each of its policies and
+    /// each pod peer, every class containing the peer's selector, with the
+    /// rule's L4 matches (named ports resolved on the subject for ingress,
+    /// on the class for egress). Per (direction, class, L4, tier) only the
+    /// lowest rank is kept.
+    fn profile_entries(
+        &self,
+        key: &ProfileKey,
+        sel_classes: &FxHashMap<SelId, Vec<u32>>,
+    ) -> EndpointPolicy {
+        let empty = NamedPorts::new();
+        let subject_ports = key.1.as_ref().unwrap_or(&empty);
+        let mut out = Vec::new();
+        for &id in &key.0 {
+            let Some(c) = self.cnps.get(id) else {
+                continue;
+            };
+            for r in &c.rules {
+                let rank = c.rank(r.index);
+                let shared = (r.dir == DIR_INGRESS || r.ports.named.is_empty())
+                    .then(|| resolve(&r.ports, subject_ports));
+                for p in &r.peers {
+                    let CnpPeer::Pods(s) = p else {
+                        continue;
+                    };
+                    for &class in sel_classes.get(s).into_iter().flatten() {
+                        let l4s = match &shared {
+                            Some(v) => v.clone(),
+                            None => {
+                                let ports = self
+                                    .profiles
+                                    .class_keys
+                                    .get(&class)
+                                    .and_then(|k| k.1.as_ref())
+                                    .unwrap_or(&empty);
+                                resolve(&r.ports, ports)
+                            }
+                        };
+                        for l4 in l4s {
+                            out.push(TierRule {
+                                dir: r.dir,
+                                identity: class,
+                                l4,
+                                tier: c.tier,
+                                rank,
+                                action: r.action,
+                                rule_id: r.id,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
+        out.dedup_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
+        EndpointPolicy {
+            tier_rules: out,
+            ..EndpointPolicy::default()
+        }
+    }
+}

@@ -20,8 +20,8 @@ fn number(p: Proto) -> u8 {
 }
 
 #[test]
-fn every_explained_verdict_equals_the_maps_verdict_on_random_cluster_network_policies()
--> Result<()> {
+fn every_explained_verdict_equals_the_maps_verdict_on_random_cluster_network_policies() -> Result<()>
+{
     let (mut probes, mut allowed, mut by_cluster) = (0, 0, 0);
     for seed in SEEDS {
         let mut rng = Rng::seeded(seed);

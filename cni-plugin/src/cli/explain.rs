@@ -287,7 +287,14 @@ pub fn run(a: &ExplainArgs) -> Result<String, String> {
             let off = Offline::load(path)?;
             let m = off.matrix(a.port)?;
             Ok(match a.format {
-                Format::Text => m,
+                Format::Text => {
+                    // The matrix alone on stdout, as the conformance
+                    // format has it.
+                    for n in &off.notes {
+                        eprintln!("note: {n}");
+                    }
+                    m
+                }
                 Format::Json => {
                     let v = serde_json::json!({
                         "protocol": sluice_agent::policy::explain::flow_name(a.port.0, a.port.1),
@@ -333,5 +340,122 @@ fn proto_word(p: u8) -> &'static str {
         17 => "UDP",
         132 => "SCTP",
         _ => "TCP",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use sluice_agent::policy::explain::DecidedBy;
+
+    use super::*;
+    use crate::cli::args::{Command, parse};
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/explain")
+    }
+
+    fn args(line: &[&str]) -> Result<ExplainArgs, clap::Error> {
+        let mut v = vec!["explain"];
+        v.extend(line);
+        match parse(v.into_iter().map(OsString::from))?.command {
+            Command::Explain(a) => Ok(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_takes_a_flow_or_a_matrix() {
+        let a = args(&["x/a", "svc/y/web", "80/udp", "-f", "dir", "-o", "json"]).unwrap();
+        assert_eq!(
+            a.from,
+            Some(Spec::Pod(sluice_agent::policy::ObjectRef::new("x", "a")))
+        );
+        assert_eq!(
+            a.to,
+            Some(Spec::Service(sluice_agent::policy::ObjectRef::new(
+                "y", "web"
+            )))
+        );
+        assert_eq!(a.flow, Some((17, 80)));
+        assert_eq!(
+            (a.format, a.files),
+            (Format::Json, Some(PathBuf::from("dir")))
+        );
+        let a = args(&["10.0.0.1", "fd00::1", "443"]).unwrap();
+        assert_eq!(a.flow, Some((6, 443)));
+        let a = args(&["--matrix", "-f", "d", "--port", "81/SCTP"]).unwrap();
+        assert_eq!(a.port, (132, 81));
+        for bad in [
+            &[][..],
+            &["x/a", "x/b"],
+            &["x/a", "x/b", "80/ICMP"],
+            &["x/a", "x/b", "0"],
+            &["a/b/c", "x/b", "80"],
+            &["--matrix"],
+            &["--matrix", "-f", "d", "x/a", "x/b", "80"],
+        ] {
+            let e = args(bad).map(|a| format!("{a:?}")).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn offline_the_files_are_compiled_and_each_decision_is_named() {
+        let off = Offline::load(&fixtures()).unwrap();
+        let pod = |s: &str| parse_spec(s).unwrap();
+        let one = |from: &str, to: &str, flow: &str| {
+            let mut v = off
+                .explain(&pod(from), &pod(to), parse_flow(flow).unwrap())
+                .unwrap();
+            assert_eq!(v.len(), 1);
+            v.remove(0)
+        };
+        let e = one("shop/front", "shop/web", "8080/TCP");
+        assert!(e.allowed, "{}", render(&e));
+        let text = render(&e);
+        assert!(
+            text.contains("namespace label `env` is `prod` (wants env=dev)"),
+            "{text}"
+        );
+        let e = one("dev/tester", "shop/web", "8080/TCP");
+        assert!(!e.allowed);
+        assert!(matches!(
+            &e.ingress.as_ref().unwrap().decided_by,
+            DecidedBy::Cluster { policy, rule, .. } if policy == "no-dev-to-shop" && rule == "deny-dev"
+        ));
+        let e = one("shop/front", "shop/web", "80/TCP");
+        assert!(!e.allowed);
+        assert!(
+            render(&e).contains("named port `http` is TCP/8080 on shop/web: port 80 is not 8080"),
+            "{}",
+            render(&e)
+        );
+        // The Service's port 80 leads to the backend's 8080.
+        let v = off
+            .explain(&pod("shop/front"), &pod("svc/shop/web"), (6, 80))
+            .unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].allowed && v[0].port == 8080, "{}", render(&v[0]));
+        assert!(v[0].notes[0].contains("leads to backend shop/web port 8080"));
+        // The pod without an address was given one, and said so.
+        assert!(
+            off.notes
+                .iter()
+                .any(|n| n.contains("dev/tester has no address"))
+        );
+    }
+
+    #[test]
+    fn offline_the_matrix_is_in_the_conformance_format() {
+        let off = Offline::load(&fixtures()).unwrap();
+        assert_eq!(
+            off.matrix((6, 8080)).unwrap(),
+            "-          dev/tester shop/front shop/web\n\
+             dev/tester .          X          X\n\
+             shop/front .          .          .\n\
+             shop/web   .          .          .\n"
+        );
     }
 }

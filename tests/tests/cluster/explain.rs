@@ -51,7 +51,11 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
     let [e] = &allowed[..] else {
         anyhow::bail!("{allowed:?}");
     };
-    assert!(e.allowed && e.allowed_here, "{}", sluice_agent::policy::explain::render(e));
+    assert!(
+        e.allowed && e.allowed_here,
+        "{}",
+        sluice_agent::policy::explain::render(e)
+    );
     assert_eq!(
         e.ingress.as_ref().map(|s| s.decided_by.clone()),
         Some(DecidedBy::NetworkPolicy {
@@ -59,7 +63,10 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
             rule: "ingress[0]".into()
         })
     );
-    assert!(tcp_ok(&a.ns, b4, 80, SHORT), "the packets agree: a -> b passes");
+    assert!(
+        tcp_ok(&a.ns, b4, 80, SHORT),
+        "the packets agree: a -> b passes"
+    );
 
     let denied = explain(&node, "ex/c", "ex/b", "80/TCP")?;
     let [e] = &denied[..] else {
@@ -77,7 +84,10 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
         text.contains("pod label `pod` is `c` (wants pod=a)"),
         "{text}"
     );
-    assert!(!tcp_ok(&c.ns, b4, 80, SHORT), "the packets agree: c -> b dropped");
+    assert!(
+        !tcp_ok(&c.ns, b4, 80, SHORT),
+        "the packets agree: c -> b dropped"
+    );
 
     // A question the agent cannot answer is an error, not a guess.
     let bad = node.request(&Request::Explain {

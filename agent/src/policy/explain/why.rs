@@ -176,13 +176,14 @@ pub(super) fn selector_fails(s: &Selector, labels: &Labels, what: &str) -> Vec<S
 /// A peer selector of a rule: the peer must be a pod, of a namespace it
 /// covers, with labels it matches.
 pub(super) fn peer_selector(sel: &PeerSelector, peer: &Peer<'_>) -> Check {
+    let pods = match selector_name(&sel.pod) {
+        all if all == "{}" => "pods".to_string(),
+        s => format!("pods {s}"),
+    };
     let name = match &sel.ns {
-        NsMatch::Own(ns) => format!("pods {} in {ns}", selector_name(&sel.pod)),
-        NsMatch::Labels(n) => format!(
-            "pods {} in namespaces {}",
-            selector_name(&sel.pod),
-            selector_name(n)
-        ),
+        NsMatch::Own(ns) => format!("{pods} in {ns}"),
+        NsMatch::Labels(n) if n.requirements().is_empty() => format!("{pods} in every namespace"),
+        NsMatch::Labels(n) => format!("{pods} in namespaces {}", selector_name(n)),
     };
     let Some(key) = peer.key else {
         return Err(vec![format!("{name}: {} is not a pod address", peer.addr)]);

@@ -89,6 +89,21 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
         "the packets agree: c -> b dropped"
     );
 
+    // The CLI asks the same question through the socket and prints it.
+    let out = std::process::Command::new(sluice_tests::bin_dir().join("sluice"))
+        .args(["explain", "--socket"])
+        .arg(node.socket())
+        .args(["ex/c", "ex/b", "80/TCP"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let c4 = c.ipv4.context("v4")?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with(&format!("ex/c ({c4}) -> ex/b ({b4}) TCP/80: DENIED"))
+            && stdout.contains("ex/b is isolated for ingress by ex/only-a"),
+        "{stdout}"
+    );
+
     // A question the agent cannot answer is an error, not a guess.
     let bad = node.request(&Request::Explain {
         from: "ex/nobody".into(),

@@ -481,7 +481,7 @@ impl Compiler {
                 ));
             }
         }
-        ranked.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        ranked.sort_by_key(|a| (a.0, a.1));
         let (mut admin, mut baseline) = (Vec::new(), Vec::new());
         for (tier, _, r) in ranked {
             match tier {

@@ -1,9 +1,12 @@
 //! An [`Explanation`] as text: the verdict on the first line, then per
 //! direction the tiers in order with every rule that selects the pod, what
 //! matched, or why not.
-use std::fmt::Write as _;
 
 use super::{CnpRuleCheck, DecidedBy, End, Explanation, Side};
+
+fn line(out: &mut String, text: String) {
+    out.extend([text, "\n".to_owned()]);
+}
 
 fn end(e: &End) -> String {
     match &e.pod {
@@ -47,25 +50,27 @@ fn decided(side: &Side, dir: &str) -> String {
 
 fn cnp_rules(out: &mut String, tier: &str, rules: &[CnpRuleCheck], pod: &str) {
     if rules.is_empty() {
-        let _ = writeln!(out, "    {tier}: no rule of this direction selects {pod}");
+        line(
+            out,
+            format!("    {tier}: no rule of this direction selects {pod}"),
+        );
         return;
     }
-    let _ = writeln!(out, "    {tier}:");
+    line(out, format!("    {tier}:"));
     for r in rules {
         let mark = if r.decides { "=> " } else { "- " };
-        let _ = write!(
-            out,
+        out.push_str(&format!(
             "      {mark}{} (priority {}) rule {} [{}]: ",
             r.policy, r.priority, r.rule, r.action
-        );
+        ));
         match &r.matched {
             Some(m) => {
-                let _ = writeln!(out, "matches {} on {}", m.peer, m.port);
+                line(out, format!("matches {} on {}", m.peer, m.port));
             }
             None => {
-                let _ = writeln!(out, "no match");
+                line(out, "no match".into());
                 for w in &r.why_not {
-                    let _ = writeln!(out, "          {w}");
+                    line(out, format!("          {w}"));
                 }
             }
         }
@@ -78,48 +83,56 @@ fn side(out: &mut String, dir: &str, s: &Side) {
     } else {
         " (not enforced on this node)"
     };
-    let _ = writeln!(
+    line(
         out,
-        "  {dir} at {}{here}: {}, {}",
-        s.pod,
-        verdict(s.allowed),
-        decided(s, dir)
+        format!(
+            "  {dir} at {}{here}: {}, {}",
+            s.pod,
+            verdict(s.allowed),
+            decided(s, dir)
+        ),
     );
     cnp_rules(out, "Admin", &s.admin, &s.pod);
     let np = &s.network_policy;
     if np.isolated {
-        let _ = writeln!(
+        line(
             out,
-            "    NetworkPolicy: {} is isolated for {dir} by:",
-            s.pod
+            format!("    NetworkPolicy: {} is isolated for {dir} by:", s.pod),
         );
         for p in &np.policies {
             if p.rules.is_empty() {
-                let _ = writeln!(out, "      - {} (no {dir} rules: allows nothing)", p.policy);
+                line(
+                    out,
+                    format!("      - {} (no {dir} rules: allows nothing)", p.policy),
+                );
             }
             for r in &p.rules {
                 match &r.matched {
                     Some(m) => {
-                        let _ = writeln!(
+                        line(
                             out,
-                            "      - {} {}: allows {} on {}",
-                            p.policy, r.rule, m.peer, m.port
+                            format!(
+                                "      - {} {}: allows {} on {}",
+                                p.policy, r.rule, m.peer, m.port
+                            ),
                         );
                     }
                     None => {
-                        let _ = writeln!(out, "      - {} {}: no match", p.policy, r.rule);
+                        line(out, format!("      - {} {}: no match", p.policy, r.rule));
                         for w in &r.why_not {
-                            let _ = writeln!(out, "          {w}");
+                            line(out, format!("          {w}"));
                         }
                     }
                 }
             }
         }
     } else {
-        let _ = writeln!(
+        line(
             out,
-            "    NetworkPolicy: no policy selects {} for {dir} (not isolated)",
-            s.pod
+            format!(
+                "    NetworkPolicy: no policy selects {} for {dir} (not isolated)",
+                s.pod
+            ),
         );
     }
     cnp_rules(out, "Baseline", &s.baseline, &s.pod);
@@ -128,32 +141,37 @@ fn side(out: &mut String, dir: &str, s: &Side) {
 /// The explanation as readable text, ending with a newline.
 pub fn render(e: &Explanation) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} -> {} {}/{}: {}",
-        end(&e.from),
-        end(&e.to),
-        e.protocol,
-        e.port,
-        verdict(e.allowed).to_uppercase()
+    line(
+        &mut out,
+        format!(
+            "{} -> {} {}/{}: {}",
+            end(&e.from),
+            end(&e.to),
+            e.protocol,
+            e.port,
+            verdict(e.allowed).to_uppercase()
+        ),
     );
     match &e.egress {
         Some(s) => side(&mut out, "egress", s),
         None => {
-            let _ = writeln!(out, "  egress: the source is no pod, nothing to judge");
+            line(
+                &mut out,
+                "  egress: the source is no pod, nothing to judge".into(),
+            );
         }
     }
     match &e.ingress {
         Some(s) => side(&mut out, "ingress", s),
         None => {
-            let _ = writeln!(
-                out,
-                "  ingress: the destination is no pod, nothing to judge"
+            line(
+                &mut out,
+                "  ingress: the destination is no pod, nothing to judge".into(),
             );
         }
     }
     for n in &e.notes {
-        let _ = writeln!(out, "  note: {n}");
+        line(&mut out, format!("  note: {n}"));
     }
     out
 }

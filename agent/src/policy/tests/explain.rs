@@ -11,6 +11,9 @@ use super::{
 };
 use crate::policy::explain::{DecidedBy, Explanation, Party, render};
 
+/// One change, applied alike to both compilers.
+type Event = Box<dyn Fn(&mut Compiler)>;
+
 fn random_cnp(rng: &mut Rng, name: &str) -> ClusterNetworkPolicy {
     let admin = rng.below(3) != 0;
     let subject = rng
@@ -117,7 +120,7 @@ fn explained_verdicts_equal_the_lookup_model_on_random_worlds() {
     let ports = [53u16, 55, 80, 81, 1050, 8080];
     for step in 0..300 {
         let ns = *rng.pick(&NAMESPACES);
-        let mut events: Vec<Box<dyn Fn(&mut Compiler)>> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
         match rng.below(15) {
             0 => {
                 let n = random_namespace(&mut rng, ns);

@@ -104,6 +104,40 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
         "{stdout}"
     );
 
+    // An Admin rule at the source's egress now denies what the
+    // NetworkPolicy allows at the destination's ingress.
+    let rv = create(
+        &api,
+        json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "a-not-b"},
+            "spec": {"tier": "Admin", "priority": 5,
+                     "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+                     "egress": [{"name": "no-b", "action": "Deny",
+                                 "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}}],
+                                 "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}
+        }),
+    )?;
+    node.wait_programmed("ClusterNetworkPolicy/a-not-b", Some(&rv), WAIT)?;
+    let now = explain(&node, "ex/a", "ex/b", "80/TCP")?;
+    let [e] = &now[..] else {
+        anyhow::bail!("{now:?}");
+    };
+    assert!(!e.allowed, "{}", sluice_agent::policy::explain::render(e));
+    assert_eq!(
+        e.egress.as_ref().map(|s| s.decided_by.clone()),
+        Some(DecidedBy::Cluster {
+            tier: sluice_agent::policy::Tier::Admin,
+            policy: "a-not-b".into(),
+            rule: "no-b".into(),
+            action: "Deny".into()
+        })
+    );
+    assert!(
+        !tcp_ok(&a.ns, b4, 80, SHORT),
+        "the packets agree: a -> b dropped at a's egress"
+    );
+
     // A question the agent cannot answer is an error, not a guess.
     let bad = node.request(&Request::Explain {
         from: "ex/nobody".into(),

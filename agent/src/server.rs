@@ -201,6 +201,15 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
                 .await
                 .map(|(mode, node, synced)| Response::Info { mode, node, synced })
         }
+        Request::Explain { from, to, flow } => r.explain(from, to, flow).await.map(|e| match e {
+            Ok(list) => Response::Explain {
+                explanations: list
+                    .iter()
+                    .filter_map(|e| serde_json::to_value(e).ok())
+                    .collect(),
+            },
+            Err(why) => Response::error(code::INVALID_CONFIG, "cannot explain", why),
+        }),
         Request::PodCidrs => r
             .pod_cidrs()
             .await

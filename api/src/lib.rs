@@ -5,6 +5,10 @@
 //!   `kube::CustomResource` derive so kube-rs can list and watch it.
 //! - [`validate()`]: what the CRD schema enforces, as typed errors with field
 //!   paths.
+//! - [`files`]: Kubernetes objects (Namespaces, Pods, Services, Nodes,
+//!   NetworkPolicies, ClusterNetworkPolicies) read from manifest files and
+//!   directories, multi-document YAML and Lists, with per-document errors.
+pub mod files;
 pub mod v1alpha2;
 pub mod validate;
 

@@ -67,6 +67,15 @@ pub enum Request {
     /// This node's pod CIDRs, from its Node object (cluster mode): the IPAM
     /// ranges when the plugin's config names none.
     PodCidrs,
+    /// Why a flow passes or not (`sluice explain`), answered from the
+    /// compiler state the agent programmed (cluster mode). `from`/`to`:
+    /// `ns/pod`, `svc/ns/name` (`to` only) or an address; `flow`:
+    /// `PORT/PROTO`.
+    Explain {
+        from: String,
+        to: String,
+        flow: String,
+    },
     /// Stream drop events as they happen, one JSON object per line, until
     /// the client closes the connection.
     Observe {
@@ -137,6 +146,11 @@ pub enum Response {
         /// Every kind listed and programmed (always false standalone:
         /// there is nothing to sync).
         synced: bool,
+    },
+    /// One explanation (the agent's `policy::explain::Explanation`), or
+    /// one per backend when `to` is a Service.
+    Explain {
+        explanations: Vec<serde_json::Value>,
     },
     Error {
         code: u32,

@@ -10,6 +10,7 @@
 //! half-synced view would mean wrong verdicts, so until then the pinned
 //! state stays as it was.
 mod diagnostics;
+mod explain;
 pub mod watch;
 
 use std::{

@@ -81,6 +81,7 @@ mod cnp;
 mod cnps;
 mod contributions;
 mod events;
+pub mod explain;
 mod identities;
 pub mod mapstate;
 mod parse;

@@ -83,16 +83,23 @@ impl Selector {
         Ok(Self(reqs))
     }
 
+    /// Its requirements, sorted (`sluice explain` names the ones that fail).
+    pub fn requirements(&self) -> &[Requirement] {
+        &self.0
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.0.iter().all(|r| {
-            let v = labels.get(&r.key);
-            match &r.op {
-                Op::In(set) => v.is_some_and(|v| set.contains(v)),
-                Op::NotIn(set) => v.is_none_or(|v| !set.contains(v)),
-                Op::Exists => v.is_some(),
-                Op::DoesNotExist => v.is_none(),
-            }
-        })
+        self.0.iter().all(|r| Self::requirement_holds(r, labels))
+    }
+
+    pub fn requirement_holds(r: &Requirement, labels: &Labels) -> bool {
+        let v = labels.get(&r.key);
+        match &r.op {
+            Op::In(set) => v.is_some_and(|v| set.contains(v)),
+            Op::NotIn(set) => v.is_none_or(|v| !set.contains(v)),
+            Op::Exists => v.is_some(),
+            Op::DoesNotExist => v.is_none(),
+        }
     }
 }
 

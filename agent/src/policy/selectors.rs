@@ -53,6 +53,11 @@ impl SelectorCache {
         ids
     }
 
+    /// The selector itself (`sluice explain` says why it does not match).
+    pub fn selector(&self, s: SelId) -> Option<&PeerSelector> {
+        self.entries.get(&s).map(|e| &e.sel)
+    }
+
     pub fn members(&self, s: SelId) -> Option<&BTreeSet<u32>> {
         self.entries.get(&s).map(|e| &e.members)
     }

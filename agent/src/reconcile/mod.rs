@@ -356,6 +356,28 @@ impl Reconciler {
         .await
     }
 
+    /// `sluice explain` from the compiler state in the maps: the
+    /// explanations, or what is wrong with the question (`Err` inside).
+    /// A standalone agent has no compiler.
+    pub async fn explain(
+        &self,
+        from: String,
+        to: String,
+        flow: String,
+    ) -> Result<std::result::Result<Vec<crate::policy::explain::Explanation>, String>> {
+        self.with(move |st| {
+            Ok(match st.cluster.as_ref() {
+                Some(c) => c.explain(&from, &to, &flow),
+                None => Err(
+                    "a standalone agent compiles no policy: explain offline with \
+                     `sluice explain -f DIR`"
+                        .into(),
+                ),
+            })
+        })
+        .await
+    }
+
     /// Whether the compiler knows `pod` (false in standalone mode).
     pub async fn knows_pod(&self, pod: ObjectRef) -> Result<bool> {
         self.with(move |st| {

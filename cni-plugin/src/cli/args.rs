@@ -34,6 +34,12 @@ pub enum Command {
     Wait(WaitArgs),
     /// Stream the drops the agent sees, filtered, until interrupted.
     Observe(ObserveArgs),
+    /// Why FROM may or may not reach TO on PORT/PROTO: per direction the
+    /// ClusterNetworkPolicy rules (Admin, Baseline) and NetworkPolicies
+    /// that select each end, the rule that decides, and why the others do
+    /// not match. Asks the agent, or with -f compiles YAML files offline;
+    /// --matrix -f prints the reachability matrix of every pod pair.
+    Explain(super::explain::ExplainArgs),
 }
 
 /// The agent's socket; every subcommand takes it.
@@ -159,6 +165,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Erro
         .to_owned();
     let cli = Cli::try_parse_from(std::iter::once(OsString::from("sluice")).chain(args))
         .map_err(|e| with_usage(e, &verb))?;
+    if let Command::Explain(a) = &cli.command
+        && let Err(why) = a.check()
+    {
+        return Err(subcommand_error(
+            "explain",
+            ErrorKind::MissingRequiredArgument,
+            why,
+        ));
+    }
     if let Command::Wait(w) = &cli.command
         && w.gone
         && w.targets.iter().any(|t| t.min_rv.is_some())

@@ -1,4 +1,4 @@
-//! `sluice status|wait|observe`: the same binary as a small command-line
+//! `sluice status|wait|observe|explain`: the same binary as a small command-line
 //! client of the node agent, when CNI_COMMAND is not set.
 //!
 //! Parsing (`args`) and rendering (`show`) are pure; this module only talks
@@ -6,6 +6,7 @@
 //! ready / timed out / the agent failed, 2 usage, 3 (`status`) the agent
 //! did not answer at all.
 pub mod args;
+pub mod explain;
 pub mod show;
 
 use std::ffi::OsString;
@@ -45,6 +46,16 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             timeout,
         }) => wait(&socket.path, &targets, gone, timeout),
         Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format, !a.no_reconnect),
+        Command::Explain(a) => match explain::run(&a) {
+            Ok(text) => {
+                let _printed = print(&text).is_ok();
+                OK
+            }
+            Err(e) => {
+                eprintln!("sluice explain: {e}");
+                FAILED
+            }
+        },
     })
 }
 

@@ -4,28 +4,28 @@ use super::*;
 // ----- incremental == recompute == fresh build -----
 
 /// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+    pub(super) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }
 }
 
-const NAMESPACES: [&str; 3] = ["n0", "n1", "n2"];
+pub(super) const NAMESPACES: [&str; 3] = ["n0", "n1", "n2"];
 
-fn random_namespace(rng: &mut Rng, name: &str) -> Namespace {
+pub(super) fn random_namespace(rng: &mut Rng, name: &str) -> Namespace {
     let team = *rng.pick(&["a", "b"]);
     let mut labels = vec![("team", team)];
     if rng.below(3) == 0 {
@@ -34,7 +34,7 @@ fn random_namespace(rng: &mut Rng, name: &str) -> Namespace {
     namespace(name, &labels)
 }
 
-fn random_pod(rng: &mut Rng, ns: &str, i: usize) -> Pod {
+pub(super) fn random_pod(rng: &mut Rng, ns: &str, i: usize) -> Pod {
     let app = *rng.pick(&["web", "db", "cache"]);
     let labels = if rng.below(4) == 0 {
         json!({"app": app, "canary": "yes"})
@@ -65,7 +65,7 @@ fn random_pod(rng: &mut Rng, ns: &str, i: usize) -> Pod {
     p
 }
 
-fn random_policy(rng: &mut Rng, ns: &str, name: &str) -> NetworkPolicy {
+pub(super) fn random_policy(rng: &mut Rng, ns: &str, name: &str) -> NetworkPolicy {
     let target = rng
         .pick(&[
             json!({}),

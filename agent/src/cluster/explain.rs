@@ -1,0 +1,31 @@
+//! `sluice explain` against the live agent: the ends resolved against the
+//! objects the agent watches (a Service to the pods it selects), then the
+//! same explanation as offline, from the compiler that programmed the maps.
+use crate::{
+    model::{Kind, ObjKey, ObjectRef},
+    policy::explain::{Explanation, explain_specs, parse_flow, parse_spec},
+};
+
+use super::{Cluster, watch::Object};
+
+impl Cluster {
+    /// Explains `from` -> `to` on `flow` (`PORT/PROTO`); the error says
+    /// what is wrong with the question.
+    pub fn explain(&self, from: &str, to: &str, flow: &str) -> Result<Vec<Explanation>, String> {
+        let (from, to) = (parse_spec(from)?, parse_spec(to)?);
+        let flow = parse_flow(flow)?;
+        let service = |o: &ObjectRef| match self.known.get(&ObjKey::new(
+            Kind::Service,
+            o.namespace.clone(),
+            o.name.clone(),
+        )) {
+            Some(Object::Service(s)) => Some(s.as_ref()),
+            _ => None,
+        };
+        let pods = self.known.values().filter_map(|o| match o {
+            Object::Pod(p) => Some(p.as_ref()),
+            _ => None,
+        });
+        explain_specs(&self.compiler, (&from, &to), flow, service, pods)
+    }
+}

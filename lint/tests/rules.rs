@@ -96,7 +96,7 @@ fn peer_selects_nothing_flags_a_misspelt_pod_label_and_an_unknown_namespace_labe
         of_rule("peer-selects-nothing", "trigger.yaml"),
         [
             w("NetworkPolicy/shop/web", "spec.ingress[0].from[0]"),
-            w("NetworkPolicy/shop/web", "spec.ingress[0].from[1]"),
+            w("NetworkPolicy/shop/web", "spec.ingress[1].from[0]"),
         ]
     );
     assert!(

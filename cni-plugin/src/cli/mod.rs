@@ -1,11 +1,14 @@
-//! `sluice status|wait|observe`: the same binary as a small command-line
-//! client of the node agent, when CNI_COMMAND is not set.
+//! `sluice status|wait|observe|lint`: the same binary as a small
+//! command-line client of the node agent, when CNI_COMMAND is not set (and
+//! `lint`, which reads manifest files instead: see its module).
 //!
 //! Parsing (`args`) and rendering (`show`) are pure; this module only talks
 //! to the agent and prints. Exit status: 0 success (`status`: ready), 1 not
 //! ready / timed out / the agent failed, 2 usage, 3 (`status`) the agent
-//! did not answer at all.
+//! did not answer at all. `lint` has its own (0 clean, 1 warnings, 3
+//! errors).
 pub mod args;
+pub mod lint;
 pub mod show;
 
 use std::ffi::OsString;
@@ -45,6 +48,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             timeout,
         }) => wait(&socket.path, &targets, gone, timeout),
         Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format, !a.no_reconnect),
+        Command::Lint(a) => lint::run(&a),
     })
 }
 

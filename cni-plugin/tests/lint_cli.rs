@@ -193,3 +193,18 @@ fn a_missing_path_or_no_path_is_a_usage_error_exit_2() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("Usage: sluice lint"));
     assert_eq!(lint(&["-f", "x", "-o", "xml"]).status.code(), Some(2));
 }
+
+#[test]
+fn the_demo_example_shows_the_two_item_trap_and_nothing_else() {
+    let o = lint(&["-f", "deploy/examples/lint/"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let findings: Vec<&str> = out.lines().filter(|l| !l.starts_with("  ")).collect();
+    assert_eq!(findings.len(), 2, "one finding and the summary: {out}");
+    assert!(
+        findings[0].contains(
+            "warning[two-item-peer] NetworkPolicy/x/allow-web-from-y-b spec.ingress[0].from[0]"
+        ),
+        "{out}"
+    );
+}

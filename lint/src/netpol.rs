@@ -129,7 +129,7 @@ pub(crate) fn check(sink: &mut Sink<'_>, world: &World, objects: &Objects) {
                 rule_checks(sink, world, p, r, dir);
             }
         }
-        if world.has_pods() && p.selected(world).next().is_none() {
+        if world.has_pods_in(p.ns) && p.selected(world).next().is_none() {
             sink.push(
                 "policy-selects-nothing",
                 p.obj.clone(),
@@ -296,12 +296,24 @@ fn rule_checks(sink: &mut Sink<'_>, world: &World, p: &Np<'_>, r: &NpRule<'_>, d
             && let Some((ns, pod)) = peer_selectors(peer)
         {
             let scope = ns.as_ref().map_or(NsScope::Own(p.ns), NsScope::Selected);
-            if world.pods(scope, &pod).next().is_none() {
-                let why = match &ns {
-                    Some(s) if !world.any_namespace(s) => "namespaceSelector matches no namespace".to_owned(),
-                    Some(_) => "no pod of the namespaces namespaceSelector matches has the podSelector's labels".to_owned(),
-                    None => format!("podSelector matches no pod of namespace {}", p.ns),
-                };
+            // A namespace without a pod in the files is unknown ground (the
+            // files may hold the pods of some namespaces only): speak only
+            // when no namespace matches, or a matching one has pods.
+            let why = match &ns {
+                Some(s) if !world.any_namespace(s) => {
+                    Some("namespaceSelector matches no namespace".to_owned())
+                }
+                Some(s) if !world.namespaces_with_pods(s) => None,
+                Some(_) => Some(
+                    "no pod of the namespaces namespaceSelector matches has the podSelector's labels"
+                        .to_owned(),
+                ),
+                None if !world.has_pods_in(p.ns) => None,
+                None => Some(format!("podSelector matches no pod of namespace {}", p.ns)),
+            };
+            if let Some(why) = why
+                && world.pods(scope, &pod).next().is_none()
+            {
                 sink.push(
                     "peer-selects-nothing",
                     p.obj.clone(),

@@ -112,6 +112,18 @@ impl World {
         !self.pods.is_empty()
     }
 
+    /// Whether the files hold a pod of namespace `ns`.
+    pub fn has_pods_in(&self, ns: &str) -> bool {
+        self.pods.iter().any(|p| p.namespace == ns)
+    }
+
+    /// Whether a namespace `s` matches has a pod in the files.
+    pub fn namespaces_with_pods(&self, s: &Selector) -> bool {
+        self.pods
+            .iter()
+            .any(|p| s.matches(&self.ns_labels(&p.namespace)))
+    }
+
     /// The labels of namespace `ns` (the name label alone if unknown).
     pub fn ns_labels(&self, ns: &str) -> Labels {
         self.namespaces

@@ -22,7 +22,7 @@ use crate::{
     Severity, Sink,
     cidr::Cidr,
     netpol::{self, Np, NpRule},
-    selector::{Labels, Selector},
+    selector::Selector,
     world::{NsScope, World},
 };
 
@@ -356,10 +356,10 @@ fn shadowed(sink: &mut Sink<'_>, rules: &[Rule<'_>]) {
     }
 }
 
-/// Whether `subject` provably holds every pod `np_pods` selects in a
-/// namespace with labels `ns`.
-fn subject_holds(subject: &Pods, ns: &Labels, np_pods: &Selector) -> bool {
-    subject.ns.matches(ns) && subject.pod.covers(np_pods)
+/// Whether `subject` provably holds every pod `np_pods` selects in
+/// namespace `ns`.
+fn subject_holds(subject: &Pods, world: &World, ns: &str, np_pods: &Selector) -> bool {
+    world.ns_surely_matches(&subject.ns, ns) && subject.pod.covers(np_pods)
 }
 
 /// The Admin rules that decide before any Accept or Pass of their
@@ -378,7 +378,6 @@ fn denied_by_admin(sink: &mut Sink<'_>, world: &World, objects: &Objects, rules:
         leading_admin_denies(rules, true),
     ];
     for np in objects.network_policies.iter().filter_map(Np::new) {
-        let ns = world.ns_labels(np.ns);
         let dirs = [
             (np.isolates_ingress, &np.ingress, &denies[0]),
             (np.isolates_egress, &np.egress, &denies[1]),
@@ -394,7 +393,8 @@ fn denied_by_admin(sink: &mut Sink<'_>, world: &World, objects: &Objects, rules:
         let mut by = Vec::new();
         let all_covered = active.iter().all(|(r, denies)| {
             let hit = denies.iter().find(|d| {
-                subject_holds(&d.subject, &ns, &np.pods) && np_rule_covered(d, r, &np, world)
+                subject_holds(&d.subject, world, np.ns, &np.pods)
+                    && np_rule_covered(d, r, &np, world)
             });
             if let Some(d) = hit {
                 by.push(d.label());
@@ -419,7 +419,6 @@ fn denied_by_admin(sink: &mut Sink<'_>, world: &World, objects: &Objects, rules:
 
 /// Whether Deny rule `d` matches every packet NetworkPolicy rule `r` allows.
 fn np_rule_covered(d: &Rule<'_>, r: &NpRule<'_>, np: &Np<'_>, world: &World) -> bool {
-    let own = world.ns_labels(np.ns);
     let peer_ok = |p: &NetworkPolicyPeer| -> bool {
         if let Some(b) = &p.ip_block {
             let Ok(c) = Cidr::parse(&b.cidr) else {
@@ -434,7 +433,7 @@ fn np_rule_covered(d: &Rule<'_>, r: &NpRule<'_>, np: &Np<'_>, world: &World) -> 
             return false;
         };
         d.peers.iter().any(|dp| match (dp, &ns) {
-            (Peer::Pods(dp), None) => dp.ns.matches(&own) && dp.pod.covers(&pod),
+            (Peer::Pods(dp), None) => world.ns_surely_matches(&dp.ns, np.ns) && dp.pod.covers(&pod),
             (Peer::Pods(dp), Some(ns)) => dp.ns.covers(ns) && dp.pod.covers(&pod),
             _ => false,
         })
@@ -497,9 +496,14 @@ fn ports_covered(protocols: Option<&[ProtocolKind<'_>]>, ports: &[NetworkPolicyP
     })
 }
 
-/// Whether an Admin Accept egress rule lets pods `pods` of a namespace with
-/// labels `ns` reach port 53 (anywhere), ahead of NetworkPolicy.
-pub(crate) fn admin_accepts_dns(objects: &Objects, ns: &Labels, pods: &Selector) -> bool {
+/// Whether an Admin Accept egress rule lets pods `pods` of namespace `ns`
+/// reach port 53 (anywhere), ahead of NetworkPolicy.
+pub(crate) fn admin_accepts_dns(
+    objects: &Objects,
+    world: &World,
+    ns: &str,
+    pods: &Selector,
+) -> bool {
     let dns = |p: &ProtocolKind<'_>| match p {
         ProtocolKind::Tcp(k) | ProtocolKind::Udp(k) => port_covers(*k, Some(PortKind::Number(53))),
         ProtocolKind::NamedPort(n) => n.to_ascii_lowercase().contains("dns"),
@@ -509,7 +513,7 @@ pub(crate) fn admin_accepts_dns(objects: &Objects, ns: &Labels, pods: &Selector)
         r.egress
             && r.tier == Tier::Admin
             && r.action == Action::Accept
-            && subject_holds(&r.subject, ns, pods)
+            && subject_holds(&r.subject, world, ns, pods)
             && r.protocols.as_ref().is_none_or(|ps| ps.iter().any(dns))
     })
 }

@@ -527,7 +527,7 @@ fn allows_dns(p: &Np<'_>) -> bool {
 fn dns_elsewhere(p: &Np<'_>, all: &[Np<'_>], objects: &Objects, world: &World) -> bool {
     all.iter()
         .any(|o| o.ns == p.ns && o.isolates_egress && o.pods.covers(&p.pods) && allows_dns(o))
-        || cnp::admin_accepts_dns(objects, &world.ns_labels(p.ns), &p.pods)
+        || cnp::admin_accepts_dns(objects, world, p.ns, &p.pods)
 }
 
 /// "a, b, c" or "a, b, c and N more".

@@ -75,6 +75,14 @@ impl Selector {
         self.0.is_empty()
     }
 
+    /// Only `In` and `Exists` requirements: once it matches a label set,
+    /// it matches every superset.
+    pub fn is_monotone(&self) -> bool {
+        self.0
+            .iter()
+            .all(|r| matches!(r.op, Op::In(_) | Op::Exists))
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.0.iter().all(|r| {
             let v = labels.get(&r.key);

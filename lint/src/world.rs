@@ -33,6 +33,9 @@ pub struct PodInfo {
 pub struct World {
     /// Namespace name to labels.
     pub namespaces: BTreeMap<String, Labels>,
+    /// The namespaces a Namespace object in the files defines (the others'
+    /// labels beyond the name label are unknown).
+    pub defined: std::collections::BTreeSet<String>,
     pub pods: Vec<PodInfo>,
 }
 
@@ -45,6 +48,7 @@ impl World {
             };
             let mut labels = ns.metadata.labels.clone().unwrap_or_default();
             labels.insert(NAME_LABEL.to_owned(), name.clone());
+            w.defined.insert(name.clone());
             w.namespaces.insert(name, labels);
         }
         let used = o
@@ -146,6 +150,14 @@ impl World {
             };
             ns_ok && pod.matches(&p.labels)
         })
+    }
+
+    /// Whether `s` matches namespace `ns` whatever labels the files do not
+    /// show: for a namespace no Namespace object defines, only a selector
+    /// of `In`/`Exists` requirements met by its name label counts (a
+    /// `NotIn` or `DoesNotExist` could fail on a label the files omit).
+    pub fn ns_surely_matches(&self, s: &Selector, ns: &str) -> bool {
+        s.matches(&self.ns_labels(ns)) && (self.defined.contains(ns) || s.is_monotone())
     }
 
     /// Whether any namespace in the files matches `s`.

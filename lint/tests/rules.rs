@@ -242,6 +242,10 @@ fn np_denied_by_admin_names_the_deny() {
         "{}",
         f[0].message
     );
+    assert_eq!(
+        of_rule("np-denied-by-admin", "trigger-defined-namespace.yaml"),
+        [w("NetworkPolicy/shop/web-from-client", "spec")]
+    );
 }
 
 #[test]

@@ -274,12 +274,14 @@ pub(crate) fn check(sink: &mut Sink<'_>, world: &World, objects: &Objects) {
         }
     }
     let rules = rules(objects);
-    selects_nothing(sink, world, &rules);
+    pod_checks(sink, world, &rules);
     shadowed(sink, &rules);
     denied_by_admin(sink, world, objects, &rules);
 }
 
-fn selects_nothing(sink: &mut Sink<'_>, world: &World, rules: &[Rule<'_>]) {
+/// The rules that look at the files' pods: selectors matching none, and
+/// named ports none declares.
+fn pod_checks(sink: &mut Sink<'_>, world: &World, rules: &[Rule<'_>]) {
     if !world.has_pods() {
         return;
     }
@@ -315,6 +317,62 @@ fn selects_nothing(sink: &mut Sink<'_>, world: &World, rules: &[Rule<'_>]) {
                 );
             }
         }
+        named_ports(sink, world, r);
+    }
+}
+
+/// `destinationNamedPort`s that no destination pod declares (in any
+/// protocol): ingress, the subject's pods; egress, the pods of the rule's
+/// peers (skipped if a peer is not a pod selector: a network may hold pods).
+fn named_ports(sink: &mut Sink<'_>, world: &World, r: &Rule<'_>) {
+    let Some(protocols) = &r.protocols else {
+        return;
+    };
+    let scopes: Vec<&Pods> = if r.egress {
+        let pods: Vec<&Pods> = r
+            .peers
+            .iter()
+            .filter_map(|p| match p {
+                Peer::Pods(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        if pods.len() != r.peers.len() {
+            return;
+        }
+        pods
+    } else {
+        vec![&r.subject]
+    };
+    let targets: Vec<_> = scopes
+        .iter()
+        .flat_map(|p| world.pods(NsScope::Selected(&p.ns), &p.pod))
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    for (k, p) in protocols.iter().enumerate() {
+        let ProtocolKind::NamedPort(name) = p else {
+            continue;
+        };
+        if targets
+            .iter()
+            .any(|t| t.ports.iter().any(|np| np.name == *name))
+        {
+            continue;
+        }
+        let whose = if r.egress {
+            "destination pod"
+        } else {
+            "subject pod"
+        };
+        sink.push(
+            "named-port-unexposed",
+            r.obj.clone(),
+            format!("{}.protocols[{k}]", r.path()),
+            format!("no {whose} in the files declares a containerPort named {name:?} (any protocol): the rule matches nothing on it"),
+            format!("name the container port {name:?} in the pods, or match a protocol and number"),
+        );
     }
 }
 

@@ -133,6 +133,17 @@ fn named_port_unexposed_names_the_protocol() {
 }
 
 #[test]
+fn named_port_unexposed_checks_cluster_network_policy_destination_named_ports() {
+    assert_eq!(
+        of_rule("named-port-unexposed", "trigger-cnp.yaml"),
+        [w(
+            "ClusterNetworkPolicy/web-metrics",
+            "spec.ingress[0].protocols[0]"
+        )]
+    );
+}
+
+#[test]
 fn egress_without_dns_flags_isolated_egress_with_no_port_53() {
     assert_eq!(
         of_rule("egress-without-dns", "trigger.yaml"),

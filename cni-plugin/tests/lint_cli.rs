@@ -208,3 +208,28 @@ fn the_demo_example_shows_the_two_item_trap_and_nothing_else() {
         "{out}"
     );
 }
+
+#[test]
+fn several_paths_are_linted_together() {
+    // One set of objects: both files' policies are linted, against the pods
+    // of the first.
+    let o = lint(&[
+        "-f",
+        &fixture("peer-selects-nothing/trigger.yaml"),
+        "-f",
+        &fixture("two-item-peer/trigger.yaml"),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["files"], 2);
+    let rules: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["rule"].as_str().unwrap())
+        .collect();
+    assert!(rules.contains(&"two-item-peer"), "{rules:?}");
+    assert!(rules.contains(&"peer-selects-nothing"), "{rules:?}");
+}

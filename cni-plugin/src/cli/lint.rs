@@ -1,4 +1,4 @@
-//! `sluice lint -f DIR|FILE [-o text|json|sarif]`: findings on the
+//! `sluice lint -f DIR|FILE [-f ...] [-o text|json|sarif]`: findings on the
 //! NetworkPolicies and ClusterNetworkPolicies of manifest files, offline
 //! (no agent, no cluster). Reading is `sluice_api::files`, the rules are
 //! `sluice_lint`, rendering is [`render`]; this module only glues them.
@@ -25,14 +25,15 @@ pub const INVALID_DOCUMENT: &str = "invalid-document";
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct LintArgs {
     /// A manifest file, or a directory read recursively for *.yaml, *.yml
-    /// and *.json (multi-document YAML and `kind: List` understood).
+    /// and *.json (multi-document YAML and `kind: List` understood);
+    /// repeatable, all linted together.
     #[arg(
         short = 'f',
         long = "filename",
         value_name = "DIR|FILE",
         required = true
     )]
-    pub path: PathBuf,
+    pub paths: Vec<PathBuf>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = LintFormat::Text)]
     pub format: LintFormat,
 }
@@ -47,7 +48,7 @@ pub enum LintFormat {
 
 /// Reads, lints, prints; the exit status.
 pub fn run(args: &LintArgs) -> u8 {
-    let loaded = match sluice_api::files::load(&args.path) {
+    let loaded = match sluice_api::files::load_all(&args.paths) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("sluice: lint: {e}");
@@ -295,7 +296,7 @@ mod tests {
     fn lint_takes_a_path_and_an_output_format() {
         let want = |path: &str, format| {
             Command::Lint(LintArgs {
-                path: PathBuf::from(path),
+                paths: vec![PathBuf::from(path)],
                 format,
             })
         };
@@ -312,6 +313,11 @@ mod tests {
             want("d", LintFormat::Json)
         );
         assert_eq!(command(&["lint"]).unwrap_err().exit_code(), 2);
+        let two = command(&["lint", "-f", "a", "-f", "b"]).unwrap();
+        let Command::Lint(two) = two else {
+            panic!("{two:?}")
+        };
+        assert_eq!(two.paths, [PathBuf::from("a"), PathBuf::from("b")]);
     }
 
     #[test]

@@ -134,19 +134,28 @@ pub struct Loaded {
 /// Reads `path`: a file (whatever its extension), or a directory walked
 /// recursively for `*.yaml`, `*.yml` and `*.json`.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let io = |source| LoadError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = fs::metadata(path).map_err(io)?;
+    load_all(std::slice::from_ref(&path))
+}
+
+/// Reads each of `paths` as [`load`] does, into one [`Loaded`] (as
+/// `kubectl apply -f A -f B`). Any path that cannot be read is the error.
+pub fn load_all<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, LoadError> {
     let mut files = Vec::new();
-    if meta.is_dir() {
-        walk(path, &mut files)?;
-        if files.is_empty() {
-            return Err(LoadError::NoFiles(path.to_owned()));
+    for path in paths {
+        let path = path.as_ref();
+        let io = |source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if fs::metadata(path).map_err(io)?.is_dir() {
+            let before = files.len();
+            walk(path, &mut files)?;
+            if files.len() == before {
+                return Err(LoadError::NoFiles(path.to_owned()));
+            }
+        } else {
+            files.push(path.to_owned());
         }
-    } else {
-        files.push(path.to_owned());
     }
     let mut loaded = Loaded::default();
     for file in files {

@@ -125,3 +125,22 @@ fn document_lines_skip_a_leading_separator_and_comments() {
         "a trailing separator is an empty document: {docs:?}"
     );
 }
+
+#[test]
+fn several_paths_load_into_one_set_in_the_order_given() {
+    let l = load_all(&[fixture("dir"), fixture("list.yaml")]).unwrap();
+    assert_eq!(
+        l.files,
+        [
+            fixture("dir/cnp.json"),
+            fixture("dir/sub/ns.yml"),
+            fixture("list.yaml")
+        ]
+    );
+    assert_eq!(l.objects.cluster_network_policies.len(), 1);
+    assert_eq!(l.objects.services.len(), 1);
+    assert!(matches!(
+        load_all(&[fixture("list.yaml"), fixture("nope")]),
+        Err(LoadError::Io { .. })
+    ));
+}

@@ -8,7 +8,8 @@
 //! to bottom: parse, IPAM, namespace work, agent, print.
 //!
 //! Without CNI_COMMAND the binary is a small client of the agent instead
-//! (`sluice status|wait|observe`, module `cli`).
+//! (`sluice status|wait|observe`, module `cli`), and `sluice lint`, which
+//! reads policy files instead.
 pub mod agent;
 pub mod cli;
 pub mod cmd;

@@ -1,4 +1,4 @@
-//! The command line of `sluice status|wait|observe` (clap derive; one
+//! The command line of `sluice status|wait|observe|lint` (clap derive; one
 //! `Args` struct per subcommand), parsed without I/O.
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -11,8 +11,8 @@ use sluice_proto::ObserveFilter;
 /// After the generated option list of `sluice --help`.
 const AFTER_HELP: &str = "\
 As a CNI plugin, sluice is run with CNI_COMMAND set (ADD, DEL, CHECK, VERSION,
-STATUS, GC). Without it, it talks to the node agent (exit 2 on a malformed
-command line).";
+STATUS, GC). Without it, it talks to the node agent, or (lint) reads files
+(exit 2 on a malformed command line).";
 
 #[derive(Clone, Debug, PartialEq, Eq, Parser)]
 #[command(name = "sluice", about = "Sluice's CNI plugin, and a client of its node agent", after_help = AFTER_HELP)]
@@ -40,6 +40,10 @@ pub enum Command {
     /// not match. Asks the agent, or with -f compiles YAML files offline;
     /// --matrix -f prints the reachability matrix of every pod pair.
     Explain(super::explain::ExplainArgs),
+    /// Check the NetworkPolicies and ClusterNetworkPolicies of manifest
+    /// files for likely mistakes (offline); exit 0 clean or info only, 1
+    /// warnings, 3 errors or unparsable documents.
+    Lint(super::lint::LintArgs),
 }
 
 /// The agent's socket; every subcommand takes it.

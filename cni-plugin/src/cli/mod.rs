@@ -1,12 +1,15 @@
-//! `sluice status|wait|observe|explain`: the same binary as a small command-line
-//! client of the node agent, when CNI_COMMAND is not set.
+//! `sluice status|wait|observe|explain|lint`: the same binary as a small
+//! command-line client of the node agent, when CNI_COMMAND is not set
+//! (`explain -f` and `lint` read manifest files instead: see their modules).
 //!
 //! Parsing (`args`) and rendering (`show`) are pure; this module only talks
 //! to the agent and prints. Exit status: 0 success (`status`: ready), 1 not
 //! ready / timed out / the agent failed, 2 usage, 3 (`status`) the agent
-//! did not answer at all.
+//! did not answer at all. `lint` has its own (0 clean, 1 warnings, 3
+//! errors).
 pub mod args;
 pub mod explain;
+pub mod lint;
 pub mod show;
 
 use std::ffi::OsString;
@@ -56,6 +59,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 FAILED
             }
         },
+        Command::Lint(a) => lint::run(&a),
     })
 }
 

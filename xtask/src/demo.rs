@@ -4,7 +4,8 @@
 //! CNI plugin, each with a ClusterIP Service DNATed by kube-proxy-shaped
 //! nftables rules. kubectl applies the policies in deploy/examples/; the
 //! reachability matrix is printed before and after, then the drop log of
-//! one denied probe, live; last, deploy/examples/cluster/'s
+//! one denied probe, live, and `sluice explain` of it; `sluice lint` on a
+//! policy with the two-item `from` trap; last, deploy/examples/cluster/'s
 //! block-metadata ClusterNetworkPolicy wins over a NetworkPolicy that allows
 //! all egress, and the drop line names its rule. Everything is torn down at
 //! the end (the guards also clean up on failure).
@@ -180,9 +181,54 @@ pub fn run() -> Result<()> {
     if connected || drops == 0 {
         bail!("expected the probe to be denied and its drops reported");
     }
+    explain_step(node, from, to)?;
+    lint_step(&root)?;
     cluster_policy_step(&cluster, &root)?;
     println!("\nTearing down the node, its pods and the API server.");
     drop(cluster);
+    Ok(())
+}
+
+/// Why was it denied? `sluice explain`, answered by the agent from the
+/// compiler state it programmed.
+fn explain_step(node: &sluice_tests::Node, from: &str, to: &str) -> Result<()> {
+    println!("\n$ sluice explain {from} {to} 80/TCP");
+    let out = node
+        .ns
+        .command(bin_dir().join("sluice"))
+        .args(["explain", from, to, "80/TCP", "--socket"])
+        .arg(node.socket())
+        .output()
+        .context("sluice explain")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines() {
+        println!("  {l}");
+    }
+    if !out.status.success() || !text.to_lowercase().contains("denied") {
+        bail!(
+            "sluice explain did not explain the denied probe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `sluice lint` on a policy with the two-item `from` trap (offline, on
+/// the file): it warns, and says how to write the AND it likely meant.
+fn lint_step(root: &Path) -> Result<()> {
+    println!("\n$ sluice lint -f deploy/examples/lint/");
+    let out = std::process::Command::new(bin_dir().join("sluice"))
+        .args(["lint", "-f"])
+        .arg(root.join("deploy/examples/lint"))
+        .output()
+        .context("sluice lint")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines() {
+        println!("  {l}");
+    }
+    if out.status.code() != Some(1) || !text.contains("two-item-peer") {
+        bail!("sluice lint did not warn about the two-item trap");
+    }
     Ok(())
 }
 

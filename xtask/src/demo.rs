@@ -218,8 +218,8 @@ fn explain_step(node: &sluice_tests::Node, from: &str, to: &str) -> Result<()> {
 fn lint_step(root: &Path) -> Result<()> {
     println!("\n$ sluice lint -f deploy/examples/lint/");
     let out = std::process::Command::new(bin_dir().join("sluice"))
-        .args(["lint", "-f"])
-        .arg(root.join("deploy/examples/lint"))
+        .args(["lint", "-f", "deploy/examples/lint/"])
+        .current_dir(root)
         .output()
         .context("sluice lint")?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -159,6 +159,10 @@ impl CnpStore {
         v
     }
 
+    pub fn unordered_ids(&self) -> Vec<CnpId> {
+        self.cnps.keys().copied().collect()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.by_name.keys().cloned().collect()
     }

@@ -42,7 +42,7 @@ use super::{
     cnps::CnpId,
     contributions::resolve,
     identities::NamedPorts,
-    mapstate::{EndpointPolicy, TierRule, policy_keys},
+    mapstate::{EndpointPolicy, L4, TierRule, policy_keys},
     selectors::SelId,
 };
 
@@ -333,8 +333,9 @@ impl Compiler {
                         continue;
                     };
                     for &class in sel_classes.get(s).into_iter().flatten() {
-                        let l4s = match &shared {
-                            Some(v) => v.clone(),
+                        let owned;
+                        let l4s: &[L4] = match &shared {
+                            Some(v) => v,
                             None => {
                                 let ports = self
                                     .profiles
@@ -342,10 +343,11 @@ impl Compiler {
                                     .get(&class)
                                     .and_then(|k| k.1.as_ref())
                                     .unwrap_or(&empty);
-                                resolve(&r.ports, ports)
+                                owned = resolve(&r.ports, ports);
+                                &owned
                             }
                         };
-                        for l4 in l4s {
+                        for &l4 in l4s {
                             out.push(TierRule {
                                 dir: r.dir,
                                 identity: class,

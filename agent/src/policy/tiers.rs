@@ -9,9 +9,10 @@
 //! removed, changed, or renumbered by a neighbour of the same priority), the
 //! members of the peer selectors they use (an identity appearing or going),
 //! and, for the CIDR part, the Nodes.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Node;
+use rustc_hash::FxHashMap;
 use sluice_api::ClusterNetworkPolicy;
 use sluice_common::IDENTITY_ANY;
 
@@ -21,6 +22,7 @@ use super::{
     cnps::{CnpId, CnpRuleOrigin, CnpRuleState, CnpState, NodeInfo},
     identities::IdentityKey,
     mapstate::TierRule,
+    selector::Labels,
     selectors::SelId,
 };
 use crate::model::{Kind, ObjKey};
@@ -189,8 +191,27 @@ impl Compiler {
         for m in moved {
             self.mark_cnp_targets(m, false);
         }
-        for l in self.identities.locals() {
-            self.attach_cnp_if_selects(id, l);
+        let Some(c) = self.cnps.get(id) else {
+            return;
+        };
+        // The namespace selector once per namespace (the identities of a
+        // namespace share its label map), the pod selector per identity.
+        let mut ns_ok: FxHashMap<*const Labels, bool> = FxHashMap::default();
+        let selected: Vec<u32> = self
+            .identities
+            .locals()
+            .into_iter()
+            .filter(|&l| {
+                self.identities.get(l).is_some_and(|i| {
+                    *ns_ok
+                        .entry(Arc::as_ptr(&i.key.ns_labels))
+                        .or_insert_with(|| c.subject.ns.matches(&i.key.ns_labels))
+                        && c.subject.pod.matches(&i.key.labels)
+                })
+            })
+            .collect();
+        for l in selected {
+            self.attach_cnp(id, l);
         }
     }
 
@@ -235,14 +256,18 @@ impl Compiler {
         let Some(c) = self.cnps.get(id) else {
             return;
         };
-        let prefixes = c.has_prefixes();
         let selects = self
             .identities
             .get(l)
             .is_some_and(|i| subject_matches(&c.subject, &i.key));
-        if !selects {
-            return;
+        if selects {
+            self.attach_cnp(id, l);
         }
+    }
+
+    /// Policy `id` selects local identity `l`.
+    fn attach_cnp(&mut self, id: CnpId, l: u32) {
+        let prefixes = self.cnps.get(id).is_some_and(CnpState::has_prefixes);
         self.cnps.set_target(id, l, true);
         if let Some(st) = self.identities.local_mut(l) {
             st.set_cnp(id, true);
@@ -252,7 +277,8 @@ impl Compiler {
 
     /// A local identity appeared: the policies whose subject selects it.
     pub(super) fn attach_matching_cnps(&mut self, l: u32) {
-        for id in self.cnps.ids() {
+        // Any order: each attach is independent.
+        for id in self.cnps.unordered_ids() {
             self.attach_cnp_if_selects(id, l);
         }
     }

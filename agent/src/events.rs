@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sluice_common::{DIR_EGRESS, DropEvent, RULE_CNP_FLAG, reason};
 
-use crate::policy::CnpRuleOrigin;
+use crate::{model::ObjectRef, policy::CnpRuleOrigin};
+
+/// How many isolating policies a drop names; the rest are counted.
+pub const ISOLATORS_NAMED: usize = 5;
 
 /// The policy rule a drop names: a ClusterNetworkPolicy rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +74,76 @@ impl RuleNames {
     }
 }
 
+/// The NetworkPolicies that isolate each local endpoint, [ingress,
+/// egress], as the compiler last knew them: what a `policy-denied` drop
+/// (a NetworkPolicy default deny) names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Isolators(HashMap<ObjectRef, std::sync::Arc<[Vec<ObjectRef>; 2]>>);
+
+impl Isolators {
+    pub fn new(pods: Vec<(ObjectRef, std::sync::Arc<[Vec<ObjectRef>; 2]>)>) -> Self {
+        Self(pods.into_iter().collect())
+    }
+
+    /// The policies isolating `pod` in direction `dir` (`DIR_INGRESS`,
+    /// `DIR_EGRESS`); empty when none does or the pod is unknown.
+    pub fn of(&self, pod: &ObjectRef, dir: u8) -> &[ObjectRef] {
+        self.0
+            .get(pod)
+            .and_then(|lists| lists.get(usize::from(dir)))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The NetworkPolicies that isolate the endpoint of a default-deny drop in
+/// its direction: the first `ISOLATORS_NAMED` by namespace and name, and
+/// how many more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IsolatedBy {
+    /// `NetworkPolicy`.
+    pub kind: &'static str,
+    /// `namespace/name` of each.
+    pub policies: Vec<String>,
+    /// Isolating policies beyond those listed.
+    pub more: usize,
+}
+
+impl IsolatedBy {
+    pub fn new(policies: &[ObjectRef]) -> Self {
+        Self {
+            kind: "NetworkPolicy",
+            policies: policies
+                .iter()
+                .take(ISOLATORS_NAMED)
+                .map(ToString::to_string)
+                .collect(),
+            more: policies.len().saturating_sub(ISOLATORS_NAMED),
+        }
+    }
+
+    /// `denied by default: isolated (ingress) by NetworkPolicy x/deny-all,
+    /// x/web` (`and N more` past the first few).
+    pub fn explain(&self, direction: &str) -> String {
+        let mut s = format!(
+            "denied by default: isolated ({direction}) by {} {}",
+            self.kind,
+            self.policies.join(", ")
+        );
+        if self.more > 0 {
+            s.push_str(&format!(" and {} more", self.more));
+        }
+        s
+    }
+}
+
 /// A drop as users read it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DropRecord {
@@ -104,7 +177,12 @@ pub struct DropRecord {
     /// That rule by name, when the agent knows it (`name_rule`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<RuleName>,
-    /// The human reason: `denied by ClusterNetworkPolicy ...`.
+    /// A `policy-denied` drop: the NetworkPolicies isolating the endpoint
+    /// in that direction (`name_isolators`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolated_by: Option<IsolatedBy>,
+    /// The human reason: `denied by ClusterNetworkPolicy ...`, `denied by
+    /// default: isolated (ingress) by NetworkPolicy ...`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,6 +215,34 @@ impl DropRecord {
         };
         self.detail = Some(name.explain());
         self.policy = Some(name.clone());
+    }
+
+    /// Names the NetworkPolicies isolating the endpoint of a default-deny
+    /// drop (`policy-denied`): the destination pod's for ingress, the
+    /// source pod's for egress (call after `enrich`).
+    pub fn name_isolators(&mut self, isolators: &Isolators) {
+        if self.reason != reason::name(reason::POLICY_DENIED) {
+            return;
+        }
+        let (dir, ns, pod) = if self.direction == "egress" {
+            (DIR_EGRESS, &self.src_namespace, &self.src_pod)
+        } else {
+            (
+                sluice_common::DIR_INGRESS,
+                &self.dst_namespace,
+                &self.dst_pod,
+            )
+        };
+        let (Some(ns), Some(pod)) = (ns, pod) else {
+            return;
+        };
+        let policies = isolators.of(&ObjectRef::new(ns.clone(), pod.clone()), dir);
+        if policies.is_empty() {
+            return;
+        }
+        let by = IsolatedBy::new(policies);
+        self.detail = Some(by.explain(self.direction));
+        self.isolated_by = Some(by);
     }
 
     /// Prints the record as one JSON line on stdout. A closed stdout must
@@ -239,6 +345,7 @@ impl From<&DropEvent> for DropRecord {
             length: e.pkt_len,
             rule_id: (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id),
             policy: None,
+            isolated_by: None,
             detail: None,
             src_namespace: None,
             src_pod: None,
@@ -411,5 +518,82 @@ mod rule_tests {
         });
         r.name_rule(&names);
         assert_eq!((r.rule_id, r.detail), (Some(RULE_CNP_FLAG | 5), None));
+    }
+}
+
+#[cfg(test)]
+mod isolator_tests {
+    use super::*;
+    use sluice_common::DIR_INGRESS;
+
+    fn record(dir: u8, why: u8) -> DropRecord {
+        let mut r = DropRecord::from(&DropEvent {
+            family: 4,
+            dir,
+            reason: why,
+            ..Default::default()
+        });
+        r.src_namespace = Some("x".into());
+        r.src_pod = Some("client".into());
+        r.dst_namespace = Some("x".into());
+        r.dst_pod = Some("web".into());
+        r
+    }
+
+    fn names(list: &[&str]) -> Vec<ObjectRef> {
+        list.iter().map(|n| ObjectRef::new("x", *n)).collect()
+    }
+
+    #[test]
+    fn a_default_deny_drop_names_the_policies_isolating_its_endpoint_in_its_direction() {
+        let isolators = Isolators::new(vec![
+            (
+                ObjectRef::new("x", "web"),
+                std::sync::Arc::new([names(&["deny-all", "web"]), names(&["web-out"])]),
+            ),
+            (
+                ObjectRef::new("x", "client"),
+                std::sync::Arc::new([vec![], names(&["e1", "e2", "e3", "e4", "e5", "e6", "e7"])]),
+            ),
+        ]);
+        // Ingress: the destination's ingress isolators.
+        let mut r = record(DIR_INGRESS, reason::POLICY_DENIED);
+        r.name_isolators(&isolators);
+        assert_eq!(
+            r.detail.as_deref(),
+            Some("denied by default: isolated (ingress) by NetworkPolicy x/deny-all, x/web")
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v["isolated_by"],
+            serde_json::json!({"kind": "NetworkPolicy",
+                               "policies": ["x/deny-all", "x/web"], "more": 0})
+        );
+        // Egress: the source's, the first five named and the rest counted.
+        let mut r = record(DIR_EGRESS, reason::POLICY_DENIED);
+        r.name_isolators(&isolators);
+        assert_eq!(
+            r.detail.as_deref(),
+            Some(
+                "denied by default: isolated (egress) by NetworkPolicy x/e1, x/e2, x/e3, x/e4, x/e5 and 2 more"
+            )
+        );
+        assert_eq!(r.isolated_by.as_ref().map(|b| b.more), Some(2));
+        // Only a NetworkPolicy default deny; an endpoint nobody isolates
+        // (the client's ingress) or an unknown pod gets no names.
+        for (dir, why, src_pod) in [
+            (DIR_INGRESS, reason::ADMIN_DENIED, "client"),
+            (DIR_INGRESS, reason::SPOOFED_SOURCE, "client"),
+            (DIR_EGRESS, reason::POLICY_DENIED, "gone"),
+        ] {
+            let mut r = record(dir, why);
+            r.src_pod = Some(src_pod.into());
+            r.name_isolators(&isolators);
+            assert_eq!((r.detail, r.isolated_by), (None, None), "{why} {src_pod}");
+        }
+        let mut r = record(DIR_INGRESS, reason::POLICY_DENIED);
+        r.dst_pod = Some("client".into());
+        r.name_isolators(&isolators);
+        assert_eq!(r.detail, None, "the client's ingress is not isolated");
     }
 }

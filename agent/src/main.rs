@@ -71,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let events = drops.follow(|mut rec| {
         rec.enrich(|ip| reconciler.pod_of(ip).map(|p| (p.namespace, p.name)));
         rec.name_rule(&reconciler.rule_names());
+        rec.name_isolators(&reconciler.isolators());
         rec.print();
         // No observer is fine.
         let _no_receivers = drops_tx.send(rec);

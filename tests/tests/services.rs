@@ -812,3 +812,6 @@ fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_no
     );
     Ok(())
 }
+
+#[path = "services/tiers.rs"]
+mod tiers;

@@ -62,6 +62,11 @@ pub struct Cluster {
     /// published when the compiler's policies change (`cnp_generation`).
     rule_names: tokio::sync::watch::Sender<std::sync::Arc<crate::events::RuleNames>>,
     rule_names_generation: u64,
+    /// The NetworkPolicies isolating each local endpoint, for default-deny
+    /// drop events; published when they may have changed (`np_generation`,
+    /// or endpoints rewritten).
+    isolators: tokio::sync::watch::Sender<std::sync::Arc<crate::events::Isolators>>,
+    isolators_generation: u64,
     node_name: String,
     synced: BTreeSet<Kind>,
     /// Every object seen, to find what a re-list no longer has.
@@ -130,6 +135,8 @@ impl Cluster {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
             rule_names: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
             rule_names_generation: 0,
+            isolators: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
+            isolators_generation: 0,
             node_name: node_name.to_owned(),
             synced: BTreeSet::new(),
             known: BTreeMap::new(),
@@ -158,6 +165,25 @@ impl Cluster {
         self.rule_names_generation = generation;
         let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins());
         self.rule_names.send_replace(std::sync::Arc::new(names));
+    }
+
+    /// The NetworkPolicies isolating each local endpoint, kept current.
+    pub fn isolators(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::sync::Arc<crate::events::Isolators>> {
+        self.isolators.subscribe()
+    }
+
+    /// Publishes the isolating policies again if a policy or what it
+    /// selects changed, or some local endpoint (new, gone, relabelled) did.
+    fn publish_isolators(&mut self, changes: &Changes) {
+        let generation = self.compiler.np_generation();
+        if generation == self.isolators_generation && changes.endpoints.is_empty() {
+            return;
+        }
+        self.isolators_generation = generation;
+        let isolators = crate::events::Isolators::new(self.compiler.isolators());
+        self.isolators.send_replace(std::sync::Arc::new(isolators));
     }
 
     /// The Node this agent serves.
@@ -196,6 +222,7 @@ impl Cluster {
             out.merge(self.apply_one(change));
         }
         self.publish_rule_names();
+        self.publish_isolators(&out);
         if !self.is_synced() {
             return None;
         }
@@ -344,6 +371,7 @@ impl Cluster {
         self.cni_ips.insert(pod.clone(), ips);
         let o = self.known.get(&ObjKey::pod(pod)).cloned()?;
         let out = self.apply_one(Change::Applied(o));
+        self.publish_isolators(&out);
         self.is_synced().then_some(out)
     }
 

@@ -227,6 +227,28 @@ impl Compiler {
             .map(|(obj, _)| obj)
     }
 
+    /// Changes whenever the NetworkPolicies or the local identities they
+    /// select may have: when to fetch `isolators` again.
+    pub fn np_generation(&self) -> u64 {
+        self.repo.generation()
+    }
+
+    /// Each local endpoint that a NetworkPolicy isolates, with the policies
+    /// that do, [ingress, egress] (sorted; pods of one identity share them).
+    pub fn isolators(&self) -> Vec<(ObjectRef, Arc<[Vec<ObjectRef>; 2]>)> {
+        let by_identity: rustc_hash::FxHashMap<u32, Arc<[Vec<ObjectRef>; 2]>> = self
+            .repo
+            .isolators()
+            .into_iter()
+            .map(|(l, lists)| (l, Arc::new(lists)))
+            .collect();
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.local)
+            .filter_map(|(obj, p)| Some((obj.clone(), by_identity.get(&p.identity)?.clone())))
+            .collect()
+    }
+
     /// Does the policy select a pod of this node?
     pub fn selects_local(&self, policy: &ObjectRef) -> bool {
         self.repo.selects_local(policy)

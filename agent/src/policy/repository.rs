@@ -75,6 +75,9 @@ pub(super) struct Repository {
     /// Policies with an egress named port towards an ipBlock: their CIDR
     /// part depends on which pod owns which address with which ports.
     named_blocks: BTreeSet<PolicyId>,
+    /// Moves on whenever a policy, its policyTypes or the local identities
+    /// it selects may have changed: when to ask `isolators` again.
+    generation: u64,
 }
 
 impl Repository {
@@ -87,6 +90,7 @@ impl Repository {
             rule_origins: FxHashMap::default(),
             next_rule: 1,
             named_blocks: BTreeSet::new(),
+            generation: 0,
         }
     }
 
@@ -166,6 +170,7 @@ impl Repository {
         } else {
             self.named_blocks.remove(&pid);
         }
+        self.generation += 1;
         self.by_ref.insert(pol.object.clone(), pid);
         self.by_ns
             .entry(pol.object.namespace.clone())
@@ -179,6 +184,7 @@ impl Repository {
         let Some(pol) = self.policies.remove(&pid) else {
             return;
         };
+        self.generation += 1;
         self.by_ref.remove(&pol.object);
         let ns = &pol.object.namespace;
         if let Some(set) = self.by_ns.get_mut(ns) {
@@ -210,18 +216,50 @@ impl Repository {
     /// Notes that policy `pid` selects (or no longer selects) local identity `l`.
     pub fn set_target(&mut self, pid: PolicyId, l: u32, selects: bool) {
         if let Some(p) = self.policies.get_mut(&pid) {
-            if selects {
-                p.targets.insert(l);
+            let changed = if selects {
+                p.targets.insert(l)
             } else {
-                p.targets.remove(&l);
+                p.targets.remove(&l)
+            };
+            if changed {
+                self.generation += 1;
             }
         }
     }
 
     pub fn clear_targets(&mut self) {
+        self.generation += 1;
         for p in self.policies.values_mut() {
             p.targets.clear();
         }
+    }
+
+    /// See the field.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Local identity -> the policies that isolate it, [ingress, egress],
+    /// each sorted by namespace and name. Identities no policy selects are
+    /// not in it.
+    pub fn isolators(&self) -> FxHashMap<u32, [Vec<ObjectRef>; 2]> {
+        let mut out: FxHashMap<u32, [Vec<ObjectRef>; 2]> = FxHashMap::default();
+        for p in self.policies.values() {
+            for &l in &p.targets {
+                let lists = out.entry(l).or_default();
+                if p.ingress {
+                    lists[0].push(p.object.clone());
+                }
+                if p.egress {
+                    lists[1].push(p.object.clone());
+                }
+            }
+        }
+        for lists in out.values_mut() {
+            lists[0].sort();
+            lists[1].sort();
+        }
+        out
     }
 
     /// Does the policy select a local identity?

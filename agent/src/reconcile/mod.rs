@@ -256,14 +256,17 @@ pub struct Reconciler {
     pods_by_ip: watch::Receiver<PodsByIp>,
     /// ClusterNetworkPolicy rule names (cluster mode).
     rule_names: Option<watch::Receiver<Arc<crate::events::RuleNames>>>,
+    isolators: Option<watch::Receiver<Arc<crate::events::Isolators>>>,
 }
 
 impl Reconciler {
     pub fn new(state: State, metrics: Metrics) -> Self {
         let pods_by_ip = state.endpoints.pods_by_ip();
         let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
+        let isolators = state.cluster.as_ref().map(Cluster::isolators);
         Self {
             rule_names,
+            isolators,
             state: Arc::new(Mutex::new(state)),
             metrics,
             pods_by_ip,
@@ -405,6 +408,15 @@ impl Reconciler {
     /// state's lock.
     pub fn rule_names(&self) -> Arc<crate::events::RuleNames> {
         self.rule_names
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// The NetworkPolicies isolating each local endpoint, read without the
+    /// state's lock.
+    pub fn isolators(&self) -> Arc<crate::events::Isolators> {
+        self.isolators
             .as_ref()
             .map(|r| r.borrow().clone())
             .unwrap_or_default()

@@ -248,7 +248,9 @@ struct Record {
     icmp_type: Option<u8>,
     icmp_code: Option<u8>,
     icmp_id: Option<u16>,
-    /// `denied by ClusterNetworkPolicy NAME, rule RULE (TIER, priority N)`.
+    /// `denied by ClusterNetworkPolicy NAME, rule RULE (TIER, priority N)`,
+    /// or `denied by default: isolated (DIRECTION) by NetworkPolicy NS/NAME,
+    /// ...` for a NetworkPolicy default deny.
     detail: Option<String>,
     src_namespace: Option<String>,
     src_pod: Option<String>,
@@ -573,6 +575,20 @@ mod tests {
             observe_line(&rec, CLOCK)
                 .unwrap()
                 .ends_with(&format!(" revoked, {d}"))
+        );
+        // A NetworkPolicy default deny names the policies isolating the
+        // endpoint.
+        let d = "denied by default: isolated (ingress) by NetworkPolicy x/deny-all, x/web";
+        let rec = json!({"verdict": "DROPPED", "direction": "ingress", "protocol": "TCP",
+            "src": "10.244.1.5", "dst": "10.244.1.9", "src_port": 34567, "dst_port": 80,
+            "dst_namespace": "x", "dst_pod": "web", "reason": "policy-denied", "detail": d,
+            "isolated_by": {"kind": "NetworkPolicy", "policies": ["x/deny-all", "x/web"],
+                            "more": 0}});
+        assert_eq!(
+            observe_line(&rec, CLOCK).as_deref(),
+            Some(
+                "- DROPPED ingress 10.244.1.5 -> 10.244.1.9(x/web) TCP 34567->80 denied by default: isolated (ingress) by NetworkPolicy x/deny-all, x/web"
+            )
         );
         assert_eq!(observe_line(&json!([1]), CLOCK), None);
         assert_eq!(observe_line(&json!({"src_port": "x"}), CLOCK), None);

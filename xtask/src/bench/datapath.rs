@@ -302,8 +302,14 @@ impl Datapath {
     /// and the endpoint's ingress tiered (bench/datapath/tiers.rs).
     fn setup(&mut self, entries: u32, tiered: bool) -> Result<()> {
         // Any-peer and CIDR-group entries exist only in the larger rows
-        // (the agent sets these bits from the entries it writes).
-        let plens = if entries > 1 {
+        // (the agent sets these bits from the entries it writes), so the
+        // untiered 1-entry row shows the lookups skipped. The tiered rows
+        // announce every class at every size: their target compares the
+        // sizes, so the entry count must be the only difference. (The
+        // packet's any-peer and group lookups miss in the larger rows too:
+        // those entries are for other ports; the CIDRS trie holds the group
+        // at every size.)
+        let plens = if entries > 1 || tiered {
             PLENS | 1 << PLEN_ANY_PEER_BIT | 1 << PLEN_CIDR_PEER_BIT
         } else {
             PLENS

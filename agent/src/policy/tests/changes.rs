@@ -320,3 +320,66 @@ fn a_resync_of_namespaces_alone_moves_pods_of_deleted_namespaces_off_their_label
     assert!(w.c.identity_of(&obj("y/a")).is_some());
     assert_eq!(ch.ipcache.len(), 2);
 }
+
+#[test]
+fn the_policies_isolating_each_local_endpoint_are_known_per_direction_and_kept_current() {
+    let mut w = World::new();
+    let lists = |w: &World| -> BTreeMap<String, [Vec<String>; 2]> {
+        w.c.isolators()
+            .into_iter()
+            .map(|(pod, l)| {
+                let names = |v: &Vec<ObjectRef>| v.iter().map(ToString::to_string).collect();
+                (pod.to_string(), [names(&l[0]), names(&l[1])])
+            })
+            .collect()
+    };
+    assert!(lists(&w).is_empty(), "no policy isolates anyone");
+    let g0 = w.c.np_generation();
+    w.apply(
+        "x",
+        "web",
+        json!({"podSelector": {"matchLabels": {"app": "a"}},
+                              "ingress": [{"from": [{"podSelector": {}}]}]}),
+    );
+    w.apply(
+        "x",
+        "deny-all",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    );
+    w.apply(
+        "x",
+        "egress",
+        json!({"podSelector": {"matchLabels": {"app": "b"}},
+                                 "policyTypes": ["Egress"]}),
+    );
+    assert_ne!(w.c.np_generation(), g0);
+    let want = |i: &[&str], e: &[&str]| {
+        let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        [s(i), s(e)]
+    };
+    assert_eq!(
+        lists(&w),
+        BTreeMap::from([
+            ("x/a".to_owned(), want(&["x/deny-all", "x/web"], &[])),
+            ("x/b".to_owned(), want(&["x/deny-all"], &["x/egress"])),
+        ])
+    );
+    // A second deny-all changes no map entry, but it isolates too: the
+    // generation moves so the names are fetched again.
+    let g1 = w.c.np_generation();
+    let changes = w.apply(
+        "x",
+        "deny-more",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    );
+    assert!(changes.endpoints.is_empty(), "{changes:?}");
+    assert_ne!(w.c.np_generation(), g1);
+    assert_eq!(lists(&w)["x/a"][0], ["x/deny-all", "x/deny-more", "x/web"]);
+    // Relabelled out of `web`'s selector; then the policies deleted.
+    w.c.upsert_pod(&pod("x", "a", json!({"app": "z"}), "10.0.1.1"));
+    assert_eq!(lists(&w)["x/a"][0], ["x/deny-all", "x/deny-more"]);
+    for name in ["web", "deny-all", "deny-more", "egress"] {
+        w.c.delete_policy("x", name);
+    }
+    assert!(lists(&w).is_empty());
+}

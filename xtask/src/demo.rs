@@ -4,7 +4,8 @@
 //! CNI plugin, each with a ClusterIP Service DNATed by kube-proxy-shaped
 //! nftables rules. kubectl applies the policies in deploy/examples/; the
 //! reachability matrix is printed before and after, then the drop log of
-//! one denied probe, live; last, deploy/examples/cluster/'s
+//! one denied probe, live; then `sluice assert` on
+//! deploy/examples/assert/demo.yaml (TAP); last, deploy/examples/cluster/'s
 //! block-metadata ClusterNetworkPolicy wins over a NetworkPolicy that allows
 //! all egress, and the drop line names its rule. Everything is torn down at
 //! the end (the guards also clean up on failure).
@@ -180,9 +181,30 @@ pub fn run() -> Result<()> {
     if connected || drops == 0 {
         bail!("expected the probe to be denied and its drops reported");
     }
+    assert_step(node, &root)?;
     cluster_policy_step(&cluster, &root)?;
     println!("\nTearing down the node, its pods and the API server.");
     drop(cluster);
+    Ok(())
+}
+
+/// `sluice assert` on deploy/examples/assert/demo.yaml: each probe from
+/// inside its source pod, TAP printed; every assertion must hold.
+fn assert_step(node: &sluice_tests::Node, root: &Path) -> Result<()> {
+    let file = "deploy/examples/assert/demo.yaml";
+    println!("\n$ sluice assert -f {file}");
+    let out = std::process::Command::new(bin_dir().join("sluice"))
+        .args(["assert", "-f"])
+        .arg(root.join(file))
+        .arg("--socket")
+        .arg(node.socket())
+        .output()
+        .context("sluice assert")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("sluice assert: an assertion did not hold ({})", out.status);
+    }
     Ok(())
 }
 

@@ -12,7 +12,8 @@
 //!   uplinks; `server` (the CNI socket) and `main` call it;
 //! - `events` (drop records), `metrics`, `netdev` (the node's interfaces),
 //!   `config` (the command line), `install` (the plugin and conflist on
-//!   the node, and uninstall).
+//!   the node, and uninstall), `probe` (connections from inside a local
+//!   pod's netns, for `sluice assert`).
 pub mod cluster;
 pub mod config;
 pub mod datapath;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod netdev;
 pub mod policy;
+pub mod probe;
 pub mod reconcile;
 pub mod server;
 

@@ -167,6 +167,53 @@ async fn observe(
     }
 }
 
+/// Longest probe timeout accepted.
+const MAX_PROBE_TIMEOUT_MS: u64 = 60_000;
+
+/// One `sluice assert` probe from inside the local pod `from`.
+async fn probe(
+    r: &Reconciler,
+    from: &str,
+    to: String,
+    port: u16,
+    protocol: &str,
+    timeout_ms: u64,
+) -> Response {
+    let bad = |why: String| Response::error(code::INVALID_CONFIG, "cannot probe", why);
+    let Some(proto) = crate::probe::Protocol::parse(protocol) else {
+        return bad(format!("protocol {protocol:?}: TCP or UDP"));
+    };
+    let pod = match from.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            crate::model::ObjectRef::new(ns, name)
+        }
+        _ => return bad(format!("from {from:?}: expected NAMESPACE/POD")),
+    };
+    if port == 0 || timeout_ms == 0 || timeout_ms > MAX_PROBE_TIMEOUT_MS {
+        return bad(format!(
+            "port {port} and timeout {timeout_ms}ms: a port, and 1..={MAX_PROBE_TIMEOUT_MS}ms"
+        ));
+    }
+    let (netns, ip) = match r.probe_plan(pod, to).await {
+        Ok(Ok(plan)) => plan,
+        Ok(Err((c, why))) => return Response::error(c, "cannot probe", why),
+        Err(e) => return e.to_response(),
+    };
+    let to = std::net::SocketAddr::new(ip, port);
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    match crate::probe::run(netns, to, proto, timeout).await {
+        Ok(o) => Response::Probe {
+            address: ip.to_string(),
+            open: o.open,
+            detail: o.detail,
+        },
+        Err(e) => {
+            warn!(error = %e, %to, "probe failed to run");
+            Response::error(code::IO_FAILURE, "probe failed", e.to_string())
+        }
+    }
+}
+
 async fn dispatch(r: &Reconciler, req: Request) -> Response {
     let result = match req {
         Request::Status => Ok(Response::Ok),
@@ -210,6 +257,17 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             },
             Err(why) => Response::error(code::INVALID_CONFIG, "cannot explain", why),
         }),
+        Request::Pods { namespace, labels } => r
+            .pods_matching(namespace, labels)
+            .await
+            .map(|pods| Response::Pods { pods }),
+        Request::Probe {
+            from,
+            to,
+            port,
+            protocol,
+            timeout_ms,
+        } => Ok(probe(r, &from, to, port, &protocol, timeout_ms).await),
         Request::PodCidrs => r
             .pod_cidrs()
             .await

@@ -76,6 +76,28 @@ pub enum Request {
         to: String,
         flow: String,
     },
+    /// The pods in `namespace` whose labels include every one of `labels`
+    /// (all of the namespace's when empty), cluster-wide, as the agent
+    /// knows them (cluster mode): the sources of a `sluice assert` test
+    /// given by selector. Answered with `Response::Pods`.
+    Pods {
+        namespace: String,
+        #[serde(default)]
+        labels: std::collections::BTreeMap<String, String>,
+    },
+    /// Connect from inside the network namespace of `from` (`ns/pod`, a
+    /// pod on this node) to `to` (`ns/pod`, `svc/ns/name` or an address)
+    /// on `port`/`protocol` (`TCP` or `UDP`), within `timeout_ms`
+    /// (`sluice assert`). Answered with `Response::Probe`; a pod that is
+    /// not on this node is refused with code 3 (`CONTAINER_UNKNOWN`), so a
+    /// client asking every node's agent knows to ask the next.
+    Probe {
+        from: String,
+        to: String,
+        port: u16,
+        protocol: String,
+        timeout_ms: u64,
+    },
     /// Stream drop events as they happen, one JSON object per line, until
     /// the client closes the connection.
     Observe {
@@ -152,6 +174,18 @@ pub enum Response {
     Explain {
         explanations: Vec<serde_json::Value>,
     },
+    /// `ns/name` of each pod matching `Request::Pods`, sorted.
+    Pods {
+        pods: Vec<String>,
+    },
+    /// What one `Request::Probe` saw: `open` (TCP: connected; UDP: a reply
+    /// came), the address it tried and, in words, what happened
+    /// (`connected`, `refused`, `timed out`, `reply`, an error).
+    Probe {
+        address: String,
+        open: bool,
+        detail: String,
+    },
     Error {
         code: u32,
         msg: String,
@@ -200,5 +234,38 @@ mod tests {
         assert!(line.contains(r#""op":"del_endpoint""#));
         let back: Request = serde_json::from_str(line.trim_end()).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn probe_and_pods_round_trip() {
+        let req = Request::Probe {
+            from: "x/a".into(),
+            to: "svc/y/web".into(),
+            port: 80,
+            protocol: "TCP".into(),
+            timeout_ms: 500,
+        };
+        let line = req.to_line().unwrap();
+        assert!(line.contains(r#""op":"probe""#), "{line}");
+        assert_eq!(
+            serde_json::from_str::<Request>(line.trim_end()).unwrap(),
+            req
+        );
+        // Labels may be left out.
+        let pods: Request = serde_json::from_str(r#"{"op":"pods","namespace":"x"}"#).unwrap();
+        assert_eq!(
+            pods,
+            Request::Pods {
+                namespace: "x".into(),
+                labels: Default::default()
+            }
+        );
+        let resp = Response::Probe {
+            address: "10.0.0.2".into(),
+            open: false,
+            detail: "timed out".into(),
+        };
+        let back: Response = serde_json::from_str(resp.to_line().unwrap().trim_end()).unwrap();
+        assert_eq!(back, resp);
     }
 }

@@ -5,7 +5,8 @@
 //! nftables rules. kubectl applies the policies in deploy/examples/; the
 //! reachability matrix is printed before and after, then the drop log of
 //! one denied probe, live, and `sluice explain` of it; `sluice lint` on a
-//! policy with the two-item `from` trap; last, deploy/examples/cluster/'s
+//! policy with the two-item `from` trap; `sluice assert` on
+//! deploy/examples/assert/demo.yaml (TAP); last, deploy/examples/cluster/'s
 //! block-metadata ClusterNetworkPolicy wins over a NetworkPolicy that allows
 //! all egress, and the drop line names its rule. Everything is torn down at
 //! the end (the guards also clean up on failure).
@@ -183,6 +184,7 @@ pub fn run() -> Result<()> {
     }
     explain_step(node, from, to)?;
     lint_step(&root)?;
+    assert_step(node, &root)?;
     cluster_policy_step(&cluster, &root)?;
     println!("\nTearing down the node, its pods and the API server.");
     drop(cluster);
@@ -228,6 +230,26 @@ fn lint_step(root: &Path) -> Result<()> {
     }
     if out.status.code() != Some(1) || !text.contains("two-item-peer") {
         bail!("sluice lint did not warn about the two-item trap");
+    }
+    Ok(())
+}
+
+/// `sluice assert` on deploy/examples/assert/demo.yaml: each probe from
+/// inside its source pod, TAP printed; every assertion must hold.
+fn assert_step(node: &sluice_tests::Node, root: &Path) -> Result<()> {
+    let file = "deploy/examples/assert/demo.yaml";
+    println!("\n$ sluice assert -f {file}");
+    let out = std::process::Command::new(bin_dir().join("sluice"))
+        .args(["assert", "-f"])
+        .arg(root.join(file))
+        .arg("--socket")
+        .arg(node.socket())
+        .output()
+        .context("sluice assert")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("sluice assert: an assertion did not hold ({})", out.status);
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! without the ClusterNetworkPolicy CRD lists none, see `watch`): a
 //! half-synced view would mean wrong verdicts, so until then the pinned
 //! state stays as it was.
+mod assert;
 mod diagnostics;
 mod explain;
 pub mod watch;
@@ -28,6 +29,7 @@ use sluice_api::ClusterNetworkPolicy;
 use tracing::{info, warn};
 
 pub use self::{
+    assert::pick_address,
     diagnostics::{Notice, start_notices},
     watch::{Change, Object},
 };

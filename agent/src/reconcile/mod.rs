@@ -381,6 +381,68 @@ impl Reconciler {
         .await
     }
 
+    /// Where a `sluice assert` probe runs and what it connects to: the
+    /// netns of `from` (a pod on this node) and the address `to` stands
+    /// for (a pod's, a Service's ClusterIP, or an address as given), of
+    /// the source's family when it has one. `Err` inside: the CNI code
+    /// and why (3: the pod is not on this node).
+    pub async fn probe_plan(
+        &self,
+        from: ObjectRef,
+        to: String,
+    ) -> Result<std::result::Result<(std::path::PathBuf, std::net::IpAddr), (u32, String)>> {
+        use sluice_proto::code;
+        self.with(move |st| {
+            let Some(ep) = st.endpoints.by_pod(&from) else {
+                return Ok(Err((
+                    code::CONTAINER_UNKNOWN,
+                    format!("pod {from} is not on this node"),
+                )));
+            };
+            let v6 = ep.spec.ipv4.is_none() && ep.spec.ipv6.is_some();
+            let netns = std::path::PathBuf::from(&ep.spec.netns);
+            if let Ok(ip) = to.parse::<std::net::IpAddr>() {
+                return Ok(Ok((netns, ip)));
+            }
+            let found = st
+                .cluster
+                .as_ref()
+                .and_then(|c| c.target_addresses(&to))
+                .and_then(|ips| crate::cluster::pick_address(&ips, v6));
+            Ok(match found {
+                Some(ip) => Ok((netns, ip)),
+                None if st.cluster.is_none() => Err((
+                    code::INVALID_CONFIG,
+                    format!(
+                        "a standalone agent knows no pods or Services: give {to} as an address"
+                    ),
+                )),
+                None => Err((
+                    code::INVALID_CONFIG,
+                    format!("{to}: no such pod or Service with an address (or not an address)"),
+                )),
+            })
+        })
+        .await
+    }
+
+    /// `ns/name` of the pods in `namespace` carrying every label of
+    /// `labels`, cluster-wide (none in standalone mode).
+    pub async fn pods_matching(
+        &self,
+        namespace: String,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<String>> {
+        self.with(move |st| {
+            Ok(st
+                .cluster
+                .as_ref()
+                .map(|c| c.pods_matching(&namespace, &labels))
+                .unwrap_or_default())
+        })
+        .await
+    }
+
     /// Whether the compiler knows `pod` (false in standalone mode).
     pub async fn knows_pod(&self, pod: ObjectRef) -> Result<bool> {
         self.with(move |st| {

@@ -44,6 +44,12 @@ pub enum Command {
     /// files for likely mistakes (offline); exit 0 clean or info only, 1
     /// warnings, 3 errors or unparsable documents.
     Lint(super::lint::LintArgs),
+    /// Run the connectivity assertions of a YAML file (docs/assert.md):
+    /// each probe from inside its source pod's network namespace, by the
+    /// agent of the pod's node (repeat --socket for every node's agent);
+    /// TAP version 13 or JSON; exit 0 all held, 1 any failed, 2 usage or a
+    /// bad file.
+    Assert(super::assert::AssertArgs),
 }
 
 /// The agent's socket; every subcommand takes it.

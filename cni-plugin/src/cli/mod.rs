@@ -1,4 +1,4 @@
-//! `sluice status|wait|observe|explain|lint`: the same binary as a small
+//! `sluice status|wait|observe|explain|lint|assert`: the same binary as a small
 //! command-line client of the node agent, when CNI_COMMAND is not set
 //! (`explain -f` and `lint` read manifest files instead: see their modules).
 //!
@@ -8,6 +8,7 @@
 //! did not answer at all. `lint` has its own (0 clean, 1 warnings, 3
 //! errors).
 pub mod args;
+pub mod assert;
 pub mod explain;
 pub mod lint;
 pub mod show;
@@ -60,6 +61,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             }
         },
         Command::Lint(a) => lint::run(&a),
+        Command::Assert(a) => assert::run(&a),
     })
 }
 

@@ -257,6 +257,14 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             },
             Err(why) => Response::error(code::INVALID_CONFIG, "cannot explain", why),
         }),
+        Request::Objects => r.objects().await.map(|list| match list {
+            Some(list) => Response::Objects { list },
+            None => Response::error(
+                code::INVALID_CONFIG,
+                "no objects",
+                "the agent runs standalone: it watches no API server",
+            ),
+        }),
         Request::Pods { namespace, labels } => r
             .pods_matching(namespace, labels)
             .await

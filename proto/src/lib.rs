@@ -76,6 +76,11 @@ pub enum Request {
         to: String,
         flow: String,
     },
+    /// Every object the agent watches (Namespaces, Pods, NetworkPolicies,
+    /// ClusterNetworkPolicies, Services, Nodes) as it knows them, without
+    /// managed fields and annotations (cluster mode): what `sluice lint
+    /// --live` checks. Answered with `Response::Objects`.
+    Objects,
     /// The pods in `namespace` whose labels include every one of `labels`
     /// (all of the namespace's when empty), cluster-wide, as the agent
     /// knows them (cluster mode): the sources of a `sluice assert` test
@@ -173,6 +178,10 @@ pub enum Response {
     /// one per backend when `to` is a Service.
     Explain {
         explanations: Vec<serde_json::Value>,
+    },
+    /// The answer to `Request::Objects`: a `kind: List` (`items`).
+    Objects {
+        list: serde_json::Value,
     },
     /// `ns/name` of each pod matching `Request::Pods`, sorted.
     Pods {

@@ -387,6 +387,8 @@ fn an_egress_named_port_towards_an_ip_block_reaches_the_pod_that_has_the_port_an
 mod assert;
 #[path = "cluster/explain.rs"]
 mod explain;
+#[path = "cluster/lint.rs"]
+mod lint;
 #[path = "cluster/tiers.rs"]
 mod tiers;
 

@@ -307,6 +307,17 @@ impl Cluster {
         self.diagnostics.take_notices()
     }
 
+    /// Every object known, as a `kind: List` of their JSON (`sluice lint
+    /// --live`); one that does not serialize is left out.
+    pub fn objects_list(&self) -> serde_json::Value {
+        let items: Vec<serde_json::Value> = self
+            .known
+            .values()
+            .filter_map(|o| o.to_json().ok())
+            .collect();
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+    }
+
     /// Every ClusterIP of every Service known.
     pub fn service_ips(&self) -> BTreeSet<IpAddr> {
         self.services.values().flatten().copied().collect()

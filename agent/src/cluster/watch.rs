@@ -45,6 +45,18 @@ pub enum Object {
 }
 
 impl Object {
+    /// As the API server would serve it (apiVersion and kind included).
+    pub fn to_json(&self) -> serde_json::Result<serde_json::Value> {
+        match self {
+            Self::Pod(o) => serde_json::to_value(o),
+            Self::Namespace(o) => serde_json::to_value(o),
+            Self::NetworkPolicy(o) => serde_json::to_value(o),
+            Self::Node(o) => serde_json::to_value(o),
+            Self::Service(o) => serde_json::to_value(o),
+            Self::ClusterNetworkPolicy(o) => serde_json::to_value(o),
+        }
+    }
+
     /// Its kind, namespace and name.
     pub fn key(&self) -> ObjKey {
         let (ns, name) = match self {

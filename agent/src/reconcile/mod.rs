@@ -443,6 +443,12 @@ impl Reconciler {
         .await
     }
 
+    /// Every watched object as a `kind: List` (`None` standalone).
+    pub async fn objects(&self) -> Result<Option<serde_json::Value>> {
+        self.with(|st| Ok(st.cluster.as_ref().map(Cluster::objects_list)))
+            .await
+    }
+
     /// Whether the compiler knows `pod` (false in standalone mode).
     pub async fn knows_pod(&self, pod: ObjectRef) -> Result<bool> {
         self.with(move |st| {

@@ -31,9 +31,15 @@ pub struct LintArgs {
         short = 'f',
         long = "filename",
         value_name = "DIR|FILE",
-        required = true
+        required_unless_present = "live"
     )]
     pub paths: Vec<PathBuf>,
+    /// Lint what the node agent sees of the cluster (every object it
+    /// watches) instead of files; with -f, both together.
+    #[arg(long)]
+    pub live: bool,
+    #[command(flatten)]
+    pub socket: super::args::Socket,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = LintFormat::Text)]
     pub format: LintFormat,
 }
@@ -48,18 +54,45 @@ pub enum LintFormat {
 
 /// Reads, lints, prints; the exit status.
 pub fn run(args: &LintArgs) -> u8 {
-    let loaded = match sluice_api::files::load_all(&args.paths) {
+    let mut loaded = match sluice_api::files::load_all(&args.paths) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("sluice: lint: {e}");
             return USAGE;
         }
     };
+    if args.live {
+        match live_objects(&args.socket.path) {
+            Ok(text) => {
+                let origin = PathBuf::from(format!("agent:{}", args.socket.path.display()));
+                sluice_api::files::load_text(&mut loaded, &origin, &text);
+            }
+            Err(e) => {
+                eprintln!("sluice: lint: {e}");
+                return ERRORS;
+            }
+        }
+    }
     let findings = sluice_lint::lint(&loaded.objects);
     let text = render(args.format, &loaded, &findings);
     // A closed stdout changes nothing about the verdict.
     let _printed = super::print(&text).is_ok();
     exit_code(&loaded, &findings)
+}
+
+/// The agent's objects (`Request::Objects`), as the JSON text of a List.
+fn live_objects(socket: &std::path::Path) -> Result<String, String> {
+    let agent = crate::agent::Agent::new(socket, std::time::Duration::from_secs(10));
+    match agent
+        .call(&sluice_proto::Request::Objects)
+        .map_err(|e| super::explain(&e))?
+    {
+        sluice_proto::Response::Objects { list } => Ok(list.to_string()),
+        sluice_proto::Response::Error { msg, details, .. } => {
+            Err(format!("the agent: {msg}: {details}"))
+        }
+        other => Err(format!("unexpected answer to Objects: {other:?}")),
+    }
 }
 
 /// The exit status for these findings and load errors.

@@ -9,6 +9,7 @@
 //!   NetworkPolicies, ClusterNetworkPolicies) read from manifest files and
 //!   directories, multi-document YAML and Lists, with per-document errors.
 pub mod files;
+pub mod selector;
 pub mod v1alpha2;
 pub mod validate;
 

@@ -9,33 +9,51 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sluice_common::{DIR_EGRESS, DropEvent, RULE_CNP_FLAG, reason};
 
-use crate::policy::CnpRuleOrigin;
+use crate::policy::{CnpRuleOrigin, RuleOrigin};
 
-/// The policy rule a drop names: a ClusterNetworkPolicy rule.
+/// The policy rule an event names: the ClusterNetworkPolicy rule of a
+/// drop, or the rule (of either kind) that allowed a forwarded flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RuleName {
-    /// `ClusterNetworkPolicy`.
+    /// `ClusterNetworkPolicy` or `NetworkPolicy`.
     pub kind: &'static str,
+    /// A NetworkPolicy's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
     /// The rule's `name`, else `ingress[i]` / `egress[i]`.
     pub rule: String,
-    /// `Admin` or `Baseline`.
+    /// `Admin`, `Baseline`, or `NetworkPolicy`.
     pub tier: &'static str,
-    pub priority: u32,
+    /// ClusterNetworkPolicy only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 impl RuleName {
     /// `denied by ClusterNetworkPolicy block-metadata, rule deny-imds
     /// (Admin, priority 10)`.
     pub fn explain(&self) -> String {
-        format!(
-            "denied by {} {}, rule {} ({}, priority {})",
-            self.kind, self.name, self.rule, self.tier, self.priority
-        )
+        self.said("denied by")
+    }
+
+    /// `VERB NetworkPolicy x/allow-a, rule ingress[0]`, or a
+    /// ClusterNetworkPolicy rule as `explain` words it.
+    pub fn said(&self, verb: &str) -> String {
+        match (&self.namespace, self.priority) {
+            (Some(ns), _) => format!("{verb} {} {ns}/{}, rule {}", self.kind, self.name, self.rule),
+            (None, Some(p)) => format!(
+                "{verb} {} {}, rule {} ({}, priority {p})",
+                self.kind, self.name, self.rule, self.tier
+            ),
+            (None, None) => format!("{verb} {} {}, rule {}", self.kind, self.name, self.rule),
+        }
     }
 }
 
-/// ClusterNetworkPolicy rule id -> its name, as the compiler last knew it.
+/// Rule id -> its name, as the compiler last knew it: every
+/// ClusterNetworkPolicy rule, and (for forwarded flows) every
+/// NetworkPolicy rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleNames(HashMap<u32, RuleName>);
 
@@ -47,15 +65,37 @@ impl RuleNames {
                 .map(|(id, o)| {
                     let name = RuleName {
                         kind: "ClusterNetworkPolicy",
+                        namespace: None,
                         name: o.policy,
                         rule: o.rule,
                         tier: o.tier.name(),
-                        priority: o.priority,
+                        priority: Some(o.priority),
                     };
                     (id, name)
                 })
                 .collect(),
         )
+    }
+
+    /// Adds the NetworkPolicy rules (their ids never have `RULE_CNP_FLAG`).
+    pub fn with_network_policies(mut self, origins: Vec<(u32, RuleOrigin)>) -> Self {
+        for (id, o) in origins {
+            let dir = if o.dir == DIR_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            };
+            let name = RuleName {
+                kind: "NetworkPolicy",
+                namespace: Some(o.policy.namespace),
+                name: o.policy.name,
+                rule: format!("{dir}[{}]", o.index),
+                tier: "NetworkPolicy",
+                priority: None,
+            };
+            self.0.insert(id, name);
+        }
+        self
     }
 
     pub fn get(&self, rule_id: u32) -> Option<&RuleName> {
@@ -98,7 +138,9 @@ pub struct DropRecord {
     pub icmp_id: Option<u16>,
     pub length: u32,
     /// The ClusterNetworkPolicy rule behind an admin-denied,
-    /// baseline-denied or revoked drop (`RULE_CNP_FLAG` set).
+    /// baseline-denied or revoked drop (`RULE_CNP_FLAG` set); the rule that
+    /// allowed a forwarded flow (absent: the endpoint is not isolated, or
+    /// the peer is the node); for a would-drop, the audit view's rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_id: Option<u32>,
     /// That rule by name, when the agent knows it (`name_rule`).
@@ -130,13 +172,24 @@ impl DropRecord {
         }
     }
 
-    /// Names the ClusterNetworkPolicy rule of the drop, if `names` has it.
+    /// Names the rule of the event, if `names` has it: the
+    /// ClusterNetworkPolicy rule of a drop, the allowing rule of a
+    /// forwarded flow.
     pub fn name_rule(&mut self, names: &RuleNames) {
         let Some(name) = self.rule_id.and_then(|id| names.get(id)) else {
             return;
         };
-        self.detail = Some(name.explain());
+        self.detail = Some(if self.verdict == FORWARDED {
+            name.said("allowed by")
+        } else {
+            name.explain()
+        });
         self.policy = Some(name.clone());
+    }
+
+    /// Is this a forwarded (allowed new flow) record?
+    pub fn is_forwarded(&self) -> bool {
+        self.verdict == FORWARDED
     }
 
     /// Prints the record as one JSON line on stdout. A closed stdout must
@@ -167,16 +220,32 @@ impl DropRecord {
                 None => *pod == Some(want),
             })
         });
-        let verdict_ok = f
-            .verdict
-            .as_deref()
-            .is_none_or(|v| v.eq_ignore_ascii_case(self.verdict));
+        let verdict_ok = verdict_matches(f.verdict.as_deref(), self.verdict);
         let dir_ok = f
             .direction
             .as_deref()
             .is_none_or(|d| d.eq_ignore_ascii_case(self.direction));
         ns_ok && pod_ok && verdict_ok && dir_ok
     }
+}
+
+/// The `verdict` of records: a drop, an allowed new flow, a flow that an
+/// audit-mode policy would drop.
+pub const DROPPED: &str = "DROPPED";
+pub const FORWARDED: &str = "FORWARDED";
+pub const WOULD_DROP: &str = "WOULD-DROP";
+
+/// Does a record of `verdict` pass the filter's verdict? None is
+/// `dropped` (what observe always streamed); `all` is every verdict.
+pub fn verdict_matches(want: Option<&str>, verdict: &str) -> bool {
+    let want = want.unwrap_or("dropped");
+    want.eq_ignore_ascii_case("all") || want.eq_ignore_ascii_case(verdict)
+}
+
+/// Does a filter's verdict ask for forwarded flows (or records made from
+/// them: would-drop)? Then the data path must report new flows.
+pub fn wants_flows(want: Option<&str>) -> bool {
+    want.is_some_and(|w| !w.eq_ignore_ascii_case("dropped"))
 }
 
 fn addr(family: u8, raw: [u8; 16]) -> Option<IpAddr> {
@@ -217,9 +286,17 @@ impl From<&DropEvent> for DropRecord {
         use sluice_common::proto;
         let icmp = e.proto == proto::ICMP || e.proto == proto::ICMPV6;
         let (src_port, dst_port) = if icmp { (0, 0) } else { (e.sport, e.dport) };
+        let forwarded = e.reason == reason::FORWARDED;
+        // A drop names only ClusterNetworkPolicy rules (a NetworkPolicy
+        // default deny has none); a forwarded flow any allowing rule.
+        let rule_id = if forwarded {
+            (e.rule_id != 0).then_some(e.rule_id)
+        } else {
+            (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id)
+        };
         Self {
             ktime_ns: e.ts_ns,
-            verdict: "DROPPED",
+            verdict: if forwarded { FORWARDED } else { DROPPED },
             reason: reason::name(e.reason),
             direction: if e.dir == DIR_EGRESS {
                 "egress"
@@ -237,7 +314,7 @@ impl From<&DropEvent> for DropRecord {
             icmp_code: icmp.then_some(e.icmp_code),
             icmp_id: is_echo(e.proto, e.icmp_type).then_some(e.sport),
             length: e.pkt_len,
-            rule_id: (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id),
+            rule_id,
             policy: None,
             detail: None,
             src_namespace: None,

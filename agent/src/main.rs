@@ -7,6 +7,8 @@ use clap::Parser;
 use sluice_agent::{
     cluster::{self, Cluster},
     config::{Args, Command},
+    datapath::FlowEventsMap,
+    flows::{self, FlowSwitch, History},
     install,
     metrics::{self, EndpointsProvider, Exporter, Metrics, Ready},
     reconcile::Reconciler,
@@ -39,9 +41,16 @@ async fn main() -> anyhow::Result<()> {
     let ready = Ready::default();
     ready.set_synced(client.is_none());
     let (drops_tx, _) = tokio::sync::broadcast::channel(1024);
+    let history = Arc::new(History::new(flows::HISTORY));
+    let flow_map = FlowEventsMap::open(&pin_dir)
+        .map_err(|e| tracing::warn!(error = %e, "no flow-event switch; flows are not reported"))
+        .ok();
+    let flow_switch = FlowSwitch::new(flow_map, args.flow_events);
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
         drops: drops_tx.clone(),
+        history: history.clone(),
+        flows: flow_switch.clone(),
         client: client.clone(),
     });
     let serving = async {
@@ -71,9 +80,13 @@ async fn main() -> anyhow::Result<()> {
     let events = drops.follow(|mut rec| {
         rec.enrich(|ip| reconciler.pod_of(ip).map(|p| (p.namespace, p.name)));
         rec.name_rule(&reconciler.rule_names());
-        rec.print();
+        // Forwarded flows go to stdout only with --flow-events (observers
+        // and audit mode turn them on for their own use).
+        if !rec.is_forwarded() || args.flow_events {
+            rec.print();
+        }
         // No observer is fine.
-        let _no_receivers = drops_tx.send(rec);
+        let _no_receivers = drops_tx.send(history.push(rec));
     });
     let metrics_server = async {
         if args.metrics_addr.is_empty() {

@@ -387,3 +387,5 @@ fn an_egress_named_port_towards_an_ip_block_reaches_the_pod_that_has_the_port_an
 mod explain;
 #[path = "cluster/tiers.rs"]
 mod tiers;
+#[path = "cluster/flows.rs"]
+mod flows;

@@ -61,7 +61,7 @@ pub struct Cluster {
     /// ClusterNetworkPolicy rule names for drop events and metrics,
     /// published when the compiler's policies change (`cnp_generation`).
     rule_names: tokio::sync::watch::Sender<std::sync::Arc<crate::events::RuleNames>>,
-    rule_names_generation: u64,
+    rule_names_generation: (u64, (u32, usize)),
     node_name: String,
     synced: BTreeSet<Kind>,
     /// Every object seen, to find what a re-list no longer has.
@@ -129,7 +129,7 @@ impl Cluster {
         Self {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
             rule_names: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
-            rule_names_generation: 0,
+            rule_names_generation: (0, (0, 0)),
             node_name: node_name.to_owned(),
             synced: BTreeSet::new(),
             known: BTreeMap::new(),
@@ -151,12 +151,16 @@ impl Cluster {
     }
 
     fn publish_rule_names(&mut self) {
-        let generation = self.compiler.cnp_generation();
+        let generation = (
+            self.compiler.cnp_generation(),
+            self.compiler.np_rule_generation(),
+        );
         if generation == self.rule_names_generation {
             return;
         }
         self.rule_names_generation = generation;
-        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins());
+        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins())
+            .with_network_policies(self.compiler.np_rule_origins());
         self.rule_names.send_replace(std::sync::Arc::new(names));
     }
 

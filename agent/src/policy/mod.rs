@@ -272,6 +272,17 @@ impl Compiler {
         self.repo.rule_origin(rule_id)
     }
 
+    /// Every NetworkPolicy rule id with where it comes from (named in
+    /// forwarded flow events).
+    pub fn np_rule_origins(&self) -> Vec<(u32, RuleOrigin)> {
+        self.repo.rule_origins()
+    }
+
+    /// Changes whenever a NetworkPolicy rule id is given or forgotten.
+    pub fn np_rule_generation(&self) -> (u32, usize) {
+        self.repo.rule_generation()
+    }
+
     /// Sizes, for logs and benches.
     pub fn stats(&self) -> Stats {
         Stats {

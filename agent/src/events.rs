@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sluice_common::{DIR_EGRESS, DropEvent, RULE_CNP_FLAG, reason};
 
-use crate::policy::{CnpRuleOrigin, RuleOrigin};
+use crate::policy::{CnpRuleOrigin, RuleOrigin, audit::WouldDrop};
 
 /// The policy rule an event names: the ClusterNetworkPolicy rule of a
 /// drop, or the rule (of either kind) that allowed a forwarded flow.
@@ -122,6 +122,9 @@ pub struct DropRecord {
     pub ep_id: u32,
     pub peer_identity: u32,
     pub protocol: String,
+    /// The protocol number (not printed: `protocol` names it).
+    #[serde(skip)]
+    pub l4: u8,
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
     /// 0 for protocols without ports (ICMP among them: its echo id is in
@@ -185,6 +188,64 @@ impl DropRecord {
             name.explain()
         });
         self.policy = Some(name.clone());
+    }
+
+    /// The endpoint's address, the peer's, the direction and the server
+    /// port of a forwarded flow, as the audit view judges it.
+    pub fn flow(&self) -> Option<(IpAddr, IpAddr, u8, u16)> {
+        let (src, dst) = (self.src?, self.dst?);
+        let dir = if self.direction == "egress" {
+            DIR_EGRESS
+        } else {
+            sluice_common::DIR_INGRESS
+        };
+        let (me, peer) = if dir == DIR_EGRESS {
+            (src, dst)
+        } else {
+            (dst, src)
+        };
+        Some((me, peer, dir, self.dst_port))
+    }
+
+    /// The would-drop record of this forwarded flow.
+    pub fn would_drop(&self, w: &WouldDrop) -> DropRecord {
+        let mut r = self.clone();
+        r.verdict = WOULD_DROP;
+        r.reason = reason::name(w.reason);
+        // The audit view's rule ids are its own: the name says it.
+        r.rule_id = None;
+        let policy = w.policies.join(", ");
+        let (namespace, name) = match (w.kind, w.policies.first()) {
+            ("NetworkPolicy", Some(p)) => match p.split_once('/') {
+                Some((ns, n)) => (Some(ns.to_owned()), n.to_owned()),
+                None => (None, p.clone()),
+            },
+            (_, Some(p)) => (None, p.clone()),
+            (_, None) => (None, String::new()),
+        };
+        r.policy = Some(RuleName {
+            kind: w.kind,
+            namespace,
+            name,
+            rule: if w.rule_name.is_empty() {
+                "isolation".into()
+            } else {
+                w.rule_name.clone()
+            },
+            tier: w.tier.unwrap_or("NetworkPolicy"),
+            priority: None,
+        });
+        r.detail = Some(match w.tier {
+            Some(tier) => format!(
+                "would be denied by {} {policy}, rule {} ({tier}; audit mode)",
+                w.kind, w.rule_name
+            ),
+            None => format!(
+                "would be denied: isolated for {} by {} {policy} (audit mode)",
+                self.direction, w.kind
+            ),
+        });
+        r
     }
 
     /// Is this a forwarded (allowed new flow) record?
@@ -306,6 +367,7 @@ impl From<&DropEvent> for DropRecord {
             ep_id: e.ep_id,
             peer_identity: e.peer_identity,
             protocol: protocol_name(e.proto),
+            l4: e.proto,
             src: addr(e.family, e.saddr),
             dst: addr(e.family, e.daddr),
             src_port,

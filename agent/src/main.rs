@@ -46,6 +46,13 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| tracing::warn!(error = %e, "no flow-event switch; flows are not reported"))
         .ok();
     let flow_switch = FlowSwitch::new(flow_map, args.flow_events);
+    // A policy in audit mode keeps flows reported (would-drops are judged
+    // on them).
+    let audit = reconciler.audit_view();
+    if let Some(a) = &audit {
+        let switch = flow_switch.clone();
+        a.set_listener(move |on| switch.set_audit(on));
+    }
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
         drops: drops_tx.clone(),
@@ -85,8 +92,24 @@ async fn main() -> anyhow::Result<()> {
         if !rec.is_forwarded() || args.flow_events {
             rec.print();
         }
+        let judged = match (&audit, rec.is_forwarded()) {
+            (Some(a), true) => rec
+                .flow()
+                .and_then(|(me, peer, dir, port)| a.judge(me, dir, peer, rec.l4, port))
+                .map(|w| {
+                    for p in &w.policies {
+                        metrics.would_drop(w.kind, p);
+                    }
+                    rec.would_drop(&w)
+                }),
+            _ => None,
+        };
         // No observer is fine.
         let _no_receivers = drops_tx.send(history.push(rec));
+        if let Some(w) = judged {
+            w.print();
+            let _no_receivers = drops_tx.send(history.push(w));
+        }
     });
     let metrics_server = async {
         if args.metrics_addr.is_empty() {

@@ -389,3 +389,5 @@ mod explain;
 mod tiers;
 #[path = "cluster/flows.rs"]
 mod flows;
+#[path = "cluster/audit.rs"]
+mod audit;

@@ -81,6 +81,7 @@ mod cnp;
 mod cnps;
 mod contributions;
 mod events;
+pub mod audit;
 pub mod explain;
 mod identities;
 pub mod mapstate;

@@ -256,14 +256,18 @@ pub struct Reconciler {
     pods_by_ip: watch::Receiver<PodsByIp>,
     /// ClusterNetworkPolicy rule names (cluster mode).
     rule_names: Option<watch::Receiver<Arc<crate::events::RuleNames>>>,
+    /// The audit view (cluster mode), judged without the state's lock.
+    audit: Option<Arc<crate::policy::audit::AuditView>>,
 }
 
 impl Reconciler {
     pub fn new(state: State, metrics: Metrics) -> Self {
         let pods_by_ip = state.endpoints.pods_by_ip();
         let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
+        let audit = state.cluster.as_ref().map(Cluster::audit_view);
         Self {
             rule_names,
+            audit,
             state: Arc::new(Mutex::new(state)),
             metrics,
             pods_by_ip,
@@ -408,6 +412,11 @@ impl Reconciler {
             .as_ref()
             .map(|r| r.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// The audit view of audit-mode policies (cluster mode).
+    pub fn audit_view(&self) -> Option<Arc<crate::policy::audit::AuditView>> {
+        self.audit.clone()
     }
 
     /// What metrics report of the endpoints. Locks the state: call it on a

@@ -41,7 +41,10 @@ impl RuleName {
     /// ClusterNetworkPolicy rule as `explain` words it.
     pub fn said(&self, verb: &str) -> String {
         match (&self.namespace, self.priority) {
-            (Some(ns), _) => format!("{verb} {} {ns}/{}, rule {}", self.kind, self.name, self.rule),
+            (Some(ns), _) => format!(
+                "{verb} {} {ns}/{}, rule {}",
+                self.kind, self.name, self.rule
+            ),
             (None, Some(p)) => format!(
                 "{verb} {} {}, rule {} ({}, priority {p})",
                 self.kind, self.name, self.rule, self.tier

@@ -383,11 +383,11 @@ fn an_egress_named_port_towards_an_ip_block_reaches_the_pod_that_has_the_port_an
     Ok(())
 }
 
-#[path = "cluster/explain.rs"]
-mod explain;
-#[path = "cluster/tiers.rs"]
-mod tiers;
-#[path = "cluster/flows.rs"]
-mod flows;
 #[path = "cluster/audit.rs"]
 mod audit;
+#[path = "cluster/explain.rs"]
+mod explain;
+#[path = "cluster/flows.rs"]
+mod flows;
+#[path = "cluster/tiers.rs"]
+mod tiers;

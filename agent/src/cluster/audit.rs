@@ -105,9 +105,7 @@ impl Cluster {
             (Object::Node(n), false) => Some(v.upsert_node(n)),
             (Object::Node(n), true) => Some(v.delete_node(&n.name_any())),
             (Object::ClusterNetworkPolicy(c), false) => Some(v.upsert_cluster_policy(c)),
-            (Object::ClusterNetworkPolicy(c), true) => {
-                Some(v.delete_cluster_policy(&c.name_any()))
-            }
+            (Object::ClusterNetworkPolicy(c), true) => Some(v.delete_cluster_policy(&c.name_any())),
             (Object::Service(_), _) => None,
         });
     }

@@ -42,8 +42,7 @@ impl FlowEventsMap {
     pub fn open(pin_dir: &std::path::Path) -> super::Result<Self> {
         use super::maps::{map_err, typed};
         let name = sluice_common::maps::FLOW_EVENTS;
-        let data =
-            MapData::from_pin(pin_dir.join("maps").join(name)).map_err(map_err(name))?;
+        let data = MapData::from_pin(pin_dir.join("maps").join(name)).map_err(map_err(name))?;
         let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
         Ok(Self(typed(name, map)?))
     }

@@ -142,7 +142,14 @@ impl AuditView {
     /// Judges an allowed new flow in the audit view: the local endpoint
     /// at `me` in `dir` with the peer at `peer`, protocol and server port.
     /// `None`: no audit view, not a local endpoint there, or allowed.
-    pub fn judge(&self, me: IpAddr, dir: u8, peer: IpAddr, proto: u8, port: u16) -> Option<WouldDrop> {
+    pub fn judge(
+        &self,
+        me: IpAddr,
+        dir: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<WouldDrop> {
         let g = self.inner();
         let view = g.view.as_ref()?;
         let Decision::Deny { reason, rule } = view.decision_at(me, dir, peer, proto, port)? else {
@@ -210,7 +217,13 @@ mod tests {
     fn only_audit_audits_and_anything_else_enforces() {
         assert_eq!(enforcement(&meta(Some("audit"))), Enforcement::Audit);
         assert_eq!(enforcement(&meta(Some(" Audit "))), Enforcement::Audit);
-        for v in [None, Some("enforce"), Some(""), Some("audits"), Some("dry-run")] {
+        for v in [
+            None,
+            Some("enforce"),
+            Some(""),
+            Some("audits"),
+            Some("dry-run"),
+        ] {
             assert_eq!(enforcement(&meta(v)), Enforcement::Enforce, "{v:?}");
         }
         let other = ObjectMeta {

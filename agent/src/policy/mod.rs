@@ -76,12 +76,12 @@
 //!
 //! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
 //! the data path's verdict from these outputs alone.
+pub mod audit;
 mod cidr;
 mod cnp;
 mod cnps;
 mod contributions;
 mod events;
-pub mod audit;
 pub mod explain;
 mod identities;
 pub mod mapstate;

@@ -46,7 +46,10 @@ fn an_audit_mode_default_deny_reports_exactly_the_flows_enforce_then_drops() -> 
     // Nothing is dropped.
     let probes = [(&a, b4), (&a, b6), (&b, a4), (&b, a6)];
     for (from, to) in probes {
-        assert!(tcp_ok(&from.ns, to, 80, SHORT), "audit drops nothing: -> {to}");
+        assert!(
+            tcp_ok(&from.ns, to, 80, SHORT),
+            "audit drops nothing: -> {to}"
+        );
     }
     let would = |src: IpAddr, dst: IpAddr| {
         move |r: &Value| {
@@ -85,7 +88,9 @@ fn an_audit_mode_default_deny_reports_exactly_the_flows_enforce_then_drops() -> 
     drop(obs);
 
     // Enforced: exactly those flows are dropped, the others still pass.
-    let mut p = api.get("networkpolicies", "au", "deny-b").context("deny-b")?;
+    let mut p = api
+        .get("networkpolicies", "au", "deny-b")
+        .context("deny-b")?;
     p["metadata"]["annotations"]["policy.sluice.dev/enforcement"] = json!("enforce");
     let rv = resource_version(&api.update(p, sluice_test_apiserver::store::Part::Main)?);
     node.wait_programmed("NetworkPolicy/au/deny-b", Some(&rv), WAIT)?;

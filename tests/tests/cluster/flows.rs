@@ -27,8 +27,8 @@ fn is(r: &Value, verdict: &str, dir: &str, src: IpAddr, dst: IpAddr) -> bool {
 use std::net::IpAddr;
 
 #[test]
-fn an_allowed_connection_is_one_forwarded_event_naming_its_policy_only_while_observed()
--> Result<()> {
+fn an_allowed_connection_is_one_forwarded_event_naming_its_policy_only_while_observed() -> Result<()>
+{
     let (mut node, api, config) = cluster()?;
     api.create_namespace("fl")?;
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
@@ -64,7 +64,10 @@ fn an_allowed_connection_is_one_forwarded_event_naming_its_policy_only_while_obs
     assert!(tcp_ok(&a.ns, b4, 80, SHORT), "a -> b allowed");
     std::thread::sleep(SHORT);
     assert!(
-        drops_only.records().iter().all(|r| r["verdict"] == "DROPPED"),
+        drops_only
+            .records()
+            .iter()
+            .all(|r| r["verdict"] == "DROPPED"),
         "{:?}",
         drops_only.records()
     );

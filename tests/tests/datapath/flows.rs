@@ -27,8 +27,14 @@ fn an_allowed_new_flow_is_reported_once_only_while_the_switch_is_on() {
         assert_eq!(ev.len(), 1, "{ev:?}");
         let e = &ev[0];
         assert_eq!(e.reason, reason::FORWARDED);
-        assert_eq!((e.ep_id, e.dir, e.peer_identity), (EP_ID, DIR_INGRESS, PEER_ID));
-        assert_eq!((e.sport, e.dport, e.proto, e.family), (1001, 80, proto::TCP, 4));
+        assert_eq!(
+            (e.ep_id, e.dir, e.peer_identity),
+            (EP_ID, DIR_INGRESS, PEER_ID)
+        );
+        assert_eq!(
+            (e.sport, e.dport, e.proto, e.family),
+            (1001, 80, proto::TCP, 4)
+        );
         assert_eq!((e.saddr, e.daddr), (mapped(v4(PEER4)), mapped(v4(POD4))));
         // The rule `allow` wrote, the one conntrack remembers.
         let ct = dp
@@ -51,7 +57,10 @@ fn an_allowed_new_flow_is_reported_once_only_while_the_switch_is_on() {
         assert!(pass(dp, DIR_EGRESS, &out));
         let ev = dp.events();
         assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!((ev[0].reason, ev[0].rule_id, ev[0].dir), (reason::FORWARDED, 0, DIR_EGRESS));
+        assert_eq!(
+            (ev[0].reason, ev[0].rule_id, ev[0].dir),
+            (reason::FORWARDED, 0, DIR_EGRESS)
+        );
         // Off again: nothing.
         dp.set_flow_events(false);
         let syn = Packet::tcp(v4(PEER4), 1003, v4(POD4), 80, TCP_SYN);

@@ -41,7 +41,12 @@ fn an_audit_mode_default_deny_reports_exactly_the_flows_enforce_then_drops() -> 
             verdict: Some("would-drop".into()),
             ..ObserveFilter::default()
         },
-        Replay::default(),
+        // The stream starts when the agent reads the request; a replay of
+        // the last minute covers what came before (no gap, no repeat).
+        Replay {
+            since_ms: Some(60_000),
+            last: None,
+        },
     )?;
     // Nothing is dropped.
     let probes = [(&a, b4), (&a, b6), (&b, a4), (&b, a6)];

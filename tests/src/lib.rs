@@ -477,10 +477,11 @@ impl Node {
         std::thread::spawn(move || {
             for line in BufReader::new(reader).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if let Ok(mut r) = sink.lock() {
-                        r.push(v);
-                    }
+                if let (Ok(v), Ok(mut r)) = (
+                    serde_json::from_str::<serde_json::Value>(&line),
+                    sink.lock(),
+                ) {
+                    r.push(v);
                 }
             }
         });

@@ -127,10 +127,8 @@ impl AuditView {
         g.view = view;
         g.audited = audited;
         let now = g.view.is_some();
-        if was != now {
-            if let Some(l) = &g.listener {
-                l(now);
-            }
+        if let Some(l) = g.listener.as_ref().filter(|_| was != now) {
+            l(now);
         }
     }
 

@@ -78,8 +78,9 @@ pub enum Request {
     },
     /// Stream events as they happen (drops; with `filter.verdict`
     /// forwarded flows and would-drops too), one JSON object per line,
-    /// until the client closes the connection; first the kept ones that
-    /// `replay` asks for.
+    /// until the client closes the connection (or its sending side: the
+    /// agent reads it to notice an observer gone); first the kept ones
+    /// that `replay` asks for.
     Observe {
         #[serde(default)]
         filter: ObserveFilter,

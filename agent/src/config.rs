@@ -70,6 +70,12 @@ pub struct Args {
     /// netfilter's conntrack).
     #[arg(long, value_enum, default_value = "revalidate")]
     pub established: Established,
+    /// Report every allowed new flow (one event per flow, `verdict:
+    /// FORWARDED`) on stdout and to observers, always. Without it the data
+    /// path reports flows only while an observer asks for them or a policy
+    /// is in audit mode.
+    #[arg(long)]
+    pub flow_events: bool,
     /// Seconds between retries of what failed (programming, routes,
     /// uplinks) when no watch event comes first.
     #[arg(long, default_value_t = 10)]

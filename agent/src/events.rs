@@ -9,36 +9,60 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sluice_common::{DIR_EGRESS, DropEvent, RULE_CNP_FLAG, reason};
 
-use crate::{model::ObjectRef, policy::CnpRuleOrigin};
+use crate::{
+    model::ObjectRef,
+    policy::{CnpRuleOrigin, RuleOrigin, audit::WouldDrop},
+};
 
 /// How many isolating policies a drop names; the rest are counted.
 pub const ISOLATORS_NAMED: usize = 5;
 
-/// The policy rule a drop names: a ClusterNetworkPolicy rule.
+/// The policy rule an event names: the ClusterNetworkPolicy rule of a
+/// drop, or the rule (of either kind) that allowed a forwarded flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RuleName {
-    /// `ClusterNetworkPolicy`.
+    /// `ClusterNetworkPolicy` or `NetworkPolicy`.
     pub kind: &'static str,
+    /// A NetworkPolicy's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
     /// The rule's `name`, else `ingress[i]` / `egress[i]`.
     pub rule: String,
-    /// `Admin` or `Baseline`.
+    /// `Admin`, `Baseline`, or `NetworkPolicy`.
     pub tier: &'static str,
-    pub priority: u32,
+    /// ClusterNetworkPolicy only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 impl RuleName {
     /// `denied by ClusterNetworkPolicy block-metadata, rule deny-imds
     /// (Admin, priority 10)`.
     pub fn explain(&self) -> String {
-        format!(
-            "denied by {} {}, rule {} ({}, priority {})",
-            self.kind, self.name, self.rule, self.tier, self.priority
-        )
+        self.said("denied by")
+    }
+
+    /// `VERB NetworkPolicy x/allow-a, rule ingress[0]`, or a
+    /// ClusterNetworkPolicy rule as `explain` words it.
+    pub fn said(&self, verb: &str) -> String {
+        match (&self.namespace, self.priority) {
+            (Some(ns), _) => format!(
+                "{verb} {} {ns}/{}, rule {}",
+                self.kind, self.name, self.rule
+            ),
+            (None, Some(p)) => format!(
+                "{verb} {} {}, rule {} ({}, priority {p})",
+                self.kind, self.name, self.rule, self.tier
+            ),
+            (None, None) => format!("{verb} {} {}, rule {}", self.kind, self.name, self.rule),
+        }
     }
 }
 
-/// ClusterNetworkPolicy rule id -> its name, as the compiler last knew it.
+/// Rule id -> its name, as the compiler last knew it: every
+/// ClusterNetworkPolicy rule, and (for forwarded flows) every
+/// NetworkPolicy rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleNames(HashMap<u32, RuleName>);
 
@@ -50,15 +74,37 @@ impl RuleNames {
                 .map(|(id, o)| {
                     let name = RuleName {
                         kind: "ClusterNetworkPolicy",
+                        namespace: None,
                         name: o.policy,
                         rule: o.rule,
                         tier: o.tier.name(),
-                        priority: o.priority,
+                        priority: Some(o.priority),
                     };
                     (id, name)
                 })
                 .collect(),
         )
+    }
+
+    /// Adds the NetworkPolicy rules (their ids never have `RULE_CNP_FLAG`).
+    pub fn with_network_policies(mut self, origins: Vec<(u32, RuleOrigin)>) -> Self {
+        for (id, o) in origins {
+            let dir = if o.dir == DIR_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            };
+            let name = RuleName {
+                kind: "NetworkPolicy",
+                namespace: Some(o.policy.namespace),
+                name: o.policy.name,
+                rule: format!("{dir}[{}]", o.index),
+                tier: "NetworkPolicy",
+                priority: None,
+            };
+            self.0.insert(id, name);
+        }
+        self
     }
 
     pub fn get(&self, rule_id: u32) -> Option<&RuleName> {
@@ -155,6 +201,9 @@ pub struct DropRecord {
     pub ep_id: u32,
     pub peer_identity: u32,
     pub protocol: String,
+    /// The protocol number (not printed: `protocol` names it).
+    #[serde(skip)]
+    pub l4: u8,
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
     /// 0 for protocols without ports (ICMP among them: its echo id is in
@@ -171,7 +220,9 @@ pub struct DropRecord {
     pub icmp_id: Option<u16>,
     pub length: u32,
     /// The ClusterNetworkPolicy rule behind an admin-denied,
-    /// baseline-denied or revoked drop (`RULE_CNP_FLAG` set).
+    /// baseline-denied or revoked drop (`RULE_CNP_FLAG` set); the rule that
+    /// allowed a forwarded flow (absent: the endpoint is not isolated, or
+    /// the peer is the node); for a would-drop, the audit view's rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_id: Option<u32>,
     /// That rule by name, when the agent knows it (`name_rule`).
@@ -208,12 +259,18 @@ impl DropRecord {
         }
     }
 
-    /// Names the ClusterNetworkPolicy rule of the drop, if `names` has it.
+    /// Names the rule of the event, if `names` has it: the
+    /// ClusterNetworkPolicy rule of a drop, the allowing rule of a
+    /// forwarded flow.
     pub fn name_rule(&mut self, names: &RuleNames) {
         let Some(name) = self.rule_id.and_then(|id| names.get(id)) else {
             return;
         };
-        self.detail = Some(name.explain());
+        self.detail = Some(if self.verdict == FORWARDED {
+            name.said("allowed by")
+        } else {
+            name.explain()
+        });
         self.policy = Some(name.clone());
     }
 
@@ -245,6 +302,69 @@ impl DropRecord {
         self.isolated_by = Some(by);
     }
 
+    /// The endpoint's address, the peer's, the direction and the server
+    /// port of a forwarded flow, as the audit view judges it.
+    pub fn flow(&self) -> Option<(IpAddr, IpAddr, u8, u16)> {
+        let (src, dst) = (self.src?, self.dst?);
+        let dir = if self.direction == "egress" {
+            DIR_EGRESS
+        } else {
+            sluice_common::DIR_INGRESS
+        };
+        let (me, peer) = if dir == DIR_EGRESS {
+            (src, dst)
+        } else {
+            (dst, src)
+        };
+        Some((me, peer, dir, self.dst_port))
+    }
+
+    /// The would-drop record of this forwarded flow.
+    pub fn would_drop(&self, w: &WouldDrop) -> DropRecord {
+        let mut r = self.clone();
+        r.verdict = WOULD_DROP;
+        r.reason = reason::name(w.reason);
+        // The audit view's rule ids are its own: the name says it.
+        r.rule_id = None;
+        let policy = w.policies.join(", ");
+        let (namespace, name) = match (w.kind, w.policies.first()) {
+            ("NetworkPolicy", Some(p)) => match p.split_once('/') {
+                Some((ns, n)) => (Some(ns.to_owned()), n.to_owned()),
+                None => (None, p.clone()),
+            },
+            (_, Some(p)) => (None, p.clone()),
+            (_, None) => (None, String::new()),
+        };
+        r.policy = Some(RuleName {
+            kind: w.kind,
+            namespace,
+            name,
+            rule: if w.rule_name.is_empty() {
+                "isolation".into()
+            } else {
+                w.rule_name.clone()
+            },
+            tier: w.tier.unwrap_or("NetworkPolicy"),
+            priority: None,
+        });
+        r.detail = Some(match w.tier {
+            Some(tier) => format!(
+                "would be denied by {} {policy}, rule {} ({tier}; audit mode)",
+                w.kind, w.rule_name
+            ),
+            None => format!(
+                "would be denied: isolated for {} by {} {policy} (audit mode)",
+                self.direction, w.kind
+            ),
+        });
+        r
+    }
+
+    /// Is this a forwarded (allowed new flow) record?
+    pub fn is_forwarded(&self) -> bool {
+        self.verdict == FORWARDED
+    }
+
     /// Prints the record as one JSON line on stdout. A closed stdout must
     /// not stop enforcement (the counters still count): it is only logged.
     pub fn print(&self) {
@@ -273,16 +393,32 @@ impl DropRecord {
                 None => *pod == Some(want),
             })
         });
-        let verdict_ok = f
-            .verdict
-            .as_deref()
-            .is_none_or(|v| v.eq_ignore_ascii_case(self.verdict));
+        let verdict_ok = verdict_matches(f.verdict.as_deref(), self.verdict);
         let dir_ok = f
             .direction
             .as_deref()
             .is_none_or(|d| d.eq_ignore_ascii_case(self.direction));
         ns_ok && pod_ok && verdict_ok && dir_ok
     }
+}
+
+/// The `verdict` of records: a drop, an allowed new flow, a flow that an
+/// audit-mode policy would drop.
+pub const DROPPED: &str = "DROPPED";
+pub const FORWARDED: &str = "FORWARDED";
+pub const WOULD_DROP: &str = "WOULD-DROP";
+
+/// Does a record of `verdict` pass the filter's verdict? None is
+/// `dropped` (what observe always streamed); `all` is every verdict.
+pub fn verdict_matches(want: Option<&str>, verdict: &str) -> bool {
+    let want = want.unwrap_or("dropped");
+    want.eq_ignore_ascii_case("all") || want.eq_ignore_ascii_case(verdict)
+}
+
+/// Does a filter's verdict ask for forwarded flows (or records made from
+/// them: would-drop)? Then the data path must report new flows.
+pub fn wants_flows(want: Option<&str>) -> bool {
+    want.is_some_and(|w| !w.eq_ignore_ascii_case("dropped"))
 }
 
 fn addr(family: u8, raw: [u8; 16]) -> Option<IpAddr> {
@@ -323,9 +459,17 @@ impl From<&DropEvent> for DropRecord {
         use sluice_common::proto;
         let icmp = e.proto == proto::ICMP || e.proto == proto::ICMPV6;
         let (src_port, dst_port) = if icmp { (0, 0) } else { (e.sport, e.dport) };
+        let forwarded = e.reason == reason::FORWARDED;
+        // A drop names only ClusterNetworkPolicy rules (a NetworkPolicy
+        // default deny has none); a forwarded flow any allowing rule.
+        let rule_id = if forwarded {
+            (e.rule_id != 0).then_some(e.rule_id)
+        } else {
+            (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id)
+        };
         Self {
             ktime_ns: e.ts_ns,
-            verdict: "DROPPED",
+            verdict: if forwarded { FORWARDED } else { DROPPED },
             reason: reason::name(e.reason),
             direction: if e.dir == DIR_EGRESS {
                 "egress"
@@ -335,6 +479,7 @@ impl From<&DropEvent> for DropRecord {
             ep_id: e.ep_id,
             peer_identity: e.peer_identity,
             protocol: protocol_name(e.proto),
+            l4: e.proto,
             src: addr(e.family, e.saddr),
             dst: addr(e.family, e.daddr),
             src_port,
@@ -343,7 +488,7 @@ impl From<&DropEvent> for DropRecord {
             icmp_code: icmp.then_some(e.icmp_code),
             icmp_id: is_echo(e.proto, e.icmp_type).then_some(e.sport),
             length: e.pkt_len,
-            rule_id: (e.rule_id & RULE_CNP_FLAG != 0).then_some(e.rule_id),
+            rule_id,
             policy: None,
             isolated_by: None,
             detail: None,

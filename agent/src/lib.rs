@@ -19,6 +19,7 @@ pub mod config;
 pub mod datapath;
 pub mod endpoints;
 pub mod events;
+pub mod flows;
 pub mod install;
 pub mod metrics;
 pub mod model;

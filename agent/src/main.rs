@@ -7,6 +7,8 @@ use clap::Parser;
 use sluice_agent::{
     cluster::{self, Cluster},
     config::{Args, Command},
+    datapath::FlowEventsMap,
+    flows::{self, FlowSwitch, History},
     install,
     metrics::{self, EndpointsProvider, Exporter, Metrics, Ready},
     reconcile::Reconciler,
@@ -39,9 +41,23 @@ async fn main() -> anyhow::Result<()> {
     let ready = Ready::default();
     ready.set_synced(client.is_none());
     let (drops_tx, _) = tokio::sync::broadcast::channel(1024);
+    let history = Arc::new(History::new(flows::HISTORY));
+    let flow_map = FlowEventsMap::open(&pin_dir)
+        .map_err(|e| tracing::warn!(error = %e, "no flow-event switch; flows are not reported"))
+        .ok();
+    let flow_switch = FlowSwitch::new(flow_map, args.flow_events);
+    // A policy in audit mode keeps flows reported (would-drops are judged
+    // on them).
+    let audit = reconciler.audit_view();
+    if let Some(a) = &audit {
+        let switch = flow_switch.clone();
+        a.set_listener(move |on| switch.set_audit(on));
+    }
     let ctx = Arc::new(server::Ctx {
         reconciler: reconciler.clone(),
         drops: drops_tx.clone(),
+        history: history.clone(),
+        flows: flow_switch.clone(),
         client: client.clone(),
     });
     let serving = async {
@@ -72,9 +88,29 @@ async fn main() -> anyhow::Result<()> {
         rec.enrich(|ip| reconciler.pod_of(ip).map(|p| (p.namespace, p.name)));
         rec.name_rule(&reconciler.rule_names());
         rec.name_isolators(&reconciler.isolators());
-        rec.print();
+        // Forwarded flows go to stdout only with --flow-events (observers
+        // and audit mode turn them on for their own use).
+        if !rec.is_forwarded() || args.flow_events {
+            rec.print();
+        }
+        let judged = match (&audit, rec.is_forwarded()) {
+            (Some(a), true) => rec
+                .flow()
+                .and_then(|(me, peer, dir, port)| a.judge(me, dir, peer, rec.l4, port))
+                .map(|w| {
+                    for p in &w.policies {
+                        metrics.would_drop(w.kind, p);
+                    }
+                    rec.would_drop(&w)
+                }),
+            _ => None,
+        };
         // No observer is fine.
-        let _no_receivers = drops_tx.send(rec);
+        let _no_receivers = drops_tx.send(history.push(rec));
+        if let Some(w) = judged {
+            w.print();
+            let _no_receivers = drops_tx.send(history.push(w));
+        }
     });
     let metrics_server = async {
         if args.metrics_addr.is_empty() {

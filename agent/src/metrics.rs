@@ -76,6 +76,15 @@ struct Own {
     watch_up: Family<KindLabels, Gauge>,
     watch_errors: Family<KindLabels, Counter>,
     failed_closed: Counter,
+    /// Flows audit-mode policies would drop, by policy (bounded).
+    would_drop: Family<WouldDropLabels, Counter>,
+    would_drop_series: std::sync::Mutex<std::collections::BTreeSet<WouldDropLabels>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct WouldDropLabels {
+    kind: String,
+    policy: String,
 }
 
 /// The handle the rest of the agent holds (cheap to clone).
@@ -90,6 +99,8 @@ impl Default for Metrics {
             watch_up: Family::default(),
             watch_errors: Family::default(),
             failed_closed: Counter::default(),
+            would_drop: Family::default(),
+            would_drop_series: std::sync::Mutex::default(),
         }))
     }
 }
@@ -138,6 +149,23 @@ impl Metrics {
         self.0.failed_closed.inc();
     }
 
+    /// A flow that the audit-mode policy `policy` (`ns/name` or a
+    /// ClusterNetworkPolicy's name) of `kind` would drop. At most
+    /// `rules::MAX_RULE_SERIES` series; the rest count as policy `other`.
+    pub fn would_drop(&self, kind: &str, policy: &str) {
+        let mut labels = WouldDropLabels {
+            kind: kind.to_owned(),
+            policy: policy.to_owned(),
+        };
+        if let Ok(mut seen) = self.0.would_drop_series.lock() {
+            if !seen.contains(&labels) && seen.len() >= rules::MAX_RULE_SERIES {
+                labels.policy = "other".into();
+            }
+            seen.insert(labels.clone());
+        }
+        self.0.would_drop.get_or_create(&labels).inc();
+    }
+
     /// `(up, errors)` of one kind's watch: `up` is `None` before its watch
     /// started.
     pub fn watch_health(&self, kind: Kind) -> (Option<bool>, u64) {
@@ -174,6 +202,11 @@ impl Metrics {
             "sluice_endpoints_failed_closed",
             "Times an endpoint was made to fail closed since the agent started.",
             own.failed_closed.clone(),
+        );
+        registry.register(
+            "sluice_would_drop_flows",
+            "New flows that a policy in audit mode would drop, by policy.",
+            own.would_drop.clone(),
         );
     }
 }

@@ -11,7 +11,13 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{cluster::Change, endpoints::pod_of, events::DropRecord, reconcile::Reconciler};
+use crate::{
+    cluster::Change,
+    endpoints::pod_of,
+    events::wants_flows,
+    flows::{FlowSwitch, History, Numbered, monotonic_ns},
+    reconcile::Reconciler,
+};
 
 /// Longest request accepted: a policy for one endpoint fits easily.
 const MAX_REQUEST: u64 = 4 << 20;
@@ -36,8 +42,13 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// What request handlers share.
 pub struct Ctx {
     pub reconciler: Reconciler,
-    /// Every drop, enriched, for `Observe` streams.
-    pub drops: tokio::sync::broadcast::Sender<DropRecord>,
+    /// Every record (drops, forwarded flows, would-drops), enriched and
+    /// numbered, for `Observe` streams.
+    pub drops: tokio::sync::broadcast::Sender<Numbered>,
+    /// The last records, for `Observe` replays.
+    pub history: Arc<History>,
+    /// On while an observer wants forwarded flows.
+    pub flows: FlowSwitch,
     /// The API client in cluster mode, to fetch a pod the watch has not
     /// delivered yet when its CNI ADD arrives.
     pub client: Option<kube::Client>,
@@ -113,12 +124,12 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
         )
     } else {
         let mut line = String::new();
-        BufReader::new(rd)
-            .take(MAX_REQUEST)
-            .read_line(&mut line)
-            .await?;
+        let mut rd = BufReader::new(rd);
+        (&mut rd).take(MAX_REQUEST).read_line(&mut line).await?;
         match serde_json::from_str::<Request>(line.trim_end()) {
-            Ok(Request::Observe { filter }) => return observe(wr, &ctx, &filter).await,
+            Ok(Request::Observe { filter, replay }) => {
+                return observe(rd, wr, &ctx, &filter, &replay).await;
+            }
             Ok(req) => {
                 debug!(?req, "request");
                 let fetched = match &req {
@@ -144,23 +155,56 @@ async fn handle(stream: UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
     wr.shutdown().await
 }
 
-/// Streams matching drops until the client goes away.
+/// Streams matching records until the client goes away: first the kept
+/// ones `replay` asks for, then live ones (none twice, none skipped). An
+/// observer of forwarded flows holds the flow switch on meanwhile.
 async fn observe(
+    mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut wr: tokio::net::unix::OwnedWriteHalf,
     ctx: &Ctx,
     filter: &sluice_proto::ObserveFilter,
+    replay: &sluice_proto::Replay,
 ) -> std::io::Result<()> {
+    let _flows = wants_flows(filter.verdict.as_deref()).then(|| ctx.flows.observe());
+    // Subscribed before the history is read: a record pushed in between
+    // is in both, and skipped live by its number.
     let mut rx = ctx.drops.subscribe();
+    let mut seen = 0;
+    if !replay.is_none() {
+        let since = replay
+            .since_ms
+            .map(|ms| monotonic_ns().saturating_sub(ms.saturating_mul(1_000_000)));
+        let (past, last_seq) = ctx
+            .history
+            .replay(|r| r.matches(filter), since, replay.last);
+        seen = last_seq;
+        for rec in past {
+            let mut line = serde_json::to_string(&rec).unwrap_or_default();
+            line.push('\n');
+            wr.write_all(line.as_bytes()).await?;
+        }
+    }
+    let mut scratch = [0u8; 64];
     loop {
-        match rx.recv().await {
-            Ok(rec) if rec.matches(filter) => {
-                let mut line = serde_json::to_string(&rec).unwrap_or_default();
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            // The client sends nothing more: EOF (or an error) means it
+            // went away, and its hold on the flow switch goes with it now,
+            // not at the next record.
+            r = rd.read(&mut scratch) => match r {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        };
+        match received {
+            Ok(n) if n.seq > seen && n.rec.matches(filter) => {
+                let mut line = serde_json::to_string(&n.rec).unwrap_or_default();
                 line.push('\n');
                 wr.write_all(line.as_bytes()).await?;
             }
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                warn!(missed = n, "observer too slow; drops skipped");
+                warn!(missed = n, "observer too slow; records skipped");
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

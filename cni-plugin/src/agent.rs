@@ -242,6 +242,7 @@ mod tests {
         let a = Agent::new(&path, Duration::from_millis(100));
         let lines: Vec<String> = a
             .stream(&Request::Observe {
+                replay: sluice_proto::Replay::default(),
                 filter: sluice_proto::ObserveFilter::default(),
             })
             .unwrap()

@@ -103,12 +103,35 @@ pub enum Request {
         protocol: String,
         timeout_ms: u64,
     },
-    /// Stream drop events as they happen, one JSON object per line, until
-    /// the client closes the connection.
+    /// Stream events as they happen (drops; with `filter.verdict`
+    /// forwarded flows and would-drops too), one JSON object per line,
+    /// until the client closes the connection (or its sending side: the
+    /// agent reads it to notice an observer gone); first the kept ones
+    /// that `replay` asks for.
     Observe {
         #[serde(default)]
         filter: ObserveFilter,
+        #[serde(default, skip_serializing_if = "Replay::is_none")]
+        replay: Replay,
     },
+}
+
+/// Which past records `Observe` sends before the live ones (from the
+/// agent's bounded history; both fields: the last `last` of those since).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// Records of the last this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// The last this many matching records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<usize>,
+}
+
+impl Replay {
+    pub fn is_none(&self) -> bool {
+        self.since_ms.is_none() && self.last.is_none()
+    }
 }
 
 /// Which flows `Observe` streams; every field that is set must match.
@@ -118,8 +141,9 @@ pub struct ObserveFilter {
     pub namespace: Option<String>,
     /// Either end is this pod (`name` or `namespace/name`).
     pub pod: Option<String>,
-    /// `dropped`: the only verdict the agent streams (forwarded packets are
-    /// counted, not streamed).
+    /// `dropped` (the default, also when absent), `forwarded` (allowed new
+    /// flows), `would-drop` (flows an audit-mode policy would drop), or
+    /// `all`.
     pub verdict: Option<String>,
     /// `ingress` or `egress`.
     pub direction: Option<String>,

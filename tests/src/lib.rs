@@ -457,6 +457,37 @@ impl Node {
         }
     }
 
+    /// Is the data path's flow-event switch (`FLOW_EVENTS`) on?
+    pub fn flow_events_on(&self) -> Result<bool> {
+        Ok(sluice_agent::datapath::FlowEventsMap::open(&self.bpffs.dir)?.get()?)
+    }
+
+    /// Streams `Observe` records into a list, from a thread, until the
+    /// returned handle is dropped.
+    pub fn observe(
+        &self,
+        filter: sluice_proto::ObserveFilter,
+        replay: sluice_proto::Replay,
+    ) -> Result<Observer> {
+        let mut s = UnixStream::connect(self.socket())?;
+        s.write_all(Request::Observe { filter, replay }.to_line()?.as_bytes())?;
+        let records = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = records.clone();
+        let reader = s.try_clone()?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { return };
+                if let (Ok(v), Ok(mut r)) = (
+                    serde_json::from_str::<serde_json::Value>(&line),
+                    sink.lock(),
+                ) {
+                    r.push(v);
+                }
+            }
+        });
+        Ok(Observer { stream: s, records })
+    }
+
     pub fn maps(&self) -> Result<sluice_agent::datapath::Maps> {
         Ok(sluice_agent::datapath::Maps::open_pinned(&self.bpffs.dir)?)
     }
@@ -564,6 +595,25 @@ impl ApiNode {
         node.use_api(&api, node_name)?;
         let config = conflist_config(&node, Some(v4_range), Some(v6_range));
         Ok(Self { node, api, config })
+    }
+}
+
+/// An open `Observe` stream; dropping it closes the connection.
+pub struct Observer {
+    stream: UnixStream,
+    records: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Observer {
+    /// The records received so far.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _gone = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 

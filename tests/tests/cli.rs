@@ -165,10 +165,10 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
                 .to_line()
                 .expect("a response serializes"),
             ],
-            Request::Observe { filter } if filter == s.expected_filter => {
+            Request::Observe { filter, .. } if filter == s.expected_filter => {
                 s.records.iter().map(|r| format!("{r}\n")).collect()
             }
-            Request::Observe { filter } => vec![
+            Request::Observe { filter, .. } => vec![
                 Response::error(7, "unexpected filter", format!("{filter:?}"))
                     .to_line()
                     .expect("a response serializes"),
@@ -638,7 +638,13 @@ fn observe_sends_the_filter_and_prints_each_streamed_record() -> Result<()> {
     // Human lines: time, verdict, direction, ends, protocol, ports, reason.
     let out = run(&args)?;
     ensure!(out.code == 0, "{out}");
-    ensure!(agent.requests()? == [Request::Observe { filter }]);
+    ensure!(
+        agent.requests()?
+            == [Request::Observe {
+                filter,
+                replay: sluice_proto::Replay::default()
+            }]
+    );
     let lines: Vec<&str> = out.stdout.lines().collect();
     ensure!(lines.len() == 2, "{out}");
     let rest = |l: &str| l.split_once(' ').map(|(_, r)| r.to_string());

@@ -385,8 +385,12 @@ fn an_egress_named_port_towards_an_ip_block_reaches_the_pod_that_has_the_port_an
 
 #[path = "cluster/assert.rs"]
 mod assert;
+#[path = "cluster/audit.rs"]
+mod audit;
 #[path = "cluster/explain.rs"]
 mod explain;
+#[path = "cluster/flows.rs"]
+mod flows;
 #[path = "cluster/lint.rs"]
 mod lint;
 #[path = "cluster/tiers.rs"]

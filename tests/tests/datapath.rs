@@ -2,6 +2,8 @@
 //! gets its own network namespace and bpffs (see `datapath/harness.rs`);
 //! run as root: `cargo test -p sluice-tests --test datapath`.
 
+#[path = "datapath/flows.rs"]
+mod flows;
 #[path = "datapath/harness.rs"]
 mod harness;
 #[path = "datapath/model.rs"]

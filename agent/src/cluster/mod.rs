@@ -10,6 +10,7 @@
 //! half-synced view would mean wrong verdicts, so until then the pinned
 //! state stays as it was.
 mod assert;
+mod audit;
 mod diagnostics;
 mod explain;
 pub mod watch;
@@ -35,7 +36,10 @@ pub use self::{
 };
 use crate::{
     model::{Identity, Kind, ObjKey, ObjectRef},
-    policy::{Changes, Compiler, EndpointPolicy, Locality, Resync},
+    policy::{
+        Changes, Compiler, EndpointPolicy, Locality, Resync,
+        audit::{AuditView, Enforcement, enforcement},
+    },
 };
 
 /// What the reconciler must program after a batch of changes.
@@ -63,7 +67,7 @@ pub struct Cluster {
     /// ClusterNetworkPolicy rule names for drop events and metrics,
     /// published when the compiler's policies change (`cnp_generation`).
     rule_names: tokio::sync::watch::Sender<std::sync::Arc<crate::events::RuleNames>>,
-    rule_names_generation: u64,
+    rule_names_generation: (u64, (u32, usize)),
     /// The NetworkPolicies isolating each local endpoint, for default-deny
     /// drop events; published when they may have changed (`np_generation`,
     /// or endpoints rewritten).
@@ -86,6 +90,9 @@ pub struct Cluster {
     diagnostics: diagnostics::Diagnostics,
     /// The first full pass is in the maps.
     first_programmed: bool,
+    /// Audit-mode policies compiled as if enforced, shared with the event
+    /// loop (`policy::audit`); `compiler` never sees them.
+    audit: std::sync::Arc<AuditView>,
 }
 
 /// The ClusterIPs of a Service: `spec.clusterIPs` (else `spec.clusterIP`),
@@ -136,7 +143,7 @@ impl Cluster {
         Self {
             compiler: Compiler::new(Locality::Node(node_name.to_owned())),
             rule_names: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
-            rule_names_generation: 0,
+            rule_names_generation: (0, (0, 0)),
             isolators: tokio::sync::watch::Sender::new(std::sync::Arc::default()),
             isolators_generation: 0,
             node_name: node_name.to_owned(),
@@ -149,7 +156,13 @@ impl Cluster {
             services: BTreeMap::new(),
             diagnostics: diagnostics::Diagnostics::default(),
             first_programmed: false,
+            audit: std::sync::Arc::default(),
         }
+    }
+
+    /// The audit view, for judging forwarded flows.
+    pub fn audit_view(&self) -> std::sync::Arc<AuditView> {
+        self.audit.clone()
     }
 
     /// The names of ClusterNetworkPolicy rule ids, kept current.
@@ -160,12 +173,16 @@ impl Cluster {
     }
 
     fn publish_rule_names(&mut self) {
-        let generation = self.compiler.cnp_generation();
+        let generation = (
+            self.compiler.cnp_generation(),
+            self.compiler.np_rule_generation(),
+        );
         if generation == self.rule_names_generation {
             return;
         }
         self.rule_names_generation = generation;
-        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins());
+        let names = crate::events::RuleNames::from_origins(self.compiler.cnp_rule_origins())
+            .with_network_policies(self.compiler.np_rule_origins());
         self.rule_names.send_replace(std::sync::Arc::new(names));
     }
 
@@ -223,6 +240,7 @@ impl Cluster {
             }
             out.merge(self.apply_one(change));
         }
+        self.keep_audit_view();
         self.publish_rule_names();
         self.publish_isolators(&out);
         if !self.is_synced() {
@@ -419,6 +437,9 @@ impl Cluster {
                 .delete_pod(&p.namespace().unwrap_or_default(), &p.name_any()),
             (Object::Namespace(n), false) => self.compiler.upsert_namespace(n),
             (Object::Namespace(n), true) => self.compiler.delete_namespace(&n.name_any()),
+            (Object::NetworkPolicy(p), false) if is_audit(o) => self
+                .compiler
+                .delete_policy(&p.namespace().unwrap_or_default(), &p.name_any()),
             (Object::NetworkPolicy(p), false) => self.compiler.upsert_policy(p),
             (Object::NetworkPolicy(p), true) => self
                 .compiler
@@ -439,6 +460,9 @@ impl Cluster {
             (Object::Service(_), true) => {
                 self.services.remove(&o.key());
                 Changes::default()
+            }
+            (Object::ClusterNetworkPolicy(c), false) if is_audit(o) => {
+                self.compiler.delete_cluster_policy(&c.name_any())
             }
             (Object::ClusterNetworkPolicy(c), false) => self.compiler.upsert_cluster_policy(c),
             (Object::ClusterNetworkPolicy(c), true) => {
@@ -465,16 +489,19 @@ impl Cluster {
         match change {
             Change::Applied(o) => {
                 let out = self.feed(&o, false);
+                self.feed_audit_view(&o, false);
                 self.known.insert(o.key(), o);
                 out
             }
             Change::Deleted(o) => {
                 let out = self.feed(&o, true);
+                self.feed_audit_view(&o, true);
                 self.known.remove(&o.key());
                 out
             }
             Change::Resync(kind, objects) => {
                 let out = self.resync(kind, &objects);
+                self.resync_audit_view(kind, &objects);
                 self.known.retain(|k, _| k.kind != kind);
                 self.known.extend(objects.into_iter().map(|o| (o.key(), o)));
                 self.synced.insert(kind);
@@ -511,7 +538,7 @@ impl Cluster {
             }
             Kind::NetworkPolicy => {
                 let list: Vec<NetworkPolicy> = listed(objects, |o| match o {
-                    Object::NetworkPolicy(p) => Some((**p).clone()),
+                    Object::NetworkPolicy(p) if !is_audit(o) => Some((**p).clone()),
                     _ => None,
                 });
                 let r = Resync {
@@ -522,7 +549,7 @@ impl Cluster {
             }
             Kind::ClusterNetworkPolicy => {
                 let list: Vec<ClusterNetworkPolicy> = listed(objects, |o| match o {
-                    Object::ClusterNetworkPolicy(c) => Some((**c).clone()),
+                    Object::ClusterNetworkPolicy(c) if !is_audit(o) => Some((**c).clone()),
                     _ => None,
                 });
                 let r = Resync {
@@ -557,6 +584,16 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Is this a policy in audit mode (`policy.sluice.dev/enforcement: audit`)?
+pub fn is_audit(o: &Object) -> bool {
+    let meta = match o {
+        Object::NetworkPolicy(p) => &p.metadata,
+        Object::ClusterNetworkPolicy(c) => &c.metadata,
+        _ => return false,
+    };
+    enforcement(meta) == Enforcement::Audit
 }
 
 /// The objects of a list that `pick` takes.

@@ -216,3 +216,76 @@ fn an_invalid_cluster_policy_is_noticed_on_the_cluster_scoped_object() {
             .contains_key("ClusterNetworkPolicy/block-metadata")
     );
 }
+
+fn deny_all(mode: Option<&str>) -> Object {
+    let annotations = mode.map(|m| serde_json::json!({ crate::policy::audit::ENFORCEMENT: m }));
+    let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "deny", "namespace": "x", "annotations": annotations},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+    }))
+    .unwrap();
+    Object::NetworkPolicy(Box::new(np))
+}
+
+#[test]
+fn an_audit_policy_is_judged_by_the_audit_view_only_until_it_is_enforced_in_one_pass() {
+    use sluice_common::{DIR_INGRESS, proto, reason};
+    let (me, peer): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+    let mut c = synced();
+    c.apply(vec![
+        Change::Applied(pod("x", "n1")),
+        Change::Applied(pod("x", "n2")),
+    ]);
+    let enforced = |c: &Cluster| {
+        c.compiler
+            .decision_at(me, DIR_INGRESS, peer, proto::TCP, 80)
+            .unwrap()
+            .allowed()
+    };
+    assert!(enforced(&c));
+    assert!(!c.audit.active(), "no audit policy: no view");
+
+    c.apply(vec![Change::Applied(deny_all(Some("audit")))]);
+    assert!(enforced(&c), "audit mode drops nothing");
+    assert!(c.audit.active());
+    let w = c
+        .audit
+        .judge(me, DIR_INGRESS, peer, proto::TCP, 80)
+        .expect("would drop");
+    assert_eq!(
+        (w.reason, w.kind, w.policies.clone()),
+        (
+            reason::POLICY_DENIED,
+            "NetworkPolicy",
+            vec!["x/deny".to_string()]
+        )
+    );
+    // The other direction is not isolated: nothing to report.
+    assert_eq!(
+        c.audit
+            .judge(me, sluice_common::DIR_EGRESS, peer, proto::TCP, 80),
+        None
+    );
+
+    // One watch event: enforced in the same pass (the pod's policy is in
+    // what to program), and the view goes with the last audit policy.
+    let p = c
+        .apply(vec![Change::Applied(deny_all(Some("enforce")))])
+        .expect("synced");
+    assert!(!enforced(&c), "enforced now");
+    assert!(!p.changes.endpoints.is_empty(), "programmed in this pass");
+    assert!(!c.audit.active());
+
+    // And back: unenforced in one pass, judged by a fresh view.
+    c.apply(vec![Change::Applied(deny_all(Some("audit")))]);
+    assert!(enforced(&c));
+    assert!(
+        c.audit
+            .judge(me, DIR_INGRESS, peer, proto::TCP, 80)
+            .is_some()
+    );
+    // No annotation: enforced.
+    c.apply(vec![Change::Applied(deny_all(None))]);
+    assert!(!enforced(&c));
+    assert!(!c.audit.active());
+}

@@ -114,10 +114,20 @@ pub enum Change {
     Resync(Kind, Vec<Object>),
 }
 
-/// Drops what the agent never reads, so the stores stay small.
+/// Drops what the agent never reads, so the stores stay small: managed
+/// fields, and every annotation but the audit-mode one
+/// (`policy::audit::ENFORCEMENT`).
 fn slim<K: Resource>(mut o: K) -> K {
-    o.meta_mut().managed_fields = None;
-    o.meta_mut().annotations = None;
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|mut a| {
+            a.retain(|k, _| k == crate::policy::audit::ENFORCEMENT);
+            a
+        })
+        .filter(|a| !a.is_empty());
     o
 }
 

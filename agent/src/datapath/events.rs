@@ -32,3 +32,33 @@ impl DropEvents {
         }
     }
 }
+
+/// The flow-event switch (`FLOW_EVENTS`, one entry): non-zero while the
+/// data path reports every allowed new flow. Opened from its pin, so the
+/// agent flips it without the state's lock.
+pub struct FlowEventsMap(aya::maps::Array<MapData, u32>);
+
+impl FlowEventsMap {
+    pub fn open(pin_dir: &std::path::Path) -> super::Result<Self> {
+        use super::maps::{map_err, typed};
+        let name = sluice_common::maps::FLOW_EVENTS;
+        let data = MapData::from_pin(pin_dir.join("maps").join(name)).map_err(map_err(name))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+        Ok(Self(typed(name, map)?))
+    }
+
+    pub fn set(&mut self, on: bool) -> super::Result<()> {
+        let name = sluice_common::maps::FLOW_EVENTS;
+        self.0
+            .set(sluice_common::FLOW_EVENTS_INDEX, &u32::from(on), 0)
+            .map_err(super::maps::map_err(name))
+    }
+
+    pub fn get(&self) -> super::Result<bool> {
+        let name = sluice_common::maps::FLOW_EVENTS;
+        self.0
+            .get(&sluice_common::FLOW_EVENTS_INDEX, 0)
+            .map(|v| v != 0)
+            .map_err(super::maps::map_err(name))
+    }
+}

@@ -29,7 +29,7 @@ use aya::{
     maps::{MapError, RingBuf},
     programs::{CgroupSkb, ProgramError, SchedClassifier, links::LinkError},
 };
-pub use events::DropEvents;
+pub use events::{DropEvents, FlowEventsMap};
 pub use maps::{Maps, Sizes};
 use sluice_common::{maps as names, programs};
 pub use writer::{EndpointRecord, Established, Writer};

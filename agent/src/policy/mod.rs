@@ -76,6 +76,7 @@
 //!
 //! The lookup model ([`Compiler::verdict`], [`Compiler::would_allow`]) gives
 //! the data path's verdict from these outputs alone.
+pub mod audit;
 mod cidr;
 mod cnp;
 mod cnps;
@@ -292,6 +293,17 @@ impl Compiler {
 
     pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
         self.repo.rule_origin(rule_id)
+    }
+
+    /// Every NetworkPolicy rule id with where it comes from (named in
+    /// forwarded flow events).
+    pub fn np_rule_origins(&self) -> Vec<(u32, RuleOrigin)> {
+        self.repo.rule_origins()
+    }
+
+    /// Changes whenever a NetworkPolicy rule id is given or forgotten.
+    pub fn np_rule_generation(&self) -> (u32, usize) {
+        self.repo.rule_generation()
     }
 
     /// Sizes, for logs and benches.

@@ -269,6 +269,20 @@ impl Repository {
             .is_some_and(|p| !p.targets.is_empty())
     }
 
+    /// Every NetworkPolicy rule id with where it comes from.
+    pub fn rule_origins(&self) -> Vec<(u32, RuleOrigin)> {
+        self.rule_origins
+            .keys()
+            .filter_map(|&id| self.rule_origin(id).map(|o| (id, o)))
+            .collect()
+    }
+
+    /// Changes whenever a rule id is given or forgotten (ids are never
+    /// reused, so the next id and the count say it).
+    pub fn rule_generation(&self) -> (u32, usize) {
+        (self.next_rule, self.rule_origins.len())
+    }
+
     pub fn rule_origin(&self, rule_id: u32) -> Option<RuleOrigin> {
         let &(pid, dir, index) = self.rule_origins.get(&rule_id)?;
         Some(RuleOrigin {

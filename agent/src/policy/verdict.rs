@@ -59,6 +59,20 @@ impl Compiler {
         ))
     }
 
+    /// [`Self::decision`] of the local endpoint at address `me`; `None`:
+    /// no local endpoint there.
+    pub fn decision_at(
+        &self,
+        me: IpAddr,
+        dir: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<Decision> {
+        let pod = self.local_endpoint_at(me)?;
+        self.decision(pod, dir, peer, proto, port)
+    }
+
     /// [`Self::verdict`] between two pods, on the first address of `from`
     /// and the address of `to` in the same family (false if they share no
     /// family).

@@ -257,6 +257,8 @@ pub struct Reconciler {
     /// ClusterNetworkPolicy rule names (cluster mode).
     rule_names: Option<watch::Receiver<Arc<crate::events::RuleNames>>>,
     isolators: Option<watch::Receiver<Arc<crate::events::Isolators>>>,
+    /// The audit view (cluster mode), judged without the state's lock.
+    audit: Option<Arc<crate::policy::audit::AuditView>>,
 }
 
 impl Reconciler {
@@ -264,9 +266,11 @@ impl Reconciler {
         let pods_by_ip = state.endpoints.pods_by_ip();
         let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
         let isolators = state.cluster.as_ref().map(Cluster::isolators);
+        let audit = state.cluster.as_ref().map(Cluster::audit_view);
         Self {
             rule_names,
             isolators,
+            audit,
             state: Arc::new(Mutex::new(state)),
             metrics,
             pods_by_ip,
@@ -488,6 +492,11 @@ impl Reconciler {
             .as_ref()
             .map(|r| r.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// The audit view of audit-mode policies (cluster mode).
+    pub fn audit_view(&self) -> Option<Arc<crate::policy::audit::AuditView>> {
+        self.audit.clone()
     }
 
     /// What metrics report of the endpoints. Locks the state: call it on a

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::error::{ContextKind, ErrorKind};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
-use sluice_proto::ObserveFilter;
+use sluice_proto::{ObserveFilter, Replay};
 
 /// After the generated option list of `sluice --help`.
 const AFTER_HELP: &str = "\
@@ -92,9 +92,20 @@ pub struct ObserveArgs {
     /// Only drops to or from this pod.
     #[arg(long, value_name = "NAME|NS/NAME", value_parser = parse_pod)]
     pub pod: Option<String>,
-    /// Only this verdict (the agent streams drops only).
-    #[arg(long, value_name = "dropped", value_parser = parse_verdict)]
+    /// Which records: dropped (the default), forwarded (allowed new
+    /// flows, one per flow), would-drop (flows an audit-mode policy would
+    /// drop), or all. Forwarded flows are reported by the data path only
+    /// while someone observes them.
+    #[arg(long, value_name = "forwarded|dropped|would-drop|all", value_parser = parse_verdict)]
     pub verdict: Option<String>,
+    /// First replay the kept records (the agent keeps the last 10,000) of
+    /// this long ago until now: units ms, s, m, h.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<Duration>,
+    /// First replay the last N kept records that pass the filters (with
+    /// --since: the last N of those).
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
     /// Only this direction, as the pod sees it.
     #[arg(long, value_enum, ignore_case = true)]
     pub direction: Option<Direction>,
@@ -115,6 +126,16 @@ impl ObserveArgs {
             pod: self.pod.clone(),
             verdict: self.verdict.clone(),
             direction: self.direction.map(|d| d.as_str().to_owned()),
+        }
+    }
+
+    /// The past records asked for.
+    pub fn replay(&self) -> Replay {
+        Replay {
+            since_ms: self
+                .since
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            last: self.last,
         }
     }
 }
@@ -239,18 +260,11 @@ fn non_empty_path(v: &str) -> Result<PathBuf, UsageError> {
 }
 
 fn parse_verdict(v: &str) -> Result<String, UsageError> {
-    if v.eq_ignore_ascii_case("forwarded") {
-        // Honest rather than silent: nothing would ever match.
-        return Err(usage(
-            "the agent streams drops only; forwarded packets are counted in \
-             sluice_forwarded_packets_total",
-        ));
-    }
-    if v.eq_ignore_ascii_case("dropped") {
-        Ok("dropped".to_owned())
-    } else {
-        Err(usage("the only verdict is dropped"))
-    }
+    ["forwarded", "dropped", "would-drop", "all"]
+        .into_iter()
+        .find(|k| v.eq_ignore_ascii_case(k))
+        .map(str::to_owned)
+        .ok_or_else(|| usage("a verdict is forwarded, dropped, would-drop or all"))
 }
 
 fn parse_pod(v: &str) -> Result<String, UsageError> {
@@ -471,6 +485,32 @@ mod tests {
     }
 
     #[test]
+    fn observe_takes_every_verdict_and_a_replay() {
+        for (v, want) in [
+            ("forwarded", "forwarded"),
+            ("Dropped", "dropped"),
+            ("WOULD-DROP", "would-drop"),
+            ("all", "all"),
+        ] {
+            let Command::Observe(got) = command(&["observe", "--verdict", v]) else {
+                panic!("not observe");
+            };
+            assert_eq!(got.filter().verdict.as_deref(), Some(want));
+            assert!(got.replay().is_none());
+        }
+        let Command::Observe(got) = command(&["observe", "--since", "5m", "--last", "20"]) else {
+            panic!("not observe");
+        };
+        assert_eq!(
+            got.replay(),
+            Replay {
+                since_ms: Some(300_000),
+                last: Some(20)
+            }
+        );
+    }
+
+    #[test]
     fn observe_builds_the_filter() {
         let Command::Observe(got) = command(&[
             "observe",
@@ -514,6 +554,8 @@ mod tests {
                 namespace: None,
                 pod: None,
                 verdict: None,
+                since: None,
+                last: None,
                 direction: None,
                 format: Format::Text,
                 no_reconnect: false,
@@ -523,7 +565,8 @@ mod tests {
         for bad in [
             &["observe", "--direction", "sideways"][..],
             &["observe", "--verdict", "maybe"],
-            &["observe", "--verdict", "forwarded"],
+            &["observe", "--since", "yesterday"],
+            &["observe", "--last", "-1"],
             &["observe", "--pod", "a/b/c"],
             &["observe", "--pod", "/b"],
             &["observe", "--namespace"],

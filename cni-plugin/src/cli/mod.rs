@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::time::{ClockId, clock_gettime};
 use serde_json::Value;
-use sluice_proto::{ObserveFilter, Request, Response};
+use sluice_proto::{ObserveFilter, Replay, Request, Response};
 
 use crate::agent::{Agent, AgentError};
 use args::{Command, Format, StatusArgs, Target, WaitArgs};
@@ -49,7 +49,13 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             gone,
             timeout,
         }) => wait(&socket.path, &targets, gone, timeout),
-        Command::Observe(a) => observe(&a.socket.path, a.filter(), a.format, !a.no_reconnect),
+        Command::Observe(a) => observe(
+            &a.socket.path,
+            a.filter(),
+            a.replay(),
+            a.format,
+            !a.no_reconnect,
+        ),
         Command::Explain(a) => match explain::run(&a) {
             Ok(text) => {
                 let _printed = print(&text).is_ok();
@@ -196,9 +202,20 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// saying so on stderr; drops while it was away are not shown.
 /// `--no-reconnect` ends with 0 then instead. The first connection failing
 /// is exit 1: most likely the wrong socket.
-fn observe(socket: &Path, filter: ObserveFilter, format: Format, reconnect: bool) -> u8 {
+fn observe(
+    socket: &Path,
+    filter: ObserveFilter,
+    replay: Replay,
+    format: Format,
+    reconnect: bool,
+) -> u8 {
     let agent = Agent::new(socket, REQUEST_TIMEOUT);
-    let req = Request::Observe { filter };
+    // A reconnection does not replay again: what was shown stays shown.
+    let again = Request::Observe {
+        filter: filter.clone(),
+        replay: Replay::default(),
+    };
+    let req = Request::Observe { filter, replay };
     let mut reader = match agent.stream(&req) {
         Ok(r) => r,
         Err(e) => {
@@ -216,7 +233,7 @@ fn observe(socket: &Path, filter: ObserveFilter, format: Format, reconnect: bool
         let mut delay = RECONNECT_FIRST;
         reader = loop {
             std::thread::sleep(delay);
-            match agent.stream(&req) {
+            match agent.stream(&again) {
                 Ok(r) => {
                     eprintln!(
                         "sluice: reconnected to the agent (drops while it was away are not shown)"

@@ -539,6 +539,32 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_and_would_drop_records_print_their_policy() {
+        let rec = json!({
+            "verdict": "FORWARDED", "reason": "forwarded", "direction": "ingress",
+            "protocol": "TCP", "src": "10.244.1.5", "dst": "10.244.1.9",
+            "src_port": 34567, "dst_port": 80,
+            "detail": "allowed by NetworkPolicy x/allow-a, rule ingress[0]"
+        });
+        assert_eq!(
+            observe_line(&rec, CLOCK).as_deref(),
+            Some(
+                "- FORWARDED ingress 10.244.1.5 -> 10.244.1.9 TCP 34567->80 allowed by NetworkPolicy x/allow-a, rule ingress[0]"
+            )
+        );
+        // Forwarded by no rule (not isolated): the reason code.
+        let rec = json!({"verdict": "FORWARDED", "reason": "forwarded"});
+        assert!(observe_line(&rec, CLOCK).unwrap().ends_with(" forwarded"));
+        let rec = json!({"verdict": "WOULD-DROP", "reason": "policy-denied",
+            "detail": "would be denied: isolated for ingress by NetworkPolicy x/deny (audit mode)"});
+        assert!(
+            observe_line(&rec, CLOCK)
+                .unwrap()
+                .starts_with("- WOULD-DROP - ? -> ? - - would be denied")
+        );
+    }
+
+    #[test]
     fn records_print_as_one_compact_line() {
         let rec = json!({
             "ktime_ns": CLOCK.mono_ns, "verdict": "DROPPED", "reason": "policy",

@@ -35,6 +35,7 @@ pub mod maps {
     pub const RULE_DROPS: &str = "RULE_DROPS";
     pub const TIER_PROFILES: &str = "TIER_PROFILES";
     pub const PEER_CLASSES: &str = "PEER_CLASSES";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
 }
 
 /// Program names (the `#[classifier]` and `#[cgroup_skb]` functions).
@@ -372,6 +373,10 @@ pub mod reason {
     /// NetworkPolicy decided.
     pub const BASELINE_DENIED: u8 = 10;
     pub const MAX: u8 = 10;
+    /// Not a drop: a `DropEvent` of a new flow that policy allowed (sent
+    /// only while `FLOW_EVENTS` is on; `rule_id` is the allowing rule).
+    /// Outside 1..=MAX, so no drop counter ever has it.
+    pub const FORWARDED: u8 = 0x40;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -385,6 +390,7 @@ pub mod reason {
             REVOKED => "revoked",
             ADMIN_DENIED => "admin-denied",
             BASELINE_DENIED => "baseline-denied",
+            FORWARDED => "forwarded",
             _ => "unknown",
         }
     }
@@ -422,6 +428,11 @@ pub mod stat {
     pub const COUNT: u32 = 8;
 }
 
+/// `FLOW_EVENTS[FLOW_EVENTS_INDEX]`: non-zero while the agent wants an
+/// event for every allowed new flow (someone observes forwarded flows, an
+/// audit-mode policy is in force, or `--flow-events`).
+pub const FLOW_EVENTS_INDEX: u32 = 0;
+
 /// At most one drop event per flow per this many nanoseconds.
 pub const EVENT_FLOW_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -450,6 +461,9 @@ pub struct DropEvent {
     pub _pad: u16,
     /// The rule that decided the drop: a ClusterNetworkPolicy rule
     /// (`RULE_CNP_FLAG` set) for `ADMIN_DENIED` / `BASELINE_DENIED`, else 0.
+    /// For `FORWARDED`, the rule that allowed the flow (a NetworkPolicy
+    /// rule id, or a ClusterNetworkPolicy one with `RULE_CNP_FLAG`; 0 when
+    /// the endpoint is not isolated or the peer is the node).
     pub rule_id: u32,
     pub _pad2: u32,
 }

@@ -1,12 +1,14 @@
 //! What happens on every drop: a per-CPU counter by (endpoint, reason,
 //! direction), and a drop event in the ring buffer, at most one per flow,
 //! direction and EVENT_FLOW_INTERVAL_NS.
-use sluice_common::{CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, reason, stat};
+use sluice_common::{
+    CounterKey, CounterValue, DropEvent, EVENT_FLOW_INTERVAL_NS, FLOW_EVENTS_INDEX, reason, stat,
+};
 
 use crate::{
     conntrack::{now_ns, precise_now_ns, side_le},
     keys::ct_key,
-    maps::{DENY_RULE, DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, RULE_DROPS, count},
+    maps::{DENY_RULE, DROP_COUNTERS, DROP_EVENTS, EVENT_RATE, FLOW_EVENTS, RULE_DROPS, count},
     parse::{FAMILY_NONE, Packet},
     policy::identity_of,
 };
@@ -70,6 +72,53 @@ pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
     });
     entry.submit(0);
     count(stat::EVENTS_SENT);
+}
+
+/// Does the agent want an event per allowed new flow (`FLOW_EVENTS`)? One
+/// array lookup, which the verifier inlines: all an unobserved node pays.
+#[inline(always)]
+pub fn flows_on() -> bool {
+    match FLOW_EVENTS.get(FLOW_EVENTS_INDEX) {
+        Some(on) => *on != 0,
+        None => false,
+    }
+}
+
+/// Reports an allowed new flow (its conntrack entry was just created):
+/// a `DropEvent` with reason `FORWARDED` and the allowing rule, in the
+/// drop ring buffer. Not rate-limited (one per new flow already); a full
+/// ring counts it lost. Called only while `flows_on`; its own frame.
+#[inline(never)]
+pub fn record_flow(ep_id: u32, dir: u8, pkt: &Packet, rule: u32) {
+    let Some(mut entry) = DROP_EVENTS.reserve::<DropEvent>(0) else {
+        count(stat::EVENTS_LOST);
+        return;
+    };
+    let peer = if dir == sluice_common::DIR_INGRESS {
+        identity_of(&pkt.saddr)
+    } else {
+        identity_of(&pkt.daddr)
+    };
+    entry.write(DropEvent {
+        ts_ns: precise_now_ns(),
+        ep_id,
+        peer_identity: peer,
+        saddr: pkt.saddr.bytes(),
+        daddr: pkt.daddr.bytes(),
+        sport: pkt.sport,
+        dport: pkt.dport,
+        family: pkt.family,
+        proto: pkt.proto,
+        dir,
+        reason: reason::FORWARDED,
+        pkt_len: 0,
+        icmp_type: pkt.icmp_type,
+        icmp_code: pkt.icmp_code,
+        _pad: 0,
+        rule_id: rule,
+        _pad2: 0,
+    });
+    entry.submit(0);
 }
 
 /// Notes the rule of a deny for the drop that follows (`DENY_RULE`).

@@ -497,7 +497,8 @@ fn rejudge(ep: &EndpointInfo, key: &CtKey, flags: u32) -> u64 {
 }
 
 /// 9. A new flow: allowed where the endpoint is not isolated in `dir`, from
-///    the node (ingress), or by policy. 10. An allowed one is tracked.
+///    the node (ingress), or by policy. 10. An allowed one is tracked, and
+///    reported while `FLOW_EVENTS` is on (10f).
 #[inline(never)]
 fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> Verdict {
     // Before the policy is read: see current_epoch.
@@ -526,6 +527,10 @@ fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> V
         now,
         epoch,
     );
+    // 10f. Reported while the agent asks for flows (one array lookup).
+    if events::flows_on() {
+        events::record_flow(ep.ep_id, dir, &pkt, rule as u32);
+    }
     Ok(())
 }
 

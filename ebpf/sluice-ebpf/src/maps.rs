@@ -61,6 +61,12 @@ pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(sizes::EVENT_
 #[map]
 pub static EPOCH: Array<u32> = Array::pinned(1, 0);
 
+/// The flow-event switch, one entry (`FLOW_EVENTS_INDEX`): non-zero while
+/// the agent wants an event for every allowed new flow. An array: an
+/// unobserved node pays one inlined lookup per new flow.
+#[map]
+pub static FLOW_EVENTS: Array<u32> = Array::pinned(1, 0);
+
 /// Drops per ClusterNetworkPolicy rule id (`RULE_CNP_FLAG` set): the
 /// Prometheus counters per tier and rule.
 #[map]

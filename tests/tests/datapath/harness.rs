@@ -156,6 +156,7 @@ pub struct Datapath {
     pub drop_events: RingBuf<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
     pub epoch: Array<MapData, u32>,
+    pub flow_events: Array<MapData, u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> T
@@ -211,6 +212,7 @@ impl Datapath {
             drop_events: take(&mut ebpf, maps::DROP_EVENTS),
             stats: take(&mut ebpf, maps::STATS),
             epoch: take(&mut ebpf, maps::EPOCH),
+            flow_events: take(&mut ebpf, maps::FLOW_EVENTS),
             ebpf,
         }
     }
@@ -403,6 +405,13 @@ impl Datapath {
         let next = self.epoch.get(&index, 0).expect("EPOCH") + 1;
         self.epoch.set(index, &next, 0).expect("EPOCH set");
         next
+    }
+
+    /// Turns the per-flow event switch (`FLOW_EVENTS`) on or off.
+    pub fn set_flow_events(&mut self, on: bool) {
+        self.flow_events
+            .set(sluice_common::FLOW_EVENTS_INDEX, &u32::from(on), 0)
+            .expect("FLOW_EVENTS set");
     }
 
     pub fn stat(&self, index: u32) -> u64 {

@@ -95,11 +95,11 @@ pub struct Args {
     pub cni_conflist: Option<PathBuf>,
     /// How other nodes' pods are reached: none (routes via the nodes'
     /// InternalIPs: one L2 segment), vxlan (every node through the VXLAN
-    /// device `sluice.vxlan`) or auto (direct to nodes on a connected
+    /// device `sluice-vxlan`) or auto (direct to nodes on a connected
     /// subnet, VXLAN to the rest). See docs/design.md for the pod MTU.
     #[arg(long, value_enum, default_value = "none")]
     pub tunnel: TunnelMode,
-    /// The VXLAN network identifier of `sluice.vxlan`.
+    /// The VXLAN network identifier of `sluice-vxlan`.
     #[arg(long, default_value_t = crate::reconcile::vxlan::DEFAULT_VNI)]
     pub vxlan_vni: u32,
     /// The UDP port VXLAN uses (IANA's 4789; flannel uses 8472).

@@ -16,15 +16,16 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::{
-    link::LinkAttribute,
+    link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
 };
 use rtnetlink::{Handle, LinkVxlan};
 use sluice_common::netlink::errno;
 use tracing::{info, warn};
 
-/// The device's name.
-pub const DEVICE: &str = "sluice.vxlan";
+/// The device's name. No dot (as flannel's `flannel.1` has): the uplink
+/// hook's pin is named after the interface, and bpffs refuses dots.
+pub const DEVICE: &str = "sluice-vxlan";
 /// Default VXLAN network identifier.
 pub const DEFAULT_VNI: u32 = 7;
 /// Default UDP port: the IANA VXLAN port (4789). flannel's 8472 (the old
@@ -142,9 +143,46 @@ pub struct Vxlan {
     neigh: BTreeMap<IpAddr, [u8; 6]>,
 }
 
-async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, u32)>, VxlanError> {
+/// True when `l` is a VXLAN device with this VNI, port, local address and
+/// MAC: what an earlier run of the agent made, kept as it is.
+fn is_as_configured(l: &LinkMessage, cfg: &TunnelConfig, local: IpAddr) -> bool {
+    let info: Vec<&InfoVxlan> = l
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => Some(v),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let has = |want: InfoVxlan| info.iter().any(|i| **i == want);
+    let local_ok = match local {
+        IpAddr::V4(a) => has(InfoVxlan::Local(a)),
+        IpAddr::V6(a) => has(InfoVxlan::Local6(a)),
+    };
+    let mac_ok = l
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Address(m) if m[..] == mac_of(local)[..]));
+    local_ok && mac_ok && has(InfoVxlan::Id(cfg.vni)) && has(InfoVxlan::Port(cfg.port))
+}
+
+async fn link_get(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, VxlanError> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
+        Ok(l) => Ok(l),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("looking up {name}"))(e)),
+    }
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, u32)>, VxlanError> {
+    match link_get(handle, name).await {
         Ok(Some(l)) => {
             let mtu = l
                 .attributes
@@ -157,8 +195,7 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, u32)>, V
             Ok(Some((l.header.index, mtu)))
         }
         Ok(None) => Ok(None),
-        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-        Err(e) => Err(nl(format!("looking up {name}"))(e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -183,9 +220,18 @@ impl Vxlan {
         {
             return Ok(idx);
         }
-        if let Some((idx, _)) = link_index(&self.handle, DEVICE).await? {
-            // Ours from an earlier run or another local address: start over
-            // so VNI, port and local are as configured.
+        self.fdb.clear();
+        self.neigh.clear();
+        if let Some(l) = link_get(&self.handle, DEVICE).await? {
+            let idx = l.header.index;
+            if is_as_configured(&l, &self.cfg, local) {
+                // An earlier run's: kept, so a restart does not cut the
+                // tunnel (its entries are written again, `replace`).
+                info!(dev = DEVICE, ifindex = idx, %local, "VXLAN device kept");
+                self.device = Some((idx, local));
+                return Ok(idx);
+            }
+            // Another VNI, port or local address: start over.
             self.handle
                 .link()
                 .del(idx)
@@ -193,8 +239,6 @@ impl Vxlan {
                 .await
                 .map_err(nl("removing the old VXLAN device"))?;
         }
-        self.fdb.clear();
-        self.neigh.clear();
         let underlay_mtu = match crate::netdev::interface_towards(local) {
             Some(ifname) => link_index(&self.handle, &ifname)
                 .await?
@@ -319,7 +363,7 @@ impl Vxlan {
     }
 }
 
-/// `uninstall`: removes `sluice.vxlan` from this network namespace, if
+/// `uninstall`: removes `sluice-vxlan` from this network namespace, if
 /// there (its FDB and neighbour entries and routes go with it).
 pub async fn uninstall() -> anyhow::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
@@ -329,7 +373,7 @@ pub async fn uninstall() -> anyhow::Result<()> {
     Ok(done?)
 }
 
-/// Removes `sluice.vxlan` if present.
+/// Removes `sluice-vxlan` if present.
 pub async fn remove_device(handle: &Handle) -> Result<(), VxlanError> {
     if let Some((idx, _)) = link_index(handle, DEVICE).await? {
         handle

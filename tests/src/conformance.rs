@@ -368,7 +368,8 @@ impl Cluster {
             node.agent_args.extend(extra);
             node.start_agent()?;
             let (v4, v6) = node_ranges(i);
-            let mut conf: Value = serde_json::from_str(&conflist_config(node, Some(&v4), Some(&v6)))?;
+            let mut conf: Value =
+                serde_json::from_str(&conflist_config(node, Some(&v4), Some(&v6)))?;
             if topology == Topology::Routed {
                 conf["mtu"] = json!(ROUTED_POD_MTU);
             }
@@ -998,12 +999,25 @@ fn wire_routed(router: &NetNs, nodes: &[Node]) -> Result<()> {
         crate::sh(
             "ip",
             &[
-                "link", "add", &a, "netns", &node.ns.name, "type", "veth", "peer", "name", &b,
-                "netns", &router.name,
+                "link",
+                "add",
+                &a,
+                "netns",
+                &node.ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &router.name,
             ],
         )?;
         let (v4, v6) = link_ips(Topology::Routed, i);
-        let (r4, r6) = (format!("10.253.{}.1", i + 1), format!("fd00:253:{}::1", i + 1));
+        let (r4, r6) = (
+            format!("10.253.{}.1", i + 1),
+            format!("fd00:253:{}::1", i + 1),
+        );
         router.ip(&["addr", "add", &format!("{r4}/24"), "dev", &b])?;
         router.ip(&["addr", "add", &format!("{r6}/64"), "dev", &b, "nodad"])?;
         router.ip(&["link", "set", &b, "up"])?;

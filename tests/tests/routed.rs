@@ -57,7 +57,9 @@ fn routed_nodes_reach_each_others_pods_through_vxlan_and_policy_judges_the_inner
             routes.contains(&format!("10.244.{other}.0/24 via 10.244.{other}.0")),
             "{routes}"
         );
-        let routes6 = node.ns.ip(&["-6", "route", "show", "dev", "sluice-vxlan"])?;
+        let routes6 = node
+            .ns
+            .ip(&["-6", "route", "show", "dev", "sluice-vxlan"])?;
         assert!(
             routes6.contains(&format!("fd00:244:{other}::/64 via fe80::")),
             "{routes6}"

@@ -96,7 +96,8 @@ impl Network {
         let mut tunnelled: BTreeMap<IpAddr, Vec<IpNetwork>> = BTreeMap::new();
         for p in peers {
             for net in &p.pod_cidrs {
-                let on_link = |ip| netdev::interface_towards(ip).is_some_and(|i| i != vxlan::DEVICE);
+                let on_link =
+                    |ip| netdev::interface_towards(ip).is_some_and(|i| i != vxlan::DEVICE);
                 match choose(self.mode, net, &p.internal_ips, local, on_link) {
                     Path::Direct(gw) => {
                         desired.insert((*net, gw, None));
@@ -189,15 +190,36 @@ mod tests {
         let on = |_| true;
         let off = |_| false;
         use TunnelMode::*;
-        assert_eq!(choose(None, &v4, &peer, local, off), Path::Direct(ip("10.77.2.2")));
+        assert_eq!(
+            choose(None, &v4, &peer, local, off),
+            Path::Direct(ip("10.77.2.2"))
+        );
         assert_eq!(choose(None, &v6, &peer, local, on), Path::Unreachable);
-        assert_eq!(choose(Auto, &v4, &peer, local, on), Path::Direct(ip("10.77.2.2")));
-        assert_eq!(choose(Auto, &v4, &peer, local, off), Path::Tunnel(ip("10.77.2.2")));
+        assert_eq!(
+            choose(Auto, &v4, &peer, local, on),
+            Path::Direct(ip("10.77.2.2"))
+        );
+        assert_eq!(
+            choose(Auto, &v4, &peer, local, off),
+            Path::Tunnel(ip("10.77.2.2"))
+        );
         // IPv6 pods over an IPv4-only underlay: tunnelled, even when on-link.
-        assert_eq!(choose(Auto, &v6, &peer, local, on), Path::Tunnel(ip("10.77.2.2")));
-        assert_eq!(choose(Vxlan, &v4, &peer, local, on), Path::Tunnel(ip("10.77.2.2")));
-        assert_eq!(choose(Vxlan, &v4, &peer, Option::None, on), Path::Unreachable);
-        assert_eq!(local_vtep(&[ip("fd00::1"), ip("10.0.0.1")]), Some(ip("10.0.0.1")));
+        assert_eq!(
+            choose(Auto, &v6, &peer, local, on),
+            Path::Tunnel(ip("10.77.2.2"))
+        );
+        assert_eq!(
+            choose(Vxlan, &v4, &peer, local, on),
+            Path::Tunnel(ip("10.77.2.2"))
+        );
+        assert_eq!(
+            choose(Vxlan, &v4, &peer, Option::None, on),
+            Path::Unreachable
+        );
+        assert_eq!(
+            local_vtep(&[ip("fd00::1"), ip("10.0.0.1")]),
+            Some(ip("10.0.0.1"))
+        );
         assert_eq!(local_vtep(&[ip("fd00::1")]), Some(ip("fd00::1")));
     }
 }

@@ -320,23 +320,35 @@ impl Vxlan {
                 Err(e) => warn!(%gw, error = %e, "adding a VXLAN neighbour failed"),
             }
         }
-        for (gw, _) in self.neigh.clone().iter().filter(|(g, _)| !neigh.contains_key(g)) {
+        for (gw, _) in self
+            .neigh
+            .clone()
+            .iter()
+            .filter(|(g, _)| !neigh.contains_key(g))
+        {
             let mut m = NeighbourMessage::default();
             m.header.family = family(*gw);
             m.header.ifindex = idx;
-            m.attributes.push(NeighbourAttribute::Destination(addr(*gw)));
+            m.attributes
+                .push(NeighbourAttribute::Destination(addr(*gw)));
             if self.delete(m, "neighbour").await {
                 self.neigh.remove(gw);
             }
         }
-        for (vtep, mac) in self.fdb.clone().iter().filter(|(v, _)| !fdb.contains_key(v)) {
+        for (vtep, mac) in self
+            .fdb
+            .clone()
+            .iter()
+            .filter(|(v, _)| !fdb.contains_key(v))
+        {
             let mut m = NeighbourMessage::default();
             m.header.family = netlink_packet_route::AddressFamily::Bridge;
             m.header.ifindex = idx;
             m.header.flags = NeighbourFlags::Own;
             m.attributes
                 .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-            m.attributes.push(NeighbourAttribute::Destination(addr(*vtep)));
+            m.attributes
+                .push(NeighbourAttribute::Destination(addr(*vtep)));
             if self.delete(m, "FDB entry").await {
                 self.fdb.remove(vtep);
             }

@@ -289,7 +289,7 @@ pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
         let started = Instant::now();
         let mut cluster =
             Cluster::start_topology(opts.nodes, opts.topology, &text, model.has_services())
-            .with_context(|| format!("starting the {model:?} model"))?;
+                .with_context(|| format!("starting the {model:?} model"))?;
         eprintln!(
             "cluster of {} node(s) ({:?}), {:?} model, up in {:.1}s",
             opts.nodes,

@@ -278,7 +278,7 @@ impl Cluster {
         // link goes to the router instead.
         if topology == Topology::Routed {
             let r = NetNs::new("slrt")?;
-            wire_routed(&r, &ns)?;
+            routed::wire_routed(&r, &ns)?;
             for n in &mut ns {
                 n.agent_args = vec!["--tunnel".into(), "auto".into()];
             }
@@ -956,6 +956,7 @@ pub fn sctp_available() -> bool {
     }
 }
 
+mod routed;
 mod run;
 pub use run::{Outcome, run, summary};
 
@@ -986,47 +987,4 @@ mod tests {
         let all: BTreeSet<IpAddr> = (0..9).flat_map(service_ips).collect();
         assert_eq!(all.len(), 18);
     }
-}
-
-/// The routed topology: node `i` in 10.253.{i+1}.0/24 and
-/// fd00:253:{i+1}::/64 on a veth to the router, which has .1 / ::1 there
-/// and forwards; each node's default routes go via the router.
-fn wire_routed(router: &NetNs, nodes: &[Node]) -> Result<()> {
-    router.sysctl("net.ipv4.ip_forward", "1")?;
-    router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    for (i, node) in nodes.iter().enumerate() {
-        let (a, b) = (crate::unique("slr"), crate::unique("slr"));
-        crate::sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &a,
-                "netns",
-                &node.ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b,
-                "netns",
-                &router.name,
-            ],
-        )?;
-        let (v4, v6) = link_ips(Topology::Routed, i);
-        let (r4, r6) = (
-            format!("10.253.{}.1", i + 1),
-            format!("fd00:253:{}::1", i + 1),
-        );
-        router.ip(&["addr", "add", &format!("{r4}/24"), "dev", &b])?;
-        router.ip(&["addr", "add", &format!("{r6}/64"), "dev", &b, "nodad"])?;
-        router.ip(&["link", "set", &b, "up"])?;
-        let n = &node.ns;
-        n.ip(&["addr", "add", &format!("{v4}/24"), "dev", &a])?;
-        n.ip(&["addr", "add", &format!("{v6}/64"), "dev", &a, "nodad"])?;
-        n.ip(&["link", "set", &a, "up"])?;
-        n.ip(&["route", "add", "default", "via", &r4, "dev", &a])?;
-        n.ip(&["-6", "route", "add", "default", "via", &r6, "dev", &a])?;
-    }
-    Ok(())
 }

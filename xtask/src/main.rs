@@ -133,7 +133,7 @@ enum TopologyArg {
     Routed,
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one per command-line option")]
 fn conformance(
     cases: Vec<std::path::PathBuf>,
     family: FamilyArg,

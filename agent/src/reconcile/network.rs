@@ -110,6 +110,11 @@ impl Network {
             }
         }
         if tunnelled.is_empty() {
+            // No peer through the tunnel (any more): its entries go; the
+            // device stays, idle, for the next one.
+            if let Some(idx) = self.vxlan.index() {
+                self.vxlan.sync(idx, &tunnelled).await;
+            }
             return desired;
         }
         let Some(local) = local else {

@@ -210,6 +210,11 @@ impl Vxlan {
         }
     }
 
+    /// The device's index, if this agent has it in place.
+    pub fn index(&self) -> Option<u32> {
+        self.device.map(|(idx, _)| idx)
+    }
+
     /// The device's index, creating it (or recreating it when its local
     /// VTEP changed) as needed, up, with an MTU that leaves room for the
     /// outer headers on the interface that holds `local`.

@@ -10,7 +10,10 @@ use crate::{
     datapath::{AttachMode, Datapath, DropEvents, Established, Sizes},
     endpoints::{Endpoints, Registry},
     metrics::Metrics,
-    reconcile::State,
+    reconcile::{
+        State,
+        vxlan::{TunnelConfig, TunnelMode},
+    },
 };
 
 #[derive(Parser, Debug)]
@@ -96,6 +99,18 @@ pub struct Args {
     /// The conflist to write into --cni-conf-dir (its file name is kept).
     #[arg(long, requires = "cni_conf_dir")]
     pub cni_conflist: Option<PathBuf>,
+    /// How other nodes' pods are reached: none (routes via the nodes'
+    /// InternalIPs: one L2 segment), vxlan (every node through the VXLAN
+    /// device `sluice-vxlan`) or auto (direct to nodes on a connected
+    /// subnet, VXLAN to the rest). See docs/design.md for the pod MTU.
+    #[arg(long, value_enum, default_value = "none")]
+    pub tunnel: TunnelMode,
+    /// The VXLAN network identifier of `sluice-vxlan`.
+    #[arg(long, default_value_t = crate::reconcile::vxlan::DEFAULT_VNI)]
+    pub vxlan_vni: u32,
+    /// The UDP port VXLAN uses (IANA's 4789; flannel uses 8472).
+    #[arg(long, default_value_t = crate::reconcile::vxlan::DEFAULT_PORT)]
+    pub vxlan_port: u16,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -158,6 +173,14 @@ impl Args {
         match self.log_format {
             LogFormat::Json => fmt.json().init(),
             LogFormat::Text => fmt.init(),
+        }
+    }
+
+    pub fn tunnel(&self) -> TunnelConfig {
+        TunnelConfig {
+            mode: self.tunnel,
+            vni: self.vxlan_vni,
+            port: self.vxlan_port,
         }
     }
 

@@ -22,7 +22,10 @@ async fn main() -> anyhow::Result<()> {
     args.init_tracing();
     match &args.command {
         Some(Command::InstallCni(a)) => return Ok(install::install_cni(a)?),
-        Some(Command::Uninstall(a)) => return Ok(install::uninstall_cmd(a)?),
+        Some(Command::Uninstall(a)) => {
+            install::uninstall_cmd(a)?;
+            return sluice_agent::reconcile::vxlan::uninstall().await;
+        }
         None => {}
     }
     let metrics = Metrics::new();
@@ -74,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         let changes = cluster::watch::start(client, metrics.clone());
         reconciler
             .clone()
-            .run(changes, notices, resync, ready.clone())
+            .run(changes, notices, resync, ready.clone(), args.tunnel())
             .await
     };
     let conflist = async {

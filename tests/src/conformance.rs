@@ -31,12 +31,30 @@ pub enum ProbeTarget {
     Service,
 }
 
+/// How two nodes are joined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// One link between them (one L2 segment): direct routes.
+    #[default]
+    Link,
+    /// Each in its own subnet (10.253.1.0/24, 10.253.2.0/24 and
+    /// fd00:253:1::/64, fd00:253:2::/64) behind a router namespace that
+    /// forwards between them; the agents run with `--tunnel auto` and so
+    /// reach each other through VXLAN.
+    Routed,
+}
+
+/// The pod MTU on the routed topology: the 1500 of its veths less VXLAN's
+/// 50 bytes over IPv4 (docs/design.md, "Nodes on different subnets").
+pub const ROUTED_POD_MTU: u32 = 1450;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub case_dirs: Vec<PathBuf>,
     pub families: Vec<Family>,
     pub targets: Vec<ProbeTarget>,
     pub nodes: usize,
+    pub topology: Topology,
     pub filter: Option<String>,
     pub json: Option<PathBuf>,
     /// Retry a mismatching matrix for a while, as upstream does.
@@ -61,6 +79,7 @@ impl Default for Options {
             families: vec![Family::Ipv4, Family::Ipv6],
             targets: vec![ProbeTarget::Pod, ProbeTarget::Service],
             nodes: 1,
+            topology: Topology::Link,
             filter: None,
             json: None,
             eventual: false,
@@ -128,6 +147,9 @@ struct ModelPod {
 /// The running cluster.
 pub struct Cluster {
     nodes: Vec<Node>,
+    topology: Topology,
+    /// The router namespace of the routed topology.
+    _router: Option<NetNs>,
     api: ServerHandle,
     /// Each node's plugin config.
     configs: Vec<String>,
@@ -177,17 +199,25 @@ fn service_ips(index: usize) -> [IpAddr; 2] {
     ]
 }
 
-fn link_ips(i: usize) -> (String, String) {
-    (
-        format!("10.255.0.{}", i + 1),
-        format!("fd00:255:0::{}", i + 1),
-    )
+/// Node `i`'s address of each family: on the shared link, or in its own
+/// subnet behind the router (whose address there ends in 1).
+fn link_ips(top: Topology, i: usize) -> (String, String) {
+    match top {
+        Topology::Link => (
+            format!("10.255.0.{}", i + 1),
+            format!("fd00:255:0::{}", i + 1),
+        ),
+        Topology::Routed => (
+            format!("10.253.{}.2", i + 1),
+            format!("fd00:253:{}::2", i + 1),
+        ),
+    }
 }
 
 /// A node's addresses (the Node object's InternalIPs; host-network pods
 /// have them).
-fn node_ips(i: usize) -> [IpAddr; 2] {
-    let (v4, v6) = link_ips(i);
+fn node_ips(top: Topology, i: usize) -> [IpAddr; 2] {
+    let (v4, v6) = link_ips(top, i);
     [
         v4.parse()
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
@@ -223,14 +253,37 @@ impl Cluster {
     /// A cluster of `model_yaml`'s namespaces and pods; `with_services`
     /// gives every pod its ClusterIP Service `s-<ns>-<pod>`.
     pub fn start_model(nodes: usize, model_yaml: &str, with_services: bool) -> Result<Self> {
+        Self::start_topology(nodes, Topology::Link, model_yaml, with_services)
+    }
+
+    /// As `start_model`, the two nodes joined as `topology` says.
+    pub fn start_topology(
+        nodes: usize,
+        topology: Topology,
+        model_yaml: &str,
+        with_services: bool,
+    ) -> Result<Self> {
         if !(1..=2).contains(&nodes) {
             bail!("--nodes must be 1 or 2");
         }
+        if topology == Topology::Routed && nodes != 2 {
+            bail!("--topology routed needs --nodes 2");
+        }
+        let link_ips = |i| link_ips(topology, i);
         let mut ns: Vec<Node> = (0..nodes).map(|_| Node::new()).collect::<Result<_>>()?;
+        let mut router = None;
         // Two nodes: a link between their namespaces, 10.255.0.0/24 and
         // fd00:255:0::/64; the agents route pod CIDRs over it from the Node
-        // objects. It goes away with the namespaces.
-        if nodes == 2 {
+        // objects. It goes away with the namespaces. Routed: each node's
+        // link goes to the router instead.
+        if topology == Topology::Routed {
+            let r = NetNs::new("slrt")?;
+            routed::wire_routed(&r, &ns)?;
+            for n in &mut ns {
+                n.agent_args = vec!["--tunnel".into(), "auto".into()];
+            }
+            router = Some(r);
+        } else if nodes == 2 {
             let (a, b) = (crate::unique("slk"), crate::unique("slk"));
             crate::sh(
                 "ip",
@@ -310,14 +363,23 @@ impl Cluster {
             if std::env::var_os("SLUICE_AGENT_LOG").is_none() {
                 node.agent_log = "warn".into();
             }
+            let extra = std::mem::take(&mut node.agent_args);
             node.use_api(&api, &node_name(i))?;
+            node.agent_args.extend(extra);
             node.start_agent()?;
             let (v4, v6) = node_ranges(i);
-            configs.push(conflist_config(node, Some(&v4), Some(&v6)));
+            let mut conf: Value =
+                serde_json::from_str(&conflist_config(node, Some(&v4), Some(&v6)))?;
+            if topology == Topology::Routed {
+                conf["mtu"] = json!(ROUTED_POD_MTU);
+            }
+            configs.push(conf.to_string());
         }
         let model = cases::parse_objects(model_yaml).context("model")?;
         let mut cluster = Self {
             nodes: ns,
+            topology,
+            _router: router,
             api,
             configs,
             pods: BTreeMap::new(),
@@ -382,7 +444,7 @@ impl Cluster {
             self.create_service(index, &nsname, &name)?;
         }
         let (ep, ips): (Endpoint, Vec<IpAddr>) = if host {
-            (Endpoint::Host, node_ips(node).to_vec())
+            (Endpoint::Host, node_ips(self.topology, node).to_vec())
         } else {
             let pod = Pod::add_as(
                 &self.nodes[node],
@@ -397,7 +459,7 @@ impl Cluster {
         let ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
         status["status"]["podIP"] = ips.first().map(|v| v["ip"].clone()).unwrap_or(Value::Null);
         status["status"]["podIPs"] = json!(ips);
-        status["status"]["hostIP"] = json!(link_ips(node).0);
+        status["status"]["hostIP"] = json!(link_ips(self.topology, node).0);
         status["status"]["phase"] = json!("Running");
         let updated = self
             .api
@@ -612,7 +674,9 @@ impl Cluster {
         match (&p.ep, family) {
             (Endpoint::Wired(p), Family::Ipv4) => p.ipv4,
             (Endpoint::Wired(p), Family::Ipv6) => p.ipv6,
-            (Endpoint::Host, f) => node_ips(p.node).into_iter().find(|ip| Family::of(*ip) == f),
+            (Endpoint::Host, f) => node_ips(self.topology, p.node)
+                .into_iter()
+                .find(|ip| Family::of(*ip) == f),
         }
     }
 
@@ -892,6 +956,7 @@ pub fn sctp_available() -> bool {
     }
 }
 
+mod routed;
 mod run;
 pub use run::{Outcome, run, summary};
 

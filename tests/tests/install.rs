@@ -226,6 +226,19 @@ fn uninstall_detaches_and_unpins_everything_and_removes_the_files_but_no_interfa
     );
     let addrs_before = node.ns.ip(&["-br", "addr"])?;
     let routes_before = node.ns.ip(&["route"])?;
+    // The VXLAN device an agent with --tunnel leaves behind (Sluice's own
+    // interface, the one uninstall removes).
+    node.ns.ip(&[
+        "link",
+        "add",
+        "sluice-vxlan",
+        "type",
+        "vxlan",
+        "id",
+        "7",
+        "dstport",
+        "4789",
+    ])?;
 
     node.kill_agent()?;
     let bpffs = node.bpffs.dir.to_string_lossy().into_owned();
@@ -268,6 +281,10 @@ fn uninstall_detaches_and_unpins_everything_and_removes_the_files_but_no_interfa
     assert!(!net_d.join("10-sluice.conflist").exists());
     assert!(!bin.join("sluice").exists());
     assert!(!node.state_dir().exists());
+    assert!(
+        node.ns.ip(&["link", "show", "sluice-vxlan"]).is_err(),
+        "sluice-vxlan left"
+    );
     // The pod's interface and the node's addresses and routes are as they
     // were.
     assert_eq!(node.ns.ip(&["-br", "addr"])?, addrs_before);

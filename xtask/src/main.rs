@@ -47,6 +47,10 @@ enum Cmd {
         /// 1 or 2.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// How two nodes are joined: link (one L2 segment) or routed (two
+        /// subnets behind a router; the agents tunnel with VXLAN).
+        #[arg(long, value_enum, default_value_t = TopologyArg::Link)]
+        topology: TopologyArg,
         /// Only cases whose name or file contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -123,17 +127,29 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TopologyArg {
+    Link,
+    Routed,
+}
+
+#[expect(clippy::too_many_arguments, reason = "one per command-line option")]
 fn conformance(
     cases: Vec<std::path::PathBuf>,
     family: FamilyArg,
     target: TargetArg,
     nodes: usize,
+    topology: TopologyArg,
     filter: Option<String>,
     json: Option<std::path::PathBuf>,
     eventual: bool,
 ) -> Result<Vec<sluice_tests::conformance::Outcome>> {
     let mut opts = c::Options {
         nodes,
+        topology: match topology {
+            TopologyArg::Link => c::Topology::Link,
+            TopologyArg::Routed => c::Topology::Routed,
+        },
         filter,
         json: json.clone(),
         eventual,
@@ -176,6 +192,7 @@ fn main() -> Result<()> {
                     FamilyArg::All,
                     TargetArg::All,
                     nodes,
+                    TopologyArg::Link,
                     None,
                     None,
                     false,
@@ -198,13 +215,16 @@ fn main() -> Result<()> {
             family,
             target,
             nodes,
+            topology,
             filter,
             json,
             eventual,
         } => {
             require_root("the conformance suite")?;
             cargo(&["build", "--bins"])?;
-            let outcomes = conformance(cases, family, target, nodes, filter, json, eventual)?;
+            let outcomes = conformance(
+                cases, family, target, nodes, topology, filter, json, eventual,
+            )?;
             if outcomes.iter().any(|o| o.result == "FAIL") {
                 bail!("conformance failures");
             }

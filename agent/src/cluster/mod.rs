@@ -61,6 +61,14 @@ struct Peer {
     internal_ips: Vec<IpAddr>,
 }
 
+/// Another node as routing sees it (`reconcile/network.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerNode {
+    pub name: String,
+    pub pod_cidrs: Vec<IpNetwork>,
+    pub internal_ips: Vec<IpAddr>,
+}
+
 /// The cluster as this node's agent knows it.
 pub struct Cluster {
     compiler: Compiler,
@@ -81,6 +89,8 @@ pub struct Cluster {
     programmed: BTreeMap<ObjKey, String>,
     /// This node's pod CIDRs (from its Node object).
     pod_cidrs: Vec<String>,
+    /// This node's InternalIPs (from its Node object).
+    own_ips: Vec<IpAddr>,
     peers: BTreeMap<String, Peer>,
     /// Addresses the CNI gave local pods, for pods whose status does not
     /// show them yet (kubelet reports them only after ADD returns).
@@ -151,6 +161,7 @@ impl Cluster {
             known: BTreeMap::new(),
             programmed: BTreeMap::new(),
             pod_cidrs: Vec::new(),
+            own_ips: Vec::new(),
             peers: BTreeMap::new(),
             cni_ips: BTreeMap::new(),
             services: BTreeMap::new(),
@@ -346,25 +357,21 @@ impl Cluster {
         &self.pod_cidrs
     }
 
-    /// Routes to other nodes' pod CIDRs: (CIDR, gateway) where the gateway is
-    /// that node's InternalIP of the same family.
-    pub fn peer_routes(&self) -> BTreeSet<(IpNetwork, IpAddr)> {
-        let mut out = BTreeSet::new();
-        for peer in self.peers.values() {
-            for c in &peer.pod_cidrs {
-                let Ok(net) = c.parse::<IpNetwork>() else {
-                    continue;
-                };
-                if let Some(gw) = peer
-                    .internal_ips
-                    .iter()
-                    .find(|ip| ip.is_ipv4() == net.is_ipv4())
-                {
-                    out.insert((net, *gw));
-                }
-            }
-        }
-        out
+    /// The other nodes: their pod CIDRs and InternalIPs.
+    pub fn peer_nodes(&self) -> Vec<PeerNode> {
+        self.peers
+            .iter()
+            .map(|(name, p)| PeerNode {
+                name: name.clone(),
+                pod_cidrs: p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+                internal_ips: p.internal_ips.clone(),
+            })
+            .collect()
+    }
+
+    /// This node's InternalIPs.
+    pub fn own_internal_ips(&self) -> &[IpAddr] {
+        &self.own_ips
     }
 
     /// Every known pod address and its identity.
@@ -475,6 +482,7 @@ impl Cluster {
         let pod_cidrs = node_pod_cidrs(n);
         if n.name_any() == self.node_name {
             self.pod_cidrs = pod_cidrs;
+            self.own_ips = internal_ips(n);
         } else {
             let peer = Peer {
                 pod_cidrs,

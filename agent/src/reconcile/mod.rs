@@ -10,9 +10,10 @@
 //!   uplinks (`network`).
 //! - A periodic tick retries what failed (a route, an uplink attach, a
 //!   programming pass) without waiting for the next watch event.
-mod network;
+pub mod network;
 mod queue;
 pub mod routes;
+pub mod vxlan;
 
 use std::{
     sync::{Arc, Mutex},
@@ -536,8 +537,9 @@ impl Reconciler {
         notices: mpsc::Sender<Notice>,
         resync: Duration,
         ready: Ready,
+        tunnel: vxlan::TunnelConfig,
     ) -> anyhow::Result<()> {
-        let mut net = network::Network::new()?;
+        let mut net = network::Network::new(tunnel)?;
         let mut tick = tokio::time::interval(resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -574,18 +576,21 @@ impl Reconciler {
                     warn!("Event queue full: a Warning Event is dropped (the log has it)");
                 }
             }
-            let (synced, desired) = self
+            let (synced, (peers, own)) = self
                 .with(|st| {
                     let c = st.cluster.as_ref();
                     // Ready: every kind listed, programmed, nothing to retry.
                     let synced =
                         c.is_some_and(|c| c.is_synced() && c.programmed_any()) && !st.retry_all;
-                    Ok((synced, c.map(Cluster::peer_routes).unwrap_or_default()))
+                    let peers = c
+                        .map(|c| (c.peer_nodes(), c.own_internal_ips().to_vec()))
+                        .unwrap_or_default();
+                    Ok((synced, peers))
                 })
                 .await
                 .unwrap_or_default();
             ready.set_synced(synced);
-            net.sync(&desired, &self).await;
+            net.sync(&peers, &own, &self).await;
         }
     }
 }

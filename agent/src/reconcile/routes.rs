@@ -1,6 +1,7 @@
-//! Routes to the other nodes' pod CIDRs, each via that node's InternalIP,
-//! kept in line with the Node objects (rtnetlink; never `ip route`). Only
-//! routes this agent added are ever removed.
+//! Routes to the other nodes' pod CIDRs, each via that node's InternalIP
+//! or, through the VXLAN device, via the peer's gateway there (onlink;
+//! `vxlan.rs`), kept in line with the Node objects (rtnetlink; never
+//! `ip route`). Only routes this agent added are ever removed.
 use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnetwork::IpNetwork;
@@ -8,7 +9,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use sluice_common::netlink::errno;
 use tracing::{info, warn};
 
-pub type Route = (IpNetwork, IpAddr);
+/// (destination, gateway, the tunnel device's index when through it).
+pub type Route = (IpNetwork, IpAddr, Option<u32>);
 
 pub struct Routes {
     handle: Handle,
@@ -16,11 +18,15 @@ pub struct Routes {
 }
 
 fn message(r: &Route) -> Result<netlink_packet_route::route::RouteMessage, String> {
-    let (net, gw) = r;
-    let mut b = RouteMessageBuilder::<IpAddr>::new()
+    let (net, gw, tunnel) = r;
+    let b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(net.network(), net.prefix())
         .and_then(|b| b.gateway(*gw))
         .map_err(|e| format!("route {net} via {gw}: {e}"))?;
+    if let Some(idx) = tunnel {
+        return Ok(b.output_interface(*idx).onlink().build());
+    }
+    let mut b = b;
     // Name the interface the gateway is on: the kernel refuses some IPv6
     // gateway routes without it (EINVAL), where `ip route` finds it itself.
     if let Some(oif) =
@@ -42,6 +48,11 @@ impl Routes {
         })
     }
 
+    /// The netlink handle, shared with the VXLAN device's requests.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     /// Adds what is missing and removes what this agent added and is no
     /// longer wanted. Failures are logged and retried on the next sync.
     pub async fn sync(&mut self, desired: &BTreeSet<Route>) {
@@ -55,7 +66,7 @@ impl Routes {
             };
             match self.handle.route().add(msg).replace().execute().await {
                 Ok(()) => {
-                    info!(dst = %r.0, via = %r.1, "route to a node's pods");
+                    info!(dst = %r.0, via = %r.1, tunnel = r.2.is_some(), "route to a node's pods");
                     self.installed.insert(*r);
                 }
                 Err(e) => warn!(dst = %r.0, via = %r.1, error = %e, "adding route failed"),

@@ -287,11 +287,13 @@ pub fn run(opts: &Options) -> Result<Vec<Outcome>> {
                 .join(model.file_name()),
         )?;
         let started = Instant::now();
-        let mut cluster = Cluster::start_model(opts.nodes, &text, model.has_services())
-            .with_context(|| format!("starting the {model:?} model"))?;
+        let mut cluster =
+            Cluster::start_topology(opts.nodes, opts.topology, &text, model.has_services())
+                .with_context(|| format!("starting the {model:?} model"))?;
         eprintln!(
-            "cluster of {} node(s), {:?} model, up in {:.1}s",
+            "cluster of {} node(s) ({:?}), {:?} model, up in {:.1}s",
             opts.nodes,
+            opts.topology,
             model,
             started.elapsed().as_secs_f64()
         );

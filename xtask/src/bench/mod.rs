@@ -16,6 +16,7 @@ mod compiler_cnp;
 mod cut;
 mod datapath;
 mod flood;
+mod nodes;
 mod propagation;
 mod rules;
 mod throughput;

@@ -13,6 +13,9 @@
 //! time iperf3's two ends spend per Gbit/s: the per-packet cost of each
 //! data path, which other tenants disturb much less than the rate.
 //!
+//! Then, in the same run, across two nodes (`nodes.rs`): the direct route
+//! and the VXLAN tunnel (nodes in two subnets) against (a).
+//!
 //! `cargo xtask bench throughput [--seconds 3] [--rounds 7]`
 use std::{
     io::{Read as _, Write as _},
@@ -136,7 +139,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     drop((servers, echo));
     report(&kinds, &values);
-    Ok(())
+    // Then across two nodes: the direct route against the VXLAN tunnel.
+    super::nodes::run(&pairs[0], &secs, rounds)
 }
 
 /// (c): the server admits only the client on the two test ports, the

@@ -331,6 +331,10 @@ mod tests {
             Command::Lint(LintArgs {
                 paths: vec![PathBuf::from(path)],
                 format,
+                live: false,
+                socket: crate::cli::args::Socket {
+                    path: PathBuf::from(sluice_proto::DEFAULT_SOCKET),
+                },
             })
         };
         assert_eq!(
@@ -351,6 +355,12 @@ mod tests {
             panic!("{two:?}")
         };
         assert_eq!(two.paths, [PathBuf::from("a"), PathBuf::from("b")]);
+        let live = command(&["lint", "--live", "--socket", "/s"]).unwrap();
+        let Command::Lint(live) = live else {
+            panic!("{live:?}")
+        };
+        assert!(live.live && live.paths.is_empty());
+        assert_eq!(live.socket.path, PathBuf::from("/s"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The command line of `sluice status|wait|observe|lint` (clap derive; one
+//! The command line of `sluice status|wait|observe|explain|lint|assert|completions` (clap derive; one
 //! `Args` struct per subcommand), parsed without I/O.
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -50,6 +50,9 @@ pub enum Command {
     /// TAP version 13 or JSON; exit 0 all held, 1 any failed, 2 usage or a
     /// bad file.
     Assert(super::assert::AssertArgs),
+    /// Print the shell completion script for SHELL on stdout, e.g.
+    /// `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions(CompletionsArgs),
 }
 
 /// The agent's socket; every subcommand takes it.
@@ -58,6 +61,19 @@ pub struct Socket {
     /// The node agent's socket.
     #[arg(long = "socket", value_name = "PATH", default_value = sluice_proto::DEFAULT_SOCKET, value_parser = non_empty_path)]
     pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// The completion script of `sluice` for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "sluice", &mut out);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
@@ -613,6 +629,29 @@ mod tests {
         }
         for bad in ["", "s", "-1s", "1.2.3s", "1 s", "10x"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn completions_cover_every_subcommand_for_each_shell() {
+        let cli = parse(["completions", "zsh"].map(OsString::from)).unwrap();
+        assert_eq!(
+            cli.command,
+            Command::Completions(CompletionsArgs {
+                shell: clap_complete::Shell::Zsh
+            })
+        );
+        assert_eq!(
+            parse(["completions", "tcsh"].map(OsString::from))
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Fish] {
+            let script = String::from_utf8(completions(shell)).unwrap();
+            for verb in ["status", "wait", "observe", "explain", "lint", "assert"] {
+                assert!(script.contains(verb), "{shell}: {verb}");
+            }
         }
     }
 }

@@ -68,6 +68,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         },
         Command::Lint(a) => lint::run(&a),
         Command::Assert(a) => assert::run(&a),
+        Command::Completions(a) => {
+            // A closed stdout is nothing to report.
+            let _written = io::stdout().write_all(&args::completions(a.shell)).is_ok();
+            OK
+        }
     })
 }
 

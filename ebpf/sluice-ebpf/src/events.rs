@@ -46,30 +46,10 @@ pub fn record_drop(ep_id: u32, dir: u8, reason: u8, pkt: &Packet, len: u32) {
     };
     let peer = if pkt.family == FAMILY_NONE {
         0
-    } else if dir == sluice_common::DIR_INGRESS {
-        identity_of(&pkt.saddr)
     } else {
-        identity_of(&pkt.daddr)
+        peer_identity(dir, pkt)
     };
-    entry.write(DropEvent {
-        ts_ns: precise_now_ns(),
-        ep_id,
-        peer_identity: peer,
-        saddr: pkt.saddr.bytes(),
-        daddr: pkt.daddr.bytes(),
-        sport: pkt.sport,
-        dport: pkt.dport,
-        family: pkt.family,
-        proto: pkt.proto,
-        dir,
-        reason,
-        pkt_len: len,
-        icmp_type: pkt.icmp_type,
-        icmp_code: pkt.icmp_code,
-        _pad: 0,
-        rule_id: rule,
-        _pad2: 0,
-    });
+    entry.write(event(ep_id, dir, pkt, peer, (reason, len, rule)));
     entry.submit(0);
     count(stat::EVENTS_SENT);
 }
@@ -94,12 +74,32 @@ pub fn record_flow(ep_id: u32, dir: u8, pkt: &Packet, rule: u32) {
         count(stat::EVENTS_LOST);
         return;
     };
-    let peer = if dir == sluice_common::DIR_INGRESS {
+    let peer = peer_identity(dir, pkt);
+    entry.write(event(ep_id, dir, pkt, peer, (reason::FORWARDED, 0, rule)));
+    entry.submit(0);
+}
+
+/// The peer's identity: the source's for ingress, the destination's for
+/// egress.
+#[inline(always)]
+fn peer_identity(dir: u8, pkt: &Packet) -> u32 {
+    if dir == sluice_common::DIR_INGRESS {
         identity_of(&pkt.saddr)
     } else {
         identity_of(&pkt.daddr)
-    };
-    entry.write(DropEvent {
+    }
+}
+
+/// The event of `pkt` at endpoint `ep_id`: `(reason, packet length, rule)`.
+#[inline(always)]
+fn event(
+    ep_id: u32,
+    dir: u8,
+    pkt: &Packet,
+    peer: u32,
+    (reason, len, rule): (u8, u32, u32),
+) -> DropEvent {
+    DropEvent {
         ts_ns: precise_now_ns(),
         ep_id,
         peer_identity: peer,
@@ -110,15 +110,14 @@ pub fn record_flow(ep_id: u32, dir: u8, pkt: &Packet, rule: u32) {
         family: pkt.family,
         proto: pkt.proto,
         dir,
-        reason: reason::FORWARDED,
-        pkt_len: 0,
+        reason,
+        pkt_len: len,
         icmp_type: pkt.icmp_type,
         icmp_code: pkt.icmp_code,
         _pad: 0,
         rule_id: rule,
         _pad2: 0,
-    });
-    entry.submit(0);
+    }
 }
 
 /// Notes the rule of a deny for the drop that follows (`DENY_RULE`).

@@ -201,6 +201,19 @@ fn service_ips(index: usize) -> [IpAddr; 2] {
 
 /// Node `i`'s address of each family: on the shared link, or in its own
 /// subnet behind the router (whose address there ends in 1).
+/// A veth pair with one end in namespace `a` and the other in `b`, both
+/// named `prefix` and a unique suffix; returns their names.
+fn veth_between(a: &str, b: &str, prefix: &str) -> Result<(String, String)> {
+    let (x, y) = (crate::unique(prefix), crate::unique(prefix));
+    crate::sh(
+        "ip",
+        &[
+            "link", "add", &x, "netns", a, "type", "veth", "peer", "name", &y, "netns", b,
+        ],
+    )?;
+    Ok((x, y))
+}
+
 fn link_ips(top: Topology, i: usize) -> (String, String) {
     match top {
         Topology::Link => (
@@ -284,24 +297,7 @@ impl Cluster {
             }
             router = Some(r);
         } else if nodes == 2 {
-            let (a, b) = (crate::unique("slk"), crate::unique("slk"));
-            crate::sh(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &a,
-                    "netns",
-                    &ns[0].ns.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &b,
-                    "netns",
-                    &ns[1].ns.name,
-                ],
-            )?;
+            let (a, b) = veth_between(&ns[0].ns.name, &ns[1].ns.name, "slk")?;
             for (i, dev) in [(0, &a), (1, &b)] {
                 let (v4, v6) = link_ips(i);
                 ns[i]

@@ -34,6 +34,37 @@ fn pod(ns: &str, name: &str, label: &str) -> Value {
 
 /// A node whose agent watches a fresh test API server: (node, server,
 /// the plugin config for its pods).
+/// Pods a, b and c of namespace `ns` (in the API already) wired on `node`
+/// (agent started), a server on b's port 80 that c reaches, then the
+/// NetworkPolicy `only-a` admitting only a to b's `serve-80-tcp`,
+/// programmed. The explain and assert tests' common start.
+fn only_a_reaches_b(
+    node: &mut Node,
+    api: &ServerHandle,
+    config: &str,
+    ns: &str,
+) -> Result<([Pod; 3], Server)> {
+    node.start_agent()?;
+    let a = Pod::add_as(node, config, Some((ns, "a")))?;
+    let b = Pod::add_as(node, config, Some((ns, "b")))?;
+    let c = Pod::add_as(node, config, Some((ns, "c")))?;
+    let srv = Server::start(&b.ns, 80)?;
+    let b4 = b.ipv4.context("v4")?;
+    assert!(eventually(WAIT, || tcp_ok(&c.ns, b4, 80, SHORT)));
+    let rv = create(
+        api,
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "only-a", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}],
+                                  "ports": [{"port": "serve-80-tcp"}]}]}
+        }),
+    )?;
+    node.wait_programmed(&format!("NetworkPolicy/{ns}/only-a"), Some(&rv), WAIT)?;
+    Ok(([a, b, c], srv))
+}
+
 fn cluster() -> Result<(Node, ServerHandle, String)> {
     let ApiNode { node, api, config } = ApiNode::new(NODE, "10.120.0.0/24", "fd00:120::/64")?;
     Ok((node, api, config))

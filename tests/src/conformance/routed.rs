@@ -12,24 +12,7 @@ pub(super) fn wire_routed(router: &NetNs, nodes: &[Node]) -> Result<()> {
     router.sysctl("net.ipv4.ip_forward", "1")?;
     router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     for (i, node) in nodes.iter().enumerate() {
-        let (a, b) = (crate::unique("slr"), crate::unique("slr"));
-        crate::sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &a,
-                "netns",
-                &node.ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b,
-                "netns",
-                &router.name,
-            ],
-        )?;
+        let (a, b) = super::veth_between(&node.ns.name, &router.name, "slr")?;
         let (v4, v6) = link_ips(Topology::Routed, i);
         let (r4, r6) = (
             format!("10.253.{}.1", i + 1),

@@ -48,25 +48,9 @@ fn assertions_run_in_the_source_pods_and_report_tap_with_the_exit_status() -> Re
         &api,
         labelled("as", "c", &json!({"pod": "c", "role": "client"})),
     )?;
-    node.start_agent()?;
-    let a = Pod::add_as(&node, &config, Some(("as", "a")))?;
-    let b = Pod::add_as(&node, &config, Some(("as", "b")))?;
-    let c = Pod::add_as(&node, &config, Some(("as", "c")))?;
+    let ([a, b, c], _srv_b) = only_a_reaches_b(&mut node, &api, &config, "as")?;
     let _srv_a = Server::start(&a.ns, 80)?;
-    let _srv_b = Server::start(&b.ns, 80)?;
     let b4 = b.ipv4.context("v4")?;
-    assert!(eventually(WAIT, || tcp_ok(&c.ns, b4, 80, SHORT)));
-    let rv = create(
-        &api,
-        json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "only-a", "namespace": "as"},
-            "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}],
-                                  "ports": [{"port": "serve-80-tcp"}]}]}
-        }),
-    )?;
-    node.wait_programmed("NetworkPolicy/as/only-a", Some(&rv), WAIT)?;
 
     // Every assertion holds: exit 0. The first socket has no agent: each
     // question goes on to the next (the routing of a multi-node run).

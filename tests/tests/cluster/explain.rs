@@ -27,25 +27,8 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
     for (name, label) in [("a", "a"), ("b", "b"), ("c", "c")] {
         create(&api, pod("ex", name, label))?;
     }
-    node.start_agent()?;
-    let a = Pod::add_as(&node, &config, Some(("ex", "a")))?;
-    let b = Pod::add_as(&node, &config, Some(("ex", "b")))?;
-    let c = Pod::add_as(&node, &config, Some(("ex", "c")))?;
-    let _srv = Server::start(&b.ns, 80)?;
+    let ([a, b, c], _srv) = only_a_reaches_b(&mut node, &api, &config, "ex")?;
     let b4 = b.ipv4.context("v4")?;
-    assert!(eventually(WAIT, || tcp_ok(&c.ns, b4, 80, SHORT)));
-
-    let rv = create(
-        &api,
-        json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "only-a", "namespace": "ex"},
-            "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}],
-                                  "ports": [{"port": "serve-80-tcp"}]}]}
-        }),
-    )?;
-    node.wait_programmed("NetworkPolicy/ex/only-a", Some(&rv), WAIT)?;
 
     let allowed = explain(&node, "ex/a", "ex/b", "80/TCP")?;
     let [e] = &allowed[..] else {

@@ -702,6 +702,47 @@ fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_n
     Ok(())
 }
 
+/// An allowed connection, judged so that a loaded machine cannot fail it
+/// and a dropped packet can: the answer may take seconds (the web server
+/// is a process that may wait for a CPU), but the SYN must not have been
+/// retransmitted, i.e. the data path passed the first one (the SYN-ACK
+/// comes from the kernel's softirq, not from the server process, so a
+/// retransmission at the 1 s SYN timeout means a drop, not a busy CPU).
+fn http_allowed_at_once(to: SocketAddr) -> bool {
+    let timeout = Duration::from_secs(5);
+    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else {
+        return false;
+    };
+    if syn_retransmits(&s) != Some(0) {
+        return false;
+    }
+    let _ignored = s.set_read_timeout(Some(timeout));
+    let mut answer = String::new();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
+}
+
+/// Segments the socket retransmitted so far (`tcpi_total_retrans`); right
+/// after connect, its SYNs.
+fn syn_retransmits(s: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info.tcpi_total_retrans)
+}
+
 /// Probes that run while containerd or the agent restarts: from inside
 /// the pods' namespaces (ExecSync needs containerd), a long-lived allowed
 /// connection echoing every 50 ms, new allowed connections and new denied
@@ -729,7 +770,7 @@ impl Traffic {
         let conn = in_netns(ctrd.seen_by_daemon(&client.netns), move || {
             TcpStream::connect_timeout(&echo, Duration::from_secs(2))
         })??;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         let (s, bad) = (stop.clone(), wrong.clone());
         threads.push(std::thread::spawn(move || {
             let mut conn = conn;
@@ -750,7 +791,12 @@ impl Traffic {
                     return;
                 }
                 while !s.load(Ordering::Relaxed) {
-                    if http_ok(http, Duration::from_millis(300)) != want {
+                    let wrong = if want {
+                        !http_allowed_at_once(http)
+                    } else {
+                        http_ok(http, Duration::from_millis(300))
+                    };
+                    if wrong {
                         bad[slot].fetch_add(1, Ordering::Relaxed);
                     }
                     n.fetch_add(1, Ordering::Relaxed);

@@ -316,6 +316,90 @@ fn filter_from(req: &Req, ns: Option<&str>) -> Result<Filter, ApiError> {
     })
 }
 
+/// A list, whole or (with `limit`, then `continue`) by pages: the items,
+/// the resourceVersion the list is at, and the token for the next page.
+/// Every page of one list reports the first page's resourceVersion; pages
+/// are read from the store as it is when each is asked for (not from a
+/// snapshot), so an object changed in between shows its newer version and
+/// the watch from that resourceVersion replays the change, which a client
+/// applies idempotently. A token older than the watch history is 410.
+fn list_paged(
+    state: &Arc<State>,
+    req: &Req,
+    r: &'static Resource,
+    filter: &Filter,
+) -> Result<(Vec<Value>, u64, Option<String>), ApiError> {
+    let limit = match req.param("limit") {
+        None | Some("" | "0") => None,
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("limit: {l:?} is not a number")))?,
+        ),
+    };
+    let token = req
+        .param("continue")
+        .filter(|t| !t.is_empty())
+        .map(ContinueToken::parse)
+        .transpose()?;
+    let store = state.lock();
+    if limit.is_none() && token.is_none() {
+        return Ok((store.list(r, filter), store.resource_version(), None));
+    }
+    let rv = match &token {
+        Some(t) if t.rv < store.compacted() => {
+            return Err(ApiError::expired(
+                "the continue token is too old; list again from the start",
+            ));
+        }
+        Some(t) => t.rv,
+        None => store.resource_version(),
+    };
+    let after = token.as_ref().map(|t| (t.ns.as_str(), t.name.as_str()));
+    let (items, last) = store.list_page(r, filter, after, limit.unwrap_or(usize::MAX));
+    let next = last.map(|(ns, name)| ContinueToken { rv, ns, name }.encode());
+    Ok((items, rv, next))
+}
+
+/// Where the next page of a list starts: opaque to clients (hex of
+/// "rv/namespace/name"; names cannot hold '/').
+struct ContinueToken {
+    rv: u64,
+    ns: String,
+    name: String,
+}
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        format!("{}/{}/{}", self.rv, self.ns, self.name)
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn parse(token: &str) -> Result<Self, ApiError> {
+        let bad = || ApiError::bad_request(format!("continue: {token:?} is not a continue token"));
+        let bytes = (0..token.len())
+            .step_by(2)
+            .map(|i| {
+                token
+                    .get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(bad)?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let mut parts = text.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(rv), Some(ns), Some(name)) => Ok(Self {
+                rv: rv.parse().map_err(|_| bad())?,
+                ns: ns.to_string(),
+                name: name.to_string(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
 fn resource_request(
     state: &Arc<State>,
     req: &Req,
@@ -347,25 +431,20 @@ fn resource_request(
         }
         (&Method::GET, None) => {
             let filter = filter_from(req, ns)?;
-            let store = state.lock();
-            let items = store.list(r, &filter);
-            let rv = store.resource_version();
-            drop(store);
-            if let Some(v) = req.table_version() {
-                return Ok(json_response(
-                    200,
-                    &table(req.include_object(), r, v, &items, rv, true),
-                ));
-            }
-            Ok(json_response(
-                200,
-                &json!({
+            let (items, rv, next) = list_paged(state, req, r, &filter)?;
+            let mut body = match req.table_version() {
+                Some(v) => table(req.include_object(), r, v, &items, rv, true),
+                None => json!({
                     "kind": format!("{}List", r.kind),
                     "apiVersion": r.api_version(),
                     "metadata": {"resourceVersion": rv.to_string()},
                     "items": items,
                 }),
-            ))
+            };
+            if let Some(token) = next {
+                body["metadata"]["continue"] = json!(token);
+            }
+            Ok(json_response(200, &body))
         }
         (&Method::GET, Some(name)) => {
             let obj = state.lock().get(r, ns, name)?;

@@ -328,6 +328,45 @@ impl Store {
         b.values().filter(|o| filter.matches(o)).cloned().collect()
     }
 
+    /// One page of a list: at most `limit` objects that `filter` matches,
+    /// in key order (namespace, name), after the object whose key is
+    /// `after`; and the key of the page's last object when more may follow.
+    pub fn list_page(
+        &self,
+        r: &Resource,
+        filter: &Filter,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> (Vec<Value>, Option<(String, String)>) {
+        use std::ops::Bound;
+        let Some(b) = self.bucket(r) else {
+            return (Vec::new(), None);
+        };
+        let from = match after {
+            Some((ns, name)) => Bound::Excluded((ns.to_string(), name.to_string())),
+            None => Bound::Unbounded,
+        };
+        let mut items = Vec::new();
+        let mut last: Option<&Key> = None;
+        for (key, obj) in b.range((from, Bound::Unbounded)) {
+            if !filter.matches(obj) {
+                continue;
+            }
+            if items.len() == limit {
+                return (items, last.cloned());
+            }
+            items.push(obj.clone());
+            last = Some(key);
+        }
+        (items, None)
+    }
+
+    /// The newest resourceVersion whose events are forgotten (a watch or
+    /// a continued list from it or older is 410 Expired).
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
     /// Events after `rv`, or 410 Expired if some of them are forgotten.
     pub fn events_after(&self, rv: u64) -> Result<Vec<Event>, ApiError> {
         if rv < self.compacted {

@@ -41,6 +41,13 @@ pub struct Args {
     /// Policy map size (entries).
     #[arg(long, default_value_t = sluice_common::sizes::POLICY)]
     pub policy_size: u32,
+    /// The most pods the cluster is sized for: IPCACHE gets two addresses
+    /// per pod plus the nodes', PEER_CLASSES one class per pod, both with a
+    /// quarter of headroom (never below 262,144 and 65,536). A map pinned
+    /// by an earlier agent keeps its size; `sluice_map_pressure` reports
+    /// the kernel's.
+    #[arg(long, default_value_t = 100_000)]
+    pub cluster_pods: u32,
     /// Most policy entries one endpoint may hold; past it that endpoint
     /// fails closed (drops everything) and the others are unaffected.
     #[arg(long, default_value_t = crate::endpoints::DEFAULT_MAX_ENTRIES_PER_ENDPOINT)]
@@ -188,7 +195,7 @@ impl Args {
         Sizes {
             conntrack: self.conntrack_size,
             policy: self.policy_size,
-            ..Sizes::default()
+            ..Sizes::for_cluster(self.cluster_pods)
         }
     }
 

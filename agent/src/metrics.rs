@@ -254,8 +254,6 @@ pub struct EndpointStat {
 pub struct Capacities {
     pub policy: u32,
     pub endpoints: u32,
-    pub ipcache: u32,
-    pub services: u32,
 }
 
 /// What the agent's state contributes to a scrape (plain data, copied out).
@@ -328,6 +326,39 @@ fn family<S: EncodeLabelSet, M: EncodeMetric>(
 
 fn one<M: EncodeMetric>(enc: &mut DescriptorEncoder, name: &str, help: &str, m: &M) -> fmt::Result {
     m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+/// Each map's pressure: POLICY's entries are the agent's records (the sum
+/// over endpoints), ENDPOINTS' its endpoints, the other maps' come from the
+/// key walks; capacities are the kernel's when the maps could be read, the
+/// sizes asked for at load otherwise.
+fn pressures(state: &EndpointStats, counters: Option<&Counters>) -> Vec<(&'static str, f64)> {
+    use sluice_common::maps::{ENDPOINTS, POLICY};
+    let cap = |name, asked| {
+        counters
+            .and_then(|c| c.fills.get(name))
+            .map_or(asked, |f| f.capacity)
+    };
+    let total: usize = state.endpoints.iter().map(|ep| ep.entries).sum();
+    let mut out = vec![
+        (POLICY, ratio(total, cap(POLICY, state.capacity.policy))),
+        (
+            ENDPOINTS,
+            ratio(
+                state.endpoints.len(),
+                cap(ENDPOINTS, state.capacity.endpoints),
+            ),
+        ),
+    ];
+    if let Some(c) = counters {
+        out.extend(
+            c.fills
+                .iter()
+                .filter(|(name, _)| ![POLICY, ENDPOINTS].contains(*name))
+                .map(|(name, f)| (*name, ratio(f.entries, f.capacity))),
+        );
+    }
+    out
 }
 
 fn ratio(used: usize, cap: u32) -> f64 {
@@ -435,22 +466,12 @@ impl Collector for Scrape {
                 )
             }),
         )?;
-        let cap = state.capacity;
-        let total: usize = state.endpoints.iter().map(|ep| ep.entries).sum();
-        let mut fills = vec![
-            ("POLICY", ratio(total, cap.policy)),
-            ("ENDPOINTS", ratio(state.endpoints.len(), cap.endpoints)),
-        ];
-        if let Some(c) = &counters {
-            fills.push(("IPCACHE", ratio(c.ipcache_entries, cap.ipcache)));
-            fills.push(("SERVICES", ratio(c.service_entries, cap.services)));
-        }
         family(
             &mut enc,
-            "sluice_map_fill_ratio",
-            "Entries used over capacity.",
+            "sluice_map_pressure",
+            "Entries used over the map's capacity (1 is full).",
             Gauge,
-            fills
+            pressures(&state, counters.as_ref())
                 .into_iter()
                 .map(|(map, r)| (MapLabels { map }, ConstGauge::new(r))),
         )?;

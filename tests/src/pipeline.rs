@@ -47,6 +47,7 @@ fn sizes() -> Sizes {
         endpoints: 1024,
         ipcache: 4096,
         cidrs: 4096,
+        peer_classes: 4096,
     }
 }
 

@@ -138,8 +138,8 @@ fn a_networkpolicy_applied_to_the_api_server_is_enforced_once_the_agent_reports_
     assert!(entries("b")? > 0.0);
     assert_eq!(entries("c")?, 0.0, "no policy selects c");
     assert_eq!(get("sluice_endpoints")?, 3.0);
-    assert!(get(r#"sluice_map_fill_ratio{map="POLICY"}"#)? > 0.0);
-    assert!(get(r#"sluice_map_fill_ratio{map="IPCACHE"}"#)? > 0.0);
+    assert!(get(r#"sluice_map_pressure{map="POLICY"}"#)? > 0.0);
+    assert!(get(r#"sluice_map_pressure{map="IPCACHE"}"#)? > 0.0);
     for kind in ["Pod", "Namespace", "NetworkPolicy", "Node", "Service"] {
         assert_eq!(
             get(&format!("sluice_watch_up{{kind=\"{kind}\"}}"))?,

@@ -4,6 +4,8 @@
 //! of the agent's and never waits for programming (nor programming for it).
 use std::{collections::BTreeMap, path::Path};
 
+use aya::maps::{IterableMap as _, MapData};
+
 use sluice_common::{EP_FAIL_CLOSED, maps, stat};
 
 use crate::datapath::{DatapathError, Maps};
@@ -23,14 +25,25 @@ pub struct Counters {
     pub drops: BTreeMap<(u8, u8), Count>,
     /// Each `sluice_common::stat` counter summed over CPUs, by index.
     pub stats: [u64; stat::COUNT as usize],
-    /// Entries in IPCACHE and SERVICES (a key walk: a syscall per entry).
-    pub ipcache_entries: usize,
-    pub service_entries: usize,
+    /// Maps' fills: entries by a key walk (a syscall per entry) and the
+    /// capacity the kernel has for the map (a pinned map reused across
+    /// restarts keeps the size it was made with). POLICY has only its
+    /// capacity here (its entries are the agent's records: a walk of up to
+    /// a million keys per scrape would cost a second); CONNTRACK none (an
+    /// LRU table is full by design).
+    pub fills: BTreeMap<&'static str, Fill>,
     /// Endpoints whose ENDPOINTS flags hold `EP_FAIL_CLOSED`: read from the
     /// kernel, so right across agent restarts too.
     pub failed_closed: usize,
     /// Drops by ClusterNetworkPolicy rule id (RULE_DROPS), summed over CPUs.
     pub rule_drops: BTreeMap<u32, Count>,
+}
+
+/// One map's entries and capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fill {
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 impl Counters {
@@ -42,6 +55,19 @@ impl Counters {
             .copied()
             .unwrap_or(0)
     }
+}
+
+/// Counts the keys of a walk; the first error ends it.
+fn walk<K>(
+    name: &'static str,
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+) -> Result<usize, DatapathError> {
+    let mut n = 0;
+    for key in keys {
+        key.map_err(walk_err(name))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn walk_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -60,21 +86,47 @@ pub fn read(pin_dir: &Path) -> Result<Counters, DatapathError> {
     for (index, slot) in (0u32..).zip(out.stats.iter_mut()) {
         *slot = maps.stat(index)?;
     }
-    for key in maps.ipcache.keys() {
-        key.map_err(walk_err(maps::IPCACHE))?;
-        out.ipcache_entries += 1;
-    }
-    for key in maps.services.keys() {
-        key.map_err(walk_err(maps::SERVICES))?;
-        out.service_entries += 1;
-    }
-    out.rule_drops = rule_drops(pin_dir)?;
+    let mut fill = |name: &'static str, map: &MapData, entries: usize| {
+        let capacity = map.info().map_err(walk_err(name))?.max_entries();
+        out.fills.insert(name, Fill { entries, capacity });
+        Ok::<_, DatapathError>(())
+    };
+    fill(
+        maps::IPCACHE,
+        maps.ipcache.map(),
+        walk(maps::IPCACHE, maps.ipcache.keys())?,
+    )?;
+    fill(
+        maps::SERVICES,
+        maps.services.map(),
+        walk(maps::SERVICES, maps.services.keys())?,
+    )?;
+    fill(
+        maps::CIDRS,
+        maps.cidrs.map(),
+        walk(maps::CIDRS, maps.cidrs.keys())?,
+    )?;
+    fill(
+        maps::PEER_CLASSES,
+        maps.peer_classes.map(),
+        walk(maps::PEER_CLASSES, maps.peer_classes.keys())?,
+    )?;
+    fill(
+        maps::TIER_PROFILES,
+        maps.tier_profiles.map(),
+        walk(maps::TIER_PROFILES, maps.tier_profiles.keys())?,
+    )?;
+    fill(maps::POLICY, maps.policy.map(), 0)?;
+    let mut endpoints = 0;
     for item in maps.endpoints.iter() {
         let (_, info) = item.map_err(walk_err(maps::ENDPOINTS))?;
+        endpoints += 1;
         if info.flags & EP_FAIL_CLOSED != 0 {
             out.failed_closed += 1;
         }
     }
+    fill(maps::ENDPOINTS, maps.endpoints.map(), endpoints)?;
+    out.rule_drops = rule_drops(pin_dir)?;
     Ok(out)
 }
 

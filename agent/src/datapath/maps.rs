@@ -23,6 +23,7 @@ pub struct Sizes {
     pub endpoints: u32,
     pub ipcache: u32,
     pub cidrs: u32,
+    pub peer_classes: u32,
 }
 
 impl Default for Sizes {
@@ -34,6 +35,29 @@ impl Default for Sizes {
             endpoints: sizes::ENDPOINTS,
             ipcache: sizes::IPCACHE,
             cidrs: sizes::CIDRS,
+            peer_classes: sizes::PEER_CLASSES,
+        }
+    }
+}
+
+/// Addresses of nodes (and their tunnel endpoints) an IPCACHE sized for a
+/// cluster also holds: two per node for 4,096 nodes.
+const NODE_ADDRESSES: u32 = 8_192;
+
+impl Sizes {
+    /// The maps whose fill follows the cluster, not the node, sized for a
+    /// cluster of up to `pods` pods with a quarter of headroom (pods come
+    /// and go; an address can be held by a leaving and an arriving pod for
+    /// a moment): IPCACHE two addresses per pod (dual stack) and the
+    /// nodes', PEER_CLASSES one class per identity (at most one per pod).
+    /// Never below the defaults.
+    pub fn for_cluster(pods: u32) -> Self {
+        let headroom = |n: u32| n.saturating_add(n / 4);
+        let d = Self::default();
+        Self {
+            ipcache: headroom(pods.saturating_mul(2).saturating_add(NODE_ADDRESSES)).max(d.ipcache),
+            peer_classes: headroom(pods).max(d.peer_classes),
+            ..d
         }
     }
 }
@@ -191,5 +215,34 @@ pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sizes;
+
+    #[test]
+    fn cluster_sized_maps_hold_every_pod_address_with_a_quarter_to_spare() {
+        let s = Sizes::for_cluster(150_000);
+        // 300,000 pod addresses and 8,192 node addresses, plus a quarter.
+        assert_eq!(s.ipcache, 385_240);
+        assert_eq!(s.peer_classes, 187_500);
+        // 100,000 pods fit the default IPCACHE (260,240 of 262,144).
+        assert_eq!(Sizes::for_cluster(100_000).ipcache, 262_144);
+        assert_eq!(Sizes::for_cluster(100_000).peer_classes, 125_000);
+        let big = Sizes::for_cluster(1_000_000);
+        assert_eq!(big.ipcache, 2_510_240);
+        // Small clusters keep the defaults; node-sized maps never move.
+        let small = Sizes::for_cluster(1_000);
+        let d = Sizes::default();
+        assert_eq!(
+            (small.ipcache, small.peer_classes),
+            (d.ipcache, d.peer_classes)
+        );
+        assert_eq!(
+            (big.policy, big.endpoints, big.conntrack),
+            (d.policy, d.endpoints, d.conntrack)
+        );
     }
 }

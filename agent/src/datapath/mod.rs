@@ -122,6 +122,7 @@ impl Datapath {
             .map_max_entries(names::EP_BY_ID, sizes.endpoints)
             .map_max_entries(names::IPCACHE, sizes.ipcache)
             .map_max_entries(names::CIDRS, sizes.cidrs)
+            .map_max_entries(names::PEER_CLASSES, sizes.peer_classes)
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [programs::FROM_POD, programs::TO_POD, programs::TO_UPLINK] {

@@ -4,7 +4,7 @@ use sluice_common::reason;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
-use crate::datapath::counters::Count;
+use crate::datapath::counters::{Count, Fill};
 
 fn counters() -> Counters {
     let mut c = Counters::default();
@@ -41,8 +41,15 @@ fn counters() -> Counters {
     c.stats[stat::FORWARDED as usize + usize::from(DIR_EGRESS)] = 11;
     c.stats[stat::CT_CREATED as usize] = 5;
     c.stats[stat::EVENTS_LOST as usize] = 7;
-    c.ipcache_entries = 1;
-    c.service_entries = 2;
+    for (name, entries, capacity) in [
+        ("IPCACHE", 1, 4),
+        ("SERVICES", 2, 8),
+        ("CIDRS", 3, 4),
+        ("POLICY", 0, 16),
+        ("ENDPOINTS", 2, 4),
+    ] {
+        c.fills.insert(name, Fill { entries, capacity });
+    }
     c.failed_closed = 1;
     c.rule_drops.insert(
         sluice_common::RULE_CNP_FLAG | 3,
@@ -73,8 +80,6 @@ fn state() -> EndpointStats {
         capacity: Capacities {
             policy: 8,
             endpoints: 4,
-            ipcache: 4,
-            services: 8,
         },
         rule_names: std::sync::Arc::new(crate::events::RuleNames::from_origins(vec![(
             sluice_common::RULE_CNP_FLAG | 3,
@@ -199,7 +204,7 @@ fn fail_closed_endpoints_are_a_gauge_from_the_maps_and_the_times_a_counter_of_th
 }
 
 #[test]
-fn endpoints_entries_and_fill_ratios_come_from_the_provider_and_the_walks() {
+fn endpoints_entries_and_map_pressure_come_from_the_provider_and_the_walks() {
     let text = exporter(&Metrics::new(), Ok(counters())).encode().unwrap();
     let m = samples(&text);
     assert_eq!(
@@ -212,10 +217,12 @@ fn endpoints_entries_and_fill_ratios_come_from_the_provider_and_the_walks() {
         1.0
     );
     assert_eq!(m["sluice_endpoints"], 2.0);
-    assert_eq!(m[r#"sluice_map_fill_ratio{map="POLICY"}"#], 0.5);
-    assert_eq!(m[r#"sluice_map_fill_ratio{map="ENDPOINTS"}"#], 0.5);
-    assert_eq!(m[r#"sluice_map_fill_ratio{map="IPCACHE"}"#], 0.25);
-    assert_eq!(m[r#"sluice_map_fill_ratio{map="SERVICES"}"#], 0.25);
+    // POLICY's entries are the agent's (4), its capacity the kernel's (16).
+    assert_eq!(m[r#"sluice_map_pressure{map="POLICY"}"#], 0.25);
+    assert_eq!(m[r#"sluice_map_pressure{map="ENDPOINTS"}"#], 0.5);
+    assert_eq!(m[r#"sluice_map_pressure{map="IPCACHE"}"#], 0.25);
+    assert_eq!(m[r#"sluice_map_pressure{map="SERVICES"}"#], 0.25);
+    assert_eq!(m[r#"sluice_map_pressure{map="CIDRS"}"#], 0.75);
 }
 
 #[test]
@@ -232,7 +239,8 @@ fn without_the_maps_only_the_agents_own_families_are_answered() {
     );
     assert!(!m.contains_key("sluice_endpoints_failed_closed"), "{m:?}");
     assert_eq!(m["sluice_endpoints"], 2.0);
-    assert_eq!(m[r#"sluice_map_fill_ratio{map="POLICY"}"#], 0.5);
+    // Without the maps, the capacity asked for at load.
+    assert_eq!(m[r#"sluice_map_pressure{map="POLICY"}"#], 0.5);
     assert_eq!(m[r#"sluice_watch_up{kind="Pod"}"#], 1.0);
 }
 

@@ -522,8 +522,6 @@ impl Reconciler {
             capacity: Capacities {
                 policy: sizes.policy,
                 endpoints: sizes.endpoints,
-                ipcache: sizes.ipcache,
-                services: sluice_common::sizes::SERVICES,
             },
         }
     }

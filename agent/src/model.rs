@@ -105,6 +105,20 @@ impl ObjKey {
     pub fn object_ref(&self) -> ObjectRef {
         ObjectRef::new(self.namespace.clone(), self.name.clone())
     }
+
+    /// The key `Display` writes (`Kind/ns/name`, or `Kind/name` for a
+    /// cluster-scoped kind); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (kind, rest) = text.split_once('/')?;
+        let kind = Kind::ALL.into_iter().find(|k| k.name() == kind)?;
+        if kind.is_namespaced() {
+            let (ns, name) = rest.split_once('/')?;
+            (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
+                .then(|| Self::new(kind, ns, name))
+        } else {
+            (!rest.is_empty() && !rest.contains('/')).then(|| Self::cluster_scoped(kind, rest))
+        }
+    }
 }
 
 impl fmt::Display for ObjKey {
@@ -164,5 +178,28 @@ mod tests {
             "ClusterNetworkPolicy/block-metadata"
         );
         assert!(!Kind::ClusterNetworkPolicy.is_namespaced());
+    }
+
+    #[test]
+    fn object_keys_parse_back_from_what_they_display() {
+        for key in [
+            ObjKey::new(Kind::NetworkPolicy, "x", "p"),
+            ObjKey::new(Kind::Pod, "shop", "web-1"),
+            ObjKey::cluster_scoped(Kind::Namespace, "x"),
+            ObjKey::cluster_scoped(Kind::ClusterNetworkPolicy, "block-metadata"),
+        ] {
+            assert_eq!(ObjKey::parse(&key.to_string()), Some(key));
+        }
+        for bad in [
+            "Pod/x",
+            "Pod/x/",
+            "Namespace/x/y",
+            "Widget/x/y",
+            "Pod",
+            "",
+            "Pod/x/y/z",
+        ] {
+            assert_eq!(ObjKey::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -284,7 +284,11 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
             "",
         )),
         Request::Programmed => r
-            .programmed()
+            .programmed(None)
+            .await
+            .map(|(synced, objects)| Response::Programmed { synced, objects }),
+        Request::ProgrammedOf { keys } => r
+            .programmed(Some(keys))
             .await
             .map(|(synced, objects)| Response::Programmed { synced, objects }),
         Request::Info => {

@@ -61,6 +61,10 @@ pub enum Request {
     },
     /// Which objects' effects are in the maps (cluster mode).
     Programmed,
+    /// `Programmed` for these `Kind/namespace/name` (or `Kind/name`) keys
+    /// only: an object absent from the answer is not programmed (or not
+    /// known). What a wait for a few objects asks on a cluster of 100,000.
+    ProgrammedOf { keys: Vec<String> },
     /// How the agent runs (standalone or against an API server), for
     /// `sluice status`.
     Info,

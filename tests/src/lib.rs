@@ -432,10 +432,13 @@ impl Node {
         let want: Option<u64> = rv.map(|r| r.parse()).transpose()?;
         let deadline = Instant::now() + timeout;
         loop {
+            let only = Request::ProgrammedOf {
+                keys: vec![key.to_string()],
+            };
             if let Response::Programmed {
                 synced: true,
                 objects,
-            } = self.request(&Request::Programmed)?
+            } = self.request(&only)?
             {
                 let have = objects.get(key).and_then(|v| v.parse::<u64>().ok());
                 let done = match (want, have) {

@@ -320,6 +320,17 @@ impl Cluster {
             .collect()
     }
 
+    /// `programmed_versions` of these keys only (unparsable or unknown
+    /// ones are left out).
+    pub fn programmed_versions_of(&self, keys: &[String]) -> BTreeMap<String, String> {
+        keys.iter()
+            .filter_map(|k| {
+                let rv = self.programmed.get(&ObjKey::parse(k)?)?;
+                Some((k.clone(), rv.clone()))
+            })
+            .collect()
+    }
+
     fn note_diagnostics(&mut self, out: &Changes, all: bool, fed: &[ObjKey]) {
         let known = &self.known;
         self.diagnostics.note(

@@ -328,10 +328,19 @@ impl Reconciler {
 
     /// Whether the cluster is synced, and `Kind/ns/name` -> resourceVersion
     /// in force.
-    pub async fn programmed(&self) -> Result<(bool, std::collections::BTreeMap<String, String>)> {
-        self.with(|st| {
+    /// Whether the cluster is synced, and the resourceVersions programmed:
+    /// of every object, or of the keys in `only`.
+    pub async fn programmed(
+        &self,
+        only: Option<Vec<String>>,
+    ) -> Result<(bool, std::collections::BTreeMap<String, String>)> {
+        self.with(move |st| {
             Ok(st.cluster.as_ref().map_or_else(Default::default, |c| {
-                (c.is_synced(), c.programmed_versions())
+                let versions = match &only {
+                    None => c.programmed_versions(),
+                    Some(keys) => c.programmed_versions_of(keys),
+                };
+                (c.is_synced(), versions)
             }))
         })
         .await

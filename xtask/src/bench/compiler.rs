@@ -65,13 +65,18 @@ impl Args {
 pub(super) const APPS: usize = 5;
 pub(super) const TEAMS: usize = 25;
 
-fn namespace(i: usize, extra: Option<(&str, &str)>) -> Result<Namespace> {
-    let name = format!("ns-{i}");
-    let mut labels = json!({
-        "kubernetes.io/metadata.name": name,
+/// Namespace `i`'s labels: a team of `TEAMS`, one in three is prod.
+pub(super) fn namespace_labels(i: usize) -> Value {
+    json!({
+        "kubernetes.io/metadata.name": format!("ns-{i}"),
         "team": format!("t{}", i % TEAMS),
         "env": if i.is_multiple_of(3) { "prod" } else { "dev" },
-    });
+    })
+}
+
+fn namespace(i: usize, extra: Option<(&str, &str)>) -> Result<Namespace> {
+    let name = format!("ns-{i}");
+    let mut labels = namespace_labels(i);
     if let Some((k, v)) = extra {
         labels[k] = json!(v);
     }
@@ -82,7 +87,7 @@ fn namespace(i: usize, extra: Option<(&str, &str)>) -> Result<Namespace> {
 
 /// Named ports by app: the tables differ, so named ports resolve to
 /// different numbers (or not at all) across identities.
-fn ports_of(app: usize) -> Value {
+pub(super) fn ports_of(app: usize) -> Value {
     match app {
         0 => {
             json!([{"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}])
@@ -141,7 +146,7 @@ fn pod_specs(params: &Args) -> Vec<PodSpec> {
 
 /// Policy `k` of namespace `i`: the first is a default deny, the others
 /// cycle through six shapes across namespaces.
-fn policy_spec(i: usize, k: usize, variant: usize) -> Value {
+pub(super) fn policy_spec(i: usize, k: usize, variant: usize) -> Value {
     let app = |n: usize| json!({"matchLabels": {"app": format!("app{}", n % APPS)}});
     let shape = if k == 0 { 0 } else { 1 + (i * 3 + k) % 6 };
     match shape {

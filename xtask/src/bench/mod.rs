@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
+mod agent;
 mod cni;
 mod compiler;
 mod compiler_cnp;
@@ -39,6 +40,9 @@ pub enum Bench {
     /// A denied UDP flood: CPU per dropped packet against nftables and
     /// iptables drop rules (root).
     Flood(flood::Args),
+    /// The agent on one node of a large cluster: start to ready, RSS, map
+    /// fills, changes through the watch, fail closed (root).
+    Agent(agent::Args),
 }
 
 pub fn run(bench: &Bench) -> Result<()> {
@@ -55,6 +59,7 @@ pub fn run(bench: &Bench) -> Result<()> {
         Bench::Cni(args) => with_release_bins("cni", || cni::run(args)),
         Bench::Propagation(args) => with_release_bins("propagation", || propagation::run(args)),
         Bench::Flood(args) => with_release_bins("flood", || flood::run(args)),
+        Bench::Agent(args) => with_release_bins("agent", || agent::run(args)),
     }
 }
 

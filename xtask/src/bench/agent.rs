@@ -331,8 +331,11 @@ fn burst(
     Ok((written, started.elapsed()))
 }
 
+/// Each map's pressure, by map name.
+type Pressures = Vec<(String, f64)>;
+
 /// POLICY entries per endpoint and each map's pressure, from the metrics.
-fn fills(node: &Node) -> Result<(Vec<f64>, Vec<(String, f64)>)> {
+fn fills(node: &Node) -> Result<(Vec<f64>, Pressures)> {
     let m = node.metrics()?;
     let entries = m
         .iter()

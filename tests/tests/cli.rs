@@ -165,6 +165,19 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
                 .to_line()
                 .expect("a response serializes"),
             ],
+            Request::ProgrammedOf { keys } => vec![
+                Response::Programmed {
+                    synced: s.synced,
+                    objects: s
+                        .objects
+                        .iter()
+                        .filter(|(k, _)| keys.contains(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }
+                .to_line()
+                .expect("a response serializes"),
+            ],
             Request::Observe { filter, .. } if filter == s.expected_filter => {
                 s.records.iter().map(|r| format!("{r}\n")).collect()
             }
@@ -501,7 +514,11 @@ fn wait_returns_once_the_agent_reports_the_version() -> Result<()> {
         "{out}"
     );
     ensure!(started.elapsed() < Duration::from_secs(5));
-    ensure!(agent.requests()?.iter().all(|r| *r == Request::Programmed));
+    // Only the targets are asked for, spelled as the agent spells them.
+    let asked = Request::ProgrammedOf {
+        keys: vec!["NetworkPolicy/x/allow-a".into(), "Namespace/x".into()],
+    };
+    ensure!(agent.requests()?.iter().all(|r| *r == asked));
 
     // Already there: at once. Any version without @RV.
     let out = run(&["wait", "NetworkPolicy/x/allow-a", "--socket", &sock])?;

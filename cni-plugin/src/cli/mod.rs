@@ -123,12 +123,17 @@ fn status(socket: &Path, format: Format) -> u8 {
 
 fn wait(socket: &Path, targets: &[Target], gone: bool, timeout: Duration) -> u8 {
     let deadline = Instant::now() + timeout;
+    // Only the targets: on a large cluster the whole list is 100,000s of
+    // entries. Known kinds are spelled as the agent spells them (parse_target).
+    let ask = Request::ProgrammedOf {
+        keys: targets.iter().map(|t| t.key.clone()).collect(),
+    };
     loop {
         // A hung agent must not hold us much past the deadline, but even
         // `--timeout 0` deserves one real question.
         let left = deadline.saturating_duration_since(Instant::now());
         let agent = Agent::new(socket, left.max(Duration::from_millis(200)));
-        let unmet = match agent.call(&Request::Programmed) {
+        let unmet = match agent.call(&ask) {
             Ok(Response::Programmed { synced, objects }) => {
                 let unmet = show::unmet(targets, gone, synced, &objects);
                 if unmet.is_empty() {

@@ -112,7 +112,12 @@ fn populate(api: &ServerHandle, a: &Args, pods: &[PodRow]) -> Result<()> {
             "metadata": {"name": format!("ns-{i}"), "labels": compiler::namespace_labels(i)}}))?;
     }
     for (i, p) in pods.iter().enumerate() {
-        api.create(pod_object(i, p, (i / a.namespaces / compiler::APPS) % 2))?;
+        let obj = pod_object(i, p, (i / a.namespaces / compiler::APPS) % 2);
+        // A create drops the status, as the real server's does: written
+        // after, as kubelet does.
+        let mut stored = api.create(obj.clone())?;
+        stored["status"] = obj["status"].clone();
+        api.update(stored, Part::Status)?;
     }
     for n in 0..a.policies {
         api.create(policy_object(n, a.namespaces, 0))?;

@@ -100,6 +100,10 @@ pub struct Cluster {
     diagnostics: diagnostics::Diagnostics,
     /// The first full pass is in the maps.
     first_programmed: bool,
+    /// A re-list replaced a kind's objects since the last programmed pass:
+    /// `programmed` forgets what `known` no longer has (a walk of every
+    /// object, so only then).
+    relisted: bool,
     /// Audit-mode policies compiled as if enforced, shared with the event
     /// loop (`policy::audit`); `compiler` never sees them.
     audit: std::sync::Arc<AuditView>,
@@ -168,6 +172,7 @@ impl Cluster {
             diagnostics: diagnostics::Diagnostics::default(),
             first_programmed: false,
             audit: std::sync::Arc::default(),
+            relisted: false,
         }
     }
 
@@ -241,17 +246,28 @@ impl Cluster {
         let was_synced = self.is_synced();
         let mut out = Changes::default();
         let mut versions = Vec::new();
+        // Only a policy (or a re-list) can change which policies audit.
+        let mut policies_changed = false;
         for change in batch {
             match &change {
                 Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
                 Change::Deleted(o) => versions.push((o.key(), None)),
                 Change::Resync(_, objs) => {
                     versions.extend(objs.iter().map(|o| (o.key(), Some(o.resource_version()))));
+                    self.relisted = true;
                 }
             }
+            policies_changed |= match &change {
+                Change::Applied(o) | Change::Deleted(o) => {
+                    matches!(o.key().kind, Kind::NetworkPolicy | Kind::ClusterNetworkPolicy)
+                }
+                Change::Resync(..) => true,
+            };
             out.merge(self.apply_one(change));
         }
-        self.keep_audit_view();
+        if policies_changed {
+            self.keep_audit_view();
+        }
         self.publish_rule_names();
         self.publish_isolators(&out);
         if !self.is_synced() {
@@ -303,8 +319,10 @@ impl Cluster {
             }
         }
         // Objects a re-list no longer has are gone from the maps too.
-        let known = &self.known;
-        self.programmed.retain(|key, _| known.contains_key(key));
+        if std::mem::take(&mut self.relisted) {
+            let known = &self.known;
+            self.programmed.retain(|key, _| known.contains_key(key));
+        }
     }
 
     /// Whether a programming pass has been recorded since the first list.

@@ -207,10 +207,16 @@ impl Endpoints {
             self.forget(dp, &old)?;
         }
         let ep_id = self.registry.allocate_ep_id()?;
+        let hairpin_tag = self.registry.allocate_hairpin_tag();
+        if hairpin_tag == 0 {
+            warn!(%ep_id, limit = sluice_common::HAIRPIN_TAG_MAX,
+                "no hairpin tag left: this endpoint reaching itself through a Service is not judged");
+        }
         let ep = Endpoint {
             ep_id,
             identity: identity.unwrap_or(Identity(STANDALONE_IDENTITY_BASE + ep_id.0)),
             spec,
+            hairpin_tag,
         };
         let programmed = self.programmed.entry(ep.ep_id).or_default().clone();
         let written = dp

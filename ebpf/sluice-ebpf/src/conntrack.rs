@@ -33,8 +33,9 @@ pub fn side_le(a: &Addr, ap: u16, b: &Addr, bp: u16) -> bool {
     ah < bh || (ah == bh && (al < bl || (al == bl && ap <= bp)))
 }
 
-/// The conntrack key of a packet (saddr:sport -> daddr:dport) seen on
-/// endpoint `ep_id`, and whether the source is its `lo` side.
+/// The conntrack key of `kind` (`CT_KEY_*`) of a packet (saddr:sport ->
+/// daddr:dport) seen on endpoint `ep_id`, and whether the source is its
+/// `lo` side.
 #[inline(always)]
 pub fn flow_key(
     ep_id: u32,
@@ -42,13 +43,13 @@ pub fn flow_key(
     sport: u16,
     daddr: &Addr,
     dport: u16,
-    l4: u8,
+    (l4, kind): (u8, u8),
 ) -> (CtKey, bool) {
     let src_is_lo = side_le(saddr, sport, daddr, dport);
     let key = if src_is_lo {
-        ct_key(ep_id, (saddr, sport), (daddr, dport), l4, 0)
+        ct_key(ep_id, (saddr, sport), (daddr, dport), l4, kind)
     } else {
-        ct_key(ep_id, (daddr, dport), (saddr, sport), l4, 0)
+        ct_key(ep_id, (daddr, dport), (saddr, sport), l4, kind)
     };
     (key, src_is_lo)
 }

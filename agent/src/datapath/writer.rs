@@ -10,10 +10,10 @@ use std::{
 };
 
 use sluice_common::{
-    CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6,
-    EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue, POLICY_ADMIN,
-    POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP, hairpin_tag_bits,
-    maps as names,
+    CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue,
+    POLICY_ADMIN, POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP,
+    hairpin_tag_bits, maps as names,
 };
 use tracing::{debug, info};
 
@@ -268,6 +268,23 @@ impl Writer {
             self.set_peer_class(*i, None)?;
         }
         Ok(())
+    }
+
+    /// The hairpin tag bits of an endpoint's record (an endpoint an older
+    /// agent wrote without them); the other flags stay.
+    pub fn set_hairpin_tag(&mut self, ep: &EndpointRecord) -> Result<()> {
+        let Some(mut info) = self.record(ep) else {
+            return Ok(());
+        };
+        let flags = (info.flags & !EP_HAIRPIN_TAG_MASK) | hairpin_tag_bits(ep.hairpin_tag);
+        if flags == info.flags {
+            return Ok(());
+        }
+        info.flags = flags;
+        self.maps
+            .endpoints
+            .insert(&ep.ifindex, &info, 0)
+            .map_err(map_err(names::ENDPOINTS))
     }
 
     /// A new identity for an endpoint: its record and its addresses.

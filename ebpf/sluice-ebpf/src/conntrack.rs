@@ -54,6 +54,28 @@ pub fn flow_key(
     (key, src_is_lo)
 }
 
+/// The address of side `addr_hi` (0: lo, 1: hi) of a conntrack key and the
+/// port of side `port_hi`, read at a computed offset (`addr_hi` follows
+/// `addr_lo`, `port_hi` follows `port_lo`) instead of chosen by a branch.
+#[inline(always)]
+pub fn ct_side(key: &CtKey, addr_hi: u32, port_hi: u32) -> ([u8; 16], u16) {
+    use core::mem::{offset_of, size_of};
+    const _: () = assert!(
+        offset_of!(CtKey, addr_hi) == offset_of!(CtKey, addr_lo) + size_of::<[u8; 16]>()
+            && offset_of!(CtKey, port_hi) == offset_of!(CtKey, port_lo) + size_of::<u16>()
+    );
+    let addrs = core::ptr::addr_of!(key.addr_lo);
+    let ports = core::ptr::addr_of!(key.port_lo);
+    // SAFETY: indices 0 or 1 of two adjacent fields of `key` (asserted
+    // above); plain integers, read unaligned.
+    unsafe {
+        (
+            core::ptr::read_unaligned(addrs.add((addr_hi & 1) as usize)),
+            core::ptr::read_unaligned(ports.add((port_hi & 1) as usize)),
+        )
+    }
+}
+
 /// Lifetime of an entry in seconds, from its protocol and state flags.
 #[inline(always)]
 pub fn lifetime_secs(l4: u8, flags: u32) -> u64 {

@@ -6,7 +6,8 @@
 //! (steps 0 and 7a; docs/design.md, "Services"). A conntrack entry from an
 //! older policy epoch has its flow judged again (step 7b; docs/design.md,
 //! "Policy changes reach established flows"). Modules: `parse` (headers),
-//! `conntrack`, `policy` (new flows), `events` (drop counters and events),
+//! `conntrack`, `policy` (new flows), `deferred` (Service flows judged
+//! after NAT, and the hairpin tag), `events` (drop counters and events),
 //! `maps`, `keys`.
 //!
 //! Layout for the verifier and the benchmark: the established-flow path
@@ -19,6 +20,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod conntrack;
+mod deferred;
 mod events;
 mod keys;
 mod maps;
@@ -27,7 +29,6 @@ mod policy;
 
 use core::num::NonZeroU8;
 
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
@@ -35,23 +36,24 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use sluice_common::{
-    CT_EGRESS_DEFERRED, CT_HAIRPIN, CT_KEY_DEFERRED, CT_KEY_OWN, CT_ORIG_EGRESS, CT_ORIG_IS_LO,
-    CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS, EGRESS_DEFERRED_MARK, EGRESS_SENDER_TAG_MASK,
-    EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK, EP_HAS_IPV4,
-    EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, FRAG_ALLOWED,
-    FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
+    CT_EGRESS_DEFERRED, CT_HAIRPIN, CT_KEY_OWN, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CtKey, DIR_EGRESS,
+    DIR_INGRESS, EGRESS_DEFERRED_MARK, EGRESS_SENDER_TAG_MASK, EP_EGRESS_ISOLATED,
+    EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK, EP_HAS_IPV4, EP_HAS_IPV6,
+    EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED,
+    FragValue, IDENTITY_HOST, ServiceKey, proto, reason, stat,
 };
 
 use crate::{
     conntrack::{
-        Tracked, addr_eq, create, current_epoch, denied_by, flow_key, hit_and_refresh, is_denied,
-        live, now_ns,
+        Tracked, addr_eq, create, ct_side, current_epoch, denied_by, flow_key, hit_and_refresh,
+        is_denied, live, now_ns,
     },
+    deferred::{deferred_egress, hairpin_bit, mark_deferred, marked_deferred},
     keys::frag_key,
-    maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
+    maps::{ENDPOINTS, FRAGS, SERVICES, count},
     parse::{
-        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, TCP_ACK, is_icmp_error,
-        is_nd_or_mld, parse, parse_icmp_inner, parse_ip,
+        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, is_icmp_error, is_nd_or_mld,
+        parse, parse_icmp_inner, parse_ip,
     },
 };
 
@@ -187,144 +189,6 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             Ok(TC_ACT_OK)
         }
         Err(why) => drop_packet(ctx, ep.ep_id, dir, why, pkt),
-    }
-}
-
-/// ORs `EGRESS_DEFERRED_MARK` and the endpoint's hairpin tag
-/// (`EGRESS_SENDER_TAG_MASK`) into the packet's mark (other bits are kept:
-/// kube-proxy and others use them).
-#[inline(always)]
-fn mark_deferred(ctx: &TcContext, ep: &EndpointInfo) {
-    // SAFETY: the context of a TC program is a valid __sk_buff.
-    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
-    let tag = ep.flags & EP_HAIRPIN_TAG_MASK;
-    ctx.set_mark(mark & !EGRESS_SENDER_TAG_MASK | EGRESS_DEFERRED_MARK | tag);
-}
-
-/// 1 on a hairpin (`to_pod` step 0 left `EGRESS_DEFERRED_MARK` set), else
-/// 0: read back from the mark with a shift, on every packet `to_pod`
-/// sees, so that the verifier sees one unknown bit, not constants: a
-/// constant 0 on some paths and another value on others, once a branch
-/// depends on it, keeps the paths apart and has the rest of the program
-/// verified once for each (to_pod went from 844k to 996k verified
-/// instructions with the flag set on marked packets only).
-#[inline(always)]
-fn hairpin_bit(ctx: &TcContext) -> u8 {
-    mark_hairpin_bit(ctx)
-}
-
-/// `hairpin_bit` of any skb program's context (a fresh load each time).
-#[inline(always)]
-fn mark_hairpin_bit<C: Skb>(ctx: &C) -> u8 {
-    // SAFETY: TC and cgroup skb contexts are valid __sk_buffs.
-    let mark = unsafe { core::ptr::read_volatile(&(*ctx.as_ptr().cast::<__sk_buff>()).mark) };
-    ((mark >> EGRESS_DEFERRED_MARK.trailing_zeros()) & 1) as u8
-}
-
-/// Is the packet's mark carrying `EGRESS_DEFERRED_MARK`?
-#[inline(always)]
-fn marked_deferred(ctx: &TcContext) -> bool {
-    // SAFETY: as in mark_deferred.
-    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark & EGRESS_DEFERRED_MARK != 0 }
-}
-
-/// 0. The sender's EGRESS of a packet marked `EGRESS_DEFERRED_MARK`, judged
-///    in the backend's `to_pod` after kube-proxy's DNAT: the sender is found
-///    by its address (ipcache: a local endpoint's id, then EP_BY_ID and
-///    ENDPOINTS); conntrack of the sender on the translated tuple (its
-///    `CT_KEY_DEFERRED` entry), else its egress policy against the real
-///    destination and port. A drop is counted and reported as the sender's
-///    egress drop. A source that is not a local endpoint (kube-proxy
-///    masqueraded it to the node's address) is the sender `own` (the
-///    receiver, in `to_pod`) on a hairpin, when the packet carried that
-///    endpoint's own tag; else it cannot be judged here and passes.
-#[inline(always)]
-fn deferred_egress<C: Skb>(ctx: &C, pkt: &Packet, own: Option<&EndpointInfo>) -> Result<(), i32> {
-    let src = Key::new(
-        128,
-        IpcacheKey {
-            addr: pkt.saddr.bytes(),
-        },
-    );
-    let ep_id = match IPCACHE.get(&src) {
-        Some(v) => v.ep_id,
-        None => 0,
-    };
-    // A hairpin (`Packet::hairpin`, not a branch of the caller's: see
-    // `hairpin_bit`) comes from `own`, the receiving endpoint.
-    let sender = if ep_id != 0 {
-        // SAFETY: map values, read-only for this run.
-        let found = match unsafe { EP_BY_ID.get(&ep_id) } {
-            Some(ifindex) => unsafe { ENDPOINTS.get(ifindex) },
-            None => None,
-        };
-        let Some(found) = found.filter(|s| s.ep_id == ep_id) else {
-            // The ipcache says local, the endpoint maps disagree: the
-            // sender is going away. Fail closed.
-            return drop_packet(ctx, ep_id, DIR_EGRESS, UNKNOWN_ENDPOINT, *pkt).map(|_| ());
-        };
-        found
-    } else {
-        match own {
-            // Read again from the mark, not from `pkt`: a branch on
-            // `pkt.hairpin` here would tell the verifier its value for the
-            // rest of the program (see `hairpin_bit`).
-            Some(own) if mark_hairpin_bit(ctx) != 0 => own,
-            _ => return Ok(()),
-        }
-    };
-    let ep_id = sender.ep_id;
-    // A later fragment follows its first, whose verdict (this one's and the
-    // backend's) the backend's FRAGS entry holds (step 6).
-    if pkt.frag == FRAG_LATER {
-        return Ok(());
-    }
-    let now = now_ns();
-    let (key, src_is_lo) = flow_key(
-        ep_id,
-        &pkt.saddr,
-        pkt.sport,
-        &pkt.daddr,
-        pkt.dport,
-        (pkt.proto, CT_KEY_DEFERRED),
-    );
-    // Only the sender's packets meet this entry (replies are translated
-    // back before they reach it): an ACK from the sender stands for the
-    // reply it has seen.
-    let implied = if pkt.tcp_flags & TCP_ACK != 0 {
-        CT_SEEN_REPLY
-    } else {
-        0
-    };
-    let epoch = current_epoch();
-    let tracked = hit_and_refresh(
-        &key,
-        src_is_lo,
-        pkt.tcp_flags,
-        implied,
-        now,
-        epoch,
-        |k, f| rejudge(sender, k, f),
-    );
-    let verdict = match tracked {
-        Tracked::Hit(_) => return Ok(()),
-        Tracked::Revoked => Err(REVOKED),
-        Tracked::Miss => new_flow(sender, DIR_EGRESS, *pkt, &key, now),
-    };
-    match verdict {
-        Ok(()) => Ok(()),
-        Err(why) => {
-            if pkt.frag == FRAG_FIRST {
-                let key = frag_key(&pkt.saddr, &pkt.daddr, pkt.frag_id, pkt.proto);
-                let denied = FragValue {
-                    sport: pkt.sport,
-                    dport: pkt.dport,
-                    allowed: 0,
-                };
-                let _unrecorded = FRAGS.insert(&key, &denied, 0);
-            }
-            drop_packet(ctx, ep_id, DIR_EGRESS, why, *pkt).map(|_| ())
-        }
     }
 }
 
@@ -554,28 +418,6 @@ fn rejudge(ep: &EndpointInfo, key: &CtKey, flags: u32) -> u64 {
     let (peer, port) = ct_side(key, peer_is_hi, orig_is_lo);
     // DIR_EGRESS is 1, DIR_INGRESS 0.
     judge(ep, egress as u8, &Addr::from_bytes(peer), key.proto, port)
-}
-
-/// The address of side `addr_hi` (0: lo, 1: hi) of a conntrack key and the
-/// port of side `port_hi`, read at a computed offset (`addr_hi` follows
-/// `addr_lo`, `port_hi` follows `port_lo`) instead of chosen by a branch.
-#[inline(always)]
-fn ct_side(key: &CtKey, addr_hi: u32, port_hi: u32) -> ([u8; 16], u16) {
-    use core::mem::{offset_of, size_of};
-    const _: () = assert!(
-        offset_of!(CtKey, addr_hi) == offset_of!(CtKey, addr_lo) + size_of::<[u8; 16]>()
-            && offset_of!(CtKey, port_hi) == offset_of!(CtKey, port_lo) + size_of::<u16>()
-    );
-    let addrs = core::ptr::addr_of!(key.addr_lo);
-    let ports = core::ptr::addr_of!(key.port_lo);
-    // SAFETY: indices 0 or 1 of two adjacent fields of `key` (asserted
-    // above); plain integers, read unaligned.
-    unsafe {
-        (
-            core::ptr::read_unaligned(addrs.add((addr_hi & 1) as usize)),
-            core::ptr::read_unaligned(ports.add((port_hi & 1) as usize)),
-        )
-    }
 }
 
 /// 9. A new flow: allowed where the endpoint is not isolated in `dir`, from

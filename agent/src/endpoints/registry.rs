@@ -396,9 +396,10 @@ mod tests {
         for i in 0..max {
             let tag = r.allocate_hairpin_tag();
             assert!((1..=max).contains(&tag), "{tag}");
+            let ep_id = r.allocate_ep_id()?;
             r.insert(Endpoint {
                 spec: spec(&format!("c{i}")),
-                ep_id: r.allocate_ep_id()?,
+                ep_id,
                 identity: Identity(300),
                 hairpin_tag: tag,
             })?;

@@ -331,9 +331,9 @@ pub const EGRESS_DEFERRED_MARK: u32 = 0x0020_0000;
 /// its own endpoint's tag on a packet whose source is no local endpoint
 /// (kube-proxy masqueraded it to the node's address) knows the sender is
 /// that endpoint: a hairpin. Outside kube-proxy's bits and those of the
-/// tools known to share the node (kube-router 0x30000, Weave 0x60000,
-/// Tailscale 0xff0000 on its own traffic only, AWS VPC CNI 0x80, netavark
-/// 0x2000).
+/// tools known to share the node (kube-router 0x30000, Weave 0x60000, AWS
+/// VPC CNI 0x80, netavark 0x2000); Tailscale's mask 0xff0000 covers bits
+/// 21..23, but it marks only its own interface's traffic.
 pub const EGRESS_SENDER_TAG_MASK: u32 = 0xffc0_0000;
 
 /// Key of the `SERVICES` map: a Service address (ClusterIP), 16-byte form.

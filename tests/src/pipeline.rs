@@ -270,6 +270,7 @@ impl Pipeline {
                 ifindex: FIRST_IFINDEX + ep_id.0,
                 ipv4,
                 ipv6,
+                hairpin_tag: 0,
             };
             let none = Compiled::default();
             self.dp.writer.add_endpoint(&record, &none).map_err(w)?;

@@ -4,6 +4,8 @@
 
 #[path = "datapath/flows.rs"]
 mod flows;
+#[path = "datapath/hairpin.rs"]
+mod hairpin;
 #[path = "datapath/harness.rs"]
 mod harness;
 #[path = "datapath/model.rs"]
@@ -117,7 +119,8 @@ fn ct_key(a: IpAddr, ap: u16, b: IpAddr, bp: u16, l4: u8) -> CtKey {
         port_lo: lo.1,
         port_hi: hi.1,
         proto: l4,
-        _pad: [0; 3],
+        kind: sluice_common::CT_KEY_OWN,
+        _pad: [0; 2],
     }
 }
 

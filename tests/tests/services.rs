@@ -813,5 +813,7 @@ fn a_pod_allowed_only_dns_egress_resolves_through_the_dns_service_and_reaches_no
     Ok(())
 }
 
+#[path = "services/hairpin.rs"]
+mod hairpin;
 #[path = "services/tiers.rs"]
 mod tiers;

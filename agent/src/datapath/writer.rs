@@ -10,9 +10,10 @@ use std::{
 };
 
 use sluice_common::{
-    CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6,
-    EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue, POLICY_ADMIN,
-    POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP, maps as names,
+    CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue,
+    POLICY_ADMIN, POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP,
+    hairpin_tag_bits, maps as names,
 };
 use tracing::{debug, info};
 
@@ -34,6 +35,9 @@ pub struct EndpointRecord {
     pub ifindex: u32,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
+    /// Its hairpin tag (0: none), written into its ENDPOINTS flags
+    /// (`EP_HAIRPIN_TAG_MASK`) and never changed while it lives.
+    pub hairpin_tag: u32,
 }
 
 impl EndpointRecord {
@@ -145,7 +149,8 @@ impl Writer {
             ep_id: ep.ep_id.0,
             flags: policy.isolation
                 | if ep.ipv4.is_some() { EP_HAS_IPV4 } else { 0 }
-                | if ep.ipv6.is_some() { EP_HAS_IPV6 } else { 0 },
+                | if ep.ipv6.is_some() { EP_HAS_IPV6 } else { 0 }
+                | hairpin_tag_bits(ep.hairpin_tag),
             identity: ep.identity.0,
             ipv4: ep.ipv4.map(|a| a.octets()).unwrap_or_default(),
             ipv6: ep.ipv6.map(|a| a.octets()).unwrap_or_default(),
@@ -263,6 +268,23 @@ impl Writer {
             self.set_peer_class(*i, None)?;
         }
         Ok(())
+    }
+
+    /// The hairpin tag bits of an endpoint's record (an endpoint an older
+    /// agent wrote without them); the other flags stay.
+    pub fn set_hairpin_tag(&mut self, ep: &EndpointRecord) -> Result<()> {
+        let Some(mut info) = self.record(ep) else {
+            return Ok(());
+        };
+        let flags = (info.flags & !EP_HAIRPIN_TAG_MASK) | hairpin_tag_bits(ep.hairpin_tag);
+        if flags == info.flags {
+            return Ok(());
+        }
+        info.flags = flags;
+        self.maps
+            .endpoints
+            .insert(&ep.ifindex, &info, 0)
+            .map_err(map_err(names::ENDPOINTS))
     }
 
     /// A new identity for an endpoint: its record and its addresses.

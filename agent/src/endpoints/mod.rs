@@ -144,6 +144,8 @@ impl Endpoints {
         for ep in all {
             let s = &ep.spec;
             if netdev::interface_is(&s.host_ifname, s.host_ifindex) {
+                let ep = eps.tag_if_untagged(dp, ep)?;
+                let s = &ep.spec;
                 dp.writer.index_endpoint(&ep.record())?;
                 let programmed = eps.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
                 dp.writer.refresh_masks(&ep.record(), &programmed)?;
@@ -159,6 +161,23 @@ impl Endpoints {
         }
         eps.publish();
         Ok(eps)
+    }
+
+    /// Gives an endpoint an older agent registered (without hairpin tags)
+    /// its tag: in its record and in its ENDPOINTS flags, before the new
+    /// programs are attached.
+    fn tag_if_untagged(&mut self, dp: &mut Datapath, mut ep: Endpoint) -> Result<Endpoint> {
+        if ep.hairpin_tag != 0 {
+            return Ok(ep);
+        }
+        ep.hairpin_tag = self.registry.allocate_hairpin_tag();
+        if ep.hairpin_tag == 0 {
+            warn!(ep_id = %ep.ep_id, "no hairpin tag left for a re-attached endpoint");
+            return Ok(ep);
+        }
+        self.registry.insert(ep.clone())?;
+        dp.writer.set_hairpin_tag(&ep.record())?;
+        Ok(ep)
     }
 
     /// Refuses a spec the data path cannot serve.
@@ -207,10 +226,16 @@ impl Endpoints {
             self.forget(dp, &old)?;
         }
         let ep_id = self.registry.allocate_ep_id()?;
+        let hairpin_tag = self.registry.allocate_hairpin_tag();
+        if hairpin_tag == 0 {
+            warn!(%ep_id, limit = sluice_common::HAIRPIN_TAG_MAX,
+                "no hairpin tag left: this endpoint reaching itself through a Service is not judged");
+        }
         let ep = Endpoint {
             ep_id,
             identity: identity.unwrap_or(Identity(STANDALONE_IDENTITY_BASE + ep_id.0)),
             spec,
+            hairpin_tag,
         };
         let programmed = self.programmed.entry(ep.ep_id).or_default().clone();
         let written = dp

@@ -27,6 +27,10 @@ pub struct Endpoint {
     /// ifindex.
     pub ep_id: EpId,
     pub identity: Identity,
+    /// Its hairpin tag (`Registry::allocate_hairpin_tag`; 0: none, as for
+    /// a record an agent without tags wrote).
+    #[serde(default)]
+    pub hairpin_tag: u32,
 }
 
 impl Endpoint {
@@ -47,6 +51,7 @@ impl Endpoint {
             ifindex: self.spec.host_ifindex,
             ipv4: self.spec.ipv4,
             ipv6: self.spec.ipv6,
+            hairpin_tag: self.hairpin_tag,
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct Registry {
     by_pod: HashMap<ObjectRef, Key>,
     by_ip: HashMap<IpAddr, Key>,
     next_ep_id: u32,
+    /// Where the search for a free hairpin tag starts.
+    next_tag: u32,
 }
 
 /// Container id and interface name: what the runtime names an attachment by.
@@ -117,6 +124,7 @@ impl Registry {
             by_pod: HashMap::new(),
             by_ip: HashMap::new(),
             next_ep_id: 1,
+            next_tag: 1,
         };
         for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();
@@ -207,6 +215,26 @@ impl Registry {
         Ok(EpId(id))
     }
 
+    /// A hairpin tag that no registered endpoint has (docs/design.md,
+    /// "Hairpin"), searched round-robin from after the last one given, so a
+    /// tag just freed is the last to be given again; 0 when all
+    /// `HAIRPIN_TAG_MAX` are taken (that endpoint's hairpins are then not
+    /// judged). Unique per node: a `to_pod` finding its own tag on a
+    /// masqueraded packet knows the sender is its own endpoint.
+    pub fn allocate_hairpin_tag(&mut self) -> u32 {
+        let used: std::collections::HashSet<u32> =
+            self.by_attachment.values().map(|e| e.hairpin_tag).collect();
+        let max = sluice_common::HAIRPIN_TAG_MAX;
+        for i in 0..max {
+            let tag = (self.next_tag.saturating_sub(1) + i) % max + 1;
+            if !used.contains(&tag) {
+                self.next_tag = tag % max + 1;
+                return tag;
+            }
+        }
+        0
+    }
+
     pub fn insert(&mut self, ep: Endpoint) -> Result<()> {
         let path = self.record_path(&ep.spec.attachment);
         let text = serde_json::to_vec_pretty(&ep).map_err(|source| RegistryError::Decode {
@@ -284,6 +312,7 @@ mod tests {
                 spec: spec("c1"),
                 ep_id: id,
                 identity: Identity(300),
+                hairpin_tag: 0,
             })?;
             let id2 = r.allocate_ep_id()?;
             assert_ne!(id, id2);
@@ -291,6 +320,7 @@ mod tests {
                 spec: spec("c2"),
                 ep_id: id2,
                 identity: Identity(301),
+                hairpin_tag: 0,
             })?;
             r.remove(&spec("c2").attachment)?;
         }
@@ -321,6 +351,7 @@ mod tests {
             spec: with_pod("c1", [10, 0, 0, 2]),
             ep_id: r.allocate_ep_id()?,
             identity: Identity(300),
+            hairpin_tag: 0,
         };
         r.insert(old.clone())?;
         assert_eq!(r.by_pod(&pod), Some(&old));
@@ -331,6 +362,7 @@ mod tests {
             spec: with_pod("c2", [10, 0, 0, 3]),
             ep_id: r.allocate_ep_id()?,
             identity: Identity(300),
+            hairpin_tag: 0,
         };
         r.insert(new.clone())?;
         assert_eq!(r.by_pod(&pod), Some(&new));
@@ -349,6 +381,44 @@ mod tests {
             r.by_ip([10, 0, 0, 3].into()).map(|e| e.ep_id),
             Some(new.ep_id)
         );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn hairpin_tags_are_unique_among_registered_endpoints_and_a_freed_one_comes_back_last()
+    -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("sluice-reg-tag-{}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&dir);
+        let mut r = Registry::open(&dir)?;
+        let max = sluice_common::HAIRPIN_TAG_MAX;
+        let mut tags = Vec::new();
+        for i in 0..max {
+            let tag = r.allocate_hairpin_tag();
+            assert!((1..=max).contains(&tag), "{tag}");
+            let ep_id = r.allocate_ep_id()?;
+            r.insert(Endpoint {
+                spec: spec(&format!("c{i}")),
+                ep_id,
+                identity: Identity(300),
+                hairpin_tag: tag,
+            })?;
+            tags.push(tag);
+        }
+        let distinct: std::collections::HashSet<u32> = tags.iter().copied().collect();
+        assert_eq!(distinct.len(), tags.len(), "no tag given twice");
+        assert_eq!(r.allocate_hairpin_tag(), 0, "all taken: none");
+        // Two freed: the one freed first is not the first one given back
+        // unless it comes first after the last tag given.
+        r.remove(&spec("c5").attachment)?;
+        r.remove(&spec("c9").attachment)?;
+        let again = r.allocate_hairpin_tag();
+        assert!(again == tags[5] || again == tags[9], "{again}");
+        // A reopened registry knows the tags of its records.
+        drop(r);
+        let mut r = Registry::open(&dir)?;
+        let t = r.allocate_hairpin_tag();
+        assert!(t == tags[5] || t == tags[9], "{t}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

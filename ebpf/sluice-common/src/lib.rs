@@ -107,6 +107,25 @@ pub const EP_HAS_IPV6: u32 = 1 << 4;
 /// NetworkPolicy alone, with the early exit of the first allowing hit.
 pub const EP_INGRESS_TIERED: u32 = 1 << 5;
 pub const EP_EGRESS_TIERED: u32 = 1 << 6;
+/// The endpoint's hairpin tag (docs/design.md, "Hairpin"): a number in
+/// 1..=`HAIRPIN_TAG_MAX` that no other live endpoint of the node has (0:
+/// none), kept in these bits of `flags`, the same bits that carry it in
+/// `skb->mark` (`EGRESS_SENDER_TAG_MASK`).
+pub const EP_HAIRPIN_TAG_MASK: u32 = EGRESS_SENDER_TAG_MASK;
+/// Shift of the hairpin tag in `EndpointInfo::flags` and in the mark.
+pub const HAIRPIN_TAG_SHIFT: u32 = 22;
+/// The largest hairpin tag (10 bits).
+pub const HAIRPIN_TAG_MAX: u32 = EGRESS_SENDER_TAG_MASK >> HAIRPIN_TAG_SHIFT;
+
+/// The `flags` bits of hairpin tag `tag` (0 for none; larger tags than
+/// `HAIRPIN_TAG_MAX` are none too).
+pub const fn hairpin_tag_bits(tag: u32) -> u32 {
+    if tag > HAIRPIN_TAG_MAX {
+        0
+    } else {
+        tag << HAIRPIN_TAG_SHIFT
+    }
+}
 
 /// Bit of `EndpointInfo::port_plens[dir]` that says any-protocol entries
 /// (a rule with no ports) exist; bits 0..=16 say that entries with that
@@ -265,8 +284,22 @@ pub struct CtKey {
     pub port_lo: u16,
     pub port_hi: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Which judgment of the endpoint the entry holds: `CT_KEY_OWN` or
+    /// `CT_KEY_DEFERRED`. (`EVENT_RATE`, keyed by the same struct, puts
+    /// the direction here.)
+    pub kind: u8,
+    pub _pad: [u8; 2],
 }
+
+/// `CtKey::kind` of the endpoint's own entries: what its `from_pod` and
+/// `to_pod` judge.
+pub const CT_KEY_OWN: u8 = 0;
+/// `CtKey::kind` of a sender's entry for the translated tuple of a flow
+/// whose egress was deferred (step 0, after kube-proxy's NAT). Kept apart
+/// from the endpoint's own entries: in a hairpin (a pod reaching itself
+/// through a Service) the sender's egress entry and its own ingress entry
+/// have the same endpoint and tuple.
+pub const CT_KEY_DEFERRED: u8 = 1;
 
 /// `CtValue::flags`
 pub const CT_ORIG_IS_LO: u32 = 1 << 0; // the originator is the `lo` side
@@ -280,11 +313,28 @@ pub const CT_TCP_RST: u32 = 1 << 5;
 /// of the backend (docs/design.md, "Services"). Every packet `from_pod`
 /// matches to such an entry carries `EGRESS_DEFERRED_MARK`.
 pub const CT_EGRESS_DEFERRED: u32 = 1 << 6;
+/// The entry of a hairpin (docs/design.md, "Hairpin"): the flow's peer is
+/// the endpoint itself, though the packets come from the node's address
+/// (kube-proxy's masquerade). A flow judged again (7b) is judged with the
+/// endpoint's own address as the peer.
+pub const CT_HAIRPIN: u32 = 1 << 7;
 
 /// Bit of `skb->mark` that `from_pod` sets (ORed in: other bits are kept)
-/// on packets whose egress is judged after NAT, and that `to_pod` clears.
-/// Outside kube-proxy's bits (0x4000 masquerade, 0x8000 drop).
+/// on packets whose egress is judged after NAT, and that `to_pod` clears
+/// (except on a hairpin, where it stays set as the signal of one until the
+/// veth clears the mark, entering the pod's namespace). Outside
+/// kube-proxy's bits (0x4000 masquerade, 0x8000 drop).
 pub const EGRESS_DEFERRED_MARK: u32 = 0x0020_0000;
+/// Bits of `skb->mark` that carry the sender's hairpin tag
+/// (`EP_HAIRPIN_TAG_MASK`) along with `EGRESS_DEFERRED_MARK`: `from_pod`
+/// writes them, `to_pod` and `to_uplink` clear them. A `to_pod` that finds
+/// its own endpoint's tag on a packet whose source is no local endpoint
+/// (kube-proxy masqueraded it to the node's address) knows the sender is
+/// that endpoint: a hairpin. Outside kube-proxy's bits and those of the
+/// tools known to share the node (kube-router 0x30000, Weave 0x60000, AWS
+/// VPC CNI 0x80, netavark 0x2000); Tailscale's mask 0xff0000 covers bits
+/// 21..23, but it marks only its own interface's traffic.
+pub const EGRESS_SENDER_TAG_MASK: u32 = 0xffc0_0000;
 
 /// Key of the `SERVICES` map: a Service address (ClusterIP), 16-byte form.
 #[repr(C)]
@@ -622,6 +672,26 @@ mod tests {
         assert_eq!(size_of::<CounterKey>(), 8);
         assert_eq!(size_of::<DropEvent>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 16);
+    }
+
+    #[test]
+    fn the_hairpin_tag_has_its_own_mark_bits_and_fits_the_flags_beside_the_others() {
+        assert_eq!(EGRESS_SENDER_TAG_MASK & EGRESS_DEFERRED_MARK, 0);
+        assert_eq!(EGRESS_SENDER_TAG_MASK & (0x4000 | 0x8000), 0);
+        assert_eq!(HAIRPIN_TAG_MAX, 1023);
+        assert_eq!(hairpin_tag_bits(1), 1 << 22);
+        assert_eq!(hairpin_tag_bits(HAIRPIN_TAG_MAX), EP_HAIRPIN_TAG_MASK);
+        assert_eq!(hairpin_tag_bits(HAIRPIN_TAG_MAX + 1), 0);
+        let others = EP_INGRESS_ISOLATED
+            | EP_EGRESS_ISOLATED
+            | EP_FAIL_CLOSED
+            | EP_HAS_IPV4
+            | EP_HAS_IPV6
+            | EP_INGRESS_TIERED
+            | EP_EGRESS_TIERED;
+        assert_eq!(others & EP_HAIRPIN_TAG_MASK, 0);
+        assert_eq!(CT_HAIRPIN & (CT_EGRESS_DEFERRED | CT_TCP_RST), 0);
+        assert_eq!(core::mem::offset_of!(CtKey, kind), 41);
     }
 
     #[test]

@@ -81,7 +81,12 @@ pub fn bench_lookups(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     let (key, _) = flow_key(
-        ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
+        ep.ep_id,
+        &pkt.saddr,
+        pkt.sport,
+        &pkt.daddr,
+        pkt.dport,
+        (pkt.proto, sluice_common::CT_KEY_OWN),
     );
     match CONNTRACK.get_ptr(&key) {
         Some(_) => TC_ACT_OK,
@@ -132,7 +137,12 @@ fn missed(ctx: &TcContext) -> Option<(&'static sluice_common::EndpointInfo, Pack
         return None;
     }
     let (key, _) = flow_key(
-        ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
+        ep.ep_id,
+        &pkt.saddr,
+        pkt.sport,
+        &pkt.daddr,
+        pkt.dport,
+        (pkt.proto, sluice_common::CT_KEY_OWN),
     );
     match CONNTRACK.get_ptr(&key) {
         Some(_) => None,

@@ -33,8 +33,9 @@ pub fn side_le(a: &Addr, ap: u16, b: &Addr, bp: u16) -> bool {
     ah < bh || (ah == bh && (al < bl || (al == bl && ap <= bp)))
 }
 
-/// The conntrack key of a packet (saddr:sport -> daddr:dport) seen on
-/// endpoint `ep_id`, and whether the source is its `lo` side.
+/// The conntrack key of `kind` (`CT_KEY_*`) of a packet (saddr:sport ->
+/// daddr:dport) seen on endpoint `ep_id`, and whether the source is its
+/// `lo` side.
 #[inline(always)]
 pub fn flow_key(
     ep_id: u32,
@@ -42,15 +43,37 @@ pub fn flow_key(
     sport: u16,
     daddr: &Addr,
     dport: u16,
-    l4: u8,
+    (l4, kind): (u8, u8),
 ) -> (CtKey, bool) {
     let src_is_lo = side_le(saddr, sport, daddr, dport);
     let key = if src_is_lo {
-        ct_key(ep_id, (saddr, sport), (daddr, dport), l4, 0)
+        ct_key(ep_id, (saddr, sport), (daddr, dport), l4, kind)
     } else {
-        ct_key(ep_id, (daddr, dport), (saddr, sport), l4, 0)
+        ct_key(ep_id, (daddr, dport), (saddr, sport), l4, kind)
     };
     (key, src_is_lo)
+}
+
+/// The address of side `addr_hi` (0: lo, 1: hi) of a conntrack key and the
+/// port of side `port_hi`, read at a computed offset (`addr_hi` follows
+/// `addr_lo`, `port_hi` follows `port_lo`) instead of chosen by a branch.
+#[inline(always)]
+pub fn ct_side(key: &CtKey, addr_hi: u32, port_hi: u32) -> ([u8; 16], u16) {
+    use core::mem::{offset_of, size_of};
+    const _: () = assert!(
+        offset_of!(CtKey, addr_hi) == offset_of!(CtKey, addr_lo) + size_of::<[u8; 16]>()
+            && offset_of!(CtKey, port_hi) == offset_of!(CtKey, port_lo) + size_of::<u16>()
+    );
+    let addrs = core::ptr::addr_of!(key.addr_lo);
+    let ports = core::ptr::addr_of!(key.port_lo);
+    // SAFETY: indices 0 or 1 of two adjacent fields of `key` (asserted
+    // above); plain integers, read unaligned.
+    unsafe {
+        (
+            core::ptr::read_unaligned(addrs.add((addr_hi & 1) as usize)),
+            core::ptr::read_unaligned(ports.add((port_hi & 1) as usize)),
+        )
+    }
 }
 
 /// Lifetime of an entry in seconds, from its protocol and state flags.

@@ -80,17 +80,20 @@ pub fn record_flow(ep_id: u32, dir: u8, pkt: &Packet, rule: u32) {
 }
 
 /// The peer's identity: the source's for ingress, the destination's for
-/// egress.
+/// egress (on a hairpin both are the endpoint's own).
 #[inline(always)]
 fn peer_identity(dir: u8, pkt: &Packet) -> u32 {
-    if dir == sluice_common::DIR_INGRESS {
-        identity_of(&pkt.saddr)
+    let peer = if dir == sluice_common::DIR_INGRESS {
+        pkt.judged_saddr()
     } else {
-        identity_of(&pkt.daddr)
-    }
+        &pkt.daddr
+    };
+    identity_of(peer)
 }
 
 /// The event of `pkt` at endpoint `ep_id`: `(reason, packet length, rule)`.
+/// A hairpin's source is shown as judged: the endpoint's own address, not
+/// the node's that kube-proxy's masquerade put on the packet.
 #[inline(always)]
 fn event(
     ep_id: u32,
@@ -103,7 +106,7 @@ fn event(
         ts_ns: precise_now_ns(),
         ep_id,
         peer_identity: peer,
-        saddr: pkt.saddr.bytes(),
+        saddr: pkt.judged_saddr().bytes(),
         daddr: pkt.daddr.bytes(),
         sport: pkt.sport,
         dport: pkt.dport,

@@ -25,17 +25,17 @@ struct CtKeyWords {
     proto_pad: u32,
 }
 
-/// A conntrack key; `pad0` lands in `_pad[0]` (EVENT_RATE keys put the
+/// A conntrack key of `kind` (`CT_KEY_*`; EVENT_RATE keys put the
 /// direction there).
 #[inline(always)]
-pub fn ct_key(ep_id: u32, lo: (&Addr, u16), hi: (&Addr, u16), l4: u8, pad0: u8) -> CtKey {
+pub fn ct_key(ep_id: u32, lo: (&Addr, u16), hi: (&Addr, u16), l4: u8, kind: u8) -> CtKey {
     let w = CtKeyWords {
         ep_id,
         addr_lo: lo.0.bytes(),
         addr_hi: hi.0.bytes(),
         port_lo: lo.1,
         port_hi: hi.1,
-        proto_pad: u32::from_ne_bytes([l4, pad0, 0, 0]),
+        proto_pad: u32::from_ne_bytes([l4, kind, 0, 0]),
     };
     // SAFETY: same size and field offsets as CtKey (repr(C) both), all
     // plain integers.

@@ -6,7 +6,8 @@
 //! (steps 0 and 7a; docs/design.md, "Services"). A conntrack entry from an
 //! older policy epoch has its flow judged again (step 7b; docs/design.md,
 //! "Policy changes reach established flows"). Modules: `parse` (headers),
-//! `conntrack`, `policy` (new flows), `events` (drop counters and events),
+//! `conntrack`, `policy` (new flows), `deferred` (Service flows judged
+//! after NAT, and the hairpin tag), `events` (drop counters and events),
 //! `maps`, `keys`.
 //!
 //! Layout for the verifier and the benchmark: the established-flow path
@@ -19,6 +20,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod conntrack;
+mod deferred;
 mod events;
 mod keys;
 mod maps;
@@ -27,7 +29,6 @@ mod policy;
 
 use core::num::NonZeroU8;
 
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
@@ -35,22 +36,24 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use sluice_common::{
-    CT_EGRESS_DEFERRED, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CT_SEEN_REPLY, CtKey, DIR_EGRESS,
-    DIR_INGRESS, EGRESS_DEFERRED_MARK, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED,
-    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, FRAG_ALLOWED,
-    FRAG_EGRESS_DEFERRED, FragValue, IDENTITY_HOST, IpcacheKey, ServiceKey, proto, reason, stat,
+    CT_EGRESS_DEFERRED, CT_HAIRPIN, CT_KEY_OWN, CT_ORIG_EGRESS, CT_ORIG_IS_LO, CtKey, DIR_EGRESS,
+    DIR_INGRESS, EGRESS_DEFERRED_MARK, EGRESS_SENDER_TAG_MASK, EP_EGRESS_ISOLATED,
+    EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK, EP_HAS_IPV4, EP_HAS_IPV6,
+    EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, FRAG_ALLOWED, FRAG_EGRESS_DEFERRED,
+    FragValue, IDENTITY_HOST, ServiceKey, proto, reason, stat,
 };
 
 use crate::{
     conntrack::{
-        Tracked, addr_eq, create, current_epoch, denied_by, flow_key, hit_and_refresh, is_denied,
-        live, now_ns,
+        Tracked, addr_eq, create, ct_side, current_epoch, denied_by, flow_key, hit_and_refresh,
+        is_denied, live, now_ns,
     },
+    deferred::{deferred_egress, hairpin_bit, mark_deferred, marked_deferred},
     keys::frag_key,
-    maps::{ENDPOINTS, EP_BY_ID, FRAGS, IPCACHE, SERVICES, count},
+    maps::{ENDPOINTS, FRAGS, SERVICES, count},
     parse::{
-        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, TCP_ACK, is_icmp_error,
-        is_nd_or_mld, parse, parse_icmp_inner, parse_ip,
+        Addr, FAMILY_V4, FRAG_FIRST, FRAG_LATER, L3, Packet, Skb, is_icmp_error, is_nd_or_mld,
+        parse, parse_icmp_inner, parse_ip,
     },
 };
 
@@ -80,12 +83,12 @@ pub fn to_uplink(ctx: TcContext) -> i32 {
     if mark & EGRESS_DEFERRED_MARK == 0 {
         return TC_ACT_OK;
     }
-    ctx.set_mark(mark & !EGRESS_DEFERRED_MARK);
+    ctx.set_mark(mark & !(EGRESS_DEFERRED_MARK | EGRESS_SENDER_TAG_MASK));
     let mut pkt = Packet::empty();
     if !matches!(parse(&ctx, &mut pkt), Ok(L3::Ip)) {
         return TC_ACT_OK;
     }
-    match deferred_egress(&ctx, &pkt) {
+    match deferred_egress(&ctx, &pkt, None) {
         Ok(()) => TC_ACT_OK,
         Err(ret) => ret,
     }
@@ -109,7 +112,7 @@ pub fn to_host(ctx: SkBuffContext) -> i32 {
         // Its from_pod parsed it; the stack will judge a mangled packet.
         return 1;
     }
-    match deferred_egress(&ctx, &pkt) {
+    match deferred_egress(&ctx, &pkt, None) {
         Ok(()) => 1,
         Err(_) => 0,
     }
@@ -151,127 +154,41 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let parsed = parse(ctx, &mut pkt);
     // SAFETY: the context of a TC program is a valid __sk_buff.
     let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
-    // 0. (to_pod) A packet whose sender's egress `from_pod` deferred (step
-    //    7a) is judged for that sender first, on the translated tuple.
-    if dir == DIR_INGRESS {
-        let mark = skb.mark;
-        if mark & EGRESS_DEFERRED_MARK != 0 {
-            ctx.set_mark(mark & !EGRESS_DEFERRED_MARK);
-            if matches!(parsed, Ok(L3::Ip)) {
-                deferred_egress(ctx, &pkt)?;
-            }
-        }
-    }
     // 1. Endpoint: the interface the program runs on.
     let ifindex = skb.ifindex;
     // SAFETY: a map value, read-only here and valid for this run.
     let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
         return drop_packet(ctx, 0, dir, UNKNOWN_ENDPOINT, pkt);
     };
+    // 0. (to_pod) A packet whose sender's egress `from_pod` deferred (step
+    //    7a) is judged for that sender first, on the translated tuple. It
+    //    carries the sender's hairpin tag: this endpoint's own tag on a
+    //    packet whose source is no local endpoint (masqueraded by
+    //    kube-proxy) makes it a hairpin, judged as from the endpoint to
+    //    itself (its egress here, its ingress below).
+    if dir == DIR_INGRESS {
+        let mark = skb.mark;
+        let marked = mark & EGRESS_DEFERRED_MARK != 0;
+        if marked {
+            let tag = mark & EGRESS_SENDER_TAG_MASK;
+            let own = tag != 0 && tag == ep.flags & EP_HAIRPIN_TAG_MASK;
+            // The deferred bit stays set on a hairpin only: the signal
+            // read below.
+            let keep = if own { EGRESS_DEFERRED_MARK } else { 0 };
+            ctx.set_mark(mark & !(EGRESS_DEFERRED_MARK | EGRESS_SENDER_TAG_MASK) | keep);
+        }
+        // For every packet (one load): see `hairpin_bit`.
+        pkt.hairpin = hairpin_bit(ctx);
+        if marked && matches!(parsed, Ok(L3::Ip)) {
+            deferred_egress(ctx, &pkt, Some(ep))?;
+        }
+    }
     match decide(ctx, ep, dir, parsed, &mut pkt) {
         Ok(()) => {
             count(stat::FORWARDED + u32::from(dir));
             Ok(TC_ACT_OK)
         }
         Err(why) => drop_packet(ctx, ep.ep_id, dir, why, pkt),
-    }
-}
-
-/// ORs `EGRESS_DEFERRED_MARK` into the packet's mark (other bits are kept:
-/// kube-proxy and others use them).
-#[inline(always)]
-fn mark_deferred(ctx: &TcContext) {
-    // SAFETY: the context of a TC program is a valid __sk_buff.
-    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
-    ctx.set_mark(mark | EGRESS_DEFERRED_MARK);
-}
-
-/// Is the packet's mark carrying `EGRESS_DEFERRED_MARK`?
-#[inline(always)]
-fn marked_deferred(ctx: &TcContext) -> bool {
-    // SAFETY: as in mark_deferred.
-    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark & EGRESS_DEFERRED_MARK != 0 }
-}
-
-/// 0. The sender's EGRESS of a packet marked `EGRESS_DEFERRED_MARK`, judged
-///    in the backend's `to_pod` after kube-proxy's DNAT: the sender is found
-///    by its address (ipcache: a local endpoint's id, then EP_BY_ID and
-///    ENDPOINTS); conntrack of the sender on the translated tuple, else its
-///    egress policy against the real destination and port. A drop is
-///    counted and reported as the sender's egress drop. A sender that is not
-///    a local endpoint (kube-proxy masqueraded a hairpin to the node's
-///    address) cannot be judged here and passes.
-#[inline(always)]
-fn deferred_egress<C: Skb>(ctx: &C, pkt: &Packet) -> Result<(), i32> {
-    let src = Key::new(
-        128,
-        IpcacheKey {
-            addr: pkt.saddr.bytes(),
-        },
-    );
-    let ep_id = match IPCACHE.get(&src) {
-        Some(v) => v.ep_id,
-        None => 0,
-    };
-    if ep_id == 0 {
-        return Ok(());
-    }
-    // SAFETY: map values, read-only for this run.
-    let sender = match unsafe { EP_BY_ID.get(&ep_id) } {
-        Some(ifindex) => unsafe { ENDPOINTS.get(ifindex) },
-        None => None,
-    };
-    let Some(sender) = sender.filter(|s| s.ep_id == ep_id) else {
-        // The ipcache says local, the endpoint maps disagree: the sender
-        // is going away. Fail closed.
-        return drop_packet(ctx, ep_id, DIR_EGRESS, UNKNOWN_ENDPOINT, *pkt).map(|_| ());
-    };
-    // A later fragment follows its first, whose verdict (this one's and the
-    // backend's) the backend's FRAGS entry holds (step 6).
-    if pkt.frag == FRAG_LATER {
-        return Ok(());
-    }
-    let now = now_ns();
-    let (key, src_is_lo) = flow_key(
-        ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
-    );
-    // Only the sender's packets meet this entry (replies are translated
-    // back before they reach it): an ACK from the sender stands for the
-    // reply it has seen.
-    let implied = if pkt.tcp_flags & TCP_ACK != 0 {
-        CT_SEEN_REPLY
-    } else {
-        0
-    };
-    let epoch = current_epoch();
-    let tracked = hit_and_refresh(
-        &key,
-        src_is_lo,
-        pkt.tcp_flags,
-        implied,
-        now,
-        epoch,
-        |k, f| rejudge(sender, k, f),
-    );
-    let verdict = match tracked {
-        Tracked::Hit(_) => return Ok(()),
-        Tracked::Revoked => Err(REVOKED),
-        Tracked::Miss => new_flow(sender, DIR_EGRESS, *pkt, &key, now),
-    };
-    match verdict {
-        Ok(()) => Ok(()),
-        Err(why) => {
-            if pkt.frag == FRAG_FIRST {
-                let key = frag_key(&pkt.saddr, &pkt.daddr, pkt.frag_id, pkt.proto);
-                let denied = FragValue {
-                    sport: pkt.sport,
-                    dport: pkt.dport,
-                    allowed: 0,
-                };
-                let _unrecorded = FRAGS.insert(&key, &denied, 0);
-            }
-            drop_packet(ctx, ep_id, DIR_EGRESS, why, *pkt).map(|_| ())
-        }
     }
 }
 
@@ -341,7 +258,7 @@ fn decide(
                 pkt.sport = first.sport;
                 pkt.dport = first.dport;
                 if dir == DIR_EGRESS && first.allowed & FRAG_EGRESS_DEFERRED != 0 {
-                    mark_deferred(ctx);
+                    mark_deferred(ctx, ep);
                 }
                 if first.allowed & FRAG_ALLOWED != 0 {
                     Ok(())
@@ -392,14 +309,19 @@ fn flow_verdict(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet) -> Ve
     //    7b. An entry from an older policy epoch: its flow is judged again
     //    (`rejudge`), whichever side sent this packet.
     let (key, src_is_lo) = flow_key(
-        ep.ep_id, &pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport, pkt.proto,
+        ep.ep_id,
+        &pkt.saddr,
+        pkt.sport,
+        &pkt.daddr,
+        pkt.dport,
+        (pkt.proto, CT_KEY_OWN),
     );
     match hit_and_refresh(&key, src_is_lo, pkt.tcp_flags, 0, now, epoch, |k, f| {
         rejudge(ep, k, f)
     }) {
         Tracked::Hit(flags) => {
             if dir == DIR_EGRESS && flags & CT_EGRESS_DEFERRED != 0 {
-                mark_deferred(ctx);
+                mark_deferred(ctx, ep);
             }
             return Ok(());
         }
@@ -420,7 +342,7 @@ fn flow_verdict(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet) -> Ve
             now,
             epoch,
         );
-        mark_deferred(ctx);
+        mark_deferred(ctx, ep);
         return Ok(());
     }
     // 9. and 10.
@@ -461,7 +383,7 @@ fn related_flow(ctx: &TcContext, ep: &EndpointInfo, pkt: Packet, now: u64) -> u3
         inner.sport,
         &inner.daddr,
         inner.dport,
-        inner.proto,
+        (inner.proto, CT_KEY_OWN),
     );
     match live(&key, now) {
         None => UNRELATED,
@@ -481,30 +403,33 @@ fn rejudge(ep: &EndpointInfo, key: &CtKey, flags: u32) -> u64 {
     if flags & CT_EGRESS_DEFERRED != 0 {
         return 0;
     }
-    let dir = if flags & CT_ORIG_EGRESS != 0 {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
-    };
-    // The originator's side and the responder's (server's) port.
-    let (orig, resp, port) = if flags & CT_ORIG_IS_LO != 0 {
-        (&key.addr_lo, &key.addr_hi, key.port_hi)
-    } else {
-        (&key.addr_hi, &key.addr_lo, key.port_lo)
-    };
-    let peer = if dir == DIR_INGRESS { orig } else { resp };
-    judge(ep, dir, &Addr::from_bytes(*peer), key.proto, port)
+    // Which side is the peer, and the responder's (server's) port, from
+    // the flags by address arithmetic, not branches: each branch here gave
+    // `judge` another caller state (a pointer to either side of the key)
+    // to be verified in, for every place that judges a flow again.
+    let bit = |f: u32| (flags >> f.trailing_zeros()) & 1;
+    let (orig_is_lo, egress, hairpin) = (bit(CT_ORIG_IS_LO), bit(CT_ORIG_EGRESS), bit(CT_HAIRPIN));
+    // The peer is the originator for ingress, the responder for egress;
+    // a hairpin's originator is the node (the masquerade) and its peer the
+    // endpoint itself, the responder.
+    let peer_is_orig = (egress | hairpin) ^ 1;
+    let peer_is_hi = peer_is_orig ^ orig_is_lo;
+    // The responder is `hi` when the originator is `lo`.
+    let (peer, port) = ct_side(key, peer_is_hi, orig_is_lo);
+    // DIR_EGRESS is 1, DIR_INGRESS 0.
+    judge(ep, egress as u8, &Addr::from_bytes(peer), key.proto, port)
 }
 
 /// 9. A new flow: allowed where the endpoint is not isolated in `dir`, from
 ///    the node (ingress), or by policy. 10. An allowed one is tracked, and
-///    reported while `FLOW_EVENTS` is on (10f).
+///    reported while `FLOW_EVENTS` is on (10f). A hairpin's peer is the
+///    endpoint itself in both directions (`Packet::judged_saddr`).
 #[inline(never)]
 fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> Verdict {
     // Before the policy is read: see current_epoch.
     let epoch = current_epoch();
     let peer = if dir == DIR_INGRESS {
-        &pkt.saddr
+        pkt.judged_saddr()
     } else {
         &pkt.daddr
     };
@@ -517,13 +442,15 @@ fn new_flow(ep: &EndpointInfo, dir: u8, pkt: Packet, key: &CtKey, now: u64) -> V
         });
     }
     let src_is_lo = conntrack::side_le(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
+    // Shifted, not branched on: see hairpin_bit.
+    let hairpin = u32::from(pkt.hairpin & 1) << CT_HAIRPIN.trailing_zeros();
     create(
         key,
         src_is_lo,
         dir,
         pkt.tcp_flags,
         rule as u32,
-        0,
+        hairpin,
         now,
         epoch,
     );

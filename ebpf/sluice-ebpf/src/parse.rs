@@ -136,6 +136,11 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// Not parsed: set by `to_pod` (step 0) on a hairpin, a packet from
+    /// the endpoint itself that kube-proxy masqueraded to the node's
+    /// address. Its peer is then the destination (the endpoint's own
+    /// address) in both directions. 0 or 1.
+    pub hairpin: u8,
 }
 
 impl Packet {
@@ -153,7 +158,26 @@ impl Packet {
             tcp_flags: 0,
             icmp_type: 0,
             icmp_code: 0,
+            hairpin: 0,
         }
+    }
+
+    /// The address of the flow's source as judged: the sender's own
+    /// (the destination) on a hairpin. Chosen by address arithmetic, not
+    /// a branch: `daddr` follows `saddr`, and the verifier sees one stack
+    /// pointer with an unknown offset of 0 or 16, where a branch on
+    /// `hairpin` would make it check every later step (the whole policy
+    /// judgment) once for each way (docs/design.md, "Hairpin").
+    #[inline(always)]
+    pub fn judged_saddr(&self) -> &Addr {
+        const _: () = assert!(
+            core::mem::offset_of!(Packet, daddr)
+                == core::mem::offset_of!(Packet, saddr) + core::mem::size_of::<Addr>()
+        );
+        let first = core::ptr::addr_of!(self.saddr);
+        // SAFETY: `hairpin & 1` is 0 or 1, and the Addr after `saddr` is
+        // `daddr` (asserted above): the pointer is to a field of `self`.
+        unsafe { &*first.add(usize::from(self.hairpin & 1)) }
     }
 }
 

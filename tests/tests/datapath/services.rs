@@ -30,6 +30,15 @@ fn ct_key_of(ep_id: u32, a: IpAddr, ap: u16, b: IpAddr, bp: u16, l4: u8) -> CtKe
     }
 }
 
+/// The sender's entry for the translated tuple, judged after NAT: a key of
+/// its own kind, apart from the endpoints' own entries.
+fn deferred_key_of(ep_id: u32, a: IpAddr, ap: u16, b: IpAddr, bp: u16, l4: u8) -> CtKey {
+    CtKey {
+        kind: sluice_common::CT_KEY_DEFERRED,
+        ..ct_key_of(ep_id, a, ap, b, bp, l4)
+    }
+}
+
 /// The sender's endpoint (PEER4/PEER6), not yet written.
 fn sender(flags: u32) -> EndpointInfo {
     EndpointInfo {
@@ -194,7 +203,7 @@ fn the_backends_to_pod_judges_the_senders_egress_on_the_translated_tuple() {
                 );
                 let port = if l4 == proto::TCP { 8080 } else { 53 };
                 let e = dp
-                    .ct(&ct_key_of(SENDER_EP, src, 40000, dst, port, l4))
+                    .ct(&deferred_key_of(SENDER_EP, src, 40000, dst, port, l4))
                     .expect("the sender's entry for the translated tuple");
                 assert_eq!(e.flags & CT_ORIG_EGRESS, CT_ORIG_EGRESS);
                 assert_eq!(e.rule_id, 11);
@@ -275,7 +284,7 @@ fn an_established_deferred_flow_passes_on_the_senders_translated_entry() {
         let mut s = backend_and_sender(dp, 0, EP_EGRESS_ISOLATED);
         allow_sender_egress(dp, &mut s, BACKEND_IDENTITY, proto::TCP, 8080);
         let (src, dst) = (v4(PEER4), v4(POD4));
-        let key = ct_key_of(SENDER_EP, src, 40000, dst, 8080, proto::TCP);
+        let key = deferred_key_of(SENDER_EP, src, 40000, dst, 8080, proto::TCP);
         let syn = Packet::tcp(src, 40000, dst, 8080, TCP_SYN).frame();
         assert_eq!(
             dp.run_marked(DIR_INGRESS, &syn, EGRESS_DEFERRED_MARK).0,
@@ -499,7 +508,14 @@ fn to_host_judges_the_senders_deferred_egress_of_packets_delivered_to_the_node_i
             // Marked: the sender's egress policy decides.
             assert_eq!(dp.run_host(&allowed, EGRESS_DEFERRED_MARK), 1, "{node}");
             let e = dp
-                .ct(&ct_key_of(SENDER_EP, src, 40000, node, 6443, proto::TCP))
+                .ct(&deferred_key_of(
+                    SENDER_EP,
+                    src,
+                    40000,
+                    node,
+                    6443,
+                    proto::TCP,
+                ))
                 .expect("the sender's entry for the translated tuple");
             assert_eq!(e.rule_id, 11);
             assert_eq!(

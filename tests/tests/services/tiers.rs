@@ -9,28 +9,28 @@ use super::*;
 
 /// The ClusterIP's port and the backend's (targetPort): the rules below
 /// name the backend's, which only the translated packet carries.
-const SVC_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
+pub(super) const SVC_PORT: u16 = 80;
+pub(super) const BACKEND_PORT: u16 = 8080;
 
 /// A node running the agent, with pods `client`, `other` and `server` in
 /// namespace `t`, a dual-stack Service `web` (80 -> server:8080) and
 /// kube-proxy's rules for it.
-struct Scene {
+pub(super) struct Scene {
     /// ClusterIPs: IPv4, IPv6.
-    svc: [IpAddr; 2],
+    pub(super) svc: [IpAddr; 2],
     /// The backend's addresses: IPv4, IPv6.
-    backend: [IpAddr; 2],
-    _kp: KubeProxy,
+    pub(super) backend: [IpAddr; 2],
+    pub(super) kp: KubeProxy,
     _srv: Server,
-    client: Pod,
-    other: Pod,
-    _server: Pod,
+    pub(super) client: Pod,
+    pub(super) other: Pod,
+    pub(super) server: Pod,
     api: ServerHandle,
-    node: Node,
+    pub(super) node: Node,
 }
 
 impl Scene {
-    fn new(svc6: &str) -> Result<Self> {
+    pub(super) fn new(svc6: &str) -> Result<Self> {
         let (mut node, api, config) = cluster()?;
         api.create_namespace("t")?;
         for name in ["client", "other", "server"] {
@@ -75,11 +75,11 @@ impl Scene {
         let scene = Self {
             svc: [ip4, ip6],
             backend,
-            _kp: kp,
+            kp,
             _srv: srv,
             client,
             other,
-            _server: server,
+            server,
             api,
             node,
         };
@@ -87,7 +87,7 @@ impl Scene {
             assert!(
                 eventually(WAIT, || tcp_ok(&scene.client.ns, ip, SVC_PORT, SHORT)),
                 "client -> web ({ip}) before any policy; kube-proxy's tables:\n{}",
-                scene._kp.list()
+                scene.kp.list()
             );
         }
         Ok(scene)
@@ -107,13 +107,13 @@ impl Scene {
         }
     }
 
-    fn network_policy(&self, name: &str, spec: &Value) -> Result<()> {
+    pub(super) fn network_policy(&self, name: &str, spec: &Value) -> Result<()> {
         let rv = policy(&self.api, "t", name, spec)?;
         self.node
             .wait_programmed(&format!("NetworkPolicy/t/{name}"), Some(&rv), WAIT)
     }
 
-    fn cluster_policy(&self, name: &str, spec: Value) -> Result<()> {
+    pub(super) fn cluster_policy(&self, name: &str, spec: Value) -> Result<()> {
         let mut obj = json!({
             "apiVersion": "policy.networking.k8s.io/v1alpha2",
             "kind": "ClusterNetworkPolicy",
@@ -127,7 +127,7 @@ impl Scene {
         )
     }
 
-    fn delete_cluster_policy(&self, name: &str) -> Result<()> {
+    pub(super) fn delete_cluster_policy(&self, name: &str) -> Result<()> {
         self.api.delete("clusternetworkpolicies", "", name)?;
         self.node
             .wait_programmed(&format!("ClusterNetworkPolicy/{name}"), None, WAIT)
@@ -135,12 +135,12 @@ impl Scene {
 }
 
 /// A `pods` peer or subject: pods labelled `pod=<name>` in any namespace.
-fn pods(name: &str) -> Value {
+pub(super) fn pods(name: &str) -> Value {
     json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": name}}}})
 }
 
 /// TCP to the backend's port (the ClusterIP's port is another).
-fn to_backend_port() -> Value {
+pub(super) fn to_backend_port() -> Value {
     json!([{"tcp": {"destinationPort": {"number": BACKEND_PORT}}}])
 }
 

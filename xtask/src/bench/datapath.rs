@@ -410,7 +410,8 @@ impl Datapath {
             port_lo: pod_port,
             port_hi: peer_port,
             proto: TCP,
-            _pad: [0; 3],
+            kind: sluice_common::CT_KEY_OWN,
+            _pad: [0; 2],
         };
         let value = CtValue {
             expires_ns: u64::MAX,

@@ -144,9 +144,17 @@ pub fn explain_specs<'a>(
     };
     let src = party(from)?;
     let Spec::Service(svc) = to else {
-        let e = c
-            .explain(&src, &party(to)?, p, port)
-            .map_err(|e| e.to_string())?;
+        let dst = party(to)?;
+        let mut e = c.explain(&src, &dst, p, port).map_err(|e| e.to_string())?;
+        if let (Party::Pod(a), Party::Pod(b)) = (&src, &dst)
+            && a == b
+        {
+            e.notes.push(format!(
+                "{a} reaching its own address never leaves the pod: no policy applies to it; \
+                 the verdict is what the policies say of it reaching itself through a Service \
+                 (a hairpin, judged as from {a} to itself)"
+            ));
+        }
         return Ok(vec![e]);
     };
     let found = service(svc).ok_or_else(|| format!("svc/{svc} is not known"))?;
@@ -170,6 +178,16 @@ pub fn explain_specs<'a>(
                     proto_name(p)
                 ),
             );
+            if src == Party::Pod(pod.clone()) {
+                e.notes.insert(
+                    1,
+                    format!(
+                        "a hairpin: {pod} reaches itself; kube-proxy masquerades it to the \
+                         node's address, and it is judged as from {pod} to itself \
+                         (docs/design.md, \"Hairpin\")"
+                    ),
+                );
+            }
             Ok(e)
         })
         .collect()

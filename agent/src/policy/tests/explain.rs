@@ -336,3 +336,52 @@ fn a_cluster_rule_decides_in_tier_order_and_pass_goes_on() {
     assert!(e.egress.is_none() && e.allowed);
     assert!(render(&e).contains("192.0.2.1 is not a pod address"));
 }
+
+#[test]
+fn explaining_a_pod_to_itself_tells_a_hairpin_through_a_service_from_its_own_address() {
+    use k8s_openapi::api::core::v1::Service;
+
+    use crate::policy::explain::{Spec, explain_specs};
+    let mut w = World::new();
+    // x/a admits no one, itself included.
+    w.apply("x", "deny", json!({"podSelector": {}}));
+    let pods = [pod("x", "a", json!({"app": "a"}), "10.0.1.1")];
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "x", "name": "web"},
+        "spec": {"selector": {"app": "a"},
+                 "ports": [{"port": 8080, "targetPort": 80, "protocol": "TCP"}]}}))
+    .unwrap();
+    let a = Spec::Pod(obj("x/a"));
+    let web = Spec::Service(obj("x/web"));
+    let through = explain_specs(&w.c, (&a, &web), (TCP, 8080), |_| Some(&svc), &pods).unwrap();
+    assert_eq!(through.len(), 1);
+    let e = &through[0];
+    assert!(!e.allowed, "{}", render(e));
+    assert!(
+        e.notes
+            .iter()
+            .any(|n| n.starts_with("a hairpin: x/a reaches itself")),
+        "{:?}",
+        e.notes
+    );
+    // Its own address: the same verdict, and a note that no policy
+    // applies to it there.
+    let direct = explain_specs(&w.c, (&a, &a), (TCP, 80), |_| None, &pods).unwrap();
+    assert_eq!(direct[0].allowed, e.allowed);
+    assert!(
+        direct[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("never leaves the pod")),
+        "{:?}",
+        direct[0].notes
+    );
+    // Another pod through the same Service: no such notes.
+    let other = Spec::Pod(obj("x/b"));
+    let from_b = explain_specs(&w.c, (&other, &web), (TCP, 8080), |_| Some(&svc), &pods).unwrap();
+    assert!(
+        !from_b[0].notes.iter().any(|n| n.contains("hairpin")),
+        "{:?}",
+        from_b[0].notes
+    );
+}

@@ -441,7 +441,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let (rss_added, hwm) = agent_rss(&node)?;
     println!(
-        "{} CNI ADDs at once: {:.2?} as a batch; RSS {rss_added:.1} MiB (peak {hwm:.1} MiB)",
+        "{} pods started at once (each a new netns and a CNI ADD, as a runtime does): {:.2?} as a batch; RSS {rss_added:.1} MiB (peak {hwm:.1} MiB)",
         added.len(),
         batch
     );

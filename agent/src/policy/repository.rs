@@ -195,6 +195,14 @@ impl Repository {
         }
     }
 
+    /// The local identities policy `pid` selects, without a copy.
+    pub fn targets_iter(&self, pid: PolicyId) -> impl Iterator<Item = u32> + '_ {
+        self.policies
+            .get(&pid)
+            .into_iter()
+            .flat_map(|p| p.targets.iter().copied())
+    }
+
     /// The local identities policy `pid` selects.
     pub fn targets(&self, pid: PolicyId) -> Vec<u32> {
         self.policies

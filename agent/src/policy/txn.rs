@@ -82,6 +82,10 @@ pub(super) struct Txn {
     pub settle: bool,
     /// ClusterNetworkPolicies whose rules or ranks changed.
     pub changed_cnps: BTreeSet<super::cnps::CnpId>,
+    /// Identities whose peer class may have changed (`profiles`).
+    pub class_dirty: rustc_hash::FxHashSet<u32>,
+    /// Every identity's peer class is recomputed.
+    pub classes_all: bool,
 }
 
 /// A local identity touched by the event.

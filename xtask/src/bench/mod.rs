@@ -13,6 +13,7 @@ use clap::Subcommand;
 mod cni;
 mod compiler;
 mod compiler_cnp;
+mod compiler_scale;
 mod cut;
 mod datapath;
 mod flood;

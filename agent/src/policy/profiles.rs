@@ -45,7 +45,7 @@ use super::{
     cnps::CnpId,
     contributions::resolve,
     identities::NamedPorts,
-    mapstate::{EndpointPolicy, L4, TierRule, policy_keys},
+    mapstate::{EndpointPolicy, L4, TierRule, plen_bits_of},
     selectors::SelId,
 };
 
@@ -63,6 +63,8 @@ struct Profile {
     /// The entries (peer = class), as an endpoint policy with tier rules
     /// only, so that it compiles to map entries like any other.
     policy: Arc<EndpointPolicy>,
+    /// `shape(&policy)`.
+    shape: (u32, [u32; 2]),
 }
 
 #[derive(Default)]
@@ -114,6 +116,11 @@ impl Profiles {
         self.profile_of.get(&l).copied()
     }
 
+    /// The entries' shape of profile `id` ([`shape`]).
+    pub fn shape_of(&self, id: u32) -> Option<(u32, [u32; 2])> {
+        self.profiles.get(&id).map(|p| p.shape)
+    }
+
     pub fn len(&self) -> (usize, usize) {
         (self.profiles.len(), self.class_keys.len())
     }
@@ -130,9 +137,7 @@ pub(super) fn shape(p: &EndpointPolicy) -> (u32, [u32; 2]) {
         } else {
             EP_EGRESS_TIERED
         };
-        for k in policy_keys(0, t.dir, t.identity, t.l4).unwrap_or_default() {
-            plens[usize::from(t.dir) & 1] |= super::mapstate::plen_bit(&k);
-        }
+        plens[usize::from(t.dir) & 1] |= plen_bits_of(t.identity, t.l4);
     }
     (tiered, plens)
 }
@@ -190,6 +195,7 @@ impl Compiler {
                             key: key.clone(),
                             users: BTreeSet::new(),
                             policy: Arc::default(),
+                            shape: (0, [0; 2]),
                         },
                     );
                     fresh.insert(id);
@@ -238,11 +244,13 @@ impl Compiler {
                 continue;
             };
             if *policy != *p.policy || fresh.contains(&id) {
-                if shape(&policy) != shape(&p.policy) || fresh.contains(&id) {
+                let new_shape = shape(&policy);
+                if new_shape != p.shape || fresh.contains(&id) {
                     out.identities.extend(u.iter().copied());
                 }
                 out.profiles.insert(id);
                 p.policy = policy;
+                p.shape = new_shape;
             }
             p.users = u;
         }
@@ -388,7 +396,8 @@ impl Compiler {
                 }
             }
         }
-        out.sort_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
+        // The rank is unique per rule, so an unstable sort is deterministic.
+        out.sort_unstable_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
         out.dedup_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
         EndpointPolicy {
             tier_rules: out,

@@ -67,6 +67,10 @@ impl SelectorCache {
         self.entries.get(&s).map(|e| &e.members)
     }
 
+    pub fn user_count(&self, s: SelId) -> usize {
+        self.entries.get(&s).map_or(0, |e| e.users.len())
+    }
+
     pub fn users_iter(&self, s: SelId) -> impl Iterator<Item = User> + '_ {
         self.entries
             .get(&s)

@@ -221,10 +221,10 @@ impl Compiler {
             let changed_cnps = take(&mut self.txn.changed_cnps);
             let settled = self.settle_profiles(&changed_cnps);
             for &l in &settled.identities {
-                let policy = self.profiles.profile_of(l).and_then(|p| {
-                    let policy = self.profiles.policy(p)?;
-                    Some((p, super::profiles::shape(&policy)))
-                });
+                let policy = self
+                    .profiles
+                    .profile_of(l)
+                    .and_then(|p| Some((p, self.profiles.shape_of(p)?)));
                 self.touch(l);
                 if let Some(st) = self.identities.local_mut(l) {
                     st.set_profile(policy);

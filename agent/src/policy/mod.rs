@@ -477,14 +477,15 @@ impl Compiler {
         // A wide peer has thousands of users, most selecting no local
         // identity on a node: start from the side with fewer pairs, the
         // users of `s` or the policies selecting a local identity.
-        let work: Vec<(PartRef, u32)> = if self.selectors.user_count(s) <= self.repo.targeted_count() {
-            self.selectors
-                .users_iter(s)
-                .flat_map(|u| self.repo.targets_iter(u.0).map(move |l| (u, l)))
-                .collect()
-        } else {
-            self.repo.parts_using(s)
-        };
+        let work: Vec<(PartRef, u32)> =
+            if self.selectors.user_count(s) <= self.repo.targeted_count() {
+                self.selectors
+                    .users_iter(s)
+                    .flat_map(|u| self.repo.targets_iter(u.0).map(move |l| (u, l)))
+                    .collect()
+            } else {
+                self.repo.parts_using(s)
+            };
         for (part, l) in work {
             self.apply_part(part, l, Some(x), sign);
         }

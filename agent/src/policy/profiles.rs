@@ -31,7 +31,7 @@
 //! profiles from the local identities' policy sets; a profile's entries are recomputed when it is
 //! new, when one of its policies changed, or when classes appeared or went.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, hash_map::Entry},
     mem::take,
     sync::Arc,
 };
@@ -45,7 +45,7 @@ use super::{
     cnps::CnpId,
     contributions::resolve,
     identities::NamedPorts,
-    mapstate::{EndpointPolicy, L4, TierRule, plen_bits_of},
+    mapstate::{EndpointPolicy, L4, Tier, TierRule, plen_bits_of},
     selectors::SelId,
 };
 
@@ -353,7 +353,11 @@ impl Compiler {
     ) -> EndpointPolicy {
         let empty = NamedPorts::new();
         let subject_ports = key.1.as_ref().unwrap_or(&empty);
-        let mut out = Vec::new();
+        // The best (lowest-rank) rule per (direction, class, L4, tier): the
+        // policies of a profile share peers, so most matches repeat, and
+        // keeping the best as they come is much cheaper than sorting them
+        // all (the cost of a ClusterNetworkPolicy change).
+        let mut best: FxHashMap<(u8, u32, L4, Tier), TierRule> = FxHashMap::default();
         for &id in &key.0 {
             let Some(c) = self.cnps.get(id) else {
                 continue;
@@ -382,7 +386,7 @@ impl Compiler {
                             }
                         };
                         for &l4 in l4s {
-                            out.push(TierRule {
+                            let rule = TierRule {
                                 dir: r.dir,
                                 identity: class,
                                 l4,
@@ -390,15 +394,24 @@ impl Compiler {
                                 rank,
                                 action: r.action,
                                 rule_id: r.id,
-                            });
+                            };
+                            match best.entry((r.dir, class, l4, c.tier)) {
+                                Entry::Occupied(mut e) => {
+                                    if rank < e.get().rank {
+                                        e.insert(rule);
+                                    }
+                                }
+                                Entry::Vacant(e) => {
+                                    e.insert(rule);
+                                }
+                            }
                         }
                     }
                 }
             }
         }
-        // The rank is unique per rule, so an unstable sort is deterministic.
-        out.sort_unstable_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
-        out.dedup_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
+        let mut out: Vec<TierRule> = best.into_values().collect();
+        out.sort_unstable_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
         EndpointPolicy {
             tier_rules: out,
             ..EndpointPolicy::default()

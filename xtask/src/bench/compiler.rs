@@ -14,9 +14,9 @@
 //! `--local-every K` makes one pod in K local.
 use std::time::{Duration, Instant};
 
+use super::compiler_scale::{Part, Report};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use super::compiler_scale::{Part, Report};
 use sluice_agent::policy::{
     Changes, Compiler, Locality, Resync, entry_count,
     k8s_openapi::api::{

@@ -157,7 +157,13 @@ pub(super) fn targets(r: &Report) {
         (true, false) => (
             "stress row: more endpoints than a node has (every pod local?); \
              NOT the configuration the targets are judged on",
-            |ok| if ok { "would be met" } else { "would NOT be met" },
+            |ok| {
+                if ok {
+                    "would be met"
+                } else {
+                    "would NOT be met"
+                }
+            },
         ),
     };
     println!(

@@ -270,7 +270,7 @@ pub fn plen_bits_of(identity: u32, l4: L4) -> u32 {
         L4::Ports { proto, first, last } => {
             let mut bits = 0;
             each_port_block(first, last, |_, plen| {
-                bits |= plen_bits(identity, proto, plen)
+                bits |= plen_bits(identity, proto, plen);
             });
             bits
         }

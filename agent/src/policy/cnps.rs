@@ -16,7 +16,7 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
-use sluice_common::RULE_CNP_FLAG;
+use sluice_common::{DIR_INGRESS, RULE_CNP_FLAG};
 
 use super::{
     cnp::{CnpPeer, CnpSubject},
@@ -133,6 +133,12 @@ pub(super) struct CnpStore {
     order: BTreeMap<(Tier, u32), BTreeMap<String, CnpId>>,
     /// Peer selector -> the policies whose rules use it.
     sel_users: FxHashMap<SelId, BTreeSet<CnpId>>,
+    /// Peer selector -> how many egress rules with a named port use it.
+    named_users: FxHashMap<SelId, u32>,
+    /// Selectors whose use as a pod peer (or by an egress rule with a
+    /// named port) was touched since last taken, with that use before
+    /// (`take_status_changed`).
+    status_before: FxHashMap<SelId, (bool, bool)>,
     rule_origins: FxHashMap<u32, (CnpId, usize)>,
     next_rule: u32,
     /// Bumped by every change of a policy or its rules (names for drops).
@@ -203,9 +209,14 @@ impl CnpStore {
     pub fn insert(&mut self, id: CnpId, st: CnpState) -> Vec<CnpId> {
         self.generation += 1;
         for r in &st.rules {
+            let named = r.dir != DIR_INGRESS && !r.ports.named.is_empty();
             for p in &r.peers {
                 if let CnpPeer::Pods(s) = p {
+                    self.note_status(*s);
                     self.sel_users.entry(*s).or_default().insert(id);
+                    if named {
+                        *self.named_users.entry(*s).or_default() += 1;
+                    }
                 }
             }
         }
@@ -226,13 +237,23 @@ impl CnpStore {
         self.by_name.remove(&st.name);
         for r in &st.rules {
             self.rule_origins.remove(&r.id);
+            let named = r.dir != DIR_INGRESS && !r.ports.named.is_empty();
             for p in &r.peers {
-                if let CnpPeer::Pods(s) = p
-                    && let Some(users) = self.sel_users.get_mut(s)
-                {
+                let CnpPeer::Pods(s) = p else {
+                    continue;
+                };
+                let s = *s;
+                self.note_status(s);
+                if let Some(users) = self.sel_users.get_mut(&s) {
                     users.remove(&id);
                     if users.is_empty() {
-                        self.sel_users.remove(s);
+                        self.sel_users.remove(&s);
+                    }
+                }
+                if named && let Some(n) = self.named_users.get_mut(&s) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.named_users.remove(&s);
                     }
                 }
             }
@@ -267,39 +288,40 @@ impl CnpStore {
         moved
     }
 
-    /// The policies whose rules use peer selector `s`.
-    pub fn users_of(&self, s: SelId) -> Vec<CnpId> {
-        self.sel_users
-            .get(&s)
-            .map(|u| u.iter().copied().collect())
-            .unwrap_or_default()
+    /// Is `s` used as a pod peer?
+    pub fn is_peer(&self, s: SelId) -> bool {
+        self.sel_users.contains_key(&s)
     }
 
-    /// Every selector used as a pod peer, sorted.
-    pub fn peer_selectors(&self) -> Vec<SelId> {
-        let mut v: Vec<SelId> = self.sel_users.keys().copied().collect();
+    /// Is `s` the pod peer of an egress rule with a named port (its
+    /// members' named ports decide what that rule matches)?
+    pub fn is_named(&self, s: SelId) -> bool {
+        self.named_users.contains_key(&s)
+    }
+
+    fn status(&self, s: SelId) -> (bool, bool) {
+        (self.is_peer(s), self.is_named(s))
+    }
+
+    /// Keeps the use of `s` before its first change since last taken.
+    fn note_status(&mut self, s: SelId) {
+        if !self.status_before.contains_key(&s) {
+            let before = self.status(s);
+            self.status_before.insert(s, before);
+        }
+    }
+
+    /// The selectors whose pod-peer use started or ended (or whose use by
+    /// an egress named port did) since last asked.
+    pub fn take_status_changed(&mut self) -> Vec<SelId> {
+        let before = std::mem::take(&mut self.status_before);
+        let mut v: Vec<SelId> = before
+            .into_iter()
+            .filter(|&(s, was)| self.status(s) != was)
+            .map(|(s, _)| s)
+            .collect();
         v.sort_unstable();
         v
-    }
-
-    /// The pod-peer selectors of egress rules with named ports (their
-    /// members' named ports decide what those rules match).
-    pub fn egress_named_selectors(&self) -> BTreeSet<SelId> {
-        let mut out = BTreeSet::new();
-        for c in self.cnps.values() {
-            for r in c
-                .rules
-                .iter()
-                .filter(|r| r.dir != sluice_common::DIR_INGRESS && !r.ports.named.is_empty())
-            {
-                for p in &r.peers {
-                    if let CnpPeer::Pods(s) = p {
-                        out.insert(*s);
-                    }
-                }
-            }
-        }
-        out
     }
 
     /// Policies with a `nodes` peer.

@@ -181,6 +181,7 @@ impl Compiler {
         self.repo.clear_targets();
         self.cnps.clear_targets();
         self.txn.settle = true;
+        self.txn.classes_all = true;
         self.txn.changed_cnps.extend(self.cnps.ids());
         self.identities.clear_selectors();
         for s in self.selectors.ids() {

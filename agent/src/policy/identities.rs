@@ -86,6 +86,8 @@ pub(super) struct Identities {
     by_ns: HashMap<String, BTreeSet<u32>>,
     /// Identities with local pods, by namespace.
     local_by_ns: HashMap<String, BTreeSet<u32>>,
+    /// Identities with local pods: a node has few among many.
+    local_ids: BTreeSet<u32>,
     numbers: Allocator,
 }
 
@@ -96,6 +98,7 @@ impl Identities {
             by_key: HashMap::new(),
             by_ns: HashMap::new(),
             local_by_ns: HashMap::new(),
+            local_ids: BTreeSet::new(),
             numbers: Allocator::new(IDENTITY_FIRST_USER, IDENTITY_CIDR_FLAG),
         }
     }
@@ -120,13 +123,23 @@ impl Identities {
         self.map.len()
     }
 
-    /// Identities with local pods.
+    /// Identities with local pods, sorted.
     pub fn locals(&self) -> Vec<u32> {
-        self.map
-            .iter()
-            .filter(|(_, i)| i.local.is_some())
-            .map(|(&id, _)| id)
-            .collect()
+        self.local_ids.iter().copied().collect()
+    }
+
+    pub fn local_count(&self) -> usize {
+        self.local_ids.len()
+    }
+
+    /// Every identity, in no order.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.map.keys().copied()
+    }
+
+    /// The interned selectors identity `id` is in (empty when unknown).
+    pub fn in_selectors(&self, id: u32) -> &[SelId] {
+        self.map.get(&id).map_or(&[], |i| i.in_selectors.as_slice())
     }
 
     pub fn locals_in(&self, ns: &str) -> Vec<u32> {
@@ -205,6 +218,7 @@ impl Identities {
     }
 
     pub fn remove(&mut self, id: u32) {
+        self.local_ids.remove(&id);
         if let Some(ident) = self.map.remove(&id) {
             self.by_key.remove(&ident.key);
             if let Some(set) = self.by_ns.get_mut(&ident.key.namespace) {
@@ -228,6 +242,7 @@ impl Identities {
             return false;
         }
         ident.local = Some(Box::default());
+        self.local_ids.insert(id);
         self.local_by_ns
             .entry(ident.key.namespace.clone())
             .or_default()
@@ -244,6 +259,7 @@ impl Identities {
             return None;
         }
         let st = ident.local.take()?;
+        self.local_ids.remove(&id);
         let ns = &ident.key.namespace;
         if let Some(set) = self.local_by_ns.get_mut(ns) {
             set.remove(&id);

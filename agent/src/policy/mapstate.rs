@@ -253,6 +253,32 @@ pub fn policy_keys(
 /// `2^(16-p)` ports that share the top `p` bits of `base`.
 pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
     let mut out = Vec::new();
+    each_port_block(first, last, |base, plen| out.push((base, plen)));
+    out
+}
+
+/// The `port_plens` bits that the keys of (`identity`, `l4`) need: the OR
+/// of [`plen_bit`] over [`policy_keys`], without building the keys (none
+/// for an L4 that does not compile).
+pub fn plen_bits_of(identity: u32, l4: L4) -> u32 {
+    use sluice_common::plen_bits;
+    match l4 {
+        L4::Any | L4::Proto(0) => plen_bits(identity, 0, 0),
+        L4::Proto(p) => plen_bits(identity, p, 0),
+        L4::Ports { proto: 0, .. } => 0,
+        L4::Ports { first, last, .. } if first > last => 0,
+        L4::Ports { proto, first, last } => {
+            let mut bits = 0;
+            each_port_block(first, last, |_, plen| {
+                bits |= plen_bits(identity, proto, plen);
+            });
+            bits
+        }
+    }
+}
+
+/// Calls `f(base, prefix length)` for each block of [`port_blocks`].
+fn each_port_block(first: u16, last: u16, mut f: impl FnMut(u16, u8)) {
     let (mut lo, hi) = (u32::from(first), u32::from(last));
     while lo <= hi {
         // Largest block aligned at `lo` that stays within `hi`.
@@ -265,10 +291,9 @@ pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
             size >>= 1;
         }
         let plen = 16 - size.trailing_zeros();
-        out.push((lo as u16, plen as u8));
+        f(lo as u16, plen as u8);
         lo += size;
     }
-    out
 }
 
 /// Would the entries allow (`identity`, `proto`, `port`) in `dir`? The

@@ -311,7 +311,7 @@ impl Compiler {
         Stats {
             pods: self.pods.len(),
             identities: self.identities.len(),
-            local_identities: self.identities.locals().len(),
+            local_identities: self.identities.local_count(),
             selectors: self.selectors.len(),
             policies: self.repo.len(),
             cluster_policies: self.cnps.len(),
@@ -474,12 +474,22 @@ impl Compiler {
     /// Identity `x` joined (`sign` 1) or is leaving (-1) selector `s`:
     /// adjust the local identities whose policies use it.
     fn member_changed(&mut self, s: SelId, x: u32, sign: i32) {
-        for (p, ri, pi) in self.selectors.users(s) {
-            for l in self.repo.targets(p) {
-                self.apply_part((p, ri, pi), l, Some(x), sign);
-            }
+        // A wide peer has thousands of users, most selecting no local
+        // identity on a node: start from the side with fewer pairs, the
+        // users of `s` or the policies selecting a local identity.
+        let work: Vec<(PartRef, u32)> =
+            if self.selectors.user_count(s) <= self.repo.targeted_count() {
+                self.selectors
+                    .users_iter(s)
+                    .flat_map(|u| self.repo.targets_iter(u.0).map(move |l| (u, l)))
+                    .collect()
+            } else {
+                self.repo.parts_using(s)
+            };
+        for (part, l) in work {
+            self.apply_part(part, l, Some(x), sign);
         }
-        self.cnp_selector_changed(s);
+        self.cnp_selector_changed(s, x);
     }
 
     // ----- policies -----

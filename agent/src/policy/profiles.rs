@@ -24,12 +24,15 @@
 //! peer, and few.
 //!
 //! The tables are settled at commit when something they depend on changed:
-//! classes are recomputed from the members of the ClusterNetworkPolicy
-//! selectors (cheap: one pass over those members), profiles from the local
-//! identities' policy sets; a profile's entries are recomputed when it is
+//! the class of an identity is recomputed when it joins or leaves a
+//! ClusterNetworkPolicy pod-peer selector, or when a selector it is in
+//! starts or stops being one (so a pod event costs its own identities, not
+//! a pass over every peer; at 100,000 pods that pass was the event),
+//! profiles from the local identities' policy sets; a profile's entries are recomputed when it is
 //! new, when one of its policies changed, or when classes appeared or went.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, hash_map::Entry},
+    mem::take,
     sync::Arc,
 };
 
@@ -42,7 +45,7 @@ use super::{
     cnps::CnpId,
     contributions::resolve,
     identities::NamedPorts,
-    mapstate::{EndpointPolicy, L4, TierRule, policy_keys},
+    mapstate::{EndpointPolicy, L4, Tier, TierRule, plen_bits_of},
     selectors::SelId,
 };
 
@@ -60,6 +63,8 @@ struct Profile {
     /// The entries (peer = class), as an endpoint policy with tier rules
     /// only, so that it compiles to map entries like any other.
     policy: Arc<EndpointPolicy>,
+    /// `shape(&policy)`.
+    shape: (u32, [u32; 2]),
 }
 
 #[derive(Default)]
@@ -72,6 +77,8 @@ pub(super) struct Profiles {
     next_class: u32,
     /// Identity -> class.
     class_of: FxHashMap<u32, u32>,
+    /// Class -> how many identities have it.
+    class_size: FxHashMap<u32, u32>,
     /// Local identity -> profile.
     profile_of: FxHashMap<u32, u32>,
 }
@@ -109,6 +116,11 @@ impl Profiles {
         self.profile_of.get(&l).copied()
     }
 
+    /// The entries' shape of profile `id` ([`shape`]).
+    pub fn shape_of(&self, id: u32) -> Option<(u32, [u32; 2])> {
+        self.profiles.get(&id).map(|p| p.shape)
+    }
+
     pub fn len(&self) -> (usize, usize) {
         (self.profiles.len(), self.class_keys.len())
     }
@@ -125,9 +137,7 @@ pub(super) fn shape(p: &EndpointPolicy) -> (u32, [u32; 2]) {
         } else {
             EP_EGRESS_TIERED
         };
-        for k in policy_keys(0, t.dir, t.identity, t.l4).unwrap_or_default() {
-            plens[usize::from(t.dir) & 1] |= super::mapstate::plen_bit(&k);
-        }
+        plens[usize::from(t.dir) & 1] |= plen_bits_of(t.identity, t.l4);
     }
     (tiered, plens)
 }
@@ -185,6 +195,7 @@ impl Compiler {
                             key: key.clone(),
                             users: BTreeSet::new(),
                             policy: Arc::default(),
+                            shape: (0, [0; 2]),
                         },
                     );
                     fresh.insert(id);
@@ -233,78 +244,101 @@ impl Compiler {
                 continue;
             };
             if *policy != *p.policy || fresh.contains(&id) {
-                if shape(&policy) != shape(&p.policy) || fresh.contains(&id) {
+                let new_shape = shape(&policy);
+                if new_shape != p.shape || fresh.contains(&id) {
                     out.identities.extend(u.iter().copied());
                 }
                 out.profiles.insert(id);
                 p.policy = policy;
+                p.shape = new_shape;
             }
             p.users = u;
         }
         out
     }
 
-    /// Recomputes every identity's class; true when a class appeared or
+    /// Settles the class of each identity whose class may have changed
+    /// (every identity after `recompute_all`): an identity's class depends
+    /// only on the ClusterNetworkPolicy pod-peer selectors it is in, so it
+    /// changes when it joins or leaves one, or when a selector it is in
+    /// starts or stops being such a peer. True when a class appeared or
     /// went (profile entries are keyed by class).
     fn settle_classes(&mut self, out: &mut Settled) -> bool {
-        let sels = self.cnps.peer_selectors();
-        let named = self.cnps.egress_named_selectors();
-        let mut of: FxHashMap<u32, Vec<SelId>> = FxHashMap::default();
-        for &s in &sels {
-            for &x in self.selectors.members(s).into_iter().flatten() {
-                of.entry(x).or_default().push(s);
-            }
-        }
-        let mut used: FxHashSet<u32> = FxHashSet::default();
-        let mut appeared = false;
-        let mut class_of: FxHashMap<u32, u32> = FxHashMap::default();
-        for (x, mut in_sels) in of {
-            in_sels.sort_unstable();
-            let ports = in_sels.iter().any(|s| named.contains(s)).then(|| {
-                self.identities
-                    .get(x)
-                    .map(|i| i.key.ports.clone())
-                    .unwrap_or_default()
-            });
-            let key = (in_sels, ports);
-            let c = match self.profiles.class_by_key.get(&key) {
-                Some(&c) => c,
-                None => {
-                    self.profiles.next_class += 1;
-                    let c = self.profiles.next_class;
-                    self.profiles.class_by_key.insert(key.clone(), c);
-                    self.profiles.class_keys.insert(c, key);
-                    appeared = true;
-                    c
-                }
+        self.peer_status_changed();
+        let dirty: Vec<u32> = if take(&mut self.txn.classes_all) {
+            self.txn.class_dirty.clear();
+            let mut all: FxHashSet<u32> = self.identities.ids().collect();
+            all.extend(self.profiles.class_of.keys().copied());
+            all.into_iter().collect()
+        } else {
+            self.txn.class_dirty.drain().collect()
+        };
+        let mut moved = false;
+        // New classes first, then the old ones released, so that a class
+        // one identity leaves and another joins in the same event stays.
+        let mut released = Vec::new();
+        for x in dirty {
+            let new = match self.class_key(x) {
+                None => None,
+                Some(key) => Some(match self.profiles.class_by_key.get(&key) {
+                    Some(&c) => c,
+                    None => {
+                        self.profiles.next_class += 1;
+                        let c = self.profiles.next_class;
+                        self.profiles.class_by_key.insert(key.clone(), c);
+                        self.profiles.class_keys.insert(c, key);
+                        moved = true;
+                        c
+                    }
+                }),
             };
-            used.insert(c);
-            class_of.insert(x, c);
+            let old = match new {
+                Some(c) => self.profiles.class_of.insert(x, c),
+                None => self.profiles.class_of.remove(&x),
+            };
+            if old == new {
+                continue;
+            }
+            if let Some(c) = new {
+                *self.profiles.class_size.entry(c).or_default() += 1;
+            }
+            released.extend(old);
+            out.classes.insert(x, new);
         }
-        for (&x, &c) in &class_of {
-            if self.profiles.class_of.get(&x) != Some(&c) {
-                out.classes.insert(x, Some(c));
+        for c in released {
+            let Some(n) = self.profiles.class_size.get_mut(&c) else {
+                continue;
+            };
+            *n -= 1;
+            if *n == 0 {
+                self.profiles.class_size.remove(&c);
+                if let Some(k) = self.profiles.class_keys.remove(&c) {
+                    self.profiles.class_by_key.remove(&k);
+                }
+                moved = true;
             }
         }
-        for &x in self.profiles.class_of.keys() {
-            if !class_of.contains_key(&x) {
-                out.classes.insert(x, None);
-            }
-        }
-        self.profiles.class_of = class_of;
-        let gone: Vec<u32> = self
-            .profiles
-            .class_keys
-            .keys()
-            .filter(|c| !used.contains(c))
+        moved
+    }
+
+    /// The class key of identity `x` now (`None`: in no pod-peer selector,
+    /// or gone).
+    fn class_key(&self, x: u32) -> Option<ClassKey> {
+        let ident = self.identities.get(x)?;
+        let mut sels: Vec<SelId> = self
+            .identities
+            .in_selectors(x)
+            .iter()
             .copied()
+            .filter(|&s| self.cnps.is_peer(s))
             .collect();
-        for c in &gone {
-            if let Some(k) = self.profiles.class_keys.remove(c) {
-                self.profiles.class_by_key.remove(&k);
-            }
+        if sels.is_empty() {
+            return None;
         }
-        appeared || !gone.is_empty()
+        sels.sort_unstable();
+        sels.dedup();
+        let named = sels.iter().any(|&s| self.cnps.is_named(s));
+        Some((sels, named.then(|| ident.key.ports.clone())))
     }
 
     /// The entries of a profile: for each rule of each of its policies and
@@ -319,7 +353,11 @@ impl Compiler {
     ) -> EndpointPolicy {
         let empty = NamedPorts::new();
         let subject_ports = key.1.as_ref().unwrap_or(&empty);
-        let mut out = Vec::new();
+        // The best (lowest-rank) rule per (direction, class, L4, tier): the
+        // policies of a profile share peers, so most matches repeat, and
+        // keeping the best as they come is much cheaper than sorting them
+        // all (the cost of a ClusterNetworkPolicy change).
+        let mut best: FxHashMap<(u8, u32, L4, Tier), TierRule> = FxHashMap::default();
         for &id in &key.0 {
             let Some(c) = self.cnps.get(id) else {
                 continue;
@@ -348,7 +386,7 @@ impl Compiler {
                             }
                         };
                         for &l4 in l4s {
-                            out.push(TierRule {
+                            let rule = TierRule {
                                 dir: r.dir,
                                 identity: class,
                                 l4,
@@ -356,14 +394,24 @@ impl Compiler {
                                 rank,
                                 action: r.action,
                                 rule_id: r.id,
-                            });
+                            };
+                            match best.entry((r.dir, class, l4, c.tier)) {
+                                Entry::Occupied(mut e) => {
+                                    if rank < e.get().rank {
+                                        e.insert(rule);
+                                    }
+                                }
+                                Entry::Vacant(e) => {
+                                    e.insert(rule);
+                                }
+                            }
                         }
                     }
                 }
             }
         }
-        out.sort_by_key(|t| (t.dir, t.identity, t.l4, t.tier, t.rank));
-        out.dedup_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
+        let mut out: Vec<TierRule> = best.into_values().collect();
+        out.sort_unstable_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
         EndpointPolicy {
             tier_rules: out,
             ..EndpointPolicy::default()

@@ -78,6 +78,8 @@ pub(super) struct Repository {
     /// Moves on whenever a policy, its policyTypes or the local identities
     /// it selects may have changed: when to ask `isolators` again.
     generation: u64,
+    /// Policies that select a local identity (a node has few).
+    targeted: BTreeSet<PolicyId>,
 }
 
 impl Repository {
@@ -91,6 +93,7 @@ impl Repository {
             next_rule: 1,
             named_blocks: BTreeSet::new(),
             generation: 0,
+            targeted: BTreeSet::new(),
         }
     }
 
@@ -181,6 +184,7 @@ impl Repository {
 
     pub fn remove(&mut self, pid: PolicyId) {
         self.named_blocks.remove(&pid);
+        self.targeted.remove(&pid);
         let Some(pol) = self.policies.remove(&pid) else {
             return;
         };
@@ -195,12 +199,44 @@ impl Repository {
         }
     }
 
+    /// The local identities policy `pid` selects, without a copy.
+    pub fn targets_iter(&self, pid: PolicyId) -> impl Iterator<Item = u32> + '_ {
+        self.policies
+            .get(&pid)
+            .into_iter()
+            .flat_map(|p| p.targets.iter().copied())
+    }
+
     /// The local identities policy `pid` selects.
     pub fn targets(&self, pid: PolicyId) -> Vec<u32> {
         self.policies
             .get(&pid)
             .map(|p| p.targets.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// How many policies select a local identity.
+    pub fn targeted_count(&self) -> usize {
+        self.targeted.len()
+    }
+
+    /// Every (rule part using selector `s`, local identity its policy
+    /// selects), found from the policies that select local identities.
+    pub fn parts_using(&self, s: SelId) -> Vec<((PolicyId, usize, usize), u32)> {
+        let mut out = Vec::new();
+        for &pid in &self.targeted {
+            let Some(p) = self.policies.get(&pid) else {
+                continue;
+            };
+            for (ri, r) in p.rules.iter().enumerate() {
+                for (pi, part) in r.parts.iter().enumerate() {
+                    if matches!(part.peer, Peer::Pods(t) if t == s) {
+                        out.extend(p.targets.iter().map(|&l| ((pid, ri, pi), l)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The local identities selected by a policy with an egress named port
@@ -223,12 +259,18 @@ impl Repository {
             };
             if changed {
                 self.generation += 1;
+                if p.targets.is_empty() {
+                    self.targeted.remove(&pid);
+                } else {
+                    self.targeted.insert(pid);
+                }
             }
         }
     }
 
     pub fn clear_targets(&mut self) {
         self.generation += 1;
+        self.targeted.clear();
         for p in self.policies.values_mut() {
             p.targets.clear();
         }

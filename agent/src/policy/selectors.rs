@@ -58,15 +58,24 @@ impl SelectorCache {
         self.entries.get(&s).map(|e| &e.sel)
     }
 
+    /// Does one reference keep `s` (its release removes it)?
+    pub fn last_reference(&self, s: SelId) -> bool {
+        self.entries.get(&s).is_some_and(|e| e.refs == 1)
+    }
+
     pub fn members(&self, s: SelId) -> Option<&BTreeSet<u32>> {
         self.entries.get(&s).map(|e| &e.members)
     }
 
-    pub fn users(&self, s: SelId) -> Vec<User> {
+    pub fn user_count(&self, s: SelId) -> usize {
+        self.entries.get(&s).map_or(0, |e| e.users.len())
+    }
+
+    pub fn users_iter(&self, s: SelId) -> impl Iterator<Item = User> + '_ {
         self.entries
             .get(&s)
-            .map(|e| e.users.iter().copied().collect())
-            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|e| e.users.iter().copied())
     }
 
     pub fn add_user(&mut self, s: SelId, u: User) {

@@ -244,6 +244,14 @@ impl Compiler {
             ids.insert((r.dir, r.index), r.id);
             for p in r.peers {
                 if let CnpPeer::Pods(s) = p {
+                    // A selector about to go no longer holds its members:
+                    // their classes are settled again (a surviving one is
+                    // checked at commit, `peer_status_changed`).
+                    if self.selectors.last_reference(s)
+                        && let Some(members) = self.selectors.members(s)
+                    {
+                        self.txn.class_dirty.extend(members.iter().copied());
+                    }
                     self.selectors.release(s, &mut self.identities);
                 }
             }
@@ -292,11 +300,24 @@ impl Compiler {
         }
     }
 
-    /// Peer selector `s` gained or lost a member: the peer classes are
+    /// Identity `x` joined or left selector `s`: when a
+    /// ClusterNetworkPolicy uses `s` as a pod peer, the class of `x` is
     /// settled again at commit.
-    pub(super) fn cnp_selector_changed(&mut self, s: SelId) {
-        if !self.cnps.users_of(s).is_empty() {
+    pub(super) fn cnp_selector_changed(&mut self, s: SelId, x: u32) {
+        if self.cnps.is_peer(s) {
             self.txn.settle = true;
+            self.txn.class_dirty.insert(x);
+        }
+    }
+
+    /// The selectors whose use as a pod peer (or with an egress named
+    /// port) started or ended in this event: their members' classes are
+    /// settled again.
+    pub(super) fn peer_status_changed(&mut self) {
+        for s in self.cnps.take_status_changed() {
+            if let Some(members) = self.selectors.members(s) {
+                self.txn.class_dirty.extend(members.iter().copied());
+            }
         }
     }
 

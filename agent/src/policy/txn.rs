@@ -82,6 +82,10 @@ pub(super) struct Txn {
     pub settle: bool,
     /// ClusterNetworkPolicies whose rules or ranks changed.
     pub changed_cnps: BTreeSet<super::cnps::CnpId>,
+    /// Identities whose peer class may have changed (`profiles`).
+    pub class_dirty: rustc_hash::FxHashSet<u32>,
+    /// Every identity's peer class is recomputed.
+    pub classes_all: bool,
 }
 
 /// A local identity touched by the event.
@@ -217,10 +221,10 @@ impl Compiler {
             let changed_cnps = take(&mut self.txn.changed_cnps);
             let settled = self.settle_profiles(&changed_cnps);
             for &l in &settled.identities {
-                let policy = self.profiles.profile_of(l).and_then(|p| {
-                    let policy = self.profiles.policy(p)?;
-                    Some((p, super::profiles::shape(&policy)))
-                });
+                let policy = self
+                    .profiles
+                    .profile_of(l)
+                    .and_then(|p| Some((p, self.profiles.shape_of(p)?)));
                 self.touch(l);
                 if let Some(st) = self.identities.local_mut(l) {
                     st.set_profile(policy);

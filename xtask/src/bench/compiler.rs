@@ -11,9 +11,12 @@
 //! `cargo run --release -p xtask -- bench compiler [--pods N] [--namespaces N]
 //! [--policies N] [--cluster-policies N] [--local-every K] [--rounds N]`. Every pod is a local
 //! endpoint by default (the worst case: a real node holds a few hundred);
-//! `--local-every K` makes one pod in K local.
+//! `--local-every K` makes one pod in K local. The targets of issue 15 (a
+//! node of 100,000 pods: `--local-every 910`) and `--curve` (1k to 100k
+//! pods, a node and every pod local) are compiler_scale.rs's.
 use std::time::{Duration, Instant};
 
+use super::compiler_scale::{Part, Report};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use sluice_agent::policy::{
@@ -45,6 +48,16 @@ pub struct Args {
     /// Rounds of each incremental update (0 counts as 1).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Print the curve instead: 1k, 10k, 50k and 100k pods (namespaces and
+    /// policies in the same proportion), each size run in its own process,
+    /// as a node of such a cluster (110 local pods) and with every pod
+    /// local (the stress rows).
+    #[arg(long)]
+    curve: bool,
+    /// Also print the results as one `bench-row:` JSON line (used by
+    /// `--curve` to read its child runs).
+    #[arg(long, hide = true)]
+    row: bool,
 }
 
 impl Args {
@@ -100,6 +113,9 @@ pub(super) fn ports_of(app: usize) -> Value {
         _ => json!([{"name": "dns", "containerPort": 53, "protocol": "UDP"}]),
     }
 }
+
+/// Pods a kubelet runs at most by default (`maxPods`): a node's endpoints.
+pub(super) const NODE_PODS: usize = 110;
 
 pub(super) struct PodSpec {
     ns: usize,
@@ -247,14 +263,30 @@ pub(super) fn timed(c: &mut Compiler, f: impl FnOnce(&mut Compiler) -> Changes) 
     }
 }
 
-pub(super) fn summary(name: &str, samples: &mut [Sample]) {
+/// Median, p99 (nearest rank) and maximum of one kind of event.
+#[derive(Clone, Debug)]
+pub(super) struct Dist {
+    pub(super) name: String,
+    pub(super) median: Duration,
+    pub(super) p99: Duration,
+    pub(super) max: Duration,
+}
+
+pub(super) fn summary(name: &str, samples: &mut [Sample]) -> Dist {
     samples.sort_by_key(|s| s.event);
     let n = samples.len();
     let (med, max) = (&samples[n / 2], &samples[n - 1]);
+    let p99 = &samples[(n * 99).div_ceil(100).clamp(1, n) - 1];
     println!(
-        "  {name:<24} median {:>9.3?}  max {:>9.3?}  | median event: {} endpoints to rewrite",
-        med.event, max.event, med.endpoints
+        "  {name:<24} median {:>9.3?}  p99 {:>9.3?}  max {:>9.3?}  | median event: {} endpoints to rewrite",
+        med.event, p99.event, max.event, med.endpoints
     );
+    Dist {
+        name: name.to_owned(),
+        median: med.event,
+        p99: p99.event,
+        max: max.event,
+    }
 }
 
 /// A pod moved to other labels and back: two events.
@@ -282,6 +314,24 @@ pub(super) fn relabel_and_back(
 
 pub fn run(args: &Args) -> Result<()> {
     let params = args.checked()?;
+    if params.curve {
+        return super::compiler_scale::curve(&super::compiler_scale::Shape {
+            pods: params.pods,
+            namespaces: params.namespaces,
+            policies: params.policies,
+            cluster_policies: params.cluster_policies,
+            rounds: params.rounds,
+        });
+    }
+    let report = measure(&params)?;
+    super::compiler_scale::targets(&report);
+    if params.row {
+        println!("bench-row: {}", report.to_json());
+    }
+    Ok(())
+}
+
+fn measure(params: &Args) -> Result<Report> {
     if cfg!(debug_assertions) {
         println!(
             "warning: a debug build; measure with cargo run --release -p xtask -- bench compiler"
@@ -294,7 +344,7 @@ pub fn run(args: &Args) -> Result<()> {
     let namespaces: Vec<Namespace> = (0..params.namespaces)
         .map(|i| namespace(i, None))
         .collect::<Result<_>>()?;
-    let specs = pod_specs(&params);
+    let specs = pod_specs(params);
     let pods: Vec<Pod> = specs.iter().map(pod).collect::<Result<_>>()?;
     let policies: Vec<NetworkPolicy> = (0..params.policies)
         .map(|n| policy(n % params.namespaces, n / params.namespaces, 0))
@@ -346,13 +396,14 @@ pub fn run(args: &Args) -> Result<()> {
     );
 
     println!("incremental ({} rounds of there and back):", params.rounds);
+    let mut events = Vec::new();
     let mut samples = Vec::new();
     for r in 0..params.rounds {
         let s = &specs[(r * 7919) % specs.len()];
         let labels = json!({"app": format!("app{}", (s.app + 1) % APPS), "version": "canary"});
         relabel_and_back(&mut c, s, labels, &mut samples)?;
     }
-    summary("pod relabel", &mut samples);
+    events.push(summary("pod relabel", &mut samples));
 
     // Monitoring pods (app4 in prod namespaces) are peers of a policy in
     // many namespaces: relabelling one touches thousands of endpoints.
@@ -368,7 +419,7 @@ pub fn run(args: &Args) -> Result<()> {
         let labels = json!({"app": "app4", "version": format!("canary-{r}")});
         relabel_and_back(&mut c, s, labels, &mut samples)?;
     }
-    summary("pod relabel (wide peer)", &mut samples);
+    events.push(summary("pod relabel (wide peer)", &mut samples));
 
     let mut samples = Vec::new();
     for r in 0..params.rounds {
@@ -379,7 +430,7 @@ pub fn run(args: &Args) -> Result<()> {
         let back = policy(i, k, 0)?;
         samples.push(timed(&mut c, |c| c.upsert_policy(&back)));
     }
-    summary("policy change", &mut samples);
+    events.push(summary("policy change", &mut samples));
 
     let mut samples = Vec::new();
     for r in 0..params.rounds.min(5) {
@@ -392,7 +443,7 @@ pub fn run(args: &Args) -> Result<()> {
         let back = namespace(i, None)?;
         samples.push(timed(&mut c, |c| c.upsert_namespace(&back)));
     }
-    summary("namespace relabel", &mut samples);
+    events.push(summary("namespace relabel", &mut samples));
 
     // The same cluster built one event per object, for comparison.
     let started = Instant::now();
@@ -427,15 +478,31 @@ pub fn run(args: &Args) -> Result<()> {
         vm_hwm_kib().unwrap_or(0) as f64 / 1024.0
     );
     drop(c);
+    let mut report = Report {
+        pods: params.pods,
+        namespaces: params.namespaces,
+        policies: params.policies,
+        cluster_policies: params.cluster_policies,
+        np: Part {
+            full: load + materialize,
+            peak_mib: hwm as f64 / 1024.0,
+            inputs_mib: hwm_inputs as f64 / 1024.0,
+            endpoints: t.endpoints,
+            keys: t.policy_entries,
+            shared_keys: 0,
+            events,
+        },
+        cnp: None,
+    };
     if params.cluster_policies > 0 {
-        super::compiler_cnp::run(&super::compiler_cnp::Input {
+        report.cnp = Some(super::compiler_cnp::run(&super::compiler_cnp::Input {
             namespaces: &namespaces,
             specs: &specs,
             pods: &pods,
             policies: &policies,
             count: params.cluster_policies,
             rounds: params.rounds,
-        })?;
+        })?);
     }
-    Ok(())
+    Ok(report)
 }

@@ -18,7 +18,10 @@ use sluice_agent::policy::{
 };
 use sluice_api::ClusterNetworkPolicy;
 
-use super::compiler::{APPS, PodSpec, TEAMS, relabel_and_back, summary, timed, totals, vm_hwm_kib};
+use super::{
+    compiler::{APPS, PodSpec, TEAMS, relabel_and_back, summary, timed, totals, vm_hwm_kib},
+    compiler_scale::Part,
+};
 
 const TARGET_COMPILE: Duration = Duration::from_secs(2);
 const TARGET_HWM_MIB: f64 = 300.0;
@@ -97,7 +100,7 @@ pub struct Input<'a> {
     pub rounds: usize,
 }
 
-pub fn run(i: &Input<'_>) -> Result<()> {
+pub fn run(i: &Input<'_>) -> Result<Part> {
     println!(
         "with {} ClusterNetworkPolicies (Admin and Baseline) on top:",
         i.count
@@ -179,7 +182,7 @@ pub fn run(i: &Input<'_>) -> Result<()> {
         let back = cluster_policy(n, 0)?;
         samples.push(timed(&mut c, |c| c.upsert_cluster_policy(&back)));
     }
-    summary("CNP change", &mut samples);
+    let mut events = vec![summary("CNP change", &mut samples)];
 
     // A pod moved to the app a pod-subject CNP selects in its namespace,
     // and back: its identity changes tier rules, not only NetworkPolicies.
@@ -192,7 +195,7 @@ pub fn run(i: &Input<'_>) -> Result<()> {
         let labels = json!({"app": format!("app{}", (s.app + 2) % APPS), "version": "cnp"});
         relabel_and_back(&mut c, s, labels, &mut samples)?;
     }
-    summary("relabel (CNP subject)", &mut samples);
+    events.push(summary("relabel (CNP subject)", &mut samples));
 
     let started = Instant::now();
     let re = c.recompute_all();
@@ -204,5 +207,13 @@ pub fn run(i: &Input<'_>) -> Result<()> {
     if !re.endpoints.is_empty() {
         bail!("incremental state with CNPs differs from a recompute");
     }
-    Ok(())
+    Ok(Part {
+        full,
+        peak_mib: hwm,
+        inputs_mib: 0.0,
+        endpoints: t.endpoints,
+        keys: t.policy_entries,
+        shared_keys: shared,
+        events,
+    })
 }

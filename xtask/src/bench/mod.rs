@@ -14,6 +14,7 @@ mod agent;
 mod cni;
 mod compiler;
 mod compiler_cnp;
+mod compiler_scale;
 mod cut;
 mod datapath;
 mod flood;

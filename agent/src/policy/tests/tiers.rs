@@ -406,3 +406,72 @@ fn wide_subjects_and_peers_share_one_profile_and_one_class() {
     let ch = c.recompute_all();
     assert!(ch.endpoints.is_empty() && ch.profiles.is_empty(), "{ch:?}");
 }
+
+/// Peer classes are settled per identity: when a policy moves its pod peer
+/// to other namespaces, gives it an egress named port, or goes, the
+/// identities concerned change class and the classes equal a recompute.
+#[test]
+fn peer_classes_follow_a_change_of_peers_as_a_recompute_does() {
+    let mut c = Compiler::new(Locality::All);
+    for (n, ns) in ["a", "b"].iter().enumerate() {
+        c.upsert_namespace(&namespace(ns, &[("team", ns)]));
+        for p in 0..2 {
+            let ip = format!("10.3.{n}.{p}");
+            c.upsert_pod(&pod(
+                ns,
+                &format!("p{p}"),
+                json!({"app": format!("x{p}")}),
+                &ip,
+            ));
+        }
+    }
+    let to_team = |team: &str, named: bool| {
+        let proto = if named {
+            json!({"destinationNamedPort": "http"})
+        } else {
+            json!({"tcp": {"destinationPort": {"number": 80}}})
+        };
+        cnp(
+            "p",
+            json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                   "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"team": team}}}],
+                               "protocols": [proto]}]}),
+        )
+    };
+    let classed = |c: &Compiler| -> Vec<bool> {
+        ["a/p0", "a/p1", "b/p0", "b/p1"]
+            .iter()
+            .map(|p| {
+                let id = c.identity_of(&obj(p)).unwrap();
+                c.peer_class(id.0).is_some()
+            })
+            .collect()
+    };
+    let agrees = |c: &mut Compiler| {
+        let classes = c.peer_classes();
+        let ch = c.recompute_all();
+        assert!(
+            ch.endpoints.is_empty() && ch.profiles.is_empty() && ch.classes.is_empty(),
+            "{ch:?}"
+        );
+        assert_eq!(c.peer_classes(), classes);
+    };
+    c.upsert_cluster_policy(&to_team("a", false));
+    assert_eq!(classed(&c), [true, true, false, false]);
+    agrees(&mut c);
+    let ch = c.upsert_cluster_policy(&to_team("b", false));
+    assert_eq!(ch.classes.len(), 4, "{ch:?}");
+    assert_eq!(classed(&c), [false, false, true, true]);
+    agrees(&mut c);
+    // A named port: the class keys now hold named ports (none here), so
+    // the same members get new classes.
+    let before = c.peer_classes();
+    c.upsert_cluster_policy(&to_team("b", true));
+    assert_eq!(classed(&c), [false, false, true, true]);
+    assert_ne!(c.peer_classes(), before);
+    agrees(&mut c);
+    let ch = c.delete_cluster_policy("p");
+    assert_eq!(ch.classes.values().filter(|c| c.is_none()).count(), 2);
+    assert_eq!(classed(&c), [false; 4]);
+    agrees(&mut c);
+}

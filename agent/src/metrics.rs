@@ -47,6 +47,7 @@ use crate::{
     model::{EpId, Kind},
 };
 
+mod pressure;
 mod ready;
 mod rules;
 pub use ready::{Readiness, Ready};
@@ -328,47 +329,6 @@ fn one<M: EncodeMetric>(enc: &mut DescriptorEncoder, name: &str, help: &str, m: 
     m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
 }
 
-/// Each map's pressure: POLICY's entries are the agent's records (the sum
-/// over endpoints), ENDPOINTS' its endpoints, the other maps' come from the
-/// key walks; capacities are the kernel's when the maps could be read, the
-/// sizes asked for at load otherwise.
-fn pressures(state: &EndpointStats, counters: Option<&Counters>) -> Vec<(&'static str, f64)> {
-    use sluice_common::maps::{ENDPOINTS, POLICY};
-    let cap = |name, asked| {
-        counters
-            .and_then(|c| c.fills.get(name))
-            .map_or(asked, |f| f.capacity)
-    };
-    let total: usize = state.endpoints.iter().map(|ep| ep.entries).sum();
-    let mut out = vec![
-        (POLICY, ratio(total, cap(POLICY, state.capacity.policy))),
-        (
-            ENDPOINTS,
-            ratio(
-                state.endpoints.len(),
-                cap(ENDPOINTS, state.capacity.endpoints),
-            ),
-        ),
-    ];
-    if let Some(c) = counters {
-        out.extend(
-            c.fills
-                .iter()
-                .filter(|(name, _)| ![POLICY, ENDPOINTS].contains(*name))
-                .map(|(name, f)| (*name, ratio(f.entries, f.capacity))),
-        );
-    }
-    out
-}
-
-fn ratio(used: usize, cap: u32) -> f64 {
-    if cap == 0 {
-        0.0
-    } else {
-        used as f64 / f64::from(cap)
-    }
-}
-
 /// The scrape-time families: the data path's counters (read from the pins)
 /// and the agent's endpoint state (from the provider).
 struct Scrape {
@@ -471,7 +431,7 @@ impl Collector for Scrape {
             "sluice_map_pressure",
             "Entries used over the map's capacity (1 is full).",
             Gauge,
-            pressures(&state, counters.as_ref())
+            pressure::pressures(&state, counters.as_ref())
                 .into_iter()
                 .map(|(map, r)| (MapLabels { map }, ConstGauge::new(r))),
         )?;

@@ -91,6 +91,7 @@ impl Pipeline {
             .map_max_entries(maps::EP_BY_ID, s.endpoints)
             .map_max_entries(maps::IPCACHE, s.ipcache)
             .map_max_entries(maps::CIDRS, s.cidrs)
+            .map_max_entries(maps::PEER_CLASSES, s.peer_classes)
             .load(sluice_agent::datapath::EBPF_OBJECT)
             .context("loading the object for test runs")?;
         for name in [programs::FROM_POD, programs::TO_POD] {

@@ -100,9 +100,8 @@ pub struct Cluster {
     diagnostics: diagnostics::Diagnostics,
     /// The first full pass is in the maps.
     first_programmed: bool,
-    /// A re-list replaced a kind's objects since the last programmed pass:
-    /// `programmed` forgets what `known` no longer has (a walk of every
-    /// object, so only then).
+    /// A re-list since the last pass: `programmed` then forgets what
+    /// `known` no longer has (a walk of every object, so only then).
     relisted: bool,
     /// Audit-mode policies compiled as if enforced, shared with the event
     /// loop (`policy::audit`); `compiler` never sees them.
@@ -246,8 +245,7 @@ impl Cluster {
         let was_synced = self.is_synced();
         let mut out = Changes::default();
         let mut versions = Vec::new();
-        // Only a policy (or a re-list) can change which policies audit.
-        let mut policies_changed = false;
+        let mut policies_changed = false; // which policies audit, below
         for change in batch {
             match &change {
                 Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
@@ -259,7 +257,10 @@ impl Cluster {
             }
             policies_changed |= match &change {
                 Change::Applied(o) | Change::Deleted(o) => {
-                    matches!(o.key().kind, Kind::NetworkPolicy | Kind::ClusterNetworkPolicy)
+                    matches!(
+                        o.key().kind,
+                        Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
+                    )
                 }
                 Change::Resync(..) => true,
             };
@@ -338,8 +339,7 @@ impl Cluster {
             .collect()
     }
 
-    /// `programmed_versions` of these keys only (unparsable or unknown
-    /// ones are left out).
+    /// `programmed_versions` of these keys only (unknown ones left out).
     pub fn programmed_versions_of(&self, keys: &[String]) -> BTreeMap<String, String> {
         keys.iter()
             .filter_map(|k| {

@@ -114,6 +114,16 @@ impl Datapath {
             names::POLICY,
             size_of::<sluice_common::PolicyValue>(),
         )?;
+        // A map pinned by an earlier agent keeps its size (the loader
+        // refuses a pin whose size differs from the one asked for).
+        let sizes = &Sizes {
+            policy: pinned_size(&maps_dir, names::POLICY, sizes.policy)?,
+            endpoints: pinned_size(&maps_dir, names::ENDPOINTS, sizes.endpoints)?,
+            ipcache: pinned_size(&maps_dir, names::IPCACHE, sizes.ipcache)?,
+            cidrs: pinned_size(&maps_dir, names::CIDRS, sizes.cidrs)?,
+            peer_classes: pinned_size(&maps_dir, names::PEER_CLASSES, sizes.peer_classes)?,
+            ..sizes.clone()
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::CONNTRACK, sizes.conntrack)
@@ -241,6 +251,28 @@ fn drop_outgrown(maps_dir: &Path, name: &'static str, want: usize) -> Result<()>
         "pinned map of an older layout: replaced by an empty one"
     );
     std::fs::remove_file(&pin).map_err(|source| DatapathError::Io { path: pin, source })
+}
+
+/// The size of `name` as pinned under `maps_dir`, or `asked` when there is
+/// no pin. A different pinned size is kept (and said): a map's size is
+/// fixed when it is made, and its entries must survive a restart.
+fn pinned_size(maps_dir: &Path, name: &'static str, asked: u32) -> Result<u32> {
+    let pin = maps_dir.join(name);
+    if !pin.exists() {
+        return Ok(asked);
+    }
+    let info =
+        aya::maps::MapInfo::from_pin(&pin).map_err(|source| DatapathError::Map { name, source })?;
+    let pinned = info.max_entries();
+    if pinned != asked {
+        tracing::info!(
+            map = name,
+            pinned,
+            asked,
+            "a pinned map keeps the size it was made with (a fresh bpffs, e.g. after a reboot, takes the new one)"
+        );
+    }
+    Ok(pinned)
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it.

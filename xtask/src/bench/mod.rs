@@ -11,6 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
 mod cni;
+mod cni_attach;
+mod cni_report;
 mod compiler;
 mod compiler_cnp;
 mod cut;

@@ -272,13 +272,14 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
         Request::DelEndpoint { attachment } => {
             r.del_endpoint(attachment).await.map(|()| Response::Ok)
         }
-        Request::CheckEndpoint { attachment } => r
-            .check_endpoint(attachment)
-            .await
-            .map(|ep_id| Response::Endpoint {
-                ep_id: ep_id.0,
-                phases: None,
-            }),
+        Request::CheckEndpoint { attachment } => {
+            r.check_endpoint(attachment)
+                .await
+                .map(|ep_id| Response::Endpoint {
+                    ep_id: ep_id.0,
+                    phases: None,
+                })
+        }
         Request::Gc { valid } => r.gc(valid).await.map(|_| Response::Ok),
         Request::SetPolicy { attachment, policy } => r
             .set_policy(attachment, policy)

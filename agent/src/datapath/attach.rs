@@ -112,7 +112,9 @@ impl Programs {
 }
 
 fn link_path(pin_dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
-    pin_dir.join("links").join(format!("{ifname}-{}", hook.suffix))
+    pin_dir
+        .join("links")
+        .join(format!("{ifname}-{}", hook.suffix))
 }
 
 /// One hook of a pod interface.
@@ -357,7 +359,6 @@ impl Loaded {
         // kernel detaches its program.
         remove(&previous)
     }
-
 }
 
 fn detach_hooks(pin_dir: &Path, ifname: &str, hooks: &[Hook]) -> Result<()> {

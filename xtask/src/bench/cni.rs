@@ -22,9 +22,9 @@
 //! agent's command line, e.g. `--tc-attach clsact` to time clsact filters
 //! instead of TCX links.
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::{UnixListener, UnixStream},
-    collections::BTreeMap,
     path::PathBuf,
     sync::{
         Arc, Barrier,
@@ -250,7 +250,13 @@ impl Plugin {
     /// One call for pod `i`; its latency in ms, and the phases a Sluice
     /// ADD reports (`SLUICE_CNI_PHASES`). The container id is the same
     /// for ADD and DEL of one pod in one round.
-    fn call(&self, verb: &str, i: usize, round: usize, pod: &NetNs) -> Result<(f64, Option<Value>)> {
+    fn call(
+        &self,
+        verb: &str,
+        i: usize,
+        round: usize,
+        pod: &NetNs,
+    ) -> Result<(f64, Option<Value>)> {
         let id = format!("bench{round}x{i}");
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME=p{i}");
         let env = u::cni_env(
@@ -280,7 +286,12 @@ type Timed = (f64, Option<Value>);
 
 /// Every pod's `verb` at once (released together by a barrier): each
 /// call's latency and phases, and the wall time of the batch, in ms.
-fn parallel(plugin: &Plugin, verb: &str, round: usize, pods: &[NetNs]) -> Result<(Vec<Timed>, f64)> {
+fn parallel(
+    plugin: &Plugin,
+    verb: &str,
+    round: usize,
+    pods: &[NetNs],
+) -> Result<(Vec<Timed>, f64)> {
     let barrier = Barrier::new(pods.len() + 1);
     let (each, wall) = std::thread::scope(|s| {
         let handles: Vec<_> = pods

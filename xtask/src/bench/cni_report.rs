@@ -40,11 +40,19 @@ pub fn report(res: &Results, seq: usize) {
     let plugins = ["sluice", "bridge", "sluice, agent stubbed"];
     for (k, plugin) in plugins.iter().enumerate() {
         for (v, verb) in ["ADD", "DEL"].iter().enumerate() {
-            row(plugin, &format!("{verb}, {seq} in sequence"), &res.seq[k][v]);
+            row(
+                plugin,
+                &format!("{verb}, {seq} in sequence"),
+                &res.seq[k][v],
+            );
         }
         for b in res.par.iter().filter(|_| k < 2) {
             for (v, verb) in ["ADD", "DEL"].iter().enumerate() {
-                row(plugin, &format!("{verb}, {} in parallel", b.n), &b.each[k][v]);
+                row(
+                    plugin,
+                    &format!("{verb}, {} in parallel", b.n),
+                    &b.each[k][v],
+                );
             }
         }
     }
@@ -69,7 +77,9 @@ pub fn report(res: &Results, seq: usize) {
     }
 
     println!();
-    println!("where a sluice ADD's time goes, ms (p50 / p99; agent: its own split of `plugin: agent`):");
+    println!(
+        "where a sluice ADD's time goes, ms (p50 / p99; agent: its own split of `plugin: agent`):"
+    );
     let mut header = format!("  {:<28} {:>15}", "phase", format!("{seq} in sequence"));
     for b in &res.par {
         header.push_str(&format!(" {:>15}", format!("{} at once", b.n)));
@@ -101,7 +111,9 @@ pub fn report(res: &Results, seq: usize) {
     let f = &res.floor;
     let hook = u::pct(&f.seq_hook, 50.0);
     println!();
-    println!("kernel floor: TCX attaches alone (BPF_LINK_CREATE, a pass program, fresh veths; no agent):");
+    println!(
+        "kernel floor: TCX attaches alone (BPF_LINK_CREATE, a pass program, fresh veths; no agent):"
+    );
     println!(
         "  one hook, veths one after the other: p50 {hook:.1} ms, p99 {:.1} ms ({} hooks)",
         u::pct(&f.seq_hook, 99.0),

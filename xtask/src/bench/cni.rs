@@ -4,7 +4,8 @@
 //! against the test API server, with NetworkPolicies selecting the pods, so
 //! every ADD includes the agent computing and writing the pod's policy
 //! (the plugin returns only after that). 100 pods one after the other
-//! (ADD each, then DEL each), then 50 at once (ADD, then DEL), `--rounds`
+//! (ADD each, then DEL each), then batches of 50 and 100 at once (ADD,
+//! then DEL), `--rounds`
 //! times; the reference `bridge` plugin with `host-local` is measured the
 //! same way, interleaved pod by pod (sequential) or batch by batch
 //! (parallel). IPv4 only for both. To show where Sluice's time goes, the
@@ -81,6 +82,8 @@ pub struct Results {
     pub seq: [Verbs; 3],
     pub seq_phases: PhaseSamples,
     pub seq_del_phases: PhaseSamples,
+    /// The same plugin's DEL against the stub agent (no links on its veths).
+    pub stub_del_phases: PhaseSamples,
     pub par: Vec<Batch>,
     pub floor: cni_attach::Floor,
 }
@@ -186,8 +189,10 @@ pub fn run(args: &Args) -> Result<()> {
             for (k, plugin) in plugins.iter().enumerate() {
                 let (took, phases) = plugin.call("DEL", i, round, &netns[k])?;
                 res.seq[k][1].push(took);
-                if k == 0 {
-                    record_phases(&mut res.seq_del_phases, phases.as_ref());
+                match k {
+                    0 => record_phases(&mut res.seq_del_phases, phases.as_ref()),
+                    2 => record_phases(&mut res.stub_del_phases, phases.as_ref()),
+                    _ => {}
                 }
             }
         }

@@ -91,20 +91,21 @@ pub fn report(res: &Results, seq: usize) {
     for phase in PHASES {
         let mut line = format!("  {phase:<28}");
         for c in &cols {
-            let v = c.get(phase).map_or(&[][..], Vec::as_slice);
-            line.push_str(&format!(
-                " {:>15}",
-                format!("{:.1} / {:.1}", u::pct(v, 50.0), u::pct(v, 99.0))
-            ));
+            line.push_str(&format!(" {:>15}", p50_p99(c.get(phase))));
         }
         println!("{line}");
     }
 
-    println!("where a sluice DEL's time goes, {seq} in sequence, ms (p50 / p99):");
+    println!();
+    println!(
+        "where a sluice DEL's time goes, {seq} in sequence, ms (p50 / p99): {:>15} {:>15}",
+        "agent", "agent stubbed"
+    );
     for (phase, v) in &res.seq_del_phases {
         println!(
-            "  {phase:<28} {:>15}",
-            format!("{:.1} / {:.1}", u::pct(v, 50.0), u::pct(v, 99.0))
+            "  {phase:<66} {:>15} {:>15}",
+            p50_p99(Some(v)),
+            p50_p99(res.stub_del_phases.get(phase))
         );
     }
 
@@ -155,6 +156,13 @@ pub fn report(res: &Results, seq: usize) {
         "  DEL in sequence no slower than ADD (p50): DEL {del50:.1} ms, ADD {add50:.1} ms: {}",
         u::verdict(del50 <= add50)
     );
+    if let Some(veth) = res.seq_del_phases.get("plugin: veth") {
+        println!(
+            "    (the veth deletion alone: p50 {:.1} ms; with the TCX links on it the kernel waits a grace period per hook, under RTNL; the whole DEL against a stub agent, no links: {:.1} ms)",
+            u::pct(veth, 50.0),
+            u::pct(&res.seq[2][1], 50.0)
+        );
+    }
     let p99 = u::pct(&res.seq[0][0], 99.0);
     println!(
         "  sequential ADD p99 < 50 ms: {p99:.1} ms: {}",
@@ -187,4 +195,12 @@ fn ratio(b: &Batch, v: usize) -> f64 {
         .map(|(s, br)| s / br)
         .collect();
     u::median(&per_round)
+}
+
+/// "p50 / p99", or "-" when the binaries report no phases (before them).
+fn p50_p99(v: Option<&Vec<f64>>) -> String {
+    match v {
+        Some(v) if !v.is_empty() => format!("{:.1} / {:.1}", u::pct(v, 50.0), u::pct(v, 99.0)),
+        _ => "-".into(),
+    }
 }

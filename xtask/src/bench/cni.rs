@@ -5,12 +5,11 @@
 //! every ADD includes the agent computing and writing the pod's policy
 //! (the plugin returns only after that). 100 pods one after the other
 //! (ADD each, then DEL each), then batches of 50 and 100 at once (ADD,
-//! then DEL), `--rounds`
-//! times; the reference `bridge` plugin with `host-local` is measured the
-//! same way, interleaved pod by pod (sequential) or batch by batch
-//! (parallel). IPv4 only for both. To show where Sluice's time goes, the
-//! same plugin also runs (sequential only) against a stub agent that
-//! answers at once.
+//! then DEL), `--rounds` times; the reference `bridge` plugin with
+//! `host-local` is measured the same way, interleaved pod by pod
+//! (sequential) or batch by batch (parallel). IPv4 only for both. To
+//! show where Sluice's time goes, the same plugin also runs (sequential
+//! only) against a stub agent that answers at once.
 //!
 //! Where the time goes: every Sluice ADD reports its phases (the plugin's
 //! steps and the agent's split of its answer, `SLUICE_CNI_PHASES=1`), and

@@ -97,13 +97,11 @@ pub fn report(res: &Results, seq: usize) {
     }
 
     println!();
-    println!(
-        "where a sluice DEL's time goes, {seq} in sequence, ms (p50 / p99): {:>15} {:>15}",
-        "agent", "agent stubbed"
-    );
+    println!("where a sluice DEL's time goes, {seq} in sequence, ms (p50 / p99):");
+    println!("  {:<28} {:>15} {:>15}", "phase", "agent", "agent stubbed");
     for (phase, v) in &res.seq_del_phases {
         println!(
-            "  {phase:<66} {:>15} {:>15}",
+            "  {phase:<28} {:>15} {:>15}",
             p50_p99(Some(v)),
             p50_p99(res.stub_del_phases.get(phase))
         );

@@ -261,17 +261,25 @@ async fn probe(
 async fn dispatch(r: &Reconciler, req: Request) -> Response {
     let result = match req {
         Request::Status => Ok(Response::Ok),
-        Request::AddEndpoint { endpoint } => r
-            .add_endpoint(endpoint)
-            .await
-            .map(|ep_id| Response::Endpoint { ep_id: ep_id.0 }),
+        Request::AddEndpoint { endpoint } => {
+            r.add_endpoint(endpoint)
+                .await
+                .map(|(ep_id, phases)| Response::Endpoint {
+                    ep_id: ep_id.0,
+                    phases: Some(phases),
+                })
+        }
         Request::DelEndpoint { attachment } => {
             r.del_endpoint(attachment).await.map(|()| Response::Ok)
         }
-        Request::CheckEndpoint { attachment } => r
-            .check_endpoint(attachment)
-            .await
-            .map(|ep_id| Response::Endpoint { ep_id: ep_id.0 }),
+        Request::CheckEndpoint { attachment } => {
+            r.check_endpoint(attachment)
+                .await
+                .map(|ep_id| Response::Endpoint {
+                    ep_id: ep_id.0,
+                    phases: None,
+                })
+        }
         Request::Gc { valid } => r.gc(valid).await.map(|_| Response::Ok),
         Request::SetPolicy { attachment, policy } => r
             .set_policy(attachment, policy)

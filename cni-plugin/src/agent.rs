@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-use sluice_proto::{Request, Response};
+use sluice_proto::{AddPhases, Request, Response};
 
 use crate::{Error, Result};
 
@@ -141,6 +141,16 @@ impl Agent {
         match self.call(req).map_err(Error::AgentUnavailable)? {
             Response::Error { code, msg, details } => Err(Error::Agent { code, msg, details }),
             _ => Ok(()),
+        }
+    }
+
+    /// `expect_ok` for AddEndpoint: where the agent's time went, when it
+    /// says (older agents do not).
+    pub fn add_endpoint(&self, req: &Request) -> Result<Option<AddPhases>> {
+        match self.call(req).map_err(Error::AgentUnavailable)? {
+            Response::Error { code, msg, details } => Err(Error::Agent { code, msg, details }),
+            Response::Endpoint { phases, .. } => Ok(phases),
+            _ => Ok(None),
         }
     }
 }

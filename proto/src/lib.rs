@@ -164,6 +164,21 @@ pub enum AgentMode {
     Cluster,
 }
 
+/// The agent's side of one AddEndpoint, in microseconds: waiting for
+/// its state lock, the endpoint's record and addresses written to the maps,
+/// the pod's policy computed and written, and the two program hooks
+/// attached (TCX links: each waits for an RCU grace period under the
+/// kernel's RTNL lock). `bench cni` prints them; `SLUICE_CNI_PHASES=1`
+/// makes the plugin print them to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddPhases {
+    pub queued_us: u64,
+    pub maps_us: u64,
+    pub policy_us: u64,
+    pub attach_wait_us: u64,
+    pub attach_us: u64,
+}
+
 /// CNI error codes the agent may ask the plugin to report.
 pub mod code {
     pub const CONTAINER_UNKNOWN: u32 = 3;
@@ -181,6 +196,10 @@ pub enum Response {
     Ok,
     Endpoint {
         ep_id: u32,
+        /// Where the agent's time went (AddEndpoint); older agents send
+        /// none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        phases: Option<AddPhases>,
     },
     Programmed {
         /// Pods, Namespaces and NetworkPolicies have all been listed and

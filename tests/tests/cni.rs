@@ -168,6 +168,7 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
                 s.endpoints.insert(endpoint.attachment.clone(), endpoint);
                 Some(Response::Endpoint {
                     ep_id: u32::try_from(s.endpoints.len()).expect("a few endpoints"),
+                    phases: None,
                 })
             }
             (_, Request::DelEndpoint { attachment }) => {

@@ -6,6 +6,8 @@
 use std::{
     io,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -22,11 +24,97 @@ use sluice_common::{not_found_ok, programs};
 
 use super::{DatapathError, Result};
 
-/// The loaded programs and where their links are pinned.
+/// The loaded programs and where their links are pinned, behind a lock
+/// of their own: an attach waits in the kernel (TCX: an RCU grace period
+/// per hook, under the RTNL lock), and the agent's state lock is not held
+/// meanwhile (`reconcile::Reconciler::add_endpoint`). Cloning shares them.
+#[derive(Clone)]
 pub struct Programs {
+    loaded: Arc<Mutex<Loaded>>,
+    pin_dir: PathBuf,
+}
+
+pub(super) struct Loaded {
     pub(super) ebpf: Ebpf,
     pub(super) pin_dir: PathBuf,
     pub(super) mode: AttachMode,
+}
+
+impl Programs {
+    pub(super) fn new(loaded: Loaded) -> Self {
+        Self {
+            pin_dir: loaded.pin_dir.clone(),
+            loaded: Arc::new(Mutex::new(loaded)),
+        }
+    }
+
+    /// A panic while attaching leaves nothing half-written in `Loaded`
+    /// (the kernel owns the links; the pins are files), so a poisoned
+    /// lock is taken over as is.
+    fn lock(&self) -> MutexGuard<'_, Loaded> {
+        self.loaded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches both programs to the host end `ifname`: with TCX, pinning the
+    /// links; with clsact (kernels without TCX), as direct-action filters at a
+    /// fixed priority and handle, marked by a directory in bpffs. When an
+    /// earlier agent attached them, the current programs replace the old
+    /// ones in place (BPF_LINK_UPDATE, or a netlink filter replace),
+    /// atomically: the interface is never without a program.
+    pub fn attach(&self, ifname: &str) -> Result<()> {
+        self.attach_timed(ifname).1
+    }
+
+    /// [`Self::attach`], and how long it waited for another attach to end.
+    pub fn attach_timed(&self, ifname: &str) -> (Duration, Result<()>) {
+        let asked = Instant::now();
+        let mut loaded = self.lock();
+        let waited = asked.elapsed();
+        (waited, loaded.attach_hooks(ifname, &HOOKS))
+    }
+
+    /// Attaches `to_uplink` to an interface towards other nodes (pinned
+    /// like the pod hooks; attaching again swaps the program in place).
+    pub fn attach_uplink(&self, ifname: &str) -> Result<()> {
+        self.lock().attach_hooks(ifname, &UPLINK_HOOKS)
+    }
+
+    /// Detaches `to_uplink` from an interface no route leaves by any more.
+    pub fn detach_uplink(&self, ifname: &str) -> Result<()> {
+        detach_hooks(&self.pin_dir, ifname, &UPLINK_HOOKS)
+    }
+
+    /// See [`Loaded::attach_host`].
+    pub fn attach_host(&self, cgroup: &Path) -> Result<()> {
+        self.lock().attach_host(cgroup)
+    }
+
+    /// True when both hooks of `ifname` are attached (pinned TCX links or
+    /// clsact markers).
+    pub fn is_attached(&self, ifname: &str) -> bool {
+        HOOKS.iter().all(|h| {
+            let p = link_path(&self.pin_dir, ifname, *h);
+            p.exists() || clsact_marker(&p).exists()
+        })
+    }
+
+    /// Unpins the links of `ifname`. The kernel detaches a TCX link when its
+    /// last reference goes, and a link whose interface is gone is already
+    /// defunct: both are fine, and a missing pin is not an error. Files
+    /// and netlink only: no need to wait for an attach in progress.
+    pub fn detach(&self, ifname: &str) -> Result<()> {
+        detach_hooks(&self.pin_dir, ifname, &HOOKS)
+    }
+}
+
+fn link_path(pin_dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(format!("{ifname}-{}", hook.suffix))
 }
 
 /// One hook of a pod interface.
@@ -84,41 +172,17 @@ const UPLINK_HOOKS: [Hook; 1] = [Hook {
     suffix: "uplink",
 }];
 
-impl Programs {
+impl Loaded {
     fn link_path(&self, ifname: &str, hook: Hook) -> PathBuf {
-        self.pin_dir
-            .join("links")
-            .join(format!("{ifname}-{}", hook.suffix))
+        link_path(&self.pin_dir, ifname, hook)
     }
 
-    /// How programs are attached from now on.
-    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+    pub(super) fn set_attach_mode(&mut self, mode: AttachMode) {
         self.mode = match mode {
             AttachMode::Auto if has_tcx() => AttachMode::Tcx,
             AttachMode::Auto => AttachMode::Clsact,
             m => m,
         };
-    }
-
-    /// Attaches both programs to the host end `ifname`: with TCX, pinning the
-    /// links; with clsact (kernels without TCX), as direct-action filters at a
-    /// fixed priority and handle, marked by a directory in bpffs. When an
-    /// earlier agent attached them, the current programs replace the old
-    /// ones in place (BPF_LINK_UPDATE, or a netlink filter replace),
-    /// atomically: the interface is never without a program.
-    pub fn attach(&mut self, ifname: &str) -> Result<()> {
-        self.attach_hooks(ifname, &HOOKS)
-    }
-
-    /// Attaches `to_uplink` to an interface towards other nodes (pinned
-    /// like the pod hooks; attaching again swaps the program in place).
-    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
-        self.attach_hooks(ifname, &UPLINK_HOOKS)
-    }
-
-    /// Detaches `to_uplink` from an interface no route leaves by any more.
-    pub fn detach_uplink(&mut self, ifname: &str) -> Result<()> {
-        self.detach_hooks(ifname, &UPLINK_HOOKS)
     }
 
     fn attach_hooks(&mut self, ifname: &str, hooks: &[Hook]) -> Result<()> {
@@ -245,7 +309,7 @@ impl Programs {
     /// attaches its own program first and only then detaches the previous
     /// one, so the node is never without it (for a moment both run; they
     /// judge alike).
-    pub fn attach_host(&mut self, cgroup: &Path) -> Result<()> {
+    fn attach_host(&mut self, cgroup: &Path) -> Result<()> {
         // Two pin names, used in turn (bpffs cannot rename a pin over
         // another): ours goes where the previous agent's is not.
         let links = self.pin_dir.join("links");
@@ -295,36 +359,20 @@ impl Programs {
         // kernel detaches its program.
         remove(&previous)
     }
+}
 
-    /// True when both hooks of `ifname` are attached (pinned TCX links or
-    /// clsact markers).
-    pub fn is_attached(&self, ifname: &str) -> bool {
-        HOOKS.iter().all(|h| {
-            let p = self.link_path(ifname, *h);
-            p.exists() || clsact_marker(&p).exists()
-        })
-    }
-
-    /// Unpins the links of `ifname`. The kernel detaches a TCX link when its
-    /// last reference goes, and a link whose interface is gone is already
-    /// defunct: both are fine, and a missing pin is not an error.
-    pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        self.detach_hooks(ifname, &HOOKS)
-    }
-
-    fn detach_hooks(&mut self, ifname: &str, hooks: &[Hook]) -> Result<()> {
-        for &hook in hooks {
-            let path = self.link_path(ifname, hook);
-            let marker = clsact_marker(&path);
-            if marker.exists() {
-                remove_clsact(ifname, hook.attach_type, marker)?;
-            }
-            if let Err(source) = not_found_ok(std::fs::remove_file(&path)) {
-                return Err(DatapathError::Io { path, source });
-            }
+fn detach_hooks(pin_dir: &Path, ifname: &str, hooks: &[Hook]) -> Result<()> {
+    for &hook in hooks {
+        let path = link_path(pin_dir, ifname, hook);
+        let marker = clsact_marker(&path);
+        if marker.exists() {
+            remove_clsact(ifname, hook.attach_type, marker)?;
         }
-        Ok(())
+        if let Err(source) = not_found_ok(std::fs::remove_file(&path)) {
+            return Err(DatapathError::Io { path, source });
+        }
     }
+    Ok(())
 }
 
 /// Removes Sluice's clsact filter of one hook if the interface is still

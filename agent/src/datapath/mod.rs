@@ -152,12 +152,13 @@ impl Datapath {
             .take_map(names::DROP_EVENTS)
             .ok_or(DatapathError::MissingMap(names::DROP_EVENTS))
             .and_then(|m| maps::typed(names::DROP_EVENTS, m))?;
-        let mut programs = Programs {
+        let mut loaded = attach::Loaded {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             mode: AttachMode::Auto,
         };
-        programs.set_attach_mode(mode);
+        loaded.set_attach_mode(mode);
+        let programs = Programs::new(loaded);
         Ok((
             Self {
                 programs,
@@ -169,7 +170,7 @@ impl Datapath {
     }
 
     pub fn pin_dir(&self) -> &Path {
-        &self.programs.pin_dir
+        self.programs.pin_dir()
     }
 }
 

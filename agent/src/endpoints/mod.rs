@@ -200,22 +200,21 @@ impl Endpoints {
         Ok(())
     }
 
-    /// An ADD retried with the same spec: completes what is missing and
-    /// returns the endpoint, else `None`.
-    pub fn retried(&mut self, dp: &mut Datapath, spec: &EndpointSpec) -> Result<Option<EpId>> {
+    /// An ADD retried with the same spec: the endpoint, whose programs the
+    /// caller attaches again (what a failed attach left out), else `None`.
+    pub fn retried(&self, spec: &EndpointSpec) -> Option<EpId> {
         match self.registry.get(&spec.attachment) {
-            Some(old) if old.spec == *spec => {
-                dp.programs.attach(&spec.host_ifname)?;
-                Ok(Some(old.ep_id))
-            }
-            _ => Ok(None),
+            Some(old) if old.spec == *spec => Some(old.ep_id),
+            _ => None,
         }
     }
 
     /// Registers and programs a new endpoint (replacing an attachment with
-    /// another spec): its addresses and record in the maps, its programs
-    /// attached. `identity` `None` gives it a standalone identity of its
-    /// own. On an error nothing of it is left.
+    /// another spec): its addresses and record in the maps. The caller
+    /// attaches its programs, without the agent's lock (they wait in the
+    /// kernel), and calls [`Self::rollback_added`] if that fails.
+    /// `identity` `None` gives it a standalone identity of its own. On an
+    /// error nothing of it is left.
     pub fn add(
         &mut self,
         dp: &mut Datapath,
@@ -241,7 +240,6 @@ impl Endpoints {
         let written = dp
             .writer
             .add_endpoint(&ep.record(), &programmed)
-            .and_then(|()| dp.programs.attach(&ep.spec.host_ifname))
             .map_err(EndpointError::from)
             .and_then(|()| self.registry.insert(ep.clone()).map_err(Into::into));
         if let Err(e) = written {
@@ -257,6 +255,14 @@ impl Endpoints {
     pub fn rollback(&mut self, dp: &mut Datapath, ep: &Endpoint) {
         if let Err(undo) = self.forget(dp, ep) {
             warn!(error = %undo, ep_id = %ep.ep_id, "rollback of a failed endpoint add");
+        }
+    }
+
+    /// Undoes [`Self::add`] of endpoint `ep_id` when attaching its programs
+    /// failed, unless the attachment has been replaced or deleted since.
+    pub fn rollback_added(&mut self, dp: &mut Datapath, a: &Attachment, ep_id: EpId) {
+        if let Some(ep) = self.registry.get(a).filter(|e| e.ep_id == ep_id).cloned() {
+            self.rollback(dp, &ep);
         }
     }
 

@@ -3,13 +3,16 @@
 //!
 //! - CNI requests (`server`) and watched changes (`run`) both come here;
 //!   each runs as one blocking step under the state's lock, on the blocking
-//!   pool, never on an async worker and never across an await.
+//!   pool, never on an async worker and never across an await. The one
+//!   exception is an ADD's program attach, which waits in the kernel and
+//!   runs after its step, without the lock (`add`).
 //! - A batch of watched changes goes to `Cluster::apply`, whose answer (the
 //!   endpoints and addresses that changed) is written through `Endpoints`
 //!   and the data path's `Writer`; then Service addresses, then routes and
 //!   uplinks (`network`).
 //! - A periodic tick retries what failed (a route, an uplink attach, a
 //!   programming pass) without waiting for the next watch event.
+mod add;
 pub mod network;
 mod queue;
 pub mod routes;
@@ -20,14 +23,14 @@ use std::{
     time::Duration,
 };
 
-use sluice_proto::{Attachment, EndpointSpec};
+use sluice_proto::Attachment;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
     cluster::{Change, Cluster, Notice},
     datapath::Datapath,
-    endpoints::{EndpointError, Endpoints, PodsByIp, Result, pod_of},
+    endpoints::{EndpointError, Endpoints, PodsByIp, Result},
     metrics::{Capacities, EndpointStat, EndpointStats, Metrics, Ready},
     model::{EpId, ObjectRef},
     policy::Changes,
@@ -64,51 +67,6 @@ impl State {
             info!(%ip, "node address");
         }
         Ok(())
-    }
-
-    /// Registers a pod's endpoint and, in cluster mode, programs its policy
-    /// before ADD returns.
-    fn add_endpoint(&mut self, spec: EndpointSpec) -> Result<EpId> {
-        Endpoints::validate(&spec)?;
-        if let Some(ep_id) = self.endpoints.retried(&mut self.dp, &spec)? {
-            return Ok(ep_id);
-        }
-        let pod = pod_of(&spec);
-        let identity = match (&self.cluster, &pod) {
-            (None, _) => None,
-            (Some(c), _) if !c.is_synced() => {
-                return Err(EndpointError::NotReady(
-                    "the cluster has not been listed yet".into(),
-                ));
-            }
-            (Some(c), Some(pod)) => Some(c.identity_of(pod).ok_or_else(|| {
-                EndpointError::NotReady(format!("pod {pod} is not known to the agent yet"))
-            })?),
-            (Some(_), None) => {
-                return Err(EndpointError::InvalidEndpoint(
-                    "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME".into(),
-                ));
-            }
-        };
-        // The programs are attached before the pod's policy is written, and
-        // with an unisolated record. That is safe: the plugin keeps the
-        // pod's links down until the agent answers ADD, so the pod sends
-        // and receives nothing before its policy is in force.
-        let ep = self.endpoints.add(&mut self.dp, spec, identity)?;
-        if let (Some(pod), Some(cluster)) = (pod, self.cluster.as_mut()) {
-            let ips = ep.ips().collect();
-            let learned = cluster.learn_cni_ips(&pod, ips);
-            let mut changes = learned.unwrap_or_default();
-            changes.endpoints.insert(pod);
-            if let Err(e) = self.program(&changes) {
-                self.endpoints.rollback(&mut self.dp, &ep);
-                self.dp.writer.bump_epoch()?;
-                return Err(e);
-            }
-        }
-        // A new address (perhaps a deleted pod's) reaches established flows.
-        self.dp.writer.bump_epoch()?;
-        Ok(ep.ep_id)
     }
 
     /// Writes ipcache changes and the policies of the changed endpoints.
@@ -260,6 +218,9 @@ pub struct Reconciler {
     isolators: Option<watch::Receiver<Arc<crate::events::Isolators>>>,
     /// The audit view (cluster mode), judged without the state's lock.
     audit: Option<Arc<crate::policy::audit::AuditView>>,
+    /// The programs, attached to a new endpoint without the state's lock
+    /// (`add`).
+    programs: crate::datapath::Programs,
 }
 
 impl Reconciler {
@@ -268,7 +229,9 @@ impl Reconciler {
         let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
         let isolators = state.cluster.as_ref().map(Cluster::isolators);
         let audit = state.cluster.as_ref().map(Cluster::audit_view);
+        let programs = state.dp.programs.clone();
         Self {
+            programs,
             rule_names,
             isolators,
             audit,
@@ -294,10 +257,6 @@ impl Reconciler {
         })
         .await
         .map_err(|e| EndpointError::NotReady(format!("agent task failed: {e}")))?
-    }
-
-    pub async fn add_endpoint(&self, spec: EndpointSpec) -> Result<EpId> {
-        self.with(|st| st.add_endpoint(spec)).await
     }
 
     pub async fn del_endpoint(&self, a: Attachment) -> Result<()> {

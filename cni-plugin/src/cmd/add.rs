@@ -1,9 +1,12 @@
-//! ADD: veth pair, addresses, agent registration, then links up and routes.
+//! ADD: veth pair, agent registration, then the pod's addresses, links up
+//! and routes.
 //!
 //! Order matters twice:
 //! - The agent registers the endpoint (and attaches its programs to the
 //!   host end) before any link is up, so the pod never sends a packet that
-//!   policy has not seen.
+//!   policy has not seen. The pod's side is configured in one visit to its
+//!   namespace after that (one thread and netlink socket fewer than
+//!   addresses first, links later).
 //! - IPv4 routes need their device up (the kernel answers ENETDOWN
 //!   otherwise), so routes come after the links are up, which is after the
 //!   agent answered.
@@ -13,6 +16,7 @@ use std::os::fd::AsRawFd;
 
 use sluice_proto::{EndpointSpec, Request};
 
+use super::phases::Phases;
 use super::{families, open_store, queue, split};
 use crate::agent::Agent;
 use crate::config::{self, NetConf};
@@ -27,7 +31,7 @@ use crate::topology::{self, GATEWAY_V4, GATEWAY_V6, GATEWAY_V6_PREFIX};
 use crate::undo::Undo;
 use crate::{Error, Result, ipam, names, netns, sysctl};
 
-pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
+pub fn add(conf: &NetConf, env: &AttachmentEnv, phases: &mut Phases) -> Result<CniResult> {
     let att = env.attachment();
     let netns_path = env.netns()?;
     netns::validate(netns_path)?;
@@ -59,6 +63,7 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
         queue::release_finished(conf, &mut store);
         ipam::allocate(&mut store, ranges, &att)?
     };
+    phases.lap("ipam");
     undo.push("release addresses", || {
         ipam::release_owner(&mut open_store(conf)?, &att)?;
         Ok(())
@@ -116,30 +121,12 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
             GATEWAY_V6_PREFIX,
         ))?;
     }
-
-    let pod = netns::with_netns(netns_path, || {
-        let nl = Netlink::open()?;
-        let h = nl.handle();
-        nl.run(async {
-            let l = link::get(h, &env.ifname).await?.ok_or_else(|| {
-                Error::Internal(format!(
-                    "{} did not appear in {}",
-                    env.ifname,
-                    netns_path.display()
-                ))
-            })?;
-            for ip in &ips {
-                let net = topology::host_net(*ip);
-                addr::add(h, l.index, net.ip(), net.prefix()).await?;
-            }
-            Ok(l)
-        })
-    })?;
+    phases.lap("veth");
 
     // The agent attaches its programs to the host end before anything is up.
     registered.set(true);
-    agent
-        .expect_ok(&Request::AddEndpoint {
+    phases.agent = agent
+        .add_endpoint(&Request::AddEndpoint {
             endpoint: EndpointSpec {
                 attachment: att.clone(),
                 netns: netns_path.display().to_string(),
@@ -152,12 +139,26 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
             },
         })
         .map_err(not_ready_is_try_again)?;
+    phases.lap("agent");
 
     node.run(link::set_up(h, host.index))?;
-    netns::with_netns(netns_path, || {
+    // One visit to the pod's namespace (a thread, a netlink socket):
+    // addresses, link up, gateway entries, routes.
+    let pod = netns::with_netns(netns_path, || {
         let nl = Netlink::open()?;
         let h = nl.handle();
         nl.run(async {
+            let pod = link::get(h, &env.ifname).await?.ok_or_else(|| {
+                Error::Internal(format!(
+                    "{} did not appear in {}",
+                    env.ifname,
+                    netns_path.display()
+                ))
+            })?;
+            for ip in &ips {
+                let net = topology::host_net(*ip);
+                addr::add(h, pod.index, net.ip(), net.prefix()).await?;
+            }
             link::set_up(h, pod.index).await?;
             // Permanent entries: the gateway resolves without ARP/NDP, and
             // 169.254.1.1 is owned by nobody.
@@ -192,9 +193,10 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
                 };
                 route::add(h, &r).await?;
             }
-            Ok(())
+            Ok(pod)
         })
     })?;
+    phases.lap("pod_side");
     for ip in &ips {
         let r = route::Route {
             dst: topology::host_net(*ip),
@@ -204,6 +206,7 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv) -> Result<CniResult> {
         };
         node.run(route::add(h, &r))?;
     }
+    phases.lap("host_routes");
 
     undo.commit();
     let attached = Attached {

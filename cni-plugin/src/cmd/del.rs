@@ -9,6 +9,7 @@
 //! (`super::queue`).
 use sluice_proto::Request;
 
+use super::phases::Phases;
 use super::{open_store, queue};
 use crate::agent::Agent;
 use crate::config::NetConf;
@@ -16,7 +17,7 @@ use crate::env::AttachmentEnv;
 use crate::netlink::{Netlink, link};
 use crate::{Error, Result, ipam, names};
 
-pub fn del(conf: &NetConf, env: &AttachmentEnv) -> Result<()> {
+pub fn del(conf: &NetConf, env: &AttachmentEnv, phases: &mut Phases) -> Result<()> {
     let att = env.attachment();
     let agent = Agent::new(&conf.agent_socket, conf.agent_timeout);
 
@@ -26,6 +27,7 @@ pub fn del(conf: &NetConf, env: &AttachmentEnv) -> Result<()> {
     //    the veth pair with it).
     let node = Netlink::open()?;
     node.run(link::delete(node.handle(), &names::host_ifname(&att)))?;
+    phases.lap("veth");
 
     // 2. Forget the endpoint. Before the addresses go back to the pool, so
     //    that the agent never holds a stale endpoint for an address a new
@@ -35,6 +37,7 @@ pub fn del(conf: &NetConf, env: &AttachmentEnv) -> Result<()> {
     let forgotten = agent.expect_ok(&Request::DelEndpoint {
         attachment: att.clone(),
     });
+    phases.lap("agent");
     let mut store = open_store(conf)?;
     queue::release_finished(conf, &mut store);
     match forgotten {
@@ -52,5 +55,6 @@ pub fn del(conf: &NetConf, env: &AttachmentEnv) -> Result<()> {
             path: conf.delete_queue_dir.clone(),
             source,
         })?;
+    phases.lap("ipam");
     Ok(())
 }

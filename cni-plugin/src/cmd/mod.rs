@@ -4,6 +4,7 @@ mod add;
 mod check;
 mod del;
 mod gc;
+mod phases;
 mod queue;
 mod status;
 
@@ -50,10 +51,21 @@ pub fn run(
     match command {
         Command::Add => {
             let env = env::attachment(lookup, true)?;
-            let result = add(&conf, &env)?;
+            let mut phases = phases::Phases::start();
+            let result = add(&conf, &env, &mut phases)?;
+            if lookup(phases::ENV).as_deref() == Some("1") {
+                eprintln!("sluice phases {}", phases.to_json());
+            }
             Ok(Some(to_json(&result)?))
         }
-        Command::Del => del(&conf, &env::attachment(lookup, false)?).map(|()| None),
+        Command::Del => {
+            let mut phases = phases::Phases::start();
+            del(&conf, &env::attachment(lookup, false)?, &mut phases)?;
+            if lookup(phases::ENV).as_deref() == Some("1") {
+                eprintln!("sluice phases {}", phases.to_json());
+            }
+            Ok(None)
+        }
         Command::Check => check(&conf, &env::attachment(lookup, true)?).map(|()| None),
         Command::Status => {
             require(version, Version::V1_1_0, "STATUS")?;

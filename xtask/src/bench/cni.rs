@@ -4,19 +4,25 @@
 //! against the test API server, with NetworkPolicies selecting the pods, so
 //! every ADD includes the agent computing and writing the pod's policy
 //! (the plugin returns only after that). 100 pods one after the other
-//! (ADD each, then DEL each), then 50 at once (ADD, then DEL), `--rounds`
-//! times; the reference `bridge` plugin with `host-local` is measured the
-//! same way, interleaved pod by pod (sequential) or batch by batch
-//! (parallel). IPv4 only for both. To show where Sluice's time goes, the
-//! same plugin also runs (sequential only) against a stub agent that
-//! answers at once.
+//! (ADD each, then DEL each), then batches of 50 and 100 at once (ADD,
+//! then DEL), `--rounds` times; the reference `bridge` plugin with
+//! `host-local` is measured the same way, interleaved pod by pod
+//! (sequential) or batch by batch (parallel). IPv4 only for both. To
+//! show where Sluice's time goes, the same plugin also runs (sequential
+//! only) against a stub agent that answers at once.
 //!
-//! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50]`
+//! Where the time goes: every Sluice ADD reports its phases (the plugin's
+//! steps and the agent's split of its answer, `SLUICE_CNI_PHASES=1`), and
+//! the kernel's floor is measured alone: the TCX attaches of a pod on
+//! fresh veths, one after the other and in batches (`cni_attach`).
+//!
+//! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50,100]`
 //!
 //! `SLUICE_BENCH_AGENT_ARGS` (split at whitespace) is appended to the
 //! agent's command line, e.g. `--tc-attach clsact` to time clsact filters
 //! instead of TCX links.
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::{UnixListener, UnixStream},
     path::PathBuf,
@@ -33,7 +39,10 @@ use sluice_proto::{Request, Response};
 use sluice_test_apiserver::{Server as ApiServer, resource_version};
 use sluice_tests::{NetNs, Node, TempDir, conflist_config};
 
-use super::util::{self as u};
+use super::{
+    cni_attach, cni_report,
+    util::{self as u},
+};
 
 const NS: &str = "bench";
 const NODE: &str = "node-1";
@@ -46,13 +55,42 @@ pub struct Args {
     /// Pods added (then deleted) one after the other.
     #[arg(long = "sequential", default_value_t = 100)]
     seq: usize,
-    /// Pods added (then deleted) at once.
-    #[arg(long = "parallel", default_value_t = 50)]
-    par: usize,
+    /// Batch sizes: pods added (then deleted) at once, one batch per size.
+    #[arg(long = "parallel", value_delimiter = ',', default_value = "50,100")]
+    par: Vec<usize>,
+}
+
+/// Latencies of one plugin, ms: [ADD, DEL].
+pub type Verbs = [Vec<f64>; 2];
+
+/// Phase name -> durations (ms) of ADDs that reported phases.
+pub type PhaseSamples = BTreeMap<String, Vec<f64>>;
+
+/// One batch size: per plugin (sluice, bridge), each call's latency and
+/// each round's wall time, and sluice's ADD phases.
+pub struct Batch {
+    pub n: usize,
+    pub each: [Verbs; 2],
+    pub walls: [Verbs; 2],
+    pub phases: PhaseSamples,
+}
+
+#[derive(Default)]
+pub struct Results {
+    /// [sluice, bridge, plugin only]
+    pub seq: [Verbs; 3],
+    pub seq_phases: PhaseSamples,
+    pub seq_del_phases: PhaseSamples,
+    /// The same plugin's DEL against the stub agent (no links on its veths).
+    pub stub_del_phases: PhaseSamples,
+    pub par: Vec<Batch>,
+    pub floor: cni_attach::Floor,
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let &Args { rounds, seq, par } = args;
+    let Args { rounds, seq, par } = args;
+    let (rounds, seq) = (*rounds, *seq);
+    let max_par = par.iter().copied().max().unwrap_or(0);
     u::header(
         "Sluice bench cni: ADD and DEL latency",
         &["containernetworking-plugins"],
@@ -63,7 +101,7 @@ pub fn run(args: &Args) -> Result<()> {
         .ns
         .run(|| ApiServer::start("127.0.0.1:0".parse().map_err(anyhow::Error::from)?))??;
     let mut last = (String::new(), String::new());
-    for obj in objects(seq.max(par)) {
+    for obj in objects(seq.max(max_par)) {
         let stored = api.create(obj)?;
         let m = &stored["metadata"];
         last = (
@@ -108,12 +146,21 @@ pub fn run(args: &Args) -> Result<()> {
         .to_string(),
     };
     println!(
-        "{seq} pods in sequence and {par} in parallel, {rounds} rounds; agent in cluster mode, 4 NetworkPolicies select the pods; latency from exec to exit"
+        "{seq} pods in sequence and batches of {par:?} in parallel, {rounds} rounds; agent in cluster mode, 4 NetworkPolicies select the pods; latency from exec to exit"
     );
 
-    // [sluice, bridge, plugin only] x [seq ADD, seq DEL, par ADD, par DEL]
-    let mut lat: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 4]; 3];
-    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut res = Results {
+        par: par
+            .iter()
+            .map(|&n| Batch {
+                n,
+                each: Default::default(),
+                walls: Default::default(),
+                phases: PhaseSamples::new(),
+            })
+            .collect(),
+        ..Results::default()
+    };
     for round in 0..rounds {
         let pods: Vec<[NetNs; 3]> = (0..seq)
             .map(|_| {
@@ -127,7 +174,11 @@ pub fn run(args: &Args) -> Result<()> {
         let plugins = [&sluice, &bridge, &plugin_only];
         for (i, netns) in pods.iter().enumerate() {
             for (k, plugin) in plugins.iter().enumerate() {
-                lat[k][0].push(plugin.call("ADD", i, round, &netns[k])?);
+                let (took, phases) = plugin.call("ADD", i, round, &netns[k])?;
+                res.seq[k][0].push(took);
+                if k == 0 {
+                    record_phases(&mut res.seq_phases, phases.as_ref());
+                }
             }
             if i == 1 && round == 0 {
                 check_isolated(&pods[0][0], &pods[1][0], &node)?;
@@ -135,32 +186,62 @@ pub fn run(args: &Args) -> Result<()> {
         }
         for (i, netns) in pods.iter().enumerate() {
             for (k, plugin) in plugins.iter().enumerate() {
-                lat[k][1].push(plugin.call("DEL", i, round, &netns[k])?);
-            }
-        }
-        drop(pods);
-        for (k, plugin) in [&sluice, &bridge].into_iter().enumerate() {
-            let pods: Vec<NetNs> = (0..par)
-                .map(|_| NetNs::new("sl-pod"))
-                .collect::<Result<_>>()?;
-            for (v, verb) in ["ADD", "DEL"].into_iter().enumerate() {
-                let (each, wall) = parallel(plugin, verb, round + 100, &pods)?;
-                lat[k][2 + v].extend(each);
-                if k == 0 {
-                    walls[2 + v].push(wall);
+                let (took, phases) = plugin.call("DEL", i, round, &netns[k])?;
+                res.seq[k][1].push(took);
+                match k {
+                    0 => record_phases(&mut res.seq_del_phases, phases.as_ref()),
+                    2 => record_phases(&mut res.stub_del_phases, phases.as_ref()),
+                    _ => {}
                 }
             }
         }
+        drop(pods);
+        for batch in &mut res.par {
+            for (k, plugin) in [&sluice, &bridge].into_iter().enumerate() {
+                let pods: Vec<NetNs> = (0..batch.n)
+                    .map(|_| NetNs::new("sl-pod"))
+                    .collect::<Result<_>>()?;
+                for (v, verb) in ["ADD", "DEL"].into_iter().enumerate() {
+                    let id_round = 1000 * (round + 1) + batch.n;
+                    let (each, wall) = parallel(plugin, verb, id_round, &pods)?;
+                    for (took, phases) in each {
+                        batch.each[k][v].push(took);
+                        if k == 0 && v == 0 {
+                            record_phases(&mut batch.phases, phases.as_ref());
+                        }
+                    }
+                    batch.walls[k][v].push(wall);
+                }
+            }
+        }
+        cni_attach::measure(&mut res.floor, seq, par)?;
         eprintln!(
             "round {}: sluice sequential ADD p50 {:.1} ms p99 {:.1} ms",
             round + 1,
-            u::pct(&lat[0][0], 50.0),
-            u::pct(&lat[0][0], 99.0)
+            u::pct(&res.seq[0][0], 50.0),
+            u::pct(&res.seq[0][0], 99.0)
         );
     }
-    report(&lat, &walls, seq, par);
+    cni_report::report(&res, seq);
     // The agent goes before the API server does (no reconnect noise).
     node.kill_agent()
+}
+
+/// Adds one ADD's phases (`sluice phases` line of the plugin) in ms:
+/// `plugin: <step>` and `agent: <phase>`.
+fn record_phases(into: &mut PhaseSamples, phases: Option<&Value>) {
+    let Some(p) = phases else { return };
+    let steps = p["steps_us"].as_object().into_iter().flatten();
+    let agent = p["agent"].as_object().into_iter().flatten();
+    for (prefix, (k, v)) in steps
+        .map(|kv| ("plugin", kv))
+        .chain(agent.map(|kv| ("agent", kv)))
+    {
+        if let Some(us) = v.as_u64() {
+            let name = format!("{prefix}: {}", k.trim_end_matches("_us"));
+            into.entry(name).or_default().push(us as f64 / 1e3);
+        }
+    }
 }
 
 struct Plugin {
@@ -170,12 +251,24 @@ struct Plugin {
 }
 
 impl Plugin {
-    /// One call for pod `i`; its latency in ms. The container id is the
-    /// same for ADD and DEL of one pod in one round.
-    fn call(&self, verb: &str, i: usize, round: usize, pod: &NetNs) -> Result<f64> {
+    /// One call for pod `i`; its latency in ms, and the phases a Sluice
+    /// ADD reports (`SLUICE_CNI_PHASES`). The container id is the same
+    /// for ADD and DEL of one pod in one round.
+    fn call(
+        &self,
+        verb: &str,
+        i: usize,
+        round: usize,
+        pod: &NetNs,
+    ) -> Result<(f64, Option<Value>)> {
         let id = format!("bench{round}x{i}");
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME=p{i}");
-        let env = u::cni_env(verb, &id, &pod.path(), &[("CNI_ARGS", &args)]);
+        let env = u::cni_env(
+            verb,
+            &id,
+            &pod.path(),
+            &[("CNI_ARGS", &args), ("SLUICE_CNI_PHASES", "1")],
+        );
         let (out, took) = u::exec_plugin(&self.node_ns, &self.binary, &env, &self.config)?;
         if !out.status.success() {
             bail!(
@@ -185,16 +278,26 @@ impl Plugin {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(u::ms(took))
+        let phases = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice phases "))
+            .and_then(|j| serde_json::from_str(j).ok());
+        Ok((u::ms(took), phases))
     }
 }
 
+type Timed = (f64, Option<Value>);
+
 /// Every pod's `verb` at once (released together by a barrier): each
-/// call's latency and the wall time of the batch, in ms.
-fn parallel(plugin: &Plugin, verb: &str, round: usize, pods: &[NetNs]) -> Result<(Vec<f64>, f64)> {
-    let barrier = Barrier::new(pods.len());
-    let t0 = Instant::now();
-    let each = std::thread::scope(|s| {
+/// call's latency and phases, and the wall time of the batch, in ms.
+fn parallel(
+    plugin: &Plugin,
+    verb: &str,
+    round: usize,
+    pods: &[NetNs],
+) -> Result<(Vec<Timed>, f64)> {
+    let barrier = Barrier::new(pods.len() + 1);
+    let (each, wall) = std::thread::scope(|s| {
         let handles: Vec<_> = pods
             .iter()
             .enumerate()
@@ -206,15 +309,18 @@ fn parallel(plugin: &Plugin, verb: &str, round: usize, pods: &[NetNs]) -> Result
                 })
             })
             .collect();
-        handles
+        barrier.wait();
+        let t0 = Instant::now();
+        let each = handles
             .into_iter()
             .map(|h| {
                 h.join()
                     .map_err(|_| anyhow::anyhow!("plugin thread panicked"))?
             })
-            .collect::<Result<Vec<f64>>>()
-    })?;
-    Ok((each, u::ms(t0.elapsed())))
+            .collect::<Result<Vec<Timed>>>();
+        (each, u::ms(t0.elapsed()))
+    });
+    Ok((each?, wall))
 }
 
 /// The default deny is in force from ADD: p1 gets nothing from p0 on a
@@ -240,60 +346,6 @@ fn check_isolated(p0: &NetNs, p1: &NetNs, node: &Node) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn report(lat: &[Vec<Vec<f64>>], walls: &[Vec<f64>], seq: usize, par: usize) {
-    let names = [
-        format!("ADD, {seq} in sequence"),
-        format!("DEL, {seq} in sequence"),
-        format!("ADD, {par} in parallel"),
-        format!("DEL, {par} in parallel"),
-    ];
-    println!();
-    println!("latency per call, ms (all rounds pooled):");
-    println!(
-        "  {:<22} {:<24} {:>8} {:>8} {:>8} {:>8}",
-        "plugin", "", "p50", "p99", "max", "n"
-    );
-    let plugins = ["sluice", "bridge", "sluice, agent stubbed"];
-    for (k, plugin) in plugins.iter().enumerate() {
-        for (m, name) in names.iter().enumerate() {
-            let v = &lat[k][m];
-            if v.is_empty() {
-                continue;
-            }
-            println!(
-                "  {plugin:<22} {name:<24} {:>8.1} {:>8.1} {:>8.1} {:>8}",
-                u::pct(v, 50.0),
-                u::pct(v, 99.0),
-                u::pct(v, 100.0),
-                v.len()
-            );
-        }
-    }
-    println!();
-    println!(
-        "sluice, {par} in parallel, whole batch (median over rounds): ADD {:.0} ms, DEL {:.0} ms",
-        u::median(&walls[2]),
-        u::median(&walls[3])
-    );
-    let p99 = u::pct(&lat[0][0], 99.0);
-    println!();
-    println!("targets:");
-    println!(
-        "  sequential ADD p99 < 50 ms: {p99:.1} ms: {}",
-        u::verdict(p99 < 50.0)
-    );
-    let (p50, plugin_p50) = (u::pct(&lat[0][0], 50.0), u::pct(&lat[2][0], 50.0));
-    println!(
-        "  where it goes (p50): the plugin's own work {plugin_p50:.1} ms (agent stubbed), the agent's answer (attach, maps, policy) ~{:.1} ms",
-        p50 - plugin_p50
-    );
-    println!(
-        "  (reference) bridge + host-local sequential ADD p99 {:.1} ms: no agent, no policy",
-        u::pct(&lat[1][0], 99.0)
-    );
-    println!("  {}", u::SHARED_NOTE);
 }
 
 /// A stand-in agent on a unix socket: answers every request at once
@@ -324,7 +376,10 @@ impl StubAgent {
                 let answer = match serde_json::from_str::<Request>(line.trim_end()) {
                     Ok(Request::AddEndpoint { .. }) => {
                         ep_id += 1;
-                        Response::Endpoint { ep_id }
+                        Response::Endpoint {
+                            ep_id,
+                            phases: None,
+                        }
                     }
                     _ => Response::Ok,
                 };

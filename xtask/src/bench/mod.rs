@@ -12,6 +12,8 @@ use clap::Subcommand;
 
 mod agent;
 mod cni;
+mod cni_attach;
+mod cni_report;
 mod compiler;
 mod compiler_cnp;
 mod compiler_scale;

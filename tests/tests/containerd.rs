@@ -352,9 +352,11 @@ fn in_netns<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> T + Send + 'st
 
 /// An HTTP GET over a new TCP connection answered with 200, within `timeout`.
 fn http_ok(to: SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else {
-        return false;
-    };
+    TcpStream::connect_timeout(&to, timeout).is_ok_and(|s| answers_200(s, timeout))
+}
+
+/// Sends a GET on `s`; was it answered 200 within `timeout`?
+fn answers_200(mut s: TcpStream, timeout: Duration) -> bool {
     let _ignored = s.set_read_timeout(Some(timeout));
     let mut answer = String::new();
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
@@ -710,17 +712,8 @@ fn stop_then_remove_sandbox_runs_del_twice_the_second_without_netns_and_leaves_n
 /// retransmission at the 1 s SYN timeout means a drop, not a busy CPU).
 fn http_allowed_at_once(to: SocketAddr) -> bool {
     let timeout = Duration::from_secs(5);
-    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else {
-        return false;
-    };
-    if syn_retransmits(&s) != Some(0) {
-        return false;
-    }
-    let _ignored = s.set_read_timeout(Some(timeout));
-    let mut answer = String::new();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
-        && s.read_to_string(&mut answer).is_ok()
-        && answer.starts_with("HTTP/1.1 200")
+    TcpStream::connect_timeout(&to, timeout)
+        .is_ok_and(|s| syn_retransmits(&s) == Some(0) && answers_200(s, timeout))
 }
 
 /// Segments the socket retransmitted so far (`tcpi_total_retrans`); right

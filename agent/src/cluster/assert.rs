@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use kube::ResourceExt as _;
 
-use super::{Cluster, watch::Object};
+use super::Cluster;
 use crate::model::{Kind, ObjKey, ObjectRef};
 
 impl Cluster {
@@ -14,11 +14,7 @@ impl Cluster {
     pub fn pods_matching(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
         let mut out: Vec<String> = self
             .known
-            .values()
-            .filter_map(|o| match o {
-                Object::Pod(p) => Some(p.as_ref()),
-                _ => None,
-            })
+            .pods()
             .filter(|p| p.namespace().as_deref() == Some(namespace))
             .filter(|p| {
                 let have = p.labels();

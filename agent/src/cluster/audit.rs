@@ -25,7 +25,7 @@ impl Cluster {
     /// `ClusterNetworkPolicy/name`.
     fn audited(&self) -> BTreeSet<String> {
         self.known
-            .values()
+            .others()
             .filter(|o| is_audit(o))
             .map(|o| match o {
                 Object::NetworkPolicy(p) => format!(
@@ -64,11 +64,11 @@ impl Cluster {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for o in self.known.values() {
             match o {
-                Object::Namespace(n) => namespaces.push((**n).clone()),
-                Object::Pod(p) => pods.push(self.with_cni_ips(p)),
-                Object::NetworkPolicy(p) => policies.push((**p).clone()),
-                Object::ClusterNetworkPolicy(p) => cnps.push((**p).clone()),
-                Object::Node(n) => nodes.push((**n).clone()),
+                Object::Namespace(n) => namespaces.push(*n),
+                Object::Pod(p) => pods.push(self.with_cni_ips(&p)),
+                Object::NetworkPolicy(p) => policies.push(*p),
+                Object::ClusterNetworkPolicy(p) => cnps.push(*p),
+                Object::Node(n) => nodes.push(*n),
                 Object::Service(_) => {}
             }
         }

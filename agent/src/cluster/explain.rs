@@ -14,7 +14,7 @@ impl Cluster {
     pub fn explain(&self, from: &str, to: &str, flow: &str) -> Result<Vec<Explanation>, String> {
         let (from, to) = (parse_spec(from)?, parse_spec(to)?);
         let flow = parse_flow(flow)?;
-        let service = |o: &ObjectRef| match self.known.get(&ObjKey::new(
+        let service = |o: &ObjectRef| match self.known.get_other(&ObjKey::new(
             Kind::Service,
             o.namespace.clone(),
             o.name.clone(),
@@ -22,10 +22,8 @@ impl Cluster {
             Some(Object::Service(s)) => Some(s.as_ref()),
             _ => None,
         };
-        let pods = self.known.values().filter_map(|o| match o {
-            Object::Pod(p) => Some(p.as_ref()),
-            _ => None,
-        });
-        explain_specs(&self.compiler, (&from, &to), flow, service, pods)
+        // Pods are kept encoded (`known.rs`): decoded for the question.
+        let pods: Vec<_> = self.known.pods().collect();
+        explain_specs(&self.compiler, (&from, &to), flow, service, pods.iter())
     }
 }

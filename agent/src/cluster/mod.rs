@@ -13,6 +13,7 @@ mod assert;
 mod audit;
 mod diagnostics;
 mod explain;
+mod known;
 pub mod watch;
 
 use std::{
@@ -84,7 +85,7 @@ pub struct Cluster {
     node_name: String,
     synced: BTreeSet<Kind>,
     /// Every object seen, to find what a re-list no longer has.
-    known: BTreeMap<ObjKey, Object>,
+    known: known::Known,
     /// Object -> resourceVersion whose effect is in the maps.
     programmed: BTreeMap<ObjKey, String>,
     /// This node's pod CIDRs (from its Node object).
@@ -161,7 +162,7 @@ impl Cluster {
             isolators_generation: 0,
             node_name: node_name.to_owned(),
             synced: BTreeSet::new(),
-            known: BTreeMap::new(),
+            known: known::Known::default(),
             programmed: BTreeMap::new(),
             pod_cidrs: Vec::new(),
             own_ips: Vec::new(),
@@ -283,11 +284,7 @@ impl Cluster {
             info!(stats = ?self.compiler.stats(), "cluster listed; programming every endpoint");
             // Everything listed so far takes effect in this pass, including
             // kinds listed in earlier batches.
-            versions = self
-                .known
-                .values()
-                .map(|o| (o.key(), Some(o.resource_version())))
-                .collect();
+            versions = self.known.versions().map(|(k, rv)| (k, Some(rv))).collect();
             out.ipcache.extend(
                 self.compiler
                     .ipcache()
@@ -368,11 +365,7 @@ impl Cluster {
     /// Every object known, as a `kind: List` of their JSON (`sluice lint
     /// --live`); one that does not serialize is left out.
     pub fn objects_list(&self) -> serde_json::Value {
-        let items: Vec<serde_json::Value> = self
-            .known
-            .values()
-            .filter_map(|o| o.to_json().ok())
-            .collect();
+        let items: Vec<serde_json::Value> = self.known.json().collect();
         serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
     }
 
@@ -436,7 +429,7 @@ impl Cluster {
     /// what to program when synced.
     pub fn learn_cni_ips(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) -> Option<Changes> {
         self.cni_ips.insert(pod.clone(), ips);
-        let o = self.known.get(&ObjKey::pod(pod)).cloned()?;
+        let o = self.known.get(&ObjKey::pod(pod))?;
         let out = self.apply_one(Change::Applied(o));
         self.publish_isolators(&out);
         self.is_synced().then_some(out)
@@ -527,7 +520,7 @@ impl Cluster {
             Change::Applied(o) => {
                 let out = self.feed(&o, false);
                 self.feed_audit_view(&o, false);
-                self.known.insert(o.key(), o);
+                self.known.insert(o);
                 out
             }
             Change::Deleted(o) => {
@@ -539,8 +532,7 @@ impl Cluster {
             Change::Resync(kind, objects) => {
                 let out = self.resync(kind, &objects);
                 self.resync_audit_view(kind, &objects);
-                self.known.retain(|k, _| k.kind != kind);
-                self.known.extend(objects.into_iter().map(|o| (o.key(), o)));
+                self.known.replace_kind(kind, objects);
                 self.synced.insert(kind);
                 out
             }
@@ -639,7 +631,7 @@ fn listed<T>(objects: &[Object], pick: impl Fn(&Object) -> Option<T>) -> Vec<T> 
 }
 
 /// The reference of a known object, for an Event.
-fn reference(known: &BTreeMap<ObjKey, Object>, key: &ObjKey) -> Option<ObjectReference> {
+fn reference(known: &known::Known, key: &ObjKey) -> Option<ObjectReference> {
     let r = known.get(key)?.reference();
     (r.kind.as_deref() == Some(key.kind.name())).then_some(r)
 }

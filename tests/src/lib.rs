@@ -429,8 +429,21 @@ impl Node {
     /// Waits until the agent reports `key` (`Kind/ns/name`) programmed at
     /// `rv` or later (`None`: until it is gone). No sleeping-and-hoping.
     pub fn wait_programmed(&self, key: &str, rv: Option<&str>, timeout: Duration) -> Result<()> {
+        self.wait_programmed_polling(key, rv, timeout, Duration::from_millis(5))
+            .map(drop)
+    }
+
+    /// `wait_programmed`, asking every `every`; how long it waited.
+    pub fn wait_programmed_polling(
+        &self,
+        key: &str,
+        rv: Option<&str>,
+        timeout: Duration,
+        every: Duration,
+    ) -> Result<Duration> {
         let want: Option<u64> = rv.map(|r| r.parse()).transpose()?;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         loop {
             let only = Request::ProgrammedOf {
                 keys: vec![key.to_string()],
@@ -447,7 +460,7 @@ impl Node {
                     _ => false,
                 };
                 if done {
-                    return Ok(());
+                    return Ok(started.elapsed());
                 }
             }
             if Instant::now() > deadline {
@@ -456,7 +469,7 @@ impl Node {
                     "{key} not programmed at {rv:?} within {timeout:?}; the agent reports {now:?}"
                 );
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(every);
         }
     }
 

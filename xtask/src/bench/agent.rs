@@ -28,9 +28,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
-use sluice_proto::{Request, Response};
 use sluice_test_apiserver::{Config, Server as ApiServer, ServerHandle, store::Part};
 use sluice_tests::{Node, Pod, conflist_config};
 
@@ -154,25 +153,7 @@ fn agent_rss(node: &Node) -> Result<(f64, f64)> {
 /// Waits (polling every 0.5 ms) until the agent reports `key` programmed at
 /// `rv` or later; the time it took.
 fn programmed_after(node: &Node, key: &str, rv: &str) -> Result<Duration> {
-    let started = Instant::now();
-    let want: u64 = rv.parse()?;
-    let ask = Request::ProgrammedOf {
-        keys: vec![key.to_string()],
-    };
-    loop {
-        if let Response::Programmed { objects, .. } = node.request(&ask)?
-            && objects
-                .get(key)
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|h| h >= want)
-        {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > PATIENCE {
-            bail!("{key} not programmed at {rv} within {PATIENCE:?}");
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
+    node.wait_programmed_polling(key, Some(rv), PATIENCE, Duration::from_micros(500))
 }
 
 fn wait_ready(node: &Node) -> Result<()> {

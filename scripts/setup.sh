@@ -20,6 +20,13 @@ if ! have_toolchain "$STABLE"; then
   say "installing Rust $STABLE"
   rustup toolchain install "$STABLE" --profile minimal --component rust-src,clippy,rustfmt --no-self-update
 fi
+# A machine image may ship the toolchain without them (rust-toolchain.toml
+# lists them, but rustup adds them only when it installs the toolchain).
+if ! rustup component list --toolchain "$STABLE" --installed | grep -q '^clippy' ||
+   ! rustup component list --toolchain "$STABLE" --installed | grep -q '^rustfmt'; then
+  say "adding clippy and rustfmt to Rust $STABLE"
+  rustup component add --toolchain "$STABLE" rust-src clippy rustfmt
+fi
 if ! have_toolchain "$NIGHTLY" || [ ! -d "$(rustc +"$NIGHTLY" --print sysroot)/lib/rustlib/src" ]; then
   say "installing Rust $NIGHTLY with rust-src"
   rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --no-self-update

@@ -231,7 +231,7 @@ impl Args {
     pub fn take_over(
         &self,
         metrics: &Metrics,
-        cluster: Option<Cluster>,
+        mut cluster: Option<Cluster>,
     ) -> anyhow::Result<(State, DropEvents)> {
         crate::ensure_bpffs(&self.bpffs)?;
         let (mut dp, drops) = Datapath::load(&self.bpffs, &self.sizes(), self.tc_attach)
@@ -245,6 +245,16 @@ impl Args {
             metrics.clone(),
         )
         .context("taking over the node's endpoints")?;
+        if let Some(c) = &mut cluster {
+            c.restore(restored_numbers(dp.writer.maps()));
+            // The addresses the CNI gave each pod, in case its status has
+            // none yet (kept until the first list; nothing to program).
+            for ep in endpoints.all() {
+                if let Some(pod) = ep.pod() {
+                    let _before_sync = c.learn_cni_ips(&pod, ep.ips().collect());
+                }
+            }
+        }
         // After the endpoints' records are refreshed: the new to_host reads
         // them as soon as it is attached.
         match self.host_cgroup()? {
@@ -260,19 +270,6 @@ impl Args {
         }
         let mut state = State::new(dp, endpoints, cluster);
         state.program_host_addresses()?;
-        // Removals the plugin queued while the agent was down, before the
-        // socket serves: after this, their addresses may be reused.
-        let queue = self.delete_queue();
-        match state.drain_delete_queue(&queue) {
-            Ok(0) => {}
-            Ok(drained) => {
-                tracing::info!(drained, dir = %queue.dir().display(), "deletion queue drained");
-            }
-            // Retried by the periodic drain; the entries' addresses stay held.
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %queue.dir().display(), "draining the deletion queue");
-            }
-        }
         Ok((state, drops))
     }
 
@@ -296,5 +293,31 @@ impl Args {
                     .map(|h| h.trim().to_owned())
             })
             .unwrap_or_default()
+    }
+}
+
+/// The numbers a previous run left in the pinned maps: each address's
+/// identity, each identity's peer class, each local identity's profile
+/// and each prefix's CIDR group (an endpoint's, by the endpoint's
+/// identity).
+fn restored_numbers(maps: &crate::datapath::Maps) -> crate::policy::Restored {
+    let identity_of: std::collections::HashMap<u32, u32> = maps
+        .endpoint_records()
+        .into_iter()
+        .map(|(_, e)| (e.ep_id, e.identity))
+        .collect();
+    crate::policy::Restored {
+        identities: maps.ipcache_identities(),
+        classes: maps.peer_classes(),
+        profiles: maps
+            .tier_profiles()
+            .into_iter()
+            .filter_map(|(ep, profile)| Some((*identity_of.get(&ep)?, profile)))
+            .collect(),
+        cidr_groups: maps
+            .cidr_groups()
+            .into_iter()
+            .filter_map(|(ep, dir, net, group)| Some((*identity_of.get(&ep)?, dir, net, group)))
+            .collect(),
     }
 }

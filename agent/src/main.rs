@@ -34,7 +34,10 @@ async fn main() -> anyhow::Result<()> {
     let cluster = client.as_ref().map(|_| Cluster::new(&node_name));
     let (state, drops) = args.take_over(&metrics, cluster)?;
     let pin_dir = state.dp.pin_dir().to_owned();
-    let reconciler = Reconciler::new(state, metrics.clone());
+    let reconciler = Reconciler::new(state, metrics.clone(), args.delete_queue());
+    // Removals queued while the agent was down are finished before the
+    // socket serves.
+    reconciler.drain_delete_queue_at_start().await;
 
     let listener =
         server::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
@@ -127,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
         metrics::serve(l, exporter, ready.clone()).await
     };
     let resync = Duration::from_secs(args.resync_seconds.max(1));
-    let drain = reconciler.drain_delete_queue_every(args.delete_queue(), resync);
+    let drain = reconciler.drain_delete_queue_every(resync);
     tokio::select! {
         r = serving => r.context("agent socket")?,
         r = drain => r.context("deletion queue")?,

@@ -269,9 +269,13 @@ async fn dispatch(r: &Reconciler, req: Request) -> Response {
                     phases: Some(phases),
                 })
         }
-        Request::DelEndpoint { attachment } => {
-            r.del_endpoint(attachment).await.map(|()| Response::Ok)
-        }
+        Request::DelEndpoint { attachment } => r.del_endpoint(attachment).await.map(|deferred| {
+            if deferred {
+                Response::RemovalDeferred
+            } else {
+                Response::Ok
+            }
+        }),
         Request::CheckEndpoint { attachment } => {
             r.check_endpoint(attachment)
                 .await

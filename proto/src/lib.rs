@@ -44,6 +44,10 @@ pub enum Request {
     /// to `host_ifname`. Answers only once all of that is done.
     AddEndpoint { endpoint: EndpointSpec },
     /// Forget the endpoint: detach, delete its map entries. Unknown is `Ok`.
+    /// When the deletion queue holds a pending removal of the attachment
+    /// that names a host veth (the plugin's DEL set it down and queued
+    /// it), the agent answers `RemovalDeferred` and deletes that veth after
+    /// answering, then marks the removal done (`queue`).
     DelEndpoint { attachment: Attachment },
     /// Verify the endpoint is registered and its programs attached.
     CheckEndpoint { attachment: Attachment },
@@ -194,6 +198,10 @@ pub mod code {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
+    /// `DelEndpoint`: the endpoint is forgotten, and the agent deletes the
+    /// host veth of its queued removal after this answer, then marks it
+    /// done (`queue`). The addresses stay held until then.
+    RemovalDeferred,
     Endpoint {
         ep_id: u32,
         /// Where the agent's time went (AddEndpoint); older agents send

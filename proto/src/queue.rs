@@ -1,9 +1,12 @@
-//! The deletion queue: endpoint removals that DEL could not hand to the
-//! agent because it was unreachable (as Cilium's plugin queues them).
+//! The deletion queue: endpoint removals whose end DEL does not wait for,
+//! with their addresses held until they are finished: the deletion of a
+//! pod's host veth, which the agent does after DEL has answered, and
+//! removals that DEL could not hand to the agent because it was
+//! unreachable (as Cilium's plugin queues them).
 //!
 //! ```text
 //! <dir>/<containerID>@<ifname>.json   pending: written by the plugin's DEL
-//! <dir>/<containerID>@<ifname>.done   the agent has forgotten the endpoint
+//! <dir>/<containerID>@<ifname>.done   the agent has finished the removal
 //! <dir>/.<name>.tmp                   being written (ignored by readers)
 //! <dir>/.<name>.bad                   did not parse; set aside, ignored
 //! ```
@@ -11,17 +14,29 @@
 //! One small file per attachment, each written to a temporary file and
 //! renamed into place, so a reader never sees half an entry.
 //!
-//! 1. DEL, agent unreachable: the veth is deleted (the pod's traffic stops),
-//!    a pending entry is written, the addresses stay held, DEL returns 0.
-//! 2. The agent, at start-up and on every tick: forgets each pending
-//!    endpoint (idempotent), then renames `.json` to `.done`.
+//! 1. DEL sets the pod's host end down (the pod's traffic stops) and
+//!    writes a pending entry naming that veth (`host_ifindex`) before it
+//!    asks the agent to forget the endpoint; the addresses stay held.
+//!    - The agent answers `RemovalDeferred`: it has forgotten the endpoint
+//!      and deletes the veth after answering. DEL returns 0.
+//!    - The agent answers `Ok` (an agent that defers nothing, or whose
+//!      queue is elsewhere): DEL deletes the veth, releases the addresses
+//!      and removes the entry itself.
+//!    - The agent is unreachable: DEL deletes the veth, rewrites the entry
+//!      without `host_ifindex` and returns 0.
+//! 2. The agent, after a `RemovalDeferred` answer, at start-up and on
+//!    every tick: forgets each pending endpoint (idempotent), deletes its
+//!    veth (if it is still the one with that index and name), then renames
+//!    `.json` to `.done`, only if the entry is still the one it read.
 //! 3. The plugin, on its next ADD, DEL or GC of the same network, under its
 //!    IPAM lock: releases the addresses of each `.done` entry, then removes
-//!    the file. A DEL that reaches the agent removes both files itself.
+//!    the file. A DEL that finds no veth and reaches the agent removes both
+//!    files itself; an ADD of the same attachment finishes a pending
+//!    removal itself first (`cni-plugin/src/cmd/queue.rs`).
 //!
 //! Each step is idempotent and the rename is the commit point, so a crash
-//! anywhere repeats a step and never releases an address the agent may
-//! still use.
+//! anywhere repeats a step and never releases an address that the agent
+//! may still use or that a veth and its host routes still carry.
 use std::fs;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -47,9 +62,13 @@ pub struct QueuedDelete {
     /// `ips`.
     pub network: String,
     pub data_dir: String,
-    /// Held until the agent has forgotten the endpoint.
+    /// Held until the removal is finished.
     pub ips: Vec<IpAddr>,
     pub host_ifname: String,
+    /// The index of the host veth still to delete (set down by DEL), or
+    /// `None` when DEL deleted it (or found none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ifindex: Option<u32>,
     #[serde(default)]
     pub pod_namespace: Option<String>,
     #[serde(default)]
@@ -172,10 +191,30 @@ impl DeleteQueue {
         Ok(out)
     }
 
-    /// The agent has forgotten the endpoint of `a`. Nothing pending is
+    /// The pending entry of `a`, if any.
+    pub fn pending_of(&self, a: &Attachment) -> io::Result<Option<QueuedDelete>> {
+        match fs::read(self.path(a, PENDING)?) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The agent has finished the removal of `a`. Nothing pending is
     /// fine (a DEL that reached the agent removed the entry meanwhile).
     pub fn mark_done(&self, a: &Attachment) -> io::Result<()> {
         not_found_ok(fs::rename(self.path(a, PENDING)?, self.path(a, DONE)?))
+    }
+
+    /// [`Self::mark_done`], only while the pending entry is still `e`:
+    /// one that an ADD finished and a later DEL queued anew names another
+    /// veth, whose removal is not finished. Whether it was marked.
+    pub fn mark_done_if(&self, e: &QueuedDelete) -> io::Result<bool> {
+        if self.pending_of(&e.attachment)?.as_ref() != Some(e) {
+            return Ok(false);
+        }
+        self.mark_done(&e.attachment)?;
+        Ok(true)
     }
 
     /// Forgets `a`'s finished entry (its addresses are released).
@@ -225,6 +264,7 @@ mod tests {
             data_dir: "/d".into(),
             ips: vec!["10.0.0.5".parse().unwrap()],
             host_ifname: "sl0".into(),
+            host_ifindex: Some(7),
             pod_namespace: Some("ns".into()),
             pod_name: None,
         }
@@ -265,6 +305,34 @@ mod tests {
         assert_eq!(q.pending().unwrap().len(), 1);
         q.remove(&e.attachment).unwrap();
         assert!(q.pending().unwrap().is_empty() && q.done().unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_the_entry_read_is_marked_done() {
+        let d = Dir::new();
+        let q = DeleteQueue::new(&d.0);
+        let e = entry("c5");
+        assert!(q.pending_of(&e.attachment).unwrap().is_none());
+        q.enqueue(&e).unwrap();
+        assert_eq!(q.pending_of(&e.attachment).unwrap().as_ref(), Some(&e));
+        let newer = QueuedDelete {
+            host_ifindex: Some(8),
+            ..e.clone()
+        };
+        q.enqueue(&newer).unwrap();
+        assert!(!q.mark_done_if(&e).unwrap(), "another veth's removal");
+        assert!(q.done().unwrap().is_empty());
+        assert!(q.mark_done_if(&newer).unwrap());
+        assert_eq!(q.done().unwrap(), vec![newer.clone()]);
+        assert!(!q.mark_done_if(&newer).unwrap(), "nothing pending");
+    }
+
+    #[test]
+    fn an_entry_without_an_index_reads_as_before() {
+        let old = r#"{"attachment":{"container_id":"c6","ifname":"eth0"},"network":"n","data_dir":"/d","ips":[],"host_ifname":"sl0"}"#;
+        let e: QueuedDelete = serde_json::from_str(old).unwrap();
+        assert_eq!(e.host_ifindex, None);
+        assert!(!serde_json::to_string(&e).unwrap().contains("host_ifindex"));
     }
 
     #[test]

@@ -424,6 +424,8 @@ mod explain;
 mod flows;
 #[path = "cluster/lint.rs"]
 mod lint;
+#[path = "cluster/restart.rs"]
+mod restart;
 #[path = "cluster/tiers.rs"]
 mod tiers;
 

@@ -60,6 +60,10 @@ struct AgentState {
     endpoints: HashMap<Attachment, EndpointSpec>,
     /// The answer to `PodCidrs`; `None` answers with an agent error.
     pod_cidrs: Option<Vec<String>>,
+    /// DelEndpoint answers `RemovalDeferred` (the real agent's answer when
+    /// the queue names a veth) and, unlike the real agent, never deletes
+    /// the veth: the test does, when it chooses.
+    defer_removals: bool,
 }
 
 /// A thread serving the agent socket; stopped and removed on drop.
@@ -114,6 +118,12 @@ impl FakeAgent {
     fn set_pod_cidrs(&self, cidrs: Option<&[&str]>) {
         if let Ok(mut s) = self.state.lock() {
             s.pod_cidrs = cidrs.map(|c| c.iter().map(|c| c.to_string()).collect());
+        }
+    }
+
+    fn set_defer_removals(&self, on: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.defer_removals = on;
         }
     }
 
@@ -173,7 +183,11 @@ fn serve(conn: &UnixStream, state: &Mutex<AgentState>, stop: &AtomicBool) {
             }
             (_, Request::DelEndpoint { attachment }) => {
                 s.endpoints.remove(&attachment);
-                Some(Response::Ok)
+                Some(if s.defer_removals {
+                    Response::RemovalDeferred
+                } else {
+                    Response::Ok
+                })
             }
             (_, Request::CheckEndpoint { attachment }) => {
                 Some(if s.endpoints.contains_key(&attachment) {
@@ -1231,6 +1245,111 @@ fn addresses_of_a_removal_the_agent_finished_are_released_by_the_next_run() -> R
     ensure!(!w.ip_files()?.contains(&ip), "{:?}", w.ip_files()?);
     ensure!(w.queued()?.is_empty(), "{:?}", w.queued()?);
     w.del_twice(&other, Some(&ro))?;
+    w.assert_clean()
+}
+
+/// The host end's index and whether it is administratively up, or `None`
+/// when there is no such link.
+fn host_link(w: &World, name: &str) -> Result<Option<(u64, bool)>> {
+    if !w.host_veths()?.iter().any(|v| v == name) {
+        return Ok(None);
+    }
+    let l = link_json(&w.node, name)?;
+    let up = l["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "UP"));
+    Ok(Some((l["ifindex"].as_u64().context("ifindex")?, up)))
+}
+
+#[test]
+fn a_deferred_del_disconnects_the_pod_at_once_and_holds_its_address_until_the_veth_is_gone()
+-> Result<()> {
+    let w = World::new(&[V4_RANGE])?;
+    w.agent.set_defer_removals(true);
+    let pod = Pod::new()?;
+    let r = w.add(&pod, &w.config())?;
+    let ip = result_ip(&r, false)?;
+    let host = host_ifname(&r)?;
+    let node_ip: IpAddr = NODE_V4.parse()?;
+    ensure!(
+        ping(&w.node, ip) && ping(&pod.ns, node_ip),
+        "reachable before DEL"
+    );
+
+    // The agent takes the veth's deletion: DEL answers with the veth still
+    // there, down, and nothing passes either way.
+    w.verb("DEL", &pod.id, &pod.path(), &w.config())?
+        .expect_silent_success()?;
+    let (index, up) = host_link(&w, &host)?.context("the veth is the agent's to delete")?;
+    ensure!(!up, "{host} still up after DEL");
+    ensure!(!ping(&w.node, ip), "the node still reaches the pod");
+    ensure!(!ping(&pod.ns, node_ip), "the pod still reaches the node");
+    // Held: the address, in a pending entry that names this veth.
+    let entry = format!("{}@eth0.json", pod.id);
+    ensure!(w.ip_files()? == BTreeSet::from([ip]));
+    ensure!(
+        w.queued()? == BTreeSet::from([entry.clone()]),
+        "{:?}",
+        w.queued()?
+    );
+    let queued: Value = serde_json::from_slice(&std::fs::read(w.queue_dir().join(&entry))?)?;
+    ensure!(
+        queued["host_ifindex"] == json!(index) && queued["ips"] == json!([ip.to_string()]),
+        "{queued}"
+    );
+    ensure!(w.agent.endpoints().is_empty(), "the endpoint is forgotten");
+    // containerd's second DEL changes nothing; an ADD meanwhile gets
+    // another address, and does not release the held one.
+    w.verb("DEL", &pod.id, "", &w.config())?
+        .expect_silent_success()?;
+    ensure!(host_link(&w, &host)? == Some((index, false)));
+    w.agent.set_defer_removals(false);
+    let other = Pod::new()?;
+    let ro = w.add(&other, &w.config())?;
+    ensure!(result_ip(&ro, false)? != ip);
+    w.del_twice(&other, Some(&ro))?;
+    ensure!(w.ip_files()? == BTreeSet::from([ip]), "{:?}", w.ip_files()?);
+
+    // What the agent does after answering: delete the veth, mark it done.
+    w.node.ip(&["link", "del", &host])?;
+    let base = w.queue_dir().join(format!("{}@eth0", pod.id));
+    std::fs::rename(base.with_extension("json"), base.with_extension("done"))?;
+    ensure!(
+        w.ip_files()? == BTreeSet::from([ip]),
+        "released only by a run"
+    );
+    w.verb("DEL", "ctrnothing", "", &w.config())?
+        .expect_silent_success()?;
+    w.assert_clean()
+}
+
+#[test]
+fn add_of_an_attachment_whose_veth_deletion_is_pending_deletes_it_first_and_works() -> Result<()> {
+    let w = World::new(&[V4_RANGE])?;
+    w.agent.set_defer_removals(true);
+    let pod = Pod::new()?;
+    let r = w.add(&pod, &w.config())?;
+    let host = host_ifname(&r)?;
+    w.verb("DEL", &pod.id, &pod.path(), &w.config())?
+        .expect_silent_success()?;
+    let (old, _) = host_link(&w, &host)?.context("pending veth")?;
+    // The runtime sets the same attachment up again (same container,
+    // ifname and namespace, whose eth0 is still the old veth's end).
+    let again = w.add(&pod, &w.config())?;
+    let (new, up) = host_link(&w, &host)?.context("no veth after ADD")?;
+    ensure!(new != old && up, "old {old}, new {new} up {up}");
+    ensure!(
+        ping(&w.node, result_ip(&again, false)?),
+        "the new pod is reachable"
+    );
+    ensure!(w.queued()?.is_empty(), "{:?}", w.queued()?);
+    ensure!(
+        w.ip_files()? == BTreeSet::from([result_ip(&again, false)?]),
+        "the old address is released: {:?}",
+        w.ip_files()?
+    );
+    w.agent.set_defer_removals(false);
+    w.del_twice(&pod, Some(&again))?;
     w.assert_clean()
 }
 

@@ -131,9 +131,19 @@ fn del_with_the_agent_down_is_0_and_the_restarted_agent_finishes_it_before_addre
     ensure!(names(&node.delete_queue_dir()).is_empty());
     ensure!(node.maps()?.endpoint_records().len() == 1);
     ensure!(next.del(&node, &config)?.code == 0);
-    ensure!(held(&node).is_empty() && host_veths(&node)?.is_empty());
-    // A DEL for the first pod now (kubelet retrying) is harmless.
+    // The agent deletes its veth after DEL's answer, then marks it done.
+    let done = BTreeSet::from([format!("{}@eth0.done", next.container_id)]);
+    ensure!(
+        eventually(Duration::from_secs(10), || names(&node.delete_queue_dir())
+            == done),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(host_veths(&node)?.is_empty());
+    // A DEL for the first pod now (kubelet retrying) is harmless, and
+    // releases what the agent finished.
     ensure!(pod.del(&node, &config)?.code == 0);
+    ensure!(held(&node).is_empty(), "{:?}", held(&node));
     ensure!(names(&node.delete_queue_dir()).is_empty());
     Ok(())
 }
@@ -180,5 +190,187 @@ fn a_del_that_times_out_on_a_hung_agent_is_finished_by_its_tick() -> Result<()> 
     ensure!(out.code == 0, "{out:?}");
     ensure!(held(&node).is_empty(), "{:?}", held(&node));
     ensure!(names(&node.delete_queue_dir()).is_empty());
+    Ok(())
+}
+
+/// The host end's index and whether it is administratively up, or `None`
+/// when there is no such link in the node's namespace.
+fn host_link(node: &Node, name: &str) -> Result<Option<(u64, bool)>> {
+    if !host_veths(node)?.iter().any(|v| v == name) {
+        return Ok(None);
+    }
+    // Gone since it was listed (the agent deleting it) is gone.
+    let Ok(shown) = node.ns.ip(&["-j", "link", "show", "dev", name]) else {
+        return Ok(None);
+    };
+    let v: Value = serde_json::from_str(&shown)?;
+    let up = v[0]["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "UP"));
+    Ok(Some((v[0]["ifindex"].as_u64().context("ifindex")?, up)))
+}
+
+#[test]
+fn del_answers_before_the_veth_is_deleted_and_the_agent_deletes_it_before_addresses_are_reused()
+-> Result<()> {
+    let mut node = Node::new()?;
+    node.start_agent()?;
+    let config = conflist_config(&node, Some(V4), Some(V6));
+    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
+    let peer = Pod::add_as(&node, &config, Some(("shop", "cart-1")))?;
+    let ips = pod_ips(&pod);
+    let v4 = pod.ipv4.context("no IPv4")?;
+    ensure!(sluice_tests::ping_ok(&peer.ns, v4), "reachable before DEL");
+
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    let mut env = cni_env("DEL", &pod.container_id, &netns);
+    env.push(("SLUICE_CNI_PHASES", "1"));
+    let out = node.plugin(&env, &config)?;
+    ensure!(
+        out.code == 0 && out.stdout.trim().is_empty(),
+        "DEL: {out:?}"
+    );
+    // The deferred path: the veth set down, not deleted, by the plugin.
+    ensure!(
+        out.stderr.contains("\"down\"") && !out.stderr.contains("\"veth\""),
+        "{}",
+        out.stderr
+    );
+    // Disconnected at once: the veth is down or already gone, and no
+    // packet passes.
+    let link = host_link(&node, &pod.host_ifname)?;
+    ensure!(link.is_none_or(|(_, up)| !up), "{link:?}");
+    ensure!(
+        !sluice_tests::ping_ok(&peer.ns, v4),
+        "the pod still answers"
+    );
+    // Held until the agent has deleted the veth, and only released by a
+    // plugin run after that.
+    ensure!(held(&node).is_superset(&ips), "{:?}", held(&node));
+    let done = format!("{}@eth0.done", pod.container_id);
+    ensure!(
+        eventually(Duration::from_secs(10), || names(&node.delete_queue_dir())
+            == BTreeSet::from([done.clone()])),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(
+        host_link(&node, &pod.host_ifname)?.is_none(),
+        "the agent left the veth"
+    );
+    ensure!(pod.ns.veths()?.is_empty());
+    ensure!(!registered(&node, &pod));
+    ensure!(
+        node.maps()?.endpoint_records().len() == 1,
+        "only the peer's"
+    );
+    ensure!(held(&node).is_superset(&ips));
+    // containerd's second DEL (no netns) releases them.
+    let again = node.plugin(&cni_env("DEL", &pod.container_id, ""), &config)?;
+    ensure!(again.code == 0, "{again:?}");
+    ensure!(held(&node) == pod_ips(&peer), "{:?}", held(&node));
+    ensure!(names(&node.delete_queue_dir()).is_empty());
+    ensure!(peer.del(&node, &config)?.code == 0);
+    ensure!(eventually(Duration::from_secs(10), || host_veths(&node)
+        .is_ok_and(|v| v.is_empty())));
+    Ok(())
+}
+
+#[test]
+fn add_of_the_same_attachment_right_after_del_works_while_the_agent_deletes_the_old_veth()
+-> Result<()> {
+    let mut node = Node::new()?;
+    node.start_agent()?;
+    let config = conflist_config(&node, Some(V4), None);
+    let peer = Pod::add_as(&node, &config, Some(("shop", "peer")))?;
+    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    // Several rounds: the ADD meets the agent's deletion at different
+    // points (not started, under way, done).
+    for round in 0..5 {
+        let out = node.plugin(&cni_env("DEL", &pod.container_id, &netns), &config)?;
+        ensure!(out.code == 0, "round {round} DEL: {out:?}");
+        let out = node.plugin(&cni_env("ADD", &pod.container_id, &netns), &config)?;
+        ensure!(out.code == 0, "round {round} ADD: {out:?}");
+        let ip: IpAddr = out.json()?["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .context("no address")?
+            .parse()?;
+        ensure!(
+            host_link(&node, &pod.host_ifname)?.is_some_and(|(_, up)| up),
+            "round {round}: no live veth"
+        );
+        ensure!(
+            sluice_tests::ping_ok(&peer.ns, ip),
+            "round {round}: {ip} unreachable"
+        );
+        ensure!(registered(&node, &pod));
+        // One address for the attachment: the old one is released or
+        // still held by a removal not finished, never given to it twice.
+        let mut others = held(&node);
+        others.remove(&ip);
+        others.remove(&peer.ipv4.context("peer address")?);
+        let queued = names(&node.delete_queue_dir());
+        ensure!(
+            others.is_empty() || !queued.is_empty(),
+            "round {round}: {others:?} held for nothing ({queued:?})"
+        );
+    }
+    ensure!(pod.del(&node, &config)?.code == 0);
+    ensure!(peer.del(&node, &config)?.code == 0);
+    ensure!(eventually(Duration::from_secs(10), || host_veths(&node)
+        .is_ok_and(|v| v.is_empty())));
+    let out = node.plugin(&cni_env("DEL", "ctrnothing", ""), &config)?;
+    ensure!(out.code == 0, "{out:?}");
+    ensure!(held(&node).is_empty(), "{:?}", held(&node));
+    ensure!(names(&node.delete_queue_dir()).is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_deletes_the_veth_of_a_removal_it_had_deferred_before_it_serves() -> Result<()>
+{
+    let mut node = Node::new()?;
+    node.start_agent()?;
+    let config = conflist_config(&node, Some(V4), None);
+    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
+    let ips = pod_ips(&pod);
+    let (index, _) = host_link(&node, &pod.host_ifname)?.context("no veth")?;
+
+    // Where a DEL leaves things when the agent stops right after it: the
+    // host end down, the removal pending with the veth named. (The agent
+    // here stopped before it even forgot the endpoint.)
+    node.kill_agent()?;
+    node.ns
+        .ip(&["link", "set", "dev", &pod.host_ifname, "down"])?;
+    let entry = json!({
+        "attachment": {"container_id": pod.container_id, "ifname": "eth0"},
+        "network": "sluice-test",
+        "data_dir": node.ipam_dir(),
+        "ips": ips,
+        "host_ifname": pod.host_ifname,
+        "host_ifindex": index,
+    });
+    let base = node
+        .delete_queue_dir()
+        .join(format!("{}@eth0", pod.container_id));
+    std::fs::create_dir_all(node.delete_queue_dir())?;
+    std::fs::write(base.with_extension("json"), entry.to_string())?;
+
+    node.start_agent()?;
+    ensure!(host_link(&node, &pod.host_ifname)?.is_none(), "veth left");
+    ensure!(
+        names(&node.delete_queue_dir())
+            == BTreeSet::from([format!("{}@eth0.done", pod.container_id)]),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(!registered(&node, &pod));
+    ensure!(node.maps()?.endpoint_records().is_empty());
+    ensure!(held(&node) == ips);
+    let next = Pod::add_as(&node, &config, Some(("shop", "cart-1")))?;
+    ensure!(held(&node) == pod_ips(&next), "{:?}", held(&node));
+    ensure!(next.del(&node, &config)?.code == 0);
     Ok(())
 }

@@ -5,18 +5,22 @@
 //! both compilers in the same pass, so a policy switched from audit to
 //! enforce is in the enforced compiler's output of the pass that sees the
 //! switch (no window in which neither view judges it).
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node},
     networking::v1::NetworkPolicy,
 };
 use kube::ResourceExt as _;
 use sluice_api::ClusterNetworkPolicy;
 
-use super::{Cluster, Object, is_audit};
+use super::{
+    Cluster, Object, is_audit,
+    resync::{listed, resync_pods, with_cni_ips},
+    watch::Kept,
+};
 use crate::{
-    model::Kind,
+    model::{Kind, ObjKey},
     policy::{Compiler, Locality, Resync},
 };
 
@@ -60,24 +64,35 @@ impl Cluster {
 
     fn build_audit_view(&self) -> Compiler {
         let mut c = Compiler::new(Locality::Node(self.node_name.clone()));
-        let (mut namespaces, mut pods, mut policies, mut cnps, mut nodes) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for o in self.known.values() {
+        let (mut namespaces, mut policies, mut cnps, mut nodes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for o in self.known.others() {
             match o {
-                Object::Namespace(n) => namespaces.push(*n),
-                Object::Pod(p) => pods.push(self.with_cni_ips(&p)),
-                Object::NetworkPolicy(p) => policies.push(*p),
-                Object::ClusterNetworkPolicy(p) => cnps.push(*p),
-                Object::Node(n) => nodes.push(*n),
-                Object::Service(_) => {}
+                Object::Namespace(n) => namespaces.push((**n).clone()),
+                Object::NetworkPolicy(p) => policies.push((**p).clone()),
+                Object::ClusterNetworkPolicy(p) => cnps.push((**p).clone()),
+                Object::Node(n) => nodes.push((**n).clone()),
+                Object::Pod(_) | Object::Service(_) => {}
             }
         }
+        // As one resync orders them: namespaces, pods (one at a time, as
+        // kept), then what selects them.
         let _not_programmed = c.resync(Resync {
             namespaces: Some(&namespaces),
-            pods: Some(&pods),
+            ..Resync::default()
+        });
+        let keys: Vec<ObjKey> = self.known.pod_keys().collect();
+        let listed: HashSet<(&str, &str)> = keys
+            .iter()
+            .map(|k| (k.namespace.as_str(), k.name.as_str()))
+            .collect();
+        let pods = self.known.pods().map(|p| with_cni_ips(&self.cni_ips, p));
+        let _not_programmed = c.resync_pods(&listed, pods);
+        let _not_programmed = c.resync(Resync {
             policies: Some(&policies),
             cluster_policies: Some(&cnps),
             nodes: Some(&nodes),
+            ..Resync::default()
         });
         c
     }
@@ -88,7 +103,7 @@ impl Cluster {
             return;
         }
         let pod = match o {
-            Object::Pod(p) if !deleted => Some(self.with_cni_ips(p)),
+            Object::Pod(p) if !deleted => Some(with_cni_ips(&self.cni_ips, (**p).clone())),
             _ => None,
         };
         let _not_programmed = self.audit.with_view(|v| match (o, deleted) {
@@ -111,40 +126,34 @@ impl Cluster {
     }
 
     /// A (re)list of one kind, fed to the view unfiltered.
-    pub(super) fn resync_audit_view(&mut self, kind: Kind, objects: &[Object]) {
+    pub(super) fn resync_audit_view(&mut self, kind: Kind, objects: &[Kept]) {
         if !self.audit.active() {
             return;
         }
-        let pods: Vec<Pod> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::Pod(p) => Some(self.with_cni_ips(p)),
-                _ => None,
-            })
-            .collect();
-        let namespaces: Vec<Namespace> = pick(objects, |o| match o {
+        if kind == Kind::Pod {
+            let cni_ips = &self.cni_ips;
+            let _not_programmed = self.audit.with_view(|v| resync_pods(v, cni_ips, objects));
+            return;
+        }
+        let namespaces: Vec<Namespace> = listed(objects, |o| match o {
             Object::Namespace(n) => Some((**n).clone()),
             _ => None,
         });
-        let policies: Vec<NetworkPolicy> = pick(objects, |o| match o {
+        let policies: Vec<NetworkPolicy> = listed(objects, |o| match o {
             Object::NetworkPolicy(p) => Some((**p).clone()),
             _ => None,
         });
-        let cnps: Vec<ClusterNetworkPolicy> = pick(objects, |o| match o {
+        let cnps: Vec<ClusterNetworkPolicy> = listed(objects, |o| match o {
             Object::ClusterNetworkPolicy(c) => Some((**c).clone()),
             _ => None,
         });
-        let nodes: Vec<Node> = pick(objects, |o| match o {
+        let nodes: Vec<Node> = listed(objects, |o| match o {
             Object::Node(n) => Some((**n).clone()),
             _ => None,
         });
         let r = match kind {
             Kind::Namespace => Resync {
                 namespaces: Some(&namespaces),
-                ..Resync::default()
-            },
-            Kind::Pod => Resync {
-                pods: Some(&pods),
                 ..Resync::default()
             },
             Kind::NetworkPolicy => Resync {
@@ -159,12 +168,8 @@ impl Cluster {
                 nodes: Some(&nodes),
                 ..Resync::default()
             },
-            Kind::Service => return,
+            Kind::Pod | Kind::Service => return,
         };
         let _not_programmed = self.audit.with_view(|v| v.resync(r));
     }
-}
-
-fn pick<T>(objects: &[Object], f: impl Fn(&Object) -> Option<T>) -> Vec<T> {
-    objects.iter().filter_map(f).collect()
 }

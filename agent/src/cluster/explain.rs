@@ -3,7 +3,7 @@
 //! same explanation as offline, from the compiler that programmed the maps.
 use crate::{
     model::{Kind, ObjKey, ObjectRef},
-    policy::explain::{Explanation, explain_specs, parse_flow, parse_spec},
+    policy::explain::{Explanation, Spec, explain_specs, parse_flow, parse_spec},
 };
 
 use super::{Cluster, watch::Object};
@@ -22,8 +22,12 @@ impl Cluster {
             Some(Object::Service(s)) => Some(s.as_ref()),
             _ => None,
         };
-        // Pods are kept encoded (`known.rs`): decoded for the question.
-        let pods: Vec<_> = self.known.pods().collect();
+        // Pods are kept encoded (`known.rs`): only a Service's namespace's
+        // are decoded, to find its backends.
+        let pods: Vec<_> = match &to {
+            Spec::Service(svc) => self.known.pods_in(&svc.namespace).collect(),
+            Spec::Pod(_) | Spec::Address(_) => Vec::new(),
+        };
         explain_specs(&self.compiler, (&from, &to), flow, service, pods.iter())
     }
 }

@@ -14,6 +14,7 @@ mod audit;
 mod diagnostics;
 mod explain;
 mod known;
+mod resync;
 pub mod watch;
 
 use std::{
@@ -22,12 +23,8 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, ObjectReference, Pod, PodIP, PodStatus, Service},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use kube::ResourceExt as _;
-use sluice_api::ClusterNetworkPolicy;
 use tracing::{info, warn};
 
 pub use self::{
@@ -38,7 +35,7 @@ pub use self::{
 use crate::{
     model::{Identity, Kind, ObjKey, ObjectRef},
     policy::{
-        Changes, Compiler, EndpointPolicy, Locality, Resync,
+        Changes, Compiler, EndpointPolicy, Locality, Restored,
         audit::{AuditView, Enforcement, enforcement},
     },
 };
@@ -265,7 +262,14 @@ impl Cluster {
                 }
                 Change::Resync(..) => true,
             };
-            out.merge(self.apply_one(change));
+            if was_synced {
+                out.merge(self.apply_one(change));
+            } else {
+                self.hold(change);
+            }
+        }
+        if !was_synced && self.is_synced() {
+            out.merge(self.feed_all());
         }
         if policies_changed {
             self.keep_audit_view();
@@ -424,41 +428,38 @@ impl Cluster {
         self.compiler.endpoint_policy(pod)
     }
 
+    /// The numbers the data path holds from a previous run, taken back
+    /// in the first programming pass (`Cluster::feed_all`).
+    pub fn restore(&mut self, numbers: Restored) {
+        info!(
+            addresses = numbers.identities.len(),
+            classes = numbers.classes.len(),
+            profiles = numbers.profiles.len(),
+            cidr_groups = numbers.cidr_groups.len(),
+            "numbers restored from the maps"
+        );
+        self.compiler.restore(numbers);
+    }
+
     /// Tells the compiler the addresses the CNI gave a local pod, so that
     /// its identity is in the ipcache before kubelet reports them. Returns
     /// what to program when synced.
     pub fn learn_cni_ips(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) -> Option<Changes> {
         self.cni_ips.insert(pod.clone(), ips);
+        if !self.is_synced() {
+            return None; // `feed_all` reads them
+        }
         let o = self.known.get(&ObjKey::pod(pod))?;
         let out = self.apply_one(Change::Applied(o));
         self.publish_isolators(&out);
-        self.is_synced().then_some(out)
-    }
-
-    /// A pod with the addresses the CNI gave it filled in when its status
-    /// has none yet.
-    fn with_cni_ips(&self, pod: &Pod) -> Pod {
-        let obj = ObjectRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
-        let has_ips = pod.status.as_ref().is_some_and(|s| {
-            s.pod_ips.as_ref().is_some_and(|v| !v.is_empty()) || s.pod_ip.is_some()
-        });
-        match self.cni_ips.get(&obj) {
-            Some(ips) if !has_ips => {
-                let mut p = pod.clone();
-                let status = p.status.get_or_insert_with(PodStatus::default);
-                status.pod_ip = ips.first().map(ToString::to_string);
-                status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
-                p
-            }
-            _ => pod.clone(),
-        }
+        Some(out)
     }
 
     /// Feeds one object's change to the compiler or the node/service view.
     fn feed(&mut self, o: &Object, deleted: bool) -> Changes {
         match (o, deleted) {
             (Object::Pod(p), false) => {
-                let p = self.with_cni_ips(p);
+                let p = resync::with_cni_ips(&self.cni_ips, (**p).clone());
                 self.compiler.upsert_pod(&p)
             }
             (Object::Pod(p), true) => self
@@ -514,6 +515,26 @@ impl Cluster {
         }
     }
 
+    /// Before the first full list: a change is kept (and given to the
+    /// audit view) but not compiled; `feed_all` compiles them together.
+    fn hold(&mut self, change: Change) {
+        match change {
+            Change::Applied(o) => {
+                self.feed_audit_view(&o, false);
+                self.known.insert(o);
+            }
+            Change::Deleted(o) => {
+                self.feed_audit_view(&o, true);
+                self.known.remove(&o.key());
+            }
+            Change::Resync(kind, objects) => {
+                self.resync_audit_view(kind, &objects);
+                self.known.replace_kind(kind, objects);
+                self.synced.insert(kind);
+            }
+        }
+    }
+
     /// Applies one change; returns what to program.
     fn apply_one(&mut self, change: Change) -> Changes {
         match change {
@@ -538,81 +559,6 @@ impl Cluster {
             }
         }
     }
-
-    /// A (re)list of one kind: one load path, whatever the kind. Objects
-    /// the list no longer has are gone.
-    fn resync(&mut self, kind: Kind, objects: &[Object]) -> Changes {
-        match kind {
-            Kind::Namespace => {
-                let list: Vec<Namespace> = listed(objects, |o| match o {
-                    Object::Namespace(n) => Some((**n).clone()),
-                    _ => None,
-                });
-                let r = Resync {
-                    namespaces: Some(&list),
-                    ..Resync::default()
-                };
-                self.compiler.resync(r)
-            }
-            Kind::Pod => {
-                let list: Vec<Pod> = listed(objects, |o| match o {
-                    Object::Pod(p) => Some(self.with_cni_ips(p)),
-                    _ => None,
-                });
-                let r = Resync {
-                    pods: Some(&list),
-                    ..Resync::default()
-                };
-                self.compiler.resync(r)
-            }
-            Kind::NetworkPolicy => {
-                let list: Vec<NetworkPolicy> = listed(objects, |o| match o {
-                    Object::NetworkPolicy(p) if !is_audit(o) => Some((**p).clone()),
-                    _ => None,
-                });
-                let r = Resync {
-                    policies: Some(&list),
-                    ..Resync::default()
-                };
-                self.compiler.resync(r)
-            }
-            Kind::ClusterNetworkPolicy => {
-                let list: Vec<ClusterNetworkPolicy> = listed(objects, |o| match o {
-                    Object::ClusterNetworkPolicy(c) if !is_audit(o) => Some((**c).clone()),
-                    _ => None,
-                });
-                let r = Resync {
-                    cluster_policies: Some(&list),
-                    ..Resync::default()
-                };
-                self.compiler.resync(r)
-            }
-            Kind::Node => {
-                self.peers.clear();
-                let mut list = Vec::new();
-                for o in objects {
-                    if let Object::Node(n) = o {
-                        self.node_seen(n);
-                        list.push((**n).clone());
-                    }
-                }
-                self.compiler.resync(Resync {
-                    nodes: Some(&list),
-                    ..Resync::default()
-                })
-            }
-            Kind::Service => {
-                self.services = objects
-                    .iter()
-                    .filter_map(|o| match o {
-                        Object::Service(s) => Some((o.key(), cluster_ips(s))),
-                        _ => None,
-                    })
-                    .collect();
-                Changes::default()
-            }
-        }
-    }
 }
 
 /// Is this a policy in audit mode (`policy.sluice.dev/enforcement: audit`)?
@@ -623,11 +569,6 @@ pub fn is_audit(o: &Object) -> bool {
         _ => return false,
     };
     enforcement(meta) == Enforcement::Audit
-}
-
-/// The objects of a list that `pick` takes.
-fn listed<T>(objects: &[Object], pick: impl Fn(&Object) -> Option<T>) -> Vec<T> {
-    objects.iter().filter_map(pick).collect()
 }
 
 /// The reference of a known object, for an Event.

@@ -1,5 +1,5 @@
 //! Diagnostics as Events, through `Cluster::apply` as the reconciler calls it.
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 
 use super::*;
 
@@ -41,7 +41,7 @@ fn synced() -> Cluster {
         Kind::Service,
         Kind::ClusterNetworkPolicy,
     ]
-    .map(|k| Change::Resync(k, Vec::new()));
+    .map(|k| Change::resync(k, Vec::new()));
     assert!(c.apply(lists.into()).is_some_and(|p| p.full));
     c
 }
@@ -114,15 +114,15 @@ fn nothing_is_to_be_programmed_before_every_kind_is_listed_then_everything_is() 
         Kind::NetworkPolicy,
         Kind::ClusterNetworkPolicy,
     ] {
-        assert!(c.apply(vec![Change::Resync(kind, Vec::new())]).is_none());
+        assert!(c.apply(vec![Change::resync(kind, Vec::new())]).is_none());
     }
     // The pod list comes; Services are still missing.
     assert!(
-        c.apply(vec![Change::Resync(Kind::Pod, vec![pod("x", "n1")])])
+        c.apply(vec![Change::resync(Kind::Pod, vec![pod("x", "n1")])])
             .is_none()
     );
     let first = c
-        .apply(vec![Change::Resync(Kind::Service, Vec::new())])
+        .apply(vec![Change::resync(Kind::Service, Vec::new())])
         .unwrap();
     assert!(first.full);
     let local = ObjectRef::new("x", "a-n1");
@@ -144,7 +144,7 @@ fn a_relist_forgets_what_it_no_longer_has_and_what_was_programmed_for_it() {
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     assert!(c.ipcache().contains_key(&ip));
     let p = c
-        .apply(vec![Change::Resync(Kind::Pod, Vec::new())])
+        .apply(vec![Change::resync(Kind::Pod, Vec::new())])
         .unwrap();
     assert_eq!(
         p.changes.ipcache.get(&ip),
@@ -288,4 +288,35 @@ fn an_audit_policy_is_judged_by_the_audit_view_only_until_it_is_enforced_in_one_
     c.apply(vec![Change::Applied(deny_all(None))]);
     assert!(!enforced(&c));
     assert!(!c.audit.active());
+}
+
+/// A restarted agent's lists arrive in any order (here pods before their
+/// namespace, whose labels change every pod's identity key): the pods
+/// still get the numbers the data path holds.
+#[test]
+fn restored_numbers_are_taken_back_whatever_order_the_kinds_are_listed_in() {
+    let mut c = Cluster::new("n1");
+    let (local, remote): (IpAddr, IpAddr) =
+        ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+    c.restore(Restored {
+        identities: vec![(local, 300), (remote, 290)],
+        ..Restored::default()
+    });
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "x", "labels": {"team": "a"}}}),
+    )
+    .unwrap();
+    let pods = vec![pod("x", "n1").into(), pod("y", "n2").into()];
+    for change in [
+        Change::Resync(Kind::Pod, pods),
+        Change::resync(Kind::Namespace, vec![Object::Namespace(Box::new(ns))]),
+        Change::resync(Kind::NetworkPolicy, Vec::new()),
+        Change::resync(Kind::Service, Vec::new()),
+        Change::resync(Kind::ClusterNetworkPolicy, Vec::new()),
+    ] {
+        c.apply(vec![change]);
+    }
+    let ipcache = c.ipcache();
+    assert_eq!(ipcache.get(&local), Some(&Identity(300)), "{ipcache:?}");
+    assert_eq!(ipcache.get(&remote), Some(&Identity(290)), "{ipcache:?}");
 }

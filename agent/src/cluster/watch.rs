@@ -28,6 +28,7 @@ use sluice_api::ClusterNetworkPolicy;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+pub use super::known::Kept;
 use crate::{
     metrics::Metrics,
     model::{Kind, ObjKey},
@@ -110,8 +111,16 @@ impl Object {
 pub enum Change {
     Applied(Object),
     Deleted(Object),
-    /// Every object of `kind` after a (re)list.
-    Resync(Kind, Vec<Object>),
+    /// Every object of `kind` after a (re)list (pods kept compact, see
+    /// `Kept`).
+    Resync(Kind, Vec<Kept>),
+}
+
+impl Change {
+    /// A (re)list of these objects.
+    pub fn resync(kind: Kind, objects: Vec<Object>) -> Self {
+        Change::Resync(kind, objects.into_iter().map(Kept::from).collect())
+    }
 }
 
 /// Drops what the agent never reads, so the stores stay small: managed
@@ -160,7 +169,7 @@ async fn watch_kind<K>(
             .boxed()
     };
     let mut stream = start();
-    let mut listing: Vec<Object> = Vec::new();
+    let mut listing: Vec<Kept> = Vec::new();
     // The CRD is known to be missing (reported as an empty list).
     let mut missing = false;
     loop {
@@ -170,7 +179,7 @@ async fn watch_kind<K>(
                 continue;
             }
             Ok(Some(watcher::Event::InitApply(o))) => {
-                listing.push(wrap(slim(o)));
+                listing.push(Kept::from(wrap(slim(o))));
                 continue;
             }
             Ok(Some(watcher::Event::InitDone)) => {
@@ -401,6 +410,7 @@ mod tests {
             Change::Deleted(o) => ("deleted", vec![at(&o)]),
             Change::Resync(kind, objs) => {
                 assert_eq!(kind, Kind::NetworkPolicy);
+                let objs: Vec<Object> = objs.iter().filter_map(Kept::decode).collect();
                 ("resync", objs.iter().map(at).collect())
             }
         }

@@ -157,6 +157,49 @@ impl Maps {
         self.ipcache.get(&ipcache_key(ip.into()), 0).ok()
     }
 
+    /// The identity each single address holds in the ipcache (pods and
+    /// nodes; prefixes are skipped). A restarted agent reads it to keep the
+    /// numbers it handed out before (docs/design.md, "Numbers survive a
+    /// restart").
+    pub fn ipcache_identities(&self) -> Vec<(IpAddr, u32)> {
+        self.ipcache
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.prefix_len() == 128)
+            .map(|(k, v)| {
+                (
+                    sluice_common::addr::unmapped_addr(k.data().addr),
+                    v.identity,
+                )
+            })
+            .collect()
+    }
+
+    /// Every CIDRS entry: (endpoint id, direction, prefix, CIDR group).
+    pub fn cidr_groups(&self) -> Vec<(u32, u8, ipnetwork::IpNetwork, u32)> {
+        self.cidrs
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| {
+                let plen = k
+                    .prefix_len()
+                    .saturating_sub(sluice_common::CIDR_KEY_FIXED_BITS);
+                let d = k.data();
+                (d.ep_id, d.dir, unmapped(d.addr, plen), v.group)
+            })
+            .collect()
+    }
+
+    /// Every PEER_CLASSES entry (identity, class).
+    pub fn peer_classes(&self) -> Vec<(u32, u32)> {
+        self.peer_classes.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Every TIER_PROFILES entry (endpoint id, profile).
+    pub fn tier_profiles(&self) -> Vec<(u32, u32)> {
+        self.tier_profiles.iter().filter_map(|r| r.ok()).collect()
+    }
+
     /// Entries in the ipcache (a key walk: a syscall per entry).
     pub fn ipcache_len(&self) -> usize {
         self.ipcache.keys().count()

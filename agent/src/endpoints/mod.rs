@@ -275,14 +275,15 @@ impl Endpoints {
         Ok(())
     }
 
-    /// Forgets an endpoint. Unknown is fine: DEL is idempotent and may come
-    /// twice.
-    pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<()> {
-        if let Some(ep) = self.registry.get(a).cloned() {
-            self.forget(dp, &ep)?;
-            log_endpoint(&ep, "endpoint deleted");
-        }
-        Ok(())
+    /// Forgets an endpoint; whether it was known. Unknown is fine: DEL is
+    /// idempotent and may come twice.
+    pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<bool> {
+        let Some(ep) = self.registry.get(a).cloned() else {
+            return Ok(false);
+        };
+        self.forget(dp, &ep)?;
+        log_endpoint(&ep, "endpoint deleted");
+        Ok(true)
     }
 
     /// Whether the endpoint is registered, its interface there, its record
@@ -340,21 +341,32 @@ impl Endpoints {
         let new = policy
             .compile(ep.ep_id.0)
             .map_err(EndpointError::InvalidPolicy)?;
-        let old = self.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
         let entries = new.entries.len() + new.cidrs.len();
-        if entries > self.max_entries {
-            self.fail_closed(dp, &ep, &old, &Compiled::default())?;
-            return Err(EndpointError::Capacity {
+        let none = Compiled::default();
+        // The programmed entries are read in place (an endpoint's can be
+        // thousands); copied only to fail closed.
+        let outcome = if entries > self.max_entries {
+            Err(EndpointError::Capacity {
                 ep_id: ep.ep_id,
                 entries,
                 limit: self.max_entries,
-            });
-        }
-        if let Err(e) = dp.writer.replace_policy(&ep.record(), &old, &new) {
-            // The map is full (or failing): the writer has made the
-            // endpoint drop everything until a later policy fits.
-            self.fail_closed(dp, &ep, &old, &new)?;
-            return Err(e.into());
+            })
+        } else {
+            let old = self.programmed.get(&ep.ep_id).unwrap_or(&none);
+            dp.writer
+                .replace_policy(&ep.record(), old, &new)
+                .map_err(EndpointError::from)
+        };
+        if let Err(e) = outcome {
+            // Over the limit, or the map is full (or failing): the
+            // endpoint drops everything until a later policy fits.
+            let old = self.programmed.get(&ep.ep_id).cloned().unwrap_or_default();
+            let attempted = match e {
+                EndpointError::Capacity { .. } => &none,
+                _ => &new,
+            };
+            self.fail_closed(dp, &ep, &old, attempted)?;
+            return Err(e);
         }
         info!(container_id = %a.container_id, ep_id = %ep.ep_id, entries = new.entries.len(),
             cidrs = new.cidrs.len(), isolation = new.isolation, "policy programmed");

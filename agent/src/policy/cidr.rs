@@ -89,6 +89,9 @@ pub(super) struct CidrGroups {
     by_set: HashMap<Vec<(u32, L4)>, (u32, u32)>,
     sets: FxHashMap<u32, Vec<(u32, L4)>>,
     numbers: Allocator,
+    /// (local identity, direction, prefix) -> its group before a restart
+    /// (`Compiler::restore`): a new group takes that number back when free.
+    restored: HashMap<(u32, u8, IpNetwork), u32>,
 }
 
 impl CidrGroups {
@@ -97,20 +100,46 @@ impl CidrGroups {
             by_set: HashMap::new(),
             sets: FxHashMap::default(),
             numbers: Allocator::new(1, IDENTITY_CIDR_FLAG),
+            restored: HashMap::new(),
         }
+    }
+
+    pub fn restore(&mut self, groups: Vec<(u32, u8, IpNetwork, u32)>) {
+        self.restored = groups
+            .into_iter()
+            .filter(|&(.., g)| g & IDENTITY_CIDR_FLAG != 0)
+            .map(|(l, dir, net, g)| ((l, dir, net), g & !IDENTITY_CIDR_FLAG))
+            .collect();
+        if let Some(&max) = self.restored.values().max() {
+            self.numbers.reserve_up_to(max);
+        }
+    }
+
+    pub fn forget_restored(&mut self) {
+        self.restored = HashMap::new();
     }
 
     pub fn len(&self) -> usize {
         self.by_set.len()
     }
 
-    /// Takes a reference on the group of `set`, numbering it if new.
-    pub fn intern(&mut self, set: &[(u32, L4)]) -> u32 {
+    /// Takes a reference on the group of `set`, numbering it if new (with
+    /// the number `at` had before a restart, when free).
+    pub fn intern(&mut self, set: &[(u32, L4)], at: (u32, u8, IpNetwork)) -> u32 {
         if let Some((g, refs)) = self.by_set.get_mut(set) {
             *refs += 1;
             return *g;
         }
-        let g = IDENTITY_CIDR_FLAG | self.numbers.alloc();
+        let n = match self.restored.get(&at) {
+            Some(&n)
+                if !self.sets.contains_key(&(IDENTITY_CIDR_FLAG | n))
+                    && self.numbers.claim(n, 1) =>
+            {
+                n
+            }
+            _ => self.numbers.alloc(),
+        };
+        let g = IDENTITY_CIDR_FLAG | n;
         self.by_set.insert(set.to_vec(), (g, 1));
         self.sets.insert(g, set.to_vec());
         g
@@ -149,7 +178,7 @@ impl CidrGroups {
 /// group's entries carry the NetworkPolicy allow and the best Admin and
 /// Baseline rule of the set, per L4.
 pub(super) fn compute(
-    st: &LocalState,
+    (l, st): (u32, &LocalState),
     ports: &NamedPorts,
     (repo, cnps): (&Repository, &CnpStore),
     (pods, identities): (&Pods, &Identities),
@@ -262,7 +291,7 @@ pub(super) fn compute(
             let group = if set.is_empty() {
                 0
             } else {
-                let g = groups.intern(&set);
+                let g = groups.intern(&set, (l, dir, net));
                 out.groups.push(g);
                 if done.insert(g) {
                     let mut by_l4: BTreeMap<L4, u32> = BTreeMap::new();

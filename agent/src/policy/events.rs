@@ -1,8 +1,13 @@
 //! The compiler's inputs: one watch event per call (`upsert_*`, `delete_*`),
 //! or whole lists at once ([`Resync`]). Each call is one transaction and
 //! returns its [`Changes`].
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
 
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
@@ -16,6 +21,20 @@ use super::{
     repository::{PolicyState, RuleState},
 };
 use crate::model::{Kind, ObjKey, ObjectRef};
+
+/// The numbers the data path holds from a previous run: the identity of
+/// each address (IPCACHE), the peer class of each identity
+/// (PEER_CLASSES), the profile of each local identity (TIER_PROFILES
+/// through its endpoints), the CIDR group of each of their prefixes.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub identities: Vec<(IpAddr, u32)>,
+    pub classes: Vec<(u32, u32)>,
+    pub profiles: Vec<(u32, u32)>,
+    /// (local identity, direction, prefix, CIDR group) (CIDRS through
+    /// the endpoints).
+    pub cidr_groups: Vec<(u32, u8, IpNetwork, u32)>,
+}
 
 /// Whole lists of objects, as a (re)list gives them. For each kind given,
 /// objects not in its list are deleted and the listed ones upserted; a kind
@@ -57,19 +76,7 @@ impl Compiler {
         // interned, and each policy adds its contributions in one pass.
         if let Some(list) = r.pods {
             let listed = listed_refs(list.iter().map(|o| &o.metadata));
-            let gone: Vec<ObjectRef> = self
-                .pods
-                .iter()
-                .map(|(obj, _)| obj)
-                .filter(|o| !listed.contains(&(o.namespace.as_str(), o.name.as_str())))
-                .cloned()
-                .collect();
-            for obj in &gone {
-                self.remove_pod(obj);
-            }
-            for pod in list {
-                self.pod_event(pod);
-            }
+            self.pods_listed(&listed, list.iter());
         }
         if let Some(list) = r.policies {
             let listed = listed_refs(list.iter().map(|o| &o.metadata));
@@ -122,6 +129,58 @@ impl Compiler {
         }
         self.quiet = false;
         self.commit()
+    }
+
+    /// A re-list of pods alone, `listed` naming every pod of the list
+    /// (namespace, name) and `pods` giving them one at a time, so that a
+    /// caller keeping them compact never holds the whole list decoded.
+    pub fn resync_pods<P: Borrow<Pod>>(
+        &mut self,
+        listed: &HashSet<(&str, &str)>,
+        pods: impl Iterator<Item = P>,
+    ) -> Changes {
+        self.quiet = true;
+        self.pods_listed(listed, pods);
+        self.quiet = false;
+        self.commit()
+    }
+
+    /// The numbers a previous run wrote to the data path (the pinned maps),
+    /// taken back by what they numbered until [`Self::forget_restored`], so
+    /// that a restart changes no number the data path holds
+    /// (docs/design.md, "Numbers survive a restart").
+    pub fn restore(&mut self, numbers: Restored) {
+        self.identities.restore(numbers.identities);
+        self.profiles.restore(numbers.classes, numbers.profiles);
+        self.groups.restore(numbers.cidr_groups);
+    }
+
+    /// Everything listed is in: numbers not taken back by now stay unused.
+    pub fn forget_restored(&mut self) {
+        self.identities.forget_restored();
+        self.profiles.forget_restored();
+        self.groups.forget_restored();
+    }
+
+    /// Pods not in `listed` are deleted, `pods` upserted.
+    fn pods_listed<P: Borrow<Pod>>(
+        &mut self,
+        listed: &HashSet<(&str, &str)>,
+        pods: impl Iterator<Item = P>,
+    ) {
+        let gone: Vec<ObjectRef> = self
+            .pods
+            .iter()
+            .map(|(obj, _)| obj)
+            .filter(|o| !listed.contains(&(o.namespace.as_str(), o.name.as_str())))
+            .cloned()
+            .collect();
+        for obj in &gone {
+            self.remove_pod(obj);
+        }
+        for pod in pods {
+            self.pod_event(pod.borrow());
+        }
     }
 
     pub fn upsert_namespace(&mut self, ns: &Namespace) -> Changes {

@@ -7,6 +7,7 @@
 //! the selector cache ([`super::selectors`]), which owns the selectors.
 use std::{
     collections::{BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -77,6 +78,25 @@ impl Allocator {
     pub fn release(&mut self, n: u32) {
         self.free.insert(n);
     }
+
+    /// Sets aside the numbers a previous run handed out: fresh numbers
+    /// start above them, and [`Self::claim`] takes one back.
+    pub fn reserve_up_to(&mut self, n: u32) {
+        self.next = self.next.max(n.saturating_add(1)).min(self.limit);
+    }
+
+    /// Takes number `n` (which the caller knows is not live) when it is in
+    /// range and not yet handed out fresh.
+    pub fn claim(&mut self, n: u32, first: u32) -> bool {
+        if n < first || n >= self.limit {
+            return false;
+        }
+        if n >= self.next {
+            self.next = n + 1;
+        }
+        self.free.remove(&n);
+        true
+    }
 }
 
 /// Every identity in use, by number, by key and by namespace.
@@ -84,11 +104,22 @@ pub(super) struct Identities {
     map: FxHashMap<u32, IdentityState>,
     by_key: HashMap<Arc<IdentityKey>, u32>,
     by_ns: HashMap<String, BTreeSet<u32>>,
+    /// The namespace label maps the identities of each namespace carry,
+    /// with how many carry each (one map, except inside a relabel): a
+    /// selector whose namespace part matches none of them skips the
+    /// namespace whole (`SelectorCache::evaluate`).
+    ns_label_maps: HashMap<String, Vec<(Arc<Labels>, u32)>>,
     /// Identities with local pods, by namespace.
     local_by_ns: HashMap<String, BTreeSet<u32>>,
     /// Identities with local pods: a node has few among many.
     local_ids: BTreeSet<u32>,
     numbers: Allocator,
+    /// The number each address had before a restart (read from the
+    /// pinned ipcache), until everything listed is in: a pod whose
+    /// identity is new takes its address's old number back when free, so
+    /// a restart renumbers nothing (docs/design.md, "Numbers survive a
+    /// restart").
+    restored: HashMap<IpAddr, u32>,
 }
 
 impl Identities {
@@ -97,10 +128,43 @@ impl Identities {
             map: FxHashMap::default(),
             by_key: HashMap::new(),
             by_ns: HashMap::new(),
+            ns_label_maps: HashMap::new(),
             local_by_ns: HashMap::new(),
             local_ids: BTreeSet::new(),
             numbers: Allocator::new(IDENTITY_FIRST_USER, IDENTITY_CIDR_FLAG),
+            restored: HashMap::new(),
         }
+    }
+
+    /// Remembers the numbers of a previous run (address -> identity).
+    /// Numbers outside the pod range (the host, the world) are ignored.
+    pub fn restore(&mut self, numbers: impl IntoIterator<Item = (IpAddr, u32)>) {
+        let range = IDENTITY_FIRST_USER..IDENTITY_CIDR_FLAG;
+        self.restored = numbers
+            .into_iter()
+            .filter(|(_, n)| range.contains(n))
+            .collect();
+        if let Some(&max) = self.restored.values().max() {
+            self.numbers.reserve_up_to(max);
+        }
+    }
+
+    /// Numbers not taken back by now are not (they stay out of use until
+    /// the number space wraps).
+    pub fn forget_restored(&mut self) {
+        self.restored = HashMap::new();
+    }
+
+    /// The number for a new identity of a pod with addresses `ips`.
+    fn number_for(&mut self, ips: &[IpAddr]) -> u32 {
+        let old = ips.iter().find_map(|ip| self.restored.get(ip).copied());
+        if let Some(n) = old
+            && !self.map.contains_key(&n)
+            && self.numbers.claim(n, IDENTITY_FIRST_USER)
+        {
+            return n;
+        }
+        self.numbers.alloc()
     }
 
     pub fn get(&self, id: u32) -> Option<&IdentityState> {
@@ -153,9 +217,13 @@ impl Identities {
         self.by_ns.get(ns)
     }
 
-    /// The identities of each namespace.
-    pub fn by_namespace(&self) -> impl Iterator<Item = &BTreeSet<u32>> {
-        self.by_ns.values()
+    /// The identities of each namespace, with the namespace label maps
+    /// they carry.
+    pub fn by_namespace(&self) -> impl Iterator<Item = (&BTreeSet<u32>, &[(Arc<Labels>, u32)])> {
+        self.by_ns.iter().map(|(ns, ids)| {
+            let maps = self.ns_label_maps.get(ns).map_or(&[][..], Vec::as_slice);
+            (ids, maps)
+        })
     }
 
     /// Notes that identity `id` is in selector `s`.
@@ -180,14 +248,19 @@ impl Identities {
     /// Takes a pod reference on the identity of `key`. A new identity comes
     /// with the selectors that select it (already listed in it), which the
     /// caller adds it to.
-    pub fn acquire(&mut self, key: IdentityKey, selectors: &SelectorCache) -> (u32, Vec<SelId>) {
+    pub fn acquire(
+        &mut self,
+        key: IdentityKey,
+        ips: &[IpAddr],
+        selectors: &SelectorCache,
+    ) -> (u32, Vec<SelId>) {
         if let Some(&id) = self.by_key.get(&key)
             && let Some(i) = self.map.get_mut(&id)
         {
             i.pods += 1;
             return (id, Vec::new());
         }
-        let id = self.numbers.alloc();
+        let id = self.number_for(ips);
         let key = Arc::new(key);
         let hits = selectors.matching(&key);
         self.by_key.insert(key.clone(), id);
@@ -195,6 +268,14 @@ impl Identities {
             .entry(key.namespace.clone())
             .or_default()
             .insert(id);
+        let maps = self.ns_label_maps.entry(key.namespace.clone()).or_default();
+        match maps
+            .iter_mut()
+            .find(|(m, _)| Arc::ptr_eq(m, &key.ns_labels))
+        {
+            Some((_, n)) => *n += 1,
+            None => maps.push((key.ns_labels.clone(), 1)),
+        }
         self.map.insert(
             id,
             IdentityState {
@@ -225,6 +306,17 @@ impl Identities {
                 set.remove(&id);
                 if set.is_empty() {
                     self.by_ns.remove(&ident.key.namespace);
+                }
+            }
+            if let Some(maps) = self.ns_label_maps.get_mut(&ident.key.namespace) {
+                for (m, n) in maps.iter_mut() {
+                    if Arc::ptr_eq(m, &ident.key.ns_labels) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                maps.retain(|(_, n)| *n > 0);
+                if maps.is_empty() {
+                    self.ns_label_maps.remove(&ident.key.namespace);
                 }
             }
         }

@@ -91,6 +91,7 @@ mod profiles;
 mod repository;
 mod selector;
 mod selectors;
+mod shares;
 #[cfg(test)]
 mod tests;
 mod tiers;
@@ -115,7 +116,7 @@ use self::{
 };
 pub use self::{
     cnps::{CnpRuleOrigin, NodeInfo},
-    events::Resync,
+    events::{Restored, Resync},
     mapstate::{
         CidrEntry, Compiled, EndpointPolicy, EntryCount, Fold, L4, PolicyError, Rule, Tier,
         TierRule, canonical, entry_count, fold, lookup, plen_bit, policy_keys, port_blocks,
@@ -361,7 +362,7 @@ impl Compiler {
             self.record_ip(ip);
         }
         let old = self.pods.remove(&obj);
-        let id = self.acquire_identity(key);
+        let id = self.acquire_identity(key, &ips);
         self.pods.insert(
             obj.clone(),
             PodState {
@@ -424,8 +425,8 @@ impl Compiler {
         }
     }
 
-    fn acquire_identity(&mut self, key: IdentityKey) -> u32 {
-        let (id, hits) = self.identities.acquire(key, &self.selectors);
+    fn acquire_identity(&mut self, key: IdentityKey, ips: &[IpAddr]) -> u32 {
+        let (id, hits) = self.identities.acquire(key, ips, &self.selectors);
         for s in hits {
             self.selectors.add_member(s, id);
             self.member_changed(s, id, 1);

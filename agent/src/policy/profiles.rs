@@ -28,10 +28,13 @@
 //! ClusterNetworkPolicy pod-peer selector, or when a selector it is in
 //! starts or stops being one (so a pod event costs its own identities, not
 //! a pass over every peer; at 100,000 pods that pass was the event),
-//! profiles from the local identities' policy sets; a profile's entries are recomputed when it is
-//! new, when one of its policies changed, or when classes appeared or went.
+//! profiles from the local identities' policy sets; a profile's entries are
+//! merged from its policies' shares (`shares`) when it is new or when
+//! classes appeared or went, and patched when one of its policies changed
+//! (only that policy's share is computed again, once for every profile
+//! holding it).
 use std::{
-    collections::{BTreeMap, BTreeSet, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet},
     mem::take,
     sync::Arc,
 };
@@ -41,12 +44,11 @@ use sluice_common::{DIR_INGRESS, EP_EGRESS_TIERED, EP_INGRESS_TIERED};
 
 use super::{
     Compiler,
-    cnp::CnpPeer,
     cnps::CnpId,
-    contributions::resolve,
     identities::NamedPorts,
-    mapstate::{EndpointPolicy, L4, Tier, TierRule, plen_bits_of},
+    mapstate::{EndpointPolicy, TierRule, plen_bits_of},
     selectors::SelId,
+    shares::{Share, Shares, find_share, merge, patch},
 };
 
 /// The set of ClusterNetworkPolicies selecting an identity, and its named
@@ -81,6 +83,13 @@ pub(super) struct Profiles {
     class_size: FxHashMap<u32, u32>,
     /// Local identity -> profile.
     profile_of: FxHashMap<u32, u32>,
+    /// Each policy's share of the entries (`shares`).
+    pub shares: Shares,
+    /// Identity -> the class it had before a restart, and local identity
+    /// -> its profile then (`Compiler::restore`): a new class or profile
+    /// takes that number back when it is free.
+    restored_classes: FxHashMap<u32, u32>,
+    restored_profiles: FxHashMap<u32, u32>,
 }
 
 /// What one settle changed, for [`super::Changes`].
@@ -94,6 +103,42 @@ pub(super) struct Settled {
 }
 
 impl Profiles {
+    pub fn restore(&mut self, classes: Vec<(u32, u32)>, profiles: Vec<(u32, u32)>) {
+        self.restored_classes = classes.into_iter().collect();
+        self.restored_profiles = profiles.into_iter().collect();
+        // Fresh numbers start above every restored one.
+        let max = |m: &FxHashMap<u32, u32>| m.values().copied().max().unwrap_or(0);
+        self.next_class = self.next_class.max(max(&self.restored_classes));
+        self.next_profile = self.next_profile.max(max(&self.restored_profiles));
+    }
+
+    pub fn forget_restored(&mut self) {
+        self.restored_classes = FxHashMap::default();
+        self.restored_profiles = FxHashMap::default();
+    }
+
+    /// A number for a new class that identity `x` is in.
+    fn new_class(&mut self, x: u32) -> u32 {
+        let live = &self.class_keys;
+        take_back(
+            &self.restored_classes,
+            x,
+            |c| live.contains_key(&c),
+            &mut self.next_class,
+        )
+    }
+
+    /// A number for a new profile of local identity `l`.
+    fn new_profile(&mut self, l: u32) -> u32 {
+        let live = &self.profiles;
+        take_back(
+            &self.restored_profiles,
+            l,
+            |p| live.contains_key(&p),
+            &mut self.next_profile,
+        )
+    }
+
     pub fn policy(&self, id: u32) -> Option<Arc<EndpointPolicy>> {
         self.profiles.get(&id).map(|p| p.policy.clone())
     }
@@ -119,6 +164,11 @@ impl Profiles {
     /// The entries' shape of profile `id` ([`shape`]).
     pub fn shape_of(&self, id: u32) -> Option<(u32, [u32; 2])> {
         self.profiles.get(&id).map(|p| p.shape)
+    }
+
+    /// The named ports of class `c`'s key, when it has them.
+    pub fn class_ports(&self, c: u32) -> Option<&NamedPorts> {
+        self.class_keys.get(&c).and_then(|k| k.1.as_ref())
     }
 
     pub fn len(&self) -> (usize, usize) {
@@ -147,7 +197,19 @@ impl Compiler {
     /// them; `changed_cnps`: policies whose rules or ranks changed.
     pub(super) fn settle_profiles(&mut self, changed_cnps: &BTreeSet<CnpId>) -> Settled {
         let mut out = Settled::default();
+        // A recompute rebuilds every profile from fresh shares.
+        let full = self.txn.classes_all;
         let classes_moved = self.settle_classes(&mut out);
+        // Shares of changed policies go (kept aside to patch the profiles
+        // holding them); all of them when classes appeared or went.
+        let mut old_shares = FxHashMap::default();
+        if classes_moved || full {
+            self.profiles.shares.clear();
+        } else {
+            for &c in changed_cnps {
+                old_shares.insert(c, self.profiles.shares.take(c));
+            }
+        }
         // Class index: selector -> classes containing it.
         let mut sel_classes: FxHashMap<SelId, Vec<u32>> = FxHashMap::default();
         for (&c, (sels, _)) in &self.profiles.class_keys {
@@ -171,13 +233,7 @@ impl Compiler {
                 continue;
             }
             let cnps: Vec<CnpId> = st.cnps().iter().copied().collect();
-            let named = cnps.iter().any(|&id| {
-                self.cnps.get(id).is_some_and(|c| {
-                    c.rules
-                        .iter()
-                        .any(|r| r.dir == DIR_INGRESS && !r.ports.named.is_empty())
-                })
-            });
+            let named = cnps.iter().any(|&id| self.cnp_ingress_named(id));
             wanted.insert(l, (cnps, named.then(|| ident.key.ports.clone())));
         }
         let mut fresh: BTreeSet<u32> = BTreeSet::new();
@@ -186,8 +242,7 @@ impl Compiler {
             let id = match self.profiles.by_key.get(key) {
                 Some(&id) => id,
                 None => {
-                    self.profiles.next_profile += 1;
-                    let id = self.profiles.next_profile;
+                    let id = self.profiles.new_profile(l);
                     self.profiles.by_key.insert(key.clone(), id);
                     self.profiles.profiles.insert(
                         id,
@@ -236,14 +291,35 @@ impl Compiler {
                 || fresh.contains(&id)
                 || p.key.0.iter().any(|c| changed_cnps.contains(c));
             let policy = if stale {
-                Arc::new(self.profile_entries(&p.key, &sel_classes))
+                let key = p.key.clone();
+                let current = p.policy.clone();
+                self.ensure_shares(&key.0, key.1.as_ref(), &sel_classes);
+                let mut changed = key.0.iter().filter(|c| changed_cnps.contains(c));
+                // Patched when one of its policies changed and its old
+                // share is known; merged from all the shares otherwise.
+                let one = match (changed.next(), changed.next()) {
+                    (Some(c), None) if !fresh.contains(&id) => old_shares
+                        .get(c)
+                        .and_then(|v| find_share(v, key.1.as_ref()))
+                        .map(|old| (*c, old)),
+                    _ => None,
+                };
+                self.profiles.shares.patched += u64::from(one.is_some());
+                match self.profile_rules(&key, &current.tier_rules, one) {
+                    Some(rules) => Arc::new(EndpointPolicy {
+                        tier_rules: rules,
+                        ..EndpointPolicy::default()
+                    }),
+                    None => current,
+                }
             } else {
                 p.policy.clone()
             };
             let Some(p) = self.profiles.profiles.get_mut(&id) else {
                 continue;
             };
-            if *policy != *p.policy || fresh.contains(&id) {
+            let same = Arc::ptr_eq(&policy, &p.policy) || *policy == *p.policy;
+            if !same || fresh.contains(&id) {
                 let new_shape = shape(&policy);
                 if new_shape != p.shape || fresh.contains(&id) {
                     out.identities.extend(u.iter().copied());
@@ -254,7 +330,47 @@ impl Compiler {
             }
             p.users = u;
         }
+        // Shares for subject named ports no profile has any more go.
+        if !out.profiles.is_empty() && self.profiles.shares.has_named() {
+            let profiles = &self.profiles.profiles;
+            self.profiles.shares.retain_named(|c, ports| {
+                profiles
+                    .values()
+                    .any(|p| p.key.1.as_ref() == Some(ports) && p.key.0.contains(&c))
+            });
+        }
         out
+    }
+
+    /// The entries of a profile from its policies' shares: patched from
+    /// `current` when only `one` changed (its id and old share), merged
+    /// from all the shares otherwise. `None`: the patch changed nothing.
+    fn profile_rules(
+        &self,
+        key: &ProfileKey,
+        current: &[TierRule],
+        one: Option<(CnpId, &Share)>,
+    ) -> Option<Vec<TierRule>> {
+        let shares: Vec<&[TierRule]> = key
+            .0
+            .iter()
+            .map(|&c| {
+                self.profiles
+                    .shares
+                    .get(c, key.1.as_ref())
+                    .map_or(&[][..], |s| &s[..])
+            })
+            .collect();
+        let Some((c, old)) = one else {
+            return Some(merge(&shares));
+        };
+        let new = key
+            .0
+            .iter()
+            .position(|&x| x == c)
+            .and_then(|i| shares.get(i).copied())
+            .unwrap_or_default();
+        patch(current, old, new, &shares)
     }
 
     /// Settles the class of each identity whose class may have changed
@@ -283,8 +399,7 @@ impl Compiler {
                 Some(key) => Some(match self.profiles.class_by_key.get(&key) {
                     Some(&c) => c,
                     None => {
-                        self.profiles.next_class += 1;
-                        let c = self.profiles.next_class;
+                        let c = self.profiles.new_class(x);
                         self.profiles.class_by_key.insert(key.clone(), c);
                         self.profiles.class_keys.insert(c, key);
                         moved = true;
@@ -340,81 +455,21 @@ impl Compiler {
         let named = sels.iter().any(|&s| self.cnps.is_named(s));
         Some((sels, named.then(|| ident.key.ports.clone())))
     }
+}
 
-    /// The entries of a profile: for each rule of each of its policies and
-    /// each pod peer, every class containing the peer's selector, with the
-    /// rule's L4 matches (named ports resolved on the subject for ingress,
-    /// on the class for egress). Per (direction, class, L4, tier) only the
-    /// lowest rank is kept.
-    fn profile_entries(
-        &self,
-        key: &ProfileKey,
-        sel_classes: &FxHashMap<SelId, Vec<u32>>,
-    ) -> EndpointPolicy {
-        let empty = NamedPorts::new();
-        let subject_ports = key.1.as_ref().unwrap_or(&empty);
-        // The best (lowest-rank) rule per (direction, class, L4, tier): the
-        // policies of a profile share peers, so most matches repeat, and
-        // keeping the best as they come is much cheaper than sorting them
-        // all (the cost of a ClusterNetworkPolicy change).
-        let mut best: FxHashMap<(u8, u32, L4, Tier), TierRule> = FxHashMap::default();
-        for &id in &key.0 {
-            let Some(c) = self.cnps.get(id) else {
-                continue;
-            };
-            for r in &c.rules {
-                let rank = c.rank(r.index);
-                let shared = (r.dir == DIR_INGRESS || r.ports.named.is_empty())
-                    .then(|| resolve(&r.ports, subject_ports));
-                for p in &r.peers {
-                    let CnpPeer::Pods(s) = p else {
-                        continue;
-                    };
-                    for &class in sel_classes.get(s).into_iter().flatten() {
-                        let owned;
-                        let l4s: &[L4] = match &shared {
-                            Some(v) => v,
-                            None => {
-                                let ports = self
-                                    .profiles
-                                    .class_keys
-                                    .get(&class)
-                                    .and_then(|k| k.1.as_ref())
-                                    .unwrap_or(&empty);
-                                owned = resolve(&r.ports, ports);
-                                &owned
-                            }
-                        };
-                        for &l4 in l4s {
-                            let rule = TierRule {
-                                dir: r.dir,
-                                identity: class,
-                                l4,
-                                tier: c.tier,
-                                rank,
-                                action: r.action,
-                                rule_id: r.id,
-                            };
-                            match best.entry((r.dir, class, l4, c.tier)) {
-                                Entry::Occupied(mut e) => {
-                                    if rank < e.get().rank {
-                                        e.insert(rule);
-                                    }
-                                }
-                                Entry::Vacant(e) => {
-                                    e.insert(rule);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let mut out: Vec<TierRule> = best.into_values().collect();
-        out.sort_unstable_by_key(|t| (t.dir, t.identity, t.l4, t.tier));
-        EndpointPolicy {
-            tier_rules: out,
-            ..EndpointPolicy::default()
+/// The number `of` had before a restart when no live one has it, else the
+/// next fresh one.
+fn take_back(
+    restored: &FxHashMap<u32, u32>,
+    of: u32,
+    live: impl Fn(u32) -> bool,
+    next: &mut u32,
+) -> u32 {
+    match restored.get(&of) {
+        Some(&n) if !live(n) => n,
+        _ => {
+            *next += 1;
+            *next
         }
     }
 }

@@ -170,9 +170,13 @@ impl SelectorCache {
                     check(ids);
                 }
             }
-            NsMatch::Labels(_) => {
-                for ids in identities.by_namespace() {
-                    check(ids);
+            NsMatch::Labels(sel) => {
+                for (ids, maps) in identities.by_namespace() {
+                    // When none of the namespace's label maps matches, none
+                    // of its identities can: skipped without a lookup each.
+                    if maps.iter().any(|(m, _)| sel.matches(m)) {
+                        check(ids);
+                    }
                 }
             }
         }

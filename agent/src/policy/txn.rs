@@ -166,7 +166,7 @@ impl Compiler {
             return CidrPart::default();
         };
         let new = cidr::compute(
-            st,
+            (l, st),
             &ident.key.ports,
             (&self.repo, &self.cnps),
             (&self.pods, &self.identities),

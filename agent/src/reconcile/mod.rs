@@ -24,6 +24,7 @@ use std::{
 };
 
 use sluice_proto::Attachment;
+use sluice_proto::queue::DeleteQueue;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -224,10 +225,13 @@ pub struct Reconciler {
     /// The programs, attached to a new endpoint without the state's lock
     /// (`add`).
     programs: crate::datapath::Programs,
+    /// The plugin's deletion queue, whose removals are finished here
+    /// (`queue`).
+    removals: queue::Removals,
 }
 
 impl Reconciler {
-    pub fn new(state: State, metrics: Metrics) -> Self {
+    pub fn new(state: State, metrics: Metrics, delete_queue: DeleteQueue) -> Self {
         let pods_by_ip = state.endpoints.pods_by_ip();
         let rule_names = state.cluster.as_ref().map(Cluster::rule_names);
         let isolators = state.cluster.as_ref().map(Cluster::isolators);
@@ -241,6 +245,7 @@ impl Reconciler {
             state: Arc::new(Mutex::new(state)),
             metrics,
             pods_by_ip,
+            removals: queue::Removals::new(delete_queue),
         }
     }
 
@@ -260,14 +265,6 @@ impl Reconciler {
         })
         .await
         .map_err(|e| EndpointError::NotReady(format!("agent task failed: {e}")))?
-    }
-
-    pub async fn del_endpoint(&self, a: Attachment) -> Result<()> {
-        self.with(move |st| {
-            st.endpoints.del(&mut st.dp, &a)?;
-            Ok(st.dp.writer.bump_epoch()?)
-        })
-        .await
     }
 
     pub async fn check_endpoint(&self, a: Attachment) -> Result<EpId> {

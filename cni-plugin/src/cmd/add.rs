@@ -55,6 +55,10 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv, phases: &mut Phases) -> Result<C
     let registered = Cell::new(false);
     let mut undo = Undo::new();
 
+    // ADD right after DEL of the same attachment: the old veth's deletion
+    // may still be pending; it is finished first.
+    queue::finish_pending(conf, env, &node, &agent)?;
+
     // IPAM.
     let ips = {
         let mut store = open_store(conf)?;

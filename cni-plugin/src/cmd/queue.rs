@@ -1,13 +1,17 @@
 //! The plugin's side of the deletion queue (`sluice_proto::queue`): DEL
-//! queues an endpoint's removal when the agent is unreachable, and every
-//! ADD, DEL and GC releases the addresses of removals the agent has
-//! finished since.
+//! queues the deletion of a pod's veth for the agent to finish after DEL
+//! has answered, and an endpoint's removal when the agent is unreachable;
+//! every ADD, DEL and GC releases the addresses of removals the agent has
+//! finished since, and an ADD of an attachment whose removal is pending
+//! finishes it first.
+use sluice_proto::Request;
 use sluice_proto::queue::{DeleteQueue, QueuedDelete};
 
-use crate::agent::AgentError;
+use crate::agent::Agent;
 use crate::config::NetConf;
 use crate::env::AttachmentEnv;
 use crate::ipam::{self, Store};
+use crate::netlink::{Netlink, link};
 use crate::{Error, Result, names};
 
 pub fn queue_of(conf: &NetConf) -> DeleteQueue {
@@ -22,22 +26,25 @@ fn queue_err(conf: &NetConf, e: std::io::Error) -> Error {
 }
 
 /// Queues the removal of `env`'s endpoint for the agent, keeping the
-/// addresses it holds in `store`. Nothing held means nothing for the agent
-/// to finish: ADD registers an endpoint only after allocating, and
-/// addresses are released only once the agent forgot it.
+/// addresses it holds in `store`: with `host_ifindex`, the host veth of
+/// that index is still to delete. Nothing to delete and nothing held
+/// means nothing for the agent to finish (`Ok(None)`): ADD registers an
+/// endpoint only after allocating, and addresses are released only once
+/// the agent forgot it.
 pub fn enqueue(
     conf: &NetConf,
     store: &dyn Store,
     env: &AttachmentEnv,
-    why: &AgentError,
-) -> Result<()> {
+    host_ifindex: Option<u32>,
+) -> Result<Option<QueuedDelete>> {
     let att = env.attachment();
     let ips = ipam::owned_by(store, &att)?;
-    if ips.is_empty() {
-        return Ok(());
+    if ips.is_empty() && host_ifindex.is_none() {
+        return Ok(None);
     }
     let entry = QueuedDelete {
         host_ifname: names::host_ifname(&att),
+        host_ifindex,
         attachment: att,
         network: conf.name.clone(),
         data_dir: conf.data_dir.display().to_string(),
@@ -48,15 +55,45 @@ pub fn enqueue(
     queue_of(conf)
         .enqueue(&entry)
         .map_err(|e| queue_err(conf, e))?;
-    eprintln!(
-        "sluice: DEL: agent unreachable ({why}); removal of {}/{} queued in {}, \
-         addresses {:?} held until the agent has forgotten it",
-        entry.attachment.container_id,
-        entry.attachment.ifname,
-        conf.delete_queue_dir.display(),
-        entry.ips,
-    );
-    Ok(())
+    Ok(Some(entry))
+}
+
+/// Forgets everything queued for `env`'s attachment.
+pub fn remove(conf: &NetConf, env: &AttachmentEnv) -> Result<()> {
+    queue_of(conf)
+        .remove(&env.attachment())
+        .map_err(|e| queue_err(conf, e))
+}
+
+/// ADD of an attachment whose removal is still pending (ADD right after
+/// DEL, before the agent deleted the old veth): finishes it here, so that
+/// the new veth can take the name and the attachment its addresses.
+/// Deletes the old veth (the one the entry names; the runtime runs no two
+/// operations on one attachment at once, so nothing else took its name),
+/// makes the agent forget the endpoint (the agent's own finishing then
+/// finds the veth gone and the entry removed), releases the addresses and
+/// removes the entry. With the agent unreachable the entry stays, and ADD
+/// fails as it would have anyway.
+pub fn finish_pending(
+    conf: &NetConf,
+    env: &AttachmentEnv,
+    node: &Netlink,
+    agent: &Agent,
+) -> Result<()> {
+    let att = env.attachment();
+    let queue = queue_of(conf);
+    let Some(entry) = queue.pending_of(&att).map_err(|e| queue_err(conf, e))? else {
+        return Ok(());
+    };
+    if let Some(index) = entry.host_ifindex {
+        node.run(link::delete_exact(node.handle(), index, &entry.host_ifname))?;
+    }
+    agent.expect_ok(&Request::DelEndpoint {
+        attachment: att.clone(),
+    })?;
+    let mut store = super::open_store(conf)?;
+    ipam::release_owner(&mut store, &att)?;
+    remove(conf, env)
 }
 
 /// Releases the addresses of every removal of this network the agent has

@@ -83,6 +83,24 @@ pub async fn create_veth(
     })
 }
 
+/// Deletes the link with index `index` if it is still called `name` (an
+/// index is reused only after the counter wraps, a name at once);
+/// `Ok(false)` when there is no such link.
+pub async fn delete_exact(h: &Handle, index: u32, name: &str) -> Result<bool> {
+    let mut s = h.link().get().match_index(index).execute();
+    let link = match s.try_next().await {
+        Ok(m) => m.as_ref().map(Link::from_message),
+        Err(e) if errno(&e) == Some(ENODEV) => None,
+        Err(e) => return Err(Error::netlink(format!("get link {index}"), e)),
+    };
+    if link.is_none_or(|l| l.name != name) {
+        return Ok(false);
+    }
+    tolerate(h.link().del(index).execute().await, &[ENODEV], || {
+        format!("delete link {name}")
+    })
+}
+
 /// Deletes the link called `name`; `Ok(false)` when it does not exist.
 /// Deleting one end of a veth deletes the other, wherever it lives.
 pub async fn delete(h: &Handle, name: &str) -> Result<bool> {
@@ -108,6 +126,16 @@ pub async fn wait_running(h: &Handle, name: &str, limit: std::time::Duration) ->
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
+}
+
+/// Sets link `index` down; gone already is `Ok(false)`. A veth whose
+/// end is down carries nothing either way (`veth_xmit` drops what its
+/// peer would not take), and IPv4 routes through it go at once.
+pub async fn set_down(h: &Handle, index: u32) -> Result<bool> {
+    let msg = LinkUnspec::new_with_index(index).down().build();
+    tolerate(h.link().set(msg).execute().await, &[ENODEV], || {
+        format!("set link {index} down")
+    })
 }
 
 pub async fn set_up(h: &Handle, index: u32) -> Result<()> {

@@ -154,6 +154,12 @@ pub fn report(res: &Results, seq: usize) {
         "  DEL in sequence no slower than ADD (p50): DEL {del50:.1} ms, ADD {add50:.1} ms: {}",
         u::verdict(del50 <= add50)
     );
+    if let Some(down) = res.seq_del_phases.get("plugin: down") {
+        println!(
+            "    (DEL sets the host end down, p50 {:.1} ms, and the agent deletes the veth after answering)",
+            u::pct(down, 50.0)
+        );
+    }
     if let Some(veth) = res.seq_del_phases.get("plugin: veth") {
         println!(
             "    (the veth deletion alone: p50 {:.1} ms; with the TCX links on it the kernel waits a grace period per hook, under RTNL; the whole DEL against a stub agent, no links: {:.1} ms)",

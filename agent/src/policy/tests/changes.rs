@@ -383,3 +383,55 @@ fn the_policies_isolating_each_local_endpoint_are_known_per_direction_and_kept_c
     }
     assert!(lists(&w).is_empty());
 }
+
+/// A restarted agent's compiler is told the numbers the data path holds
+/// (the pinned ipcache) and lists the pods in another order than they
+/// came: every pod keeps its number, and a new identity gets a number no
+/// old one had. Without the restore the list order renumbers them.
+#[test]
+fn identity_numbers_survive_a_restart_whatever_the_list_order() {
+    let w = World::new();
+    let before = w.c.ipcache();
+    let mut listed: Vec<Pod> = [
+        ("y", "b", "10.0.2.2"),
+        ("y", "a", "10.0.2.1"),
+        ("x", "b", "10.0.1.2"),
+        ("x", "a", "10.0.1.1"),
+    ]
+    .iter()
+    .map(|&(ns, n, ip)| pod(ns, n, json!({"app": n}), ip))
+    .collect();
+    listed.push(pod("x", "new", json!({"app": "new"}), "10.0.1.9"));
+    let restart = |restore: bool| {
+        let mut c = Compiler::new(Locality::All);
+        if restore {
+            c.restore(Restored {
+                identities: before.iter().map(|(ip, id)| (*ip, id.0)).collect(),
+                ..Restored::default()
+            });
+        }
+        c.resync(Resync {
+            namespaces: Some(&[
+                namespace("x", &[("team", "a")]),
+                namespace("y", &[("team", "b")]),
+            ]),
+            pods: Some(&listed),
+            policies: Some(&[]),
+            ..Resync::default()
+        });
+        c.ipcache()
+    };
+    let after = restart(true);
+    for (ip, id) in &before {
+        assert_eq!(after.get(ip), Some(id), "{ip} kept its number");
+    }
+    let new = after[&"10.0.1.9".parse::<IpAddr>().unwrap()];
+    assert!(
+        before.values().all(|id| id.0 < new.0),
+        "a new identity takes a fresh number"
+    );
+    assert_ne!(
+        restart(false).get(&before.keys().next().copied().unwrap()),
+        before.values().next()
+    );
+}

@@ -14,7 +14,7 @@ use crate::policy::explain::{DecidedBy, Explanation, Party, render};
 /// One change, applied alike to both compilers.
 type Event = Box<dyn Fn(&mut Compiler)>;
 
-fn random_cnp(rng: &mut Rng, name: &str) -> ClusterNetworkPolicy {
+pub(super) fn random_cnp(rng: &mut Rng, name: &str) -> ClusterNetworkPolicy {
     let admin = rng.below(3) != 0;
     let subject = rng
         .pick(&[
@@ -83,7 +83,7 @@ fn random_cnp(rng: &mut Rng, name: &str) -> ClusterNetworkPolicy {
     .unwrap()
 }
 
-fn node(zone: &str, ip: &str) -> Node {
+pub(super) fn node(zone: &str, ip: &str) -> Node {
     serde_json::from_value(json!({
         "metadata": {"name": "n1", "labels": {"zone": zone}},
         "status": {"addresses": [{"type": "InternalIP", "address": ip}]},

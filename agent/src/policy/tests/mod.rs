@@ -156,6 +156,7 @@ fn minus(a: &BTreeSet<String>, b: &BTreeSet<String>) -> BTreeSet<String> {
 
 mod blocks;
 mod changes;
+mod cnp_random;
 mod explain;
 mod random;
 mod rules;

@@ -1,7 +1,10 @@
 //! Sluice's task runner: what cargo alone cannot do (privileged tests, the
 //! demo, benches). `scripts/dev` installs the toolchain first and then calls
 //! this.
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -120,6 +123,38 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo test`, its output passed through as it comes; returns the lines
+/// that say which tests failed and why (`... FAILED` and each panic with
+/// its message), so that they can be repeated where a CI log's tail shows
+/// them, after the long conformance output.
+fn cargo_test(args: &[&str]) -> Result<Vec<String>> {
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo")?;
+    let mut failures = Vec::new();
+    let mut after_panic = false;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            if after_panic || (line.starts_with("test ") && line.ends_with("FAILED")) {
+                failures.push(line.clone());
+            }
+            after_panic = line.contains("panicked at");
+            if after_panic {
+                failures.push(line);
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && failures.is_empty() {
+        failures.push(format!("cargo {} failed ({status})", args.join(" ")));
+    }
+    Ok(failures)
+}
+
 fn require_root(what: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("{what} needs root: it creates network namespaces, veths and bpffs mounts");
@@ -179,9 +214,12 @@ fn main() -> Result<()> {
                 a.push("--");
                 a.extend(args.iter().map(String::as_str));
             }
-            let unit_and_kernel = cargo(&a);
+            let failed = cargo_test(&a)?;
             if !args.is_empty() {
-                return unit_and_kernel;
+                if !failed.is_empty() {
+                    bail!("cargo test --no-fail-fast failed");
+                }
+                return Ok(());
             }
             // Then the upstream suite on one and on two nodes; its closing
             // line is the last thing printed.
@@ -198,8 +236,16 @@ fn main() -> Result<()> {
                     false,
                 )?);
             }
+            if !failed.is_empty() {
+                println!("cargo test failures (repeated from above):");
+                for line in &failed {
+                    println!("  {line}");
+                }
+            }
             println!("conformance: {}", sluice_tests::conformance::summary(&all));
-            unit_and_kernel?;
+            if !failed.is_empty() {
+                bail!("cargo test --no-fail-fast failed");
+            }
             if all.iter().any(|o| o.result == "FAIL") {
                 bail!("conformance failures");
             }

@@ -9,6 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use itertools::{EitherOrBoth, merge_join_by};
 use sluice_common::{
     CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK,
     EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue,
@@ -405,46 +406,55 @@ impl Writer {
     }
 
     fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
-        for (k, v) in &new.entries {
-            if old.entries.get(k) != Some(v) {
-                // A new NetworkPolicy key only admits more; a rewritten
-                // one may not, nor may a ClusterNetworkPolicy key (an
-                // Admin or Baseline Deny cuts established flows too).
-                self.changed |=
-                    old.entries.contains_key(k) || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
-                self.maps
-                    .policy
-                    .insert(k, v, 0)
-                    .map_err(map_err(names::POLICY))?;
-            }
+        // Both sides are sorted maps: one walk along both, not a lookup
+        // per entry (an endpoint can hold thousands, and a namespace
+        // relabel rewrites every local endpoint for a few of them).
+        for e in merge_join_by(&old.entries, &new.entries, |a, b| a.0.cmp(b.0)) {
+            let (k, v, rewritten) = match e {
+                EitherOrBoth::Right((k, v)) => (k, v, false),
+                EitherOrBoth::Both((_, was), (k, v)) if was != v => (k, v, true),
+                _ => continue,
+            };
+            // A new NetworkPolicy key only admits more; a rewritten one
+            // may not, nor may a ClusterNetworkPolicy key (an Admin or
+            // Baseline Deny cuts established flows too).
+            self.changed |= rewritten || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
+            self.maps
+                .policy
+                .insert(k, v, 0)
+                .map_err(map_err(names::POLICY))?;
         }
-        for ((dir, net), group) in &new.cidrs {
-            if old.cidrs.get(&(*dir, *net)) != Some(group) {
-                // A new prefix may be an `except` hole.
-                self.changed = true;
-                let key = cidr_key(ep_id.0, *dir, *net);
-                self.maps
-                    .cidrs
-                    .insert(&key, &CidrValue { group: *group }, 0)
-                    .map_err(map_err(names::CIDRS))?;
-            }
+        for e in merge_join_by(&old.cidrs, &new.cidrs, |a, b| a.0.cmp(b.0)) {
+            let ((dir, net), group) = match e {
+                EitherOrBoth::Right(n) => n,
+                EitherOrBoth::Both((_, was), n) if was != n.1 => n,
+                _ => continue,
+            };
+            // A new prefix may be an `except` hole.
+            self.changed = true;
+            let key = cidr_key(ep_id.0, *dir, *net);
+            self.maps
+                .cidrs
+                .insert(&key, &CidrValue { group: *group }, 0)
+                .map_err(map_err(names::CIDRS))?;
         }
         Ok(())
     }
 
     /// Removes what `old` has and `new` does not.
     fn remove_stale(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
-        let stale: Vec<PolicyKey> = old
-            .entries
-            .keys()
-            .filter(|k| !new.entries.contains_key(k))
-            .copied()
-            .collect();
+        let stale: Vec<PolicyKey> =
+            merge_join_by(old.entries.keys(), new.entries.keys(), |a, b| a.cmp(b))
+                .filter_map(EitherOrBoth::just_left)
+                .copied()
+                .collect();
         self.changed |= !stale.is_empty();
         for k in stale {
             ignore_missing(self.maps.policy.remove(&k)).map_err(map_err(names::POLICY))?;
         }
-        for (dir, net) in old.cidrs.keys().filter(|k| !new.cidrs.contains_key(k)) {
+        for (dir, net) in merge_join_by(old.cidrs.keys(), new.cidrs.keys(), |a, b| a.cmp(b))
+            .filter_map(EitherOrBoth::just_left)
+        {
             self.changed = true;
             ignore_missing(self.maps.cidrs.remove(&cidr_key(ep_id.0, *dir, *net)))
                 .map_err(map_err(names::CIDRS))?;

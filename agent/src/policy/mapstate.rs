@@ -139,13 +139,16 @@ impl EndpointPolicy {
             ..Compiled::default()
         };
         out.isolation |= self.profile_tiered & (EP_INGRESS_TIERED | EP_EGRESS_TIERED);
+        // Every key with what sets it, rules first, then sorted (stably, so
+        // each key sees its rules and then its tier rules in their order)
+        // and folded: the map is built in one pass from sorted entries
+        // instead of a tree insertion per key.
+        let mut keyed: Vec<(PolicyKey, Option<&TierRule>, u32)> = Vec::new();
         for rule in &self.rules {
             check_dir(rule.dir)?;
             for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
                 out.port_plens[usize::from(rule.dir)] |= plen_bit(&key);
-                let v = out.entries.entry(key).or_default();
-                v.flags |= POLICY_ALLOW;
-                v.rule_id = rule.rule_id;
+                keyed.push((key, None, rule.rule_id));
             }
         }
         for t in &self.tier_rules {
@@ -157,9 +160,27 @@ impl EndpointPolicy {
             };
             for key in policy_keys(ep_id, t.dir, t.identity, t.l4)? {
                 out.port_plens[usize::from(t.dir)] |= plen_bit(&key);
-                merge_tier(out.entries.entry(key).or_default(), t);
+                keyed.push((key, Some(t), t.rule_id));
             }
         }
+        keyed.sort_by_key(|e| e.0);
+        let mut folded: Vec<(PolicyKey, PolicyValue)> = Vec::with_capacity(keyed.len());
+        for (key, tier, rule_id) in keyed {
+            if folded.last().is_none_or(|(k, _)| *k != key) {
+                folded.push((key, PolicyValue::default()));
+            }
+            let Some((_, v)) = folded.last_mut() else {
+                continue;
+            };
+            match tier {
+                None => {
+                    v.flags |= POLICY_ALLOW;
+                    v.rule_id = rule_id;
+                }
+                Some(t) => merge_tier(v, t),
+            }
+        }
+        out.entries = folded.into_iter().collect();
         for c in &self.cidrs {
             check_dir(c.dir)?;
             out.cidrs.insert((c.dir, canonical(c.net)), c.group);

@@ -159,9 +159,11 @@ pub fn run(i: &Input<'_>) -> Result<Part> {
     if !loaded.diagnostics.is_empty() {
         println!("  first diagnostic: {:?}", loaded.diagnostics[0]);
     }
-    let at_scale = i.pods.len() >= 10_000 && i.count >= 500;
+    // Issue 12's targets are for 10,000 pods with 500 CNPs; larger runs
+    // are judged against issue 15's (the targets block at the end).
+    let at_scale = i.pods.len() == 10_000 && i.count >= 500;
     let judge = |ok: bool| match (at_scale, ok) {
-        (false, _) => "not judged: below 10,000 pods and 500 CNPs",
+        (false, _) => "not judged: issue 12's targets are for 10,000 pods and 500 CNPs",
         (true, true) => "met",
         (true, false) => "MISSED",
     };

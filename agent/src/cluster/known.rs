@@ -123,7 +123,16 @@ impl Known {
 
     /// Every object that is not a pod, by reference.
     pub fn others(&self) -> impl Iterator<Item = &Object> {
-        self.0.values().filter_map(Kept::other)
+        // Kind by kind (the key's first part), not through the pods.
+        Kind::ALL
+            .into_iter()
+            .filter(|&k| k != Kind::Pod)
+            .flat_map(|kind| {
+                self.0
+                    .range(ObjKey::new(kind, "", "")..)
+                    .take_while(move |(k, _)| k.kind == kind)
+            })
+            .filter_map(|(_, kept)| kept.other())
     }
 
     fn pod_entries(&self) -> impl Iterator<Item = (&ObjKey, &Kept)> {

@@ -244,10 +244,16 @@ impl Compiler {
             .into_iter()
             .map(|(l, lists)| (l, Arc::new(lists)))
             .collect();
-        self.pods
+        // From the local identities' pods, not a walk of every pod.
+        by_identity
             .iter()
-            .filter(|(_, p)| p.local)
-            .filter_map(|(obj, p)| Some((obj.clone(), by_identity.get(&p.identity)?.clone())))
+            .filter_map(|(l, lists)| Some((self.identities.get(*l)?, lists)))
+            .flat_map(|(ident, lists)| {
+                ident
+                    .local_pods
+                    .iter()
+                    .map(move |obj| (obj.clone(), lists.clone()))
+            })
             .collect()
     }
 

@@ -286,7 +286,12 @@ impl Repository {
     /// not in it.
     pub fn isolators(&self) -> FxHashMap<u32, [Vec<ObjectRef>; 2]> {
         let mut out: FxHashMap<u32, [Vec<ObjectRef>; 2]> = FxHashMap::default();
-        for p in self.policies.values() {
+        // Only the policies that select a local identity have targets.
+        for p in self
+            .targeted
+            .iter()
+            .filter_map(|pid| self.policies.get(pid))
+        {
             for &l in &p.targets {
                 let lists = out.entry(l).or_default();
                 if p.ingress {

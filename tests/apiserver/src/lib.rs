@@ -168,7 +168,15 @@ async fn serve(
         let stream = tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // As Go's net/http (kube-apiserver) does: a watch event
+                    // is a small write that must not wait, behind Nagle,
+                    // for the client's delayed ACK of the one before (40 ms).
+                    if let Err(e) = stream.set_nodelay(true) {
+                        eprintln!("test apiserver: nodelay: {e}");
+                    }
+                    stream
+                }
                 Err(e) => {
                     eprintln!("test apiserver: accept: {e}");
                     continue;

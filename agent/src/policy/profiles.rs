@@ -73,10 +73,12 @@ struct Profile {
 pub(super) struct Profiles {
     by_key: FxHashMap<ProfileKey, u32>,
     profiles: FxHashMap<u32, Profile>,
-    next_profile: u32,
+    /// Profile numbers, by the local identity a profile is made for.
+    profile_numbers: Numbers,
     class_by_key: FxHashMap<ClassKey, u32>,
     class_keys: FxHashMap<u32, ClassKey>,
-    next_class: u32,
+    /// Class numbers, by an identity in the class.
+    class_numbers: Numbers,
     /// Identity -> class.
     class_of: FxHashMap<u32, u32>,
     /// Class -> how many identities have it.
@@ -85,11 +87,36 @@ pub(super) struct Profiles {
     profile_of: FxHashMap<u32, u32>,
     /// Each policy's share of the entries (`shares`).
     pub shares: Shares,
-    /// Identity -> the class it had before a restart, and local identity
-    /// -> its profile then (`Compiler::restore`): a new class or profile
-    /// takes that number back when it is free.
-    restored_classes: FxHashMap<u32, u32>,
-    restored_profiles: FxHashMap<u32, u32>,
+}
+
+/// Numbers for classes or profiles: a new one takes back the number its
+/// identity's had before a restart (`Compiler::restore`) when no live one
+/// has it, else the next fresh one.
+#[derive(Default)]
+struct Numbers {
+    last: u32,
+    /// Identity -> its number before a restart.
+    restored: FxHashMap<u32, u32>,
+}
+
+impl Numbers {
+    fn restore(&mut self, pairs: Vec<(u32, u32)>) {
+        self.restored = pairs.into_iter().collect();
+        // Fresh numbers start above every restored one.
+        self.last = self
+            .last
+            .max(self.restored.values().copied().max().unwrap_or(0));
+    }
+
+    fn take(&mut self, of: u32, live: impl Fn(u32) -> bool) -> u32 {
+        match self.restored.get(&of) {
+            Some(&n) if !live(n) => n,
+            _ => {
+                self.last += 1;
+                self.last
+            }
+        }
+    }
 }
 
 /// What one settle changed, for [`super::Changes`].
@@ -104,39 +131,25 @@ pub(super) struct Settled {
 
 impl Profiles {
     pub fn restore(&mut self, classes: Vec<(u32, u32)>, profiles: Vec<(u32, u32)>) {
-        self.restored_classes = classes.into_iter().collect();
-        self.restored_profiles = profiles.into_iter().collect();
-        // Fresh numbers start above every restored one.
-        let max = |m: &FxHashMap<u32, u32>| m.values().copied().max().unwrap_or(0);
-        self.next_class = self.next_class.max(max(&self.restored_classes));
-        self.next_profile = self.next_profile.max(max(&self.restored_profiles));
+        self.class_numbers.restore(classes);
+        self.profile_numbers.restore(profiles);
     }
 
     pub fn forget_restored(&mut self) {
-        self.restored_classes = FxHashMap::default();
-        self.restored_profiles = FxHashMap::default();
+        self.class_numbers.restored = FxHashMap::default();
+        self.profile_numbers.restored = FxHashMap::default();
     }
 
     /// A number for a new class that identity `x` is in.
     fn new_class(&mut self, x: u32) -> u32 {
         let live = &self.class_keys;
-        take_back(
-            &self.restored_classes,
-            x,
-            |c| live.contains_key(&c),
-            &mut self.next_class,
-        )
+        self.class_numbers.take(x, |c| live.contains_key(&c))
     }
 
     /// A number for a new profile of local identity `l`.
     fn new_profile(&mut self, l: u32) -> u32 {
         let live = &self.profiles;
-        take_back(
-            &self.restored_profiles,
-            l,
-            |p| live.contains_key(&p),
-            &mut self.next_profile,
-        )
+        self.profile_numbers.take(l, |p| live.contains_key(&p))
     }
 
     pub fn policy(&self, id: u32) -> Option<Arc<EndpointPolicy>> {
@@ -454,22 +467,5 @@ impl Compiler {
         sels.dedup();
         let named = sels.iter().any(|&s| self.cnps.is_named(s));
         Some((sels, named.then(|| ident.key.ports.clone())))
-    }
-}
-
-/// The number `of` had before a restart when no live one has it, else the
-/// next fresh one.
-fn take_back(
-    restored: &FxHashMap<u32, u32>,
-    of: u32,
-    live: impl Fn(u32) -> bool,
-    next: &mut u32,
-) -> u32 {
-    match restored.get(&of) {
-        Some(&n) if !live(n) => n,
-        _ => {
-            *next += 1;
-            *next
-        }
     }
 }

@@ -324,6 +324,17 @@ impl World {
         self.data.0.join("delete-queue")
     }
 
+    /// Asserts that `ip` is still reserved and that `entry` is the one
+    /// pending deletion; returns that entry.
+    fn held_in_queue(&self, ip: IpAddr, entry: &str) -> Result<Value> {
+        ensure!(self.ip_files()? == BTreeSet::from([ip]));
+        let queued = self.queued()?;
+        ensure!(queued == BTreeSet::from([entry.to_string()]), "{queued:?}");
+        Ok(serde_json::from_slice(&std::fs::read(
+            self.queue_dir().join(entry),
+        )?)?)
+    }
+
     /// Files in the deletion queue (none when it does not exist).
     fn queued(&self) -> Result<BTreeSet<String>> {
         let mut out = BTreeSet::new();
@@ -1192,13 +1203,7 @@ fn del_succeeds_with_the_agent_unreachable_queues_the_removal_and_keeps_the_addr
     // has forgotten the endpoint; the removal waits in the queue.
     ensure!(w.host_veths()?.is_empty());
     ensure!(pod.ns.veths()?.is_empty());
-    ensure!(w.ip_files()? == BTreeSet::from([ip]));
-    ensure!(
-        w.queued()? == BTreeSet::from([entry.clone()]),
-        "{:?}",
-        w.queued()?
-    );
-    let queued: Value = serde_json::from_slice(&std::fs::read(w.queue_dir().join(&entry))?)?;
+    let queued = w.held_in_queue(ip, &entry)?;
     ensure!(
         queued["attachment"] == json!({"container_id": pod.id, "ifname": "eth0"})
             && queued["ips"] == json!([ip.to_string()])
@@ -1286,13 +1291,7 @@ fn a_deferred_del_disconnects_the_pod_at_once_and_holds_its_address_until_the_ve
     ensure!(!ping(&pod.ns, node_ip), "the pod still reaches the node");
     // Held: the address, in a pending entry that names this veth.
     let entry = format!("{}@eth0.json", pod.id);
-    ensure!(w.ip_files()? == BTreeSet::from([ip]));
-    ensure!(
-        w.queued()? == BTreeSet::from([entry.clone()]),
-        "{:?}",
-        w.queued()?
-    );
-    let queued: Value = serde_json::from_slice(&std::fs::read(w.queue_dir().join(&entry))?)?;
+    let queued = w.held_in_queue(ip, &entry)?;
     ensure!(
         queued["host_ifindex"] == json!(index) && queued["ips"] == json!([ip.to_string()]),
         "{queued}"

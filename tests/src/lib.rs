@@ -408,17 +408,7 @@ impl Node {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(stdin.as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = run_with_stdin(&mut cmd, stdin)?;
         Ok(PluginOutput {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -884,4 +874,26 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `cmd` with `stdin` written to it, as a runtime runs a CNI plugin;
+/// its whole output. A plugin may answer (an error, say) without reading
+/// all of its input: the write's broken pipe is then no failure, as Go's
+/// os/exec (libcni) ignores it too.
+pub fn run_with_stdin(cmd: &mut Command, stdin: &str) -> Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let written = child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
+    Ok(child.wait_with_output()?)
 }

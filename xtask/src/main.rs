@@ -124,9 +124,8 @@ fn cargo(args: &[&str]) -> Result<()> {
 }
 
 /// `cargo test`, its output passed through as it comes; returns the lines
-/// that say which tests failed and why (`... FAILED` and each panic with
-/// its message), so that they can be repeated where a CI log's tail shows
-/// them, after the long conformance output.
+/// that say which tests failed and why, so that they can be repeated where
+/// a CI log's tail shows them, after the long conformance output.
 fn cargo_test(args: &[&str]) -> Result<Vec<String>> {
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
@@ -135,17 +134,24 @@ fn cargo_test(args: &[&str]) -> Result<Vec<String>> {
         .context("running cargo")?;
     let mut failures = Vec::new();
     let mut after_panic = false;
+    let mut after_header = false;
     if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line.context("reading cargo test's output")?;
+        // Bytes, not `lines()`: output that is not UTF-8 passes through
+        // as it is instead of ending the read.
+        for raw in BufReader::new(out).split(b'\n') {
+            let raw = raw.context("reading cargo test's output")?;
+            let line = String::from_utf8_lossy(&raw).into_owned();
             println!("{line}");
-            if after_panic || (line.starts_with("test ") && line.ends_with("FAILED")) {
-                failures.push(line.clone());
-            }
-            after_panic = line.contains("panicked at");
-            if after_panic {
+            // A failed test's name, the first line of its output (a
+            // returned error) and each panic with its message.
+            let header = line.starts_with("---- ") && line.ends_with(" stdout ----");
+            let panic = line.contains("panicked at");
+            let failed = line.starts_with("test ") && line.ends_with("FAILED");
+            if after_header || after_panic || header || panic || failed {
                 failures.push(line);
             }
+            after_header = header;
+            after_panic = panic;
         }
     }
     let status = child.wait().context("waiting for cargo test")?;

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     model::{EpId, Identity},
-    policy::{Compiled, plen_bit},
+    policy::{Compiled, Delta, plen_bit},
 };
 
 /// What the data path knows of a node-local endpoint.
@@ -331,6 +331,40 @@ impl Writer {
         self.write_flags(ep, new.isolation, new.port_plens, false)
     }
 
+    /// Applies a patch (`EndpointPolicy::patch`) in the order of
+    /// [`Self::replace_policy`]: the entries set, the CIDR entries gained,
+    /// the profile, the flags with the masks widened to before and after,
+    /// the entries removed, the CIDR entries lost, the final flags.
+    /// `before`: what the endpoint had (its `entries` are not read),
+    /// `after`: what it has now. On an error the caller fails it closed.
+    pub fn apply_patch(
+        &mut self,
+        ep: &EndpointRecord,
+        before: &Compiled,
+        after: &Compiled,
+        delta: &Delta,
+    ) -> Result<()> {
+        for (k, v, existed) in &delta.set {
+            // As in `write_additions`: only a new NetworkPolicy key is sure
+            // to admit more.
+            self.changed |= *existed || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
+            self.maps
+                .policy
+                .insert(k, v, 0)
+                .map_err(map_err(names::POLICY))?;
+        }
+        self.write_cidrs(ep.ep_id, before, after)?;
+        self.set_profile(ep.ep_id, before.profile, after.profile)?;
+        let widened = [
+            before.port_plens[0] | after.port_plens[0],
+            before.port_plens[1] | after.port_plens[1],
+        ];
+        self.write_flags(ep, after.isolation, widened, false)?;
+        self.remove_keys(&delta.removed)?;
+        self.remove_stale_cidrs(ep.ep_id, before, after)?;
+        self.write_flags(ep, after.isolation, after.port_plens, false)
+    }
+
     /// Sets EP_FAIL_CLOSED first, then removes every entry of `old` and
     /// `attempted`: the endpoint drops all IP traffic and nothing it had is
     /// left. Returns what is now programmed for it.
@@ -424,6 +458,12 @@ impl Writer {
                 .insert(k, v, 0)
                 .map_err(map_err(names::POLICY))?;
         }
+        self.write_cidrs(ep_id, old, new)
+    }
+
+    /// Writes the CIDR entries `new` has and `old` has not, or with
+    /// another group.
+    fn write_cidrs(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
         for e in merge_join_by(&old.cidrs, &new.cidrs, |a, b| a.0.cmp(b.0)) {
             let ((dir, net), group) = match e {
                 EitherOrBoth::Right(n) => n,
@@ -448,10 +488,20 @@ impl Writer {
                 .filter_map(EitherOrBoth::just_left)
                 .copied()
                 .collect();
-        self.changed |= !stale.is_empty();
-        for k in stale {
-            ignore_missing(self.maps.policy.remove(&k)).map_err(map_err(names::POLICY))?;
+        self.remove_keys(&stale)?;
+        self.remove_stale_cidrs(ep_id, old, new)
+    }
+
+    fn remove_keys(&mut self, keys: &[PolicyKey]) -> Result<()> {
+        self.changed |= !keys.is_empty();
+        for k in keys {
+            ignore_missing(self.maps.policy.remove(k)).map_err(map_err(names::POLICY))?;
         }
+        Ok(())
+    }
+
+    /// Removes the CIDR entries `old` has and `new` has not.
+    fn remove_stale_cidrs(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
         for (dir, net) in merge_join_by(old.cidrs.keys(), new.cidrs.keys(), |a, b| a.cmp(b))
             .filter_map(EitherOrBoth::just_left)
         {

@@ -111,6 +111,10 @@ pub struct Endpoints {
     registry: Registry,
     /// What is in the maps for each endpoint.
     programmed: HashMap<EpId, Compiled>,
+    /// The policy an endpoint's `programmed` entries are the compile of,
+    /// when they are (not after a takeover or failing closed): the next
+    /// policy is patched from it (`EndpointPolicy::patch`).
+    sources: HashMap<EpId, Arc<EndpointPolicy>>,
     /// Profiles written and not yet pruned, with their new entries.
     profiles_pending: HashMap<u32, Compiled>,
     /// Most policy + CIDR entries one endpoint may hold; past it the
@@ -134,6 +138,7 @@ impl Endpoints {
     ) -> Result<Self> {
         let mut eps = Self {
             programmed: dp.writer.programmed_policy()?,
+            sources: HashMap::new(),
             profiles_pending: HashMap::new(),
             registry,
             max_entries,
@@ -268,6 +273,7 @@ impl Endpoints {
 
     fn forget(&mut self, dp: &mut Datapath, ep: &Endpoint) -> Result<()> {
         dp.programs.detach(&ep.spec.host_ifname)?;
+        self.sources.remove(&ep.ep_id);
         let old = self.programmed.remove(&ep.ep_id).unwrap_or_default();
         dp.writer.remove_endpoint(&ep.record(), &old)?;
         self.registry.remove(&ep.spec.attachment)?;
@@ -335,9 +341,12 @@ impl Endpoints {
         &mut self,
         dp: &mut Datapath,
         a: &Attachment,
-        policy: &EndpointPolicy,
+        policy: &Arc<EndpointPolicy>,
     ) -> Result<()> {
         let ep = self.get(a)?.clone();
+        if let Some(done) = self.try_patch(dp, &ep, policy) {
+            return done;
+        }
         let new = policy
             .compile(ep.ep_id.0)
             .map_err(EndpointError::InvalidPolicy)?;
@@ -371,7 +380,66 @@ impl Endpoints {
         info!(container_id = %a.container_id, ep_id = %ep.ep_id, entries = new.entries.len(),
             cidrs = new.cidrs.len(), isolation = new.isolation, "policy programmed");
         self.programmed.insert(ep.ep_id, new);
+        self.sources.insert(ep.ep_id, policy.clone());
         Ok(())
+    }
+
+    /// Replaces the endpoint's policy by patching what is programmed from
+    /// the policy it was compiled from (`EndpointPolicy::patch`), with the
+    /// same guarantees as a whole replacement. `None`: nothing done, no
+    /// patch is possible (no such policy, or rules not sorted by peer).
+    fn try_patch(
+        &mut self,
+        dp: &mut Datapath,
+        ep: &Endpoint,
+        policy: &Arc<EndpointPolicy>,
+    ) -> Option<Result<()>> {
+        let old = self.sources.get(&ep.ep_id)?.clone();
+        let mut programmed = self.programmed.remove(&ep.ep_id)?;
+        let before = Compiled {
+            entries: Default::default(),
+            cidrs: programmed.cidrs.clone(),
+            ..programmed
+        };
+        let delta = match policy.patch(&old, ep.ep_id.0, &mut programmed) {
+            Ok(Some(delta)) => delta,
+            Ok(None) => {
+                self.programmed.insert(ep.ep_id, programmed);
+                return None;
+            }
+            Err(e) => {
+                // Untouched, as a whole compile's error leaves it.
+                self.programmed.insert(ep.ep_id, programmed);
+                return Some(Err(EndpointError::InvalidPolicy(e)));
+            }
+        };
+        let entries = programmed.entries.len() + programmed.cidrs.len();
+        let outcome = if entries > self.max_entries {
+            Err(EndpointError::Capacity {
+                ep_id: ep.ep_id,
+                entries,
+                limit: self.max_entries,
+            })
+        } else {
+            dp.writer
+                .apply_patch(&ep.record(), &before, &programmed, &delta)
+                .map_err(EndpointError::from)
+        };
+        if let Err(e) = outcome {
+            // What the maps may hold: the old entries (the patched ones
+            // and those the patch removes) and the new ones; all go.
+            let mut both = programmed;
+            both.entries
+                .extend(delta.removed.iter().map(|k| (*k, Default::default())));
+            return Some(self.fail_closed(dp, ep, &before, &both).and(Err(e)));
+        }
+        info!(container_id = %ep.spec.attachment.container_id, ep_id = %ep.ep_id,
+            entries = programmed.entries.len(), cidrs = programmed.cidrs.len(),
+            isolation = programmed.isolation, written = delta.set.len(),
+            removed = delta.removed.len(), "policy programmed (patched)");
+        self.programmed.insert(ep.ep_id, programmed);
+        self.sources.insert(ep.ep_id, policy.clone());
+        Some(Ok(()))
     }
 
     fn fail_closed(
@@ -383,6 +451,7 @@ impl Endpoints {
     ) -> Result<()> {
         warn!(ep_id = %ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
         self.metrics.endpoint_failed_closed();
+        self.sources.remove(&ep.ep_id);
         let now = dp.writer.fail_closed(&ep.record(), old, attempted)?;
         self.programmed.insert(ep.ep_id, now);
         Ok(())
@@ -448,7 +517,7 @@ impl Endpoints {
     ) -> Result<()> {
         let p: EndpointPolicy =
             serde_json::from_value(policy).map_err(EndpointError::PolicyDecode)?;
-        let outcome = self.set_policy(dp, a, &p);
+        let outcome = self.set_policy(dp, a, &Arc::new(p));
         // Whatever was written (a failed replacement fails closed) reaches
         // established flows before SetPolicy answers.
         let bumped = dp.writer.bump_epoch();

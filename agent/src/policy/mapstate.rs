@@ -124,6 +124,17 @@ pub enum PolicyError {
 
 impl EndpointPolicy {
     pub fn compile(&self, ep_id: u32) -> Result<Compiled, PolicyError> {
+        let mut out = self.header()?;
+        out.entries = fold_keys(ep_id, &self.rules, &self.tier_rules)?
+            .into_iter()
+            .collect();
+        Ok(out)
+    }
+
+    /// Everything of the compiled form but the POLICY entries: the
+    /// isolation and tiered bits, the prefix-length masks (the bits of
+    /// every rule's keys, `plen_bits_of`), the profile, the CIDR entries.
+    pub fn header(&self) -> Result<Compiled, PolicyError> {
         let mut out = Compiled {
             isolation: (if self.ingress_isolated {
                 EP_INGRESS_ISOLATED
@@ -139,17 +150,9 @@ impl EndpointPolicy {
             ..Compiled::default()
         };
         out.isolation |= self.profile_tiered & (EP_INGRESS_TIERED | EP_EGRESS_TIERED);
-        // Every key with what sets it, rules first, then sorted (stably, so
-        // each key sees its rules and then its tier rules in their order)
-        // and folded: the map is built in one pass from sorted entries
-        // instead of a tree insertion per key.
-        let mut keyed: Vec<(PolicyKey, Option<&TierRule>, u32)> = Vec::new();
-        for rule in &self.rules {
-            check_dir(rule.dir)?;
-            for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
-                out.port_plens[usize::from(rule.dir)] |= plen_bit(&key);
-                keyed.push((key, None, rule.rule_id));
-            }
+        for r in &self.rules {
+            check_dir(r.dir)?;
+            out.port_plens[usize::from(r.dir)] |= plen_bits_of(r.identity, r.l4);
         }
         for t in &self.tier_rules {
             check_dir(t.dir)?;
@@ -158,35 +161,56 @@ impl EndpointPolicy {
             } else {
                 EP_EGRESS_TIERED
             };
-            for key in policy_keys(ep_id, t.dir, t.identity, t.l4)? {
-                out.port_plens[usize::from(t.dir)] |= plen_bit(&key);
-                keyed.push((key, Some(t), t.rule_id));
-            }
+            out.port_plens[usize::from(t.dir)] |= plen_bits_of(t.identity, t.l4);
         }
-        keyed.sort_by_key(|e| e.0);
-        let mut folded: Vec<(PolicyKey, PolicyValue)> = Vec::with_capacity(keyed.len());
-        for (key, tier, rule_id) in keyed {
-            if folded.last().is_none_or(|(k, _)| *k != key) {
-                folded.push((key, PolicyValue::default()));
-            }
-            let Some((_, v)) = folded.last_mut() else {
-                continue;
-            };
-            match tier {
-                None => {
-                    v.flags |= POLICY_ALLOW;
-                    v.rule_id = rule_id;
-                }
-                Some(t) => merge_tier(v, t),
-            }
-        }
-        out.entries = folded.into_iter().collect();
         for c in &self.cidrs {
             check_dir(c.dir)?;
             out.cidrs.insert((c.dir, canonical(c.net)), c.group);
         }
         Ok(out)
     }
+}
+
+/// The POLICY entries of these rules and tier rules, sorted by key. Every
+/// key with what sets it, rules first, then sorted (stably, so each key
+/// sees its rules and then its tier rules in their order) and folded: a
+/// map is built from them in one pass instead of a tree insertion per key.
+pub(super) fn fold_keys(
+    ep_id: u32,
+    rules: &[Rule],
+    tier_rules: &[TierRule],
+) -> Result<Vec<(PolicyKey, PolicyValue)>, PolicyError> {
+    let mut keyed: Vec<(PolicyKey, Option<&TierRule>, u32)> = Vec::new();
+    for rule in rules {
+        check_dir(rule.dir)?;
+        for key in policy_keys(ep_id, rule.dir, rule.identity, rule.l4)? {
+            keyed.push((key, None, rule.rule_id));
+        }
+    }
+    for t in tier_rules {
+        check_dir(t.dir)?;
+        for key in policy_keys(ep_id, t.dir, t.identity, t.l4)? {
+            keyed.push((key, Some(t), t.rule_id));
+        }
+    }
+    keyed.sort_by_key(|e| e.0);
+    let mut folded: Vec<(PolicyKey, PolicyValue)> = Vec::with_capacity(keyed.len());
+    for (key, tier, rule_id) in keyed {
+        if folded.last().is_none_or(|(k, _)| *k != key) {
+            folded.push((key, PolicyValue::default()));
+        }
+        let Some((_, v)) = folded.last_mut() else {
+            continue;
+        };
+        match tier {
+            None => {
+                v.flags |= POLICY_ALLOW;
+                v.rule_id = rule_id;
+            }
+            Some(t) => merge_tier(v, t),
+        }
+    }
+    Ok(folded)
 }
 
 /// Keeps the best (lowest-rank) rule of `t`'s tier in `v`.

@@ -86,6 +86,7 @@ pub mod explain;
 mod identities;
 pub mod mapstate;
 mod parse;
+mod patch;
 mod pods;
 mod profiles;
 mod repository;
@@ -122,6 +123,7 @@ pub use self::{
         TierRule, canonical, entry_count, fold, lookup, plen_bit, policy_keys, port_blocks,
         port_mask,
     },
+    patch::Delta,
     pods::Locality,
     repository::RuleOrigin,
     selector::Labels,

@@ -354,18 +354,12 @@ impl Endpoints {
         let none = Compiled::default();
         // The programmed entries are read in place (an endpoint's can be
         // thousands); copied only to fail closed.
-        let outcome = if entries > self.max_entries {
-            Err(EndpointError::Capacity {
-                ep_id: ep.ep_id,
-                entries,
-                limit: self.max_entries,
-            })
-        } else {
+        let outcome = self.within_limit(ep.ep_id, entries).and_then(|()| {
             let old = self.programmed.get(&ep.ep_id).unwrap_or(&none);
             dp.writer
                 .replace_policy(&ep.record(), old, &new)
                 .map_err(EndpointError::from)
-        };
+        });
         if let Err(e) = outcome {
             // Over the limit, or the map is full (or failing): the
             // endpoint drops everything until a later policy fits.
@@ -414,17 +408,11 @@ impl Endpoints {
             }
         };
         let entries = programmed.entries.len() + programmed.cidrs.len();
-        let outcome = if entries > self.max_entries {
-            Err(EndpointError::Capacity {
-                ep_id: ep.ep_id,
-                entries,
-                limit: self.max_entries,
-            })
-        } else {
+        let outcome = self.within_limit(ep.ep_id, entries).and_then(|()| {
             dp.writer
                 .apply_patch(&ep.record(), &before, &programmed, &delta)
                 .map_err(EndpointError::from)
-        };
+        });
         if let Err(e) = outcome {
             // What the maps may hold: the old entries (the patched ones
             // and those the patch removes) and the new ones; all go.
@@ -440,6 +428,18 @@ impl Endpoints {
         self.programmed.insert(ep.ep_id, programmed);
         self.sources.insert(ep.ep_id, policy.clone());
         Some(Ok(()))
+    }
+
+    /// An endpoint may hold `entries` (policy + CIDR) at most.
+    fn within_limit(&self, ep_id: EpId, entries: usize) -> Result<()> {
+        if entries > self.max_entries {
+            return Err(EndpointError::Capacity {
+                ep_id,
+                entries,
+                limit: self.max_entries,
+            });
+        }
+        Ok(())
     }
 
     fn fail_closed(

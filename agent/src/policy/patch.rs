@@ -151,30 +151,21 @@ mod tests {
     use sluice_common::{DIR_EGRESS, DIR_INGRESS};
 
     use super::*;
-    use crate::policy::mapstate::{L4, Rule, Tier, TierRule, plen_bit};
-
-    /// A small deterministic generator (xorshift), for fixed seeds.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::policy::{
+        mapstate::{L4, Rule, Tier, TierRule, plen_bit},
+        tests::random::Rng,
+    };
 
     fn l4(rng: &mut Rng) -> L4 {
-        match rng.next(4) {
+        match rng.below(4) {
             0 => L4::Any,
             1 => L4::Proto(17),
             _ => {
-                let first = [80, 1000, 8080, 0][rng.next(4) as usize];
+                let first = [80, 1000, 8080, 0][rng.below(4)];
                 L4::Ports {
                     proto: 6,
                     first,
-                    last: first + [0, 1, 24, 1000][rng.next(4) as usize],
+                    last: first + [0, 1, 24, 1000][rng.below(4)],
                 }
             }
         }
@@ -183,34 +174,34 @@ mod tests {
     /// A random policy over few identities and ports, so that groups and
     /// keys overlap, sorted as the compiler materializes them.
     fn policy(rng: &mut Rng) -> EndpointPolicy {
-        let dir = |rng: &mut Rng| [DIR_INGRESS, DIR_EGRESS][rng.next(2) as usize];
-        let mut rules: Vec<Rule> = (0..rng.next(12))
+        let dir = |rng: &mut Rng| [DIR_INGRESS, DIR_EGRESS][rng.below(2)];
+        let mut rules: Vec<Rule> = (0..rng.below(12))
             .map(|_| Rule {
                 dir: dir(rng),
-                identity: 100 + rng.next(5) as u32,
+                identity: 100 + rng.below(5) as u32,
                 l4: l4(rng),
-                rule_id: 1 + rng.next(3) as u32,
+                rule_id: 1 + rng.below(3) as u32,
             })
             .collect();
         rules.sort_by_key(|r| (r.dir, r.identity, r.l4));
-        let mut tier_rules: Vec<TierRule> = (0..rng.next(8))
+        let mut tier_rules: Vec<TierRule> = (0..rng.below(8))
             .map(|_| TierRule {
                 dir: dir(rng),
-                identity: 100 + rng.next(5) as u32,
+                identity: 100 + rng.below(5) as u32,
                 l4: l4(rng),
-                tier: [Tier::Admin, Tier::Baseline][rng.next(2) as usize],
-                rank: rng.next(4) as u32,
-                action: rng.next(3) as u32,
-                rule_id: 0x8000_0000 | rng.next(4) as u32,
+                tier: [Tier::Admin, Tier::Baseline][rng.below(2)],
+                rank: rng.below(4) as u32,
+                action: rng.below(3) as u32,
+                rule_id: 0x8000_0000 | rng.below(4) as u32,
             })
             .collect();
         tier_rules.sort();
         EndpointPolicy {
-            ingress_isolated: rng.next(2) == 0,
-            egress_isolated: rng.next(2) == 0,
+            ingress_isolated: rng.below(2) == 0,
+            egress_isolated: rng.below(2) == 0,
             rules,
             tier_rules,
-            profile: rng.next(2) as u32,
+            profile: rng.below(2) as u32,
             ..EndpointPolicy::default()
         }
     }
@@ -222,10 +213,10 @@ mod tests {
         for _ in 0..3000 {
             let (a, b) = (policy(&mut rng), policy(&mut rng));
             // Half of the pairs differ in one group only, as most changes do.
-            let b = if rng.next(2) == 0 {
+            let b = if rng.below(2) == 0 {
                 let mut near = a.clone();
                 near.rules
-                    .retain(|r| r.identity != 100 + rng.next(5) as u32);
+                    .retain(|r| r.identity != 100 + rng.below(5) as u32);
                 near
             } else {
                 b

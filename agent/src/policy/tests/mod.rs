@@ -158,6 +158,6 @@ mod blocks;
 mod changes;
 mod cnp_random;
 mod explain;
-mod random;
+pub(super) mod random;
 mod rules;
 mod tiers;

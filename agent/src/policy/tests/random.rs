@@ -4,17 +4,17 @@ use super::*;
 // ----- incremental == recompute == fresh build -----
 
 /// xorshift64*: deterministic, no dependency.
-pub(super) struct Rng(pub(super) u64);
+pub(in crate::policy) struct Rng(pub(in crate::policy) u64);
 
 impl Rng {
-    pub(super) fn next(&mut self) -> u64 {
+    pub(in crate::policy) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    pub(super) fn below(&mut self, n: usize) -> usize {
+    pub(in crate::policy) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 

@@ -12,6 +12,17 @@ impl Cluster {
     /// Explains `from` -> `to` on `flow` (`PORT/PROTO`); the error says
     /// what is wrong with the question.
     pub fn explain(&self, from: &str, to: &str, flow: &str) -> Result<Vec<Explanation>, String> {
+        // Until every kind is listed the compiler holds nothing (changes
+        // are only kept): any answer would be about an empty cluster.
+        let unlisted = self.unlisted();
+        if !unlisted.is_empty() {
+            let kinds: Vec<&str> = unlisted.into_iter().map(Kind::name).collect();
+            return Err(format!(
+                "the agent has not listed the cluster yet (waiting for: {}); \
+                 ask again once `sluice wait` returns",
+                kinds.join(", ")
+            ));
+        }
         let (from, to) = (parse_spec(from)?, parse_spec(to)?);
         let flow = parse_flow(flow)?;
         let service = |o: &ObjectRef| match self.known.get_other(&ObjKey::new(

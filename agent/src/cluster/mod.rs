@@ -226,6 +226,11 @@ impl Cluster {
     /// Pods, Namespaces, NetworkPolicies, Services and
     /// ClusterNetworkPolicies have each been listed.
     pub fn is_synced(&self) -> bool {
+        self.unlisted().is_empty()
+    }
+
+    /// The kinds of [`Self::is_synced`] not listed yet.
+    pub fn unlisted(&self) -> Vec<Kind> {
         [
             Kind::Pod,
             Kind::Namespace,
@@ -233,8 +238,9 @@ impl Cluster {
             Kind::Service,
             Kind::ClusterNetworkPolicy,
         ]
-        .iter()
-        .all(|k| self.synced.contains(k))
+        .into_iter()
+        .filter(|k| !self.synced.contains(k))
+        .collect()
     }
 
     /// Applies a batch of watched changes; once synced, returns what to

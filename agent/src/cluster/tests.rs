@@ -109,6 +109,9 @@ fn an_invalid_policy_is_noticed_when_a_pod_it_selects_arrives_on_this_node() {
 fn nothing_is_to_be_programmed_before_every_kind_is_listed_then_everything_is() {
     let mut c = Cluster::new("n1");
     assert!(c.apply(vec![Change::Applied(pod("x", "n1"))]).is_none());
+    // Nor is anything explained from the empty compiler.
+    let early = c.explain("x/a-n1", "x/a-n1", "80/TCP").unwrap_err();
+    assert!(early.contains("not listed the cluster yet"), "{early}");
     for kind in [
         Kind::Namespace,
         Kind::NetworkPolicy,
@@ -121,10 +124,13 @@ fn nothing_is_to_be_programmed_before_every_kind_is_listed_then_everything_is() 
         c.apply(vec![Change::resync(Kind::Pod, vec![pod("x", "n1")])])
             .is_none()
     );
+    let waiting = c.explain("x/a-n1", "x/a-n1", "80/TCP").unwrap_err();
+    assert!(waiting.contains("waiting for: Service)"), "{waiting}");
     let first = c
         .apply(vec![Change::resync(Kind::Service, Vec::new())])
         .unwrap();
     assert!(first.full);
+    assert!(c.explain("x/a-n1", "x/a-n1", "80/TCP").is_ok());
     let local = ObjectRef::new("x", "a-n1");
     assert!(first.changes.endpoints.contains(&local));
     let ip: IpAddr = "10.0.0.1".parse().unwrap();

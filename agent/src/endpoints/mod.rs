@@ -452,6 +452,17 @@ impl Endpoints {
         warn!(ep_id = %ep.ep_id, container_id = %ep.spec.attachment.container_id, "endpoint fails closed: its policy does not fit");
         self.metrics.endpoint_failed_closed();
         self.sources.remove(&ep.ep_id);
+        // Recorded first: if failing closed fails too, the next
+        // replacement still removes everything either may have left.
+        let mut both = old.clone();
+        both.entries
+            .extend(attempted.entries.iter().map(|(k, v)| (*k, *v)));
+        both.cidrs
+            .extend(attempted.cidrs.iter().map(|(k, g)| (*k, *g)));
+        if both.profile == 0 {
+            both.profile = attempted.profile;
+        }
+        self.programmed.insert(ep.ep_id, both);
         let now = dp.writer.fail_closed(&ep.record(), old, attempted)?;
         self.programmed.insert(ep.ep_id, now);
         Ok(())

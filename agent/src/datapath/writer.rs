@@ -13,7 +13,7 @@ use itertools::{EitherOrBoth, merge_join_by};
 use sluice_common::{
     CidrValue, EP_EGRESS_ISOLATED, EP_EGRESS_TIERED, EP_FAIL_CLOSED, EP_HAIRPIN_TAG_MASK,
     EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_INGRESS_TIERED, EndpointInfo, IpcacheValue,
-    POLICY_ADMIN, POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, SERVICE_CLUSTER_IP,
+    POLICY_ADMIN, POLICY_BASELINE, PROFILE_KEY_FLAG, PolicyKey, PolicyValue, SERVICE_CLUSTER_IP,
     hairpin_tag_bits, maps as names,
 };
 use tracing::{debug, info};
@@ -230,12 +230,14 @@ impl Writer {
     /// compiled with `PROFILE_KEY_FLAG | id`): before the endpoints and
     /// classes that use them.
     pub fn write_profile(&mut self, id: u32, old: &Compiled, new: &Compiled) -> Result<()> {
-        self.write_additions(EpId(PROFILE_KEY_FLAG | id), old, new)
+        self.write_set(&Delta::between(old, new).set)?;
+        self.write_cidrs(EpId(PROFILE_KEY_FLAG | id), old, new)
     }
 
     /// Removes what a profile's entries lost: after the endpoints moved.
     pub fn prune_profile(&mut self, id: u32, old: &Compiled, new: &Compiled) -> Result<()> {
-        self.remove_stale(EpId(PROFILE_KEY_FLAG | id), old, new)
+        self.remove_keys(&Delta::between(old, new).removed)?;
+        self.remove_stale_cidrs(EpId(PROFILE_KEY_FLAG | id), old, new)
     }
 
     /// The peer class of an identity (`None`: none).
@@ -315,20 +317,12 @@ impl Writer {
         old: &Compiled,
         new: &Compiled,
     ) -> Result<()> {
-        if let Err(e) = self
-            .write_additions(ep.ep_id, old, new)
-            .and_then(|()| self.set_profile(ep.ep_id, old.profile, new.profile))
-        {
+        let delta = Delta::between(old, new);
+        if let Err(e) = self.apply_patch(ep, old, new, &delta) {
             self.fail_closed(ep, old, new)?;
             return Err(e);
         }
-        let widened = [
-            old.port_plens[0] | new.port_plens[0],
-            old.port_plens[1] | new.port_plens[1],
-        ];
-        self.write_flags(ep, new.isolation, widened, false)?;
-        self.remove_stale(ep.ep_id, old, new)?;
-        self.write_flags(ep, new.isolation, new.port_plens, false)
+        Ok(())
     }
 
     /// Applies a patch (`EndpointPolicy::patch`) in the order of
@@ -344,15 +338,7 @@ impl Writer {
         after: &Compiled,
         delta: &Delta,
     ) -> Result<()> {
-        for (k, v, existed) in &delta.set {
-            // As in `write_additions`: only a new NetworkPolicy key is sure
-            // to admit more.
-            self.changed |= *existed || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
-            self.maps
-                .policy
-                .insert(k, v, 0)
-                .map_err(map_err(names::POLICY))?;
-        }
+        self.write_set(&delta.set)?;
         self.write_cidrs(ep.ep_id, before, after)?;
         self.set_profile(ep.ep_id, before.profile, after.profile)?;
         let widened = [
@@ -439,26 +425,19 @@ impl Writer {
             .map_err(map_err(names::ENDPOINTS))
     }
 
-    fn write_additions(&mut self, ep_id: EpId, old: &Compiled, new: &Compiled) -> Result<()> {
-        // Both sides are sorted maps: one walk along both, not a lookup
-        // per entry (an endpoint can hold thousands, and a namespace
-        // relabel rewrites every local endpoint for a few of them).
-        for e in merge_join_by(&old.entries, &new.entries, |a, b| a.0.cmp(b.0)) {
-            let (k, v, rewritten) = match e {
-                EitherOrBoth::Right((k, v)) => (k, v, false),
-                EitherOrBoth::Both((_, was), (k, v)) if was != v => (k, v, true),
-                _ => continue,
-            };
+    /// Writes entries, each with whether its key was programmed before.
+    fn write_set(&mut self, set: &[(PolicyKey, PolicyValue, bool)]) -> Result<()> {
+        for (k, v, existed) in set {
             // A new NetworkPolicy key only admits more; a rewritten one
             // may not, nor may a ClusterNetworkPolicy key (an Admin or
             // Baseline Deny cuts established flows too).
-            self.changed |= rewritten || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
+            self.changed |= *existed || v.flags & (POLICY_ADMIN | POLICY_BASELINE) != 0;
             self.maps
                 .policy
                 .insert(k, v, 0)
                 .map_err(map_err(names::POLICY))?;
         }
-        self.write_cidrs(ep_id, old, new)
+        Ok(())
     }
 
     /// Writes the CIDR entries `new` has and `old` has not, or with

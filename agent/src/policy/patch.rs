@@ -25,6 +25,25 @@ pub struct Delta {
     pub removed: Vec<PolicyKey>,
 }
 
+impl Delta {
+    /// What turns the entries of `old` into those of `new`, found by one
+    /// walk along both (a whole replacement's delta).
+    pub fn between(old: &Compiled, new: &Compiled) -> Self {
+        let mut delta = Self::default();
+        for e in merge_join_by(&old.entries, &new.entries, |a, b| a.0.cmp(b.0)) {
+            match e {
+                EitherOrBoth::Left((k, _)) => delta.removed.push(*k),
+                EitherOrBoth::Right((k, v)) => delta.set.push((*k, *v, false)),
+                EitherOrBoth::Both((_, was), (k, v)) if was != v => {
+                    delta.set.push((*k, *v, true));
+                }
+                EitherOrBoth::Both(..) => {}
+            }
+        }
+        delta
+    }
+}
+
 /// (direction, peer identity).
 type Group = (u8, u32);
 
@@ -239,6 +258,14 @@ mod tests {
                 after.insert(*k, *v);
             }
             assert_eq!(after, whole.entries);
+            // And it is what a whole replacement writes and removes (in
+            // key order there, group by group here).
+            let sorted = |mut d: Delta| {
+                d.set.sort_by_key(|e| e.0);
+                d.removed.sort();
+                d
+            };
+            assert_eq!(sorted(delta), sorted(Delta::between(&before, &whole)));
             // The masks from the rules are the bits of the keys.
             let mut plens = [b.profile_plens[0], b.profile_plens[1]];
             for k in whole.entries.keys() {

@@ -319,8 +319,17 @@ fn add_of_the_same_attachment_right_after_del_works_while_the_agent_deletes_the_
     }
     ensure!(pod.del(&node, &config)?.code == 0);
     ensure!(peer.del(&node, &config)?.code == 0);
-    ensure!(eventually(Duration::from_secs(10), || host_veths(&node)
-        .is_ok_and(|v| v.is_empty())));
+    // Every removal finished: the agent marks an entry done only after it
+    // deleted the veth, so an empty link list alone is not enough (the
+    // entry may still be pending for a moment after it).
+    ensure!(
+        eventually(Duration::from_secs(10), || names(&node.delete_queue_dir())
+            .iter()
+            .all(|n| n.ends_with(".done"))),
+        "{:?}",
+        names(&node.delete_queue_dir())
+    );
+    ensure!(host_veths(&node)?.is_empty(), "{:?}", host_veths(&node)?);
     let out = node.plugin(&cni_env("DEL", "ctrnothing", ""), &config)?;
     ensure!(out.code == 0, "{out:?}");
     ensure!(held(&node).is_empty(), "{:?}", held(&node));

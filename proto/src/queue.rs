@@ -36,7 +36,13 @@
 //!
 //! Each step is idempotent and the rename is the commit point, so a crash
 //! anywhere repeats a step and never releases an address that the agent
-//! may still use or that a veth and its host routes still carry.
+//! may still use or that a veth and its host routes still carry. The
+//! agent's check that the entry is still the one it read and its rename
+//! to `.done` happen under an `flock` of the directory, which the plugin's
+//! writes and removals of pending entries take too: otherwise an ADD that
+//! finished the removal and a DEL that queued the attachment anew could
+//! both land in between, and the new removal (its veth not yet deleted)
+//! would be marked done.
 use std::fs;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -119,6 +125,20 @@ impl DeleteQueue {
         Ok(self.dir.join(format!("{}.{ext}", key(a)?)))
     }
 
+    /// The queue's lock, an `flock` of its directory held until the file
+    /// is dropped: around each check and change of a pending entry.
+    /// `None` when there is no directory (nothing was ever queued).
+    fn lock(&self) -> io::Result<Option<fs::File>> {
+        match fs::File::open(&self.dir) {
+            Ok(dir) => {
+                dir.lock()?;
+                Ok(Some(dir))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes (or rewrites) the pending entry of `e.attachment`: temporary
     /// file, fsync, rename, fsync of the directory.
     pub fn enqueue(&self, e: &QueuedDelete) -> io::Result<()> {
@@ -134,8 +154,11 @@ impl DeleteQueue {
         f.write_all(&body)?;
         f.sync_all()?;
         drop(f);
+        let dir = self
+            .lock()?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         fs::rename(&tmp, self.path(&e.attachment, PENDING)?)?;
-        fs::File::open(&self.dir)?.sync_all()
+        dir.sync_all()
     }
 
     fn list(&self, ext: &str) -> io::Result<Vec<QueuedDelete>> {
@@ -210,6 +233,7 @@ impl DeleteQueue {
     /// one that an ADD finished and a later DEL queued anew names another
     /// veth, whose removal is not finished. Whether it was marked.
     pub fn mark_done_if(&self, e: &QueuedDelete) -> io::Result<bool> {
+        let _lock = self.lock()?;
         if self.pending_of(&e.attachment)?.as_ref() != Some(e) {
             return Ok(false);
         }
@@ -224,6 +248,7 @@ impl DeleteQueue {
 
     /// Forgets everything queued for `a` (a DEL reached the agent).
     pub fn remove(&self, a: &Attachment) -> io::Result<()> {
+        let _lock = self.lock()?;
         not_found_ok(fs::remove_file(self.path(a, PENDING)?))?;
         self.remove_done(a)
     }
@@ -325,6 +350,46 @@ mod tests {
         assert!(q.mark_done_if(&newer).unwrap());
         assert_eq!(q.done().unwrap(), vec![newer.clone()]);
         assert!(!q.mark_done_if(&newer).unwrap(), "nothing pending");
+    }
+
+    /// The agent marks removals done while the plugin finishes the same
+    /// attachment's removal and queues it anew, over and over: a marked
+    /// `.done` entry is always the one the agent read (without the lock,
+    /// a newer pending entry lands between the check and the rename; this
+    /// caught that in 3 of 5 runs).
+    #[test]
+    fn marking_done_never_marks_an_entry_queued_after_the_check() {
+        let d = Dir::new();
+        let q = DeleteQueue::new(&d.0);
+        let first = entry("c7");
+        q.enqueue(&first).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..1000 {
+                    let e = QueuedDelete {
+                        host_ifindex: Some(100 + i),
+                        ..first.clone()
+                    };
+                    q.remove(&e.attachment).unwrap();
+                    q.enqueue(&e).unwrap();
+                }
+                stop.store(true, Ordering::Relaxed);
+            });
+            while !stop.load(Ordering::Relaxed) {
+                let Some(read) = q.pending_of(&first.attachment).unwrap() else {
+                    continue;
+                };
+                if q.mark_done_if(&read).unwrap() {
+                    let done = fs::read(q.path(&first.attachment, DONE).unwrap());
+                    // Gone is fine: the plugin removed it since.
+                    if let Ok(bytes) = done {
+                        let marked: QueuedDelete = serde_json::from_slice(&bytes).unwrap();
+                        assert_eq!(marked, read, "a newer removal was marked done");
+                    }
+                }
+            }
+        });
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::unix::net::UnixStream,
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -326,7 +326,35 @@ impl Node {
     }
 
     /// Starts the agent and waits until it answers STATUS.
+    /// Starts the agent and returns once it serves; in cluster mode (a
+    /// `--kubeconfig` among its arguments) only once it has listed every
+    /// kind and programmed them, as a kubelet's ADD before that would be
+    /// refused (code 11) and retried, which a test does not do.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_unsynced()?;
+        if !self.agent_args.iter().any(|a| a == "--kubeconfig") {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Response::Info { synced: true, .. }) = self.request(&Request::Info) {
+                return Ok(());
+            }
+            if let Some(c) = self.agent.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("agent exited before it synced: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not sync with the API server in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent and returns once its socket answers, listed or
+    /// not (an agent whose API server is down).
+    pub fn start_agent_unsynced(&mut self) -> Result<()> {
         let agent = bin_dir().join("sluice-agent");
         let mut cmd = match self.agent_wrapper.split_first() {
             Some((wrapper, args)) => {
@@ -751,20 +779,29 @@ impl Server {
             let s = stop.clone();
             threads.push(std::thread::spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut c, _)) => {
-                            std::thread::spawn(move || {
-                                let _ignored = c.set_nonblocking(false);
-                                let _ignored = c.set_read_timeout(Some(Duration::from_secs(5)));
-                                let mut buf = [0u8; 4096];
-                                while let Ok(n) = c.read(&mut buf) {
-                                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
+                    // Asleep until a connection comes (or 50 ms pass, to
+                    // see `stop`): a conformance cluster runs dozens of
+                    // these on 2 cores, so they must not spin.
+                    let mut fd = libc::pollfd {
+                        fd: tcp.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, for the call's duration.
+                    if unsafe { libc::poll(&mut fd, 1, 50) } <= 0 {
+                        continue;
+                    }
+                    if let Ok((mut c, _)) = tcp.accept() {
+                        std::thread::spawn(move || {
+                            let _ignored = c.set_nonblocking(false);
+                            let _ignored = c.set_read_timeout(Some(Duration::from_secs(5)));
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                    break;
                                 }
-                            });
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                            }
+                        });
                     }
                 }
             }));

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -230,6 +231,16 @@ fn sluice(args: &[&str]) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // A user's Ctrl-C: SIGINT at its default action, even when this test
+    // runs from a script that started it in the background (a shell
+    // without job control ignores SIGINT there, and exec keeps that).
+    // SAFETY: signal(2) is async-signal-safe, called between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     cmd
 }
 
@@ -434,15 +445,28 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
         s.records = vec![first];
         s.hold_stream = true;
     })?;
-    let child = spawn(&["observe", "--socket", &sock])?;
+    let mut child = spawn(&["observe", "--socket", &sock])?;
+    // What it prints, as it prints it (the test waits for lines, not time).
+    let printed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stdout = child.stdout.take().context("observe's stdout")?;
+    let reader = {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Ok(mut p) = printed.lock() {
+                    p.push(line);
+                }
+            }
+        })
+    };
+    let lines = || printed.lock().map(|p| p.clone()).unwrap_or_default();
     let observed = |a: &FakeAgent| {
         a.requests()
             .is_ok_and(|r| r.iter().any(|q| matches!(q, Request::Observe { .. })))
     };
     ensure!(sluice_tests::eventually(Duration::from_secs(5), || {
-        observed(&agent)
+        observed(&agent) && !lines().is_empty()
     }));
-    std::thread::sleep(Duration::from_millis(100));
 
     // The agent dies: its stream ends and its socket refuses for a while.
     let dir = agent.stop();
@@ -452,12 +476,14 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
         s.records = vec![second];
         s.hold_stream = true;
     })?;
-    ensure!(sluice_tests::eventually(Duration::from_secs(10), || {
-        observed(&restarted)
-    }));
-    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        sluice_tests::eventually(Duration::from_secs(10), || {
+            observed(&restarted) && lines().len() >= 2
+        }),
+        "printed {:?}",
+        lines()
+    );
 
-    let mut child = child;
     ensure!(
         child.try_wait()?.is_none(),
         "observe ended when the agent went away"
@@ -467,11 +493,12 @@ fn observe_reconnects_when_the_agent_restarts_and_prints_what_the_new_one_stream
         .status()?;
     ensure!(killed.success(), "kill -INT failed");
     let out = finish(child, Duration::from_secs(5))?;
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    ensure!(lines.len() == 2, "{out}");
+    let _eof = reader.join();
+    let lines = lines();
+    ensure!(lines.len() == 2, "{lines:?} {out}");
     ensure!(
         lines[0].contains("TCP 34567->80") && lines[1].contains("UDP 5353->53"),
-        "{out}"
+        "{lines:?} {out}"
     );
     for want in [
         "lost the agent (the agent closed the stream); reconnecting",
@@ -498,10 +525,17 @@ fn wait_returns_once_the_agent_reports_the_version() -> Result<()> {
         "--socket",
         &sock,
     ])?;
-    // Still waiting: allow-a is at 41 and Namespace/x is unknown.
-    std::thread::sleep(Duration::from_millis(300));
-    let polls = agent.requests()?.len();
-    ensure!(polls >= 5, "only {polls} polls in 300 ms");
+    // Still waiting, and asking again: allow-a is at 41 and Namespace/x
+    // is unknown.
+    ensure!(
+        sluice_tests::eventually(Duration::from_secs(10), || agent
+            .requests()
+            .is_ok_and(|r| r.len() >= 5)),
+        "only {} polls",
+        agent.requests()?.len()
+    );
+    let mut child = child;
+    ensure!(child.try_wait()?.is_none(), "wait ended before its objects");
     agent.set_objects(&[("NetworkPolicy/x/allow-a", "42")])?;
     std::thread::sleep(Duration::from_millis(100));
     agent.set_objects(&[("NetworkPolicy/x/allow-a", "43"), ("Namespace/x", "7")])?;
@@ -725,18 +759,22 @@ fn observe_runs_until_interrupted() -> Result<()> {
     let dir = TempDir::new("sluice-cli-quiet-")?;
     let path: PathBuf = dir.0.join("agent.sock");
     let listener = UnixListener::bind(&path)?;
-    let held = std::thread::spawn(move || -> Result<String> {
+    let (asked, request) = std::sync::mpsc::channel();
+    let held = std::thread::spawn(move || -> Result<()> {
         let (c, _) = listener.accept()?;
         let mut line = String::new();
         BufReader::new(&c).read_line(&mut line)?;
+        let _told = asked.send(line);
         // Held open until the CLI goes away.
         let mut rest = Vec::new();
         let _eof = (&c).read_to_end(&mut rest);
-        Ok(line)
+        Ok(())
     });
-    let child = spawn(&["observe", "--socket", &path.display().to_string()])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let mut child = child;
+    let mut child = spawn(&["observe", "--socket", &path.display().to_string()])?;
+    let line = request
+        .recv_timeout(Duration::from_secs(10))
+        .context("observe never asked")?;
+    std::thread::sleep(Duration::from_millis(200));
     ensure!(child.try_wait()?.is_none(), "observe ended on its own");
     let killed = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -744,8 +782,7 @@ fn observe_runs_until_interrupted() -> Result<()> {
     ensure!(killed.success(), "kill -INT failed");
     let out = finish(child, Duration::from_secs(5))?;
     ensure!(out.code != 0 && out.stdout.is_empty(), "{out}");
-    let line = held
-        .join()
+    held.join()
         .map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
     ensure!(line.contains(r#""op":"observe""#), "{line}");
     Ok(())

@@ -153,10 +153,13 @@ fn a_del_that_times_out_on_a_hung_agent_is_finished_by_its_tick() -> Result<()> 
     let mut node = Node::new()?;
     node.agent_args = vec!["--resync-seconds".into(), "1".into()];
     node.start_agent()?;
-    let mut conf: Value = serde_json::from_str(&conflist_config(&node, Some(V4), None))?;
+    let plain = conflist_config(&node, Some(V4), None);
+    // ADD with the default timeout (its attaches wait for RTNL); the short
+    // one is for the DEL to the hung agent and the runs after it.
+    let pod = Pod::add_as(&node, &plain, Some(("shop", "cart-0")))?;
+    let mut conf: Value = serde_json::from_str(&plain)?;
     conf["agentTimeoutMs"] = json!(500);
     let config = conf.to_string();
-    let pod = Pod::add_as(&node, &config, Some(("shop", "cart-0")))?;
     let ips = pod_ips(&pod);
     let pid = node.agent_pid().context("agent pid")?.to_string();
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::json;
 use sluice_common::{DIR_EGRESS, DIR_INGRESS, proto, reason};
 use sluice_proto::{Request, Response};
@@ -21,7 +21,12 @@ use sluice_tests::{
 
 const PORT: u16 = 80;
 const SHORT: Duration = Duration::from_millis(400);
-const LONG: Duration = Duration::from_secs(3);
+/// A single try that should connect: room for a loaded 2-core machine
+/// (a denied one waits for its whole timeout, so it gets `SHORT`).
+const OPEN: Duration = Duration::from_secs(3);
+/// How long a wait for something that will happen may take (it returns
+/// as soon as it does): room for a loaded 2-core machine.
+const LONG: Duration = Duration::from_secs(10);
 
 fn node_with_agent() -> Result<(Node, String)> {
     let mut node = Node::new()?;
@@ -116,7 +121,7 @@ fn an_ingress_policy_admits_only_its_peer_and_reports_each_denied_flow() -> Resu
     )?;
     for ip in [c4, c6] {
         assert!(
-            tcp_ok(&a.ns, ip, PORT, SHORT),
+            tcp_ok(&a.ns, ip, PORT, OPEN),
             "allowed peer on the allowed port {ip}"
         );
         assert!(
@@ -161,7 +166,7 @@ fn an_ingress_policy_admits_only_its_peer_and_reports_each_denied_flow() -> Resu
     // Lifting the isolation opens it again.
     set_policy(&node, &c, json!({}))?;
     assert!(
-        tcp_ok(&b.ns, c4, PORT, SHORT),
+        tcp_ok(&b.ns, c4, PORT, OPEN),
         "open again once no policy isolates c"
     );
     Ok(())
@@ -186,7 +191,7 @@ fn egress_isolation_blocks_new_flows_but_replies_of_allowed_flows_pass() -> Resu
         "a -> b over UDP/IPv6"
     );
     assert!(
-        tcp_ok(&b.ns, a4, PORT, SHORT),
+        tcp_ok(&b.ns, a4, PORT, OPEN),
         "b -> a: a's replies are part of an allowed flow"
     );
     assert!(udp_ok(&b.ns, a4, PORT, SHORT), "UDP replies too");
@@ -257,6 +262,26 @@ impl UdpStream {
         );
         let rx = to_ns.run(move || UdpSocket::bind(SocketAddr::new(to, port)))??;
         rx.set_read_timeout(Some(Duration::from_millis(50)))?;
+        // Room for seconds of datagrams should this thread be starved
+        // (while a restarted agent's programs are verified): a loss in
+        // this socket's queue must not count as a loss by policy.
+        // SO_RCVBUFFORCE: past rmem_max, which the test (root) may.
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: a valid socket and an int option of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&rx),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            set == 0,
+            "SO_RCVBUFFORCE: {}",
+            std::io::Error::last_os_error()
+        );
         let tx =
             from.run(move || UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }))??;
         let mut threads = Vec::new();
@@ -429,7 +454,7 @@ fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffe
     );
     assert!(!ping_ok(&a.ns, c.ipv4.context("v4")?), "c drops everything");
     assert!(
-        tcp_ok(&a.ns, b.ipv4.context("v4")?, PORT, SHORT),
+        tcp_ok(&a.ns, b.ipv4.context("v4")?, PORT, OPEN),
         "b is unaffected"
     );
     assert!(
@@ -454,7 +479,7 @@ fn an_endpoint_whose_policy_exceeds_its_share_fails_closed_and_others_are_unaffe
         json!({"ingress_isolated": true, "rules": [allow_tcp_from(ida, PORT)]}),
     )?;
     assert!(
-        tcp_ok(&a.ns, c.ipv4.context("v4")?, PORT, SHORT),
+        tcp_ok(&a.ns, c.ipv4.context("v4")?, PORT, OPEN),
         "c enforces the new policy"
     );
     assert_eq!(failed_closed(&node)?, (0.0, 1.0), "lifted");

@@ -39,27 +39,33 @@ fn routed_nodes_reach_each_others_pods_through_vxlan_and_policy_judges_the_inner
     for i in 0..2 {
         let node = c.node(i).context("node")?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let link = loop {
-            let out = node.ns.ip(&["-d", "link", "show", "sluice-vxlan"]);
-            if let Ok(out) = out {
-                break out;
-            }
-            if Instant::now() > deadline {
+        let other = 2 - i;
+        // The device first, then its routes, in one sync of the agent:
+        // wait for all three.
+        let (link, routes, routes6) = loop {
+            let shown = (
+                node.ns.ip(&["-d", "link", "show", "sluice-vxlan"]),
+                node.ns.ip(&["route", "show", "dev", "sluice-vxlan"]),
+                node.ns.ip(&["-6", "route", "show", "dev", "sluice-vxlan"]),
+            );
+            if let (Ok(link), Ok(routes), Ok(routes6)) = shown {
+                let complete = routes
+                    .contains(&format!("10.244.{other}.0/24 via 10.244.{other}.0"))
+                    && routes6.contains(&format!("fd00:244:{other}::/64 via fe80::"));
+                if complete || Instant::now() > deadline {
+                    break (link, routes, routes6);
+                }
+            } else if Instant::now() > deadline {
                 bail!("node {i} has no sluice-vxlan");
             }
             std::thread::sleep(Duration::from_millis(200));
         };
         assert!(link.contains("vxlan id 7"), "{link}");
         assert!(link.contains(&format!("mtu {ROUTED_POD_MTU}")), "{link}");
-        let routes = node.ns.ip(&["route", "show", "dev", "sluice-vxlan"])?;
-        let other = 2 - i;
         assert!(
             routes.contains(&format!("10.244.{other}.0/24 via 10.244.{other}.0")),
             "{routes}"
         );
-        let routes6 = node
-            .ns
-            .ip(&["-6", "route", "show", "dev", "sluice-vxlan"])?;
         assert!(
             routes6.contains(&format!("fd00:244:{other}::/64 via fe80::")),
             "{routes6}"

@@ -52,6 +52,9 @@ fn the_runner_fails_wrong_matrices_and_unknown_pods_and_takes_any_pods_in_any_or
         families: vec![Family::Ipv4],
         targets: vec![ProbeTarget::Pod],
         nodes: 1,
+        // Single tries that must all connect (an exact count of differing
+        // cells follows): room for a loaded 2-core machine.
+        probe_timeout: std::time::Duration::from_secs(2),
         ..Options::default()
     })?;
     assert_eq!(
@@ -131,6 +134,9 @@ fn a_case_with_sctp_steps_runs_its_tcp_steps_on_a_kernel_without_sctp_and_says_w
         families: vec![Family::Ipv4],
         targets: vec![ProbeTarget::Pod],
         nodes: 1,
+        // Single tries that must all connect (an exact count of differing
+        // cells follows): room for a loaded 2-core machine.
+        probe_timeout: std::time::Duration::from_secs(2),
         ..Options::default()
     })?;
     assert_eq!(

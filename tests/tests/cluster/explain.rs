@@ -47,7 +47,7 @@ fn the_live_explanation_of_an_allowed_and_a_denied_probe_matches_the_packets() -
         })
     );
     assert!(
-        tcp_ok(&a.ns, b4, 80, SHORT),
+        tcp_ok(&a.ns, b4, 80, OPEN),
         "the packets agree: a -> b passes"
     );
 

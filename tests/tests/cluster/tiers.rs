@@ -105,7 +105,7 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
     node.wait_programmed("ClusterNetworkPolicy/let-other-in", Some(&rv), WAIT)?;
     for ip in [s4, s6] {
         assert!(
-            tcp_ok(&other.ns, ip, 80, SHORT),
+            tcp_ok(&other.ns, ip, 80, OPEN),
             "other -> {ip}: Admin Accept"
         );
         assert!(
@@ -131,7 +131,7 @@ fn an_admin_deny_wins_over_a_networkpolicy_allow_and_the_drop_names_its_rule() -
     )?;
     node.wait_programmed("ClusterNetworkPolicy/default-deny", Some(&rv), WAIT)?;
     assert!(
-        tcp_ok(&other.ns, s4, 80, SHORT),
+        tcp_ok(&other.ns, s4, 80, OPEN),
         "Admin Accept before Baseline"
     );
     assert!(!tcp_ok(&client.ns, s4, 80, SHORT), "Baseline Deny");

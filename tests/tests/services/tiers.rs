@@ -99,7 +99,7 @@ impl Scene {
         for (svc, backend) in self.svc.into_iter().zip(self.backend) {
             both_ways(
                 &format!("{who}: {why}"),
-                |ip, port| tcp_ok(&from.ns, ip, port, SHORT),
+                |ip, port, t| tcp_ok(&from.ns, ip, port, t),
                 (svc, SVC_PORT),
                 (backend, BACKEND_PORT),
                 want,

@@ -16,7 +16,13 @@
 //! the kernel's floor is measured alone: the TCX attaches of a pod on
 //! fresh veths, one after the other and in batches (`cni_attach`).
 //!
-//! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50,100]`
+//! `cargo xtask bench cni [--rounds 3] [--sequential 100] [--parallel 50,100] [--rcu-expedited]`
+//!
+//! `--rcu-expedited` sets the kernel's `/sys/kernel/rcu_expedited` to 1 for
+//! the run and puts the old value back after it (even when the run fails):
+//! it shows how much of the TCX floor is the length of a normal RCU grace
+//! period. A node-wide setting of the operator's, never of Sluice's;
+//! docs/performance.md says what it costs.
 //!
 //! `SLUICE_BENCH_AGENT_ARGS` (split at whitespace) is appended to the
 //! agent's command line, e.g. `--tc-attach clsact` to time clsact filters
@@ -58,6 +64,32 @@ pub struct Args {
     /// Batch sizes: pods added (then deleted) at once, one batch per size.
     #[arg(long = "parallel", value_delimiter = ',', default_value = "50,100")]
     par: Vec<usize>,
+    /// Expedited RCU grace periods for the run (node-wide; restored after).
+    #[arg(long)]
+    rcu_expedited: bool,
+}
+
+const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+
+/// `rcu_expedited` set for as long as it lives; the old value put back on
+/// drop.
+struct Expedited(String);
+
+impl Expedited {
+    fn set() -> Result<Self> {
+        let old = std::fs::read_to_string(RCU_EXPEDITED)
+            .with_context(|| format!("reading {RCU_EXPEDITED}"))?;
+        std::fs::write(RCU_EXPEDITED, "1").with_context(|| format!("writing {RCU_EXPEDITED}"))?;
+        Ok(Self(old.trim().to_owned()))
+    }
+}
+
+impl Drop for Expedited {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(RCU_EXPEDITED, &self.0) {
+            eprintln!("putting {RCU_EXPEDITED} back to {}: {e}", self.0);
+        }
+    }
 }
 
 /// Latencies of one plugin, ms: [ADD, DEL].
@@ -88,8 +120,14 @@ pub struct Results {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let Args { rounds, seq, par } = args;
+    let Args {
+        rounds,
+        seq,
+        par,
+        rcu_expedited,
+    } = args;
     let (rounds, seq) = (*rounds, *seq);
+    let _expedited = rcu_expedited.then(Expedited::set).transpose()?;
     let max_par = par.iter().copied().max().unwrap_or(0);
     u::header(
         "Sluice bench cni: ADD and DEL latency",
@@ -147,6 +185,16 @@ pub fn run(args: &Args) -> Result<()> {
     };
     println!(
         "{seq} pods in sequence and batches of {par:?} in parallel, {rounds} rounds; agent in cluster mode, 4 NetworkPolicies select the pods; latency from exec to exit"
+    );
+    let rcu = std::fs::read_to_string(RCU_EXPEDITED).unwrap_or_default();
+    println!(
+        "RCU grace periods: {} ({RCU_EXPEDITED} = {})",
+        if rcu.trim() == "1" {
+            "expedited"
+        } else {
+            "normal"
+        },
+        rcu.trim()
     );
 
     let mut res = Results {

@@ -3,6 +3,14 @@
 //! test fails. Nothing here touches the machine's own namespace beyond
 //! creating and deleting those objects; traffic only flows between test
 //! namespaces. Tests may shell out to `ip`; product code never does.
+//!
+//! Tests run on a loaded 2-core machine, so they wait for states, never
+//! for time: `eventually` on the state the next assertion reads (not on
+//! one that merely comes before it), `Node::start_agent` returns once the
+//! agent serves (and, in cluster mode, has listed and programmed every
+//! kind), `Node::wait_programmed` once a change is in the maps. A single
+//! probe that should connect gets seconds (`OPEN`); one that should be
+//! denied waits its whole timeout, so it gets a short one (`SHORT`).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},

@@ -25,7 +25,7 @@ use std::{
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use kube::ResourceExt as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use self::{
     assert::pick_address,
@@ -251,6 +251,12 @@ impl Cluster {
         let mut versions = Vec::new();
         let mut policies_changed = false; // which policies audit, below
         for change in batch {
+            if let Change::Deleted(o) = &change
+                && self.is_older_incarnation(o)
+            {
+                debug!(object = %o.key(), uid = ?o.uid(), "deletion of an older incarnation; the newer one stays");
+                continue;
+            }
             match &change {
                 Change::Applied(o) => versions.push((o.key(), Some(o.resource_version()))),
                 Change::Deleted(o) => versions.push((o.key(), None)),
@@ -519,6 +525,16 @@ impl Cluster {
             };
             self.peers.insert(n.name_any(), peer);
         }
+    }
+
+    /// A deletion of `o` while a different incarnation of its name (another
+    /// UID) is kept: a pod that CNI ADD fetched, re-created under the same
+    /// name, before the watch delivered the old one's deletion. The kept
+    /// one is newer (a name has one object at a time, and the watch
+    /// delivers in order), so the deletion is not for it.
+    fn is_older_incarnation(&self, o: &Object) -> bool {
+        let kept = self.known.get(&o.key()).and_then(|k| k.uid());
+        matches!((kept, o.uid()), (Some(kept), Some(gone)) if kept != gone)
     }
 
     /// Before the first full list: a change is kept (and given to the

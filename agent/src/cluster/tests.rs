@@ -326,3 +326,37 @@ fn restored_numbers_are_taken_back_whatever_order_the_kinds_are_listed_in() {
     assert_eq!(ipcache.get(&local), Some(&Identity(300)), "{ipcache:?}");
     assert_eq!(ipcache.get(&remote), Some(&Identity(290)), "{ipcache:?}");
 }
+
+fn pod_incarnation(uid: &str, ip: &str, phase: &str) -> Object {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "x", "uid": uid, "labels": {"pod": "web"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+        "status": {"phase": phase, "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap();
+    Object::Pod(Box::new(pod))
+}
+
+/// A pod re-created under its name (a StatefulSet's evicted pod): CNI ADD
+/// fetched the new one before the watch delivered the old one's deletion.
+/// That deletion must not take the new pod's identity away; the new one's
+/// own deletion still does.
+#[test]
+fn a_late_deletion_of_an_older_incarnation_leaves_the_newer_pod() {
+    let mut c = synced();
+    let web = ObjectRef::new("x", "web-0");
+    let old = pod_incarnation("u-old", "10.0.0.7", "Failed");
+    c.apply(vec![Change::Applied(old.clone())]);
+    assert!(c.identity_of(&web).is_none(), "a failed pod is no endpoint");
+    let new = pod_incarnation("u-new", "10.0.0.8", "Running");
+    c.apply(vec![Change::Applied(new.clone())]);
+    let id = c.identity_of(&web);
+    assert!(id.is_some());
+
+    c.apply(vec![Change::Deleted(old)]);
+    assert_eq!(c.identity_of(&web), id, "the old pod's deletion");
+    assert!(c.known.get(&new.key()).is_some());
+
+    c.apply(vec![Change::Deleted(new)]);
+    assert!(c.identity_of(&web).is_none(), "the new pod's own deletion");
+}

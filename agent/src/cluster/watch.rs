@@ -83,6 +83,18 @@ impl Object {
         .unwrap_or_default()
     }
 
+    /// Its UID: which incarnation of the name it is.
+    pub fn uid(&self) -> Option<String> {
+        match self {
+            Object::Pod(p) => p.uid(),
+            Object::Namespace(n) => n.uid(),
+            Object::NetworkPolicy(p) => p.uid(),
+            Object::Node(n) => n.uid(),
+            Object::Service(s) => s.uid(),
+            Object::ClusterNetworkPolicy(c) => c.uid(),
+        }
+    }
+
     /// Its reference, for an Event.
     pub fn reference(&self) -> ObjectReference {
         match self {

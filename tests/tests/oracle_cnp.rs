@@ -7,7 +7,7 @@
 //! here (`cargo test -p sluice-tests --test differential` stays the
 //! NetworkPolicy-only check against it).
 use anyhow::{Result, bail};
-use sluice_tests::{differential::cnp as d, rng::Rng};
+use sluice_tests::{differential as diff, differential::cnp as d, rng::Rng};
 
 const SEEDS: std::ops::Range<u64> = 1..41;
 const ROUNDS: usize = 10;
@@ -135,5 +135,23 @@ fn cluster_network_policies_decide_a_good_share_of_the_random_probes() -> Result
         opened * 1000 > total && closed * 20 > total,
         "{opened} {closed} of {total}"
     );
+    Ok(())
+}
+
+/// The shrunk cases `cargo xtask fuzz-policy --cnp` saved: each still
+/// gets the verdict the oracle recorded for it, from the oracle and from
+/// the compiler.
+#[test]
+fn saved_cluster_policy_regressions_still_agree() -> Result<()> {
+    for (path, case) in diff::regressions(&diff::cnp_regressions_dir())? {
+        if d::diverges_in_compiler(&case) || d::compiler_verdict(&case) != case.expected {
+            bail!(
+                "{}: the compiler says {}, the case recorded {}",
+                path.display(),
+                d::compiler_verdict(&case),
+                case.expected
+            );
+        }
+    }
     Ok(())
 }

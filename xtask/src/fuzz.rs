@@ -2,6 +2,11 @@
 //! `tests/tests/differential.rs` (sluice_tests::differential) on new seeds
 //! for as long as asked. A divergence is shrunk, printed and saved as a
 //! regression case, which the test then replays every run.
+//!
+//! `--cnp`: the ClusterNetworkPolicy check of `tests/tests/oracle_cnp.rs`
+//! instead (random Admin and Baseline policies mixed with NetworkPolicies,
+//! the compiler's data-path verdict against the oracle; no kernel), its
+//! regressions saved under `regressions/cnp/`.
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
@@ -21,9 +26,21 @@ pub struct Args {
     /// Probes per round.
     #[arg(long, default_value_t = 40)]
     probes: usize,
+    /// ClusterNetworkPolicies with NetworkPolicies, against the compiler.
+    #[arg(long)]
+    cnp: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.cnp {
+        let first = match args.seed {
+            Some(s) => s,
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64,
+        };
+        return fuzz_cnp(args, first);
+    }
     let ns = sluice_tests::NetNs::new("sl-fuzz-")?;
     let bpffs = sluice_tests::Bpffs::new()?;
     let path = ns.path();
@@ -42,6 +59,33 @@ pub fn run(args: &Args) -> Result<()> {
         .join()
         .map_err(|_| anyhow!("fuzzing thread panicked"))?
     })
+}
+
+fn fuzz_cnp(args: &Args, first: u64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let (mut seeds, mut probes, mut allowed) = (0u64, 0, 0);
+    let mut seed = first;
+    while Instant::now() < until {
+        let r = d::cnp::run_seed_compiler(seed, args.rounds, args.probes)?;
+        seeds += 1;
+        probes += r.probes;
+        allowed += r.allowed;
+        if let Some(case) = r.divergence {
+            println!("seed {seed} diverges; shrinking");
+            let small = d::cnp::shrink_in_compiler(case);
+            println!("{}", serde_json::to_string_pretty(&small)?);
+            let saved = d::save(&d::cnp_regressions_dir(), seed, &small)?;
+            bail!(
+                "seed {seed}: the compiler and the oracle disagree (case saved as {})",
+                saved.display()
+            );
+        }
+        seed = seed.wrapping_add(1);
+    }
+    println!(
+        "fuzz-policy --cnp: seeds {first}..{seed} ({seeds} seeds), {probes} probes ({allowed} allowed), no divergence"
+    );
+    Ok(())
 }
 
 fn fuzz(args: &Args, first: u64, pins: &std::path::Path) -> Result<()> {

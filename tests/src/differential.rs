@@ -411,7 +411,22 @@ pub fn mutate(rng: &mut Rng, w: &World, serial: &mut u32) -> World {
         }
         2 => {
             let name = format!("np{}", 10 + rng.below(1000));
-            w.policies.push(policy(rng, &name));
+            let mut p = policy(rng, &name);
+            // A name its namespace does not have yet: the API holds one
+            // object per name, and the oracle and the compiler must see
+            // the same world.
+            let taken = |p: &NetworkPolicy| {
+                w.policies.iter().any(|q| {
+                    q.metadata.namespace == p.metadata.namespace
+                        && q.metadata.name == p.metadata.name
+                })
+            };
+            let mut k = 1000;
+            while taken(&p) {
+                k += 1;
+                p.metadata.name = Some(format!("np{k}"));
+            }
+            w.policies.push(p);
         }
         3 if !w.policies.is_empty() => {
             let i = rng.below(w.policies.len());

@@ -279,8 +279,20 @@ pub fn mutate_with_cnps(rng: &mut Rng, w: &World, serial: &mut u32) -> World {
     let n = w.cluster_policies.len();
     match rng.below(5) {
         0 => {
-            let name = format!("cnp{}", 10 + rng.below(1000));
-            w.cluster_policies.push(cluster_policy(rng, &name));
+            // A name not taken yet: the API holds one object per name, and
+            // the oracle and the compiler must see the same world.
+            let mut k = 10 + rng.below(1000);
+            let taken = |k: usize| {
+                let name = format!("cnp{k}");
+                w.cluster_policies
+                    .iter()
+                    .any(|c| c.metadata.name.as_deref() == Some(&name))
+            };
+            while taken(k) {
+                k += 1;
+            }
+            w.cluster_policies
+                .push(cluster_policy(rng, &format!("cnp{k}")));
         }
         1 if n > 0 => {
             w.cluster_policies.remove(rng.below(n));

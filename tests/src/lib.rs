@@ -343,21 +343,12 @@ impl Node {
         if !self.agent_args.iter().any(|a| a == "--kubeconfig") {
             return Ok(());
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Response::Info { synced: true, .. }) = self.request(&Request::Info) {
-                return Ok(());
-            }
-            if let Some(c) = self.agent.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!("agent exited before it synced: {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("agent did not sync with the API server in 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_agent("sync with the API server", |n| {
+            matches!(
+                n.request(&Request::Info),
+                Ok(Response::Info { synced: true, .. })
+            )
+        })
     }
 
     /// Starts the agent and returns once its socket answers, listed or
@@ -399,20 +390,27 @@ impl Node {
             }
         });
         self.agent = Some(child);
-        // Loading the programs (the verifier) takes seconds, and tens of
-        // them on this 2-core machine while it also builds.
+        self.wait_agent("serve", |n| {
+            matches!(n.request(&Request::Status), Ok(Response::Ok))
+        })
+    }
+
+    /// Polls `done` until it holds, the agent exits or 60 s pass (loading
+    /// the programs, the verifier, takes seconds, and tens of them on this
+    /// 2-core machine while it also builds).
+    fn wait_agent(&mut self, what: &str, done: impl Fn(&Self) -> bool) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(Response::Ok) = self.request(&Request::Status) {
+            if done(self) {
                 return Ok(());
             }
             if let Some(c) = self.agent.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                bail!("agent exited during start-up: {status}");
+                bail!("agent exited before it would {what}: {status}");
             }
             if Instant::now() > deadline {
-                bail!("agent did not become ready");
+                bail!("agent did not {what} in 60 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -62,55 +62,76 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn fuzz_cnp(args: &Args, first: u64) -> Result<()> {
-    let until = Instant::now() + Duration::from_secs(args.seconds);
-    let (mut seeds, mut probes, mut allowed) = (0u64, 0, 0);
-    let mut seed = first;
-    while Instant::now() < until {
-        let r = d::cnp::run_seed_compiler(seed, args.rounds, args.probes)?;
-        seeds += 1;
-        probes += r.probes;
-        allowed += r.allowed;
-        if let Some(case) = r.divergence {
-            println!("seed {seed} diverges; shrinking");
-            let small = d::cnp::shrink_in_compiler(case);
-            println!("{}", serde_json::to_string_pretty(&small)?);
-            let saved = d::save(&d::cnp_regressions_dir(), seed, &small)?;
-            bail!(
-                "seed {seed}: the compiler and the oracle disagree (case saved as {})",
-                saved.display()
-            );
-        }
-        seed = seed.wrapping_add(1);
-    }
-    println!(
-        "fuzz-policy --cnp: seeds {first}..{seed} ({seeds} seeds), {probes} probes ({allowed} allowed), no divergence"
-    );
-    Ok(())
+    let check = Check {
+        name: "fuzz-policy --cnp",
+        judge: "the compiler",
+        dir: d::cnp_regressions_dir(),
+    };
+    check.run(
+        args,
+        first,
+        |seed| d::cnp::run_seed_compiler(seed, args.rounds, args.probes),
+        |case| Ok(d::cnp::shrink_in_compiler(case)),
+    )
 }
 
 fn fuzz(args: &Args, first: u64, pins: &std::path::Path) -> Result<()> {
-    let until = Instant::now() + Duration::from_secs(args.seconds);
-    let (mut seeds, mut probes, mut allowed) = (0u64, 0, 0);
-    let mut seed = first;
-    while Instant::now() < until {
-        let r = d::run_seed(pins, seed, args.rounds, args.probes)?;
-        seeds += 1;
-        probes += r.probes;
-        allowed += r.allowed;
-        if let Some(case) = r.divergence {
-            println!("seed {seed} diverges; shrinking");
-            let small = d::shrink(pins, case)?;
-            println!("{}", serde_json::to_string_pretty(&small)?);
-            let saved = d::save(&d::regressions_dir(), seed, &small)?;
-            bail!(
-                "seed {seed}: the pipeline and the oracle disagree (case saved as {})",
-                saved.display()
-            );
+    let check = Check {
+        name: "fuzz-policy",
+        judge: "the pipeline",
+        dir: d::regressions_dir(),
+    };
+    check.run(
+        args,
+        first,
+        |seed| d::run_seed(pins, seed, args.rounds, args.probes),
+        |case| d::shrink(pins, case),
+    )
+}
+
+/// One differential check over new seeds: what it is called, what is
+/// judged against the oracle, where its regressions are saved.
+struct Check {
+    name: &'static str,
+    judge: &'static str,
+    dir: std::path::PathBuf,
+}
+
+impl Check {
+    /// Seeds from `first` on until the time is up; the first divergence
+    /// is shrunk, printed, saved and reported as an error.
+    fn run(
+        &self,
+        args: &Args,
+        first: u64,
+        mut run_seed: impl FnMut(u64) -> Result<d::SeedReport>,
+        mut shrink: impl FnMut(d::Case) -> Result<d::Case>,
+    ) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(args.seconds);
+        let (mut seeds, mut probes, mut allowed) = (0u64, 0, 0);
+        let mut seed = first;
+        while Instant::now() < until {
+            let r = run_seed(seed)?;
+            seeds += 1;
+            probes += r.probes;
+            allowed += r.allowed;
+            if let Some(case) = r.divergence {
+                println!("seed {seed} diverges; shrinking");
+                let small = shrink(case)?;
+                println!("{}", serde_json::to_string_pretty(&small)?);
+                let saved = d::save(&self.dir, seed, &small)?;
+                bail!(
+                    "seed {seed}: {} and the oracle disagree (case saved as {})",
+                    self.judge,
+                    saved.display()
+                );
+            }
+            seed = seed.wrapping_add(1);
         }
-        seed = seed.wrapping_add(1);
+        println!(
+            "{}: seeds {first}..{seed} ({seeds} seeds), {probes} probes ({allowed} allowed), no divergence",
+            self.name
+        );
+        Ok(())
     }
-    println!(
-        "fuzz-policy: seeds {first}..{seed} ({seeds} seeds), {probes} probes ({allowed} allowed), no divergence"
-    );
-    Ok(())
 }

@@ -16,7 +16,7 @@ use sluice_api::ClusterNetworkPolicy;
 
 use super::{
     Cluster, Object, is_audit,
-    resync::{listed, resync_pods, with_cni_ips},
+    resync::{listed, resync_pods},
     watch::Kept,
 };
 use crate::{
@@ -86,7 +86,7 @@ impl Cluster {
             .iter()
             .map(|k| (k.namespace.as_str(), k.name.as_str()))
             .collect();
-        let pods = self.known.pods().map(|p| with_cni_ips(&self.cni_ips, p));
+        let pods = self.known.pods().map(|p| self.cni_ips.fill(p));
         let _not_programmed = c.resync_pods(&listed, pods);
         let _not_programmed = c.resync(Resync {
             policies: Some(&policies),
@@ -103,7 +103,7 @@ impl Cluster {
             return;
         }
         let pod = match o {
-            Object::Pod(p) if !deleted => Some(with_cni_ips(&self.cni_ips, (**p).clone())),
+            Object::Pod(p) if !deleted => Some(self.cni_ips.fill((**p).clone())),
             _ => None,
         };
         let _not_programmed = self.audit.with_view(|v| match (o, deleted) {

@@ -92,7 +92,7 @@ pub struct Cluster {
     peers: BTreeMap<String, Peer>,
     /// Addresses the CNI gave local pods, for pods whose status does not
     /// show them yet (kubelet reports them only after ADD returns).
-    cni_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    cni_ips: resync::CniIps,
     /// Service -> its ClusterIPs.
     services: BTreeMap<ObjKey, Vec<IpAddr>>,
     diagnostics: diagnostics::Diagnostics,
@@ -164,7 +164,7 @@ impl Cluster {
             pod_cidrs: Vec::new(),
             own_ips: Vec::new(),
             peers: BTreeMap::new(),
-            cni_ips: BTreeMap::new(),
+            cni_ips: resync::CniIps::new(node_name),
             services: BTreeMap::new(),
             diagnostics: diagnostics::Diagnostics::default(),
             first_programmed: false,
@@ -457,7 +457,7 @@ impl Cluster {
     /// its identity is in the ipcache before kubelet reports them. Returns
     /// what to program when synced.
     pub fn learn_cni_ips(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) -> Option<Changes> {
-        self.cni_ips.insert(pod.clone(), ips);
+        self.cni_ips.learn(pod, ips);
         if !self.is_synced() {
             return None; // `feed_all` reads them
         }
@@ -467,11 +467,17 @@ impl Cluster {
         Some(out)
     }
 
+    /// An endpoint of `pod` that the CNI gave `ips` is gone: a later pod of
+    /// that name is not given them.
+    pub fn forget_cni_ips(&mut self, pod: &ObjectRef, ips: &[IpAddr]) {
+        self.cni_ips.forget(pod, ips);
+    }
+
     /// Feeds one object's change to the compiler or the node/service view.
     fn feed(&mut self, o: &Object, deleted: bool) -> Changes {
         match (o, deleted) {
             (Object::Pod(p), false) => {
-                let p = resync::with_cni_ips(&self.cni_ips, (**p).clone());
+                let p = self.cni_ips.fill((**p).clone());
                 self.compiler.upsert_pod(&p)
             }
             (Object::Pod(p), true) => self

@@ -22,26 +22,66 @@ use crate::{
     policy::{Changes, Compiler, Resync},
 };
 
-/// A pod with the addresses the CNI gave it filled in when its status has
-/// none yet (kubelet reports them only after ADD returns).
-pub(super) fn with_cni_ips(cni_ips: &BTreeMap<ObjectRef, Vec<IpAddr>>, mut pod: Pod) -> Pod {
-    let obj = ObjectRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
-    let has_ips = pod
-        .status
-        .as_ref()
-        .is_some_and(|s| s.pod_ips.as_ref().is_some_and(|v| !v.is_empty()) || s.pod_ip.is_some());
-    if let Some(ips) = cni_ips.get(&obj).filter(|_| !has_ips) {
-        let status = pod.status.get_or_insert_with(PodStatus::default);
-        status.pod_ip = ips.first().map(ToString::to_string);
-        status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+/// The addresses the CNI gave this node's pods, by pod, for pods whose
+/// status does not show them yet (kubelet reports them only after ADD
+/// returns). Kept by name, as the plugin names the pod: so only a pod of
+/// this node is given them (a pod of the same name elsewhere, re-created
+/// there, has other addresses), and a pod's are forgotten with the
+/// endpoint that got them.
+#[derive(Debug)]
+pub(super) struct CniIps {
+    node: String,
+    by_pod: BTreeMap<ObjectRef, Vec<IpAddr>>,
+}
+
+impl CniIps {
+    pub(super) fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            by_pod: BTreeMap::new(),
+        }
     }
-    pod
+
+    pub(super) fn learn(&mut self, pod: &ObjectRef, ips: Vec<IpAddr>) {
+        self.by_pod.insert(pod.clone(), ips);
+    }
+
+    /// Forgets `pod`'s addresses if they are `ips` (a newer endpoint of the
+    /// pod, whose ADD came before the old one's DEL, keeps its own).
+    pub(super) fn forget(&mut self, pod: &ObjectRef, ips: &[IpAddr]) {
+        if self
+            .by_pod
+            .get(pod)
+            .is_some_and(|kept| kept.as_slice() == ips)
+        {
+            self.by_pod.remove(pod);
+        }
+    }
+
+    /// `pod` with the addresses the CNI gave it filled in when it runs on
+    /// this node and its status has none yet.
+    pub(super) fn fill(&self, mut pod: Pod) -> Pod {
+        let here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
+        let has_ips = pod.status.as_ref().is_some_and(|s| {
+            s.pod_ips.as_ref().is_some_and(|v| !v.is_empty()) || s.pod_ip.is_some()
+        });
+        if !here || has_ips {
+            return pod;
+        }
+        let obj = ObjectRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+        if let Some(ips) = self.by_pod.get(&obj) {
+            let status = pod.status.get_or_insert_with(PodStatus::default);
+            status.pod_ip = ips.first().map(ToString::to_string);
+            status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+        }
+        pod
+    }
 }
 
 /// Feeds a list of pods to `compiler`, decoding one pod at a time.
 pub(super) fn resync_pods<K: Borrow<Kept>>(
     compiler: &mut Compiler,
-    cni_ips: &BTreeMap<ObjectRef, Vec<IpAddr>>,
+    cni_ips: &CniIps,
     objects: &[K],
 ) -> Changes {
     let keys: Vec<ObjKey> = objects.iter().map(|k| k.borrow().key()).collect();
@@ -52,7 +92,7 @@ pub(super) fn resync_pods<K: Borrow<Kept>>(
     let pods = objects
         .iter()
         .filter_map(|k| k.borrow().pod())
-        .map(|p| with_cni_ips(cni_ips, p));
+        .map(|p| cni_ips.fill(p));
     compiler.resync_pods(&listed, pods)
 }
 

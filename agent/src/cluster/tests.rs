@@ -360,3 +360,49 @@ fn a_late_deletion_of_an_older_incarnation_leaves_the_newer_pod() {
     c.apply(vec![Change::Deleted(new)]);
     assert!(c.identity_of(&web).is_none(), "the new pod's own deletion");
 }
+
+fn web0_on(node: &str, uid: &str) -> Object {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "x", "uid": uid, "labels": {"pod": "web"}},
+        "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+        "status": {"phase": "Pending"}
+    }))
+    .unwrap();
+    Object::Pod(Box::new(pod))
+}
+
+/// The addresses the CNI gave a pod here fill its status until kubelet
+/// reports them, for that pod only: a pod of the same name on another
+/// node is not given them, nor a later one once the endpoint is gone;
+/// a newer endpoint's addresses survive the older one's removal.
+#[test]
+fn the_cni_addresses_of_a_pod_are_for_the_pod_here_and_go_with_its_endpoint() {
+    let mut c = synced();
+    let web = ObjectRef::new("x", "web-0");
+    let (old, new): (IpAddr, IpAddr) = ("10.0.0.9".parse().unwrap(), "10.0.0.10".parse().unwrap());
+    c.learn_cni_ips(&web, vec![old]);
+    c.apply(vec![Change::Applied(web0_on("n1", "u-1"))]);
+    assert_eq!(c.compiler.addresses_of(&web), Some(&[old][..]));
+
+    // Re-created on another node, no addresses reported yet.
+    c.apply(vec![Change::Deleted(web0_on("n1", "u-1"))]);
+    c.apply(vec![Change::Applied(web0_on("n2", "u-2"))]);
+    assert_eq!(
+        c.compiler.ip_identity(old),
+        None,
+        "not another node's pod's"
+    );
+    c.apply(vec![Change::Deleted(web0_on("n2", "u-2"))]);
+
+    // Back here: a new sandbox's ADD came before the old one's DEL.
+    c.learn_cni_ips(&web, vec![new]);
+    c.forget_cni_ips(&web, &[old]);
+    c.apply(vec![Change::Applied(web0_on("n1", "u-3"))]);
+    assert_eq!(c.compiler.addresses_of(&web), Some(&[new][..]));
+
+    // Its endpoint gone, a later pod of the name gets nothing from it.
+    c.apply(vec![Change::Deleted(web0_on("n1", "u-3"))]);
+    c.forget_cni_ips(&web, &[new]);
+    c.apply(vec![Change::Applied(web0_on("n1", "u-4"))]);
+    assert_eq!(c.compiler.ip_identity(new), None);
+}

@@ -281,15 +281,15 @@ impl Endpoints {
         Ok(())
     }
 
-    /// Forgets an endpoint; whether it was known. Unknown is fine: DEL is
-    /// idempotent and may come twice.
-    pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<bool> {
+    /// Forgets an endpoint; the one forgotten, if it was known. Unknown is
+    /// fine: DEL is idempotent and may come twice.
+    pub fn del(&mut self, dp: &mut Datapath, a: &Attachment) -> Result<Option<Endpoint>> {
         let Some(ep) = self.registry.get(a).cloned() else {
-            return Ok(false);
+            return Ok(None);
         };
         self.forget(dp, &ep)?;
         log_endpoint(&ep, "endpoint deleted");
-        Ok(true)
+        Ok(Some(ep))
     }
 
     /// Whether the endpoint is registered, its interface there, its record
@@ -315,7 +315,7 @@ impl Endpoints {
     }
 
     /// Forgets every endpoint not in `valid`; returns how many.
-    pub fn gc(&mut self, dp: &mut Datapath, valid: &[Attachment]) -> Result<usize> {
+    pub fn gc(&mut self, dp: &mut Datapath, valid: &[Attachment]) -> Result<Vec<Endpoint>> {
         let stale: Vec<Endpoint> = self
             .registry
             .all()
@@ -325,7 +325,7 @@ impl Endpoints {
         for ep in &stale {
             self.forget(dp, ep)?;
         }
-        Ok(stale.len())
+        Ok(stale)
     }
 
     fn get(&self, a: &Attachment) -> Result<&Endpoint> {

@@ -58,6 +58,19 @@ impl State {
         }
     }
 
+    /// The cluster view forgets the addresses the CNI gave these removed
+    /// endpoints' pods (unless a newer endpoint of the pod gave others).
+    pub fn forget_cni_ips(&mut self, gone: &[crate::endpoints::Endpoint]) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        for ep in gone {
+            if let Some(pod) = ep.pod() {
+                cluster.forget_cni_ips(&pod, &ep.ips().collect::<Vec<_>>());
+            }
+        }
+    }
+
     /// Marks the node's own addresses with `IDENTITY_HOST`, so traffic from
     /// the node (kubelet probes) is recognised as such.
     pub fn program_host_addresses(&mut self) -> Result<()> {
@@ -273,9 +286,10 @@ impl Reconciler {
 
     pub async fn gc(&self, valid: Vec<Attachment>) -> Result<usize> {
         self.with(move |st| {
-            let n = st.endpoints.gc(&mut st.dp, &valid)?;
+            let gone = st.endpoints.gc(&mut st.dp, &valid)?;
             st.dp.writer.bump_epoch()?;
-            Ok(n)
+            st.forget_cni_ips(&gone);
+            Ok(gone.len())
         })
         .await
     }

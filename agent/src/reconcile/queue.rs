@@ -105,7 +105,8 @@ impl Reconciler {
     pub async fn del_endpoint(&self, a: Attachment) -> Result<bool> {
         let forget = a.clone();
         self.with(move |st| {
-            st.endpoints.del(&mut st.dp, &forget)?;
+            let gone = st.endpoints.del(&mut st.dp, &forget)?;
+            st.forget_cni_ips(gone.as_slice());
             Ok(st.dp.writer.bump_epoch()?)
         })
         .await?;
@@ -151,8 +152,9 @@ impl Reconciler {
                 .all()
                 .find(|e| e.spec.attachment == a)
                 .is_some_and(|e| index.is_none_or(|i| i == e.spec.host_ifindex));
-            if ours && st.endpoints.del(&mut st.dp, &a)? {
+            if ours && let Some(gone) = st.endpoints.del(&mut st.dp, &a)? {
                 st.dp.writer.bump_epoch()?;
+                st.forget_cni_ips(&[gone]);
             }
             Ok(())
         })

@@ -407,7 +407,7 @@ impl Node {
             if let Some(c) = self.agent.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                bail!("agent exited before it would {what}: {status}");
+                bail!("agent exited during start-up (before it would {what}): {status}");
             }
             if Instant::now() > deadline {
                 bail!("agent did not {what} in 60 s");

@@ -65,7 +65,13 @@ async fn ensure_pod_known(ctx: &Ctx, spec: &sluice_proto::EndpointSpec) -> Resul
     let Some(pod) = pod_of(spec) else {
         return Ok(());
     };
-    if ctx.reconciler.knows_pod(pod.clone()).await.unwrap_or(false) {
+    let uid = spec.pod_uid.clone();
+    if ctx
+        .reconciler
+        .knows_pod(pod.clone(), uid)
+        .await
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let api: kube::Api<k8s_openapi::api::core::v1::Pod> =

@@ -33,6 +33,10 @@ pub struct EndpointSpec {
     /// From CNI_ARGS (K8S_POD_NAMESPACE / K8S_POD_NAME), when the runtime set them.
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    /// From CNI_ARGS (K8S_POD_UID): which incarnation of that name the
+    /// endpoint is for (a pod re-created under its name has a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -467,6 +467,18 @@ impl Cluster {
         Some(out)
     }
 
+    /// Whether the compiler knows `pod` (an identity), and as the
+    /// incarnation `uid` when one is given: an ADD for a pod re-created
+    /// under its name, before the watch delivered it, must not take the
+    /// old one's labels.
+    pub fn knows_pod(&self, pod: &ObjectRef, uid: Option<&str>) -> bool {
+        let same = || {
+            let kept = self.known.get(&ObjKey::pod(pod)).and_then(|o| o.uid());
+            uid.is_none_or(|u| kept.as_deref() == Some(u))
+        };
+        self.identity_of(pod).is_some() && same()
+    }
+
     /// An endpoint of `pod` that the CNI gave `ips` is gone: a later pod of
     /// that name is not given them.
     pub fn forget_cni_ips(&mut self, pod: &ObjectRef, ips: &[IpAddr]) {

@@ -406,3 +406,19 @@ fn the_cni_addresses_of_a_pod_are_for_the_pod_here_and_go_with_its_endpoint() {
     c.apply(vec![Change::Applied(web0_on("n1", "u-4"))]);
     assert_eq!(c.compiler.ip_identity(new), None);
 }
+
+/// An ADD that names the pod's UID finds the pod known only as that
+/// incarnation, so that one re-created under its name is fetched rather
+/// than given the old one's labels.
+#[test]
+fn a_pod_is_known_as_the_incarnation_the_runtime_names() {
+    let mut c = synced();
+    let web = ObjectRef::new("x", "web-0");
+    assert!(!c.knows_pod(&web, None));
+    c.apply(vec![Change::Applied(pod_incarnation(
+        "u-1", "10.0.0.7", "Running",
+    ))]);
+    assert!(c.knows_pod(&web, None), "no UID named: by name");
+    assert!(c.knows_pod(&web, Some("u-1")));
+    assert!(!c.knows_pod(&web, Some("u-2")), "another incarnation");
+}

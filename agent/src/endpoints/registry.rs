@@ -298,6 +298,7 @@ mod tests {
             ipv6: None,
             pod_namespace: None,
             pod_name: None,
+            pod_uid: None,
         }
     }
 

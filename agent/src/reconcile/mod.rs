@@ -436,13 +436,14 @@ impl Reconciler {
             .await
     }
 
-    /// Whether the compiler knows `pod` (false in standalone mode).
-    pub async fn knows_pod(&self, pod: ObjectRef) -> Result<bool> {
+    /// Whether the compiler knows `pod`, as the incarnation `uid` when the
+    /// runtime named one (false in standalone mode).
+    pub async fn knows_pod(&self, pod: ObjectRef, uid: Option<String>) -> Result<bool> {
         self.with(move |st| {
             Ok(st
                 .cluster
                 .as_ref()
-                .is_some_and(|c| c.identity_of(&pod).is_some()))
+                .is_some_and(|c| c.knows_pod(&pod, uid.as_deref())))
         })
         .await
     }

@@ -140,6 +140,7 @@ pub fn add(conf: &NetConf, env: &AttachmentEnv, phases: &mut Phases) -> Result<C
                 ipv6,
                 pod_namespace: env.args.pod_namespace.clone(),
                 pod_name: env.args.pod_name.clone(),
+                pod_uid: env.args.pod_uid.clone(),
             },
         })
         .map_err(not_ready_is_try_again)?;

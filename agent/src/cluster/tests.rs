@@ -327,14 +327,21 @@ fn restored_numbers_are_taken_back_whatever_order_the_kinds_are_listed_in() {
     assert_eq!(ipcache.get(&remote), Some(&Identity(290)), "{ipcache:?}");
 }
 
-fn pod_incarnation(uid: &str, ip: &str, phase: &str) -> Object {
+/// Pod x/web-0 as incarnation `uid` on `node`, in `phase`, with the
+/// addresses its status reports (none: kubelet has not reported them).
+fn web0(node: &str, uid: &str, phase: &str, ips: &[&str]) -> Object {
+    let ips: Vec<_> = ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web-0", "namespace": "x", "uid": uid, "labels": {"pod": "web"}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
-        "status": {"phase": phase, "podIPs": [{"ip": ip}]}
+        "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+        "status": {"phase": phase, "podIPs": ips}
     }))
     .unwrap();
     Object::Pod(Box::new(pod))
+}
+
+fn pod_incarnation(uid: &str, ip: &str, phase: &str) -> Object {
+    web0("n1", uid, phase, &[ip])
 }
 
 /// A pod re-created under its name (a StatefulSet's evicted pod): CNI ADD
@@ -362,13 +369,7 @@ fn a_late_deletion_of_an_older_incarnation_leaves_the_newer_pod() {
 }
 
 fn web0_on(node: &str, uid: &str) -> Object {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "web-0", "namespace": "x", "uid": uid, "labels": {"pod": "web"}},
-        "spec": {"nodeName": node, "containers": [{"name": "c"}]},
-        "status": {"phase": "Pending"}
-    }))
-    .unwrap();
-    Object::Pod(Box::new(pod))
+    web0(node, uid, "Pending", &[])
 }
 
 /// The addresses the CNI gave a pod here fill its status until kubelet

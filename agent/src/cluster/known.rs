@@ -60,6 +60,22 @@ impl Kept {
         }
     }
 
+    /// Its UID; a pod's read from its JSON without decoding the rest.
+    pub fn uid(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            uid: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            metadata: Meta,
+        }
+        match self {
+            Kept::Pod { json, .. } => serde_json::from_slice::<Head>(json).ok()?.metadata.uid,
+            Kept::Other(o) => o.uid(),
+        }
+    }
+
     /// The object, decoded (a copy).
     pub fn decode(&self) -> Option<Object> {
         match self {
@@ -105,6 +121,11 @@ impl Known {
         for o in objects {
             self.insert(o);
         }
+    }
+
+    /// The UID of the object kept under `key` (no copy of it).
+    pub fn uid(&self, key: &ObjKey) -> Option<String> {
+        self.0.get(key)?.uid()
     }
 
     pub fn contains_key(&self, key: &ObjKey) -> bool {

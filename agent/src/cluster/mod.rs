@@ -473,7 +473,7 @@ impl Cluster {
     /// old one's labels.
     pub fn knows_pod(&self, pod: &ObjectRef, uid: Option<&str>) -> bool {
         let same = || {
-            let kept = self.known.get(&ObjKey::pod(pod)).and_then(|o| o.uid());
+            let kept = self.known.uid(&ObjKey::pod(pod));
             uid.is_none_or(|u| kept.as_deref() == Some(u))
         };
         self.identity_of(pod).is_some() && same()
@@ -551,7 +551,7 @@ impl Cluster {
     /// one is newer (a name has one object at a time, and the watch
     /// delivers in order), so the deletion is not for it.
     fn is_older_incarnation(&self, o: &Object) -> bool {
-        let kept = self.known.get(&o.key()).and_then(|k| k.uid());
+        let kept = self.known.uid(&o.key());
         matches!((kept, o.uid()), (Some(kept), Some(gone)) if kept != gone)
     }
 
